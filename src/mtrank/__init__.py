@@ -1,0 +1,17 @@
+"""mtrank: multi-task ranking with Multi-gate Mixture-of-Experts (MMoE) in PyTorch."""
+
+__version__ = "0.1.0"
+
+from mtrank.config import GateConfig, ModelConfig, TaskConfig, TrainConfig  # noqa: E402
+from mtrank.models import MultiTaskModel, MultiTaskOutput, count_parameters, size_shared_bottom  # noqa: E402
+
+__all__ = [
+    "GateConfig",
+    "ModelConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "MultiTaskModel",
+    "MultiTaskOutput",
+    "count_parameters",
+    "size_shared_bottom",
+]

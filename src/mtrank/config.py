@@ -1,0 +1,261 @@
+"""Typed configuration for mtrank models and training.
+
+Configs are plain dataclasses. They are validated once, at the edge (``from_dict`` / ``validate``), with
+messages that name the bad field; inside the library they are trusted plain Python objects.
+
+Blocks (one mechanism, many configurations; see :mod:`mtrank.nn.multitask`):
+
+================  =========================================================================
+``single_task``   one bottom per task, no sharing (K experts, task k sees only expert k)
+``shared_bottom`` one bottom shared by every task (1 expert, every gate fixed to it)
+``omoe``          one softmax gate over E shared experts, the same for all tasks
+``mmoe``          one softmax gate per task over E shared experts (Ma et al., 2018)
+``cgc``           per-task experts plus shared experts; task k's gate sees its own + shared (PLE level)
+================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc")
+TASK_TYPES = ("binary", "regression")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16")
+ACTIVATIONS = ("relu", "gelu", "silu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is expected."""
+
+
+@dataclass
+class TaskConfig:
+    """One prediction task.
+
+    Args:
+        name: task name, used in metrics, reports and exports.
+        type: ``"binary"`` (logits, BCE-with-logits) or ``"regression"`` (MSE).
+        weight: weight of this task's loss in the total loss.
+    """
+
+    name: str
+    type: str = "binary"
+    weight: float = 1.0
+
+
+@dataclass
+class GateConfig:
+    """How each task's gate turns its logits into expert weights.
+
+    Args:
+        temperature: softmax temperature (weights = softmax(logits / temperature)).
+        dropout: in training, drop each expert's weight with this probability and renormalise
+            (YouTube, Zhao et al. 2019, use 0.1 against gate polarisation).
+        top_k: keep only the k largest gate logits (noisy top-k gating, Shazeer et al. 2017); 0 = dense.
+        noisy: add learned, input-dependent Gaussian noise to the gate logits in training (with top_k).
+        load_balance_weight: weight of the importance + load balancing loss (with top_k).
+        hidden: hidden units of the gate network; 0 = one linear projection (the paper's gate).
+    """
+
+    temperature: float = 1.0
+    dropout: float = 0.0
+    top_k: int = 0
+    noisy: bool = True
+    load_balance_weight: float = 0.01
+    hidden: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a multi-task ranker.
+
+    Args:
+        num_dense: number of dense (numeric) input features.
+        vocab_sizes: vocabulary size of each categorical feature (ids in ``[0, vocab)``).
+        embedding_dim: embedding width of every categorical feature.
+        tasks: the tasks, in output order.
+        block: one of :data:`BLOCKS`.
+        num_experts: shared experts (``omoe``, ``mmoe``, ``cgc``).
+        task_experts: experts owned by each task (``cgc``).
+        expert_hidden: hidden layer widths of each expert (its output width is the last).
+        tower_hidden: hidden layer widths of each task tower (a final linear layer gives one logit).
+        shared_hidden: widths of a shared hidden layer under the experts (YouTube's placement); empty = none.
+        activation: activation between layers.
+        dropout: dropout after each hidden layer of experts and towers.
+        gate: gate settings, see :class:`GateConfig`.
+    """
+
+    num_dense: int = 0
+    vocab_sizes: list[int] = field(default_factory=list)
+    embedding_dim: int = 16
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig("task1"), TaskConfig("task2")])
+    block: str = "mmoe"
+    num_experts: int = 8
+    task_experts: int = 1
+    expert_hidden: list[int] = field(default_factory=lambda: [16])
+    tower_hidden: list[int] = field(default_factory=lambda: [8])
+    shared_hidden: list[int] = field(default_factory=list)
+    activation: str = "relu"
+    dropout: float = 0.0
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def input_dim(self) -> int:
+        return self.num_dense + len(self.vocab_sizes) * self.embedding_dim
+
+    def validate(self) -> ModelConfig:
+        _check(self.block in BLOCKS, "model.block", f"unknown block {self.block!r}; expected one of {BLOCKS}")
+        _check(len(self.tasks) >= 1, "model.tasks", "at least one task is required")
+        names = [t.name for t in self.tasks]
+        _check(len(set(names)) == len(names), "model.tasks", f"task names must be unique, got {names}")
+        for i, task in enumerate(self.tasks):
+            _check(
+                task.type in TASK_TYPES,
+                f"model.tasks[{i}].type",
+                f"unknown task type {task.type!r} for task {task.name!r}; expected one of {TASK_TYPES}",
+            )
+            _check(task.weight >= 0, f"model.tasks[{i}].weight", f"must be >= 0, got {task.weight}")
+        _check(self.num_dense >= 0, "model.num_dense", f"must be >= 0, got {self.num_dense}")
+        _check(self.input_dim > 0, "model.num_dense", "the model has no inputs: give dense or categorical features")
+        for i, v in enumerate(self.vocab_sizes):
+            _check(int(v) >= 1, f"model.vocab_sizes[{i}]", f"must be >= 1, got {v}")
+        if self.vocab_sizes:
+            _check(self.embedding_dim >= 1, "model.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
+        if self.block in ("omoe", "mmoe"):
+            _check(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
+        if self.block == "cgc":
+            _check(self.num_experts >= 0, "model.num_experts", f"must be >= 0, got {self.num_experts}")
+            _check(self.task_experts >= 1, "model.task_experts", f"must be >= 1, got {self.task_experts}")
+        _check(len(self.expert_hidden) >= 1, "model.expert_hidden", "an expert needs at least one layer")
+        for name in ("expert_hidden", "tower_hidden", "shared_hidden"):
+            for i, width in enumerate(getattr(self, name)):
+                _check(int(width) >= 1, f"model.{name}[{i}]", f"layer width must be >= 1, got {width}")
+        _check(self.activation in ACTIVATIONS, "model.activation", f"expected one of {ACTIVATIONS}")
+        _check(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        g = self.gate
+        _check(g.temperature > 0, "model.gate.temperature", f"must be > 0, got {g.temperature}")
+        _check(0 <= g.dropout < 1, "model.gate.dropout", f"must be in [0, 1), got {g.dropout}")
+        _check(g.top_k >= 0, "model.gate.top_k", f"must be >= 0, got {g.top_k}")
+        _check(g.hidden >= 0, "model.gate.hidden", f"must be >= 0, got {g.hidden}")
+        if g.top_k and self.block in ("omoe", "mmoe"):
+            _check(
+                g.top_k <= self.num_experts,
+                "model.gate.top_k",
+                f"top_k={g.top_k} exceeds num_experts={self.num_experts}",
+            )
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained.
+
+    Args:
+        optimizer: ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        weight_decay: weight decay (decoupled for AdamW).
+        batch_size: rows per step.
+        epochs: passes over the training data (ignored when ``steps`` > 0).
+        steps: total optimisation steps; 0 = use ``epochs``.
+        schedule: learning-rate schedule: ``constant``, ``cosine`` or ``linear`` decay.
+        warmup_steps: linear warm-up steps.
+        eval_every: evaluate on validation every this many steps; 0 = once per epoch.
+        early_stopping_patience: stop after this many evaluations without improvement; 0 = never.
+        monitor: validation metric for early stopping and best-checkpoint selection, e.g. ``"loss"`` or
+            ``"auc/income"`` (``metric/task``); ``"loss"`` is minimised, AUC/R² maximised.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast where the hardware supports it).
+        seed: seed of initialisation, shuffling and dropout.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        grad_clip: clip the global gradient norm to this value; 0 = no clipping.
+        checkpoint_dir: write checkpoints here (and resume from the latest one); empty = none.
+        checkpoint_every: steps between checkpoints (0 = at each evaluation).
+        progress: show a progress bar.
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    epochs: int = 10
+    steps: int = 0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 0
+    early_stopping_patience: int = 0
+    monitor: str = "loss"
+    precision: str = "fp32"
+    seed: int = 0
+    device: str = "cpu"
+    grad_clip: float = 0.0
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"unknown {self.optimizer!r}; use {OPTIMIZERS}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.epochs >= 1 or self.steps >= 1, "train.epochs", "give epochs >= 1 or steps >= 1")
+        _check(self.schedule in SCHEDULES, "train.schedule", f"unknown {self.schedule!r}; use {SCHEDULES}")
+        _check(self.precision in PRECISIONS, "train.precision", f"unknown {self.precision!r}; use {PRECISIONS}")
+        _check(self.device in ("cpu", "cuda", "auto"), "train.device", f"unknown {self.device!r}")
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+        return self
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the field path in the message."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown field; expected one of {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "tasks":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}.tasks: expected a list of tasks")
+            value = [_build(TaskConfig, t, f"{path}.tasks[{i}]") for i, t in enumerate(value)]
+        elif name == "gate":
+            value = _build(GateConfig, value, f"{path}.gate")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:
+    """Build and validate a :class:`ModelConfig` from plain data (e.g. parsed JSON or YAML)."""
+    return _build(ModelConfig, data, path).validate()
+
+
+def train_config_from_dict(data: dict, path: str = "train") -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from plain data."""
+    return _build(TrainConfig, data, path).validate()
+
+
+def to_dict(config: Any) -> dict:
+    """A config as plain JSON-ready data."""
+    return dataclasses.asdict(config)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)

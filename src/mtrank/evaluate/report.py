@@ -1,0 +1,113 @@
+"""Tables and figures: Markdown tables of mean ± std, loss curves with bands, gate heatmaps."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), ignoring NaN."""
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def fmt_mean_std(values: list[float], digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; cells are str()-ed, floats to 4 decimals."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    path: str | Path,
+    panels: dict[str, dict[str, tuple[list[float], list[list[float]]]]],
+    ylabel: str = "loss",
+    xlabel: str = "step",
+    logy: bool = True,
+) -> None:
+    """One panel per key of ``panels``; in each, one line per series (mean over runs) with a ±1 std band.
+
+    ``panels[title][series] = (x, runs)`` where ``runs`` is a list of per-run y-lists aligned with ``x``.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for name, (x, runs) in series.items():
+            y = np.asarray(runs, dtype=float)
+            mean, std = y.mean(0), y.std(0)
+            ax.plot(x, mean, label=name)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_gate_heatmaps(path: str | Path, heatmaps: dict[str, tuple[np.ndarray, list[str]]]) -> None:
+    """One heatmap per key: ``(utilisation [K, E], task_names)``, tasks x experts, annotated."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(heatmaps), figsize=(4.0 * len(heatmaps), 2.6), squeeze=False)
+    for ax, (title, (util, names)) in zip(axes[0], heatmaps.items()):
+        image = ax.imshow(util, vmin=0, vmax=max(0.5, float(util.max())), cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xticks(range(util.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_title(title, fontsize=9)
+        for (k, e), value in np.ndenumerate(util):
+            ax.text(e, k, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.3 else "k")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_histograms(path: str | Path, panels: dict[str, dict[str, list[float]]], xlabel: str = "test loss") -> None:
+    """One panel per key; overlaid histograms of values per series (e.g. final loss over repeated runs)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        values = np.concatenate([np.asarray(v, dtype=float) for v in series.values()])
+        bins = np.linspace(np.nanmin(values), np.nanpercentile(values, 99), 30)
+        for name, v in series.items():
+            ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, alpha=0.5, label=name)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""Task gates: each task's softmax over the experts it may use, all tasks from one projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtrank.config import GateConfig
+from mtrank.nn.experts import MLP
+
+
+class TaskGates(nn.Module):
+    """G softmax gates over E experts, computed by one projection ``[in] -> [G*E]``.
+
+    ``g_k(x) = softmax((W_k x + b_k) / temperature)`` restricted to the experts in ``allowed[k]``
+    (others get weight 0). A gate with a single allowed expert is fixed at weight 1 and has no parameters, which
+    is how Shared-Bottom and Single-task are expressed as gated blocks.
+
+    Training-time options (all off at evaluation):
+      * gate dropout: each allowed expert's weight is dropped with probability ``dropout`` and the rest
+        renormalised (done as -inf logits before the softmax; a row whose allowed experts are all dropped keeps
+        them all);
+      * noisy top-k (Shazeer et al. 2017): ``H = Wx + eps * softplus(W_noise x)``, only the k largest ``H`` enter
+        the softmax; the auxiliary importance + load loss is returned for balancing.
+
+    Softmax and the balancing loss run in float32 (also under bf16 autocast).
+
+    Shapes: ``x [B, in]`` -> ``weights [B, G, E]`` (float32), ``aux_loss []``.
+
+    Args:
+        in_features: input width.
+        allowed: bool ``[G, E]``, which experts each gate may use.
+        config: temperature, dropout, top-k settings, see :class:`mtrank.config.GateConfig`.
+
+    Example:
+        >>> gates = TaskGates(100, torch.ones(2, 8, dtype=torch.bool), GateConfig())
+        >>> w, aux = gates(torch.randn(4, 100))
+        >>> w.shape, bool(torch.allclose(w.sum(-1), torch.ones(4, 2)))
+        (torch.Size([4, 2, 8]), True)
+    """
+
+    def __init__(self, in_features: int, allowed: torch.Tensor, config: GateConfig) -> None:
+        super().__init__()
+        self.num_gates, self.num_experts = allowed.shape
+        self.register_buffer("allowed", allowed.clone())
+        self.fixed = bool((allowed.sum(1) == 1).all())
+        self.temperature = float(config.temperature)
+        self.dropout = float(config.dropout)
+        self.top_k = int(config.top_k) if 0 < config.top_k < self.num_experts else 0
+        self.noisy = bool(config.noisy) and self.top_k > 0
+        self.load_balance_weight = float(config.load_balance_weight) if self.top_k else 0.0
+        if self.fixed:
+            return
+        self.hidden = MLP(in_features, [config.hidden]) if config.hidden else nn.Identity()
+        proj_in = config.hidden or in_features
+        self.proj = nn.Linear(proj_in, self.num_gates * self.num_experts)
+        # near-uniform gates at init: small weights, zero bias
+        nn.init.normal_(self.proj.weight, std=0.01)
+        nn.init.zeros_(self.proj.bias)
+        if self.noisy:
+            self.noise_proj = nn.Linear(proj_in, self.num_gates * self.num_experts)
+            nn.init.zeros_(self.noise_proj.weight)
+            nn.init.zeros_(self.noise_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[0]
+        if self.fixed:
+            weights = self.allowed.to(torch.float32).unsqueeze(0).expand(batch, -1, -1)  # (B, G, E)
+            return weights, x.new_zeros((), dtype=torch.float32)
+        h = self.hidden(x)
+        shape = (batch, self.num_gates, self.num_experts)
+        logits = self.proj(h).float().view(shape) / self.temperature  # (B, G, E)
+        aux_loss = logits.new_zeros(())
+        noise_std = None
+        clean = logits
+        if self.noisy and self.training:
+            noise_std = F.softplus(self.noise_proj(h).float().view(shape)) + 1e-2
+            logits = logits + torch.randn_like(logits) * noise_std
+        blocked = ~self.allowed  # (G, E)
+        logits = logits.masked_fill(blocked, float("-inf"))
+        if self.top_k:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]  # (B, G, 1)
+            keep = logits >= kth
+            if noise_std is not None:
+                aux_loss = self._load_balance_loss(clean, logits, noise_std, keep)
+            logits = logits.masked_fill(~keep, float("-inf"))
+        if self.dropout > 0 and self.training:
+            drop = (torch.rand_like(logits) < self.dropout) & torch.isfinite(logits)
+            all_dropped = (drop | ~torch.isfinite(logits)).all(-1, keepdim=True)  # (B, G, 1)
+            logits = logits.masked_fill(drop & ~all_dropped, float("-inf"))
+        weights = torch.softmax(logits, dim=-1)
+        if self.top_k and noise_std is None:
+            aux_loss = self.load_balance_weight * _cv_squared(weights.sum(0)).sum()
+        return weights, aux_loss
+
+    def _load_balance_loss(
+        self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Importance + load loss of Shazeer et al. (2017), per gate, summed over gates."""
+        importance = torch.softmax(noisy.masked_fill(~keep, float("-inf")), -1).sum(0)  # (G, E)
+        top = noisy.topk(min(self.top_k + 1, self.num_experts), dim=-1).values  # (B, G, k+1)
+        threshold_in = top[..., -1:]  # if expert is in the top-k, it must stay above the (k+1)-th value
+        threshold_out = top[..., self.top_k - 1 : self.top_k]  # else it must beat the k-th value
+        threshold = torch.where(keep, threshold_in, threshold_out)
+        normal = torch.distributions.Normal(0.0, 1.0)
+        prob = normal.cdf((clean - threshold) / noise_std)  # (B, G, E), P(expert i kept | new noise)
+        load = (prob * self.allowed).sum(0)  # (G, E)
+        return self.load_balance_weight * (_cv_squared(importance) + _cv_squared(load)).sum()
+
+
+def _cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation along the last dim: var / mean^2 (0 for a single expert)."""
+    if x.shape[-1] <= 1:
+        return x.new_zeros(x.shape[:-1])
+    return x.var(-1) / (x.mean(-1) ** 2 + 1e-10)

@@ -1,0 +1,241 @@
+"""The trainer: batches are slices of in-memory tensors, metrics are global, selection is on validation."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mtrank.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint, save_model
+from mtrank.config import TrainConfig
+from mtrank.data.tensors import TensorData
+from mtrank.evaluate.metrics import evaluate, higher_is_better
+from mtrank.models import MultiTaskModel
+from mtrank.train.losses import multitask_loss
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves: the evaluation history and the selected (best-on-validation) step."""
+
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_value: float = math.nan
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    samples: int = 0  # rows trained on in this call (after any resume)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return cls(model.parameters(), **kwargs)
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    """Multiplier of the base learning rate at a step: linear warm-up, then constant / cosine / linear decay."""
+
+    def factor(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if config.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+class Trainer:
+    """Trains a :class:`MultiTaskModel` on :class:`TensorData`.
+
+    * Each epoch shuffles with a generator seeded by ``(seed, epoch)``; a batch is a gather of rows from tensors
+      already on the training device.
+    * Validation metrics are computed over the whole split every ``eval_every`` steps (or each epoch); the
+      weights at the best ``monitor`` value are restored at the end (early stopping with ``patience``).
+    * With ``checkpoint_dir`` set, a checkpoint (safetensors + JSON) is written at every evaluation and an
+      interrupted run resumes from it, continuing exactly where it stopped.
+
+    Example:
+        >>> from mtrank.config import ModelConfig, TrainConfig
+        >>> from mtrank.data import make_synthetic
+        >>> data = make_synthetic(n=2000, seed=0)
+        >>> train, valid = data.split((0.8, 0.2))
+        >>> model = MultiTaskModel(ModelConfig(num_dense=100, tasks=[TaskConfig("y1", "regression"),
+        ...                                                          TaskConfig("y2", "regression")]))
+        >>> result = Trainer(model, TrainConfig(epochs=2, progress=False)).fit(train, valid)
+    """
+
+    def __init__(self, model: MultiTaskModel, config: TrainConfig) -> None:
+        self.config = config.validate()
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(self.model, config, self.device)
+        self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
+        self.task_weights = torch.tensor([t.weight for t in model.tasks], device=self.device)
+
+    def _loss(self, batch: TensorData) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            out = self.model(batch.dense, batch.sparse)
+        loss, _ = multitask_loss(
+            out.task_logits, batch.labels, self.model.binary_mask, self.task_weights, batch.weights
+        )
+        return loss + out.aux_loss
+
+    def fit(self, train: TensorData, valid: TensorData | None = None) -> TrainResult:
+        cfg = self.config
+        if len(train) == 0:
+            raise ValueError("the training split is empty")
+        if train.num_tasks != self.model.config.num_tasks:
+            raise ValueError(f"data has {train.num_tasks} label columns, the model has {self.model.config.num_tasks} tasks")
+        train = train.to(self.device)
+        n = len(train)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+        eval_every = cfg.eval_every or steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+        higher = higher_is_better(cfg.monitor)
+        result = TrainResult()
+        best_state = None
+        bad_evals = 0
+        step = samples = 0
+        torch.manual_seed(cfg.seed)
+
+        ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        if ckpt_dir is not None:
+            loaded = load_checkpoint(ckpt_dir / "last")
+            if loaded is not None:
+                model_state, opt_tensors, state = loaded
+                self.model.load_state_dict(model_state)
+                torch.set_rng_state(opt_tensors.pop("rng_state"))
+                optimizer_from_tensors(self.optimizer, opt_tensors, state["optimizer"])
+                scheduler.last_epoch = state["step"]  # the optimizer state already holds the matching lr
+                step = result.resumed_from = state["step"]
+                result.history = state["history"]
+                result.best_step, result.best_value = state["best_step"], state["best_value"]
+                result.best_metrics = state["best_metrics"]
+                bad_evals = state["bad_evals"]
+                best_path = ckpt_dir / "best"
+                if (best_path / "model.safetensors").is_file():
+                    from safetensors.torch import load_file
+
+                    best_state = load_file(str(best_path / "model.safetensors"))
+                samples = state.get("samples", 0)
+                if state.get("stopped"):
+                    total_steps = step
+
+        resumed_samples = samples
+        self.model.train()
+        bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step",
+                   dynamic_ncols=True, leave=False)
+        running = torch.zeros((), device=self.device)
+        running_steps = 0
+        start = time.perf_counter()
+        stop = False
+        while step < total_steps and not stop:
+            epoch, offset = divmod(step, steps_per_epoch)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen).to(self.device)
+            for i in range(offset, steps_per_epoch):
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                loss = self._loss(train[idx])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                scheduler.step()
+                step += 1
+                samples += idx.numel()
+                running += loss.detach()
+                running_steps += 1
+                if cfg.progress and step % 25 == 0:
+                    bar.update(25 if bar.n + 25 <= total_steps else total_steps - bar.n)
+                    bar.set_postfix(loss=f"{float(running) / running_steps:.4f}", refresh=False)
+                if step % eval_every == 0 or step == total_steps:
+                    record = {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "samples": samples,
+                        "train_loss": float(running) / max(running_steps, 1),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                    }
+                    running.zero_()
+                    running_steps = 0
+                    if valid is not None and len(valid) > 0:
+                        metrics = evaluate(self.model, valid)
+                        self.model.train()
+                        record.update({f"valid/{k}": v for k, v in metrics.items()})
+                        value = metrics.get(cfg.monitor, math.nan)
+                        improved = not math.isnan(value) and (
+                            math.isnan(result.best_value)
+                            or (value > result.best_value if higher else value < result.best_value)
+                        )
+                        if improved:
+                            result.best_step, result.best_value, result.best_metrics = step, value, metrics
+                            best_state = copy.deepcopy(self.model.state_dict())
+                            bad_evals = 0
+                            if ckpt_dir is not None:
+                                save_model(self.model, ckpt_dir / "best", {"step": step, "monitor": cfg.monitor})
+                        else:
+                            bad_evals += 1
+                        if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
+                            stop = True
+                    result.history.append(record)
+                    if ckpt_dir is not None and (cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0
+                                                 or stop or step == total_steps):
+                        save_checkpoint(
+                            ckpt_dir / "last",
+                            self.model,
+                            self.optimizer,
+                            {
+                                "step": step,
+                                "history": result.history,
+                                "best_step": result.best_step,
+                                "best_value": result.best_value,
+                                "best_metrics": result.best_metrics,
+                                "bad_evals": bad_evals,
+                                "samples": samples,
+                                "stopped": stop,
+                            },
+                            torch.get_rng_state(),
+                        )
+                if step >= total_steps or stop:
+                    break
+        bar.close()
+        result.steps = step
+        result.samples = samples - resumed_samples
+        result.seconds = time.perf_counter() - start
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return result

@@ -1,0 +1,158 @@
+import dataclasses
+
+import pytest
+import torch
+
+from mtrank.config import ConfigError, GateConfig, ModelConfig, TaskConfig, model_config_from_dict
+from mtrank.models import MultiTaskModel, count_parameters, size_shared_bottom
+from mtrank.nn import StackedMLP, TaskGates
+from reference import naive_forward
+
+TASKS = [TaskConfig("click", "binary"), TaskConfig("watch", "regression"), TaskConfig("like", "binary")]
+
+
+def make_inputs(config: ModelConfig, batch: int = 16):
+    dense = torch.randn(batch, config.num_dense)
+    sparse = torch.stack([torch.randint(0, v, (batch,)) for v in config.vocab_sizes], 1) if config.vocab_sizes \
+        else torch.zeros(batch, 0, dtype=torch.long)
+    return dense, sparse
+
+
+@pytest.mark.parametrize("block", ["mmoe", "omoe", "shared_bottom", "single_task", "cgc"])
+@pytest.mark.parametrize("shared_hidden", [[], [32]])
+def test_batched_experts_match_naive_loop_forward_and_gradients(block, shared_hidden):
+    config = ModelConfig(num_dense=7, vocab_sizes=[11, 5, 3], embedding_dim=4, tasks=TASKS, block=block,
+                         num_experts=4, task_experts=2, expert_hidden=[12, 6], tower_hidden=[5],
+                         shared_hidden=shared_hidden)
+    model = MultiTaskModel(config).eval()
+    dense, sparse = make_inputs(config)
+    out = model(dense, sparse)
+    ref_logits, ref_gates = naive_forward(model, dense, sparse)
+    torch.testing.assert_close(out.task_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.gate_weights, ref_gates, rtol=1e-5, atol=1e-6)
+
+    grads = torch.autograd.grad(out.task_logits.sum(), list(model.parameters()), allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_logits.sum(), list(model.parameters()), allow_unused=True)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        if g is None and r is None:
+            continue
+        g = torch.zeros_like(r) if g is None else g
+        r = torch.zeros_like(g) if r is None else r
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_stacked_mlp_shared_and_per_group_input_agree():
+    mlp = StackedMLP(groups=3, in_features=6, hidden=[4, 2])
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(mlp(x), mlp(x.expand(3, -1, -1)))
+
+
+def test_experts_differ_at_initialisation():
+    model = MultiTaskModel(ModelConfig(num_dense=20, block="mmoe", num_experts=8))
+    w = model.block.experts.layers[0].weight  # (E, in, out)
+    for e in range(1, 8):
+        assert not torch.allclose(w[0], w[e])
+
+
+def test_gates_start_near_uniform_and_sum_to_one():
+    model = MultiTaskModel(ModelConfig(num_dense=20, block="mmoe", num_experts=8, tasks=TASKS))
+    out = model(torch.randn(64, 20), torch.zeros(64, 0, dtype=torch.long))
+    torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(64, 3))
+    assert (out.gate_weights - 1 / 8).abs().max() < 0.05
+
+
+def test_gate_weights_sum_to_one_per_task_with_temperature_dropout_and_topk():
+    for gate in [GateConfig(temperature=0.5), GateConfig(dropout=0.3), GateConfig(top_k=2)]:
+        gates = TaskGates(10, torch.ones(3, 6, dtype=torch.bool), gate).train()
+        w, _ = gates(torch.randn(128, 10))
+        torch.testing.assert_close(w.sum(-1), torch.ones(128, 3))
+
+
+def test_gate_dropout_zeroes_and_renormalises():
+    gates = TaskGates(10, torch.ones(2, 8, dtype=torch.bool), GateConfig(dropout=0.5))
+    x = torch.randn(256, 10)
+    gates.eval()
+    full, _ = gates(x)
+    gates.train()
+    torch.manual_seed(1)
+    dropped, _ = gates(x)
+    zero = dropped == 0
+    assert zero.any(), "some expert weights must be dropped"
+    assert zero.float().mean() == pytest.approx(0.5, abs=0.05)
+    torch.testing.assert_close(dropped.sum(-1), torch.ones(256, 2))
+    # the kept weights are the eval weights renormalised over the kept experts
+    kept = torch.where(zero, torch.zeros_like(full), full)
+    torch.testing.assert_close(dropped, kept / kept.sum(-1, keepdim=True))
+    assert (full > 0).all()
+
+
+def test_top_k_keeps_exactly_k_experts_and_returns_a_balancing_loss():
+    gates = TaskGates(10, torch.ones(2, 8, dtype=torch.bool), GateConfig(top_k=3, noisy=True))
+    for mode in (True, False):
+        gates.train(mode)
+        w, aux = gates(torch.randn(100, 10))
+        assert ((w > 0).sum(-1) == 3).all()
+    gates.train()
+    _, aux = gates(torch.randn(100, 10))
+    assert aux.item() > 0 and aux.requires_grad
+
+
+def test_mmoe_with_one_expert_equals_shared_bottom():
+    mmoe_cfg = ModelConfig(num_dense=9, tasks=TASKS, block="mmoe", num_experts=1, expert_hidden=[13])
+    sb_cfg = dataclasses.replace(mmoe_cfg, block="shared_bottom")
+    mmoe, sb = MultiTaskModel(mmoe_cfg).eval(), MultiTaskModel(sb_cfg).eval()
+    sb.load_state_dict({k: v for k, v in mmoe.state_dict().items() if k in sb.state_dict()})
+    dense, sparse = make_inputs(mmoe_cfg)
+    torch.testing.assert_close(mmoe(dense, sparse).task_logits, sb(dense, sparse).task_logits)
+    assert (mmoe(dense, sparse).gate_weights == 1).all()
+
+
+def test_omoe_gives_identical_gate_weights_for_every_task():
+    model = MultiTaskModel(ModelConfig(num_dense=9, tasks=TASKS, block="omoe", num_experts=5))
+    w = model(*make_inputs(model.config)).gate_weights
+    assert w.shape == (16, 3, 5)
+    torch.testing.assert_close(w[:, 0], w[:, 1])
+    torch.testing.assert_close(w[:, 0], w[:, 2])
+    mmoe = MultiTaskModel(ModelConfig(num_dense=9, tasks=TASKS, block="mmoe", num_experts=5))
+    with torch.no_grad():
+        mmoe.block.gates.proj.weight.normal_()
+    w = mmoe(*make_inputs(mmoe.config)).gate_weights
+    assert not torch.allclose(w[:, 0], w[:, 1])
+
+
+def test_single_task_and_cgc_gates_see_only_their_experts():
+    st = MultiTaskModel(ModelConfig(num_dense=4, tasks=TASKS, block="single_task"))
+    w = st(*make_inputs(st.config)).gate_weights
+    torch.testing.assert_close(w[0], torch.eye(3))
+    cgc = MultiTaskModel(ModelConfig(num_dense=4, tasks=TASKS, block="cgc", num_experts=2, task_experts=2))
+    w = cgc(*make_inputs(cgc.config)).gate_weights  # experts: 2 per task (6), then 2 shared
+    assert w.shape[-1] == 8
+    assert (w[:, 0, 2:6] == 0).all() and (w[:, 0, :2] > 0).all() and (w[:, 0, 6:] > 0).all()
+
+
+def test_paper_sizes_and_shared_bottom_sizing():
+    tasks = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
+    mmoe = ModelConfig(num_dense=100, tasks=tasks, block="mmoe", num_experts=8, expert_hidden=[16])
+    sb = size_shared_bottom(mmoe)
+    target = count_parameters(MultiTaskModel(mmoe))
+    got = count_parameters(MultiTaskModel(sb))
+    assert sb.block == "shared_bottom"
+    assert abs(got - target) <= count_parameters(MultiTaskModel(dataclasses.replace(sb, expert_hidden=[1])))
+    # experts: 8 * (100*16 + 16) = 12,928 weights
+    assert sum(p.numel() for p in MultiTaskModel(mmoe).block.experts.parameters()) == 12_928
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"block": "mmo"}, "model.block"),
+        ({"block": "mmoe", "num_experts": 0, "num_dense": 3}, "model.num_experts"),
+        ({"num_dense": 3, "tasks": [{"name": "a", "type": "binray"}]}, "model.tasks[0].type"),
+        ({"num_dense": 3, "gate": {"temprature": 2}}, "model.gate.temprature"),
+        ({"num_dense": 3, "expert_hidden": []}, "model.expert_hidden"),
+        ({"num_dense": 3, "tasks": [{"name": "a"}, {"name": "a"}]}, "model.tasks"),
+    ],
+)
+def test_bad_config_fails_with_an_error_naming_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        model_config_from_dict(data)
