@@ -7,7 +7,9 @@ import torch
 from mtrank.models import MultiTaskModel
 
 
-def naive_forward(model: MultiTaskModel, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_forward(
+    model: MultiTaskModel, dense: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Task logits ``[B, K]`` and gate weights ``[B, K, E]`` by explicit loops (evaluation mode, dense gates)."""
     emb = model.embedding
     parts = [dense]
@@ -18,33 +20,37 @@ def naive_forward(model: MultiTaskModel, dense: torch.Tensor, sparse: torch.Tens
     if block.shared is not None:
         x = block.shared(x)
     act = torch.relu
-    expert_outputs = []
-    for e in range(block.num_experts):  # loop over experts
-        h = x
-        for i, layer in enumerate(block.experts.layers):
-            h = act(h @ layer.weight[e] + layer.bias[e, 0])
-        expert_outputs.append(h)
-    gates = block.gates
+    num_tasks = model.config.num_tasks
+    inputs = None  # per-task + shared inputs of upper PLE levels: list of [B, D]
     weights = []
-    for k in range(model.config.num_tasks):
-        g = 0 if block.shared_gate else k
-        if gates.fixed:
-            w = gates.allowed[g].float().expand(x.shape[0], -1)
-        else:
-            num_e = gates.num_experts
-            logits = x @ gates.proj.weight[g * num_e : (g + 1) * num_e].T + gates.proj.bias[g * num_e : (g + 1) * num_e]
-            logits = logits / gates.temperature
-            logits = logits.masked_fill(~gates.allowed[g], float("-inf"))
-            w = torch.softmax(logits, -1)
-        weights.append(w)
+    for level in block.levels:
+        expert_outputs = []
+        for e in range(level.num_experts):  # loop over experts
+            h = x if inputs is None else inputs[int(level.owners[e])]
+            for layer in level.experts.layers:
+                h = act(h @ layer.weight[e] + layer.bias[e, 0])
+            expert_outputs.append(h)
+        gates = level.gates
+        weights = []
+        for g in range(gates.num_gates):  # loop over gates
+            gx = x if inputs is None else inputs[g]
+            if gates.fixed:
+                w = gates.allowed[g].float().expand(gx.shape[0], -1)
+            else:
+                logits = (gx @ gates.proj.weight[g] + gates.proj.bias[g, 0]) / gates.temperature
+                logits = logits.masked_fill(~gates.allowed[g], float("-inf"))
+                w = torch.softmax(logits, -1)
+            weights.append(w)
+        if level.shared_gate:
+            weights = weights * num_tasks
+        inputs = [sum(w[:, e : e + 1] * expert_outputs[e] for e in range(level.num_experts)) for w in weights]
     logits_out = []
-    for k in range(model.config.num_tasks):
-        mixed = sum(weights[k][:, e : e + 1] * expert_outputs[e] for e in range(block.num_experts))
-        h = mixed
+    for k in range(num_tasks):
+        h = inputs[k]
         layers = block.towers.layers
         for i, layer in enumerate(layers):
             h = h @ layer.weight[k] + layer.bias[k, 0]
             if i < len(layers) - 1:
                 h = act(h)
         logits_out.append(h[:, 0])
-    return torch.stack(logits_out, 1), torch.stack(weights, 1)
+    return torch.stack(logits_out, 1), torch.stack(weights[:num_tasks], 1)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from mtrank.config import TaskConfig
 from mtrank.data import make_synthetic
 from mtrank.data.synthetic import SyntheticConfig, task_weights
 from mtrank.evaluate.metrics import task_metrics
-from mtrank.config import TaskConfig
 from mtrank.train.losses import multitask_loss
 
 

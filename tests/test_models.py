@@ -13,17 +13,29 @@ TASKS = [TaskConfig("click", "binary"), TaskConfig("watch", "regression"), TaskC
 
 def make_inputs(config: ModelConfig, batch: int = 16):
     dense = torch.randn(batch, config.num_dense)
-    sparse = torch.stack([torch.randint(0, v, (batch,)) for v in config.vocab_sizes], 1) if config.vocab_sizes \
+    sparse = (
+        torch.stack([torch.randint(0, v, (batch,)) for v in config.vocab_sizes], 1)
+        if config.vocab_sizes
         else torch.zeros(batch, 0, dtype=torch.long)
+    )
     return dense, sparse
 
 
-@pytest.mark.parametrize("block", ["mmoe", "omoe", "shared_bottom", "single_task", "cgc"])
+@pytest.mark.parametrize("block", ["mmoe", "omoe", "shared_bottom", "single_task", "cgc", "ple"])
 @pytest.mark.parametrize("shared_hidden", [[], [32]])
 def test_batched_experts_match_naive_loop_forward_and_gradients(block, shared_hidden):
-    config = ModelConfig(num_dense=7, vocab_sizes=[11, 5, 3], embedding_dim=4, tasks=TASKS, block=block,
-                         num_experts=4, task_experts=2, expert_hidden=[12, 6], tower_hidden=[5],
-                         shared_hidden=shared_hidden)
+    config = ModelConfig(
+        num_dense=7,
+        vocab_sizes=[11, 5, 3],
+        embedding_dim=4,
+        tasks=TASKS,
+        block=block,
+        num_experts=4,
+        task_experts=2,
+        expert_hidden=[12, 6],
+        tower_hidden=[5],
+        shared_hidden=shared_hidden,
+    )
     model = MultiTaskModel(config).eval()
     dense, sparse = make_inputs(config)
     out = model(dense, sparse)
@@ -49,7 +61,7 @@ def test_stacked_mlp_shared_and_per_group_input_agree():
 
 def test_experts_differ_at_initialisation():
     model = MultiTaskModel(ModelConfig(num_dense=20, block="mmoe", num_experts=8))
-    w = model.block.experts.layers[0].weight  # (E, in, out)
+    w = model.block.levels[0].experts.layers[0].weight  # (E, in, out)
     for e in range(1, 8):
         assert not torch.allclose(w[0], w[e])
 
@@ -115,7 +127,7 @@ def test_omoe_gives_identical_gate_weights_for_every_task():
     torch.testing.assert_close(w[:, 0], w[:, 2])
     mmoe = MultiTaskModel(ModelConfig(num_dense=9, tasks=TASKS, block="mmoe", num_experts=5))
     with torch.no_grad():
-        mmoe.block.gates.proj.weight.normal_()
+        mmoe.block.levels[0].gates.proj.weight.normal_()
     w = mmoe(*make_inputs(mmoe.config)).gate_weights
     assert not torch.allclose(w[:, 0], w[:, 1])
 
@@ -139,7 +151,7 @@ def test_paper_sizes_and_shared_bottom_sizing():
     assert sb.block == "shared_bottom"
     assert abs(got - target) <= count_parameters(MultiTaskModel(dataclasses.replace(sb, expert_hidden=[1])))
     # experts: 8 * (100*16 + 16) = 12,928 weights
-    assert sum(p.numel() for p in MultiTaskModel(mmoe).block.experts.parameters()) == 12_928
+    assert sum(p.numel() for p in MultiTaskModel(mmoe).block.levels[0].experts.parameters()) == 12_928
 
 
 @pytest.mark.parametrize(
@@ -156,3 +168,24 @@ def test_paper_sizes_and_shared_bottom_sizing():
 def test_bad_config_fails_with_an_error_naming_the_field(data, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
         model_config_from_dict(data)
+
+
+def test_ple_levels_feed_task_and_shared_inputs_to_the_next_level():
+    config = ModelConfig(
+        num_dense=6, tasks=TASKS, block="ple", levels=3, num_experts=2, task_experts=1, expert_hidden=[8]
+    )
+    model = MultiTaskModel(config)
+    assert len(model.block.levels) == 3
+    # non-final levels have K task gates + 1 shared gate; the last only K
+    assert model.block.levels[0].gates.num_gates == 4 and model.block.levels[-1].gates.num_gates == 3
+    out = model(*make_inputs(config))
+    assert out.gate_weights.shape == (16, 3, 5)
+    assert torch.isfinite(out.task_logits).all()
+
+
+def test_gate_per_gate_input_matches_shared_input():
+    gates = TaskGates(10, torch.ones(3, 6, dtype=torch.bool), GateConfig(hidden=4))
+    x = torch.randn(7, 10)
+    w_shared, _ = gates(x)
+    w_stacked, _ = gates(x.expand(3, -1, -1))
+    torch.testing.assert_close(w_shared, w_stacked)

@@ -44,7 +44,12 @@ def save_model(model: MultiTaskModel, directory: str | Path, extra: dict[str, An
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_save_tensors(model.state_dict(), directory / "model.safetensors")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config), **(extra or {})}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model.config),
+        **(extra or {}),
+    }
     _atomic_write_text(directory / "config.json", json.dumps(meta, indent=2, sort_keys=True))
     return directory
 
@@ -124,7 +129,9 @@ def save_checkpoint(
     _atomic_write_text(directory / "trainer_state.json", json.dumps({**trainer_state, "optimizer": opt_meta}))
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict] | None:
+def load_checkpoint(
+    directory: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict] | None:
     """``(model_state, optimizer_tensors, trainer_state)`` of a complete checkpoint, or None if there is none."""
     directory = Path(directory)
     if not (directory / "trainer_state.json").is_file():

@@ -28,8 +28,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(summary["table"])
     print()
     print(summary["gates_text"])
-    print(f"\nwrote {args.out}/results.json, results.md, loss_curves.png, gate_heatmaps.png "
-          f"({summary['seconds']:.0f} s)")
+    print(
+        f"\nwrote {args.out}/results.json, results.md, loss_curves.png, gate_heatmaps.png ({summary['seconds']:.0f} s)"
+    )
     return 0
 
 

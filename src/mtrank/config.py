@@ -10,7 +10,8 @@ Blocks (one mechanism, many configurations; see :mod:`mtrank.nn.multitask`):
 ``shared_bottom`` one bottom shared by every task (1 expert, every gate fixed to it)
 ``omoe``          one softmax gate over E shared experts, the same for all tasks
 ``mmoe``          one softmax gate per task over E shared experts (Ma et al., 2018)
-``cgc``           per-task experts plus shared experts; task k's gate sees its own + shared (PLE level)
+``cgc``           per-task experts plus shared experts; task k's gate sees its own + shared (Tang et al., 2020)
+``ple``           ``levels`` stacked CGC levels, with a shared gate feeding the next level's shared experts
 ================  =========================================================================
 """
 
@@ -21,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc")
+BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple")
 TASK_TYPES = ("binary", "regression")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -81,7 +82,8 @@ class ModelConfig:
         tasks: the tasks, in output order.
         block: one of :data:`BLOCKS`.
         num_experts: shared experts (``omoe``, ``mmoe``, ``cgc``).
-        task_experts: experts owned by each task (``cgc``).
+        task_experts: experts owned by each task (``cgc``, ``ple``).
+        levels: extraction levels stacked by ``ple``.
         expert_hidden: hidden layer widths of each expert (its output width is the last).
         tower_hidden: hidden layer widths of each task tower (a final linear layer gives one logit).
         shared_hidden: widths of a shared hidden layer under the experts (YouTube's placement); empty = none.
@@ -97,6 +99,7 @@ class ModelConfig:
     block: str = "mmoe"
     num_experts: int = 8
     task_experts: int = 1
+    levels: int = 2
     expert_hidden: list[int] = field(default_factory=lambda: [16])
     tower_hidden: list[int] = field(default_factory=lambda: [8])
     shared_hidden: list[int] = field(default_factory=list)
@@ -125,14 +128,19 @@ class ModelConfig:
             )
             _check(task.weight >= 0, f"model.tasks[{i}].weight", f"must be >= 0, got {task.weight}")
         _check(self.num_dense >= 0, "model.num_dense", f"must be >= 0, got {self.num_dense}")
-        _check(self.input_dim > 0, "model.num_dense", "the model has no inputs: give dense or categorical features")
+        _check(
+            self.input_dim > 0,
+            "model.num_dense",
+            "the model has no inputs: give dense or categorical features",
+        )
         for i, v in enumerate(self.vocab_sizes):
             _check(int(v) >= 1, f"model.vocab_sizes[{i}]", f"must be >= 1, got {v}")
         if self.vocab_sizes:
             _check(self.embedding_dim >= 1, "model.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
         if self.block in ("omoe", "mmoe"):
             _check(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
-        if self.block == "cgc":
+        if self.block in ("cgc", "ple"):
+            _check(self.levels >= 1, "model.levels", f"must be >= 1, got {self.levels}")
             _check(self.num_experts >= 0, "model.num_experts", f"must be >= 0, got {self.num_experts}")
             _check(self.task_experts >= 1, "model.task_experts", f"must be >= 1, got {self.task_experts}")
         _check(len(self.expert_hidden) >= 1, "model.expert_hidden", "an expert needs at least one layer")

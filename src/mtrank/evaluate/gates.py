@@ -36,7 +36,5 @@ def format_gate_report(report: dict) -> str:
     lines = [f"{'task':<16} {'entropy':>8} {'/max':>6} {'<1% experts':>12}  utilisation"]
     for name, t in report["tasks"].items():
         util = " ".join(f"{u:.2f}" for u in t["utilisation"])
-        lines.append(
-            f"{name:<16} {t['entropy']:>8.3f} {t['max_entropy']:>6.2f} {t['polarized_experts']:>12d}  {util}"
-        )
+        lines.append(f"{name:<16} {t['entropy']:>8.3f} {t['max_entropy']:>6.2f} {t['polarized_experts']:>12d}  {util}")
     return "\n".join(lines)

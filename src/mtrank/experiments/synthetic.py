@@ -41,8 +41,13 @@ def paper_model(block: str, num_dense: int = 100) -> ModelConfig:
     )
 
 
-MODEL_LABELS = {"shared_bottom": "Shared-Bottom", "omoe": "OMoE", "mmoe": "MMoE", "single_task": "Single-task",
-                "cgc": "CGC"}
+MODEL_LABELS = {
+    "shared_bottom": "Shared-Bottom",
+    "omoe": "OMoE",
+    "mmoe": "MMoE",
+    "single_task": "Single-task",
+    "cgc": "CGC",
+}
 
 
 @dataclass
@@ -116,8 +121,10 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> dict:
             report = gate_report(gates, [t.name for t in model.tasks])
             key = f"{MODEL_LABELS[block]} p={correlation:g}"
             gate_reports[key] = report
-            heatmaps[key] = (np.array([report["tasks"][t.name]["utilisation"] for t in model.tasks]),
-                             [t.name for t in model.tasks])
+            heatmaps[key] = (
+                np.array([report["tasks"][t.name]["utilisation"] for t in model.tasks]),
+                [t.name for t in model.tasks],
+            )
 
     table = summary_table(runs, study)
     summary = {
@@ -153,6 +160,14 @@ def summary_table(runs: list[dict], study: StudyConfig) -> str:
             y1 = [r["test"]["mse/y1"] for r in sel]
             y2 = [r["test"]["mse/y2"] for r in sel]
             mean_loss, _ = mean_std([(a + b) / 2 for a, b in zip(y1, y2)])
-            rows.append([f"{correlation:g}", MODEL_LABELS[block], sel[0]["params"], fmt_mean_std(y1, 3),
-                         fmt_mean_std(y2, 3), f"{mean_loss:.3f}"])
+            rows.append(
+                [
+                    f"{correlation:g}",
+                    MODEL_LABELS[block],
+                    sel[0]["params"],
+                    fmt_mean_std(y1, 3),
+                    fmt_mean_std(y2, 3),
+                    f"{mean_loss:.3f}",
+                ]
+            )
     return markdown_table(["correlation", "model", "params", "test MSE y1", "test MSE y2", "mean"], rows)

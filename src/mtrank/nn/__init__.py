@@ -5,4 +5,12 @@ from mtrank.nn.experts import MLP, StackedLinear, StackedMLP
 from mtrank.nn.gates import TaskGates
 from mtrank.nn.multitask import MultiTaskBlock, expert_layout
 
-__all__ = ["FeatureEmbedding", "MLP", "StackedLinear", "StackedMLP", "TaskGates", "MultiTaskBlock", "expert_layout"]
+__all__ = [
+    "FeatureEmbedding",
+    "MLP",
+    "StackedLinear",
+    "StackedMLP",
+    "TaskGates",
+    "MultiTaskBlock",
+    "expert_layout",
+]

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrank.config import GateConfig
-from mtrank.nn.experts import MLP
+from mtrank.nn.experts import StackedLinear, StackedMLP
 
 
 class TaskGates(nn.Module):
-    """G softmax gates over E experts, computed by one projection ``[in] -> [G*E]``.
+    """G softmax gates over E experts, all computed by one stacked projection ``[G, in, E]``.
 
     ``g_k(x) = softmax((W_k x + b_k) / temperature)`` restricted to the experts in ``allowed[k]``
     (others get weight 0). A gate with a single allowed expert is fixed at weight 1 and has no parameters, which
@@ -26,7 +26,8 @@ class TaskGates(nn.Module):
 
     Softmax and the balancing loss run in float32 (also under bf16 autocast).
 
-    Shapes: ``x [B, in]`` -> ``weights [B, G, E]`` (float32), ``aux_loss []``.
+    Shapes: ``x [B, in]`` (every gate reads the same input: one GEMM) or ``[G, B, in]`` (gate g reads ``x[g]``,
+    as in PLE's upper levels) -> ``weights [B, G, E]`` (float32), ``aux_loss []``.
 
     Args:
         in_features: input width.
@@ -52,30 +53,30 @@ class TaskGates(nn.Module):
         self.load_balance_weight = float(config.load_balance_weight) if self.top_k else 0.0
         if self.fixed:
             return
-        self.hidden = MLP(in_features, [config.hidden]) if config.hidden else nn.Identity()
+        g = self.num_gates
+        self.hidden = StackedMLP(g, in_features, [config.hidden]) if config.hidden else None
         proj_in = config.hidden or in_features
-        self.proj = nn.Linear(proj_in, self.num_gates * self.num_experts)
+        self.proj = StackedLinear(g, proj_in, self.num_experts)
         # near-uniform gates at init: small weights, zero bias
         nn.init.normal_(self.proj.weight, std=0.01)
         nn.init.zeros_(self.proj.bias)
         if self.noisy:
-            self.noise_proj = nn.Linear(proj_in, self.num_gates * self.num_experts)
+            self.noise_proj = StackedLinear(g, proj_in, self.num_experts)
             nn.init.zeros_(self.noise_proj.weight)
             nn.init.zeros_(self.noise_proj.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = x.shape[0]
+        batch = x.shape[-2]
         if self.fixed:
             weights = self.allowed.to(torch.float32).unsqueeze(0).expand(batch, -1, -1)  # (B, G, E)
             return weights, x.new_zeros((), dtype=torch.float32)
-        h = self.hidden(x)
-        shape = (batch, self.num_gates, self.num_experts)
-        logits = self.proj(h).float().view(shape) / self.temperature  # (B, G, E)
+        h = self.hidden(x) if self.hidden is not None else x
+        logits = self.proj(h).float().transpose(0, 1) / self.temperature  # (G, B, E) -> (B, G, E)
         aux_loss = logits.new_zeros(())
         noise_std = None
         clean = logits
         if self.noisy and self.training:
-            noise_std = F.softplus(self.noise_proj(h).float().view(shape)) + 1e-2
+            noise_std = F.softplus(self.noise_proj(h).float().transpose(0, 1)) + 1e-2
             logits = logits + torch.randn_like(logits) * noise_std
         blocked = ~self.allowed  # (G, E)
         logits = logits.masked_fill(blocked, float("-inf"))

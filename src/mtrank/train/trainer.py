@@ -117,7 +117,9 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("the training split is empty")
         if train.num_tasks != self.model.config.num_tasks:
-            raise ValueError(f"data has {train.num_tasks} label columns, the model has {self.model.config.num_tasks} tasks")
+            raise ValueError(
+                f"data has {train.num_tasks} label columns, the model has {self.model.config.num_tasks} tasks"
+            )
         train = train.to(self.device)
         n = len(train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -156,8 +158,15 @@ class Trainer:
 
         resumed_samples = samples
         self.model.train()
-        bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", unit="step",
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=total_steps,
+            initial=step,
+            disable=not cfg.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
         running = torch.zeros((), device=self.device)
         running_steps = 0
         start = time.perf_counter()
@@ -212,8 +221,9 @@ class Trainer:
                         if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
                             stop = True
                     result.history.append(record)
-                    if ckpt_dir is not None and (cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0
-                                                 or stop or step == total_steps):
+                    if ckpt_dir is not None and (
+                        cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0 or stop or step == total_steps
+                    ):
                         save_checkpoint(
                             ckpt_dir / "last",
                             self.model,
