@@ -28,6 +28,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 ACTIVATIONS = ("relu", "gelu", "silu")
+EXPERT_TYPES = ("mlp", "dcn")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,17 @@ class ModelConfig:
         activation: activation between layers.
         dropout: dropout after each hidden layer of experts and towers.
         gate: gate settings, see :class:`GateConfig`.
+        expert_type: ``"mlp"`` or ``"dcn"`` (DCNv2 cross layers, then the MLP; Pinterest's best experts).
+        cross_layers: cross layers of each DCN expert.
+        cross_rank: rank of the cross weights (0 = full rank ``[d, d]``).
+        mixer_layers: transformer layers of a feature mixer over the feature tokens (0 = none); its output is
+            concatenated to the block input (Pinterest Closeup).
+        mixer_heads: attention heads of the mixer (must divide ``embedding_dim``).
+        bias_features: indices (into ``vocab_sizes``) of categorical features read only by YouTube's shallow
+            bias tower (e.g. position, device); the main model does not see them.
+        bias_hidden: hidden widths of the bias tower.
+        bias_dropout: in training, drop a row's bias logit with this probability.
+        bias_tasks: tasks whose logits get the bias logit (default: every binary task).
     """
 
     num_dense: int = 0
@@ -106,14 +118,28 @@ class ModelConfig:
     activation: str = "relu"
     dropout: float = 0.0
     gate: GateConfig = field(default_factory=GateConfig)
+    expert_type: str = "mlp"
+    cross_layers: int = 2
+    cross_rank: int = 0
+    mixer_layers: int = 0
+    mixer_heads: int = 2
+    bias_features: list[int] = field(default_factory=list)
+    bias_hidden: list[int] = field(default_factory=list)
+    bias_dropout: float = 0.1
+    bias_tasks: list[str] = field(default_factory=list)
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
     @property
+    def main_features(self) -> list[int]:
+        """Indices of the categorical features the main model reads (all but the bias features)."""
+        return [i for i in range(len(self.vocab_sizes)) if i not in set(self.bias_features)]
+
+    @property
     def input_dim(self) -> int:
-        return self.num_dense + len(self.vocab_sizes) * self.embedding_dim
+        return self.num_dense + len(self.main_features) * self.embedding_dim
 
     def validate(self) -> ModelConfig:
         _check(self.block in BLOCKS, "model.block", f"unknown block {self.block!r}; expected one of {BLOCKS}")
@@ -149,6 +175,30 @@ class ModelConfig:
                 _check(int(width) >= 1, f"model.{name}[{i}]", f"layer width must be >= 1, got {width}")
         _check(self.activation in ACTIVATIONS, "model.activation", f"expected one of {ACTIVATIONS}")
         _check(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(
+            self.expert_type in EXPERT_TYPES, "model.expert_type", f"unknown {self.expert_type!r}; use {EXPERT_TYPES}"
+        )
+        if self.expert_type == "dcn":
+            _check(self.cross_layers >= 1, "model.cross_layers", f"must be >= 1, got {self.cross_layers}")
+            _check(self.cross_rank >= 0, "model.cross_rank", f"must be >= 0, got {self.cross_rank}")
+        _check(self.mixer_layers >= 0, "model.mixer_layers", f"must be >= 0, got {self.mixer_layers}")
+        if self.mixer_layers:
+            _check(len(self.main_features) > 0, "model.mixer_layers", "the mixer needs categorical features")
+            _check(
+                self.mixer_heads >= 1 and self.embedding_dim % self.mixer_heads == 0,
+                "model.mixer_heads",
+                f"must divide embedding_dim={self.embedding_dim}, got {self.mixer_heads}",
+            )
+        for i, index in enumerate(self.bias_features):
+            _check(
+                0 <= index < len(self.vocab_sizes),
+                f"model.bias_features[{i}]",
+                f"index {index} is not a categorical feature (there are {len(self.vocab_sizes)})",
+            )
+        _check(len(set(self.bias_features)) == len(self.bias_features), "model.bias_features", "duplicate index")
+        for i, name in enumerate(self.bias_tasks):
+            _check(name in names, f"model.bias_tasks[{i}]", f"unknown task {name!r}; tasks are {names}")
+        _check(0 <= self.bias_dropout < 1, "model.bias_dropout", f"must be in [0, 1), got {self.bias_dropout}")
         g = self.gate
         _check(g.temperature > 0, "model.gate.temperature", f"must be > 0, got {g.temperature}")
         _check(0 <= g.dropout < 1, "model.gate.dropout", f"must be in [0, 1), got {g.dropout}")
@@ -187,6 +237,9 @@ class TrainConfig:
         checkpoint_dir: write checkpoints here (and resume from the latest one); empty = none.
         checkpoint_every: steps between checkpoints (0 = at each evaluation).
         progress: show a progress bar.
+        distill: distillation from teacher logits attached to the data (``TensorData.teacher``): ``"none"``,
+            ``"pointwise"``, ``"pairwise"`` or ``"score_l2"`` (see :func:`mtrank.train.losses.distillation_loss`).
+        distill_weight: weight of the distillation term added to the label loss.
     """
 
     optimizer: str = "adam"
@@ -207,6 +260,8 @@ class TrainConfig:
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
     progress: bool = True
+    distill: str = "none"
+    distill_weight: float = 1.0
 
     def validate(self) -> TrainConfig:
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"unknown {self.optimizer!r}; use {OPTIMIZERS}")
@@ -216,6 +271,9 @@ class TrainConfig:
         _check(self.schedule in SCHEDULES, "train.schedule", f"unknown {self.schedule!r}; use {SCHEDULES}")
         _check(self.precision in PRECISIONS, "train.precision", f"unknown {self.precision!r}; use {PRECISIONS}")
         _check(self.device in ("cpu", "cuda", "auto"), "train.device", f"unknown {self.device!r}")
+        modes = ("none", "pointwise", "pairwise", "score_l2")
+        _check(self.distill in modes, "train.distill", f"unknown {self.distill!r}; use {modes}")
+        _check(self.distill_weight >= 0, "train.distill_weight", f"must be >= 0, got {self.distill_weight}")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         return self
 

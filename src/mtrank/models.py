@@ -10,6 +10,8 @@ from torch import nn
 
 from mtrank.config import ModelConfig, TaskConfig
 from mtrank.nn import FeatureEmbedding, MultiTaskBlock
+from mtrank.nn.bias import BiasTower
+from mtrank.nn.mixer import FeatureMixer
 
 
 class MultiTaskOutput(NamedTuple):
@@ -27,7 +29,10 @@ class MultiTaskOutput(NamedTuple):
 
 
 class MultiTaskModel(nn.Module):
-    """A multi-task ranker: input representation -> multi-task block -> one output per task.
+    """A multi-task ranker: input representation (-> feature mixer) -> multi-task block -> one output per task.
+
+    Bias features (YouTube's position / device) skip the main model and feed a shallow tower whose logit is added
+    to the task logits in training only; evaluation and serving scores are debiased.
 
     Shapes: ``dense [B, F_dense]`` float, ``sparse [B, F_cat]`` int64 -> :class:`MultiTaskOutput`.
 
@@ -42,18 +47,47 @@ class MultiTaskModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config.validate()
-        self.embedding = FeatureEmbedding(config.num_dense, list(config.vocab_sizes), config.embedding_dim)
-        self.block = MultiTaskBlock(config, self.embedding.output_dim)
+        main = config.main_features
+        self.embedding = FeatureEmbedding(config.num_dense, [config.vocab_sizes[i] for i in main], config.embedding_dim)
+        self.select_main = len(main) != len(config.vocab_sizes)
+        self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
+        self.mixer = None
+        block_in = self.embedding.output_dim
+        if config.mixer_layers:
+            self.mixer = FeatureMixer(
+                config.num_dense, len(main), config.embedding_dim, config.mixer_layers, config.mixer_heads
+            )
+            block_in += self.mixer.output_dim
+        self.block = MultiTaskBlock(config, block_in)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
+        self.bias_tower = None
+        self.register_buffer("bias_features", torch.tensor(config.bias_features, dtype=torch.long))
+        if config.bias_features:
+            names = config.bias_tasks or [t.name for t in config.tasks if t.type == "binary"]
+            task_mask = torch.tensor([t.name in names for t in config.tasks])
+            self.bias_tower = BiasTower(
+                [config.vocab_sizes[i] for i in config.bias_features],
+                config.embedding_dim,
+                list(config.bias_hidden),
+                task_mask,
+                config.bias_dropout,
+            )
 
     @property
     def tasks(self) -> list[TaskConfig]:
         return self.config.tasks
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> MultiTaskOutput:
-        x = self.embedding(dense, sparse)  # (B, in)
+        main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
+        if self.mixer is None:
+            x = self.embedding(dense, main_sparse)  # (B, in)
+        else:
+            tokens = self.embedding.embed(main_sparse)  # (B, F, D)
+            x = torch.cat([dense.to(tokens.dtype), tokens.flatten(1), self.mixer(dense, tokens)], 1)  # (B, in)
         task_logits, gate_weights, aux_loss = self.block(x)
+        if self.bias_tower is not None and self.training:
+            task_logits = task_logits + self.bias_tower(sparse.index_select(1, self.bias_features))
         return MultiTaskOutput(task_logits, gate_weights, aux_loss)
 
     def scores(self, task_logits: torch.Tensor) -> torch.Tensor:

@@ -16,16 +16,18 @@ class TensorData:
         sparse: ``[N, F_cat]`` int64 categorical ids (already offset-free, ``[0, vocab_f)`` per feature).
         labels: ``[N, K]`` float32 task labels; NaN marks a missing label (that task is masked for that row).
         weights: optional ``[N]`` float32 sample weights.
+        teacher: optional ``[N, K]`` float32 logits of a teacher model, for distillation / score regularisation.
     """
 
     dense: torch.Tensor
     sparse: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0]
-        for name in ("dense", "sparse", "weights"):
+        for name in ("dense", "sparse", "weights", "teacher"):
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"TensorData.{name} has {value.shape[0]} rows, labels have {n}")
@@ -39,31 +41,31 @@ class TensorData:
     def num_tasks(self) -> int:
         return self.labels.shape[1]
 
-    def __getitem__(self, index: torch.Tensor | slice) -> TensorData:
+    def _map(self, fn) -> TensorData:
+        """A TensorData with ``fn`` applied to every tensor that is present."""
         return TensorData(
-            self.dense[index],
-            self.sparse[index],
-            self.labels[index],
-            None if self.weights is None else self.weights[index],
+            *(None if value is None else fn(value) for value in (self.dense, self.sparse, self.labels)),
+            weights=None if self.weights is None else fn(self.weights),
+            teacher=None if self.teacher is None else fn(self.teacher),
         )
 
+    def __getitem__(self, index: torch.Tensor | slice) -> TensorData:
+        return self._map(lambda t: t[index])
+
     def to(self, device: torch.device | str) -> TensorData:
-        return TensorData(
-            self.dense.to(device),
-            self.sparse.to(device),
-            self.labels.to(device),
-            None if self.weights is None else self.weights.to(device),
-        )
+        return self._map(lambda t: t.to(device))
 
     @staticmethod
     def concat(parts: list[TensorData]) -> TensorData:
-        weights = None if parts[0].weights is None else torch.cat([p.weights for p in parts])
-        return TensorData(
-            torch.cat([p.dense for p in parts]),
-            torch.cat([p.sparse for p in parts]),
-            torch.cat([p.labels for p in parts]),
-            weights,
-        )
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return TensorData(cat("dense"), cat("sparse"), cat("labels"), weights=cat("weights"), teacher=cat("teacher"))
+
+    def with_teacher(self, teacher_logits: torch.Tensor) -> TensorData:
+        """The same rows with a teacher's logits attached (see :func:`mtrank.train.losses.distillation_loss`)."""
+        return TensorData(self.dense, self.sparse, self.labels, weights=self.weights, teacher=teacher_logits)
 
     def split(self, fractions: tuple[float, ...], seed: int = 0) -> tuple[TensorData, ...]:
         """Random split into parts of the given fractions (they must sum to 1)."""

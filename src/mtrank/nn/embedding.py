@@ -42,8 +42,11 @@ class FeatureEmbedding(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         if self.num_sparse == 0:
             return dense
-        emb = self.table(sparse + self.offsets)  # (B, F, D)
-        emb = emb.flatten(1)  # (B, F*D)
+        emb = self.embed(sparse).flatten(1)  # (B, F, D) -> (B, F*D)
         if self.num_dense == 0:
             return emb
         return torch.cat([dense.to(emb.dtype), emb], dim=1)  # (B, F_dense + F*D)
+
+    def embed(self, sparse: torch.Tensor) -> torch.Tensor:
+        """Per-feature embeddings ``[B, F] -> [B, F, D]`` (one lookup for all features)."""
+        return self.table(sparse + self.offsets)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrank.config import GateConfig, ModelConfig
+from mtrank.config import ModelConfig
+from mtrank.nn.cross import StackedDCN
 from mtrank.nn.experts import MLP, StackedMLP
 from mtrank.nn.gates import TaskGates
 
@@ -65,19 +66,28 @@ class ExtractionLevel(nn.Module):
         owners: torch.Tensor,
         allowed: torch.Tensor,
         shared_gate: bool,
-        num_tasks: int,
-        expert_hidden: list[int],
-        activation_name: str,
-        dropout: float,
-        gate: GateConfig,
+        config: ModelConfig,
     ) -> None:
         super().__init__()
-        self.num_tasks, self.num_experts = num_tasks, owners.numel()
+        self.num_tasks, self.num_experts = config.num_tasks, owners.numel()
         self.shared_gate = shared_gate
         self.register_buffer("owners", owners.clone())
-        self.experts = StackedMLP(self.num_experts, in_features, expert_hidden, activation_name, dropout)
-        self.gates = TaskGates(in_features, allowed, gate)
-        self.output_dim = expert_hidden[-1]
+        if config.expert_type == "dcn":
+            self.experts = StackedDCN(
+                self.num_experts,
+                in_features,
+                config.expert_hidden,
+                config.cross_layers,
+                config.cross_rank,
+                config.activation,
+                config.dropout,
+            )
+        else:
+            self.experts = StackedMLP(
+                self.num_experts, in_features, config.expert_hidden, config.activation, config.dropout
+            )
+        self.gates = TaskGates(in_features, allowed, config.gate)
+        self.output_dim = config.expert_hidden[-1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.dim() == 2:
@@ -116,19 +126,7 @@ class MultiTaskBlock(nn.Module):
         self.levels = nn.ModuleList()
         for level in range(num_levels):
             owners, allowed, shared_gate = expert_layout(config, last_level=level == num_levels - 1)
-            self.levels.append(
-                ExtractionLevel(
-                    width,
-                    owners,
-                    allowed,
-                    shared_gate,
-                    config.num_tasks,
-                    config.expert_hidden,
-                    config.activation,
-                    config.dropout,
-                    config.gate,
-                )
-            )
+            self.levels.append(ExtractionLevel(width, owners, allowed, shared_gate, config))
             width = config.expert_hidden[-1]
         self.num_experts = self.levels[-1].num_experts
         self.towers = StackedMLP(

@@ -34,3 +34,35 @@ def multitask_loss(
     per_task = (elementwise * mask).sum(0) / mask.sum(0).clamp_min(1e-12)  # (K,)
     per_task = torch.where(mask.sum(0) > 0, per_task, torch.zeros_like(per_task))
     return (per_task * task_weights).sum(), per_task
+
+
+DISTILL_MODES = ("pointwise", "pairwise", "score_l2")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, binary_mask: torch.Tensor, mode: str = "pointwise"
+) -> torch.Tensor:
+    """Distillation from a teacher (Pinterest ads) or score regularisation (Pinterest Closeup), mean over tasks.
+
+    * ``pointwise``: binary tasks fit the teacher's probabilities with BCE; regression tasks its predictions with
+      squared error.
+    * ``pairwise``: each row is paired with another row of the batch (a fixed rotation); the student's score
+      difference fits the teacher's: ``BCE(sigmoid(s_i - s_j), sigmoid(t_i - t_j))`` for binary tasks, squared
+      error of the differences for regression. Only the ranking the teacher implies is transferred.
+    * ``score_l2``: ``mean((score_s - score_t)^2)`` on scores (probabilities for binary tasks), the score
+      regulariser that keeps a retrained model's scores consistent with the production model's.
+
+    Shapes: ``[B, K]`` each, ``binary_mask [K]`` -> ``[]``.
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    if mode == "pairwise":
+        s, t = s - s.roll(1, 0), t - t.roll(1, 0)  # (B, K) differences to another row
+    if mode == "score_l2":
+        score_s = torch.where(binary_mask, torch.sigmoid(s), s)
+        score_t = torch.where(binary_mask, torch.sigmoid(t), t)
+        return ((score_s - score_t) ** 2).mean()
+    if mode not in ("pointwise", "pairwise"):
+        raise ValueError(f"unknown distillation mode {mode!r}; use one of {DISTILL_MODES}")
+    bce = F.binary_cross_entropy_with_logits(s, torch.sigmoid(t), reduction="none")
+    mse = (s - t) ** 2
+    return torch.where(binary_mask, bce, mse).mean()

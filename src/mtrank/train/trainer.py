@@ -16,7 +16,7 @@ from mtrank.config import TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better
 from mtrank.models import MultiTaskModel
-from mtrank.train.losses import multitask_loss
+from mtrank.train.losses import distillation_loss, multitask_loss
 
 
 @dataclass
@@ -110,12 +110,20 @@ class Trainer:
         loss, _ = multitask_loss(
             out.task_logits, batch.labels, self.model.binary_mask, self.task_weights, batch.weights
         )
-        return loss + out.aux_loss
+        loss = loss + out.aux_loss
+        if self.config.distill != "none" and batch.teacher is not None:
+            distill = distillation_loss(out.task_logits, batch.teacher, self.model.binary_mask, self.config.distill)
+            loss = loss + self.config.distill_weight * distill
+        return loss
 
     def fit(self, train: TensorData, valid: TensorData | None = None) -> TrainResult:
         cfg = self.config
         if len(train) == 0:
             raise ValueError("the training split is empty")
+        if cfg.distill != "none" and train.teacher is None:
+            raise ValueError(
+                f"train.distill={cfg.distill!r} needs teacher logits: attach them with data.with_teacher(logits)"
+            )
         if train.num_tasks != self.model.config.num_tasks:
             raise ValueError(
                 f"data has {train.num_tasks} label columns, the model has {self.model.config.num_tasks} tasks"
