@@ -189,3 +189,30 @@ def test_gate_per_gate_input_matches_shared_input():
     w_shared, _ = gates(x)
     w_stacked, _ = gates(x.expand(3, -1, -1))
     torch.testing.assert_close(w_shared, w_stacked)
+
+
+EXPORT_CONFIGS = {
+    "mmoe": {},
+    "omoe": {"block": "omoe"},
+    "shared_bottom": {"block": "shared_bottom"},
+    "single_task": {"block": "single_task"},
+    "ple": {"block": "ple", "levels": 2},
+    "topk_gate_mlp": {"gate": GateConfig(top_k=2, hidden=4)},
+    "dcn_mixer_bias": {"expert_type": "dcn", "cross_rank": 2, "mixer_layers": 1, "bias_features": [2]},
+}
+
+
+@pytest.mark.parametrize("name", EXPORT_CONFIGS)
+def test_every_configuration_scripts_and_exports_with_identical_scores(name):
+    from mtrank.models import ScoringModule
+
+    config = ModelConfig(
+        num_dense=3, vocab_sizes=[5, 6, 7], embedding_dim=4, tasks=TASKS, num_experts=3, **EXPORT_CONFIGS[name]
+    )
+    module = ScoringModule(MultiTaskModel(config).eval())
+    dense, sparse = torch.randn(8, 3), torch.randint(0, 5, (8, 3))
+    expected = module(dense, sparse)
+    scripted = torch.jit.script(module)
+    torch.testing.assert_close(scripted(dense, sparse), expected)
+    exported = torch.export.export(module, (dense, sparse)).module()
+    torch.testing.assert_close(exported(dense, sparse), expected)

@@ -23,8 +23,8 @@ def test_stacked_cross_matches_per_expert_loop(rank):
     for g in range(4):
         x = x0
         for i in range(2):
-            w = cross.u[i][g] @ cross.v[i][g] if rank else cross.w[i][g]
-            x = x0 * (x @ w + cross.b[i][g, 0]) + x
+            w = cross.u[i, g] @ cross.v[i, g] if rank else cross.w[i, g]
+            x = x0 * (x @ w + cross.b[i, g, 0]) + x
         torch.testing.assert_close(out[g], x, rtol=1e-5, atol=1e-5)
 
 

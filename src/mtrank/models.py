@@ -44,6 +44,8 @@ class MultiTaskModel(nn.Module):
         (torch.Size([4, 2]), torch.Size([4, 2, 8]))
     """
 
+    __jit_unused_properties__ = ["tasks"]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config.validate()

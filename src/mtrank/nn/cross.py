@@ -27,31 +27,29 @@ class StackedCross(nn.Module):
 
     def __init__(self, groups: int, dim: int, layers: int, rank: int = 0) -> None:
         super().__init__()
-        self.groups, self.dim, self.rank = groups, dim, rank
+        self.groups, self.dim, self.rank, self.num_layers = groups, dim, rank, layers
         bound = 1.0 / math.sqrt(dim)
-        if rank:
-            self.u = nn.ParameterList(
-                nn.Parameter(torch.empty(groups, dim, rank).uniform_(-bound, bound)) for _ in range(layers)
-            )
-            self.v = nn.ParameterList(
-                nn.Parameter(torch.empty(groups, rank, dim).uniform_(-1 / math.sqrt(rank), 1 / math.sqrt(rank)))
-                for _ in range(layers)
-            )
+        if rank:  # low rank: W_l = U_l V_l
+            self.u = nn.Parameter(torch.empty(layers, groups, dim, rank).uniform_(-bound, bound))
+            v_bound = 1.0 / math.sqrt(rank)
+            self.v = nn.Parameter(torch.empty(layers, groups, rank, dim).uniform_(-v_bound, v_bound))
+            self.w = None
         else:
-            self.w = nn.ParameterList(
-                nn.Parameter(torch.empty(groups, dim, dim).uniform_(-bound, bound)) for _ in range(layers)
-            )
-        self.b = nn.ParameterList(nn.Parameter(torch.zeros(groups, 1, dim)) for _ in range(layers))
+            self.w = nn.Parameter(torch.empty(layers, groups, dim, dim).uniform_(-bound, bound))
+            self.u = self.v = None
+        self.b = nn.Parameter(torch.zeros(layers, groups, 1, dim))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         if x0.dim() == 2:
             x0 = x0.expand(self.groups, -1, -1)  # (G, B, d)
         x = x0
-        for i, bias in enumerate(self.b):
-            if self.rank:
-                proj = torch.baddbmm(bias, torch.bmm(x, self.u[i]), self.v[i])  # (G, B, r) -> (G, B, d)
+        w, u, v = self.w, self.u, self.v
+        for i in range(self.num_layers):
+            if w is not None:
+                proj = torch.baddbmm(self.b[i], x, w[i])  # (G, B, d)
             else:
-                proj = torch.baddbmm(bias, x, self.w[i])  # (G, B, d)
+                assert u is not None and v is not None
+                proj = torch.baddbmm(self.b[i], torch.bmm(x, u[i]), v[i])  # (G, B, r) -> (G, B, d)
             x = x0 * proj + x
         return x
 

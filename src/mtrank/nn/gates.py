@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,36 +53,39 @@ class TaskGates(nn.Module):
         self.top_k = int(config.top_k) if 0 < config.top_k < self.num_experts else 0
         self.noisy = bool(config.noisy) and self.top_k > 0
         self.load_balance_weight = float(config.load_balance_weight) if self.top_k else 0.0
-        if self.fixed:
-            return
         g = self.num_gates
-        self.hidden = StackedMLP(g, in_features, [config.hidden]) if config.hidden else None
         proj_in = config.hidden or in_features
-        self.proj = StackedLinear(g, proj_in, self.num_experts)
-        # near-uniform gates at init: small weights, zero bias
-        nn.init.normal_(self.proj.weight, std=0.01)
-        nn.init.zeros_(self.proj.bias)
-        if self.noisy:
-            self.noise_proj = StackedLinear(g, proj_in, self.num_experts)
+        # a fixed gate (one allowed expert per gate) has no parameters at all
+        self.hidden = StackedMLP(g, in_features, [config.hidden]) if config.hidden and not self.fixed else None
+        self.proj = None if self.fixed else StackedLinear(g, proj_in, self.num_experts)
+        self.noise_proj = StackedLinear(g, proj_in, self.num_experts) if self.noisy and not self.fixed else None
+        if self.proj is not None:  # near-uniform gates at init: small weights, zero bias
+            nn.init.normal_(self.proj.weight, std=0.01)
+            nn.init.zeros_(self.proj.bias)
+        if self.noise_proj is not None:
             nn.init.zeros_(self.noise_proj.weight)
             nn.init.zeros_(self.noise_proj.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[-2]
-        if self.fixed:
+        proj = self.proj
+        if proj is None:
             weights = self.allowed.to(torch.float32).unsqueeze(0).expand(batch, -1, -1)  # (B, G, E)
-            return weights, x.new_zeros((), dtype=torch.float32)
-        h = self.hidden(x) if self.hidden is not None else x
-        logits = self.proj(h).float().transpose(0, 1) / self.temperature  # (G, B, E) -> (B, G, E)
-        aux_loss = logits.new_zeros(())
-        noise_std = None
+            return weights, torch.zeros((), dtype=torch.float32, device=x.device)
+        hidden = self.hidden
+        h = hidden(x) if hidden is not None else x
+        logits = proj(h).float().transpose(0, 1) / self.temperature  # (G, B, E) -> (B, G, E)
+        aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        noise_std: torch.Tensor | None = None
         clean = logits
-        if self.noisy and self.training:
-            noise_std = F.softplus(self.noise_proj(h).float().transpose(0, 1)) + 1e-2
-            logits = logits + torch.randn_like(logits) * noise_std
+        noise_proj = self.noise_proj
+        if noise_proj is not None and self.training:
+            std = F.softplus(noise_proj(h).float().transpose(0, 1)) + 1e-2
+            logits = logits + torch.randn_like(logits) * std
+            noise_std = std
         blocked = ~self.allowed  # (G, E)
         logits = logits.masked_fill(blocked, float("-inf"))
-        if self.top_k:
+        if self.top_k > 0:
             kth = logits.topk(self.top_k, dim=-1).values[..., -1:]  # (B, G, 1)
             keep = logits >= kth
             if noise_std is not None:
@@ -91,7 +96,7 @@ class TaskGates(nn.Module):
             all_dropped = (drop | ~torch.isfinite(logits)).all(-1, keepdim=True)  # (B, G, 1)
             logits = logits.masked_fill(drop & ~all_dropped, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
-        if self.top_k and noise_std is None:
+        if self.top_k > 0 and noise_std is None:
             aux_loss = self.load_balance_weight * _cv_squared(weights.sum(0)).sum()
         return weights, aux_loss
 
@@ -104,8 +109,8 @@ class TaskGates(nn.Module):
         threshold_in = top[..., -1:]  # if expert is in the top-k, it must stay above the (k+1)-th value
         threshold_out = top[..., self.top_k - 1 : self.top_k]  # else it must beat the k-th value
         threshold = torch.where(keep, threshold_in, threshold_out)
-        normal = torch.distributions.Normal(0.0, 1.0)
-        prob = normal.cdf((clean - threshold) / noise_std)  # (B, G, E), P(expert i kept | new noise)
+        z = (clean - threshold) / noise_std
+        prob = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))  # (B, G, E): Phi(z), P(expert kept under new noise)
         load = (prob * self.allowed).sum(0)  # (G, E)
         return self.load_balance_weight * (_cv_squared(importance) + _cv_squared(load)).sum()
 
