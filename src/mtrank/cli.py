@@ -49,7 +49,7 @@ def _register_run(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="a seconds-long version (tiny data, few steps)")
     p.add_argument("--seeds", type=int, help="seeds per (model, correlation) (default 3; quick 2)")
     p.add_argument("--correlations", type=float, nargs="+", help="task correlations p (default 1.0 0.9 0.5)")
-    p.add_argument("--steps", type=int, help="training steps per run (default 3000)")
+    p.add_argument("--steps", type=int, help="training steps per run (default 4000)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="training device")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_run)

@@ -78,11 +78,17 @@ def plot_curves(
     plt.close(fig)
 
 
-def plot_gate_heatmaps(path: str | Path, heatmaps: dict[str, tuple[np.ndarray, list[str]]]) -> None:
-    """One heatmap per key: ``(utilisation [K, E], task_names)``, tasks x experts, annotated."""
+def plot_gate_heatmaps(
+    path: str | Path, heatmaps: dict[str, tuple[np.ndarray, list[str]]], columns: int = 2
+) -> None:
+    """One heatmap per key: ``(utilisation [K, E], task_names)``, tasks x experts, annotated; ``columns`` a row."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(heatmaps), figsize=(4.0 * len(heatmaps), 2.6), squeeze=False)
-    for ax, (title, (util, names)) in zip(axes[0], heatmaps.items()):
+    columns = min(columns, len(heatmaps))
+    rows = -(-len(heatmaps) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 2.0 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(heatmaps) :]:
+        ax.axis("off")
+    for ax, (title, (util, names)) in zip(axes.flat, heatmaps.items()):
         image = ax.imshow(util, vmin=0, vmax=max(0.5, float(util.max())), cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(util.shape[1]))

@@ -60,10 +60,10 @@ class StudyConfig:
     n_train: int = 10_000
     n_valid: int = 2_000
     n_test: int = 2_000
-    steps: int = 3_000
+    steps: int = 4_000
     batch_size: int = 128
     lr: float = 1e-3
-    eval_every: int = 150
+    eval_every: int = 200
     device: str = "cpu"
 
     @classmethod
