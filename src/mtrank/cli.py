@@ -25,6 +25,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         study.steps = args.steps
     study.device = args.device
     summary = run_study(study, Path(args.out), progress=not args.no_progress)
+    if not summary:  # a non-zero rank under torchrun: rank 0 reports
+        return 0
     print(summary["table"])
     print()
     print(summary["gates_text"])
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from mtrank.train.distributed import init_from_env
+
+    init_from_env()  # under torchrun: join the process group, so trainers train data-parallel
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

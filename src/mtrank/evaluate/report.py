@@ -78,9 +78,7 @@ def plot_curves(
     plt.close(fig)
 
 
-def plot_gate_heatmaps(
-    path: str | Path, heatmaps: dict[str, tuple[np.ndarray, list[str]]], columns: int = 2
-) -> None:
+def plot_gate_heatmaps(path: str | Path, heatmaps: dict[str, tuple[np.ndarray, list[str]]], columns: int = 2) -> None:
     """One heatmap per key: ``(utilisation [K, E], task_names)``, tasks x experts, annotated; ``columns`` a row."""
     plt = _pyplot()
     columns = min(columns, len(heatmaps))

@@ -23,6 +23,7 @@ from mtrank.evaluate.report import (
     write_json,
 )
 from mtrank.models import MultiTaskModel, count_parameters
+from mtrank.train.distributed import rank_and_world
 from mtrank.train.trainer import Trainer
 
 SYNTHETIC_TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
@@ -126,6 +127,8 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> dict:
                 [t.name for t in model.tasks],
             )
 
+    if rank_and_world()[0] != 0:  # data-parallel under torchrun: rank 0 writes the results
+        return {}
     table = summary_table(runs, study)
     summary = {
         "study": dataclasses.asdict(study),

@@ -35,12 +35,12 @@ class FeatureEmbedding(nn.Module):
         self.output_dim = num_dense + len(vocab_sizes) * embedding_dim
         offsets = torch.tensor([0, *vocab_sizes[:-1]], dtype=torch.long).cumsum(0) if vocab_sizes else None
         self.register_buffer("offsets", offsets if offsets is not None else torch.zeros(0, dtype=torch.long))
-        total = int(sum(vocab_sizes))
-        self.table = nn.Embedding(max(total, 1), embedding_dim)
-        nn.init.normal_(self.table.weight, std=0.05)
+        self.table = nn.Embedding(int(sum(vocab_sizes)), embedding_dim) if vocab_sizes else None
+        if self.table is not None:
+            nn.init.normal_(self.table.weight, std=0.05)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        if self.num_sparse == 0:
+        if self.table is None:
             return dense
         emb = self.embed(sparse).flatten(1)  # (B, F, D) -> (B, F*D)
         if self.num_dense == 0:
@@ -49,4 +49,7 @@ class FeatureEmbedding(nn.Module):
 
     def embed(self, sparse: torch.Tensor) -> torch.Tensor:
         """Per-feature embeddings ``[B, F] -> [B, F, D]`` (one lookup for all features)."""
-        return self.table(sparse + self.offsets)
+        table = self.table
+        if table is None:
+            return torch.zeros(sparse.shape[0], 0, self.embedding_dim, device=sparse.device)
+        return table(sparse + self.offsets)

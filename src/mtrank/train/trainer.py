@@ -16,6 +16,7 @@ from mtrank.config import TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better
 from mtrank.models import MultiTaskModel
+from mtrank.train.distributed import barrier, rank_and_world
 from mtrank.train.losses import distillation_loss, multitask_loss
 
 
@@ -103,10 +104,15 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
         self.task_weights = torch.tensor([t.weight for t in model.tasks], device=self.device)
+        self.rank, self.world = rank_and_world()
+        self.train_model: torch.nn.Module = self.model
+        if self.world > 1:
+            device_ids = [self.device.index or torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
     def _loss(self, batch: TensorData) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            out = self.model(batch.dense, batch.sparse)
+            out = self.train_model(batch.dense, batch.sparse)
         loss, _ = multitask_loss(
             out.task_logits, batch.labels, self.model.binary_mask, self.task_weights, batch.weights
         )
@@ -130,7 +136,15 @@ class Trainer:
             )
         train = train.to(self.device)
         n = len(train)
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        world, rank = self.world, self.rank
+        if world > 1:  # every rank takes its own batch_size rows of each global batch; drop an incomplete one
+            if n < cfg.batch_size * world:
+                raise ValueError(
+                    f"{n} training rows cannot fill one batch of {cfg.batch_size} on each of {world} ranks"
+                )
+            steps_per_epoch = n // (cfg.batch_size * world)
+        else:
+            steps_per_epoch = math.ceil(n / cfg.batch_size)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
@@ -169,7 +183,7 @@ class Trainer:
         bar = tqdm(
             total=total_steps,
             initial=step,
-            disable=not cfg.progress,
+            disable=not cfg.progress or rank != 0,
             desc="train",
             unit="step",
             dynamic_ncols=True,
@@ -184,7 +198,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=gen).to(self.device)
             for i in range(offset, steps_per_epoch):
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                first = (i * world + rank) * cfg.batch_size
+                idx = order[first : first + cfg.batch_size]
                 loss = self._loss(train[idx])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -193,7 +208,7 @@ class Trainer:
                 self.optimizer.step()
                 scheduler.step()
                 step += 1
-                samples += idx.numel()
+                samples += idx.numel() * world
                 running += loss.detach()
                 running_steps += 1
                 if cfg.progress and step % 25 == 0:
@@ -222,7 +237,7 @@ class Trainer:
                             result.best_step, result.best_value, result.best_metrics = step, value, metrics
                             best_state = copy.deepcopy(self.model.state_dict())
                             bad_evals = 0
-                            if ckpt_dir is not None:
+                            if ckpt_dir is not None and rank == 0:
                                 save_model(self.model, ckpt_dir / "best", {"step": step, "monitor": cfg.monitor})
                         else:
                             bad_evals += 1
@@ -232,22 +247,24 @@ class Trainer:
                     if ckpt_dir is not None and (
                         cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0 or stop or step == total_steps
                     ):
-                        save_checkpoint(
-                            ckpt_dir / "last",
-                            self.model,
-                            self.optimizer,
-                            {
-                                "step": step,
-                                "history": result.history,
-                                "best_step": result.best_step,
-                                "best_value": result.best_value,
-                                "best_metrics": result.best_metrics,
-                                "bad_evals": bad_evals,
-                                "samples": samples,
-                                "stopped": stop,
-                            },
-                            torch.get_rng_state(),
-                        )
+                        if rank == 0:  # one writer; the others wait for a complete checkpoint
+                            save_checkpoint(
+                                ckpt_dir / "last",
+                                self.model,
+                                self.optimizer,
+                                {
+                                    "step": step,
+                                    "history": result.history,
+                                    "best_step": result.best_step,
+                                    "best_value": result.best_value,
+                                    "best_metrics": result.best_metrics,
+                                    "bad_evals": bad_evals,
+                                    "samples": samples,
+                                    "stopped": stop,
+                                },
+                                torch.get_rng_state(),
+                            )
+                        barrier()
                 if step >= total_steps or stop:
                     break
         bar.close()
