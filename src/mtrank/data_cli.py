@@ -29,9 +29,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = fit(config, output=args.out or config.output)
     print(metrics_table(result.metrics))
     rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
-    print(f"\nrows: {rows}; {result.train_result.steps} steps in {result.train_result.seconds:.1f} s "
-          f"({result.train_result.samples_per_second:,.0f} samples/s)")
-    print(f"wrote {result.model_dir}/ (model.safetensors, config.json, encoders.json, metrics.json, report.md)")
+    print(
+        f"\nrows: {rows}; {result.train_result.steps} steps in {result.train_result.seconds:.1f} s "
+        f"({result.train_result.samples_per_second:,.0f} samples/s)"
+    )
+    print(
+        f"wrote {result.model_dir}/ (model.safetensors, config.json, encoders.json, metrics.json, report.md)"
+    )
     return 0
 
 
@@ -75,8 +79,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="YAML experiment config (sections data, features, tasks, model, train)")
     p.add_argument("--out", help="model directory (default: the config's output)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=2 --set model.block=omoe (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 --set model.block=omoe (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -84,7 +92,7 @@ def register(subparsers) -> None:
         "evaluate",
         help="metrics per task of a trained model on a labelled file",
         description="Encode DATA with the model directory's saved encoders (unseen categories go to the OOV "
-                    "bucket) and print AUC / log loss (binary tasks) or MSE / R² (regression) per task.",
+        "bucket) and print AUC / log loss (binary tasks) or MSE / R² (regression) per task.",
     )
     p.add_argument("model_dir", help="a directory written by `mtrank train`")
     p.add_argument("data", help="CSV / Parquet file or directory with the same columns as the training data")
@@ -95,11 +103,13 @@ def register(subparsers) -> None:
         "predict",
         help="score every row of a file with a trained model, to Parquet",
         description="Encode DATA with the saved encoders and write the input columns plus one score_<task> column "
-                    "per task (probability for binary tasks, prediction for regression) to a Parquet file. "
-                    "Labels are not needed; files are scored in record batches.",
+        "per task (probability for binary tasks, prediction for regression) to a Parquet file. "
+        "Labels are not needed; files are scored in record batches.",
     )
     p.add_argument("model_dir", help="a directory written by `mtrank train`")
     p.add_argument("data", help="CSV / Parquet file or directory with the feature columns")
-    p.add_argument("-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)")
+    p.add_argument(
+        "-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_predict)

@@ -79,8 +79,10 @@ def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tu
     """``{"train": (table, source), "valid": ..., "test": ...}`` per ``data.split`` (test may be absent)."""
     spec = config.data
     if dataframe is None and not spec.train:
-        raise ConfigError(f"{config.source or 'config'}: data.train: required (a CSV / Parquet file or a directory "
-                          "of shards), or pass a DataFrame to mtrank.fit")
+        raise ConfigError(
+            f"{config.source or 'config'}: data.train: required (a CSV / Parquet file or a directory "
+            "of shards), or pass a DataFrame to mtrank.fit"
+        )
     table, source = read_table(spec.train if dataframe is None else dataframe, config)
     split = spec.split
     if split.method == "files":
@@ -111,8 +113,9 @@ def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tu
     return out
 
 
-def encode_table(encoder: FeatureEncoder, table: pa.Table, config: ExperimentConfig, source: str,
-                 with_labels: bool = True) -> TensorData:
+def encode_table(
+    encoder: FeatureEncoder, table: pa.Table, config: ExperimentConfig, source: str, with_labels: bool = True
+) -> TensorData:
     """Rows -> :class:`TensorData` (labels NaN-filled when ``with_labels`` is False)."""
     dense, sparse = encoder.transform(table, source)
     if with_labels:
@@ -121,8 +124,12 @@ def encode_table(encoder: FeatureEncoder, table: pa.Table, config: ExperimentCon
     else:
         labels = np.full((table.num_rows, len(config.tasks)), np.nan, dtype=np.float32)
         weights = None
-    return TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), torch.from_numpy(labels),
-                      None if weights is None else torch.from_numpy(weights))
+    return TensorData(
+        torch.from_numpy(dense),
+        torch.from_numpy(sparse),
+        torch.from_numpy(labels),
+        None if weights is None else torch.from_numpy(weights),
+    )
 
 
 def _check_train_labels(data: TensorData, config: ExperimentConfig, source: str) -> None:
@@ -131,16 +138,22 @@ def _check_train_labels(data: TensorData, config: ExperimentConfig, source: str)
         if int(present[k]) == 0:
             from mtrank.data.errors import DataError
 
-            raise DataError(f"{source}: column {task.column!r}: task {task.name!r} has no labels in the training "
-                            f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
-                            "drop the task")
+            raise DataError(
+                f"{source}: column {task.column!r}: task {task.name!r} has no labels in the training "
+                f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
+                "drop the task"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ fit
 
 
-def fit(config: ExperimentConfig | dict | str | Path, dataframe: Any = None, output: str | Path | None = "",
-        progress: bool | None = None) -> FitResult:
+def fit(
+    config: ExperimentConfig | dict | str | Path,
+    dataframe: Any = None,
+    output: str | Path | None = "",
+    progress: bool | None = None,
+) -> FitResult:
     """Train a model from an experiment config (object, dict or YAML path), on ``dataframe`` if given.
 
     ``output``: the model directory (default: the config's ``output``; None = write nothing).
@@ -195,14 +208,17 @@ def _finish(config, model, encoder, metrics, train_result, rows, output, started
     return FitResult(model, encoder, metrics, train_result, model_dir, rows)
 
 
-def report_markdown(config: ExperimentConfig, encoder: FeatureEncoder, metrics: dict, rows: dict,
-                    train_result: TrainResult) -> str:
+def report_markdown(
+    config: ExperimentConfig, encoder: FeatureEncoder, metrics: dict, rows: dict, train_result: TrainResult
+) -> str:
     """Tables: metrics per task and split; data and model summary."""
     lines = [f"# {config.name or 'mtrank model'}", ""]
-    lines.append(f"Rows: {', '.join(f'{k} {v:,}' for k, v in rows.items())}. Inputs: {encoder.num_dense} dense "
-                 f"columns, {len(encoder.vocab_sizes)} categorical (vocabularies {encoder.vocab_sizes}). "
-                 f"Block `{config.model.get('block', 'mmoe')}`; {train_result.steps} steps, best at "
-                 f"{train_result.best_step}, {train_result.seconds:.1f} s.")
+    lines.append(
+        f"Rows: {', '.join(f'{k} {v:,}' for k, v in rows.items())}. Inputs: {encoder.num_dense} dense "
+        f"columns, {len(encoder.vocab_sizes)} categorical (vocabularies {encoder.vocab_sizes}). "
+        f"Block `{config.model.get('block', 'mmoe')}`; {train_result.steps} steps, best at "
+        f"{train_result.best_step}, {train_result.seconds:.1f} s."
+    )
     lines.append("")
     lines.append(metrics_table(metrics))
     return "\n".join(lines) + "\n"
@@ -230,13 +246,18 @@ def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResul
 
     spec = config.data
     if not spec.train:
-        raise ConfigError("data.train: required for streaming (a Parquet / CSV file or a directory of shards)")
+        raise ConfigError(
+            "data.train: required for streaming (a Parquet / CSV file or a directory of shards)"
+        )
     fit_rows = spec.fit_rows or 1_000_000
     fit_table, source = read_table(spec.train, config, max_rows=fit_rows)
     encoder = FeatureEncoder(config.features).fit(fit_table, f"{source} (first {fit_table.num_rows:,} rows)")
     del fit_table
-    data = {role: encode_table(encoder, *read_table(getattr(spec, role), config), config)
-            for role in ("valid", "test") if getattr(spec, role)}
+    data = {
+        role: encode_table(encoder, *read_table(getattr(spec, role), config), config)
+        for role in ("valid", "test")
+        if getattr(spec, role)
+    }
     torch.manual_seed(config.train.seed)
     model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
     stream = EncodedStream(spec.train, config, encoder, config.train.batch_size, seed=config.train.seed)
@@ -247,8 +268,14 @@ def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResul
     return _finish(config, model, encoder, metrics, train_result, rows, output, started)
 
 
-def train_streaming(model: MultiTaskModel, cfg: TrainConfig, stream, valid: TensorData | None = None,
-                    workers: int = 1, rows: int | None = None) -> TrainResult:
+def train_streaming(
+    model: MultiTaskModel,
+    cfg: TrainConfig,
+    stream,
+    valid: TensorData | None = None,
+    workers: int = 1,
+    rows: int | None = None,
+) -> TrainResult:
     """Train ``model`` on batches streamed by ``stream`` (an :class:`~mtrank.data.streaming.EncodedStream`).
 
     The same optimizer, schedule, loss and metrics as :class:`mtrank.train.Trainer`; validation every
@@ -290,16 +317,23 @@ def train_streaming(model: MultiTaskModel, cfg: TrainConfig, stream, valid: Tens
             running_steps += 1
             bar.update(1)
             if step % eval_every == 0 or step == total_steps:
-                record = {"step": step, "epoch": step / steps_per_epoch, "samples": result.samples,
-                          "train_loss": running / max(running_steps, 1), "lr": trainer.optimizer.param_groups[0]["lr"]}
+                record = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "samples": result.samples,
+                    "train_loss": running / max(running_steps, 1),
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                }
                 running, running_steps = 0.0, 0
                 if valid is not None and len(valid):
                     metrics = evaluate(model, valid)
                     model.train()
                     record.update({f"valid/{k}": v for k, v in metrics.items()})
                     value = metrics.get(cfg.monitor, math.nan)
-                    if not math.isnan(value) and (math.isnan(result.best_value) or
-                                                  (value > result.best_value if higher else value < result.best_value)):
+                    if not math.isnan(value) and (
+                        math.isnan(result.best_value)
+                        or (value > result.best_value if higher else value < result.best_value)
+                    ):
                         result.best_step, result.best_value, result.best_metrics = step, value, metrics
                         best_state = copy.deepcopy(model.state_dict())
                         bad_evals = 0
@@ -325,8 +359,10 @@ def load_model_dir(model_dir: str | Path) -> tuple[MultiTaskModel, FeatureEncode
     """Model, encoder and experiment config of a directory written by :func:`fit`."""
     meta = read_model_meta(model_dir)
     if "experiment" not in meta:
-        raise ConfigError(f"{model_dir}: this model directory was not written by `mtrank train` (no experiment "
-                          "config in config.json); evaluate it with the Python API instead")
+        raise ConfigError(
+            f"{model_dir}: this model directory was not written by `mtrank train` (no experiment "
+            "config in config.json); evaluate it with the Python API instead"
+        )
     config = experiment_from_dict(meta["experiment"], source=f"{model_dir}/config.json")
     return load_model(model_dir), FeatureEncoder.load(model_dir), config
 
@@ -338,9 +374,15 @@ def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
     return evaluate(model, encode_table(encoder, table, config, source))
 
 
-def predict_model_dir(model_dir: str | Path, data: Any, output: str | Path | None = None,
-                      batch_rows: int = 65_536, progress: bool = True) -> pa.Table:
-    """Scores per task for every row of ``data`` (labels not needed); written to ``output`` (Parquet) if given.
+def predict_model_dir(
+    model_dir: str | Path,
+    data: Any,
+    output: str | Path | None = None,
+    batch_rows: int = 65_536,
+    progress: bool = True,
+) -> pa.Table | Path:
+    """Scores per task for every row of ``data`` (labels not needed): a Table, or written to ``output`` (Parquet,
+    returns its path) if given.
 
     The output holds the input's columns (as read) and one ``score_<task>`` column per task: probabilities for
     binary tasks, predictions for regression tasks. Files are scored in record batches of ``batch_rows``.
@@ -375,7 +417,9 @@ def predict_model_dir(model_dir: str | Path, data: Any, output: str | Path | Non
             continue
         dense, sparse = encoder.transform(batch, source)
         empty = torch.full((batch.num_rows, len(names)), math.nan)
-        logits, _ = predict_batches(model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty))
+        logits, _ = predict_batches(
+            model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty)
+        )
         scores = model.scores(logits).numpy()
         out = pa.Table.from_batches([batch])
         for k, name in enumerate(names):
@@ -391,10 +435,18 @@ def predict_model_dir(model_dir: str | Path, data: Any, output: str | Path | Non
     bar.close()
     if writer is not None:
         writer.close()
-        return pq.read_metadata(str(output)).schema.to_arrow_schema().empty_table()
+        return Path(output)
     return pa.concat_tables(parts) if parts else pa.table({})
 
 
 def summary_json(result: FitResult) -> str:
-    return json.dumps({"metrics": result.metrics, "rows": result.rows, "model_dir": str(result.model_dir),
-                       "model": to_dict(result.model.config)}, indent=2, default=float)
+    return json.dumps(
+        {
+            "metrics": result.metrics,
+            "rows": result.rows,
+            "model_dir": str(result.model_dir),
+            "model": to_dict(result.model.config),
+        },
+        indent=2,
+        default=float,
+    )

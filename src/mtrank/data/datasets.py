@@ -22,20 +22,42 @@ import pyarrow.csv as pacsv
 
 from mtrank.data.errors import DataError
 
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 def _need(folder: Path, name: str) -> Path:
     path = folder / name
     if not path.is_file():
-        raise DataError(f"{folder}: {name} not found; point data.train at the folder holding the MovieLens-100K "
-                        "files (GroupLens u.data/u.user/u.item or RecBole ml-100k.inter/.user/.item)")
+        raise DataError(
+            f"{folder}: {name} not found; point data.train at the folder holding the MovieLens-100K "
+            "files (GroupLens u.data/u.user/u.item or RecBole ml-100k.inter/.user/.item)"
+        )
     return path
 
 
-def _read(path: Path, names: list[str] | None, delimiter: str, types: dict[str, pa.DataType],
-          encoding: str = "utf8") -> pa.Table:
+def _read(
+    path: Path, names: list[str] | None, delimiter: str, types: dict[str, pa.DataType], encoding: str = "utf8"
+) -> pa.Table:
     raw = path.read_bytes()
     if encoding != "utf8":
         raw = raw.decode(encoding).encode("utf8")
@@ -43,7 +65,9 @@ def _read(path: Path, names: list[str] | None, delimiter: str, types: dict[str, 
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False)
     convert = pacsv.ConvertOptions(column_types=types)
     try:
-        return pacsv.read_csv(io.BytesIO(raw), read_options=read, parse_options=parse, convert_options=convert)
+        return pacsv.read_csv(
+            io.BytesIO(raw), read_options=read, parse_options=parse, convert_options=convert
+        )
     except pa.ArrowInvalid as err:
         raise DataError(f"{path}: not in the MovieLens-100K layout ({err})") from None
 
@@ -51,19 +75,34 @@ def _read(path: Path, names: list[str] | None, delimiter: str, types: dict[str, 
 def read_grouplens(folder: str | Path) -> pa.Table:
     """Join ``u.data``, ``u.user`` and ``u.item`` of a GroupLens MovieLens-100K folder."""
     folder = Path(folder)
-    inter = _read(_need(folder, "u.data"), ["user_id", "item_id", "rating", "timestamp"], "\t",
-                  {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()})
-    users = _read(_need(folder, "u.user"), ["user_id", "age", "gender", "occupation", "zip_code"], "|",
-                  {"user_id": pa.int64(), "age": pa.int64(), "zip_code": pa.string()})
+    inter = _read(
+        _need(folder, "u.data"),
+        ["user_id", "item_id", "rating", "timestamp"],
+        "\t",
+        {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()},
+    )
+    users = _read(
+        _need(folder, "u.user"),
+        ["user_id", "age", "gender", "occupation", "zip_code"],
+        "|",
+        {"user_id": pa.int64(), "age": pa.int64(), "zip_code": pa.string()},
+    )
     item_cols = ["item_id", "title", "release_date", "video_release_date", "url", *GENRES]
-    items = _read(_need(folder, "u.item"), item_cols, "|", {"item_id": pa.int64(), "release_date": pa.string(),
-                                                           **{g: pa.int64() for g in GENRES}}, "latin-1")
+    items = _read(
+        _need(folder, "u.item"),
+        item_cols,
+        "|",
+        {"item_id": pa.int64(), "release_date": pa.string(), **{g: pa.int64() for g in GENRES}},
+        "latin-1",
+    )
     year = pc.utf8_slice_codeunits(items.column("release_date"), -4)
     year = pc.cast(pc.if_else(pc.equal(pc.utf8_length(year), 4), year, None), pa.int64())
     flags = [items.column(g).combine_chunks() for g in GENRES]
     # the list of flagged genre names per item (a few thousand items: a Python loop over items is fine here)
-    genres = pa.array([[g for g, f in zip(GENRES, row) if f] for row in zip(*[f.to_pylist() for f in flags])],
-                      pa.list_(pa.string()))
+    genres = pa.array(
+        [[g for g, f in zip(GENRES, row) if f] for row in zip(*[f.to_pylist() for f in flags])],
+        pa.list_(pa.string()),
+    )
     items = pa.table({"item_id": items.column("item_id"), "release_year": year, "genres": genres})
     return _join(inter, users, items)
 
@@ -80,10 +119,20 @@ def read_recbole(folder: str | Path, name: str = "ml-100k") -> pa.Table:
         table = _read(path, None, "\t", raw_types)
         return table.rename_columns([c.split(":")[0] for c in table.column_names])
 
-    inter = atomic("inter", {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64(),
-                            "timestamp": pa.int64()})
-    users = atomic("user", {"user_id": pa.int64(), "age": pa.int64(), "gender": pa.string(),
-                           "occupation": pa.string(), "zip_code": pa.string()})
+    inter = atomic(
+        "inter",
+        {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()},
+    )
+    users = atomic(
+        "user",
+        {
+            "user_id": pa.int64(),
+            "age": pa.int64(),
+            "gender": pa.string(),
+            "occupation": pa.string(),
+            "zip_code": pa.string(),
+        },
+    )
     items = atomic("item", {"item_id": pa.int64(), "class": pa.string(), "release_year": pa.string()})
     year = items.column("release_year")
     year = pc.cast(pc.if_else(pc.match_substring_regex(year, r"^\d{4}$"), year, None), pa.int64())
@@ -102,8 +151,20 @@ def _join(inter: pa.Table, users: pa.Table, items: pa.Table) -> pa.Table:
             if name != key:
                 table = table.append_column(name, side.column(name).combine_chunks().take(rows))
     table = table.sort_by([("timestamp", "ascending"), ("user_id", "ascending"), ("item_id", "ascending")])
-    return table.select(["user_id", "item_id", "rating", "timestamp", "age", "gender", "occupation", "zip_code",
-                         "release_year", "genres"])
+    return table.select(
+        [
+            "user_id",
+            "item_id",
+            "rating",
+            "timestamp",
+            "age",
+            "gender",
+            "occupation",
+            "zip_code",
+            "release_year",
+            "genres",
+        ]
+    )
 
 
 def read_movielens(folder: str | Path, flavour: str) -> pa.Table:

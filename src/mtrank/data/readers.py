@@ -26,8 +26,14 @@ from mtrank.data.errors import DataError, data_error
 from mtrank.data.schema import DataSpec, ExperimentConfig, TaskSpec, parse_comparison
 
 PARQUET_MAGIC = b"PAR1"
-_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
-        "!=": operator.ne}
+_OPS = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 _CSV_ERROR = re.compile(r"CSV column #(\d+): Row #(\d+): CSV conversion error to (\w+): invalid value '(.*)'")
 
 
@@ -49,10 +55,14 @@ def csv_file_format(spec: DataSpec, column_types: dict[str, pa.DataType] | None 
     if spec.csv_header and spec.csv_columns:
         read = pacsv.ReadOptions(column_names=spec.csv_columns, skip_rows=1, block_size=1 << 22)
     nulls = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", *spec.null_values]
-    convert = pacsv.ConvertOptions(column_types=column_types or {}, null_values=nulls,
-                                   strings_can_be_null=bool(spec.null_values))
-    return ds.CsvFileFormat(read_options=read, parse_options=pacsv.ParseOptions(delimiter=spec.csv_delimiter),
-                            convert_options=convert)
+    convert = pacsv.ConvertOptions(
+        column_types=column_types or {}, null_values=nulls, strings_can_be_null=bool(spec.null_values)
+    )
+    return ds.CsvFileFormat(
+        read_options=read,
+        parse_options=pacsv.ParseOptions(delimiter=spec.csv_delimiter),
+        convert_options=convert,
+    )
 
 
 def column_types(config: ExperimentConfig | None) -> dict[str, pa.DataType]:
@@ -90,22 +100,32 @@ def _csv_error(err: Exception, files: list[Path], spec: DataSpec) -> DataError:
     if not match:
         if "Empty CSV file" in text:
             return DataError(f"{source}: the file is empty; it needs a header and at least one row")
-        return DataError(f"{source}: cannot be read as {spec.format if spec.format != 'auto' else 'CSV/Parquet'} "
-                         f"({text.split(': ', 1)[-1]})")
-    col_index, line_no, to_type, value = int(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
+        return DataError(
+            f"{source}: cannot be read as {spec.format if spec.format != 'auto' else 'CSV/Parquet'} "
+            f"({text.split(': ', 1)[-1]})"
+        )
+    col_index, line_no, to_type, value = (
+        int(match.group(1)),
+        int(match.group(2)),
+        match.group(3),
+        match.group(4),
+    )
     opener = gzip.open if source.endswith(".gz") else open
     with opener(source, "rt", errors="replace") as handle:
         lines = [line.rstrip("\n") for _, line in zip(range(line_no), handle)]
     names = spec.csv_columns or (lines[0].split(spec.csv_delimiter) if lines else [])
     column = names[col_index].strip() if col_index < len(names) else f"#{col_index}"
     example = lines[-1][:300] if lines else ""
-    return DataError(f"{source}: column {column!r}: text {value!r} in a numeric column (read as {to_type}) at "
-                     f"line {line_no}: {example!r}. Fix or remove the value, or declare the column under "
-                     f"features.categorical")
+    return DataError(
+        f"{source}: column {column!r}: text {value!r} in a numeric column (read as {to_type}) at "
+        f"line {line_no}: {example!r}. Fix or remove the value, or declare the column under "
+        f"features.categorical"
+    )
 
 
-def check_columns(schema_names: list[str], config: ExperimentConfig, source: str,
-                  table: pa.Table | None = None) -> None:
+def check_columns(
+    schema_names: list[str], config: ExperimentConfig, source: str, table: pa.Table | None = None
+) -> None:
     """Every column the config names exists; the error names the config field and suggests a close name."""
     import difflib
 
@@ -130,13 +150,16 @@ def check_columns(schema_names: list[str], config: ExperimentConfig, source: str
                 from mtrank.data.errors import example_row
 
                 example = f" (data row 0: {example_row(table, 0)})"
-            raise DataError(f"{source}: column {column!r} named by {field_name} is not in the data "
-                            f"(columns: {schema_names[:25]}{'...' if len(schema_names) > 25 else ''}){example}. "
-                            f"{hint}Fix {field_name} in {config.source or 'the config'}")
+            raise DataError(
+                f"{source}: column {column!r} named by {field_name} is not in the data "
+                f"(columns: {schema_names[:25]}{'...' if len(schema_names) > 25 else ''}){example}. "
+                f"{hint}Fix {field_name} in {config.source or 'the config'}"
+            )
 
 
-def read_table(data: Any, config: ExperimentConfig, source: str | None = None,
-               max_rows: int = 0) -> tuple[pa.Table, str]:
+def read_table(
+    data: Any, config: ExperimentConfig, source: str | None = None, max_rows: int = 0
+) -> tuple[pa.Table, str]:
     """Read the columns the experiment needs from a path, DataFrame or Table; returns ``(table, source name)``.
 
     Fails with a :class:`DataError` for a missing file, an empty file, a column the config names that is not
@@ -188,9 +211,14 @@ def encode_labels(table: pa.Table, tasks: list[TaskSpec], source: str, config_so
             y = pc.is_in(col, value_set=values).to_numpy(zero_copy_only=False).astype(np.float32)
             y[~pc.is_valid(col).to_numpy(zero_copy_only=False)] = np.nan
             if not np.nanmax(y, initial=0) > 0:
-                raise data_error(source, task.column, f"no row has a value in {where}.positive_values "
-                                 f"{task.positive_values!r}", "Check the values (string values keep their "
-                                 "spaces, e.g. ' 50000+.')", table, 0)
+                raise data_error(
+                    source,
+                    task.column,
+                    f"no row has a value in {where}.positive_values {task.positive_values!r}",
+                    "Check the values (string values keep their spaces, e.g. ' 50000+.')",
+                    table,
+                    0,
+                )
         else:
             if not is_numeric_type(col.type):
                 raise _label_type_error(table, task, where, source)
@@ -204,9 +232,15 @@ def encode_labels(table: pa.Table, tasks: list[TaskSpec], source: str, config_so
                 if task.type == "binary":
                     bad = np.flatnonzero(~np.isnan(y) & (y != 0) & (y != 1))
                     if bad.size:
-                        raise data_error(source, task.column, f"binary label {float(y[bad[0]])!r} is outside {{0, 1}} "
-                                         f"({bad.size} such rows)", f"Use type: regression, or derive the label with "
-                                         f"{where}.positive, e.g. positive: '>= 1'", table, int(bad[0]))
+                        raise data_error(
+                            source,
+                            task.column,
+                            f"binary label {float(y[bad[0]])!r} is outside {{0, 1}} ({bad.size} such rows)",
+                            f"Use type: regression, or derive the label with "
+                            f"{where}.positive, e.g. positive: '>= 1'",
+                            table,
+                            int(bad[0]),
+                        )
         if task.mask_column:
             mask = pc.fill_null(pc.cast(table.column(task.mask_column), pa.float64()), 0)
             y[mask.to_numpy(zero_copy_only=False) == 0] = np.nan
@@ -220,9 +254,14 @@ def _label_type_error(table: pa.Table, task: TaskSpec, where: str, source: str) 
 
     bad = _first_non_numeric(col) if pa.types.is_string(col.type) else 0
     value = col[bad].as_py() if bad is not None else None
-    return data_error(source, task.column, f"label of {where} has text {value!r} (type {col.type})",
-                      f"Give numbers, or derive the label with {where}.positive_values, e.g. "
-                      f"positive_values: [{value!r}]", table, bad if bad is not None else 0)
+    return data_error(
+        source,
+        task.column,
+        f"label of {where} has text {value!r} (type {col.type})",
+        f"Give numbers, or derive the label with {where}.positive_values, e.g. positive_values: [{value!r}]",
+        table,
+        bad if bad is not None else 0,
+    )
 
 
 def encode_weights(table: pa.Table, column: str, source: str) -> np.ndarray | None:
@@ -232,6 +271,12 @@ def encode_weights(table: pa.Table, column: str, source: str) -> np.ndarray | No
     w = numeric_column(table, column, source)
     bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
     if bad.size:
-        raise data_error(source, column, f"sample weight {w[bad[0]]!r} is missing or negative ({bad.size} rows)",
-                         "Fill or drop those rows, or remove data.weight_column", table, int(bad[0]))
+        raise data_error(
+            source,
+            column,
+            f"sample weight {w[bad[0]]!r} is missing or negative ({bad.size} rows)",
+            "Fill or drop those rows, or remove data.weight_column",
+            table,
+            int(bad[0]),
+        )
     return w.astype(np.float32)

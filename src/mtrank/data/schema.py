@@ -401,13 +401,26 @@ def validate_data(data: DataSpec, path: str = "data") -> None:
     if s.method == "time":
         _check(bool(s.time_column), f"{path}.split.time_column", "required when split.method is 'time'")
     if s.method == "files":
-        _check(s.valid_from in ("", "train", "test"), f"{path}.split.valid_from",
-               f"expected train, test or empty, got {s.valid_from!r}")
-        _check(bool(data.valid) or bool(s.valid_from), f"{path}.valid",
-               "required when split.method is 'files' (or set split.valid_from: train | test)")
-        _check(not (s.valid_from == "test" and not data.test), f"{path}.test",
-               "required when split.valid_from is 'test'")
-        _check(0 < s.valid_fraction < 1, f"{path}.split.valid_fraction", f"must be in (0, 1), got {s.valid_fraction}")
+        _check(
+            s.valid_from in ("", "train", "test"),
+            f"{path}.split.valid_from",
+            f"expected train, test or empty, got {s.valid_from!r}",
+        )
+        _check(
+            bool(data.valid) or bool(s.valid_from),
+            f"{path}.valid",
+            "required when split.method is 'files' (or set split.valid_from: train | test)",
+        )
+        _check(
+            not (s.valid_from == "test" and not data.test),
+            f"{path}.test",
+            "required when split.valid_from is 'test'",
+        )
+        _check(
+            0 < s.valid_fraction < 1,
+            f"{path}.split.valid_fraction",
+            f"must be in (0, 1), got {s.valid_fraction}",
+        )
     if data.streaming:
         _check(
             s.method == "files" and s.valid_from != "train",

@@ -87,8 +87,9 @@ class EncodedStream(IterableDataset):
     be smaller). Call :meth:`set_epoch` before each epoch to reshuffle.
     """
 
-    def __init__(self, path: str, config: ExperimentConfig, encoder: FeatureEncoder, batch_size: int,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, path: str, config: ExperimentConfig, encoder: FeatureEncoder, batch_size: int, seed: int = 0
+    ) -> None:
         super().__init__()
         self.path, self.config, self.encoder = str(path), config, encoder
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
@@ -116,12 +117,16 @@ class EncodedStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         pieces = self.pieces()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
-        buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed=self.seed * 7919 + self.epoch * 31 + worker)
+        buffer = ShuffleBuffer(
+            self.config.data.shuffle_buffer, seed=self.seed * 7919 + self.epoch * 31 + worker
+        )
         columns = self.config.input_columns()
         for index in order[worker::workers]:
             piece = pieces[index]
             source = getattr(piece, "path", self.path)
-            for record_batch in piece.to_batches(columns=columns, batch_size=self.config.data.read_batch_rows):
+            for record_batch in piece.to_batches(
+                columns=columns, batch_size=self.config.data.read_batch_rows
+            ):
                 if record_batch.num_rows == 0:
                     continue
                 arrays = self._encode(record_batch, source)
@@ -142,8 +147,9 @@ class EncodedStream(IterableDataset):
     @staticmethod
     def _tensors(arrays: list[np.ndarray]) -> TensorData:
         weights = torch.from_numpy(arrays[3]) if len(arrays) > 3 else None
-        return TensorData(torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]), torch.from_numpy(arrays[2]),
-                          weights)
+        return TensorData(
+            torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]), torch.from_numpy(arrays[2]), weights
+        )
 
 
 def stream_loader(stream: EncodedStream, workers: int) -> DataLoader:
