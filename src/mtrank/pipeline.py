@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mtrank.checkpoint import load_model, read_model_meta, save_model
 from mtrank.config import ConfigError, TrainConfig, to_dict
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.readers import encode_labels, encode_weights, open_dataset, read_table
+from mtrank.data.readers import encode_labels, encode_weights, open_dataset, read_table, validate_table
 from mtrank.data.schema import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better, predict_batches
@@ -84,6 +84,7 @@ def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tu
             "of shards), or pass a DataFrame to mtrank.fit"
         )
     table, source = read_table(spec.train if dataframe is None else dataframe, config)
+    validate_table(table, config, source)
     split = spec.split
     if split.method == "files":
         out = {"train": (table, source)}
@@ -91,6 +92,7 @@ def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tu
             path = getattr(spec, role)
             if path:
                 out[role] = read_table(path, config)
+                validate_table(out[role][0], config, out[role][1])
         if split.valid_from and not spec.valid:  # validation rows drawn from the train or the test file
             donor, donor_source = out[split.valid_from]
             order = np.random.default_rng(split.seed).permutation(donor.num_rows)

@@ -76,7 +76,16 @@ def numeric_column(table: pa.Table, column: str, source: str) -> np.ndarray:
     if not is_numeric_type(col.type):
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             bad = _first_non_numeric(col)
-            value = col[bad].as_py() if bad is not None else None
+            if bad is None:
+                raise data_error(
+                    source,
+                    column,
+                    f"numbers stored as text (type {col.type})",
+                    "Store the column as a numeric type, or declare it under features.categorical",
+                    table,
+                    0,
+                )
+            value = col[bad].as_py()
             raise data_error(
                 source,
                 column,

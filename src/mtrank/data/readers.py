@@ -274,9 +274,21 @@ def encode_weights(table: pa.Table, column: str, source: str) -> np.ndarray | No
         raise data_error(
             source,
             column,
-            f"sample weight {w[bad[0]]!r} is missing or negative ({bad.size} rows)",
+            f"sample weight {float(w[bad[0]])!r} is missing or negative ({bad.size} rows)",
             "Fill or drop those rows, or remove data.weight_column",
             table,
             int(bad[0]),
         )
     return w.astype(np.float32)
+
+
+def validate_table(table: pa.Table, config: ExperimentConfig, source: str) -> None:
+    """Check a whole file before it is split, so errors give the row number in the file: numeric features hold
+    numbers and are not all missing, labels are valid, weights are present and >= 0."""
+    for feat in config.features.numeric:
+        x = numeric_column(table, feat.column, source)
+        if not np.isfinite(x).any():
+            raise data_error(source, feat.column, f"every value is missing (all {len(x)} rows are null/NaN)",
+                             "Remove the feature from features.numeric or fix the column", table, 0)
+    encode_labels(table, config.tasks, source)
+    encode_weights(table, config.data.weight_column, source)
