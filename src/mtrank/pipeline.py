@@ -255,11 +255,12 @@ def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResul
     fit_table, source = read_table(spec.train, config, max_rows=fit_rows)
     encoder = FeatureEncoder(config.features).fit(fit_table, f"{source} (first {fit_table.num_rows:,} rows)")
     del fit_table
-    data = {
-        role: encode_table(encoder, *read_table(getattr(spec, role), config), config)
-        for role in ("valid", "test")
-        if getattr(spec, role)
-    }
+    data = {}
+    for role in ("valid", "test"):
+        if getattr(spec, role):
+            table, role_source = read_table(getattr(spec, role), config)
+            validate_table(table, config, role_source)
+            data[role] = encode_table(encoder, table, config, role_source)
     torch.manual_seed(config.train.seed)
     model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
     stream = EncodedStream(spec.train, config, encoder, config.train.batch_size, seed=config.train.seed)
