@@ -197,3 +197,14 @@ def test_encoding_does_not_loop_over_rows_in_python():
     enc = FeatureEncoder(spec()).fit(df)
     dense, sparse = enc.transform(df)
     assert dense.shape == (n, enc.num_dense) and np.isfinite(dense).all() and (sparse >= 0).all()
+
+
+@pytest.mark.parametrize("ids", [[3, 5, 5, 7, 9], [10**12, 5, 5, -7, 2**40]])  # compact and sparse id ranges
+def test_integer_ids_map_like_the_vocabulary_with_nulls_and_unseen_values_to_oov(ids):
+    features = FeaturesSpec(categorical=[CategoricalFeature("item")])
+    enc = FeatureEncoder(features).fit(pa.table({"item": pa.array(ids, pa.int64())}))
+    vocab = enc.state["item"]["vocab"]
+    probe = pa.table({"item": pa.array([ids[1], ids[0], 424242, None, ids[4]], pa.int64())})
+    _, sparse = enc.transform(probe)
+    assert sparse[:, 0].tolist() == [vocab.index(ids[1]) + 1, vocab.index(ids[0]) + 1, 0, 0, vocab.index(ids[4]) + 1]
+    assert vocab[0] == 5  # the most frequent value gets id 1

@@ -129,6 +129,47 @@ def _lookup(values: pa.ChunkedArray | pa.Array, vocab: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
+class IntLookup:
+    """Integer value -> id ``1..V`` (position in the vocabulary + 1), 0 when absent; built once per encoder.
+
+    ``pyarrow.compute.index_in`` rebuilds its hash table on every call (O(V) per record batch, which dominated
+    encoding with 100k-value vocabularies); this keeps a dense table ``ids[value - low]`` when the values are
+    compact (span <= 8 V + 4096), else a sorted array searched with ``np.searchsorted`` (O(log V) per row).
+    """
+
+    def __init__(self, vocab: list[int]) -> None:
+        values = np.asarray(vocab, dtype=np.int64)
+        ids = np.arange(1, len(values) + 1, dtype=np.int64)
+        self.low = int(values.min()) if values.size else 0
+        span = int(values.max()) - self.low + 1 if values.size else 0
+        if values.size and span <= 8 * values.size + 4096:
+            self.dense = np.zeros(span, dtype=np.int64)
+            self.dense[values - self.low] = ids
+            self.keys = None
+        else:
+            order = np.argsort(values)
+            self.dense, self.keys, self.ids = None, values[order], ids[order]
+
+    def __call__(self, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        missing = None
+        if col.null_count:
+            missing = pc.is_null(col).to_numpy(zero_copy_only=False)
+            col = pc.fill_null(col, 0)
+        x = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
+        if self.dense is not None:
+            offset = x - self.low
+            inside = (offset >= 0) & (offset < self.dense.size)
+            out = np.where(inside, self.dense[np.clip(offset, 0, max(self.dense.size - 1, 0))], 0)
+        elif self.keys.size:
+            pos = np.minimum(np.searchsorted(self.keys, x), self.keys.size - 1)
+            out = np.where(self.keys[pos] == x, self.ids[pos], 0)
+        else:
+            out = np.zeros(len(x), dtype=np.int64)
+        if missing is not None:
+            out[missing] = 0
+        return out
+
+
 def stable_hash(values: pa.ChunkedArray | pa.Array, buckets: int) -> np.ndarray:
     """``siphash(str(value)) mod buckets`` (pandas' fixed-key hash: stable across runs, machines). int64."""
     strings = string_column(values).to_numpy(zero_copy_only=False).astype(object)
@@ -338,12 +379,11 @@ class FeatureEncoder:
             return stable_hash(col, state["size"])
         if pa.types.is_dictionary(col.type):
             col = pc.cast(col, col.type.value_type)
-        vocab = state.get("_vocab_array")
         if state["kind"] == "int" and pa.types.is_integer(col.type):
-            if vocab is None or vocab.type != pa.int64():
-                vocab = state["_vocab_array"] = pa.array(state["vocab"], pa.int64())
-            ids = _lookup(pc.cast(col, pa.int64()), vocab)
-            return ids  # missing ints: not in the vocabulary -> OOV
+            lookup = state.get("_int_lookup")
+            if lookup is None:
+                lookup = state["_int_lookup"] = IntLookup(state["vocab"])
+            return lookup(col)  # missing ints: not in the vocabulary -> OOV
         strings = state.get("_vocab_strings")
         if strings is None:
             strings = state["_vocab_strings"] = pa.array([str(v) for v in state["vocab"]], pa.string())
