@@ -101,9 +101,10 @@ def experiment(path: Path, batch_size: int = 2048, workers: int = 1):
 
 def fitted_encoder(path: Path, rows: int = 1_000_000):
     from mtrank.data.encoders import FeatureEncoder
+    from mtrank.data.readers import head_rows
 
     cfg = experiment(path)
-    table = ds.dataset(str(path)).head(rows)
+    table = head_rows(ds.dataset(str(path)), cfg.input_columns(), rows)
     return cfg, FeatureEncoder(cfg.features).fit(table), table
 
 

@@ -157,6 +157,20 @@ def check_columns(
             )
 
 
+def head_rows(dataset: ds.Dataset, columns: list[str] | None, rows: int, batch_rows: int = 65_536) -> pa.Table:
+    """The first ``rows`` rows, read one record batch at a time (``Dataset.head`` reads ahead across many
+    fragments at once, which for a directory of shards costs memory proportional to the number of files)."""
+    scanner = dataset.scanner(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
+    batches, have = [], 0
+    for batch in scanner.to_batches():
+        batches.append(batch.slice(0, rows - have))
+        have += batches[-1].num_rows
+        if have >= rows:
+            break
+    schema = dataset.schema if columns is None else pa.schema([dataset.schema.field(c) for c in columns])
+    return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
 def read_table(
     data: Any, config: ExperimentConfig, source: str | None = None, max_rows: int = 0
 ) -> tuple[pa.Table, str]:
@@ -177,11 +191,11 @@ def read_table(
     else:
         dataset = open_dataset(data, spec, config)
         name = str(data)
-        check_columns(dataset.schema.names, config, name, dataset.head(1) if dataset.schema.names else None)
+        check_columns(dataset.schema.names, config, name, head_rows(dataset, None, 1, 1) if dataset.schema.names else None)
         files = getattr(dataset, "files", [name])
         try:
             if max_rows:
-                table = dataset.head(max_rows, columns=config.input_columns())
+                table = head_rows(dataset, config.input_columns(), max_rows)
             else:
                 table = dataset.to_table(columns=config.input_columns())
         except pa.ArrowInvalid as err:
