@@ -1,12 +1,13 @@
-"""Data-path benchmark: encoding rows/s, training samples/s from Parquet vs in-memory tensors, streaming memory.
+"""Data-path benchmark: encoding rows/s, training samples/s from Parquet vs in memory, streaming memory.
 
-The data is generated in the W2 layout (Criteo-like: 26 categorical columns ``C1..C26``, 13 numeric ``I1..I13``,
-two labels ``click`` and ``conversion``) as a directory of Parquet shards (1M rows each, 128k-row row groups).
+The data is generated in the W2 layout (Criteo-like: 26 categorical columns ``C1..C26``, 13 numeric
+``I1..I13``, two labels ``click`` and ``conversion``) as a directory of Parquet shards (1M rows each,
+128k-row row groups).
 Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
 
     python benchmarks/data_pipeline.py generate --rows 10000000      # writes /tmp/mtrank-w2/rows-10000000/
-    python benchmarks/data_pipeline.py encode --rows 1000000          # encoding rows/s (in memory, and read+encode)
-    python benchmarks/data_pipeline.py train --rows 1000000 --steps 300   # samples/s: tensors vs Parquet stream
+    python benchmarks/data_pipeline.py encode --rows 1000000          # encoding rows/s
+    python benchmarks/data_pipeline.py train --rows 1000000 --steps 300   # samples/s: tensors vs Parquet
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
     python benchmarks/data_pipeline.py all --json runs/bench/data.json    # everything, with a summary table
 
@@ -35,8 +36,34 @@ NUMERIC = [f"I{i}" for i in range(1, 14)]
 SHARD_ROWS = 1_000_000
 ROW_GROUP = 131_072
 # vocabulary sizes of the 26 categorical columns: a few large (ids), most small, as in Criteo
-VOCABS = [1000, 500, 200_000, 100_000, 300, 20, 10_000, 500, 3, 50_000, 5000, 150_000, 3000, 25, 10_000,
-          100_000, 10, 4000, 2000, 4, 120_000, 15, 15, 50_000, 80, 40_000]
+VOCABS = [
+    1000,
+    500,
+    200_000,
+    100_000,
+    300,
+    20,
+    10_000,
+    500,
+    3,
+    50_000,
+    5000,
+    150_000,
+    3000,
+    25,
+    10_000,
+    100_000,
+    10,
+    4000,
+    2000,
+    4,
+    120_000,
+    15,
+    15,
+    50_000,
+    80,
+    40_000,
+]
 
 
 def data_dir(root: str, rows: int) -> Path:
@@ -78,7 +105,9 @@ def cmd_generate(args) -> dict:
 
     for shard, first in enumerate(tqdm(range(0, args.rows, SHARD_ROWS), desc="generate", unit="shard")):
         n = min(SHARD_ROWS, args.rows - first)
-        pq.write_table(generate_shard(n, seed=shard), out / f"part-{shard:05d}.parquet", row_group_size=ROW_GROUP)
+        pq.write_table(
+            generate_shard(n, seed=shard), out / f"part-{shard:05d}.parquet", row_group_size=ROW_GROUP
+        )
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in out.glob("*.parquet"))
     print(f"wrote {args.rows:,} rows to {out} ({size / 1e6:.0f} MB) in {seconds:.0f} s")
@@ -88,15 +117,32 @@ def cmd_generate(args) -> dict:
 def experiment(path: Path, batch_size: int = 2048, workers: int = 1):
     from mtrank.data.schema import experiment_from_dict
 
-    return experiment_from_dict({
-        "data": {"train": str(path), "valid": str(path), "split": {"method": "files"}, "streaming": True,
-                 "shuffle_buffer": 200_000, "read_batch_rows": 131_072, "workers": workers},
-        "features": {"categorical": CATEGORICAL, "numeric": [{"name": n, "log1p": True} for n in NUMERIC]},
-        "tasks": [{"name": "click"}, {"name": "conversion"}],
-        "model": {"block": "mmoe", "num_experts": 4, "expert_hidden": [64], "tower_hidden": [16],
-                  "embedding_dim": 8},
-        "train": {"batch_size": batch_size, "lr": 0.001, "progress": False},
-    })
+    return experiment_from_dict(
+        {
+            "data": {
+                "train": str(path),
+                "valid": str(path),
+                "split": {"method": "files"},
+                "streaming": True,
+                "shuffle_buffer": 200_000,
+                "read_batch_rows": 131_072,
+                "workers": workers,
+            },
+            "features": {
+                "categorical": CATEGORICAL,
+                "numeric": [{"name": n, "log1p": True} for n in NUMERIC],
+            },
+            "tasks": [{"name": "click"}, {"name": "conversion"}],
+            "model": {
+                "block": "mmoe",
+                "num_experts": 4,
+                "expert_hidden": [64],
+                "tower_hidden": [16],
+                "embedding_dim": 8,
+            },
+            "train": {"batch_size": batch_size, "lr": 0.001, "progress": False},
+        }
+    )
 
 
 def fitted_encoder(path: Path, rows: int = 1_000_000):
@@ -109,7 +155,7 @@ def fitted_encoder(path: Path, rows: int = 1_000_000):
 
 
 def cmd_encode(args) -> dict:
-    """Rows/s of FeatureEncoder.transform on an in-memory table, and of reading + encoding the whole directory."""
+    """Rows/s of FeatureEncoder.transform on an in-memory table, and of reading + encoding the directory."""
     path = data_dir(args.data, args.rows)
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
     best = 0.0
@@ -123,15 +169,21 @@ def cmd_encode(args) -> dict:
         encoder.transform(batch)
         rows += batch.num_rows
     read_encode = rows / (time.perf_counter() - start)
-    out = {"encode_rows_per_s": best, "read_encode_rows_per_s": read_encode, "rows": rows,
-           "vocab_sizes": encoder.vocab_sizes}
-    print(f"encode (in memory, {table.num_rows:,} rows, best of 3): {best:,.0f} rows/s; "
-          f"read + encode ({rows:,} rows from Parquet): {read_encode:,.0f} rows/s")
+    out = {
+        "encode_rows_per_s": best,
+        "read_encode_rows_per_s": read_encode,
+        "rows": rows,
+        "vocab_sizes": encoder.vocab_sizes,
+    }
+    print(
+        f"encode (in memory, {table.num_rows:,} rows, best of 3): {best:,.0f} rows/s; "
+        f"read + encode ({rows:,} rows from Parquet): {read_encode:,.0f} rows/s"
+    )
     return out
 
 
 def cmd_train(args) -> dict:
-    """Samples/s of the same model and steps: Trainer on in-memory TensorData vs train_streaming from Parquet."""
+    """Samples/s of one model and step count: Trainer on in-memory TensorData vs train_streaming (Parquet)."""
     import torch
 
     from mtrank.data.streaming import EncodedStream
@@ -157,15 +209,23 @@ def cmd_train(args) -> dict:
             cfg.data.workers = workers
             torch.manual_seed(0)
             stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
-            result = train_streaming(MultiTaskModel(model_cfg), train_cfg, stream, None, workers,
-                                     rows=stream.count_rows())
+            result = train_streaming(
+                MultiTaskModel(model_cfg), train_cfg, stream, None, workers, rows=stream.count_rows()
+            )
             results.setdefault(f"parquet_workers_{workers}", []).append(result.samples_per_second)
     summary = {k: float(np.median(v)) for k, v in results.items()}
     for key, value in summary.items():
         ratio = value / summary["memory"]
-        print(f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}")
-    return {"samples_per_s": summary, "runs": results, "steps": args.steps, "batch_size": args.batch_size,
-            "torch_threads": torch.get_num_threads()}
+        print(
+            f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}"
+        )
+    return {
+        "samples_per_s": summary,
+        "runs": results,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _stream_epoch(path: str, workers: int, train: bool) -> None:
@@ -190,8 +250,17 @@ def _stream_epoch(path: str, workers: int, train: bool) -> None:
     seconds = time.perf_counter() - start
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_mb": self_kb / 1024,
-                      "peak_worker_rss_mb": child_kb / 1024, "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "seconds": seconds,
+                "peak_rss_mb": self_kb / 1024,
+                "peak_worker_rss_mb": child_kb / 1024,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 def cmd_memory(args) -> dict:
@@ -206,20 +275,29 @@ def cmd_memory(args) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         out[str(rows)] = result
-        print(f"{rows:>11,} rows: {result['rows']:,} streamed in {result['seconds']:.0f} s "
-              f"({result['rows'] / result['seconds']:,.0f} rows/s); peak RSS trainer {result['peak_rss_mb']:.0f} MB, "
-              f"reader {result['peak_worker_rss_mb']:.0f} MB")
+        print(
+            f"{rows:>11,} rows: {result['rows']:,} streamed in {result['seconds']:.0f} s "
+            f"({result['rows'] / result['seconds']:,.0f} rows/s); "
+            f"peak RSS trainer {result['peak_rss_mb']:.0f} MB, "
+            f"reader {result['peak_worker_rss_mb']:.0f} MB"
+        )
     if len(args.rows_list) == 2:
         small, large = (out[str(r)] for r in args.rows_list)
-        ratio = (large["peak_rss_mb"] + large["peak_worker_rss_mb"]) / (small["peak_rss_mb"] + small["peak_worker_rss_mb"])
+        ratio = (large["peak_rss_mb"] + large["peak_worker_rss_mb"]) / (
+            small["peak_rss_mb"] + small["peak_worker_rss_mb"]
+        )
         out["ratio_large_to_small"] = ratio
         print(f"peak memory {args.rows_list[1]:,} rows / {args.rows_list[0]:,} rows: {ratio:.2f}x")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/tmp/mtrank-w2", help="where generated data goes (never committed)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", default="/tmp/mtrank-w2", help="where generated data goes (never committed)"
+    )
     parser.add_argument("--json", help="also write the results here")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="write a W2-layout Parquet directory")
@@ -230,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)")
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -245,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         _stream_epoch(args.path, args.stream_workers, args.with_training)
         return 0
     result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[
-        args.command](args)
+        args.command
+    ](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ def example(name: str, shared_data: Path, **train) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("name, rows", [("kuairand.yaml", 160), ("ali_ccp.yaml", 100), ("aliexpress.yaml", 80)])
+@pytest.mark.parametrize(
+    "name, rows", [("kuairand.yaml", 160), ("ali_ccp.yaml", 100), ("aliexpress.yaml", 80)]
+)
 def test_sample_layout_configs_train_on_the_shared_samples(name, rows, shared_data):
     result = mtrank.fit(example(name, shared_data, epochs=2, batch_size=64), output=None)
     assert result.rows["train"] == rows
@@ -53,32 +55,56 @@ def test_clothing_reviews_config_learns_the_recommended_task(shared_data):
 
 
 def write_movielens(folder: Path, seed: int = 0, n: int = 400) -> None:
-    """The same tiny random ratings as GroupLens files (folder/grouplens) and RecBole atomic files (folder/recbole)."""
+    """Tiny random ratings as GroupLens files (folder/grouplens) and RecBole files (folder/recbole)."""
     rng = np.random.default_rng(seed)
     users, items = 30, 20
     (folder / "grouplens").mkdir(parents=True)
     (folder / "recbole").mkdir()
-    inter = [(int(rng.integers(1, users + 1)), int(rng.integers(1, items + 1)), int(rng.integers(1, 6)),
-              880000000 + i * 37) for i in range(n)]
-    ug = [(u, int(rng.integers(18, 70)), str(rng.choice(["M", "F"])), str(rng.choice(["student", "writer"])),
-           f"{int(rng.integers(0, 99999)):05d}") for u in range(1, users + 1)]
+    inter = [
+        (
+            int(rng.integers(1, users + 1)),
+            int(rng.integers(1, items + 1)),
+            int(rng.integers(1, 6)),
+            880000000 + i * 37,
+        )
+        for i in range(n)
+    ]
+    ug = [
+        (
+            u,
+            int(rng.integers(18, 70)),
+            str(rng.choice(["M", "F"])),
+            str(rng.choice(["student", "writer"])),
+            f"{int(rng.integers(0, 99999)):05d}",
+        )
+        for u in range(1, users + 1)
+    ]
     flags = rng.random((items, len(GENRES))) < 0.2
     years = [int(rng.integers(1950, 1999)) for _ in range(items)]
     gl = folder / "grouplens"
     (gl / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in inter))
     (gl / "u.user").write_text("".join(f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in ug))
-    lines = [f"{i + 1}|Film {i} (é)|01-Jan-{years[i]}||http://x|" + "|".join(str(int(f)) for f in flags[i])
-             for i in range(items)]
+    lines = [
+        f"{i + 1}|Film {i} (é)|01-Jan-{years[i]}||http://x|" + "|".join(str(int(f)) for f in flags[i])
+        for i in range(items)
+    ]
     (gl / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
     rb = folder / "recbole"
-    (rb / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                                      + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in inter))
-    (rb / "ml-100k.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-                                     + "".join(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, a, g, o, z in ug))
-    (rb / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                                     + "".join(f"{i + 1}\tFilm {i}\t{years[i]}\t"
-                                               + " ".join(g for g, f in zip(GENRES, flags[i]) if f) + "\n"
-                                               for i in range(items)))
+    (rb / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in inter)
+    )
+    (rb / "ml-100k.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        + "".join(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, a, g, o, z in ug)
+    )
+    (rb / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(
+            f"{i + 1}\tFilm {i}\t{years[i]}\t" + " ".join(g for g, f in zip(GENRES, flags[i]) if f) + "\n"
+            for i in range(items)
+        )
+    )
 
 
 def test_grouplens_and_recbole_layouts_read_into_the_same_table(tmp_path):

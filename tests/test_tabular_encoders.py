@@ -206,5 +206,11 @@ def test_integer_ids_map_like_the_vocabulary_with_nulls_and_unseen_values_to_oov
     vocab = enc.state["item"]["vocab"]
     probe = pa.table({"item": pa.array([ids[1], ids[0], 424242, None, ids[4]], pa.int64())})
     _, sparse = enc.transform(probe)
-    assert sparse[:, 0].tolist() == [vocab.index(ids[1]) + 1, vocab.index(ids[0]) + 1, 0, 0, vocab.index(ids[4]) + 1]
+    assert sparse[:, 0].tolist() == [
+        vocab.index(ids[1]) + 1,
+        vocab.index(ids[0]) + 1,
+        0,
+        0,
+        vocab.index(ids[4]) + 1,
+    ]
     assert vocab[0] == 5  # the most frequent value gets id 1

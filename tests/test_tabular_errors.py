@@ -1,16 +1,16 @@
-"""Bad input fails with a message naming the file, the column and an example row (issue 4's list, one by one)."""
+"""Bad input fails with a message naming the file, the column and an example row (issue 4's list)."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from tabular_helpers import config, make_frame
 
 import mtrank
 from mtrank.config import ConfigError
 from mtrank.data.errors import DataError
 from mtrank.data.schema import experiment_from_dict, load_experiment
+from tabular_helpers import config, make_frame
 
 
 def fit_file(path, **sections):
@@ -54,14 +54,18 @@ def test_text_in_a_numeric_parquet_column_names_the_row(tmp_path):
     frame.loc[7, "price"] = "cheap"
     path = tmp_path / "clicks.parquet"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
-    with pytest.raises(DataError, match=r"clicks.parquet.*column 'price': text 'cheap' in a numeric column.*data row 7"):
+    with pytest.raises(
+        DataError, match=r"clicks.parquet.*column 'price': text 'cheap' in a numeric column.*data row 7"
+    ):
         fit_file(path)
 
 
 def test_wrong_type_for_a_multi_valued_column_says_what_is_expected(tmp_path):
     path = tmp_path / "clicks.parquet"
     pq.write_table(pa.Table.from_pandas(make_frame(n=40).assign(tags=1.5), preserve_index=False), path)
-    with pytest.raises(DataError, match=r"column 'tags': expected a list column .* got type double.*data row 0"):
+    with pytest.raises(
+        DataError, match=r"column 'tags': expected a list column .* got type double.*data row 0"
+    ):
         fit_file(path)
 
 
@@ -79,7 +83,9 @@ def test_binary_label_outside_zero_one_names_the_value_and_the_row(tmp_path):
 
 def test_text_labels_suggest_positive_values(tmp_path):
     frame = make_frame(n=40).assign(click=lambda f: np.where(f.click == 1, "yes", "no"))
-    with pytest.raises(DataError, match=r"column 'click': label of tasks\[0\].*has text 'no'.*positive_values: \['no'\]"):
+    with pytest.raises(
+        DataError, match=r"column 'click': label of tasks\[0\].*has text 'no'.*positive_values: \['no'\]"
+    ):
         mtrank.fit(config(), frame, output=None)
 
 
@@ -126,19 +132,33 @@ def test_a_missing_file_fails_naming_the_config_field(tmp_path):
 @pytest.mark.parametrize(
     "change, field",
     [
-        (lambda c: c["features"]["numeric"].append({"name": "x", "clip": [5, 1]}), r"features.numeric\[2\].clip"),
-        (lambda c: c["features"]["categorical"].append({"name": "x", "min_cnt": 2}),
-         r"features.categorical\[2\].min_cnt: unknown field; did you mean 'min_count'"),
+        (
+            lambda c: c["features"]["numeric"].append({"name": "x", "clip": [5, 1]}),
+            r"features.numeric\[2\].clip",
+        ),
+        (
+            lambda c: c["features"]["categorical"].append({"name": "x", "min_cnt": 2}),
+            r"features.categorical\[2\].min_cnt: unknown field; did you mean 'min_count'",
+        ),
         (lambda c: c["tasks"].append({"name": "r", "type": "ranking"}), r"tasks\[2\].type"),
-        (lambda c: c["tasks"][0].update(positive="at least 4"), r"tasks\[0\].positive: expected a comparison"),
+        (
+            lambda c: c["tasks"][0].update(positive="at least 4"),
+            r"tasks\[0\].positive: expected a comparison",
+        ),
         (lambda c: c["data"].update(split={"method": "time"}), r"data.split.time_column: required"),
         (lambda c: c["data"].update(split={"fractions": [0.5, 0.1]}), r"data.split.fractions"),
         (lambda c: c["model"].update(block="moe"), r"model.block: unknown block"),
         (lambda c: c["model"].update(num_dense=3), r"model.num_dense: derived from features"),
         (lambda c: c["train"].update(lr=-1), r"train.lr: must be > 0"),
         (lambda c: c.update(trian={}), r"trian: unknown section; did you mean 'train'"),
-        (lambda c: c["features"]["numeric"].append({"name": "age"}), r"features.numeric\[2\].name: 'age' is already"),
-        (lambda c: c["features"].update(numeric=[], categorical=[], multi_categorical=[]), r"features: no features"),
+        (
+            lambda c: c["features"]["numeric"].append({"name": "age"}),
+            r"features.numeric\[2\].name: 'age' is already",
+        ),
+        (
+            lambda c: c["features"].update(numeric=[], categorical=[], multi_categorical=[]),
+            r"features: no features",
+        ),
     ],
 )
 def test_config_errors_name_the_field(change, field):

@@ -2,12 +2,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tabular_helpers import config, make_frame
 
 import mtrank
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.schema import experiment_from_dict
 from mtrank.data.streaming import EncodedStream, ShuffleBuffer, stream_loader
+from tabular_helpers import config, make_frame
 
 
 def write_shards(folder, frame, shards=3, row_group=40):
@@ -19,11 +19,25 @@ def write_shards(folder, frame, shards=3, row_group=40):
 
 
 def stream_config(train, valid, **train_section):
-    tasks = [{"name": "click"}, {"name": "ts", "type": "regression"}]  # ts: a unique id per row, passed through
-    return experiment_from_dict(config(
-        data={"train": str(train), "valid": str(valid), "split": {"method": "files"}, "streaming": True,
-              "shuffle_buffer": 64, "read_batch_rows": 25, "workers": 0},
-        tasks=tasks, train={"progress": False, **train_section}))
+    tasks = [
+        {"name": "click"},
+        {"name": "ts", "type": "regression"},
+    ]  # ts: a unique id per row, passed through
+    return experiment_from_dict(
+        config(
+            data={
+                "train": str(train),
+                "valid": str(valid),
+                "split": {"method": "files"},
+                "streaming": True,
+                "shuffle_buffer": 64,
+                "read_batch_rows": 25,
+                "workers": 0,
+            },
+            tasks=tasks,
+            train={"progress": False, **train_section},
+        )
+    )
 
 
 @pytest.fixture

@@ -68,11 +68,11 @@ def register(subparsers) -> None:
         "train",
         help="train a model from a YAML experiment config on CSV / Parquet files",
         description=(
-            "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders), split "
-            "them, fit the feature encoders on the training split, train the model, evaluate every task on "
-            "validation and test, and write a model directory: model.safetensors, config.json, encoders.json, "
-            "metrics.json, report.md. With data.streaming the training files are streamed from disk in record "
-            "batches (bounded memory). Examples: configs/*.yaml; reference: docs/data.md."
+            "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders), "
+            "split them, fit the feature encoders on the training split, train the model, evaluate every "
+            "task on validation and test, and write a model directory: model.safetensors, config.json, "
+            "encoders.json, metrics.json, report.md. With data.streaming the training files are streamed "
+            "from disk in record batches (bounded memory). Examples: configs/*.yaml; reference: docs/data.md."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  mtrank train configs/census_income.yaml --set train.epochs=2 --out runs/census",
@@ -102,8 +102,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
         help="score every row of a file with a trained model, to Parquet",
-        description="Encode DATA with the saved encoders and write the input columns plus one score_<task> column "
-        "per task (probability for binary tasks, prediction for regression) to a Parquet file. "
+        description="Encode DATA with the saved encoders and write the input columns plus one score_<task> "
+        "column per task (probability for binary tasks, prediction for regression) to a Parquet file. "
         "Labels are not needed; files are scored in record batches.",
     )
     p.add_argument("model_dir", help="a directory written by `mtrank train`")

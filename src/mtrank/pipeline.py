@@ -1,6 +1,7 @@
 """The pipeline: experiment config -> read -> split -> fit encoders -> encode -> train -> model directory.
 
-``mtrank.fit(config, dataframe)`` from Python, ``mtrank train CONFIG`` from the shell. A model directory holds::
+``mtrank.fit(config, dataframe)`` from Python, ``mtrank train CONFIG`` from the shell. A model directory
+holds::
 
     model.safetensors   weights                          (mtrank.checkpoint.save_model)
     config.json         ModelConfig + the experiment config (to read new files the same way)
@@ -282,8 +283,9 @@ def train_streaming(
     """Train ``model`` on batches streamed by ``stream`` (an :class:`~mtrank.data.streaming.EncodedStream`).
 
     The same optimizer, schedule, loss and metrics as :class:`mtrank.train.Trainer`; validation every
-    ``eval_every`` steps (or once per epoch), the best-on-validation weights restored at the end, early stopping
-    with ``early_stopping_patience``. Steps: ``cfg.steps`` if > 0, else ``cfg.epochs`` passes over the files.
+    ``eval_every`` steps (or once per epoch), the best-on-validation weights restored at the end, early
+    stopping with ``early_stopping_patience``. Steps: ``cfg.steps`` if > 0, else ``cfg.epochs`` passes over
+    the files.
     Checkpoint / resume is not supported on this path.
     """
     from mtrank.data.streaming import stream_loader
@@ -384,8 +386,8 @@ def predict_model_dir(
     batch_rows: int = 65_536,
     progress: bool = True,
 ) -> pa.Table | Path:
-    """Scores per task for every row of ``data`` (labels not needed): a Table, or written to ``output`` (Parquet,
-    returns its path) if given.
+    """Scores per task for every row of ``data`` (labels not needed): a Table, or written to ``output``
+    (Parquet; returns its path) if given.
 
     The output holds the input's columns (as read) and one ``score_<task>`` column per task: probabilities for
     binary tasks, predictions for regression tasks. Files are scored in record batches of ``batch_rows``.

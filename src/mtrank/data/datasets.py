@@ -142,7 +142,7 @@ def read_recbole(folder: str | Path, name: str = "ml-100k") -> pa.Table:
 
 
 def _join(inter: pa.Table, users: pa.Table, items: pa.Table) -> pa.Table:
-    """Left-join user and item attributes onto the interactions (a vectorised lookup by id; pyarrow's hash join
+    """Left-join user and item attributes onto the interactions (a vectorised lookup by id: pyarrow's join
     does not carry list columns), ordered by time."""
     table = inter.select(["user_id", "item_id", "rating", "timestamp"])
     for side, key in ((users, "user_id"), (items, "item_id")):

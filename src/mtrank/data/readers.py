@@ -1,8 +1,8 @@
 """Readers: CSV / Parquet files, directories of shards and pandas DataFrames -> pyarrow; labels and weights.
 
 One path for every source: :func:`open_dataset` builds a ``pyarrow.dataset`` (a file or a directory of
-shards, CSV or Parquet, gzip CSV included) with the experiment's CSV options and column types; whole splits are
-read with :func:`read_table`, large ones streamed by :mod:`mtrank.data.streaming` from the same object.
+shards, CSV or Parquet, gzip CSV included) with the experiment's CSV options and column types; whole splits
+are read with :func:`read_table`, large ones streamed by :mod:`mtrank.data.streaming` from the same object.
 Declared numeric columns are read as float64 and categorical ones as strings, so a text value in a numeric
 CSV column fails here, with the file, column, line and the line itself in the message.
 """
@@ -157,7 +157,9 @@ def check_columns(
             )
 
 
-def head_rows(dataset: ds.Dataset, columns: list[str] | None, rows: int, batch_rows: int = 65_536) -> pa.Table:
+def head_rows(
+    dataset: ds.Dataset, columns: list[str] | None, rows: int, batch_rows: int = 65_536
+) -> pa.Table:
     """The first ``rows`` rows, read one record batch at a time (``Dataset.head`` reads ahead across many
     fragments at once, which for a directory of shards costs memory proportional to the number of files)."""
     scanner = dataset.scanner(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
@@ -174,7 +176,7 @@ def head_rows(dataset: ds.Dataset, columns: list[str] | None, rows: int, batch_r
 def read_table(
     data: Any, config: ExperimentConfig, source: str | None = None, max_rows: int = 0
 ) -> tuple[pa.Table, str]:
-    """Read the columns the experiment needs from a path, DataFrame or Table; returns ``(table, source name)``.
+    """Read the columns the experiment needs from a path, DataFrame or Table: ``(table, source name)``.
 
     Fails with a :class:`DataError` for a missing file, an empty file, a column the config names that is not
     in the data, or text in a numeric CSV column.
@@ -191,7 +193,12 @@ def read_table(
     else:
         dataset = open_dataset(data, spec, config)
         name = str(data)
-        check_columns(dataset.schema.names, config, name, head_rows(dataset, None, 1, 1) if dataset.schema.names else None)
+        check_columns(
+            dataset.schema.names,
+            config,
+            name,
+            head_rows(dataset, None, 1, 1) if dataset.schema.names else None,
+        )
         files = getattr(dataset, "files", [name])
         try:
             if max_rows:
@@ -302,7 +309,13 @@ def validate_table(table: pa.Table, config: ExperimentConfig, source: str) -> No
     for feat in config.features.numeric:
         x = numeric_column(table, feat.column, source)
         if not np.isfinite(x).any():
-            raise data_error(source, feat.column, f"every value is missing (all {len(x)} rows are null/NaN)",
-                             "Remove the feature from features.numeric or fix the column", table, 0)
+            raise data_error(
+                source,
+                feat.column,
+                f"every value is missing (all {len(x)} rows are null/NaN)",
+                "Remove the feature from features.numeric or fix the column",
+                table,
+                0,
+            )
     encode_labels(table, config.tasks, source)
     encode_weights(table, config.data.weight_column, source)

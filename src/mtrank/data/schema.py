@@ -161,7 +161,7 @@ class SplitSpec:
         seed: seed of the random split.
         time_column: the column that orders rows in time (``time``).
         valid_from: with ``files`` and no ``data.valid``: take validation rows at random (``seed``) from the
-            ``train`` or the ``test`` file, ``valid_fraction`` of it (MMoE's census protocol: half the test file).
+            ``train`` or the ``test`` file, ``valid_fraction`` of it (MMoE's census protocol: half of test).
         valid_fraction: see ``valid_from``.
     """
 

@@ -1,16 +1,16 @@
-"""Streaming: encoded training batches from files larger than memory, with a shuffle buffer and reader processes.
+"""Streaming: encoded training batches from files larger than memory; shuffle buffer, reader processes.
 
 The training files are opened as one ``pyarrow.dataset`` (:func:`mtrank.data.readers.open_dataset`) and split
-into pieces: Parquet row groups, or whole CSV files. Each epoch the pieces are shuffled (seed + epoch) and dealt
-to the reader processes (``torch.utils.data.DataLoader`` workers), piece ``i`` to worker ``i mod W``. A worker
-reads its pieces as record batches of ``read_batch_rows``, encodes them with the fitted
+into pieces: Parquet row groups, or whole CSV files. Each epoch the pieces are shuffled (seed + epoch) and
+dealt to the reader processes (``torch.utils.data.DataLoader`` workers), piece ``i`` to worker ``i mod W``.
+A worker reads its pieces as record batches of ``read_batch_rows``, encodes them with the fitted
 :class:`~mtrank.data.encoders.FeatureEncoder` (vectorised), and pushes the rows into a shuffle buffer:
 
     when the buffer holds ``>= capacity`` rows: permute it, emit batches until ``capacity / 2`` rows are left,
     keep those (they mix with the next rows read); at the end, permute and emit what is left.
 
-Memory per worker is bounded by ``capacity + read_batch_rows`` encoded rows plus one record batch, whatever the
-size of the files; the DataLoader keeps ``prefetch_factor`` batches per worker in flight.
+Memory per worker is bounded by ``capacity + read_batch_rows`` encoded rows plus one record batch, whatever
+the size of the files; the DataLoader keeps ``prefetch_factor`` batches per worker in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mtrank.data.tensors import TensorData
 
 @dataclass
 class Batch:
-    """One training batch as numpy arrays (``dense [B, F_dense]``, ``sparse [B, F_cat]``, ``labels [B, K]``)."""
+    """A training batch as numpy arrays (``dense [B, F_dense]``, ``sparse [B, F_cat]``, ``labels [B, K]``)."""
 
     dense: np.ndarray
     sparse: np.ndarray
@@ -83,8 +83,8 @@ class ShuffleBuffer:
 class EncodedStream(IterableDataset):
     """Batches of encoded rows streamed from the training files (see the module docstring).
 
-    Yields :class:`mtrank.data.tensors.TensorData` batches of ``batch_size`` rows (the last one of an epoch may
-    be smaller). Call :meth:`set_epoch` before each epoch to reshuffle.
+    Yields :class:`mtrank.data.tensors.TensorData` batches of ``batch_size`` rows (the last one of an epoch
+    may be smaller). Call :meth:`set_epoch` before each epoch to reshuffle.
     """
 
     def __init__(
