@@ -193,6 +193,8 @@ def cmd_train(args) -> dict:
     from mtrank.train import Trainer
 
     path = data_dir(args.data, args.rows)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {}
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
     rows_needed = args.steps * args.batch_size
@@ -312,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)"
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)"
+    )
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)
