@@ -193,14 +193,11 @@ def read_table(
     else:
         dataset = open_dataset(data, spec, config)
         name = str(data)
-        check_columns(
-            dataset.schema.names,
-            config,
-            name,
-            head_rows(dataset, None, 1, 1) if dataset.schema.names else None,
-        )
         files = getattr(dataset, "files", [name])
         try:
+            missing = [c for c in config.input_columns() if c not in dataset.schema.names]
+            example = head_rows(dataset, None, 1, 1) if missing and dataset.schema.names else None
+            check_columns(dataset.schema.names, config, name, example)
             if max_rows:
                 table = head_rows(dataset, config.input_columns(), max_rows)
             else:
