@@ -43,6 +43,7 @@ FORMAT = "mtrank-encoders"
 FORMAT_VERSION = 1
 NA_TOKEN = "<NA>"
 OOV_TOKEN = "<oov>"
+CHUNK_ROWS = 65_536  # rows encoded at a time inside transform
 
 
 def as_table(data: Any) -> pa.Table:
@@ -342,7 +343,12 @@ class FeatureEncoder:
     # ----------------------------------------------------------------------------------- transforming
 
     def transform(self, data: Any, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
-        """Encode rows: ``(dense float32 [N, num_dense], sparse int64 [N, F_cat])``; unseen values -> id 0."""
+        """Encode rows: ``(dense float32 [N, num_dense], sparse int64 [N, F_cat])``; unseen values -> id 0.
+
+        Large tables are encoded in slices of :data:`CHUNK_ROWS` rows into the two output arrays: the
+        temporaries of each slice stay in cache and reuse the same heap memory, where whole-column temporaries
+        would each be fresh pages (page faults dominated encoding time on the benchmark machine).
+        """
         if not self.fitted:
             raise RuntimeError("FeatureEncoder.transform called before fit (or load)")
         table = as_table(data)
@@ -350,6 +356,14 @@ class FeatureEncoder:
         n = table.num_rows
         dense = np.empty((n, self.num_dense), dtype=np.float32)
         sparse = np.empty((n, len(self.features.categorical)), dtype=np.int64)
+        for start in range(0, n, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, n)
+            self._transform_into(
+                table.slice(start, stop - start), source, dense[start:stop], sparse[start:stop]
+            )
+        return dense, sparse
+
+    def _transform_into(self, table: pa.Table, source: str, dense: np.ndarray, sparse: np.ndarray) -> None:
         col = 0
         for feat in self.features.numeric:
             x = numeric_column(table, feat.column, source)
@@ -361,16 +375,21 @@ class FeatureEncoder:
             col += width
         for j, feat in enumerate(self.features.categorical):
             sparse[:, j] = self._categorical_ids(feat, table.column(feat.column))
-        return dense, sparse
 
     def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
-        z = np.where(np.isfinite(x), x, state["fill"])
+        """``fill -> clip -> signed log1p -> standardise`` (float64, in place on a copy of ``x``)."""
+        z = np.array(x, dtype=np.float64, copy=True)
+        z[~np.isfinite(z)] = state["fill"]
         if feat.clip is not None:
-            z = np.clip(z, feat.clip[0], feat.clip[1])
+            np.clip(z, feat.clip[0], feat.clip[1], out=z)
         if feat.log1p:
-            z = np.sign(z) * np.log1p(np.abs(z))
+            sign = np.sign(z)
+            np.abs(z, out=z)
+            np.log1p(z, out=z)
+            z *= sign
         if standardize:
-            z = (z - state["mean"]) / state["std"]
+            z -= state["mean"]
+            z /= state["std"]
         return z
 
     def _categorical_ids(self, feat: CategoricalFeature, col: pa.ChunkedArray) -> np.ndarray:
