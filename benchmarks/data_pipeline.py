@@ -179,7 +179,7 @@ def cmd_encode(args) -> dict:
     }
     print(
         f"encode (in memory, {table.num_rows:,} rows, best of 3): {best:,.0f} rows/s; "
-        f"read + encode ({rows:,} rows from Parquet): {read_encode:,.0f} rows/s"
+        f"read + encode ({rows:,} rows from Parquet, best of {args.passes} passes): {read_encode:,.0f} rows/s"
     )
     return out
 
