@@ -171,6 +171,13 @@ def write_markdown(results: dict, path: Path) -> None:
             table(result),
             "",
         ]
+        if any("dedicated loader" in block for block in result["runs"]):
+            lines += [
+                "`mmoe (dedicated loader)`: the same model and training settings on the tensors of "
+                "`mtrank.data.census.load_census(group=1)` (the paper-reproduction loader, with its own 1:1 "
+                "validation/test permutation of the test file), to check the generic pipeline against it.",
+                "",
+            ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
