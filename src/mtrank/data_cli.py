@@ -68,11 +68,12 @@ def register(subparsers) -> None:
         "train",
         help="train a model from a YAML experiment config on CSV / Parquet files",
         description=(
-            "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders), "
-            "split them, fit the feature encoders on the training split, train the model, evaluate every "
-            "task on validation and test, and write a model directory: model.safetensors, config.json, "
-            "encoders.json, metrics.json, report.md. With data.streaming the training files are streamed "
-            "from disk in record batches (bounded memory). Examples: configs/*.yaml; reference: docs/data.md."
+            "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders),\n"
+            "split them, fit the feature encoders on the training split, train the model, evaluate every\n"
+            "task on validation and test, and write a model directory:\n"
+            "  model.safetensors  config.json  encoders.json  metrics.json  report.md\n"
+            "With data.streaming the training files are streamed from disk in record batches (bounded\n"
+            "memory). Example configs: configs/*.yaml; every config key: docs/data.md."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  mtrank train configs/census_income.yaml --set train.epochs=2 --out runs/census",
