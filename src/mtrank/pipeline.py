@@ -228,17 +228,20 @@ def report_markdown(
 
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """One row per (split, task): AUC / log loss for binary tasks, MSE / R² for regression."""
+    """One row per (split, task): AUC / log loss for binary tasks, MSE / R² for regression (columns that no
+    task has are left out)."""
+    names = {"auc": "AUC", "logloss": "log loss", "mse": "MSE", "r2": "R²"}
+    present = [m for m in names if any(k.startswith(f"{m}/") for values in metrics.values() for k in values)]
     rows = []
     for split, values in metrics.items():
-        tasks = sorted({k.split("/", 1)[1] for k in values if "/" in k})
+        tasks = list(dict.fromkeys(k.split("/", 1)[1] for k in values if "/" in k))
         for task in tasks:
             cells = [split, task]
-            for metric in ("auc", "logloss", "mse", "r2"):
+            for metric in present:
                 value = values.get(f"{metric}/{task}")
                 cells.append("" if value is None else float(value))
             rows.append(cells)
-    return markdown_table(["split", "task", "AUC", "log loss", "MSE", "R²"], rows)
+    return markdown_table(["split", "task", *[names[m] for m in present]], rows)
 
 
 # ------------------------------------------------------------------------------------------------ streaming
