@@ -157,8 +157,8 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         "Data: `census-income` and `womens-clothing-reviews` from `../shared/data`; MovieLens-100K from the "
         "RecBole atomic files in the recbole 1.2.1 wheel (`pip download --no-deps recbole==1.2.1`, not "
-        "committed), split by time. Runs are deterministic per seed (rerunning gives the same AUCs); `s / run` "
-        "is training wall time with one torch thread on a 2-core machine shared with other jobs. "
+        "committed), split by time. Runs are deterministic per seed (rerunning gives the same AUCs); "
+        "`s / run` is training wall time with one torch thread on a 2-core machine shared with other jobs. "
         "`--markdown-only` rewrites this file from `runs/quality/results.json`.",
         "",
     ]
