@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,10 +31,20 @@ import torch
 from tqdm.auto import tqdm
 
 from mtrank.checkpoint import load_model, read_model_meta, save_model
-from mtrank.config import ConfigError, TrainConfig, to_dict
-from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.readers import encode_labels, encode_weights, open_dataset, read_table, validate_table
+from mtrank.config import ConfigError, TrainConfig
+from mtrank.data.datasets import read_movielens
+from mtrank.data.encoders import FeatureEncoder, as_table
+from mtrank.data.errors import DataError
+from mtrank.data.readers import (
+    check_columns,
+    encode_labels,
+    encode_weights,
+    open_dataset,
+    read_table,
+    validate_table,
+)
 from mtrank.data.schema import ExperimentConfig, experiment_from_dict, load_experiment
+from mtrank.data.streaming import EncodedStream, stream_loader
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
@@ -139,8 +148,6 @@ def _check_train_labels(data: TensorData, config: ExperimentConfig, source: str)
     present = (~torch.isnan(data.labels)).sum(0)
     for k, task in enumerate(config.tasks):
         if int(present[k]) == 0:
-            from mtrank.data.errors import DataError
-
             raise DataError(
                 f"{source}: column {task.column!r}: task {task.name!r} has no labels in the training "
                 f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
@@ -248,8 +255,6 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResult:
-    from mtrank.data.streaming import EncodedStream
-
     spec = config.data
     if not spec.train:
         raise ConfigError(
@@ -291,8 +296,6 @@ def train_streaming(
     the files.
     Checkpoint / resume is not supported on this path.
     """
-    from mtrank.data.streaming import stream_loader
-
     trainer = Trainer(model, cfg)  # device, optimizer, bf16, task weights and the loss, as in-memory training
     rows = rows if rows is not None else stream.count_rows()
     steps_per_epoch = max(1, math.ceil(rows / cfg.batch_size))
@@ -403,20 +406,14 @@ def predict_model_dir(
         dataset = open_dataset(data, config.data, config)
         missing = [c for c in encoder.input_columns if c not in dataset.schema.names]
         if missing:
-            from mtrank.data.readers import check_columns
-
             check_columns(dataset.schema.names, config, str(data))
         batches = dataset.to_batches(batch_size=batch_rows)
         total = dataset.count_rows()
         source = str(data)
     else:
         if isinstance(data, (str, Path)):
-            from mtrank.data.datasets import read_movielens
-
             table = read_movielens(data, config.data.format.split("-")[1])
         else:
-            from mtrank.data.encoders import as_table
-
             table = as_table(data)
         batches, total, source = table.to_batches(max_chunksize=batch_rows), table.num_rows, "dataframe"
     bar = tqdm(total=total, disable=not progress, desc="predict", unit="row", leave=False)
@@ -445,16 +442,3 @@ def predict_model_dir(
         writer.close()
         return Path(output)
     return pa.concat_tables(parts) if parts else pa.table({})
-
-
-def summary_json(result: FitResult) -> str:
-    return json.dumps(
-        {
-            "metrics": result.metrics,
-            "rows": result.rows,
-            "model_dir": str(result.model_dir),
-            "model": to_dict(result.model.config),
-        },
-        indent=2,
-        default=float,
-    )

@@ -9,6 +9,7 @@ CSV column fails here, with the file, column, line and the line itself in the me
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import operator
 import re
@@ -21,8 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
-from mtrank.data.encoders import as_table, is_numeric_type, numeric_column
-from mtrank.data.errors import DataError, data_error
+from mtrank.data.datasets import read_movielens
+from mtrank.data.encoders import _first_non_numeric, as_table, is_numeric_type, numeric_column
+from mtrank.data.errors import DataError, data_error, example_row
 from mtrank.data.schema import DataSpec, ExperimentConfig, TaskSpec, parse_comparison
 
 PARQUET_MAGIC = b"PAR1"
@@ -127,8 +129,6 @@ def check_columns(
     schema_names: list[str], config: ExperimentConfig, source: str, table: pa.Table | None = None
 ) -> None:
     """Every column the config names exists; the error names the config field and suggests a close name."""
-    import difflib
-
     wanted: list[tuple[str, str]] = []
     for kind in ("numeric", "multi_categorical", "categorical"):
         for i, feat in enumerate(getattr(config.features, kind)):
@@ -147,8 +147,6 @@ def check_columns(
             hint = f"did you mean {close[0]!r}? " if close else ""
             example = ""
             if table is not None and table.num_rows:
-                from mtrank.data.errors import example_row
-
                 example = f" (data row 0: {example_row(table, 0)})"
             raise DataError(
                 f"{source}: column {column!r} named by {field_name} is not in the data "
@@ -186,8 +184,6 @@ def read_table(
         table = as_table(data)
         name = source or "dataframe"
     elif spec.format in ("movielens-grouplens", "movielens-recbole"):
-        from mtrank.data.datasets import read_movielens
-
         table = read_movielens(data, spec.format.split("-")[1])
         name = str(data)
     else:
@@ -268,8 +264,6 @@ def encode_labels(table: pa.Table, tasks: list[TaskSpec], source: str, config_so
 
 def _label_type_error(table: pa.Table, task: TaskSpec, where: str, source: str) -> DataError:
     col = table.column(task.column)
-    from mtrank.data.encoders import _first_non_numeric
-
     bad = _first_non_numeric(col) if pa.types.is_string(col.type) else 0
     value = col[bad].as_py() if bad is not None else None
     return data_error(
