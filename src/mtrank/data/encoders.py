@@ -1,0 +1,520 @@
+"""FeatureEncoder: columns -> ``(dense float32 [N, F_dense], sparse int64 [N, F_cat])``, fitted once, JSON.
+
+Fitted on the training split from the ``features`` section of an experiment config
+(:class:`mtrank.data.schema.FeaturesSpec`) and saved in the model directory as ``encoders.json`` beside
+``model.safetensors`` and ``config.json``; the same object encodes training files, evaluation files and
+serving requests (:meth:`FeatureEncoder.transform_records`), so they cannot drift apart.
+
+Column order:
+    dense  = ``[numeric features (1 column each), multi-categorical features (V + 1 columns each)]``
+    sparse = ``[categorical features (1 id each)]``
+
+Every transform is vectorised over the column (pyarrow compute + numpy): no Python loop over rows.
+Categorical ids: 0 = out-of-vocabulary bucket, ``1..V`` = vocabulary (most frequent first); missing values are
+the category ``<NA>``; with ``hash_buckets = N`` the id is ``siphash(str(value)) mod N``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mtrank.data.errors import DataError, data_error
+from mtrank.data.schema import (
+    CategoricalFeature,
+    FeaturesSpec,
+    MultiCategoricalFeature,
+    NumericFeature,
+    _build,
+    validate_features,
+)
+
+ENCODERS_FILE = "encoders.json"
+FORMAT = "mtrank-encoders"
+FORMAT_VERSION = 1
+NA_TOKEN = "<NA>"
+OOV_TOKEN = "<oov>"
+
+
+def as_table(data: Any) -> pa.Table:
+    """A pyarrow Table from a Table, RecordBatch or pandas DataFrame (index dropped)."""
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    raise TypeError(
+        f"expected a pyarrow Table / RecordBatch or a pandas DataFrame, got {type(data).__name__}"
+    )
+
+
+def is_numeric_type(dtype: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(dtype)
+        or pa.types.is_floating(dtype)
+        or pa.types.is_decimal(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_null(dtype)
+    )
+
+
+def numeric_column(table: pa.Table, column: str, source: str) -> np.ndarray:
+    """Column as float64 numpy, NaN for missing; text in it raises a :class:`DataError` naming a bad row."""
+    col = table.column(column)
+    if pa.types.is_dictionary(col.type):
+        col = pc.cast(col, col.type.value_type)
+    if not is_numeric_type(col.type):
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            bad = _first_non_numeric(col)
+            value = col[bad].as_py() if bad is not None else None
+            raise data_error(
+                source,
+                column,
+                f"text {value!r} in a numeric column (type {col.type})",
+                "Fix or remove the value, or declare the column under features.categorical",
+                table,
+                bad,
+            )
+        raise data_error(
+            source,
+            column,
+            f"expected numbers, got type {col.type}",
+            "Declare the column under features.categorical or convert it to numbers",
+            table,
+            0,
+        )
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _first_non_numeric(col: pa.ChunkedArray | pa.Array) -> int | None:
+    """Index of the first non-null string that does not parse as a number (vectorised via a regex match)."""
+    pattern = r"^\s*[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|nan|NaN|inf|-inf|Infinity)\s*$"
+    ok = pc.match_substring_regex(col, pattern)
+    bad = pc.and_(pc.invert(ok), pc.is_valid(col))
+    idx = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+    return int(idx[0]) if idx.size else None
+
+
+def string_column(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Values as strings, missing as ``<NA>`` (ints print as ``5543``, floats as pyarrow prints them)."""
+    if pa.types.is_dictionary(col.type):
+        col = pc.cast(col, col.type.value_type)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = pc.cast(col, pa.string())
+    return pc.fill_null(col, NA_TOKEN)
+
+
+def _lookup(values: pa.ChunkedArray | pa.Array, vocab: pa.Array) -> np.ndarray:
+    """Ids ``1..V`` of values in ``vocab`` (position + 1), 0 where absent. int64 numpy."""
+    index = pc.index_in(values, value_set=vocab)
+    return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def stable_hash(values: pa.ChunkedArray | pa.Array, buckets: int) -> np.ndarray:
+    """``siphash(str(value)) mod buckets`` (pandas' fixed-key hash: stable across runs, machines). int64."""
+    strings = string_column(values).to_numpy(zero_copy_only=False).astype(object)
+    return (pd.util.hash_array(strings, categorize=True) % np.uint64(buckets)).astype(np.int64)
+
+
+def _vocabulary(counts: dict, min_count: int, max_vocab: int) -> list:
+    """Values with count >= min_count, most frequent first (ties by value, so fitting is deterministic)."""
+    kept = [(v, c) for v, c in counts.items() if c >= min_count]
+    kept.sort(key=lambda vc: (-vc[1], str(vc[0])))
+    if max_vocab:
+        kept = kept[:max_vocab]
+    return [v for v, _ in kept]
+
+
+def _value_counts(col: pa.ChunkedArray | pa.Array) -> dict:
+    counts = pc.value_counts(col)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+
+
+def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) -> pa.ChunkedArray | pa.Array:
+    col = table.column(feat.column)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return col
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_dictionary(col.type):
+        return pc.split_pattern(
+            string_column(col) if pa.types.is_dictionary(col.type) else col, feat.separator
+        )
+    raise data_error(
+        source,
+        feat.column,
+        f"expected a list column or a {feat.separator!r}-separated string, got type {col.type}",
+        "Declare it under features.categorical or features.numeric",
+        table,
+        0,
+    )
+
+
+def _flat_strings(lists: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Flattened values (as strings), the row of each value, and each row's length (0 for missing lists)."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    flat = pc.list_flatten(lists)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.float32)
+    return string_column(flat), parents, lengths
+
+
+class FeatureEncoder:
+    """Fitted feature transforms: numeric fill/clip/log1p/standardise, categorical vocabularies or hashing,
+    multi-categorical pooled multi-hot.
+
+    Shapes: ``transform(table [N rows]) -> (dense float32 [N, num_dense], sparse int64 [N, F_cat])``.
+
+    Example:
+        >>> import pandas as pd
+        >>> from mtrank.data.schema import FeaturesSpec, NumericFeature, CategoricalFeature
+        >>> spec = FeaturesSpec(categorical=[CategoricalFeature("city")], numeric=[NumericFeature("age")])
+        >>> enc = FeatureEncoder(spec).fit(pd.DataFrame({"city": ["a", "b", "a"], "age": [20.0, 30.0, None]}))
+        >>> dense, sparse = enc.transform_records([{"city": "a", "age": 25.0}, {"city": "zzz", "age": None}])
+        >>> sparse.ravel().tolist(), enc.vocab_sizes, enc.feature_names
+        ([1, 0], [3], ['age', 'city'])
+    """
+
+    def __init__(self, features: FeaturesSpec) -> None:
+        validate_features(features)
+        self.features = features
+        self.state: dict[str, dict[str, Any]] = {}
+
+    # ----------------------------------------------------------------------------------- properties
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.state)
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.dense_names)
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        return [int(self.state[f.name]["size"]) for f in self.features.categorical]
+
+    @property
+    def dense_names(self) -> list[str]:
+        names = [f.name for f in self.features.numeric]
+        for feat in self.features.multi_categorical:
+            vocab = self.state[feat.name]["vocab"]
+            names += [f"{feat.name}={OOV_TOKEN}"] + [f"{feat.name}={v}" for v in vocab]
+        return names
+
+    @property
+    def categorical_names(self) -> list[str]:
+        return [f.name for f in self.features.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the dense then the categorical columns, in the order of ``transform``'s outputs."""
+        return [*self.dense_names, *self.categorical_names]
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The raw columns (record keys) the encoder reads."""
+        return [f.column for f in self.features.all()]
+
+    # ----------------------------------------------------------------------------------- fitting
+
+    def fit(self, data: Any, source: str = "training data") -> FeatureEncoder:
+        """Fit every feature's statistics / vocabulary on ``data`` (the training split)."""
+        table = as_table(data)
+        self._check_columns(table, source)
+        if table.num_rows == 0:
+            raise data_error(
+                source, None, "no rows to fit the encoders on", "Give a non-empty training split"
+            )
+        state: dict[str, dict[str, Any]] = {}
+        for feat in self.features.numeric:
+            state[feat.name] = self._fit_numeric(feat, table, source)
+        for feat in self.features.multi_categorical:
+            flat, _, _ = _flat_strings(_list_column(table, feat, source))
+            vocab = _vocabulary(_value_counts(flat), feat.min_count, feat.max_vocab)
+            state[feat.name] = {"vocab": [str(v) for v in vocab]}
+        for feat in self.features.categorical:
+            state[feat.name] = self._fit_categorical(feat, table)
+        self.state = state
+        return self
+
+    def _fit_numeric(self, feat: NumericFeature, table: pa.Table, source: str) -> dict[str, Any]:
+        x = numeric_column(table, feat.column, source)
+        present = np.isfinite(x)
+        if not present.any():
+            raise data_error(
+                source,
+                feat.column,
+                f"every value is missing (all {len(x)} rows are null/NaN)",
+                "Remove the feature from features.numeric or fix the column",
+                table,
+                0,
+            )
+        if feat.fill == "mean":
+            fill = float(x[present].mean())
+        elif feat.fill == "median":
+            fill = float(np.median(x[present]))
+        elif feat.fill == "zero":
+            fill = 0.0
+        else:
+            fill = float(feat.fill)
+        state = {"fill": fill, "mean": 0.0, "std": 1.0}
+        z = self._numeric_transform(feat, state, x)
+        if feat.standardize:
+            std = float(z.std())
+            state["mean"], state["std"] = float(z.mean()), std if std > 0 and math.isfinite(std) else 1.0
+        return state
+
+    def _fit_categorical(self, feat: CategoricalFeature, table: pa.Table) -> dict[str, Any]:
+        if feat.hash_buckets:
+            return {"size": int(feat.hash_buckets), "hash": True}
+        col = table.column(feat.column)
+        if pa.types.is_dictionary(col.type):
+            col = pc.cast(col, col.type.value_type)
+        kind = "int" if pa.types.is_integer(col.type) else "str"
+        col = pc.fill_null(col, -(2**62)) if kind == "int" and col.null_count else col
+        counts = _value_counts(col if kind == "int" else string_column(col))
+        vocab = _vocabulary(counts, feat.min_count, feat.max_vocab)
+        if kind == "int" and -(2**62) in vocab:  # missing ints are a category too: store as the NA token
+            kind = "str"
+            vocab = [NA_TOKEN if v == -(2**62) else str(v) for v in vocab]
+        return {"size": len(vocab) + 1, "kind": kind, "vocab": vocab}
+
+    # ----------------------------------------------------------------------------------- transforming
+
+    def transform(self, data: Any, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
+        """Encode rows: ``(dense float32 [N, num_dense], sparse int64 [N, F_cat])``; unseen values -> id 0."""
+        if not self.fitted:
+            raise RuntimeError("FeatureEncoder.transform called before fit (or load)")
+        table = as_table(data)
+        self._check_columns(table, source)
+        n = table.num_rows
+        dense = np.empty((n, self.num_dense), dtype=np.float32)
+        sparse = np.empty((n, len(self.features.categorical)), dtype=np.int64)
+        col = 0
+        for feat in self.features.numeric:
+            x = numeric_column(table, feat.column, source)
+            dense[:, col] = self._numeric_transform(feat, self.state[feat.name], x, standardize=True)
+            col += 1
+        for feat in self.features.multi_categorical:
+            width = len(self.state[feat.name]["vocab"]) + 1
+            dense[:, col : col + width] = self._multi_hot(feat, table, source)
+            col += width
+        for j, feat in enumerate(self.features.categorical):
+            sparse[:, j] = self._categorical_ids(feat, table.column(feat.column))
+        return dense, sparse
+
+    def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
+        z = np.where(np.isfinite(x), x, state["fill"])
+        if feat.clip is not None:
+            z = np.clip(z, feat.clip[0], feat.clip[1])
+        if feat.log1p:
+            z = np.sign(z) * np.log1p(np.abs(z))
+        if standardize:
+            z = (z - state["mean"]) / state["std"]
+        return z
+
+    def _categorical_ids(self, feat: CategoricalFeature, col: pa.ChunkedArray) -> np.ndarray:
+        state = self.state[feat.name]
+        if state.get("hash"):
+            return stable_hash(col, state["size"])
+        if pa.types.is_dictionary(col.type):
+            col = pc.cast(col, col.type.value_type)
+        vocab = state.get("_vocab_array")
+        if state["kind"] == "int" and pa.types.is_integer(col.type):
+            if vocab is None or vocab.type != pa.int64():
+                vocab = state["_vocab_array"] = pa.array(state["vocab"], pa.int64())
+            ids = _lookup(pc.cast(col, pa.int64()), vocab)
+            return ids  # missing ints: not in the vocabulary -> OOV
+        strings = state.get("_vocab_strings")
+        if strings is None:
+            strings = state["_vocab_strings"] = pa.array([str(v) for v in state["vocab"]], pa.string())
+        return _lookup(string_column(col), strings)
+
+    def _multi_hot(self, feat: MultiCategoricalFeature, table: pa.Table, source: str) -> np.ndarray:
+        state = self.state[feat.name]
+        vocab = state.get("_vocab_strings")
+        if vocab is None:
+            vocab = state["_vocab_strings"] = pa.array(state["vocab"], pa.string())
+        width = len(state["vocab"]) + 1
+        flat, parents, lengths = _flat_strings(_list_column(table, feat, source))
+        ids = _lookup(flat, vocab)  # 0 = OOV column
+        n = table.num_rows
+        counts = np.bincount(parents * width + ids, minlength=n * width).reshape(n, width).astype(np.float32)
+        if feat.pooling == "mean":
+            counts /= np.maximum(lengths, 1.0)[:, None]
+        return counts
+
+    def transform_records(
+        self, records: list[dict[str, Any]], strict: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encode request records (``[{column: value}]``) exactly as :meth:`transform` encodes a file.
+
+        Raises :class:`DataError` naming the record index and feature for a missing feature, an unknown key
+        (with ``strict``) or a wrongly typed value (numeric: number or null; categorical: string, int or null;
+        multi-categorical: list of strings / ints, a separated string, or null).
+        """
+        if not isinstance(records, list):
+            raise DataError(f"records: expected a list of objects, got {type(records).__name__}")
+        known = set(self.input_columns)
+        columns: dict[str, list] = {c: [] for c in self.input_columns}
+        numeric = {f.column for f in self.features.numeric}
+        multi = {f.column for f in self.features.multi_categorical}
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataError(f"records[{i}]: expected an object of features, got {type(record).__name__}")
+            missing = [c for c in self.input_columns if c not in record]
+            if missing:
+                raise DataError(
+                    f"records[{i}]: missing feature {missing[0]!r} (required: {self.input_columns})"
+                )
+            if strict:
+                unknown = sorted(set(record) - known)
+                if unknown:
+                    raise DataError(
+                        f"records[{i}]: unknown feature {unknown[0]!r}; the model reads {self.input_columns}"
+                    )
+            for column in self.input_columns:
+                value = record[column]
+                if column in numeric:
+                    ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                    expected = "a number or null"
+                elif column in multi:
+                    ok = (
+                        value is None
+                        or isinstance(value, str)
+                        or (
+                            isinstance(value, list)
+                            and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+                        )
+                    )
+                    expected = "a list of strings/ints, a separated string, or null"
+                else:
+                    ok = value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
+                    expected = "a string, an int or null"
+                if not ok:
+                    raise DataError(
+                        f"records[{i}]: feature {column!r} has {type(value).__name__} {value!r}; "
+                        f"expected {expected}"
+                    )
+                columns[column].append(value)
+        arrays = {}
+        for column, values in columns.items():
+            if column in numeric:
+                arrays[column] = pa.array(values, pa.float64())
+            elif column in multi:
+                feat = next(f for f in self.features.multi_categorical if f.column == column)
+                split = [v.split(feat.separator) if isinstance(v, str) else v for v in values]
+                arrays[column] = pa.array(
+                    [None if v is None else [str(x) for x in v] for v in split], pa.list_(pa.string())
+                )
+            elif all(v is None or (isinstance(v, int)) for v in values):
+                arrays[column] = pa.array(values, pa.int64())
+            else:
+                arrays[column] = pa.array([None if v is None else str(v) for v in values], pa.string())
+        return self.transform(pa.table(arrays) if arrays else pa.table({}), source="records")
+
+    # ----------------------------------------------------------------------------------- checks
+
+    def _check_columns(self, table: pa.Table, source: str) -> None:
+        for feat in self.features.all():
+            if feat.column not in table.column_names:
+                close = difflib.get_close_matches(feat.column, table.column_names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise data_error(
+                    source,
+                    feat.column,
+                    f"feature {feat.name!r} reads this column, which is missing "
+                    f"(columns: {table.column_names[:20]})",
+                    f"{hint}Fix the column name in the config's features section",
+                    table,
+                    0,
+                )
+
+    # ----------------------------------------------------------------------------------- persistence
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: feature specs and fitted state (no pickle)."""
+        if not self.fitted:
+            raise RuntimeError("FeatureEncoder.to_dict called before fit")
+        state = {
+            name: {k: v for k, v in s.items() if not k.startswith("_")} for name, s in self.state.items()
+        }
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "features": {
+                "categorical": [dataclasses.asdict(f) for f in self.features.categorical],
+                "numeric": [dataclasses.asdict(f) for f in self.features.numeric],
+                "multi_categorical": [dataclasses.asdict(f) for f in self.features.multi_categorical],
+            },
+            "state": state,
+            "feature_names": self.feature_names,
+            "num_dense": self.num_dense,
+            "vocab_sizes": self.vocab_sizes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureEncoder:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise DataError(f"not an mtrank encoder description (format={found!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"encoder format_version {data.get('format_version')!r} is not supported "
+                f"(expects {FORMAT_VERSION})"
+            )
+        feats = data["features"]
+        spec = FeaturesSpec(
+            categorical=[_build(CategoricalFeature, f, "categorical") for f in feats.get("categorical", [])],
+            numeric=[_build(NumericFeature, f, "numeric") for f in feats.get("numeric", [])],
+            multi_categorical=[
+                _build(MultiCategoricalFeature, f, "multi_categorical")
+                for f in feats.get("multi_categorical", [])
+            ],
+        )
+        encoder = cls(spec)
+        encoder.state = {name: dict(s) for name, s in data["state"].items()}
+        missing = [f.name for f in spec.all() if f.name not in encoder.state]
+        if missing:
+            raise DataError(f"encoder description has no fitted state for feature {missing[0]!r}")
+        return encoder
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``encoders.json`` into ``directory`` (the model directory); returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / ENCODERS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FeatureEncoder:
+        """Read ``encoders.json`` from a model directory (or the file itself)."""
+        path = Path(directory)
+        if path.is_dir():
+            path = path / ENCODERS_FILE
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no fitted encoders (encoders.json) in this model directory; "
+                "train with `mtrank train CONFIG` to write one"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: corrupt JSON ({err})") from None
+        try:
+            return cls.from_dict(data)
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
