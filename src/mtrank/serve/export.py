@@ -124,6 +124,8 @@ class OnnxScorer:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between runs: spinning threads would steal the cores PyTorch or the server needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         # an input the graph does not read (e.g. ``sparse`` of a model without categorical features) is dropped
         self.input_names = {i.name for i in self.session.get_inputs()}
