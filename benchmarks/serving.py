@@ -35,11 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 CPU_PATHS = [
     ("eager", "fp32"), ("compile", "fp32"), ("torchscript", "fp32"), ("onnx", "fp32"),
-    ("eager", "bf16"), ("torchscript", "bf16"), ("compile", "bf16"), ("eager", "int8"), ("onnx", "int8"),
+    ("eager", "bf16"), ("torchscript", "bf16"), ("compile", "bf16"),
+    ("eager", "mixed"), ("torchscript", "mixed"), ("compile", "mixed"), ("eager", "int8"), ("onnx", "int8"),
 ]
 GPU_PATHS = [
     ("eager", "fp32"), ("compile", "fp32"), ("torchscript", "fp32"),
-    ("eager", "bf16"), ("compile", "bf16"), ("eager", "fp16"), ("compile", "fp16"), ("torchscript", "fp16"),
+    ("eager", "bf16"), ("compile", "bf16"), ("eager", "mixed"), ("compile", "mixed"),
+    ("eager", "fp16"), ("compile", "fp16"), ("torchscript", "fp16"),
 ]
 BATCHES = (1, 100, 1000)
 

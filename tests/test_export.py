@@ -88,6 +88,8 @@ def test_export_refuses_a_model_dir_of_another_format_version(model_dir):
         ("onnx", "fp32", 1e-5),
         ("eager", "bf16", 0.05),
         ("torchscript", "bf16", 0.05),
+        ("eager", "mixed", 0.01),
+        ("torchscript", "mixed", 0.01),
         ("eager", "int8", 0.05),
         ("onnx", "int8", 0.05),
     ],
@@ -101,6 +103,19 @@ def test_scorers_agree_with_fp32_eager(backend, precision, tolerance):
     assert diff <= tolerance
     if precision != "fp32":
         assert diff > 0  # the reduced precision really ran
+
+
+def test_mixed_precision_splits_the_input_and_is_closer_to_fp32_than_bf16():
+    torch.manual_seed(1)
+    config = small_config()
+    model = MultiTaskModel(config).eval()
+    with torch.no_grad():  # larger weights than at init, so rounding errors show
+        for layer in model.block.experts.layers:
+            layer.weight.mul_(4)
+    dense, sparse = random_inputs(config, 256, seed=4)
+    reference = model.predict(dense, sparse)
+    errors = {p: (Scorer(model, "eager", p)(dense, sparse) - reference).abs().max().item() for p in ("bf16", "mixed")}
+    assert 0 < errors["mixed"] < errors["bf16"]
 
 
 def test_int8_quantises_the_expert_layers():

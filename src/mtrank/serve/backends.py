@@ -1,13 +1,13 @@
 """Scorers: one call ``(dense, sparse) -> scores [B, K]`` over every inference path mtrank offers.
 
-==============  ============================  ==========================================================
-backend         precisions                    what runs
-==============  ============================  ==========================================================
-``eager``       fp32, bf16, fp16 (GPU), int8  PyTorch modules (see :mod:`mtrank.serve.precision`)
-``compile``     fp32, bf16, fp16 (GPU)        ``torch.compile`` of the same (Inductor; first call compiles)
-``torchscript`` fp32, bf16, fp16 (GPU)        ``torch.jit.trace`` + ``freeze``
-``onnx``        fp32, int8                    onnxruntime on CPU (int8: its dynamic quantisation)
-==============  ============================  ==========================================================
+==============  =============================  =========================================================
+backend         precisions                     what runs
+==============  =============================  =========================================================
+``eager``       fp32, bf16, mixed, fp16, int8  PyTorch modules (see :mod:`mtrank.serve.precision`)
+``compile``     fp32, bf16, mixed, fp16        ``torch.compile`` of the same (Inductor; first call compiles)
+``torchscript`` fp32, bf16, mixed, fp16        ``torch.jit.trace`` + ``freeze``
+``onnx``        fp32, int8                     onnxruntime on CPU (int8: its dynamic quantisation)
+==============  =============================  =========================================================
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Scorer:
         if backend == "onnx":
             if precision not in ("fp32", "int8") or self.device.type != "cpu":
                 raise ValueError(
-                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile for bf16 and fp16"
+                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile/torchscript for bf16, mixed, fp16"
                 )
             self._tmp = tempfile.TemporaryDirectory(prefix="mtrank-onnx-")
             path = export_onnx(model, Path(self._tmp.name) / "model.onnx")
