@@ -102,8 +102,9 @@ def _register_serve(subparsers) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "int8"],
-        help="fp32 (default), bf16 (CPU with AVX512-BF16 or GPU), int8 (eager or onnx backends, CPU)",
+        choices=["fp32", "bf16", "mixed", "int8"],
+        help="fp32 (default); bf16 (whole model); mixed (expert bank in bf16 with a split input, the rest "
+        "fp32); int8 (eager or onnx backend, CPU). docs/serving.md has latency and score changes of each",
     )
     p.add_argument(
         "--blend", help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}}"
