@@ -45,10 +45,12 @@ def build_model_dir(directory: Path, vocab: int = 10_000, seed: int = 0) -> Feat
     """A W2-sized model (untrained) + encoders fitted on generated rows, written to ``directory``."""
     rng = np.random.default_rng(seed)
     rows = 4 * vocab
-    frame = pd.DataFrame({
-        **{c: rng.integers(0, vocab, rows).astype(str) for c in USER_CAT + ITEM_CAT},
-        **{c: rng.normal(size=rows) for c in USER_NUM + ITEM_NUM},
-    })
+    frame = pd.DataFrame(
+        {
+            **{c: rng.integers(0, vocab, rows).astype(str) for c in USER_CAT + ITEM_CAT},
+            **{c: rng.normal(size=rows) for c in USER_NUM + ITEM_NUM},
+        }
+    )
     spec = FeaturesSpec(
         categorical=[CategoricalFeature(c) for c in USER_CAT + ITEM_CAT],
         numeric=[NumericFeature(c) for c in USER_NUM + ITEM_NUM],
@@ -56,9 +58,14 @@ def build_model_dir(directory: Path, vocab: int = 10_000, seed: int = 0) -> Feat
     encoder = FeatureEncoder(spec).fit(frame)
     torch.manual_seed(seed)
     config = ModelConfig(
-        num_dense=encoder.num_dense, vocab_sizes=encoder.vocab_sizes, embedding_dim=16,
-        tasks=[TaskConfig("click"), TaskConfig("like")], block="mmoe", num_experts=8,
-        expert_hidden=[256, 128], tower_hidden=[64],
+        num_dense=encoder.num_dense,
+        vocab_sizes=encoder.vocab_sizes,
+        embedding_dim=16,
+        tasks=[TaskConfig("click"), TaskConfig("like")],
+        block="mmoe",
+        num_experts=8,
+        expert_hidden=[256, 128],
+        tower_hidden=[64],
     )
     save_model(MultiTaskModel(config), directory)
     encoder.save(directory)
@@ -72,7 +79,10 @@ def request_bodies(count: int, candidates: int, vocab: int, seed: int = 1) -> li
         context = {c: str(rng.integers(0, vocab)) for c in USER_CAT}
         context.update({c: float(rng.normal()) for c in USER_NUM})
         items = [
-            {**{c: str(rng.integers(0, vocab)) for c in ITEM_CAT}, **{c: float(rng.normal()) for c in ITEM_NUM}}
+            {
+                **{c: str(rng.integers(0, vocab)) for c in ITEM_CAT},
+                **{c: float(rng.normal()) for c in ITEM_NUM},
+            }
             for _ in range(candidates)
         ]
         bodies.append(json.dumps({"context": context, "candidates": items}).encode())
@@ -113,7 +123,9 @@ async def run_clients(url: str, bodies: list[bytes], clients: int, seconds: floa
         while time.perf_counter() < deadline:
             started = time.perf_counter()
             try:
-                response = await client.post(f"{url}/v1/score", content=bodies[i % len(bodies)], headers=headers)
+                response = await client.post(
+                    f"{url}/v1/score", content=bodies[i % len(bodies)], headers=headers
+                )
                 key = str(response.status_code)
             except httpx.HTTPError as err:
                 key = type(err).__name__
@@ -142,11 +154,15 @@ async def run_clients(url: str, bodies: list[bytes], clients: int, seconds: floa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--seconds", type=float, default=60.0, help="test duration, at most 300 (default 60)")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per request (default 100)")
-    parser.add_argument("--backend", default="torchscript", help="mtrank serve --backend (default torchscript)")
+    parser.add_argument(
+        "--backend", default="torchscript", help="mtrank serve --backend (default torchscript)"
+    )
     parser.add_argument("--precision", default="fp32", help="mtrank serve --precision (default fp32)")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "loadtest.json")
@@ -161,15 +177,33 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [
-            sys.executable, "-m", "mtrank.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--backend", args.backend, "--precision", args.precision, "--torch-threads", str(args.torch_threads),
-            "--max-body-bytes", str(max(2_000_000, 2 * max(len(b) for b in bodies))),
-            "--max-candidates", str(max(1000, args.candidates)),
+            sys.executable,
+            "-m",
+            "mtrank.cli",
+            "serve",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend",
+            args.backend,
+            "--precision",
+            args.precision,
+            "--torch-threads",
+            str(args.torch_threads),
+            "--max-body-bytes",
+            str(max(2_000_000, 2 * max(len(b) for b in bodies))),
+            "--max-candidates",
+            str(max(1000, args.candidates)),
         ]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             ready_s = wait_ready(url, server)
-            print(f"server ready in {ready_s:.1f} s; {args.clients} clients for {args.seconds:.0f} s ...", flush=True)
+            print(
+                f"server ready in {ready_s:.1f} s; {args.clients} clients for {args.seconds:.0f} s ...",
+                flush=True,
+            )
             result = asyncio.run(run_clients(url, bodies, args.clients, args.seconds))
             metrics = httpx.get(f"{url}/metrics").text
         finally:
@@ -179,20 +213,30 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    result.update({
-        "clients": args.clients, "duration_s": args.seconds, "candidates_per_request": args.candidates,
-        "backend": f"{args.backend}/{args.precision}", "server_ready_s": ready_s,
-        "request_bytes_mean": float(np.mean([len(b) for b in bodies])),
-        "load_average_1m_after": os.getloadavg()[0],
-        "server_counted_200": _counter(metrics, 'mtrank_requests_total{endpoint="/v1/score",status="200"}'),
-        "command": "python benchmarks/loadtest.py " + " ".join(sys.argv[1:]),
-    })
+    result.update(
+        {
+            "clients": args.clients,
+            "duration_s": args.seconds,
+            "candidates_per_request": args.candidates,
+            "backend": f"{args.backend}/{args.precision}",
+            "server_ready_s": ready_s,
+            "request_bytes_mean": float(np.mean([len(b) for b in bodies])),
+            "load_average_1m_after": os.getloadavg()[0],
+            "server_counted_200": _counter(
+                metrics, 'mtrank_requests_total{endpoint="/v1/score",status="200"}'
+            ),
+            "command": "python benchmarks/loadtest.py " + " ".join(sys.argv[1:]),
+        }
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    print(f"{result['requests']} requests ({result['errors']} errors, statuses {result['statuses']}) in "
-          f"{result['seconds']:.1f} s: {result['requests_per_s']:.1f} req/s, "
-          f"{result['requests_per_s'] * args.candidates:.0f} candidates/s; latency p50 {result['p50_ms']:.1f} ms, "
-          f"p99 {result['p99_ms']:.1f} ms")
+    print(
+        f"{result['requests']} requests ({result['errors']} errors, statuses {result['statuses']}) in "
+        f"{result['seconds']:.1f} s: {result['requests_per_s']:.1f} req/s, "
+        f"{result['requests_per_s'] * args.candidates:.0f} candidates/s; latency p50 "
+        f"{result['p50_ms']:.1f} ms, "
+        f"p99 {result['p99_ms']:.1f} ms"
+    )
     print(f"wrote {args.json}")
     return 0 if result["errors"] == 0 else 1
 

@@ -114,7 +114,10 @@ def test_mixed_precision_splits_the_input_and_is_closer_to_fp32_than_bf16():
             layer.weight.mul_(4)
     dense, sparse = random_inputs(config, 256, seed=4)
     reference = model.predict(dense, sparse)
-    errors = {p: (Scorer(model, "eager", p)(dense, sparse) - reference).abs().max().item() for p in ("bf16", "mixed")}
+    errors = {
+        p: (Scorer(model, "eager", p)(dense, sparse) - reference).abs().max().item()
+        for p in ("bf16", "mixed")
+    }
     assert 0 < errors["mixed"] < errors["bf16"]
 
 

@@ -1,18 +1,18 @@
 """Simulated ranking logs whose best blend of task scores differs by user group (for learned blending).
 
 Each request has a user in group ``g`` (uniform over ``groups``) and context features
-``x = [one_hot(g) * signal, noise]`` (``noise`` dims ~ N(0, 1) carry nothing). It has ``candidates`` items, each
-with K task scores ``r in (0, 1)^K`` (what a multi-task ranker predicts), drawn as ``sigmoid(z)`` with ``z``
-Gaussian, tasks correlated ``task_correlation`` (negative = a trade-off, e.g. clicks vs saves).
+``x = [one_hot(g) * signal, noise]`` (``noise`` dims ~ N(0, 1) carry nothing). It has ``candidates`` items,
+each with K task scores ``r in (0, 1)^K`` (what a multi-task ranker predicts), drawn as ``sigmoid(z)`` with
+``z`` Gaussian, tasks correlated ``task_correlation`` (negative = a trade-off, e.g. clicks vs saves).
 
 The user's group decides what they value: showing item ``r`` to a user of group ``g`` leads to a positive
 engagement with probability ``sigmoid(bias + sharpness * (a_g . r))``, worth ``v ~ LogNormal(0, 0.5)``
 (e.g. dwell). ``a_g`` (``preference[g]``) differs between groups, so no single weight vector ranks well for
 everyone, while ranking by ``a_g . r`` is optimal for each group.
 
-Logging policy (the randomised-weights traffic of Pinterest's learned utility): for each request, blend weights
-``w ~ Dirichlet(1)`` are drawn, items are ranked by ``w . r`` and the top ``shown`` are shown; the logs hold
-those impressions only: ``(x, r, engaged, reward = engaged * v)``.
+Logging policy (the randomised-weights traffic of Pinterest's learned utility): for each request, blend
+weights ``w ~ Dirichlet(1)`` are drawn, items are ranked by ``w . r`` and the top ``shown`` are shown; the
+logs hold those impressions only: ``(x, r, engaged, reward = engaged * v)``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class PreferenceData:
         context: ``[R, F]`` request features; group: ``[R]`` user group; scores: ``[R, C, K]`` task scores.
         preference: ``[G, K]`` true per-group weights ``a_g``.
         shown: ``[R, S]`` indices of the logged (shown) candidates of each request.
-        engaged: ``[R, S]`` 1 if the shown item got a positive engagement; reward: ``[R, S]`` its value (0 if not).
+        engaged: ``[R, S]`` 1 if the shown item got a positive engagement.
+        reward: ``[R, S]`` its value (0 if not engaged).
     """
 
     context: torch.Tensor

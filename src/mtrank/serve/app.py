@@ -79,7 +79,8 @@ class ScoringService:
         encoded = None if self.encoder is None else (self.encoder.num_dense, self.encoder.vocab_sizes)
         if encoded is not None and encoded != (self.config.num_dense, list(self.config.vocab_sizes)):
             raise ValueError(
-                f"{self.model_dir / ENCODERS_FILE}: encoders give {encoded[0]} dense features and vocabularies "
+                f"{self.model_dir / ENCODERS_FILE}: encoders give {encoded[0]} dense features and "
+                "vocabularies "
                 f"{encoded[1]}; the model expects {self.config.num_dense} and {list(self.config.vocab_sizes)}"
             )
         if blend is None and (self.model_dir / BLEND_FILE).is_file():
@@ -132,7 +133,8 @@ class ScoringService:
             both = sorted(shared & set(candidate))
             if both:
                 raise RequestError(
-                    f"candidates[{i}]: feature {both[0]!r} is also in the context; give each feature in one place"
+                    f"candidates[{i}]: feature {both[0]!r} is also in the context; give each feature "
+                    "in one place"
                 )
             records.append({**context, **candidate})
         try:
@@ -182,7 +184,8 @@ class ScoringService:
             for j, value in enumerate(ids):
                 if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab[j]:
                     raise RequestError(
-                        f"candidates[{i}].sparse[{j}]: expected an integer id in [0, {vocab[j]}), got {value!r}"
+                        f"candidates[{i}].sparse[{j}]: expected an integer id in [0, {vocab[j]}), got "
+                        f"{value!r}"
                     )
             sparse[i] = ids
         return dense, sparse
@@ -206,7 +209,8 @@ class ScoringService:
         if not (np.isfinite(scores).all() and np.isfinite(blended).all()):
             bad = int(np.flatnonzero(~(np.isfinite(scores).all(1) & np.isfinite(blended)))[0])
             raise RequestError(
-                f"candidates[{bad}]: the scores are not finite (numeric features far outside the training range?)"
+                f"candidates[{bad}]: the scores are not finite (numeric features far outside the "
+                "training range?)"
             )
         order = ranking(blended)
         if request.top_k is not None:

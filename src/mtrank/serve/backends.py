@@ -57,7 +57,8 @@ class Scorer:
         if backend == "onnx":
             if precision not in ("fp32", "int8") or self.device.type != "cpu":
                 raise ValueError(
-                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile/torchscript for bf16, mixed, fp16"
+                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile/torchscript for bf16, "
+                    "mixed, fp16"
                 )
             self._tmp = tempfile.TemporaryDirectory(prefix="mtrank-onnx-")
             path = export_onnx(model, Path(self._tmp.name) / "model.onnx")

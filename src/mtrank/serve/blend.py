@@ -244,7 +244,8 @@ def tune_blend(
 
     Args:
         scores: ``[N, K]`` task scores; labels: ``[N, K]`` task labels.
-        search: ``grid`` (every point of the simplex at ``step``) or ``optuna`` (``trials`` TPE trials, ``seed``).
+        search: ``grid`` (every point of the simplex at ``step``) or ``optuna`` (``trials`` TPE trials,
+            sampler seed ``seed``).
     """
     transforms = dict(transforms or {})
 

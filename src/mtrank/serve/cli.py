@@ -13,7 +13,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
     print(
-        f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on random inputs)"
+        f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on "
+        "random inputs)"
     )
     if args.int8:
         print(
@@ -28,7 +29,8 @@ def _register_export(subparsers) -> None:
         "export",
         help="export a model directory to TorchScript or ONNX, checked against eager PyTorch",
         description=(
-            "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] with a dynamic "
+            "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] "
+            "with a dynamic "
             "batch size: TorchScript (model.pt, torch.jit.load) or ONNX (model.onnx, inputs 'dense' float32 "
             "[B, F_dense] and 'sparse' int64 [B, F_cat], output 'scores'). The export is compared with eager "
             "PyTorch on random inputs and refused if any score differs by more than 1e-5. Writes export.json."
@@ -82,8 +84,10 @@ def _register_serve(subparsers) -> None:
         description=(
             "Serve MODEL_DIR over HTTP. POST /v1/score takes {'context': {...}, 'candidates': [{...}, ...]} "
             "(raw feature values by name when the directory has encoders.json; else each candidate is "
-            "{'dense': [...], 'sparse': [...]}) and returns per-task scores, the blended score and the ranking. "
-            "GET /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI). The blend comes from --blend, else "
+            "{'dense': [...], 'sparse': [...]}) and returns per-task scores, the blended score and "
+            "the ranking. "
+            "GET /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI). The blend comes from "
+            "--blend, else "
             "MODEL_DIR/blend.json, else equal weights; a request may override it. Binds to 127.0.0.1 unless "
             "--host says otherwise."
         ),
@@ -225,7 +229,8 @@ def _register_blend(subparsers) -> None:
         help="search blend weights on a file of validation scores and labels",
         description=(
             "Search blend weights (summing to 1) that maximise an objective on validation data: 'auc' = "
-            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k label_k over the "
+            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k "
+            "label_k over the "
             "top-k blended candidates (needs --request-id). Grid over the simplex or optuna TPE."
         ),
     )
@@ -251,7 +256,8 @@ def _register_blend(subparsers) -> None:
         "learned",
         help="learned blend vs the best global weights on simulated logs with group-dependent preferences",
         description=(
-            "Generate ranking logs where two user groups value two tasks differently (logged under randomised "
+            "Generate ranking logs where two user groups value two tasks differently (logged under "
+            "randomised "
             "blend weights), train the learned utility g(x, r) = sigmoid(r . f(x) + b) with reward-weighted "
             "cross-entropy and an L2 pull toward the default weights, and compare the expected reward of the "
             "top item on fresh requests: default weights, the best single global weight vector (grid on a "

@@ -1,8 +1,8 @@
 """Export a model for inference: TorchScript and ONNX of ``(dense, sparse) -> scores [B, K]``.
 
-Both formats wrap :class:`~mtrank.models.ScoringModule` (probabilities for binary tasks, values for regression)
-with a dynamic batch dimension. Every export is checked against eager PyTorch on random inputs before it is
-kept (``max |diff| <= 1e-5`` in fp32); ONNX files are checked by running them in onnxruntime.
+Both formats wrap :class:`~mtrank.models.ScoringModule` (probabilities for binary tasks, values for
+regression) with a dynamic batch dimension. Every export is checked against eager PyTorch on random inputs
+before it is kept (``max |diff| <= 1e-5`` in fp32); ONNX files are checked by running them in onnxruntime.
 
 Files written next to the model (``MODEL_DIR/export/`` unless told otherwise):
 
@@ -37,7 +37,7 @@ ONNX_OPSET = 17
 
 
 def random_inputs(config: ModelConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``dense [B, F_dense]`` (float32, N(0, 1)) and ``sparse [B, F_cat]`` (valid ids) for ``config``."""
+    """Random ``dense [B, F_dense]`` (N(0, 1)) and ``sparse [B, F_cat]`` (valid ids) for ``config``."""
     gen = torch.Generator().manual_seed(seed)
     dense = torch.randn(batch, config.num_dense, generator=gen)
     if config.vocab_sizes:
@@ -53,8 +53,8 @@ def scoring_module(model: MultiTaskModel) -> ScoringModule:
 
 
 def export_torchscript(model: MultiTaskModel, path: str | Path, batch: int = 8) -> Path:
-    """Trace ``(dense, sparse) -> scores`` to TorchScript. The trace is batch-size independent: the model has no
-    data-dependent control flow, only branches on configuration and tensor rank."""
+    """Trace ``(dense, sparse) -> scores`` to TorchScript. The trace is batch-size independent: the model
+    has no data-dependent control flow, only branches on configuration and tensor rank."""
     path = Path(path)
     dense, sparse = random_inputs(model.config, batch)
     with warnings.catch_warnings():
@@ -75,7 +75,7 @@ def onnx_bytes(model: MultiTaskModel, batch: int = 8) -> bytes:
             scoring_module(model),
             (dense, sparse),
             buffer,
-            dynamo=False,  # the TorchScript-based exporter: no onnxscript needed, constant-folds weight reshapes
+            dynamo=False,  # TorchScript-based exporter: no onnxscript needed, constant-folds weight reshapes
             opset_version=ONNX_OPSET,
             input_names=["dense", "sparse"],
             output_names=["scores"],
@@ -99,8 +99,9 @@ def quantize_onnx_int8(source: str | Path, target: str | Path) -> Path:
 
     graph = onnx.load(str(source)).graph
     weights = {init.name: len(init.dims) for init in graph.initializer}
-    # only MatMuls against a 2-D weight: the expert bank's first layer ([in, E*out], the bulk of the FLOPs) and
-    # plain linears; onnxruntime's int8 MatMul has no per-channel form for batched [G, in, out] weights
+    # only MatMuls against a 2-D weight: the expert bank's first layer ([in, E*out], the bulk of the
+    # FLOPs) and plain linears; onnxruntime's int8 MatMul has no per-channel form for batched
+    # [G, in, out] weights
     nodes = [n.name for n in graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) == 2]
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
     quantize_dynamic(
@@ -127,7 +128,7 @@ class OnnxScorer:
         # no busy-waiting between runs: spinning threads would steal the cores PyTorch or the server needs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        # an input the graph does not read (e.g. ``sparse`` of a model without categorical features) is dropped
+        # an input the graph does not read (``sparse`` of a model without categorical features) is dropped
         self.input_names = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, dense: np.ndarray | torch.Tensor, sparse: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -1,15 +1,15 @@
 """Learned blending (Pinterest Closeup's "learned utility"): per-request task weights from request features.
 
-A small network maps request / user features ``x`` to task weights ``f(x) [K]``; an impression whose task scores
-are ``r [K]`` has utility ``g(x, r) = sigmoid(r . f(x) + b)``. It is trained on impression logs collected while
-blend weights were randomised (so the logs cover many trade-offs between tasks) with a reward-weighted
-cross-entropy and an L2 pull of ``f(x)`` toward the default (production) weights ``w0``:
+A small network maps request / user features ``x`` to task weights ``f(x) [K]``; an impression whose task
+scores are ``r [K]`` has utility ``g(x, r) = sigmoid(r . f(x) + b)``. It is trained on impression logs
+collected while blend weights were randomised (so the logs cover many trade-offs between tasks) with a
+reward-weighted cross-entropy and an L2 pull of ``f(x)`` toward the default (production) weights ``w0``:
 
     loss = mean_i [ -R_i log g(x_i, r_i) - 1[not engaged_i] log(1 - g(x_i, r_i)) ]
            + lambda * mean_i || f(x_i) - w0 ||^2,        lambda = 2 by default
 
-where ``R_i`` is the reward of impression i (its value if engaged, 0 otherwise). At serving only ``f(x)`` runs,
-once per request, and candidates are ranked by ``r . f(x)`` (the same order as ``g``).
+where ``R_i`` is the reward of impression i (its value if engaged, 0 otherwise). At serving only ``f(x)``
+runs, once per request, and candidates are ranked by ``r . f(x)`` (the same order as ``g``).
 
 ``f(x) = w0 + h(x)`` with ``h``'s last layer initialised at zero, so training starts from the default blend.
 """

@@ -7,12 +7,13 @@
   ``x = x_hi + x_lo`` (``x_hi = bf16(x)``, ``x_lo = bf16(x - x_hi)``), both multiplied in one GEMM (rows
   stacked), so the input's rounding error (the larger one, measured in docs/serving.md) cancels and only the
   weights' bf16 rounding remains, at twice that layer's bf16 cost.
-* ``int8``: dynamic quantisation, weights int8 per output channel, activations quantised per batch at run time,
-  int32 accumulation (fbgemm). ``torch.ao.quantization.quantize_dynamic`` only knows ``nn.Linear``, and the
-  experts are :class:`~mtrank.nn.StackedLinear` ``[G, in, out]`` weights, so :class:`Int8StackedLinear` rewrites
-  each one as ``nn.Linear`` layers first: the expert bank's first layer as ONE linear ``[in] -> [G*out]``
-  (every expert reads the same input; this layer holds most of the FLOPs), later layers as G linears. Gates and
-  towers stay float32: they are a few percent of the compute and the gates decide the expert mix.
+* ``int8``: dynamic quantisation, weights int8 per output channel, activations quantised per batch at run
+  time, int32 accumulation (fbgemm). ``torch.ao.quantization.quantize_dynamic`` only knows ``nn.Linear``, and
+  the experts are :class:`~mtrank.nn.StackedLinear` ``[G, in, out]`` weights, so :class:`Int8StackedLinear`
+  rewrites each one as ``nn.Linear`` layers first: the expert bank's first layer as ONE linear
+  ``[in] -> [G*out]`` (every expert reads the same input; this layer holds most of the FLOPs), later layers as
+  G linears. Gates and towers stay float32: they are a few percent of the compute and the gates decide the
+  expert mix.
 
 Measured latency and score / AUC changes: ``benchmarks/serving.py`` -> ``docs/serving.md``.
 """
@@ -35,7 +36,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Int8StackedLinear(nn.Module):
     """A :class:`StackedLinear` computed with int8 dynamic-quantised ``nn.Linear`` layers.
 
-    ``y[g] = x[g] @ W[g] + b[g]``; shapes as :class:`StackedLinear`: ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, out]``.
+    ``y[g] = x[g] @ W[g] + b[g]``; shapes as :class:`StackedLinear`:
+    ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, out]``.
 
     Args:
         layer: the float layer to quantise.
@@ -113,7 +115,9 @@ class Bf16StackedLinear(nn.Module):
             low = (x.float() - high.float()).to(torch.bfloat16)
             stacked = torch.cat([high, low], dim=batch_dim)  # (2B, in) or (G, 2B, in)
             y = self._matmul(stacked).float()
-            y = y.narrow(batch_dim, 0, x.shape[batch_dim]) + y.narrow(batch_dim, x.shape[batch_dim], x.shape[batch_dim])
+            y = y.narrow(batch_dim, 0, x.shape[batch_dim]) + y.narrow(
+                batch_dim, x.shape[batch_dim], x.shape[batch_dim]
+            )
         else:
             y = self._matmul(high).float()
         if self.shared_input:

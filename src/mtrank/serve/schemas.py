@@ -24,8 +24,8 @@ class ScoreRequest(BaseModel):
 
     With a model directory that has ``encoders.json``, features are raw values by feature name; the context's
     features are shared by every candidate (a feature must be in the context or in the candidates, not both).
-    Without encoders, each candidate is ``{"dense": [F_dense numbers], "sparse": [F_cat integer ids]}`` and the
-    context is empty.
+    Without encoders, each candidate is ``{"dense": [F_dense numbers], "sparse": [F_cat integer ids]}`` and
+    the context is empty.
     """
 
     model_config = ConfigDict(
