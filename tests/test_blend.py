@@ -144,3 +144,82 @@ def test_a_stronger_l2_pull_keeps_the_weights_closer_to_the_default():
         with torch.no_grad():
             distances.append((model.task_weights(context) - default).norm(dim=1).mean().item())
     assert distances[1] < 0.5 * distances[0]
+
+
+def test_blend_tune_command_writes_a_blend_the_service_can_read(tmp_path):
+    import pandas as pd
+
+    from mtrank.cli import main
+
+    scores, labels, requests = _labelled(n=600, seed=2)
+    frame = pd.DataFrame(
+        {
+            "p_click": scores[:, 0],
+            "p_like": scores[:, 1],
+            "y_click": labels[:, 0],
+            "y_like": labels[:, 1],
+            "request": requests,
+        }
+    )
+    frame.to_csv(tmp_path / "valid.csv", index=False)
+    out = tmp_path / "blend.json"
+    code = main(
+        [
+            "blend",
+            "tune",
+            str(tmp_path / "valid.csv"),
+            "--tasks",
+            "click",
+            "like",
+            "--scores",
+            "p_click",
+            "p_like",
+            "--labels",
+            "y_click",
+            "y_like",
+            "--objective",
+            "reward@k",
+            "--request-id",
+            "request",
+            "--top-k",
+            "2",
+            "--step",
+            "0.25",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    import json
+
+    blend = Blend.from_dict(json.loads(out.read_text()), TASKS)
+    assert abs(sum(blend.weights.values()) - 1) < 1e-9
+    assert (
+        main(
+            [
+                "blend",
+                "tune",
+                str(tmp_path / "valid.csv"),
+                "--tasks",
+                "click",
+                "--scores",
+                "p_clik",
+                "--labels",
+                "y_click",
+            ]
+        )
+        == 1
+    )  # a missing column is an error that names it
+
+
+def test_learned_blend_study_reports_every_method():
+    from mtrank.serve.learned_demo import run_learned_blend_demo
+
+    report = run_learned_blend_demo(requests=300, lambdas=[2.0], epochs=2, seeds=1)
+    assert set(report["rewards"]) == {
+        "default weights (0.5, 0.5)",
+        "best global weights (grid on validation)",
+        "learned blend, lambda = 2",
+        "oracle (true per-group weights)",
+    }
+    assert "oracle" in report["table"]

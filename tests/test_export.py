@@ -137,3 +137,13 @@ def test_precision_checks_name_the_problem():
         check_precision("fp8", "cpu")
     with pytest.raises(ValueError, match="backend onnx"):
         Scorer(MultiTaskModel(small_config()), "onnx", "bf16")
+
+
+def test_export_command_prints_the_difference_and_fails_cleanly(model_dir, tmp_path, capsys):
+    from mtrank.cli import main
+
+    assert main(["export", str(model_dir), "--format", "onnx", "--int8", "--out", str(tmp_path / "out")]) == 0
+    assert "max |score - eager|" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "model.int8.onnx").is_file()
+    assert main(["export", str(tmp_path / "missing"), "--format", "onnx"]) == 1
+    assert "no config.json" in capsys.readouterr().err

@@ -229,3 +229,51 @@ def test_models_without_encoders_take_dense_and_sparse_lists(raw_client):
 def test_raw_feature_errors_name_candidate_and_position(raw_client, candidate, message):
     response = raw_client.post("/v1/score", json={"candidates": [candidate]})
     assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_mtrank_serve_starts_uvicorn_and_answers(model_dir):
+    """The real command: a child process on a free loopback port, polled until ready, then stopped."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mtrank.cli",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--backend",
+            "eager",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready within 60 s"
+            time.sleep(0.05)  # polling interval of the readiness probe
+        response = httpx.post(
+            f"{url}/v1/score", json={"context": CONTEXT, "candidates": CANDIDATES}, timeout=10
+        )
+        assert response.status_code == 200 and len(response.json()["ranking"]) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
