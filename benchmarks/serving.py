@@ -328,6 +328,11 @@ DOC_NOTES = """## Notes
   unchanged to 3-4 decimals.
 - onnxruntime sessions are created without thread spinning (`session.intra_op.allow_spinning = 0`): spinning
   threads otherwise keep the cores busy between calls and slow every other path (and the server) on 2 cores.
+- Learned blend: with lambda = 2 (Pinterest's value) and both loss terms averaged per impression, the L2 pull
+  dominates the reward-weighted cross-entropy, so the learned weights move only a little from the default
+  (see the per-group weights above) and the gain over the best global vector is small but consistent; weaker
+  pulls come close to the oracle. How lambda trades off depends on how the two terms are normalised, which the
+  paper does not say; `--lambdas` shows the whole range.
 - GPU numbers (fp16/bf16) come from `python benchmarks/serving.py --device cuda`, run separately.
 """
 
