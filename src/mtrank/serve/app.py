@@ -96,12 +96,14 @@ class ScoringService:
         return list(self.config.vocab_sizes)
 
     def warm_up(self) -> None:
-        """One forward pass of a full-size request, so the first real request pays no set-up cost."""
+        """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches), so
+        the first real requests pay no set-up cost."""
         from mtrank.serve.export import random_inputs
 
-        dense, sparse = random_inputs(self.config, min(self.max_candidates, 64))
-        with self.lock:
-            self.scorer(dense, sparse)
+        for batch in (1, min(self.max_candidates, 1000)):
+            dense, sparse = random_inputs(self.config, batch)
+            with self.lock:
+                self.scorer(dense, sparse)
         self.ready = True
 
     def describe(self) -> dict[str, Any]:
