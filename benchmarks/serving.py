@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mtrank.checkpoint import load_model, save_model
 from mtrank.config import ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import TensorData
 from mtrank.models import MultiTaskModel
@@ -47,7 +48,6 @@ CPU_PATHS = [
     ("compile", "bf16"),
     ("eager", "mixed"),
     ("torchscript", "mixed"),
-    ("compile", "mixed"),
     ("eager", "int8"),
     ("onnx", "int8"),
 ]
@@ -58,7 +58,7 @@ GPU_PATHS = [
     ("eager", "bf16"),
     ("compile", "bf16"),
     ("eager", "mixed"),
-    ("compile", "mixed"),
+    ("torchscript", "mixed"),
     ("eager", "fp16"),
     ("compile", "fp16"),
     ("torchscript", "fp16"),
@@ -97,16 +97,26 @@ def teacher_data(n: int, seed: int) -> TensorData:
     return TensorData(dense, sparse, torch.bernoulli(torch.sigmoid(score), generator=gen))
 
 
-def train_model(steps: int, seed: int = 0) -> tuple[MultiTaskModel, TensorData, dict]:
+def train_model(
+    steps: int, seed: int = 0, cache: Path | None = None
+) -> tuple[MultiTaskModel, TensorData, dict]:
+    """The W2 model after ``steps`` training steps (read from ``cache`` when it holds that model), and the
+    test rows."""
+    test = teacher_data(20_000, seed=99)
+    info: dict = {"train_steps": steps}
+    cached = cache / f"w2_steps{steps}_seed{seed}" if cache else None
+    if cached is not None and (cached / "config.json").is_file():
+        info["model_cache"] = str(cached.relative_to(REPO)) if cached.is_relative_to(REPO) else str(cached)
+        return load_model(cached), test, info
     torch.manual_seed(seed)
     model = MultiTaskModel(w2_config())
-    test = teacher_data(20_000, seed=99)
-    info = {"train_steps": steps}
     if steps:
         train = teacher_data(steps * 512, seed=seed)
         started = time.perf_counter()
         Trainer(model, TrainConfig(steps=steps, batch_size=512, lr=2e-3, progress=False)).fit(train)
         info["train_seconds"] = round(time.perf_counter() - started, 1)
+    if cached is not None:
+        save_model(model, cached)
     return model.eval(), test, info
 
 
@@ -154,7 +164,7 @@ def time_paths(scorers: dict[str, Scorer], test: TensorData, batch: int, rounds:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    model, test, info = train_model(args.train_steps)
+    model, test, info = train_model(args.train_steps, cache=None if args.no_cache else args.model_cache)
     paths = GPU_PATHS if args.device == "cuda" else CPU_PATHS
     if args.paths:
         paths = [tuple(p.split("/")) for p in args.paths]
@@ -301,8 +311,7 @@ from the command quoted beside it.
 Paths (`mtrank.serve.backends.Scorer`; `backend/precision`):
 
 - `eager`: PyTorch modules; `compile`: `torch.compile` (Inductor); `torchscript`: `torch.jit.trace` +
-  `freeze`;
-  `onnx`: the exported ONNX model in onnxruntime (CPU).
+  `freeze`; `onnx`: the exported ONNX model in onnxruntime (CPU).
 - `fp32`; `bf16`: the whole model cast to bf16 (gate softmax still float32); `mixed`: only the expert bank in
   bf16 (float32 accumulation), its first layer's input split as `bf16(x) + bf16(x - bf16(x))`; `fp16` (GPU);
   `int8`: dynamic quantisation (weights int8 per output channel, activations per batch): in PyTorch the expert
@@ -310,8 +319,8 @@ Paths (`mtrank.serve.backends.Scorer`; `backend/precision`):
 
 Each latency is one call scoring B candidates end to end (tensors in, float32 scores out), p50 / p99 over
 100-300 calls per path, the paths interleaved round by round. "max |Δscore|" is the largest difference of any
-task score from eager fp32 over the test rows; AUC is per task on labels of the teacher that generated
-the data.
+task score from eager fp32 over the test rows; AUC is per task on labels of the teacher that generated the
+data.
 """
 
 DOC_NOTES = """## Notes
@@ -348,6 +357,10 @@ def main() -> int:
     parser.add_argument(
         "--train-steps", type=int, default=300, help="training steps before measuring (0 = untrained)"
     )
+    parser.add_argument(
+        "--model-cache", type=Path, default=REPO / "runs" / "serving", help="keep the trained model here"
+    )
+    parser.add_argument("--no-cache", action="store_true", help="train again even if the cache has the model")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--paths", nargs="+", help="backend/precision pairs, e.g. eager/fp32 onnx/int8")
     parser.add_argument("--quick", action="store_true", help="10 timing rounds per batch size (a smoke test)")

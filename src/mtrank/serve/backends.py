@@ -4,7 +4,7 @@
 backend         precisions                     what runs
 ==============  =============================  =========================================================
 ``eager``       fp32, bf16, mixed, fp16, int8  PyTorch modules (see :mod:`mtrank.serve.precision`)
-``compile``     fp32, bf16, mixed, fp16        ``torch.compile`` of the same (Inductor; first call compiles)
+``compile``     fp32, bf16, fp16               ``torch.compile`` of the same (Inductor; first call compiles)
 ``torchscript`` fp32, bf16, mixed, fp16        ``torch.jit.trace`` + ``freeze``
 ``onnx``        fp32, int8                     onnxruntime on CPU (int8: its dynamic quantisation)
 ==============  =============================  =========================================================
@@ -66,6 +66,11 @@ class Scorer:
                 path = quantize_onnx_int8(path, Path(self._tmp.name) / "model.int8.onnx")
             self._onnx = OnnxScorer(path, threads=threads)
             return
+        if precision == "mixed" and backend == "compile":
+            raise ValueError(
+                "backend compile: Inductor folds the bf16 round trip that splits the input (x - bf16(x)), "
+                "which undoes 'mixed'; use eager or torchscript for mixed"
+            )
         if precision == "int8" and backend != "eager":
             raise ValueError(
                 f"backend {backend}: int8 runs with backend eager (PyTorch) or onnx (onnxruntime)"
