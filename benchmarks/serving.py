@@ -136,6 +136,29 @@ def quality(model: MultiTaskModel, scorer: Scorer, reference: np.ndarray, test: 
     }
 
 
+def bf16_error_attribution(model: MultiTaskModel, reference: np.ndarray, test: TensorData) -> dict:
+    """Max score change when only the first expert layer runs in bf16: input rounded vs input split."""
+    import copy
+
+    from mtrank.serve.precision import Bf16StackedLinear
+
+    out = {}
+    for name, split in (("first_layer_bf16_input_rounded", False), ("first_layer_bf16_input_split", True)):
+        variant = copy.deepcopy(model).eval()
+        variant.block.experts.layers[0] = Bf16StackedLinear(
+            model.block.experts.layers[0], shared_input=True, split_input=split
+        )
+        with torch.inference_mode():
+            scores = np.concatenate(
+                [
+                    variant.predict(test.dense[i : i + 1000], test.sparse[i : i + 1000]).numpy()
+                    for i in range(0, len(test), 1000)
+                ]
+            )
+        out[name] = float(np.abs(scores - reference).max())
+    return out
+
+
 def time_paths(scorers: dict[str, Scorer], test: TensorData, batch: int, rounds: int) -> dict[str, dict]:
     dense, sparse = test.dense[:batch].contiguous(), test.sparse[:batch].contiguous()
     names = list(scorers)
@@ -184,6 +207,7 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(0, len(test), 1000)
         ]
     )
+    attribution = bf16_error_attribution(model, reference, test) if args.device == "cpu" else {}
     results = {
         name: {"setup_s": setup[name], **quality(model, s, reference, test)} for name, s in scorers.items()
     }
@@ -203,6 +227,7 @@ def run(args: argparse.Namespace) -> dict:
         "test_rows": len(test),
         "paths": results,
         "latency": latency,
+        "bf16_error_attribution": attribution,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
@@ -266,6 +291,13 @@ def render(results_dir: Path, out: Path) -> None:
             f"before / {result.get('load_after', float('nan')):.1f} after (2 cores, shared).\n"
         )
         parts.append(latency_table(result) + "\n")
+        attribution = result.get("bf16_error_attribution")
+        if attribution:
+            parts.append(
+                "bf16 error attribution (only the first expert layer in bf16, the rest fp32): max |Δscore| "
+                f"{attribution['first_layer_bf16_input_rounded']:.1e} with its input rounded to bf16, "
+                f"{attribution['first_layer_bf16_input_split']:.1e} with the input split in two bf16 terms.\n"
+            )
         best = fastest_within(result, "1000")
         if best:
             verdict = "meets" if best[1] < 10 else "misses"
