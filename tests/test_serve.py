@@ -277,3 +277,49 @@ def test_mtrank_serve_starts_uvicorn_and_answers(model_dir):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_concurrent_calls_share_one_forward_pass_and_get_their_own_rows(model_dir):
+    """Eight requests queued while a pass is running are scored together, each getting exactly its rows."""
+    import threading
+
+    from mtrank.serve.batching import CoalescingScorer
+    from mtrank.serve.export import random_inputs
+
+    model = load_model(model_dir)
+    passes = []
+
+    def scorer(dense, sparse):  # the real model, recording the size of each pass
+        passes.append(len(dense))
+        return model.predict(dense, sparse)
+
+    batcher = CoalescingScorer(scorer)
+    inputs = [random_inputs(model.config, rows, seed=rows) for rows in range(1, 9)]
+    results = {}
+    with batcher.condition:
+        batcher.busy = True  # as if a forward pass were running
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, batcher(*map(np.asarray, inputs[i]))))
+        for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    with batcher.condition:
+        assert batcher.condition.wait_for(lambda: len(batcher.pending) == 8, timeout=30)
+        batcher.busy = False  # the pass ends: one waiting caller leads the next, with everything queued
+        batcher.condition.notify_all()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert passes == [sum(range(1, 9))]
+    for i, (dense, sparse) in enumerate(inputs):
+        np.testing.assert_allclose(results[i], model.predict(dense, sparse).numpy(), atol=1e-6)
+
+
+def test_an_error_in_a_shared_pass_reaches_every_caller():
+    from mtrank.serve.batching import CoalescingScorer
+
+    def failing(dense, sparse):
+        raise RuntimeError("model failed")
+
+    with pytest.raises(RuntimeError, match="model failed"):
+        CoalescingScorer(failing)(np.zeros((2, 3), np.float32), np.zeros((2, 0), np.int64))

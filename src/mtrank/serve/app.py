@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -32,6 +30,7 @@ from mtrank import __version__
 from mtrank.checkpoint import load_model, read_model_meta
 from mtrank.data.encoders import ENCODERS_FILE, FeatureEncoder
 from mtrank.serve.backends import Scorer
+from mtrank.serve.batching import CoalescingScorer
 from mtrank.serve.blend import BLEND_FILE, Blend, ranking
 from mtrank.serve.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
@@ -88,7 +87,8 @@ class ScoringService:
         self.blend = (blend or Blend.default(self.task_names)).validate(self.task_names)
         self.scorer = Scorer(model, backend, precision, threads=threads)
         self.max_candidates = max_candidates
-        self.lock = threading.Lock()  # one forward pass at a time: the model already uses every core
+        # one forward pass at a time (the model already uses every core); concurrent requests share a pass
+        self.batcher = CoalescingScorer(self.scorer, max_rows=max(4096, max_candidates))
         self.ready = False
 
     @property
@@ -102,8 +102,7 @@ class ScoringService:
 
         for batch in (1, min(self.max_candidates, 1000)):
             dense, sparse = random_inputs(self.config, batch)
-            with self.lock:
-                self.scorer(dense, sparse)
+            self.batcher(dense.numpy(), sparse.numpy())
         self.ready = True
 
     def describe(self) -> dict[str, Any]:
@@ -114,6 +113,8 @@ class ScoringService:
             if self.encoder
             else {"dense": self.config.num_dense, "sparse": self.vocab_sizes},
             "max_candidates": self.max_candidates,
+            "forward_passes": self.batcher.batches,
+            "requests_per_pass": self.batcher.calls / max(self.batcher.batches, 1),
             "blend": self.blend.to_dict(),
         }
 
@@ -205,8 +206,7 @@ class ScoringService:
         if not np.isfinite(dense).all():
             row = int(np.flatnonzero(~np.isfinite(dense).all(1))[0])
             raise RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
-        with self.lock:
-            scores = self.scorer(torch.from_numpy(dense), torch.from_numpy(sparse)).numpy()  # (N, K)
+        scores = self.batcher(dense, sparse)  # (N, K)
         blended = blend.apply(scores, self.task_names)
         if not (np.isfinite(scores).all() and np.isfinite(blended).all()):
             bad = int(np.flatnonzero(~(np.isfinite(scores).all(1) & np.isfinite(blended)))[0])
