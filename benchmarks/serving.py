@@ -17,24 +17,30 @@ side by side: every round calls each path once, in a rotating order, so machine 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
-from sklearn.metrics import roc_auc_score
+# OpenMP threads that spin while waiting lose whole time slices when the cores are shared (2 cores, several
+# users): the PyTorch paths ran 10-30x slower at a load average of ~11. Passive waiting is set before torch
+# loads; export OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mtrank.checkpoint import load_model, save_model
-from mtrank.config import ModelConfig, TaskConfig, TrainConfig
-from mtrank.data import TensorData
-from mtrank.models import MultiTaskModel
-from mtrank.serve.backends import Scorer
-from mtrank.train import Trainer
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from mtrank.checkpoint import load_model, save_model  # noqa: E402
+from mtrank.config import ModelConfig, TaskConfig, TrainConfig  # noqa: E402
+from mtrank.data import TensorData  # noqa: E402
+from mtrank.models import MultiTaskModel  # noqa: E402
+from mtrank.serve.backends import Scorer  # noqa: E402
+from mtrank.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -228,6 +234,7 @@ def run(args: argparse.Namespace) -> dict:
         "paths": results,
         "latency": latency,
         "bf16_error_attribution": attribution,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
@@ -285,7 +292,8 @@ def render(results_dir: Path, out: Path) -> None:
         parts.append(f"## Latency and score changes: {title}\n")
         parts.append(
             f"`{result['command']}` — device {result['device']}, {result['threads']} threads, torch "
-            f"{result['torch']}, model trained {result['train_steps']} steps; scores compared on "
+            f"{result['torch']}, OMP_WAIT_POLICY={result.get('omp_wait_policy')}, model trained "
+            f"{result['train_steps']} steps; scores compared on "
             f"{result['test_rows']:,} test rows; 1-minute load average "
             f"{result.get('load_before', float('nan')):.1f} "
             f"before / {result.get('load_after', float('nan')):.1f} after (2 cores, shared).\n"
