@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 
 # OpenMP threads that spin while waiting lose whole time slices when the cores are shared (2 cores, several
-# users): the PyTorch paths ran 10-30x slower at a load average of ~11. Passive waiting is set before torch
-# loads; export OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
+# users): the PyTorch paths ran many times slower (docs/results/serving_spinning.json). Passive waiting is set
+# before torch loads; export OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
@@ -378,6 +378,9 @@ DOC_NOTES = """## Notes
   model in fp32, which brings the largest score change under 1e-3 at about twice the first layer's bf16 cost.
 - int8 dynamic quantisation changes scores by more than 1e-3 here (per-batch activation scales), with AUC
   unchanged to 3-4 decimals.
+- OpenMP waits passively in these runs (`OMP_WAIT_POLICY=PASSIVE`, set by the benchmark before torch loads):
+  on a shared machine, PyTorch's spinning OpenMP threads lose whole time slices at every barrier. Start the
+  service the same way there: `OMP_WAIT_POLICY=PASSIVE mtrank serve MODEL_DIR`.
 - onnxruntime sessions are created without thread spinning (`session.intra_op.allow_spinning = 0`): spinning
   threads otherwise keep the cores busy between calls and slow every other path (and the server) on 2 cores.
 - Learned blend: with lambda = 2 (Pinterest's value) and both loss terms averaged per impression, the L2 pull
