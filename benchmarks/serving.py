@@ -284,9 +284,16 @@ def render(results_dir: Path, out: Path) -> None:
     ``mtrank blend learned``."""
     cpu, gpu = _load(results_dir / "serving.json"), _load(results_dir / "serving_cuda.json")
     untrained = _load(results_dir / "serving_untrained.json")
+    spinning = _load(results_dir / "serving_spinning.json")
     load, learned = _load(results_dir / "loadtest.json"), _load(results_dir / "learned_blend.json")
     parts = [DOC_HEAD]
-    for title, result in (("CPU, trained W2", cpu), ("CPU, untrained W2", untrained), ("GPU", gpu)):
+    sections = (
+        ("CPU, trained W2", cpu),
+        ("CPU, untrained W2", untrained),
+        ("CPU, trained W2, OpenMP spinning (the default wait policy)", spinning),
+        ("GPU", gpu),
+    )
+    for title, result in sections:
         if result is None:
             continue
         parts.append(f"## Latency and score changes: {title}\n")
