@@ -210,6 +210,7 @@ def main() -> int:
             )
             result = asyncio.run(run_clients(url, bodies, args.clients, args.seconds))
             metrics = httpx.get(f"{url}/metrics").text
+            ready = httpx.get(f"{url}/readyz").json()
         finally:
             server.terminate()
             try:
@@ -227,6 +228,8 @@ def main() -> int:
             "request_bytes_mean": float(np.mean([len(b) for b in bodies])),
             "load_average_1m_after": os.getloadavg()[0],
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "forward_passes": ready.get("forward_passes"),
+            "requests_per_pass": ready.get("requests_per_pass"),
             "server_counted_200": _counter(
                 metrics, 'mtrank_requests_total{endpoint="/v1/score",status="200"}'
             ),

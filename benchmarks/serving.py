@@ -334,6 +334,8 @@ def render(results_dir: Path, out: Path) -> None:
             f"{load['requests_per_s'] * load['candidates_per_request']:.0f} | {load['p50_ms']:.1f} | "
             f"{load['p90_ms']:.1f} | {load['p99_ms']:.1f} | {load['max_ms']:.1f} |\n\n"
             f"Statuses: {load['statuses']}; the server's own counter of 200s: {load['server_counted_200']}; "
+            f"forward passes {load.get('forward_passes')}, {load.get('requests_per_pass') or 0:.2f} requests "
+            "per pass (concurrent requests are coalesced); "
             f"1-minute load average after the test {load['load_average_1m_after']:.1f} (2 cores, shared). "
             "The service runs one forward pass at a time (the model already uses both cores), so with 32 "
             "clients a request mostly waits in line: latency ~ clients / throughput.\n"
