@@ -12,22 +12,27 @@ from mtrank.data.schema import CategoricalFeature, FeaturesSpec, MultiCategorica
 
 def spec():
     return FeaturesSpec(
-        categorical=[CategoricalFeature("city", min_count=2), CategoricalFeature("user", hash_buckets=7),
-                     CategoricalFeature("item_id")],
+        categorical=[
+            CategoricalFeature("city", min_count=2),
+            CategoricalFeature("user", hash_buckets=7),
+            CategoricalFeature("item_id"),
+        ],
         numeric=[NumericFeature("age", fill="median", clip=[0, 100]), NumericFeature("spend", log1p=True)],
         multi_categorical=[MultiCategoricalFeature("genres", pooling="mean")],
     )
 
 
 def frame():
-    return pd.DataFrame({
-        "city": ["paris", "paris", "rome", "oslo", "rome", None, None],
-        "user": ["u1", "u2", "u3", "u1", "u9", "u2", "u3"],
-        "item_id": [10, 11, 10, 12, 10, 11, 13],
-        "age": [20.0, 30.0, np.nan, 150.0, 40.0, 50.0, 25.0],
-        "spend": [0.0, 1.0, 10.0, 100.0, np.nan, 3.0, 2.0],
-        "genres": ["a|b", "a", "c", None, "b|b|a", "a", "z"],
-    })
+    return pd.DataFrame(
+        {
+            "city": ["paris", "paris", "rome", "oslo", "rome", None, None],
+            "user": ["u1", "u2", "u3", "u1", "u9", "u2", "u3"],
+            "item_id": [10, 11, 10, 12, 10, 11, 13],
+            "age": [20.0, 30.0, np.nan, 150.0, 40.0, 50.0, 25.0],
+            "spend": [0.0, 1.0, 10.0, 100.0, np.nan, 3.0, 2.0],
+            "genres": ["a|b", "a", "c", None, "b|b|a", "a", "z"],
+        }
+    )
 
 
 def test_columns_come_out_in_feature_order_with_declared_widths():
@@ -179,9 +184,33 @@ def test_encoding_does_not_loop_over_rows_in_python():
     # 200k rows encode in one vectorised pass: checks the shape contract at a size a per-row loop would notice
     rng = np.random.default_rng(0)
     n = 200_000
-    df = pd.DataFrame({"city": rng.choice(["a", "b", "c"], n), "user": rng.integers(0, 1000, n).astype(str),
-                       "item_id": rng.integers(0, 50, n), "age": rng.normal(40, 10, n),
-                       "spend": rng.exponential(5, n), "genres": rng.choice(["a|b", "c", "b"], n)})
+    df = pd.DataFrame(
+        {
+            "city": rng.choice(["a", "b", "c"], n),
+            "user": rng.integers(0, 1000, n).astype(str),
+            "item_id": rng.integers(0, 50, n),
+            "age": rng.normal(40, 10, n),
+            "spend": rng.exponential(5, n),
+            "genres": rng.choice(["a|b", "c", "b"], n),
+        }
+    )
     enc = FeatureEncoder(spec()).fit(df)
     dense, sparse = enc.transform(df)
     assert dense.shape == (n, enc.num_dense) and np.isfinite(dense).all() and (sparse >= 0).all()
+
+
+@pytest.mark.parametrize("ids", [[3, 5, 5, 7, 9], [10**12, 5, 5, -7, 2**40]])  # compact and sparse id ranges
+def test_integer_ids_map_like_the_vocabulary_with_nulls_and_unseen_values_to_oov(ids):
+    features = FeaturesSpec(categorical=[CategoricalFeature("item")])
+    enc = FeatureEncoder(features).fit(pa.table({"item": pa.array(ids, pa.int64())}))
+    vocab = enc.state["item"]["vocab"]
+    probe = pa.table({"item": pa.array([ids[1], ids[0], 424242, None, ids[4]], pa.int64())})
+    _, sparse = enc.transform(probe)
+    assert sparse[:, 0].tolist() == [
+        vocab.index(ids[1]) + 1,
+        vocab.index(ids[0]) + 1,
+        0,
+        0,
+        vocab.index(ids[4]) + 1,
+    ]
+    assert vocab[0] == 5  # the most frequent value gets id 1

@@ -14,4 +14,14 @@ __all__ = [
     "MultiTaskOutput",
     "count_parameters",
     "size_shared_bottom",
+    "fit",
 ]
+
+
+def __getattr__(name: str):
+    """``mtrank.fit`` (the data pipeline) is imported on first use, so ``import mtrank`` stays light."""
+    if name == "fit":
+        from mtrank.pipeline import fit
+
+        return fit
+    raise AttributeError(f"module 'mtrank' has no attribute {name!r}")

@@ -160,12 +160,17 @@ class SplitSpec:
         fractions: train, valid, test fractions (``random`` / ``time``); must sum to 1.
         seed: seed of the random split.
         time_column: the column that orders rows in time (``time``).
+        valid_from: with ``files`` and no ``data.valid``: take validation rows at random (``seed``) from the
+            ``train`` or the ``test`` file, ``valid_fraction`` of it (MMoE's census protocol: half of test).
+        valid_fraction: see ``valid_from``.
     """
 
     method: str = "random"
     fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     seed: int = 0
     time_column: str = ""
+    valid_from: str = ""
+    valid_fraction: float = 0.5
 
 
 @dataclass
@@ -383,7 +388,6 @@ def validate_tasks(tasks: list[TaskSpec], path: str = "tasks") -> None:
 
 
 def validate_data(data: DataSpec, path: str = "data") -> None:
-    _check(bool(data.train), f"{path}.train", "required: a CSV / Parquet file or a directory of shards")
     _check(data.format in FORMATS, f"{path}.format", f"expected one of {FORMATS}, got {data.format!r}")
     s = data.split
     _check(s.method in SPLITS, f"{path}.split.method", f"expected one of {SPLITS}, got {s.method!r}")
@@ -397,10 +401,29 @@ def validate_data(data: DataSpec, path: str = "data") -> None:
     if s.method == "time":
         _check(bool(s.time_column), f"{path}.split.time_column", "required when split.method is 'time'")
     if s.method == "files":
-        _check(bool(data.valid), f"{path}.valid", "required when split.method is 'files'")
+        _check(
+            s.valid_from in ("", "train", "test"),
+            f"{path}.split.valid_from",
+            f"expected train, test or empty, got {s.valid_from!r}",
+        )
+        _check(
+            bool(data.valid) or bool(s.valid_from),
+            f"{path}.valid",
+            "required when split.method is 'files' (or set split.valid_from: train | test)",
+        )
+        _check(
+            not (s.valid_from == "test" and not data.test),
+            f"{path}.test",
+            "required when split.valid_from is 'test'",
+        )
+        _check(
+            0 < s.valid_fraction < 1,
+            f"{path}.split.valid_fraction",
+            f"must be in (0, 1), got {s.valid_fraction}",
+        )
     if data.streaming:
         _check(
-            s.method == "files",
+            s.method == "files" and s.valid_from != "train",
             f"{path}.streaming",
             "streaming reads the train files from disk as they are: use split.method 'files' with data.valid",
         )
@@ -429,9 +452,10 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
                     f"{key}: unknown section"
                     + (f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(known)}")
                 )
-        for key in ("data", "features", "tasks"):
+        for key in ("features", "tasks"):
             _check(key in raw, key, "required section is missing")
-        data_raw = dict(raw["data"]) if isinstance(raw["data"], dict) else raw["data"]
+        data_raw = raw.get("data") or {}
+        data_raw = dict(data_raw) if isinstance(data_raw, dict) else data_raw
         if isinstance(data_raw, dict) and "split" in data_raw:
             data_raw["split"] = _build(SplitSpec, data_raw["split"], "data.split")
         data = _build(DataSpec, data_raw, "data")

@@ -1,0 +1,348 @@
+"""Data-path benchmark: encoding rows/s, training samples/s from Parquet vs in memory, streaming memory.
+
+The data is generated in the W2 layout (Criteo-like: 26 categorical columns ``C1..C26``, 13 numeric
+``I1..I13``, two labels ``click`` and ``conversion``) as a directory of Parquet shards (1M rows each,
+128k-row row groups).
+Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
+
+    python benchmarks/data_pipeline.py generate --rows 10000000      # writes /tmp/mtrank-w2/rows-10000000/
+    python benchmarks/data_pipeline.py encode --rows 1000000          # encoding rows/s
+    python benchmarks/data_pipeline.py train --rows 1000000 --steps 300   # samples/s: tensors vs Parquet
+    python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
+    python benchmarks/data_pipeline.py all --json runs/bench/data.json    # everything, with a summary table
+
+Each measurement that compares memory runs in a fresh subprocess (peak RSS = ``ru_maxrss`` of the process and
+of its reader workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+NUMERIC = [f"I{i}" for i in range(1, 14)]
+SHARD_ROWS = 1_000_000
+ROW_GROUP = 131_072
+# vocabulary sizes of the 26 categorical columns: a few large (ids), most small, as in Criteo
+VOCABS = [
+    1000,
+    500,
+    200_000,
+    100_000,
+    300,
+    20,
+    10_000,
+    500,
+    3,
+    50_000,
+    5000,
+    150_000,
+    3000,
+    25,
+    10_000,
+    100_000,
+    10,
+    4000,
+    2000,
+    4,
+    120_000,
+    15,
+    15,
+    50_000,
+    80,
+    40_000,
+]
+
+
+def data_dir(root: str, rows: int) -> Path:
+    return Path(root) / f"rows-{rows}"
+
+
+def generate_shard(rows: int, seed: int) -> pa.Table:
+    """``rows`` rows of the W2 layout: Zipf-like categorical ids, log-normal numerics with 5% nulls, and two
+    labels from a logistic model of a few columns (conversion only where clicked)."""
+    rng = np.random.default_rng(seed)
+    columns = {}
+    signal = np.zeros(rows)
+    for name, vocab in zip(CATEGORICAL, VOCABS):
+        ids = np.minimum((rng.pareto(1.2, rows) * vocab / 20).astype(np.int64), vocab - 1)
+        columns[name] = ids
+        if name in ("C1", "C5", "C9"):
+            signal += np.where(ids % 3 == 0, 0.6, -0.3)
+    for name in NUMERIC:
+        x = rng.lognormal(1.0, 1.2, rows)
+        if name in ("I1", "I3"):
+            signal += 0.3 * (np.log1p(x) - 1.3)
+        mask = rng.random(rows) < 0.05
+        columns[name] = pa.array(x, mask=mask)
+    click = rng.random(rows) < 1 / (1 + np.exp(-(signal - 1.5)))
+    conversion = click & (rng.random(rows) < 1 / (1 + np.exp(-(0.5 * signal - 2.0))))
+    columns["click"] = click.astype(np.int8)
+    columns["conversion"] = conversion.astype(np.int8)
+    return pa.table(columns)
+
+
+def cmd_generate(args) -> dict:
+    out = data_dir(args.data, args.rows)
+    if out.is_dir() and sum(pq.read_metadata(p).num_rows for p in out.glob("*.parquet")) == args.rows:
+        print(f"{out}: already there")
+        return {"path": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    for shard, first in enumerate(tqdm(range(0, args.rows, SHARD_ROWS), desc="generate", unit="shard")):
+        n = min(SHARD_ROWS, args.rows - first)
+        pq.write_table(
+            generate_shard(n, seed=shard), out / f"part-{shard:05d}.parquet", row_group_size=ROW_GROUP
+        )
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in out.glob("*.parquet"))
+    print(f"wrote {args.rows:,} rows to {out} ({size / 1e6:.0f} MB) in {seconds:.0f} s")
+    return {"path": str(out), "bytes": size, "seconds": seconds}
+
+
+def experiment(path: Path, batch_size: int = 2048, workers: int = 1):
+    from mtrank.data.schema import experiment_from_dict
+
+    return experiment_from_dict(
+        {
+            "data": {
+                "train": str(path),
+                "valid": str(path),
+                "split": {"method": "files"},
+                "streaming": True,
+                "shuffle_buffer": 200_000,
+                "read_batch_rows": 131_072,
+                "workers": workers,
+            },
+            "features": {
+                "categorical": CATEGORICAL,
+                "numeric": [{"name": n, "log1p": True} for n in NUMERIC],
+            },
+            "tasks": [{"name": "click"}, {"name": "conversion"}],
+            "model": {
+                "block": "mmoe",
+                "num_experts": 4,
+                "expert_hidden": [64],
+                "tower_hidden": [16],
+                "embedding_dim": 8,
+            },
+            "train": {"batch_size": batch_size, "lr": 0.001, "progress": False},
+        }
+    )
+
+
+def fitted_encoder(path: Path, rows: int = 1_000_000):
+    from mtrank.data.encoders import FeatureEncoder
+    from mtrank.data.readers import head_rows
+
+    cfg = experiment(path)
+    table = head_rows(ds.dataset(str(path)), cfg.input_columns(), rows)
+    return cfg, FeatureEncoder(cfg.features).fit(table), table
+
+
+def cmd_encode(args) -> dict:
+    """Rows/s of FeatureEncoder.transform on an in-memory table, and of reading + encoding the directory."""
+    path = data_dir(args.data, args.rows)
+    cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        encoder.transform(table)
+        best = max(best, table.num_rows / (time.perf_counter() - start))
+    read_encode = 0.0
+    for _ in range(args.passes):  # the first pass also warms the file cache and Arrow's allocator
+        start = time.perf_counter()
+        rows = 0
+        for batch in ds.dataset(str(path)).to_batches(columns=cfg.input_columns(), batch_size=131_072):
+            encoder.transform(batch)
+            rows += batch.num_rows
+        read_encode = max(read_encode, rows / (time.perf_counter() - start))
+    out = {
+        "encode_rows_per_s": best,
+        "read_encode_rows_per_s": read_encode,
+        "rows": rows,
+        "vocab_sizes": encoder.vocab_sizes,
+    }
+    print(
+        f"encode (in memory, {table.num_rows:,} rows, best of 3): {best:,.0f} rows/s; "
+        f"read + encode ({rows:,} rows from Parquet, best of {args.passes} passes): {read_encode:,.0f} rows/s"
+    )
+    return out
+
+
+def cmd_train(args) -> dict:
+    """Samples/s of one model and step count: Trainer on in-memory TensorData vs train_streaming (Parquet)."""
+    import torch
+
+    from mtrank.data.streaming import EncodedStream
+    from mtrank.data.tensors import TensorData
+    from mtrank.models import MultiTaskModel
+    from mtrank.pipeline import encode_table, train_streaming
+    from mtrank.train import Trainer
+
+    path = data_dir(args.data, args.rows)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
+    rows_needed = args.steps * args.batch_size
+    memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
+    del table
+    train_cfg = cfg.train
+    train_cfg.batch_size, train_cfg.steps, train_cfg.eval_every = args.batch_size, args.steps, 10**9
+    model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
+    for repeat in range(args.repeats):
+        torch.manual_seed(0)
+        result = Trainer(MultiTaskModel(model_cfg), train_cfg).fit(memory_data)
+        results.setdefault("memory", []).append(result.samples_per_second)
+        for workers in args.workers:
+            cfg.data.workers = workers
+            torch.manual_seed(0)
+            stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
+            result = train_streaming(
+                MultiTaskModel(model_cfg), train_cfg, stream, None, workers, rows=stream.count_rows()
+            )
+            results.setdefault(f"parquet_workers_{workers}", []).append(result.samples_per_second)
+    summary = {k: float(np.median(v)) for k, v in results.items()}
+    for key, value in summary.items():
+        ratio = value / summary["memory"]
+        print(
+            f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}"
+        )
+    return {
+        "samples_per_s": summary,
+        "runs": results,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _stream_epoch(path: str, workers: int, train: bool) -> None:
+    """One streaming epoch over the directory (child process of ``memory``); prints JSON with peak RSS."""
+    import torch
+
+    from mtrank.data.streaming import EncodedStream, stream_loader
+    from mtrank.models import MultiTaskModel
+    from mtrank.train import Trainer
+
+    cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
+    stream = EncodedStream(path, cfg, encoder, cfg.train.batch_size, seed=0)
+    trainer = Trainer(MultiTaskModel(cfg.model_config(encoder.num_dense, encoder.vocab_sizes)), cfg.train)
+    start, rows = time.perf_counter(), 0
+    for batch in stream_loader(stream, workers):
+        rows += len(batch)
+        if train:
+            loss = trainer._loss(batch)
+            trainer.optimizer.zero_grad()
+            loss.backward()
+            trainer.optimizer.step()
+    seconds = time.perf_counter() - start
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "seconds": seconds,
+                "peak_rss_mb": self_kb / 1024,
+                "peak_worker_rss_mb": child_kb / 1024,
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+def cmd_memory(args) -> dict:
+    out = {}
+    for rows in args.rows_list:
+        path = data_dir(args.data, rows)
+        if not path.is_dir():
+            cmd_generate(argparse.Namespace(data=args.data, rows=rows))
+        cmd = [sys.executable, __file__, "_stream", str(path), "--stream-workers", str(args.stream_workers)]
+        if args.with_training:
+            cmd.append("--with-training")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        out[str(rows)] = result
+        print(
+            f"{rows:>11,} rows: {result['rows']:,} streamed in {result['seconds']:.0f} s "
+            f"({result['rows'] / result['seconds']:,.0f} rows/s); "
+            f"peak RSS trainer {result['peak_rss_mb']:.0f} MB, "
+            f"reader {result['peak_worker_rss_mb']:.0f} MB"
+        )
+    if len(args.rows_list) == 2:
+        small, large = (out[str(r)] for r in args.rows_list)
+        ratio = (large["peak_rss_mb"] + large["peak_worker_rss_mb"]) / (
+            small["peak_rss_mb"] + small["peak_worker_rss_mb"]
+        )
+        out["ratio_large_to_small"] = ratio
+        print(f"peak memory {args.rows_list[1]:,} rows / {args.rows_list[0]:,} rows: {ratio:.2f}x")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", default="/tmp/mtrank-w2", help="where generated data goes (never committed)"
+    )
+    parser.add_argument("--json", help="also write the results here")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="write a W2-layout Parquet directory")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p = sub.add_parser("encode", help="encoding rows/s")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument(
+        "--passes", type=int, default=2, help="read + encode passes over the directory (best kept)"
+    )
+    p = sub.add_parser("train", help="training samples/s: in-memory tensors vs Parquet stream")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)"
+    )
+    p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
+    p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--stream-workers", type=int, default=1)
+    p.add_argument("--with-training", action="store_true", help="also take an optimiser step on every batch")
+    p = sub.add_parser("_stream", help=argparse.SUPPRESS)
+    p.add_argument("path")
+    p.add_argument("--stream-workers", type=int, default=1)
+    p.add_argument("--with-training", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "_stream":
+        _stream_epoch(args.path, args.stream_workers, args.with_training)
+        return 0
+    result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[
+        args.command
+    ](args)
+    result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``mtrank train | evaluate | predict``: the data pipeline from the shell (see docs/data.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtrank.data.schema import load_experiment
+    from mtrank.pipeline import fit, metrics_table
+
+    config = load_experiment(args.config, _overrides(args.set))
+    if args.no_progress:
+        config.train.progress = False
+    result = fit(config, output=args.out or config.output)
+    print(metrics_table(result.metrics))
+    rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
+    print(
+        f"\nrows: {rows}; {result.train_result.steps} steps in {result.train_result.seconds:.1f} s "
+        f"({result.train_result.samples_per_second:,.0f} samples/s)"
+    )
+    print(
+        f"wrote {result.model_dir}/ (model.safetensors, config.json, encoders.json, metrics.json, report.md)"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtrank.pipeline import evaluate_model_dir, metrics_table
+
+    metrics = evaluate_model_dir(args.model_dir, args.data)
+    if args.json:
+        print(json.dumps(metrics, indent=2, default=float))
+    else:
+        print(metrics_table({Path(args.data).name: metrics}))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mtrank.pipeline import predict_model_dir
+
+    predict_model_dir(args.model_dir, args.data, args.output, progress=not args.no_progress)
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(args.output)
+    scores = [n for n in meta.schema.names if n.startswith("score_")]
+    print(f"wrote {args.output}: {meta.num_rows:,} rows, columns {scores} beside the input columns")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``train``, ``evaluate`` and ``predict`` to the ``mtrank`` command line."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a model from a YAML experiment config on CSV / Parquet files",
+        description=(
+            "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders),\n"
+            "split them, fit the feature encoders on the training split, train the model, evaluate every\n"
+            "task on validation and test, and write a model directory:\n"
+            "  model.safetensors  config.json  encoders.json  metrics.json  report.md\n"
+            "With data.streaming the training files are streamed from disk in record batches (bounded\n"
+            "memory). Example configs: configs/*.yaml; every config key: docs/data.md."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  mtrank train configs/census_income.yaml --set train.epochs=2 --out runs/census",
+    )
+    p.add_argument("config", help="YAML experiment config (sections data, features, tasks, model, train)")
+    p.add_argument("--out", help="model directory (default: the config's output)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 --set model.block=omoe (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="metrics per task of a trained model on a labelled file",
+        description="Encode DATA with the model directory's saved encoders (unseen categories go to the OOV "
+        "bucket) and print AUC / log loss (binary tasks) or MSE / R² (regression) per task.",
+    )
+    p.add_argument("model_dir", help="a directory written by `mtrank train`")
+    p.add_argument("data", help="CSV / Parquet file or directory with the same columns as the training data")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "predict",
+        help="score every row of a file with a trained model, to Parquet",
+        description="Encode DATA with the saved encoders and write the input columns plus one score_<task> "
+        "column per task (probability for binary tasks, prediction for regression) to a Parquet file. "
+        "Labels are not needed; files are scored in record batches.",
+    )
+    p.add_argument("model_dir", help="a directory written by `mtrank train`")
+    p.add_argument("data", help="CSV / Parquet file or directory with the feature columns")
+    p.add_argument(
+        "-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_predict)

@@ -1,0 +1,460 @@
+"""The pipeline: experiment config -> read -> split -> fit encoders -> encode -> train -> model directory.
+
+``mtrank.fit(config, dataframe)`` from Python, ``mtrank train CONFIG`` from the shell. A model directory
+holds::
+
+    model.safetensors   weights                          (mtrank.checkpoint.save_model)
+    config.json         ModelConfig + the experiment config (to read new files the same way)
+    encoders.json       the fitted FeatureEncoder          (mtrank.data.encoders)
+    metrics.json        validation / test metrics per task, training history, rows, seconds
+    report.md           the same as readable tables
+
+In-memory training uses :class:`mtrank.train.Trainer` as is. With ``data.streaming``, batches come from
+:class:`mtrank.data.streaming.EncodedStream` and :func:`train_streaming` drives the same model, loss
+(:func:`mtrank.train.multitask_loss` through ``Trainer._loss``), optimizer, schedule and metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from mtrank.checkpoint import load_model, read_model_meta, save_model
+from mtrank.config import ConfigError, TrainConfig, to_dict
+from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.readers import encode_labels, encode_weights, open_dataset, read_table, validate_table
+from mtrank.data.schema import ExperimentConfig, experiment_from_dict, load_experiment
+from mtrank.data.tensors import TensorData
+from mtrank.evaluate.metrics import evaluate, higher_is_better, predict_batches
+from mtrank.evaluate.report import markdown_table, write_json
+from mtrank.models import MultiTaskModel
+from mtrank.train.trainer import Trainer, TrainResult, lr_lambda
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model, its encoder, metrics per split and the model directory."""
+
+    model: MultiTaskModel
+    encoder: FeatureEncoder
+    metrics: dict[str, dict[str, float]]
+    train_result: TrainResult
+    model_dir: Path | None
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def as_experiment(config: ExperimentConfig | dict | str | Path) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from itself, a plain dict, or a YAML path."""
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, dict):
+        return experiment_from_dict(copy.deepcopy(config))
+    return load_experiment(config)
+
+
+def experiment_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data.pop("source", None)
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tuple[pa.Table, str]]:
+    """``{"train": (table, source), "valid": ..., "test": ...}`` per ``data.split`` (test may be absent)."""
+    spec = config.data
+    if dataframe is None and not spec.train:
+        raise ConfigError(
+            f"{config.source or 'config'}: data.train: required (a CSV / Parquet file or a directory "
+            "of shards), or pass a DataFrame to mtrank.fit"
+        )
+    table, source = read_table(spec.train if dataframe is None else dataframe, config)
+    validate_table(table, config, source)
+    split = spec.split
+    if split.method == "files":
+        out = {"train": (table, source)}
+        for role in ("valid", "test"):
+            path = getattr(spec, role)
+            if path:
+                out[role] = read_table(path, config)
+                validate_table(out[role][0], config, out[role][1])
+        if split.valid_from and not spec.valid:  # validation rows drawn from the train or the test file
+            donor, donor_source = out[split.valid_from]
+            order = np.random.default_rng(split.seed).permutation(donor.num_rows)
+            cut = int(round(split.valid_fraction * donor.num_rows))
+            out["valid"] = (donor.take(order[:cut]), f"{donor_source} [valid part]")
+            out[split.valid_from] = (donor.take(order[cut:]), f"{donor_source} [{split.valid_from} part]")
+        return out
+    n = table.num_rows
+    if split.method == "random":
+        order = np.random.default_rng(split.seed).permutation(n)
+    else:  # time: stable sort by the time column, earliest rows train
+        order = np.asarray(pa.compute.sort_indices(table, [(split.time_column, "ascending")]))
+    n_train = int(round(split.fractions[0] * n))
+    n_valid = int(round(split.fractions[1] * n))
+    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
+    out = {}
+    for role, (lo, hi) in bounds.items():
+        if hi > lo:
+            out[role] = (table.take(order[lo:hi]), f"{source} [{role} split]")
+    return out
+
+
+def encode_table(
+    encoder: FeatureEncoder, table: pa.Table, config: ExperimentConfig, source: str, with_labels: bool = True
+) -> TensorData:
+    """Rows -> :class:`TensorData` (labels NaN-filled when ``with_labels`` is False)."""
+    dense, sparse = encoder.transform(table, source)
+    if with_labels:
+        labels = encode_labels(table, config.tasks, source)
+        weights = encode_weights(table, config.data.weight_column, source)
+    else:
+        labels = np.full((table.num_rows, len(config.tasks)), np.nan, dtype=np.float32)
+        weights = None
+    return TensorData(
+        torch.from_numpy(dense),
+        torch.from_numpy(sparse),
+        torch.from_numpy(labels),
+        None if weights is None else torch.from_numpy(weights),
+    )
+
+
+def _check_train_labels(data: TensorData, config: ExperimentConfig, source: str) -> None:
+    present = (~torch.isnan(data.labels)).sum(0)
+    for k, task in enumerate(config.tasks):
+        if int(present[k]) == 0:
+            from mtrank.data.errors import DataError
+
+            raise DataError(
+                f"{source}: column {task.column!r}: task {task.name!r} has no labels in the training "
+                f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
+                "drop the task"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ fit
+
+
+def fit(
+    config: ExperimentConfig | dict | str | Path,
+    dataframe: Any = None,
+    output: str | Path | None = "",
+    progress: bool | None = None,
+) -> FitResult:
+    """Train a model from an experiment config (object, dict or YAML path), on ``dataframe`` if given.
+
+    ``output``: the model directory (default: the config's ``output``; None = write nothing).
+
+    Example:
+        >>> import pandas as pd, mtrank
+        >>> df = pd.DataFrame({"city": list("abcab") * 40, "age": range(200), "click": [0, 1] * 100})
+        >>> cfg = {"features": {"categorical": ["city"], "numeric": ["age"]}, "tasks": [{"name": "click"}],
+        ...        "model": {"num_experts": 2}, "train": {"epochs": 1, "progress": False}}
+        >>> result = mtrank.fit(cfg, df, output=None)
+        >>> sorted(result.metrics)
+        ['test', 'valid']
+    """
+    config = as_experiment(config)
+    if progress is not None:
+        config.train.progress = progress
+    started = time.perf_counter()
+    if config.data.streaming and dataframe is None:
+        return _fit_streaming(config, output, started)
+    splits = load_splits(config, dataframe)
+    train_table, train_source = splits["train"]
+    fit_table = train_table.slice(0, config.data.fit_rows) if config.data.fit_rows else train_table
+    encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
+    data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
+    _check_train_labels(data["train"], config, train_source)
+    torch.manual_seed(config.train.seed)
+    model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
+    train_result = Trainer(model, config.train).fit(data["train"], data.get("valid"))
+    metrics = {role: evaluate(model, data[role]) for role in ("valid", "test") if role in data}
+    rows = {role: len(d) for role, d in data.items()}
+    return _finish(config, model, encoder, metrics, train_result, rows, output, started)
+
+
+def _finish(config, model, encoder, metrics, train_result, rows, output, started) -> FitResult:
+    model_dir = None
+    if output is not None:
+        model_dir = Path(output or config.output)
+        save_model(model, model_dir, {"experiment": experiment_to_dict(config), "encoders": "encoders.json"})
+        encoder.save(model_dir)
+        summary = {
+            "metrics": metrics,
+            "rows": rows,
+            "best_step": train_result.best_step,
+            "steps": train_result.steps,
+            "train_seconds": train_result.seconds,
+            "samples_per_second": train_result.samples_per_second,
+            "total_seconds": time.perf_counter() - started,
+            "history": train_result.history,
+        }
+        write_json(model_dir / "metrics.json", summary)
+        (model_dir / "report.md").write_text(report_markdown(config, encoder, metrics, rows, train_result))
+    return FitResult(model, encoder, metrics, train_result, model_dir, rows)
+
+
+def report_markdown(
+    config: ExperimentConfig, encoder: FeatureEncoder, metrics: dict, rows: dict, train_result: TrainResult
+) -> str:
+    """Tables: metrics per task and split; data and model summary."""
+    lines = [f"# {config.name or 'mtrank model'}", ""]
+    lines.append(
+        f"Rows: {', '.join(f'{k} {v:,}' for k, v in rows.items())}. Inputs: {encoder.num_dense} dense "
+        f"columns, {len(encoder.vocab_sizes)} categorical (vocabularies {encoder.vocab_sizes}). "
+        f"Block `{config.model.get('block', 'mmoe')}`; {train_result.steps} steps, best at "
+        f"{train_result.best_step}, {train_result.seconds:.1f} s."
+    )
+    lines.append("")
+    lines.append(metrics_table(metrics))
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """One row per (split, task): AUC / log loss for binary tasks, MSE / R² for regression (columns that no
+    task has are left out)."""
+    names = {"auc": "AUC", "logloss": "log loss", "mse": "MSE", "r2": "R²"}
+    present = [m for m in names if any(k.startswith(f"{m}/") for values in metrics.values() for k in values)]
+    rows = []
+    for split, values in metrics.items():
+        tasks = list(dict.fromkeys(k.split("/", 1)[1] for k in values if "/" in k))
+        for task in tasks:
+            cells = [split, task]
+            for metric in present:
+                value = values.get(f"{metric}/{task}")
+                cells.append("" if value is None else float(value))
+            rows.append(cells)
+    return markdown_table(["split", "task", *[names[m] for m in present]], rows)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResult:
+    from mtrank.data.streaming import EncodedStream
+
+    spec = config.data
+    if not spec.train:
+        raise ConfigError(
+            "data.train: required for streaming (a Parquet / CSV file or a directory of shards)"
+        )
+    fit_rows = spec.fit_rows or 1_000_000
+    fit_table, source = read_table(spec.train, config, max_rows=fit_rows)
+    encoder = FeatureEncoder(config.features).fit(fit_table, f"{source} (first {fit_table.num_rows:,} rows)")
+    del fit_table
+    data = {}
+    for role in ("valid", "test"):
+        if getattr(spec, role):
+            table, role_source = read_table(getattr(spec, role), config)
+            validate_table(table, config, role_source)
+            data[role] = encode_table(encoder, table, config, role_source)
+    torch.manual_seed(config.train.seed)
+    model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
+    stream = EncodedStream(spec.train, config, encoder, config.train.batch_size, seed=config.train.seed)
+    train_rows = stream.count_rows()
+    train_result = train_streaming(model, config.train, stream, data.get("valid"), spec.workers, train_rows)
+    metrics = {role: evaluate(model, d) for role, d in data.items()}
+    rows = {"train": train_rows, **{role: len(d) for role, d in data.items()}}
+    return _finish(config, model, encoder, metrics, train_result, rows, output, started)
+
+
+def train_streaming(
+    model: MultiTaskModel,
+    cfg: TrainConfig,
+    stream,
+    valid: TensorData | None = None,
+    workers: int = 1,
+    rows: int | None = None,
+) -> TrainResult:
+    """Train ``model`` on batches streamed by ``stream`` (an :class:`~mtrank.data.streaming.EncodedStream`).
+
+    The same optimizer, schedule, loss and metrics as :class:`mtrank.train.Trainer`; validation every
+    ``eval_every`` steps (or once per epoch), the best-on-validation weights restored at the end, early
+    stopping with ``early_stopping_patience``. Steps: ``cfg.steps`` if > 0, else ``cfg.epochs`` passes over
+    the files.
+    Checkpoint / resume is not supported on this path.
+    """
+    from mtrank.data.streaming import stream_loader
+
+    trainer = Trainer(model, cfg)  # device, optimizer, bf16, task weights and the loss, as in-memory training
+    rows = rows if rows is not None else stream.count_rows()
+    steps_per_epoch = max(1, math.ceil(rows / cfg.batch_size))
+    total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    eval_every = cfg.eval_every or steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_lambda(cfg, total_steps))
+    higher = higher_is_better(cfg.monitor)
+    result = TrainResult()
+    best_state, bad_evals, step, epoch = None, 0, 0, 0
+    running, running_steps = 0.0, 0
+    torch.manual_seed(cfg.seed)
+    model.train()
+    bar = tqdm(total=total_steps, disable=not cfg.progress, desc="train (stream)", unit="step", leave=False)
+    start = time.perf_counter()
+    stop = False
+    while step < total_steps and not stop:
+        stream.set_epoch(epoch)
+        for batch in stream_loader(stream, workers):
+            batch = batch.to(trainer.device)
+            loss = trainer._loss(batch)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            trainer.optimizer.step()
+            scheduler.step()
+            step += 1
+            result.samples += len(batch)
+            running += float(loss.detach())
+            running_steps += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                record = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "samples": result.samples,
+                    "train_loss": running / max(running_steps, 1),
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                }
+                running, running_steps = 0.0, 0
+                if valid is not None and len(valid):
+                    metrics = evaluate(model, valid)
+                    model.train()
+                    record.update({f"valid/{k}": v for k, v in metrics.items()})
+                    value = metrics.get(cfg.monitor, math.nan)
+                    if not math.isnan(value) and (
+                        math.isnan(result.best_value)
+                        or (value > result.best_value if higher else value < result.best_value)
+                    ):
+                        result.best_step, result.best_value, result.best_metrics = step, value, metrics
+                        best_state = copy.deepcopy(model.state_dict())
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                    stop = bool(cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience)
+                result.history.append(record)
+            if step >= total_steps or stop:
+                break
+        epoch += 1
+    bar.close()
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ model dirs
+
+
+def load_model_dir(model_dir: str | Path) -> tuple[MultiTaskModel, FeatureEncoder, ExperimentConfig]:
+    """Model, encoder and experiment config of a directory written by :func:`fit`."""
+    meta = read_model_meta(model_dir)
+    if "experiment" not in meta:
+        raise ConfigError(
+            f"{model_dir}: this model directory was not written by `mtrank train` (no experiment "
+            "config in config.json); evaluate it with the Python API instead"
+        )
+    config = experiment_from_dict(meta["experiment"], source=f"{model_dir}/config.json")
+    return load_model(model_dir), FeatureEncoder.load(model_dir), config
+
+
+def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
+    """Metrics per task of a saved model on a labelled file / directory / DataFrame."""
+    model, encoder, config = load_model_dir(model_dir)
+    table, source = read_table(data, config)
+    return evaluate(model, encode_table(encoder, table, config, source))
+
+
+def predict_model_dir(
+    model_dir: str | Path,
+    data: Any,
+    output: str | Path | None = None,
+    batch_rows: int = 65_536,
+    progress: bool = True,
+) -> pa.Table | Path:
+    """Scores per task for every row of ``data`` (labels not needed): a Table, or written to ``output``
+    (Parquet; returns its path) if given.
+
+    The output holds the input's columns (as read) and one ``score_<task>`` column per task: probabilities for
+    binary tasks, predictions for regression tasks. Files are scored in record batches of ``batch_rows``.
+    """
+    model, encoder, config = load_model_dir(model_dir)
+    names = [f"score_{t.name}" for t in config.tasks]
+    writer = None
+    parts = []
+    if isinstance(data, (str, Path)) and not config.data.format.startswith("movielens"):
+        dataset = open_dataset(data, config.data, config)
+        missing = [c for c in encoder.input_columns if c not in dataset.schema.names]
+        if missing:
+            from mtrank.data.readers import check_columns
+
+            check_columns(dataset.schema.names, config, str(data))
+        batches = dataset.to_batches(batch_size=batch_rows)
+        total = dataset.count_rows()
+        source = str(data)
+    else:
+        if isinstance(data, (str, Path)):
+            from mtrank.data.datasets import read_movielens
+
+            table = read_movielens(data, config.data.format.split("-")[1])
+        else:
+            from mtrank.data.encoders import as_table
+
+            table = as_table(data)
+        batches, total, source = table.to_batches(max_chunksize=batch_rows), table.num_rows, "dataframe"
+    bar = tqdm(total=total, disable=not progress, desc="predict", unit="row", leave=False)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        dense, sparse = encoder.transform(batch, source)
+        empty = torch.full((batch.num_rows, len(names)), math.nan)
+        logits, _ = predict_batches(
+            model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty)
+        )
+        scores = model.scores(logits).numpy()
+        out = pa.Table.from_batches([batch])
+        for k, name in enumerate(names):
+            out = out.append_column(name, pa.array(scores[:, k].astype(np.float32)))
+        if output is not None:
+            if writer is None:
+                Path(output).parent.mkdir(parents=True, exist_ok=True)
+                writer = pq.ParquetWriter(str(output), out.schema)
+            writer.write_table(out)
+        else:
+            parts.append(out)
+        bar.update(batch.num_rows)
+    bar.close()
+    if writer is not None:
+        writer.close()
+        return Path(output)
+    return pa.concat_tables(parts) if parts else pa.table({})
+
+
+def summary_json(result: FitResult) -> str:
+    return json.dumps(
+        {
+            "metrics": result.metrics,
+            "rows": result.rows,
+            "model_dir": str(result.model_dir),
+            "model": to_dict(result.model.config),
+        },
+        indent=2,
+        default=float,
+    )

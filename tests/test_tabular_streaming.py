@@ -1,0 +1,107 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mtrank
+from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.schema import experiment_from_dict
+from mtrank.data.streaming import EncodedStream, ShuffleBuffer, stream_loader
+from tabular_helpers import config, make_frame
+
+
+def write_shards(folder, frame, shards=3, row_group=40):
+    folder.mkdir()
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), shards)):
+        table = pa.Table.from_pandas(frame.iloc[part], preserve_index=False)
+        pq.write_table(table, folder / f"part-{i}.parquet", row_group_size=row_group)
+    return folder
+
+
+def stream_config(train, valid, **train_section):
+    tasks = [
+        {"name": "click"},
+        {"name": "ts", "type": "regression"},
+    ]  # ts: a unique id per row, passed through
+    return experiment_from_dict(
+        config(
+            data={
+                "train": str(train),
+                "valid": str(valid),
+                "split": {"method": "files"},
+                "streaming": True,
+                "shuffle_buffer": 64,
+                "read_batch_rows": 25,
+                "workers": 0,
+            },
+            tasks=tasks,
+            train={"progress": False, **train_section},
+        )
+    )
+
+
+@pytest.fixture
+def shards(tmp_path):
+    frame = make_frame(n=300)
+    train = write_shards(tmp_path / "train", frame.iloc[:240])
+    frame.iloc[240:].to_csv(tmp_path / "valid.csv", index=False)
+    return train, tmp_path / "valid.csv", frame
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_epoch_streams_every_row_exactly_once(shards, workers):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    encoder = FeatureEncoder(cfg.features).fit(frame.iloc[:240])
+    stream = EncodedStream(str(train), cfg, encoder, batch_size=32, seed=0)
+    seen = [b.labels[:, 1] for b in stream_loader(stream, workers)]
+    ids = np.sort(np.concatenate([s.numpy() for s in seen]))
+    np.testing.assert_array_equal(ids, np.sort(frame.ts.iloc[:240].to_numpy()).astype(np.float32))
+    assert all(len(s) <= 32 for s in seen)
+
+
+def test_streamed_rows_encode_exactly_like_the_in_memory_path(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    encoder = FeatureEncoder(cfg.features).fit(frame.iloc[:240])
+    batches = list(stream_loader(EncodedStream(str(train), cfg, encoder, batch_size=50), 0))
+    ts = np.concatenate([b.labels[:, 1].numpy() for b in batches]).astype(int)
+    dense = np.concatenate([b.dense.numpy() for b in batches])
+    expected, _ = encoder.transform(frame.set_index("ts").loc[ts].reset_index())
+    np.testing.assert_allclose(dense, expected, rtol=1e-6)
+
+
+def test_each_epoch_reshuffles_the_rows(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame), batch_size=240)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        orders.append(np.concatenate([b.labels[:, 1].numpy() for b in stream_loader(stream, 0)]))
+    assert not np.array_equal(orders[0], orders[1])
+    np.testing.assert_array_equal(np.sort(orders[0]), np.sort(orders[1]))
+
+
+def test_shuffle_buffer_holds_at_most_capacity_plus_one_chunk():
+    buffer = ShuffleBuffer(capacity=100, seed=0)
+    out, peak = [], 0
+    for chunk in np.arange(1000).reshape(40, 25):
+        out += list(buffer.push([chunk], batch_size=16))
+        peak = max(peak, buffer.rows)
+    out += list(buffer.flush(batch_size=16))
+    assert peak < 100 + 25
+    values = np.concatenate([b[0] for b in out])
+    np.testing.assert_array_equal(np.sort(values), np.arange(1000))
+    assert not np.array_equal(values, np.arange(1000))  # shuffled
+    assert all(len(b[0]) == 16 for b in out[:-1])
+
+
+def test_streaming_fit_trains_and_writes_a_model_directory(shards, tmp_path):
+    train, valid, _ = shards
+    cfg = stream_config(train, valid, epochs=4, batch_size=32, lr=0.01)
+    cfg.tasks = cfg.tasks[:1]
+    result = mtrank.fit(cfg, output=tmp_path / "model")
+    assert result.rows["train"] == 240 and result.train_result.steps == 4 * 8
+    assert result.metrics["valid"]["auc/click"] > 0.6
+    assert (tmp_path / "model" / "encoders.json").is_file()
