@@ -377,27 +377,28 @@ data.
 
 DOC_NOTES = """## Notes
 
-- Eager fp32 is slow on this AMD CPU: PyTorch's fp32 matmul goes to MKL, which does not use its fast
-  kernels on
-  AMD processors; TorchScript `freeze` folds the expert weights' `[G, in, out] -> [in, G*out]` layout and runs
-  the linear through oneDNN, and onnxruntime uses its own MLAS kernels, both several times faster.
-- bf16 rounds both weights and activations to 8 mantissa bits. On the trained model, rounding the first expert
-  layer's *input* is the larger error; `mixed` removes it (two bf16 terms in one GEMM) and keeps the rest
-  of the
-  model in fp32, which brings the largest score change under 1e-3 at about twice the first layer's bf16 cost.
-- int8 dynamic quantisation changes scores by more than 1e-3 here (per-batch activation scales), with AUC
-  unchanged to 3-4 decimals.
-- OpenMP waits passively in these runs (`OMP_WAIT_POLICY=PASSIVE`, set by the benchmark before torch loads):
-  on a shared machine, PyTorch's spinning OpenMP threads lose whole time slices at every barrier. Start the
-  service the same way there: `OMP_WAIT_POLICY=PASSIVE mtrank serve MODEL_DIR`.
-- onnxruntime sessions are created without thread spinning (`session.intra_op.allow_spinning = 0`): spinning
-  threads otherwise keep the cores busy between calls and slow every other path (and the server) on 2 cores.
+- The machine: 2 cores shared with several other engineers' jobs; the 1-minute load average is printed above
+  each table. Paths in one table are timed interleaved, so they compare with each other; absolute numbers move
+  with the load (the trained and untrained tables come from different runs).
+- bf16 rounds both weights and activations to 8 mantissa bits. `mixed` keeps everything but the expert bank
+  in fp32 and splits the first expert layer's input into two bf16 terms (one GEMM of twice the rows), which
+  leaves only the weights' rounding; the "bf16 error attribution" lines show what each part costs.
+- int8 dynamic quantisation (per-batch activation scales) changes scores more than bf16; its AUC changes are
+  in the tables.
+- OpenMP waits passively in these runs (`OMP_WAIT_POLICY=PASSIVE`, set by the benchmark before torch loads);
+  the "OpenMP spinning" table is the same model with the default policy: spinning OpenMP threads lose whole
+  time slices at every barrier when the cores are shared. Start the service the same way on a shared machine:
+  `OMP_WAIT_POLICY=PASSIVE mtrank serve MODEL_DIR`.
+- onnxruntime sessions are created without thread spinning (`session.intra_op.allow_spinning = 0`), for the
+  same reason.
+- `compile` is not offered with `mixed`: Inductor folds away the bf16 round trip that splits the input.
 - Learned blend: with lambda = 2 (Pinterest's value) and both loss terms averaged per impression, the L2 pull
   dominates the reward-weighted cross-entropy, so the learned weights move only a little from the default
   (see the per-group weights above) and the gain over the best global vector is small but consistent; weaker
   pulls come close to the oracle. How lambda trades off depends on how the two terms are normalised, which the
   paper does not say; `--lambdas` shows the whole range.
-- GPU numbers (fp16/bf16) come from `python benchmarks/serving.py --device cuda`, run separately.
+- GPU numbers (fp16/bf16) come from `python benchmarks/serving.py --device cuda`, run separately; they land in
+  docs/results/serving_cuda.json and in a "GPU" section here after `--render`.
 """
 
 
