@@ -164,9 +164,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--seconds", type=float, default=60.0, help="test duration, at most 300 (default 60)")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per request (default 100)")
-    parser.add_argument(
-        "--backend", default="torchscript", help="mtrank serve --backend (default torchscript)"
-    )
+    parser.add_argument("--backend", default="auto", help="mtrank serve --backend (default auto)")
     parser.add_argument("--precision", default="fp32", help="mtrank serve --precision (default fp32)")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "loadtest.json")

@@ -147,3 +147,9 @@ def test_export_command_prints_the_difference_and_fails_cleanly(model_dir, tmp_p
     assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "model.int8.onnx").is_file()
     assert main(["export", str(tmp_path / "missing"), "--format", "onnx"]) == 1
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_auto_backend_picks_onnxruntime_for_fp32_on_cpu_and_torchscript_for_bf16():
+    model = MultiTaskModel(small_config())
+    assert Scorer(model, "auto", "fp32").name == "onnx/fp32"
+    assert Scorer(model, "auto", "mixed").name == "torchscript/mixed"

@@ -61,7 +61,7 @@ class ScoringService:
     def __init__(
         self,
         model_dir: str | Path,
-        backend: str = "torchscript",
+        backend: str = "auto",
         precision: str = "fp32",
         threads: int = 0,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,

@@ -23,7 +23,17 @@ from mtrank.models import MultiTaskModel
 from mtrank.serve.export import OnnxScorer, export_onnx, quantize_onnx_int8, random_inputs
 from mtrank.serve.precision import PrecisionScoring, check_precision, inference_model
 
-BACKENDS = ("eager", "compile", "torchscript", "onnx")
+BACKENDS = ("auto", "eager", "compile", "torchscript", "onnx")
+
+
+def resolve_backend(backend: str, precision: str, device: str | torch.device) -> str:
+    """``auto``: onnxruntime for fp32 / int8 on CPU (the fastest exact path in docs/serving.md), else
+    TorchScript."""
+    if backend != "auto":
+        return backend
+    if torch.device(device).type == "cpu" and precision in ("fp32", "int8"):
+        return "onnx"
+    return "torchscript"
 
 
 class Scorer:
@@ -32,7 +42,7 @@ class Scorer:
 
     Args:
         model: the float32 model.
-        backend: one of :data:`BACKENDS`.
+        backend: one of :data:`BACKENDS` (``auto``: see :func:`resolve_backend`).
         precision: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (see the table above for what each backend takes).
         device: ``cpu`` or ``cuda`` (the ``onnx`` backend is CPU only).
         threads: onnxruntime intra-op threads (0 = its default); PyTorch uses ``torch.set_num_threads``.
@@ -48,6 +58,7 @@ class Scorer:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: unknown {backend!r}; expected one of {BACKENDS}")
+        backend = resolve_backend(backend, precision, device)
         check_precision(precision, device)
         self.backend, self.precision, self.device = backend, precision, torch.device(device)
         self.task_names = [t.name for t in model.tasks]

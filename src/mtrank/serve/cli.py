@@ -99,9 +99,10 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
         "--backend",
-        default="torchscript",
-        choices=["eager", "compile", "torchscript", "onnx"],
-        help="inference path (default torchscript; see docs/serving.md for measured latencies)",
+        default="auto",
+        choices=["auto", "eager", "compile", "torchscript", "onnx"],
+        help="inference path; auto (default): onnxruntime for fp32/int8 on CPU (the fastest exact path "
+        "measured in docs/serving.md), TorchScript for bf16/mixed",
     )
     p.add_argument(
         "--precision",
