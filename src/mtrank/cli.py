@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mtrank.data_cli import register as register_data
 
     register_data(subparsers)
+    from mtrank.serve.cli import register as register_serving
+
+    register_serving(subparsers)
     return parser
 
 

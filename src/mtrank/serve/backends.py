@@ -1,0 +1,113 @@
+"""Scorers: one call ``(dense, sparse) -> scores [B, K]`` over every inference path mtrank offers.
+
+==============  =============================  =========================================================
+backend         precisions                     what runs
+==============  =============================  =========================================================
+``eager``       fp32, bf16, mixed, fp16, int8  PyTorch modules (see :mod:`mtrank.serve.precision`)
+``compile``     fp32, bf16, fp16               ``torch.compile`` of the same (Inductor; first call compiles)
+``torchscript`` fp32, bf16, mixed, fp16        ``torch.jit.trace`` + ``freeze``
+``onnx``        fp32, int8                     onnxruntime on CPU (int8: its dynamic quantisation)
+==============  =============================  =========================================================
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtrank.models import MultiTaskModel
+from mtrank.serve.export import OnnxScorer, export_onnx, quantize_onnx_int8, random_inputs
+from mtrank.serve.precision import PrecisionScoring, check_precision, inference_model
+
+BACKENDS = ("auto", "eager", "compile", "torchscript", "onnx")
+
+
+def resolve_backend(backend: str, precision: str, device: str | torch.device) -> str:
+    """``auto``: onnxruntime for fp32 / int8 on CPU (the fastest exact path in docs/serving.md), else
+    TorchScript."""
+    if backend != "auto":
+        return backend
+    if torch.device(device).type == "cpu" and precision in ("fp32", "int8"):
+        return "onnx"
+    return "torchscript"
+
+
+class Scorer:
+    """Scores candidates with one backend and precision. Call with float32 ``dense [B, F_dense]`` and int64
+    ``sparse [B, F_cat]`` (CPU tensors or numpy); returns float32 ``scores [B, K]`` as a CPU tensor.
+
+    Args:
+        model: the float32 model.
+        backend: one of :data:`BACKENDS` (``auto``: see :func:`resolve_backend`).
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (see the table above for what each backend takes).
+        device: ``cpu`` or ``cuda`` (the ``onnx`` backend is CPU only).
+        threads: onnxruntime intra-op threads (0 = its default); PyTorch uses ``torch.set_num_threads``.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        backend: str = "eager",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int = 0,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: unknown {backend!r}; expected one of {BACKENDS}")
+        backend = resolve_backend(backend, precision, device)
+        check_precision(precision, device)
+        self.backend, self.precision, self.device = backend, precision, torch.device(device)
+        self.task_names = [t.name for t in model.tasks]
+        self.config = model.config
+        self._onnx: OnnxScorer | None = None
+        self._module: torch.nn.Module | None = None
+        if backend == "onnx":
+            if precision not in ("fp32", "int8") or self.device.type != "cpu":
+                raise ValueError(
+                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile/torchscript for bf16, "
+                    "mixed, fp16"
+                )
+            self._tmp = tempfile.TemporaryDirectory(prefix="mtrank-onnx-")
+            path = export_onnx(model, Path(self._tmp.name) / "model.onnx")
+            if precision == "int8":
+                path = quantize_onnx_int8(path, Path(self._tmp.name) / "model.int8.onnx")
+            self._onnx = OnnxScorer(path, threads=threads)
+            return
+        if precision == "mixed" and backend == "compile":
+            raise ValueError(
+                "backend compile: Inductor folds the bf16 round trip that splits the input (x - bf16(x)), "
+                "which undoes 'mixed'; use eager or torchscript for mixed"
+            )
+        if precision == "int8" and backend != "eager":
+            raise ValueError(
+                f"backend {backend}: int8 runs with backend eager (PyTorch) or onnx (onnxruntime)"
+            )
+        module = PrecisionScoring(inference_model(model, precision, device)).eval()
+        if backend == "compile":
+            module = torch.compile(module, dynamic=True)
+        elif backend == "torchscript":
+            dense, sparse = random_inputs(model.config, 8)
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                module = torch.jit.trace(
+                    module, (dense.to(self.device), sparse.to(self.device)), check_trace=False
+                )
+                module = torch.jit.freeze(module.eval())
+        self._module = module
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}/{self.precision}"
+
+    def __call__(self, dense: torch.Tensor | np.ndarray, sparse: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if self._onnx is not None:
+            return torch.from_numpy(self._onnx(dense, sparse))
+        dense = torch.as_tensor(dense, dtype=torch.float32).to(self.device, non_blocking=True)
+        sparse = torch.as_tensor(sparse, dtype=torch.long).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            scores = self._module(dense, sparse)
+        return scores.float().cpu()

@@ -1,0 +1,286 @@
+"""``mtrank export``, ``mtrank serve`` and ``mtrank blend``: parsers and handlers, registered by
+:func:`register` from :mod:`mtrank.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mtrank.serve.export import export_model_dir
+
+    record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
+    print(
+        f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on "
+        "random inputs)"
+    )
+    if args.int8:
+        print(
+            f"wrote {record['int8_file']} beside it  (int8: max |score - eager| = "
+            f"{record['int8_max_abs_diff_vs_eager']:.2e})"
+        )
+    return 0
+
+
+def _register_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a model directory to TorchScript or ONNX, checked against eager PyTorch",
+        description=(
+            "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] "
+            "with a dynamic "
+            "batch size: TorchScript (model.pt, torch.jit.load) or ONNX (model.onnx, inputs 'dense' float32 "
+            "[B, F_dense] and 'sparse' int64 [B, F_cat], output 'scores'). The export is compared with eager "
+            "PyTorch on random inputs and refused if any score differs by more than 1e-5. Writes export.json."
+        ),
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="export format")
+    p.add_argument("--out", help="output folder (default: MODEL_DIR/export)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --format onnx: also write model.int8.onnx (onnxruntime int8 dynamic quantisation)",
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from mtrank.serve.app import ScoringService, create_app
+    from mtrank.serve.blend import Blend
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    service = ScoringService(
+        args.model_dir,
+        args.backend,
+        args.precision,
+        threads=args.torch_threads,
+        max_candidates=args.max_candidates,
+    )
+    if args.blend:
+        service.blend = Blend.from_dict(json.loads(Path(args.blend).read_text()), service.task_names)
+    app = create_app(service, max_body_bytes=args.max_body_bytes)
+    print(
+        f"mtrank serve: {args.model_dir} ({service.scorer.name}, tasks {service.task_names}) "
+        f"on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def _register_serve(subparsers) -> None:
+    from mtrank.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
+
+    p = subparsers.add_parser(
+        "serve",
+        help="HTTP scoring service for a model directory (FastAPI + uvicorn)",
+        description=(
+            "Serve MODEL_DIR over HTTP. POST /v1/score takes {'context': {...}, 'candidates': [{...}, ...]} "
+            "(raw feature values by name when the directory has encoders.json; else each candidate is "
+            "{'dense': [...], 'sparse': [...]}) and returns per-task scores, the blended score and "
+            "the ranking. "
+            "GET /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI). The blend comes from "
+            "--blend, else "
+            "MODEL_DIR/blend.json, else equal weights; a request may override it. Binds to 127.0.0.1 unless "
+            "--host says otherwise."
+        ),
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "eager", "compile", "torchscript", "onnx"],
+        help="inference path; auto (default): onnxruntime for fp32/int8 on CPU (the fastest exact path "
+        "measured in docs/serving.md), TorchScript for bf16/mixed",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "mixed", "int8"],
+        help="fp32 (default); bf16 (whole model); mixed (expert bank in bf16 with a split input, the rest "
+        "fp32); int8 (eager or onnx backend, CPU). docs/serving.md has latency and score changes of each",
+    )
+    p.add_argument(
+        "--blend", help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}}"
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=DEFAULT_MAX_CANDIDATES,
+        help=f"most candidates per request (default {DEFAULT_MAX_CANDIDATES})",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    p.add_argument(
+        "--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)"
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_blend_tune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mtrank.data.encoders import as_table
+    from mtrank.serve.blend import tune_blend
+
+    frame = _read_table(args.data)
+    table = as_table(frame)
+    for column in [*args.scores, *args.labels, *([args.request_id] if args.request_id else [])]:
+        if column not in table.column_names:
+            raise ValueError(
+                f"{args.data}: column {column!r} is missing (columns: {table.column_names[:20]})"
+            )
+    if not (len(args.tasks) == len(args.scores) == len(args.labels)):
+        raise ValueError("--tasks, --scores and --labels: give one entry per task, in the same order")
+    scores = np.stack([frame[c].to_numpy(dtype=float) for c in args.scores], 1)
+    labels = np.stack([frame[c].to_numpy(dtype=float) for c in args.labels], 1)
+    request_ids = frame[args.request_id].to_numpy() if args.request_id else None
+    transforms = dict(_pairs(args.transform, "--transform"))
+    objective_weights = {k: float(v) for k, v in _pairs(args.objective_weight, "--objective-weight")}
+    result = tune_blend(
+        scores,
+        labels,
+        args.tasks,
+        args.method,
+        transforms,
+        args.objective,
+        objective_weights,
+        request_ids,
+        args.top_k,
+        args.search,
+        args.step,
+        args.trials,
+        args.seed,
+    )
+    print(f"objective {args.objective} on {len(frame)} rows ({args.search}, {len(result.trials)} trials)")
+    print(f"  equal weights : {result.default_value:.4f}")
+    print(
+        f"  best weights  : {result.value:.4f}  "
+        + "  ".join(f"{k}={v:.3f}" for k, v in result.blend.weights.items())
+    )
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result.blend.to_dict(), handle, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _read_table(path: str):
+    import pandas as pd
+
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path)
+
+
+def _pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{flag}: expected TASK=VALUE, got {item!r}")
+        pairs.append(tuple(item.split("=", 1)))
+    return pairs
+
+
+def _cmd_blend_learned(args: argparse.Namespace) -> int:
+    from mtrank.serve.learned_demo import run_learned_blend_demo
+
+    torch_threads(1)
+    report = run_learned_blend_demo(args.requests, args.lambdas, args.epochs, args.seeds)
+    print(report["table"])
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _register_blend(subparsers) -> None:
+    p = subparsers.add_parser(
+        "blend",
+        help="tune blend weights on validation scores; the learned-blend study",
+        description="Blending task scores into one ranking score.",
+    )
+    sub = p.add_subparsers(dest="blend_command", metavar="BLEND_COMMAND", required=True)
+    t = sub.add_parser(
+        "tune",
+        help="search blend weights on a file of validation scores and labels",
+        description=(
+            "Search blend weights (summing to 1) that maximise an objective on validation data: 'auc' = "
+            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k "
+            "label_k over the "
+            "top-k blended candidates (needs --request-id). Grid over the simplex or optuna TPE."
+        ),
+    )
+    t.add_argument("data", help="CSV or Parquet file with score and label columns")
+    t.add_argument("--tasks", nargs="+", required=True, help="task names, in order")
+    t.add_argument("--scores", nargs="+", required=True, help="score column of each task")
+    t.add_argument("--labels", nargs="+", required=True, help="label column of each task")
+    t.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "weighted_product"])
+    t.add_argument(
+        "--transform", nargs="*", help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p, rank)"
+    )
+    t.add_argument("--objective", default="auc", choices=["auc", "reward@k"])
+    t.add_argument("--objective-weight", nargs="*", help="TASK=WEIGHT, a_k of the objective (default 1)")
+    t.add_argument("--request-id", help="request id column (reward@k)")
+    t.add_argument("--top-k", type=int, default=1, help="candidates shown per request (reward@k)")
+    t.add_argument("--search", default="grid", choices=["grid", "optuna"])
+    t.add_argument("--step", type=float, default=0.05, help="grid step (default 0.05)")
+    t.add_argument("--trials", type=int, default=100, help="optuna trials (default 100)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="write the best blend as JSON here (e.g. MODEL_DIR/blend.json)")
+    t.set_defaults(func=_cmd_blend_tune)
+    lb = sub.add_parser(
+        "learned",
+        help="learned blend vs the best global weights on simulated logs with group-dependent preferences",
+        description=(
+            "Generate ranking logs where two user groups value two tasks differently (logged under "
+            "randomised "
+            "blend weights), train the learned utility g(x, r) = sigmoid(r . f(x) + b) with reward-weighted "
+            "cross-entropy and an L2 pull toward the default weights, and compare the expected reward of the "
+            "top item on fresh requests: default weights, the best single global weight vector (grid on a "
+            "validation set), the learned blend at each lambda, and the true per-group weights (oracle)."
+        ),
+    )
+    lb.add_argument("--requests", type=int, default=4000, help="training requests (default 4000)")
+    lb.add_argument(
+        "--lambdas",
+        type=float,
+        nargs="+",
+        default=[2.0, 0.5, 0.1, 0.0],
+        help="L2 pull strengths to train (default 2 0.5 0.1 0)",
+    )
+    lb.add_argument("--epochs", type=int, default=20)
+    lb.add_argument("--seeds", type=int, default=3, help="data + training seeds (default 3)")
+    lb.add_argument("--json", help="write the results as JSON here")
+    lb.set_defaults(func=_cmd_blend_learned)
+
+
+def register(subparsers) -> None:
+    """Add the serving commands to the ``mtrank`` parser."""
+    _register_export(subparsers)
+    _register_serve(subparsers)
+    _register_blend(subparsers)

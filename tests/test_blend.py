@@ -1,0 +1,225 @@
+"""Blends of task scores, weight tuning against a stated objective, and the learned blend."""
+
+import numpy as np
+import pytest
+import torch
+
+from mtrank.data.preference import make_preference_logs
+from mtrank.serve.blend import Blend, blend_objective, mean_top_k, ranking, simplex_grid, tune_blend
+from mtrank.serve.learned_blend import LearnedBlendConfig, train_learned_blend
+
+TASKS = ["click", "like"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: threads only add overhead on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_weighted_sum_and_weighted_product_follow_their_formulas():
+    scores = np.array([[0.2, 0.9], [0.6, 0.5], [0.9, 0.1]])
+    blended_sum = Blend("weighted_sum", {"click": 2.0, "like": 1.0}).apply(scores, TASKS)
+    np.testing.assert_allclose(blended_sum, 2 * scores[:, 0] + scores[:, 1])
+    blended_product = Blend("weighted_product", {"click": 0.5, "like": 2.0}).apply(scores, TASKS)
+    np.testing.assert_allclose(blended_product, scores[:, 0] ** 0.5 * scores[:, 1] ** 2.0)
+    assert ranking(blended_sum) == [2, 1, 0]
+
+
+def test_transforms_apply_per_task_before_blending():
+    scores = np.array([[0.5, 4.0], [0.25, 0.0]])
+    blend = Blend("weighted_sum", {"click": 1.0, "like": 1.0}, {"click": "logit", "like": "log1p"})
+    np.testing.assert_allclose(blend.apply(scores, TASKS), [0.0 + np.log(5.0), np.log(1 / 3)], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("blend", "message"),
+    [
+        ({"method": "max"}, "blend.method"),
+        ({"weights": {"clicks": 1}}, "blend.weights.clicks: unknown task"),
+        ({"weights": {"click": "a lot"}}, "blend.weights.click: expected a finite number"),
+        ({"weights": {"click": 1}, "transforms": {"like": "cube"}}, "blend.transforms.like"),
+        ({"weights": {"click": 0, "like": 0}}, "every weight is 0"),
+        ({"weight": {}}, "blend.weight: unknown field"),
+    ],
+)
+def test_bad_blend_configs_name_the_field(blend, message):
+    with pytest.raises(ValueError, match=message):
+        Blend.from_dict(blend, TASKS)
+
+
+def test_mean_top_k_sums_the_best_rows_of_each_request():
+    blended = np.array([0.9, 0.1, 0.5, 0.3, 0.8, 0.2])
+    value = np.array([1.0, 10.0, 100.0, 1.0, 2.0, 3.0])
+    requests = np.array([0, 0, 0, 1, 1, 1])
+    assert mean_top_k(blended, value, requests, top_k=1) == pytest.approx((1.0 + 2.0) / 2)
+    assert mean_top_k(blended, value, requests, top_k=2) == pytest.approx((101.0 + 3.0) / 2)
+
+
+def test_simplex_grid_covers_weights_summing_to_one():
+    grid = simplex_grid(3, 0.25)
+    assert len(grid) == 15 and all(abs(w.sum() - 1) < 1e-12 for w in grid)
+
+
+def _labelled(n=3000, seed=0):
+    """Scores of two tasks; the 'like' label depends only on the 'like' score, 'click' labels are noise."""
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(size=(n, 2))
+    labels = np.stack([rng.uniform(size=n) < 0.5, rng.uniform(size=n) < scores[:, 1]], 1).astype(float)
+    return scores, labels, np.repeat(np.arange(n // 10), 10)
+
+
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_tuning_moves_weight_to_the_task_that_predicts_the_objective(search):
+    scores, labels, _ = _labelled()
+    result = tune_blend(
+        scores,
+        labels,
+        TASKS,
+        objective="auc",
+        objective_weights={"click": 0.0, "like": 1.0},
+        search=search,
+        step=0.1,
+        trials=30,
+    )
+    assert result.value > result.default_value
+    assert result.blend.weights["like"] > 0.8
+
+
+def test_reward_objective_tuning_beats_equal_weights():
+    scores, labels, requests = _labelled(seed=1)
+    result = tune_blend(
+        scores,
+        labels,
+        TASKS,
+        method="weighted_product",
+        objective="reward@k",
+        request_ids=requests,
+        top_k=2,
+        step=0.1,
+    )
+    assert result.value > result.default_value
+    with pytest.raises(ValueError, match="request_ids are required"):
+        blend_objective(scores[:, 0], labels, TASKS, "reward@k")
+
+
+def test_learned_blend_learns_group_weights_and_beats_the_best_global_weights():
+    train = make_preference_logs(requests=1500, seed=0)
+    test = make_preference_logs(requests=2000, seed=100)
+    context, task_scores, engaged, reward = train.impressions()
+    model, history = train_learned_blend(
+        context, task_scores, engaged, reward, [0.5, 0.5], LearnedBlendConfig(epochs=10, l2_pull=2.0)
+    )
+    assert history[-1] < history[0]
+    with torch.no_grad():
+        weights = model.task_weights(test.context)  # (R, K)
+    # group 0 values task 0 and group 1 task 1: the learned weights lean that way
+    assert weights[test.group == 0, 0].mean() > weights[test.group == 0, 1].mean()
+    assert weights[test.group == 1, 1].mean() > weights[test.group == 1, 0].mean()
+    learned = test.expected_reward((test.scores * weights.unsqueeze(1)).sum(-1))
+    # the strongest global baseline: the single weight vector that is best on the test requests themselves
+    best_global = max(
+        test.expected_reward((test.scores * torch.tensor(w, dtype=torch.float32)).sum(-1))
+        for w in simplex_grid(2, 0.05)
+    )
+    assert learned > best_global
+
+
+def test_a_stronger_l2_pull_keeps_the_weights_closer_to_the_default():
+    train = make_preference_logs(requests=600, seed=3)
+    context, task_scores, engaged, reward = train.impressions()
+    default = torch.tensor([0.3, 0.7])
+    distances = []
+    for l2_pull in (0.0, 2.0):
+        model, _ = train_learned_blend(
+            context,
+            task_scores,
+            engaged,
+            reward,
+            default.tolist(),
+            LearnedBlendConfig(epochs=5, l2_pull=l2_pull),
+        )
+        with torch.no_grad():
+            distances.append((model.task_weights(context) - default).norm(dim=1).mean().item())
+    assert distances[1] < 0.5 * distances[0]
+
+
+def test_blend_tune_command_writes_a_blend_the_service_can_read(tmp_path):
+    import pandas as pd
+
+    from mtrank.cli import main
+
+    scores, labels, requests = _labelled(n=600, seed=2)
+    frame = pd.DataFrame(
+        {
+            "p_click": scores[:, 0],
+            "p_like": scores[:, 1],
+            "y_click": labels[:, 0],
+            "y_like": labels[:, 1],
+            "request": requests,
+        }
+    )
+    frame.to_csv(tmp_path / "valid.csv", index=False)
+    out = tmp_path / "blend.json"
+    code = main(
+        [
+            "blend",
+            "tune",
+            str(tmp_path / "valid.csv"),
+            "--tasks",
+            "click",
+            "like",
+            "--scores",
+            "p_click",
+            "p_like",
+            "--labels",
+            "y_click",
+            "y_like",
+            "--objective",
+            "reward@k",
+            "--request-id",
+            "request",
+            "--top-k",
+            "2",
+            "--step",
+            "0.25",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    import json
+
+    blend = Blend.from_dict(json.loads(out.read_text()), TASKS)
+    assert abs(sum(blend.weights.values()) - 1) < 1e-9
+    assert (
+        main(
+            [
+                "blend",
+                "tune",
+                str(tmp_path / "valid.csv"),
+                "--tasks",
+                "click",
+                "--scores",
+                "p_clik",
+                "--labels",
+                "y_click",
+            ]
+        )
+        == 1
+    )  # a missing column is an error that names it
+
+
+def test_learned_blend_study_reports_every_method():
+    from mtrank.serve.learned_demo import run_learned_blend_demo
+
+    report = run_learned_blend_demo(requests=300, lambdas=[2.0], epochs=2, seeds=1)
+    assert set(report["rewards"]) == {
+        "default weights (0.5, 0.5)",
+        "best global weights (grid on validation)",
+        "learned blend, lambda = 2",
+        "oracle (true per-group weights)",
+    }
+    assert "oracle" in report["table"]
