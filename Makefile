@@ -25,8 +25,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: $(STAMP)
-	$(PY) benchmarks/peers.py --json docs/results/peers.json
+# The peer benchmark runs in its own venv: the same pinned torch, plus DeepCTR-Torch, torch-rechub and mtrank.
+PEERS_VENV ?= .venv-peers
+PEERS_PY    = $(PEERS_VENV)/bin/python
+PEERS_STAMP = $(PEERS_VENV)/.installed
+BENCH_ARGS ?= --auc-check
+
+$(PEERS_STAMP): pyproject.toml constraints.txt
+	@test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q -c constraints.txt torch==2.13.0 deepctr-torch==0.3.0 torch-rechub==0.9.0 -e .
+	@touch $(PEERS_STAMP)
+
+bench: $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/peers.py $(BENCH_ARGS) --json docs/results/peers.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) runs .pytest_cache
