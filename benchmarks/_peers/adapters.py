@@ -44,6 +44,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 class MtrankAdapter:
     name = "mtrank"
 
+    cuda_graphs: bool | None = None  # None: the Trainer's automatic choice (a CUDA graph on the GPU)
+
     def __init__(self, workload, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> None:
         from mtrank.train import Trainer
 
@@ -59,7 +61,7 @@ class MtrankAdapter:
             progress=False,
             seed=seed,
         )
-        self.trainer = Trainer(self.model, self.config)
+        self.trainer = Trainer(self.model, self.config, cuda_graphs=self.cuda_graphs)
 
     def prepare(self, data: TensorData):
         return data.to(self.device)  # the whole split on the training device (GPU when training there)
@@ -72,6 +74,13 @@ class MtrankAdapter:
 
     def parameters(self) -> int:
         return count_parameters(self.model)
+
+
+class MtrankEagerAdapter(MtrankAdapter):
+    """mtrank with the eager step forced (on the GPU: without the CUDA graph), to show what the graph buys."""
+
+    name = "mtrank-eager"
+    cuda_graphs = False
 
 
 def _import_deepctr_offline() -> None:
@@ -210,4 +219,9 @@ class RechubAdapter:
         return count_parameters(self.model)
 
 
-ADAPTERS = {"mtrank": MtrankAdapter, "deepctr": DeepCTRAdapter, "rechub": RechubAdapter}
+ADAPTERS = {
+    "mtrank": MtrankAdapter,
+    "mtrank-eager": MtrankEagerAdapter,
+    "deepctr": DeepCTRAdapter,
+    "rechub": RechubAdapter,
+}
