@@ -84,3 +84,26 @@ def test_a_graphed_step_serves_only_the_tensors_it_was_built_on():
     assert step.serves(data, 64)
     assert not step.serves(data, 128)
     assert not step.serves(make_synthetic(n=256, seed=0), 64)  # equal values, other tensors
+
+
+def test_the_step_a_graph_records_equals_the_trainers_eager_step():
+    """GraphedTrainStep._step (what the CUDA graph captures) runs on CPU too: it must be the eager step."""
+    from mtrank.train.fast import GraphedTrainStep
+    from mtrank.train.trainer import take_rows
+
+    data = make_synthetic(n=256, seed=2)
+    index = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64]
+    a, b = model(), model()
+    cfg = TrainConfig(batch_size=64, progress=False, lr=1e-2)
+    eager, recorded = Trainer(a, cfg), Trainer(b, cfg)
+    for _ in range(3):
+        loss = eager._loss(take_rows(data, index))
+        eager.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        eager.optimizer.step()
+    step = GraphedTrainStep(recorded._loss, recorded.optimizer, data, 64)
+    for _ in range(3):
+        recorded_loss = step._step(index)
+    torch.testing.assert_close(recorded_loss, loss.detach())
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -77,6 +77,7 @@ class GraphedTrainStep:
         self.warmup_steps = warmup_steps
         self.device = train.labels.device
         self.static_index = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.stream: torch.cuda.Stream | None = None  # warm-up and capture run on this one side stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_loss: torch.Tensor | None = None
         self.failure: str = ""
@@ -127,8 +128,13 @@ class GraphedTrainStep:
         self.replays += 1
         return self.static_loss
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=self.device)
+        return self.stream
+
     def _side_stream_step(self) -> torch.Tensor:
-        side = torch.cuda.Stream(device=self.device)
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             loss = self._step(self.static_index)
@@ -140,6 +146,8 @@ class GraphedTrainStep:
         torch.cuda.synchronize(self.device)
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates .grad in its own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # capture on the warm-up stream: the BLAS handles and workspaces it created are reused, not created
+        # mid-capture
+        with torch.cuda.graph(graph, stream=self._side_stream()):
             static_loss = self._step(self.static_index, set_to_none=None)
         self.graph, self.static_loss = graph, static_loss
