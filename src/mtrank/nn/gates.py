@@ -45,6 +45,7 @@ class TaskGates(nn.Module):
         self.num_gates, self.num_experts = allowed.shape
         self.register_buffer("allowed", allowed.clone())
         self.fixed = bool((allowed.sum(1) == 1).all())
+        self.all_allowed = bool(allowed.all())  # OMoE / MMoE: no -inf mask needed (saves two ops per step)
         self.temperature = float(config.temperature)
         self.dropout = float(config.dropout)
         self.top_k = int(config.top_k) if 0 < config.top_k < self.num_experts else 0
@@ -70,15 +71,17 @@ class TaskGates(nn.Module):
             return weights, x.new_zeros((), dtype=torch.float32)
         h = self.hidden(x)
         shape = (batch, self.num_gates, self.num_experts)
-        logits = self.proj(h).float().view(shape) / self.temperature  # (B, G, E)
+        logits = self.proj(h).float().view(shape)  # (B, G, E)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         aux_loss = logits.new_zeros(())
         noise_std = None
         clean = logits
         if self.noisy and self.training:
             noise_std = F.softplus(self.noise_proj(h).float().view(shape)) + 1e-2
             logits = logits + torch.randn_like(logits) * noise_std
-        blocked = ~self.allowed  # (G, E)
-        logits = logits.masked_fill(blocked, float("-inf"))
+        if not self.all_allowed:
+            logits = logits.masked_fill(~self.allowed, float("-inf"))  # (B, G, E)
         if self.top_k:
             kth = logits.topk(self.top_k, dim=-1).values[..., -1:]  # (B, G, 1)
             keep = logits >= kth
