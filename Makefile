@@ -29,7 +29,7 @@ lint: $(STAMP)
 PEERS_VENV ?= .venv-peers
 PEERS_PY    = $(PEERS_VENV)/bin/python
 PEERS_STAMP = $(PEERS_VENV)/.installed
-BENCH_ARGS ?= --auc-check
+BENCH_ARGS ?= --threads 1 --rounds 3 --auc-check
 
 $(PEERS_STAMP): pyproject.toml constraints.txt
 	@test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
