@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 OUT    ?= runs/main
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ $(PEERS_STAMP): pyproject.toml constraints.txt
 
 bench: $(PEERS_STAMP)
 	$(PEERS_PY) benchmarks/peers.py $(BENCH_ARGS) --json docs/results/peers.json
+
+# Wheels of the pure-Python peers (and pandas) for the GPU machine, which has no network: carry .whl/ there and
+# run `bash benchmarks/gpu_run.sh` (see docs/benchmarks.md).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  deepctr-torch==0.3.0 torch-rechub==0.9.0 pandas python-dateutil six tzdata
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) runs .pytest_cache
