@@ -185,10 +185,11 @@ class Trainer:
         resumed_samples = samples
         graphed = None
         if self.cuda_graphs:
-            # a later fit on the same tensors replays the graph already captured, unless a checkpoint replaced
-            # the optimizer state the graph reads
+            # a later fit on the same tensors replays the graph already captured, unless a checkpoint (or a
+            # new optimizer) replaced the optimizer state the graph reads
             graphed = self.graphed_step
-            if graphed is None or result.resumed_from or not graphed.serves(train, cfg.batch_size):
+            stale = graphed is None or graphed.optimizer is not self.optimizer or result.resumed_from
+            if stale or not graphed.serves(train, cfg.batch_size):
                 graphed = GraphedTrainStep(self._loss, self.optimizer, train, cfg.batch_size)
                 self.graphed_step = graphed
         self.model.train()
