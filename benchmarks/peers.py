@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers.adapters import ADAPTERS  # noqa: E402
 from _peers.workloads import WORKLOADS, make_data  # noqa: E402
 
-DEFAULT_TRAIN_BATCHES = {"cpu": {"W1": 200, "W2": 12}, "cuda": {"W1": 400, "W2": 240}}
+DEFAULT_TRAIN_BATCHES = {"cpu": {"W1": 200, "W2": 12}, "cuda": {"W1": 400, "W2": 120}}
 LATENCY_CALLS = {"cpu": 30, "cuda": 100}
 
 
