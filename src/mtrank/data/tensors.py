@@ -52,6 +52,11 @@ class TensorData:
     def __getitem__(self, index: torch.Tensor | slice) -> TensorData:
         return self._map(lambda t: t[index])
 
+    def take(self, index: torch.Tensor) -> TensorData:
+        """Rows ``index`` (int64) of every tensor, by ``index_select`` (several times faster than ``t[index]`` on
+        CPU): how the trainer gathers a batch."""
+        return self._map(lambda t: t.index_select(0, index))
+
     def to(self, device: torch.device | str) -> TensorData:
         return self._map(lambda t: t.to(device))
 

@@ -101,7 +101,10 @@ class ExtractionLevel(nn.Module):
         if self.num_experts == 1:
             mixed = expert_out.expand(gate_weights.shape[1], -1, -1)  # (G, B, D)
         else:
-            mixed = torch.einsum("bge,ebd->gbd", gate_weights.to(expert_out.dtype), expert_out)  # (G, B, D)
+            # sum_e g_g(x)_e f_e(x): one broadcast multiply + sum per gate; on CPU 2x faster (forward and
+            # backward) than einsum, which runs it as B tiny matmuls
+            weights = gate_weights.to(expert_out.dtype).permute(1, 2, 0).unsqueeze(-1)  # (G, E, B, 1)
+            mixed = torch.stack([(weights[g] * expert_out).sum(0) for g in range(weights.shape[0])])  # (G, B, D)
         return mixed, gate_weights, aux_loss
 
 

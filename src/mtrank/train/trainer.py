@@ -17,6 +17,7 @@ from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better
 from mtrank.models import MultiTaskModel
 from mtrank.train.distributed import barrier, rank_and_world
+from mtrank.train.fast import GraphedTrainStep, cuda_graph_plan
 from mtrank.train.losses import distillation_loss, multitask_loss
 
 
@@ -52,10 +53,15 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: torch.device, capturable: bool = False
+) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
-    if device.type == "cuda":
+    if capturable:  # its step can be recorded in a CUDA graph (step counters on the device)
+        kwargs["capturable"] = True
+    if device.type in ("cuda", "cpu"):
+        # one fused kernel for all parameters instead of ~8 ops per tensor (CPU too: ~2x less optimizer time)
         kwargs["fused"] = True
     return cls(model.parameters(), **kwargs)
 
@@ -97,21 +103,35 @@ class Trainer:
         >>> result = Trainer(model, TrainConfig(epochs=2, progress=False)).fit(train, valid)
     """
 
-    def __init__(self, model: MultiTaskModel, config: TrainConfig) -> None:
+    def __init__(self, model: MultiTaskModel, config: TrainConfig, cuda_graphs: bool | None = None) -> None:
         self.config = config.validate()
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        self.optimizer = make_optimizer(self.model, config, self.device)
-        self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
-        self.task_weights = torch.tensor([t.weight for t in model.tasks], device=self.device)
+        # fast path: on CUDA, the whole step in one CUDA graph where that is exact (see mtrank.train.fast);
+        # cuda_graphs=None selects it automatically, False forces the eager step
         self.rank, self.world = rank_and_world()
+        possible, reason = cuda_graph_plan(self.model, config, self.device)
+        if possible and self.world > 1:
+            possible, reason = False, "data-parallel (DDP) training"
+        self.cuda_graphs = possible and cuda_graphs is not False
+        self.step_path = "cuda_graph" if self.cuda_graphs else "eager"
+        self.step_path_reason = reason
+        if possible and not self.cuda_graphs:
+            self.step_path_reason = "disabled by cuda_graphs=False"
+        self.optimizer = make_optimizer(self.model, config, self.device, capturable=self.cuda_graphs)
+        self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
+        self.graphed_step: GraphedTrainStep | None = None
+        self.task_weights = torch.tensor([t.weight for t in model.tasks], device=self.device)
         self.train_model: torch.nn.Module = self.model
         if self.world > 1:
             device_ids = [self.device.index or torch.cuda.current_device()] if self.device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
     def _loss(self, batch: TensorData) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+        # autocast's weight-cast cache must be off while a CUDA graph is captured (PyTorch CUDA-graph notes)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16, cache_enabled=not self.cuda_graphs
+        ):
             out = self.train_model(batch.dense, batch.sparse)
         loss, _ = multitask_loss(
             out.task_logits, batch.labels, self.model.binary_mask, self.task_weights, batch.weights
@@ -179,6 +199,15 @@ class Trainer:
                     total_steps = step
 
         resumed_samples = samples
+        graphed = None
+        if self.cuda_graphs:
+            # a later fit on the same tensors replays the graph already captured, unless a checkpoint (or a
+            # new optimizer) replaced the optimizer state the graph reads
+            graphed = self.graphed_step
+            stale = graphed is None or graphed.optimizer is not self.optimizer or result.resumed_from
+            if stale or not graphed.serves(train, cfg.batch_size):
+                graphed = GraphedTrainStep(self._loss, self.optimizer, train, cfg.batch_size)
+                self.graphed_step = graphed
         self.model.train()
         bar = tqdm(
             total=total_steps,
@@ -200,12 +229,15 @@ class Trainer:
             for i in range(offset, steps_per_epoch):
                 first = (i * world + rank) * cfg.batch_size
                 idx = order[first : first + cfg.batch_size]
-                loss = self._loss(train[idx])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
+                if graphed is not None:
+                    loss = graphed.step(idx)
+                else:
+                    loss = self._loss(train.take(idx))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
                 scheduler.step()
                 step += 1
                 samples += idx.numel() * world

@@ -1,0 +1,153 @@
+"""Self-check of mtrank's CUDA fast path, then W2 training speed against the peers on the GPU.
+
+    python3 benchmarks/gpu_check.py --json docs/results/peers-h100.json
+
+1. Numerics: the same model, data and seed trained by ``Trainer(..., cuda_graphs=False)`` (eager) and by the
+   default Trainer (the whole step in a CUDA graph) for two epochs of W2 (and W1), with a short last batch in
+   every epoch (eager inside the graphed run); per-step losses and final weights must agree to float
+   tolerance.
+   Prints the step path the Trainer chose, how many steps were replayed, and any capture failure.
+2. Speed: ``peers.py --device cuda --workloads W2`` (mtrank graphed, mtrank eager, DeepCTR-Torch ``fit``,
+   torch-rechub ``MTLTrainer``), then the ratio of mtrank to the faster peer against the target (>= 30x).
+
+Exit status 1 when a numerical check fails (the timing still runs and prints).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: the peers' progress bars stay quiet
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _peers.workloads import WORKLOADS, make_data  # noqa: E402
+from mtrank.config import TrainConfig  # noqa: E402
+from mtrank.models import MultiTaskModel  # noqa: E402
+from mtrank.train import Trainer  # noqa: E402
+
+TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # max |w_graph - w_eager| after the run, and per-step loss rel. diff
+
+
+def check_numerics(workload: str, precision: str, batches: int = 10, epochs: int = 2) -> dict:
+    wl = WORKLOADS[workload]
+    data = make_data(wl, wl.batch_size * batches + wl.batch_size // 3, seed=3).to("cuda")
+    torch.manual_seed(0)
+    reference = MultiTaskModel(wl.model_config())
+    graphed_model = copy.deepcopy(reference)
+    config = TrainConfig(
+        lr=1e-3,
+        batch_size=wl.batch_size,
+        epochs=epochs,
+        eval_every=1,
+        precision=precision,
+        device="cuda",
+        progress=False,
+    )
+    eager = Trainer(reference, config, cuda_graphs=False)
+    graphed = Trainer(graphed_model, config)
+    eager_result = eager.fit(data)
+    graphed_result = graphed.fit(data)
+    step = graphed.graphed_step
+    eager_losses = torch.tensor([h["train_loss"] for h in eager_result.history])
+    graphed_losses = torch.tensor([h["train_loss"] for h in graphed_result.history])
+    loss_rel = float(((graphed_losses - eager_losses).abs() / eager_losses.abs().clamp_min(1e-6)).max())
+    weight_diff = max(
+        float((a - b).abs().max())
+        for a, b in zip(reference.state_dict().values(), graphed_model.state_dict().values())
+    )
+    ok = (
+        graphed.step_path == "cuda_graph"
+        and step is not None
+        and not step.failure
+        and step.replays > 0
+        and loss_rel <= TOLERANCE[precision]
+        and weight_diff <= TOLERANCE[precision]
+    )
+    out = {
+        "workload": workload,
+        "precision": precision,
+        "step_path": graphed.step_path,
+        "reason": graphed.step_path_reason,
+        "replays": step.replays if step else 0,
+        "eager_steps_in_graphed_run": step.eager_steps if step else 0,
+        "capture_failure": step.failure if step else "",
+        "steps": graphed_result.steps,
+        "max_loss_rel_diff": loss_rel,
+        "max_weight_abs_diff": weight_diff,
+        "ok": ok,
+    }
+    print(
+        f"{'PASS' if ok else 'FAIL'} {workload} {precision}: path {out['step_path']}, "
+        f"{out['replays']} replays + {out['eager_steps_in_graphed_run']} eager steps of {out['steps']}; "
+        f"max loss rel diff {loss_rel:.2e}, "
+        f"max weight diff {weight_diff:.2e}"
+        + (f"; capture failed: {out['capture_failure']}" if step and step.failure else ""),
+        flush=True,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default="", help="write the checks and the timings here")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--train-batches", type=int, default=0, help="timed W2 batches (0 = peers.py default)"
+    )
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    checks = [check_numerics(w, p) for w in ("W2", "W1") for p in ("fp32", "bf16")]
+    report: dict = {"checks": checks}
+    if not args.skip_timing:
+        import peers
+
+        timing_json = (
+            Path(args.json).with_suffix(".timing.json") if args.json else Path("/tmp/gpu_check_timing.json")
+        )
+        peer_args = [
+            "--device",
+            "cuda",
+            "--workloads",
+            "W2",
+            "--rounds",
+            str(args.rounds),
+            "--json",
+            str(timing_json),
+        ]
+        if args.train_batches:
+            peer_args += ["--train-batches", str(args.train_batches)]
+        peers.main(peer_args)
+        timing = json.loads(timing_json.read_text())
+        report["timing"] = timing
+        impls = timing["workloads"]["W2"]["implementations"]
+        faster_peer = max(("deepctr", "rechub"), key=lambda k: impls[k]["samples_per_s"])
+        ratio = impls["mtrank"]["samples_per_s"] / impls[faster_peer]["samples_per_s"]
+        report["w2_ratio_to_faster_peer"] = ratio
+        print(
+            f"\nW2 on {torch.cuda.get_device_name()}: "
+            f"mtrank {impls['mtrank']['samples_per_s']:,.0f} samples/s ({impls['mtrank']['precision']}, "
+            f"CUDA graph), eager {impls['mtrank-eager']['samples_per_s']:,.0f}, "
+            f"faster peer {faster_peer} {impls[faster_peer]['samples_per_s']:,.0f}: {ratio:.1f}x "
+            f"(target >= 30x: {'met' if ratio >= 30 else 'NOT met'})"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Step-path selection: CUDA graphs only where they are exact, the eager step everywhere else."""
+
+import pytest
+import torch
+
+from mtrank.config import GateConfig, ModelConfig, TaskConfig, TrainConfig
+from mtrank.data import make_synthetic
+from mtrank.models import MultiTaskModel
+from mtrank.train import Trainer
+from mtrank.train.fast import cuda_graph_plan
+
+TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
+CUDA = torch.device("cuda")
+
+
+def model(**overrides):
+    torch.manual_seed(0)
+    return MultiTaskModel(ModelConfig(num_dense=100, tasks=TASKS, num_experts=4, **overrides))
+
+
+def test_cuda_graphs_are_planned_for_a_plain_mmoe_on_cuda():
+    ok, reason = cuda_graph_plan(model(), TrainConfig(), CUDA)
+    assert ok, reason
+
+
+@pytest.mark.parametrize(
+    "model_kwargs, train_kwargs, why",
+    [
+        ({"dropout": 0.1}, {}, "model.dropout"),
+        ({"gate": GateConfig(dropout=0.1)}, {}, "gate.dropout"),
+        ({"gate": GateConfig(top_k=2, noisy=True)}, {}, "noisy top-k"),
+        ({}, {"grad_clip": 1.0}, "grad_clip"),
+        ({}, {"schedule": "cosine"}, "schedule"),
+        ({}, {"warmup_steps": 10}, "schedule"),
+    ],
+)
+def test_cuda_graphs_are_refused_where_replay_would_not_equal_eager(model_kwargs, train_kwargs, why):
+    ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(**train_kwargs), CUDA)
+    assert not ok
+    assert why in reason
+
+
+def test_cpu_training_takes_the_eager_path_even_when_graphs_are_asked_for():
+    data = make_synthetic(n=600, seed=0)
+    trainer = Trainer(model(), TrainConfig(epochs=1, batch_size=128, progress=False), cuda_graphs=True)
+    assert trainer.step_path == "eager"
+    assert "cpu" in trainer.step_path_reason
+    assert not trainer.optimizer.param_groups[0]["capturable"]
+    result = trainer.fit(data)
+    assert result.steps == 5  # 4 full batches and the short last one
+    assert trainer.graphed_step is None
+
+
+def test_eager_and_forced_eager_trainers_train_identically_on_cpu():
+    data = make_synthetic(n=600, seed=0)
+    a, b = model(), model()
+    cfg = TrainConfig(epochs=2, batch_size=128, progress=False)
+    Trainer(a, cfg).fit(data)
+    Trainer(b, cfg, cuda_graphs=False).fit(data)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_fused_adam_matches_the_reference_adam_update():
+    """The trainer's fused Adam (one kernel for all tensors) gives the for-loop implementation's weights."""
+    data = make_synthetic(n=512, seed=1)
+    fused, reference = model(), model()
+    trainer = Trainer(fused, TrainConfig(epochs=2, batch_size=128, progress=False, lr=3e-3))
+    assert trainer.optimizer.param_groups[0]["fused"]
+    trainer.fit(data)
+    slow = Trainer(reference, TrainConfig(epochs=2, batch_size=128, progress=False, lr=3e-3))
+    slow.optimizer = torch.optim.Adam(reference.parameters(), lr=3e-3, foreach=False)
+    slow.fit(data)
+    for x, y in zip(fused.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_a_graphed_step_serves_only_the_tensors_it_was_built_on():
+    from mtrank.train.fast import GraphedTrainStep
+
+    data = make_synthetic(n=256, seed=0)
+    m = model()
+    step = GraphedTrainStep(lambda batch: batch.labels.sum(), torch.optim.Adam(m.parameters()), data, 64)
+    assert step.serves(data, 64)
+    assert not step.serves(data, 128)
+    assert not step.serves(make_synthetic(n=256, seed=0), 64)  # equal values, other tensors
+
+
+def test_the_step_a_graph_records_equals_the_trainers_eager_step():
+    """GraphedTrainStep._step (what the CUDA graph captures) runs on CPU too: it must be the eager step."""
+    from mtrank.train.fast import GraphedTrainStep
+
+    data = make_synthetic(n=256, seed=2)
+    index = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64]
+    a, b = model(), model()
+    cfg = TrainConfig(batch_size=64, progress=False, lr=1e-2)
+    eager, recorded = Trainer(a, cfg), Trainer(b, cfg)
+    for _ in range(3):
+        loss = eager._loss(data.take(index))
+        eager.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        eager.optimizer.step()
+    step = GraphedTrainStep(recorded._loss, recorded.optimizer, data, 64)
+    for _ in range(3):
+        recorded_loss = step._step(index)
+    torch.testing.assert_close(recorded_loss, loss.detach())
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
