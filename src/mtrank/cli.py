@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mtrank {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_run(subparsers)
+    from mtrank.experiments import reproduce
+
+    reproduce.register(subparsers)
     return parser
 
 
