@@ -285,7 +285,10 @@ def run_trainability(
     """Fig. 5: ``cfg.seeds`` runs per (model, correlation) as one ensemble each; histograms and statistics."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    lrs = lrs or {}
+    lr_search = None
+    if lrs is None:  # the correlation study's search (same seeds and data, so the same picks)
+        lr_search = pick_learning_rates(cfg, progress)
+        lrs = {key: entry["lr"] for key, entry in lr_search.items()}
     seeds = [2 * SEED_STRIDE + s for s in range(cfg.seeds)]
     runs, panels = {}, {}
     jobs = [(b, p) for p in cfg.correlations for b in cfg.blocks]
@@ -326,6 +329,8 @@ def run_trainability(
         "config": dataclasses.asdict(cfg),
         "runs": runs,
         "equivalence": equivalence,
+        "lrs": lrs,
+        "lr_search": lr_search,
         "params": params,
         "seconds": time.perf_counter() - started,
     }

@@ -126,7 +126,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--lrs-from",
         help="trainability: a correlation study's results.json whose picked learning "
-        "rates to use (default: 1e-3 everywhere)",
+        "rates to use (default: run the same learning-rate search here)",
     )
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="training device (default cpu)")
     p.add_argument(
