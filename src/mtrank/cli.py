@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mtrank {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_run(subparsers)
+    from mtrank.experiments import reproduce
+
+    reproduce.register(subparsers)
     from mtrank.data_cli import register as register_data
 
     register_data(subparsers)

@@ -1,0 +1,95 @@
+"""The vectorised ensemble: R runs in one, each the same as training that seed alone."""
+
+import pytest
+import torch
+
+from mtrank.config import ModelConfig, TaskConfig, TrainConfig
+from mtrank.data import TensorData, make_synthetic
+from mtrank.evaluate import evaluate
+from mtrank.models import MultiTaskModel
+from mtrank.train import Trainer
+from mtrank.train.ensemble import Ensemble, EnsembleData
+
+REGRESSION = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def single_run(config, seed, train, valid, train_cfg):
+    torch.manual_seed(seed)
+    model = MultiTaskModel(config)
+    result = Trainer(model, train_cfg).fit(train, valid)
+    return model, result
+
+
+@pytest.mark.parametrize("block", ["shared_bottom", "omoe", "mmoe"])
+def test_each_member_matches_the_same_seed_trained_alone_on_its_own_data(block):
+    config = ModelConfig(num_dense=100, tasks=REGRESSION, block=block, num_experts=4, expert_hidden=[8])
+    seeds = [3, 4, 5]
+    parts = [make_synthetic(n=700, correlation=0.5, seed=s) for s in seeds]
+    train = EnsembleData.stack([p[:500] for p in parts])
+    valid = EnsembleData.stack([p[500:600] for p in parts])
+    test = EnsembleData.stack([p[600:] for p in parts])
+    train_cfg = TrainConfig(lr=3e-3, batch_size=64, steps=40, eval_every=10, progress=False)
+    ensemble = Ensemble(config, seeds)
+    result = ensemble.fit(train, valid, train_cfg)
+    member_test = ensemble.evaluate(test)
+    for r in (0, 2):
+        cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seeds[r]})
+        model, single = single_run(config, seeds[r], train.member(r), valid.member(r), cfg)
+        assert result.best_step[r] == single.best_step
+        assert [h["valid/loss"] for h in result.history[r]] == pytest.approx(
+            [h["valid/loss"] for h in single.history], rel=1e-4
+        )
+        assert member_test[r]["loss"] == pytest.approx(evaluate(model, test.member(r))["loss"], rel=1e-4)
+
+
+def test_members_on_shared_categorical_data_match_single_runs_selected_by_auc():
+    gen = torch.Generator().manual_seed(0)
+    n = 600
+    sparse = torch.randint(0, 5, (n, 2), generator=gen)
+    dense = torch.randn(n, 3, generator=gen)
+    signal = dense[:, 0] + (sparse[:, 0] == 1).float() - (sparse[:, 1] == 2).float()
+    labels = torch.stack([(signal > 0).float(), (signal + torch.randn(n, generator=gen) > 0.5).float()], 1)
+    data = TensorData(dense, sparse, labels)
+    train, valid = data[:450], data[450:]
+    config = ModelConfig(
+        num_dense=3,
+        vocab_sizes=[5, 5],
+        embedding_dim=3,
+        tasks=[TaskConfig("a"), TaskConfig("b")],
+        block="mmoe",
+        num_experts=3,
+        expert_hidden=[8],
+    )
+    train_cfg = TrainConfig(lr=1e-2, batch_size=50, epochs=3, eval_every=3, monitor="auc/a", progress=False)
+    ensemble = Ensemble(config, [0, 1])
+    result = ensemble.fit(EnsembleData.shared(train), EnsembleData.shared(valid), train_cfg)
+    model, single = single_run(config, 1, train, valid, TrainConfig(**{**train_cfg.__dict__, "seed": 1}))
+    assert result.best_step[1] == single.best_step
+    assert result.best_value[1] == pytest.approx(single.best_value, rel=1e-5)
+    member = ensemble.member(1)
+    assert torch.allclose(
+        member.predict(valid.dense, valid.sparse), model.predict(valid.dense, valid.sparse), atol=1e-5
+    )
+
+
+def test_members_start_from_different_initialisations_and_end_apart():
+    config = ModelConfig(num_dense=100, tasks=REGRESSION, num_experts=2)
+    ensemble = Ensemble(config, [0, 1])
+    weight = next(iter(ensemble.params.values()))
+    assert weight.shape[0] == 2
+    assert not torch.equal(weight[0], weight[1])
+
+
+def test_per_run_decisions_like_early_stopping_are_refused():
+    data = make_synthetic(n=100, seed=0)
+    ensemble = Ensemble(ModelConfig(num_dense=100, tasks=REGRESSION), [0, 1])
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        ensemble.fit(EnsembleData.shared(data), None, TrainConfig(steps=2, early_stopping_patience=2))

@@ -1,0 +1,93 @@
+"""`mtrank reproduce ...` quick modes: each writes its tables, results.json and figures."""
+
+import json
+
+import pytest
+import torch
+
+from mtrank.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_correlation_quick_picks_a_learning_rate_per_setting_and_checks_the_claims(tmp_path):
+    out = tmp_path / "corr"
+    assert (
+        main(["reproduce", "correlation", "--quick", "--threads", "1", "--no-progress", "--out", str(out)])
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "loss_curves.png").stat().st_size > 0
+    assert "## The paper's claims" in (out / "results.md").read_text()
+    assert len(results["runs"]) == 3 * 2  # models x correlations
+    for entry in results["lr_search"].values():
+        assert entry["lr"] == min((float(k) for k in entry["valid"]), key=lambda k: entry["valid"][f"{k:g}"])
+    assert {c["claim"] for c in results["claims"]} >= {"both MoE models beat Shared-Bottom on average"}
+
+    tr = tmp_path / "trainability"
+    argv = [
+        "reproduce",
+        "trainability",
+        "--quick",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tr),
+        "--lrs-from",
+        str(out / "results.json"),
+        "--models",
+        "mmoe",
+    ]
+    assert main(argv) == 0
+    results = json.loads((tr / "results.json").read_text())
+    assert (tr / "trainability.png").stat().st_size > 0
+    run = results["runs"]["mmoe@1"]
+    assert len(run["test_loss"]) == 3
+    assert run["lr"] == json.loads((out / "results.json").read_text())["lr_search"]["mmoe@1"]["lr"]
+    assert set(run["stats"]) >= {"mean", "std", "min", "p90"}
+    assert results["equivalence"]["abs_diff"] < 1e-4
+
+
+def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):
+    out = tmp_path / "census"
+    argv = [
+        "reproduce",
+        "census",
+        "--quick",
+        "--group",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--data",
+        str(shared_data / "census-income"),
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["education", "marital"]
+    assert set(results["table"]) == {"single_task", "shared_bottom", "omoe", "mmoe"}
+    assert results["table"]["mmoe"]["paper"]["main_mean"] == 0.8826
+    assert "0.8826" in (out / "results.md").read_text()
+
+
+def test_census_with_a_wrong_folder_fails_with_a_message_naming_it(tmp_path, capsys):
+    argv = [
+        "reproduce",
+        "census",
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        str(tmp_path / "nowhere"),
+    ]
+    assert main(argv) == 1
+    assert "nowhere/census-income.data" in capsys.readouterr().err
