@@ -151,8 +151,8 @@ def bf16_error_attribution(model: MultiTaskModel, reference: np.ndarray, test: T
     out = {}
     for name, split in (("first_layer_bf16_input_rounded", False), ("first_layer_bf16_input_split", True)):
         variant = copy.deepcopy(model).eval()
-        variant.block.experts.layers[0] = Bf16StackedLinear(
-            model.block.experts.layers[0], shared_input=True, split_input=split
+        variant.block.levels[0].experts.layers[0] = Bf16StackedLinear(
+            model.block.levels[0].experts.layers[0], shared_input=True, split_input=split
         )
         with torch.inference_mode():
             scores = np.concatenate(

@@ -110,7 +110,7 @@ def test_mixed_precision_splits_the_input_and_is_closer_to_fp32_than_bf16():
     config = small_config()
     model = MultiTaskModel(config).eval()
     with torch.no_grad():  # larger weights than at init, so rounding errors show
-        for layer in model.block.experts.layers:
+        for layer in model.block.levels[0].experts.layers:
             layer.weight.mul_(4)
     dense, sparse = random_inputs(config, 256, seed=4)
     reference = model.predict(dense, sparse)
@@ -126,8 +126,8 @@ def test_int8_quantises_the_expert_layers():
 
     model = MultiTaskModel(small_config())
     qmodel = quantize_int8(model)
-    assert all(isinstance(layer, Int8StackedLinear) for layer in qmodel.block.experts.layers)
-    assert model.block.experts.layers[0].weight.dtype == torch.float32  # the original is untouched
+    assert all(isinstance(layer, Int8StackedLinear) for layer in qmodel.block.levels[0].experts.layers)
+    assert model.block.levels[0].experts.layers[0].weight.dtype == torch.float32  # the original is untouched
 
 
 def test_precision_checks_name_the_problem():
@@ -153,3 +153,17 @@ def test_auto_backend_picks_onnxruntime_for_fp32_on_cpu_and_torchscript_for_bf16
     model = MultiTaskModel(small_config())
     assert Scorer(model, "auto", "fp32").name == "onnx/fp32"
     assert Scorer(model, "auto", "mixed").name == "torchscript/mixed"
+
+
+@pytest.mark.parametrize("variant", [{"block": "ple", "levels": 2}, {"expert_type": "dcn"}])
+def test_reduced_precisions_cover_every_level_and_dcn_experts(variant):
+    import dataclasses
+
+    from mtrank.serve.precision import mixed_precision, quantize_int8
+
+    model = MultiTaskModel(dataclasses.replace(small_config(), **variant)).eval()
+    dense, sparse = random_inputs(model.config, 64, seed=2)
+    reference = model.predict(dense, sparse)
+    for reduced, tolerance in ((mixed_precision(model), 1e-2), (quantize_int8(model), 5e-2)):
+        diff = (reduced.predict(dense, sparse) - reference).abs().max().item()
+        assert 0 < diff < tolerance

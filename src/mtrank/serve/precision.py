@@ -28,6 +28,7 @@ from torch import nn
 
 from mtrank.models import MultiTaskModel
 from mtrank.nn import StackedLinear
+from mtrank.nn.cross import StackedDCN
 
 PRECISIONS = ("fp32", "bf16", "mixed", "fp16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,13 +133,26 @@ class Bf16StackedLinear(nn.Module):
         return torch.bmm(x, self.weight)  # (G, B, out)
 
 
+def expert_layers(model: MultiTaskModel) -> list[tuple[nn.ModuleList, bool]]:
+    """The stacked linear layers of every level's expert MLPs, each with whether its first layer reads one shared
+    ``[B, in]`` input (the first level's MLP experts do; PLE's upper levels and DCN's deep part read ``[G, B, in]``)."""
+    out = []
+    for index, level in enumerate(model.block.levels):
+        experts = level.experts
+        if isinstance(experts, StackedDCN):
+            out.append((experts.deep.layers, False))
+        else:
+            out.append((experts.layers, index == 0))
+    return out
+
+
 def mixed_precision(model: MultiTaskModel, device: str | torch.device = "cpu") -> MultiTaskModel:
     """A copy of ``model`` whose expert bank runs in bf16 (first layer with split input), the rest float32."""
     mixed = copy.deepcopy(model).float().to(device).eval()
-    experts = mixed.block.experts.layers
-    for i, layer in enumerate(experts):
-        # the first expert layer always reads one [B, in] input (raw features or the shared hidden layer)
-        experts[i] = Bf16StackedLinear(layer, shared_input=(i == 0), split_input=(i == 0))
+    for layers, first_shared in expert_layers(mixed):
+        for i, layer in enumerate(layers):
+            shared = first_shared and i == 0
+            layers[i] = Bf16StackedLinear(layer, shared_input=shared, split_input=i == 0)
     return mixed
 
 
@@ -146,9 +160,9 @@ def quantize_int8(model: MultiTaskModel) -> MultiTaskModel:
     """A copy of ``model`` with int8 dynamic-quantised experts and shared hidden layer (CPU only)."""
     qmodel = copy.deepcopy(model).float().cpu().eval()
     block = qmodel.block
-    experts = block.experts.layers
-    for i, layer in enumerate(experts):
-        experts[i] = Int8StackedLinear(layer, shared_input=(i == 0))
+    for layers, first_shared in expert_layers(qmodel):
+        for i, layer in enumerate(layers):
+            layers[i] = Int8StackedLinear(layer, shared_input=first_shared and i == 0)
     if block.shared is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
