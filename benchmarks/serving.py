@@ -344,8 +344,9 @@ def render(results_dir: Path, out: Path) -> None:
                 else ""
             )
             + f"1-minute load average after the test {load['load_average_1m_after']:.1f} (2 cores, shared). "
-            "The service runs one forward pass at a time (the model already uses both cores), so with 32 "
-            "clients a request mostly waits in line: latency ~ clients / throughput.\n"
+            "The service runs one forward pass at a time (the model already uses both cores) and most of a "
+            "request's time goes to encoding its feature dicts (FeatureEncoder.transform_records), so with "
+            "32 clients a request mostly waits in line: latency ~ clients / throughput.\n"
         )
     if learned:
         parts.append("## Learned blend vs one global weight vector\n")
