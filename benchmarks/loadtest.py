@@ -93,6 +93,32 @@ def request_bodies(count: int, candidates: int, vocab: int, seed: int = 1) -> li
     return bodies
 
 
+def stage_times(model_dir: Path, bodies: list[bytes], backend: str, precision: str) -> dict[str, float]:
+    """Mean milliseconds per request of each server-side stage, measured in-process on the same bodies:
+    JSON parsing, request validation, feature encoding, the forward pass, blending + response."""
+    from mtrank.serve.app import ScoringService
+    from mtrank.serve.schemas import ScoreRequest
+
+    service = ScoringService(model_dir, backend, precision)
+    service.warm_up()
+    totals = dict.fromkeys(("json", "validation", "encoding", "forward", "score_total"), 0.0)
+    for body in bodies:
+        t0 = time.perf_counter()
+        payload = json.loads(body)
+        t1 = time.perf_counter()
+        request = ScoreRequest.model_validate(payload)
+        t2 = time.perf_counter()
+        dense, sparse = service.encode(request.context, request.candidates)
+        t3 = time.perf_counter()
+        service.batcher(dense, sparse)
+        t4 = time.perf_counter()
+        service.score(request)  # encoding + forward + blend + response model, end to end
+        t5 = time.perf_counter()
+        for key, value in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            totals[key] += value
+    return {key: 1e3 * value / len(bodies) for key, value in totals.items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -176,6 +202,10 @@ def main() -> int:
         encoder = build_model_dir(model_dir)
         vocab = max(encoder.vocab_sizes) - 1
         bodies = request_bodies(64, args.candidates, vocab)
+        stages = stage_times(model_dir, bodies[:16], args.backend, args.precision)
+        print(
+            "in-process ms per request: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True
+        )
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [
@@ -226,6 +256,7 @@ def main() -> int:
             "request_bytes_mean": float(np.mean([len(b) for b in bodies])),
             "load_average_1m_after": os.getloadavg()[0],
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "stage_ms": stages,
             "forward_passes": ready.get("forward_passes"),
             "requests_per_pass": ready.get("requests_per_pass"),
             "server_counted_200": _counter(

@@ -336,9 +336,17 @@ def render(results_dir: Path, out: Path) -> None:
             f"Statuses: {load['statuses']}; the server's own counter of 200s: {load['server_counted_200']}; "
             f"forward passes {load.get('forward_passes')}, {load.get('requests_per_pass') or 0:.2f} requests "
             "per pass (concurrent requests are coalesced); "
-            f"1-minute load average after the test {load['load_average_1m_after']:.1f} (2 cores, shared). "
-            "The service runs one forward pass at a time (the model already uses both cores), so with 32 "
-            "clients a request mostly waits in line: latency ~ clients / throughput.\n"
+            + (
+                "in-process time per request, ms (same bodies, one at a time): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in load["stage_ms"].items())
+                + "; "
+                if load.get("stage_ms")
+                else ""
+            )
+            + f"1-minute load average after the test {load['load_average_1m_after']:.1f} (2 cores, shared). "
+            "The service runs one forward pass at a time (the model already uses both cores) and most of a "
+            "request's time goes to encoding its feature dicts (FeatureEncoder.transform_records), so with "
+            "32 clients a request mostly waits in line: latency ~ clients / throughput.\n"
         )
     if learned:
         parts.append("## Learned blend vs one global weight vector\n")
