@@ -5,11 +5,14 @@ The data is generated in the W2 layout (Criteo-like: 26 categorical columns ``C1
 128k-row row groups).
 Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
 
-    python benchmarks/data_pipeline.py generate --rows 10000000      # writes /tmp/mtrank-w2/rows-10000000/
-    python benchmarks/data_pipeline.py encode --rows 1000000          # encoding rows/s
-    python benchmarks/data_pipeline.py train --rows 1000000 --steps 300   # samples/s: tensors vs Parquet
+    python benchmarks/data_pipeline.py generate --rows 10000000        # writes /tmp/mtrank-w2/rows-10000000/
+    python benchmarks/data_pipeline.py encode --rows 1000000 --passes 3  # encoding rows/s
+    python benchmarks/data_pipeline.py train --rows 10000000 --steps 400 --repeats 3 --workers 1 --threads 1
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
-    python benchmarks/data_pipeline.py all --json runs/bench/data.json    # everything, with a summary table
+    python benchmarks/data_pipeline.py memory --rows 1000000 10000000 --with-training --threads 1
+
+``--json PATH`` (before the subcommand) also writes the results as JSON. The figures and the commands that
+gave them are in docs/data.md.
 
 Each measurement that compares memory runs in a fresh subprocess (peak RSS = ``ru_maxrss`` of the process and
 of its reader workers).
@@ -232,9 +235,12 @@ def cmd_train(args) -> dict:
     }
 
 
-def _stream_epoch(path: str, workers: int, train: bool) -> None:
+def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> None:
     """One streaming epoch over the directory (child process of ``memory``); prints JSON with peak RSS."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from mtrank.data.streaming import EncodedStream, stream_loader
     from mtrank.models import MultiTaskModel
@@ -276,6 +282,8 @@ def cmd_memory(args) -> dict:
         cmd = [sys.executable, __file__, "_stream", str(path), "--stream-workers", str(args.stream_workers)]
         if args.with_training:
             cmd.append("--with-training")
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         out[str(rows)] = result
@@ -326,13 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)
     p.add_argument("--with-training", action="store_true", help="also take an optimiser step on every batch")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)"
+    )
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
     p.add_argument("--with-training", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "_stream":
-        _stream_epoch(args.path, args.stream_workers, args.with_training)
+        _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
     result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[
         args.command

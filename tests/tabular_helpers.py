@@ -6,6 +6,17 @@ import copy
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train far faster on one thread on the shared 2-core machine; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_frame(n: int = 800, seed: int = 0) -> pd.DataFrame:

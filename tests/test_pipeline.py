@@ -11,7 +11,7 @@ from mtrank.cli import main
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.schema import experiment_from_dict
 from mtrank.pipeline import evaluate_model_dir, load_splits, predict_model_dir
-from tabular_helpers import config, make_frame
+from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

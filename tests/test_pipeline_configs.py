@@ -14,6 +14,7 @@ from mtrank.data.datasets import GENRES, read_grouplens, read_recbole
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.readers import encode_labels, read_table
 from mtrank.data.schema import experiment_from_dict
+from tabular_helpers import one_torch_thread  # noqa: F401
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,7 +50,8 @@ def test_census_config_reads_the_uci_file_with_the_papers_labels(shared_data):
 
 
 def test_clothing_reviews_config_learns_the_recommended_task(shared_data):
-    result = mtrank.fit(example("womens_clothing_reviews.yaml", shared_data, epochs=1), output=None)
+    raw = example("womens_clothing_reviews.yaml", shared_data, steps=40, batch_size=512, lr=0.01)
+    result = mtrank.fit(raw, output=None)
     assert result.rows == {"train": 18789, "valid": 2349, "test": 2348}
     assert result.metrics["test"]["auc/recommended"] > 0.55
 

@@ -10,7 +10,7 @@ import mtrank
 from mtrank.config import ConfigError
 from mtrank.data.errors import DataError
 from mtrank.data.schema import experiment_from_dict, load_experiment
-from tabular_helpers import config, make_frame
+from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 
 
 def fit_file(path, **sections):

@@ -7,7 +7,7 @@ import mtrank
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.schema import experiment_from_dict
 from mtrank.data.streaming import EncodedStream, ShuffleBuffer, stream_loader
-from tabular_helpers import config, make_frame
+from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 
 
 def write_shards(folder, frame, shards=3, row_group=40):
