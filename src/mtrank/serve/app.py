@@ -32,12 +32,11 @@ from mtrank.data.encoders import ENCODERS_FILE, FeatureEncoder
 from mtrank.serve.backends import Scorer
 from mtrank.serve.batching import CoalescingScorer
 from mtrank.serve.blend import BLEND_FILE, Blend, ranking
+from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 from mtrank.serve.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
 log = logging.getLogger("mtrank.serve")
 
-DEFAULT_MAX_CANDIDATES = 1000
-DEFAULT_MAX_BODY_BYTES = 2_000_000
 
 
 class RequestError(ValueError):

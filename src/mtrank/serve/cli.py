@@ -76,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _register_serve(subparsers) -> None:
-    from mtrank.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
+    from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 
     p = subparsers.add_parser(
         "serve",
