@@ -145,9 +145,10 @@ class Ensemble:
         parts = []
         try:
             for start in range(0, len(data), batch_size):
-                idx = torch.arange(start, min(start + batch_size, len(data)), device=self.device)
+                # rows are gathered where the data lives (a split may stay on the CPU), then moved
+                idx = torch.arange(start, min(start + batch_size, len(data)), device=data.labels.device)
                 dense, sparse, _ = data.rows(idx.expand(self.size, -1))
-                parts.append(self.logits(dense, sparse).float().cpu())
+                parts.append(self.logits(dense.to(self.device), sparse.to(self.device)).float().cpu())
         finally:
             self.base.train(was_training)
         return torch.cat(parts, 1)
