@@ -142,6 +142,7 @@ class Ensemble:
         """Task logits of every member on its rows, ``[R, N, K]`` (float32, CPU), in evaluation mode."""
         was_training = self.base.training
         self.base.eval()
+        data = data.to(self.device)
         parts = []
         try:
             for start in range(0, len(data), batch_size):
