@@ -236,6 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         "bf16_error_attribution": attribution,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_before": load_before,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "load_after": os.getloadavg()[0],
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
     }
@@ -298,12 +299,13 @@ def render(results_dir: Path, out: Path) -> None:
             continue
         parts.append(f"## Latency and score changes: {title}\n")
         parts.append(
-            f"`{result['command']}` — device {result['device']}, {result['threads']} threads, torch "
+            f"`{result['command']}` — device {result.get('gpu') or result['device']}, {result['threads']} threads, torch "
             f"{result['torch']}, OMP_WAIT_POLICY={result.get('omp_wait_policy')}, model trained "
             f"{result['train_steps']} steps; scores compared on "
             f"{result['test_rows']:,} test rows; 1-minute load average "
             f"{result.get('load_before', float('nan')):.1f} "
-            f"before / {result.get('load_after', float('nan')):.1f} after (2 cores, shared).\n"
+            f"before / {result.get('load_after', float('nan')):.1f} after"
+            f"{' (GPU host)' if result.get('gpu') else ' (2 cores, shared)'}.\n"
         )
         parts.append(latency_table(result) + "\n")
         attribution = result.get("bf16_error_attribution")
