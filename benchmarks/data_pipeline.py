@@ -108,9 +108,7 @@ def cmd_generate(args) -> dict:
 
     for shard, first in enumerate(tqdm(range(0, args.rows, SHARD_ROWS), desc="generate", unit="shard")):
         n = min(SHARD_ROWS, args.rows - first)
-        pq.write_table(
-            generate_shard(n, seed=shard), out / f"part-{shard:05d}.parquet", row_group_size=ROW_GROUP
-        )
+        pq.write_table(generate_shard(n, seed=shard), out / f"part-{shard:05d}.parquet", row_group_size=ROW_GROUP)
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in out.glob("*.parquet"))
     print(f"wrote {args.rows:,} rows to {out} ({size / 1e6:.0f} MB) in {seconds:.0f} s")
@@ -223,9 +221,7 @@ def cmd_train(args) -> dict:
     summary = {k: float(np.median(v)) for k, v in results.items()}
     for key, value in summary.items():
         ratio = value / summary["memory"]
-        print(
-            f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}"
-        )
+        print(f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}")
     return {
         "samples_per_s": summary,
         "runs": results,
@@ -304,39 +300,27 @@ def cmd_memory(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--data", default="/tmp/mtrank-w2", help="where generated data goes (never committed)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="/tmp/mtrank-w2", help="where generated data goes (never committed)")
     parser.add_argument("--json", help="also write the results here")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="write a W2-layout Parquet directory")
     p.add_argument("--rows", type=int, default=1_000_000)
     p = sub.add_parser("encode", help="encoding rows/s")
     p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument(
-        "--passes", type=int, default=2, help="read + encode passes over the directory (best kept)"
-    )
+    p.add_argument("--passes", type=int, default=2, help="read + encode passes over the directory (best kept)")
     p = sub.add_parser("train", help="training samples/s: in-memory tensors vs Parquet stream")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument(
-        "--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)"
-    )
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)"
-    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)")
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)
     p.add_argument("--with-training", action="store_true", help="also take an optimiser step on every batch")
-    p.add_argument(
-        "--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)"
-    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)")
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
@@ -346,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
-    result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[
-        args.command
-    ](args)
+    result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[args.command](
+        args
+    )
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,7 @@ from mtrank.train import Trainer  # noqa: E402
 TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}
 
 
-def check_numerics(
-    workload: str, precision: str, batches: int = 10, epochs: int = 2, device: str = "cuda"
-) -> dict:
+def check_numerics(workload: str, precision: str, batches: int = 10, epochs: int = 2, device: str = "cuda") -> dict:
     wl = WORKLOADS[workload]
     data = make_data(wl, wl.batch_size * batches + wl.batch_size // 3, seed=3).to(device)
     torch.manual_seed(0)
@@ -71,9 +69,7 @@ def check_numerics(
     weight_diff = max(float((a - b).abs().max()) for a, b in pairs)
     # relative L2 distance of all weights: robust to the few near-zero-gradient weights whose Adam step can
     # flip sign on a last-bit difference (a different cuBLAS algorithm inside the graph, say)
-    weight_rel = float(
-        sum(((a - b) ** 2).sum() for a, b in pairs).sqrt() / sum((a**2).sum() for a, _ in pairs).sqrt()
-    )
+    weight_rel = float(sum(((a - b) ** 2).sum() for a, b in pairs).sqrt() / sum((a**2).sum() for a, _ in pairs).sqrt())
     ok = (
         graphed.step_path == "cuda_graph"
         and step is not None
@@ -111,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default="", help="write the checks and the timings here")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--train-batches", type=int, default=0, help="timed W2 batches (0 = peers.py default)"
-    )
+    parser.add_argument("--train-batches", type=int, default=0, help="timed W2 batches (0 = peers.py default)")
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -124,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_timing:
         import peers
 
-        timing_json = (
-            Path(args.json).with_suffix(".timing.json") if args.json else Path("/tmp/gpu_check_timing.json")
-        )
+        timing_json = Path(args.json).with_suffix(".timing.json") if args.json else Path("/tmp/gpu_check_timing.json")
         peer_args = [
             "--device",
             "cuda",

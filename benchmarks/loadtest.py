@@ -153,9 +153,7 @@ async def run_clients(url: str, bodies: list[bytes], clients: int, seconds: floa
         while time.perf_counter() < deadline:
             started = time.perf_counter()
             try:
-                response = await client.post(
-                    f"{url}/v1/score", content=bodies[i % len(bodies)], headers=headers
-                )
+                response = await client.post(f"{url}/v1/score", content=bodies[i % len(bodies)], headers=headers)
                 key = str(response.status_code)
             except httpx.HTTPError as err:
                 key = type(err).__name__
@@ -184,9 +182,7 @@ async def run_clients(url: str, bodies: list[bytes], clients: int, seconds: floa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--seconds", type=float, default=60.0, help="test duration, at most 300 (default 60)")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per request (default 100)")
@@ -203,9 +199,7 @@ def main() -> int:
         vocab = max(encoder.vocab_sizes) - 1
         bodies = request_bodies(64, args.candidates, vocab)
         stages = stage_times(model_dir, bodies[:16], args.backend, args.precision)
-        print(
-            "in-process ms per request: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True
-        )
+        print("in-process ms per request: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [
@@ -259,9 +253,7 @@ def main() -> int:
             "stage_ms": stages,
             "forward_passes": ready.get("forward_passes"),
             "requests_per_pass": ready.get("requests_per_pass"),
-            "server_counted_200": _counter(
-                metrics, 'mtrank_requests_total{endpoint="/v1/score",status="200"}'
-            ),
+            "server_counted_200": _counter(metrics, 'mtrank_requests_total{endpoint="/v1/score",status="200"}'),
             "command": "python benchmarks/loadtest.py " + " ".join(sys.argv[1:]),
         }
     )

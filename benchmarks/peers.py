@@ -181,9 +181,7 @@ def bench_workload(name: str, args) -> dict:
         }
         if label != "mtrank":
             entry["mtrank_speedup"] = statistics.median(a / b for a, b in zip(base, s))
-            entry["mtrank_speedup_cpu_time"] = statistics.median(
-                a / b for a, b in zip(cpu_base, cpu_speed[label])
-            )
+            entry["mtrank_speedup_cpu_time"] = statistics.median(a / b for a, b in zip(cpu_base, cpu_speed[label]))
         result["implementations"][label] = entry
     print_table(name, result)
     return result
@@ -305,9 +303,7 @@ def auc_check(args) -> dict:
             f"W2 AUC check {precision}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in out[precision].items() if k.startswith("auc"))
         )
-    out["max_abs_auc_diff"] = max(
-        abs(out["fp32"][k] - out["bf16"][k]) for k in out["fp32"] if k.startswith("auc")
-    )
+    out["max_abs_auc_diff"] = max(abs(out["fp32"][k] - out["bf16"][k]) for k in out["fp32"] if k.startswith("auc"))
     print(f"W2 AUC check: max |AUC(bf16) - AUC(fp32)| = {out['max_abs_auc_diff']:.4f}")
     return out
 
@@ -325,9 +321,7 @@ def machine_info() -> dict:
             if key.strip() in ("Model name", "CPU(s)", "Flags"):
                 value = value.strip()
                 if key.strip() == "Flags":
-                    value = " ".join(
-                        f for f in value.split() if f.startswith(("avx512_bf16", "amx", "avx512f"))
-                    )
+                    value = " ".join(f for f in value.split() if f.startswith(("avx512_bf16", "amx", "avx512f")))
                 info[key.strip()] = value
         info["loadavg"] = os.getloadavg()
     except OSError:
@@ -348,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=sorted(WORKLOADS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch intra-op threads, the same for everyone"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, the same for everyone")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-batches", type=int, default=0, help="timed batches per epoch (0 = default)")
     parser.add_argument(

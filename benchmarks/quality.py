@@ -189,9 +189,7 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     parser.add_argument("--epochs", type=int, default=0, help="override the configs' epochs (0 = keep)")
@@ -207,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="census: also train MMoE on mtrank.data.census's tensors (the dedicated loader)",
     )
-    parser.add_argument(
-        "--markdown-only", action="store_true", help="rewrite --out from --json, train nothing"
-    )
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite --out from --json, train nothing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quality.md"))
     parser.add_argument("--json", default=str(REPO / "runs" / "quality" / "results.json"))

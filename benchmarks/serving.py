@@ -103,9 +103,7 @@ def teacher_data(n: int, seed: int) -> TensorData:
     return TensorData(dense, sparse, torch.bernoulli(torch.sigmoid(score), generator=gen))
 
 
-def train_model(
-    steps: int, seed: int = 0, cache: Path | None = None
-) -> tuple[MultiTaskModel, TensorData, dict]:
+def train_model(steps: int, seed: int = 0, cache: Path | None = None) -> tuple[MultiTaskModel, TensorData, dict]:
     """The W2 model after ``steps`` training steps (read from ``cache`` when it holds that model), and the
     test rows."""
     test = teacher_data(20_000, seed=99)
@@ -129,10 +127,7 @@ def train_model(
 def quality(model: MultiTaskModel, scorer: Scorer, reference: np.ndarray, test: TensorData) -> dict:
     """Score change and per-task AUC of a path on the test rows (scored in batches of 1000)."""
     scores = np.concatenate(
-        [
-            scorer(test.dense[i : i + 1000], test.sparse[i : i + 1000]).numpy()
-            for i in range(0, len(test), 1000)
-        ]
+        [scorer(test.dense[i : i + 1000], test.sparse[i : i + 1000]).numpy() for i in range(0, len(test), 1000)]
     )
     labels = test.labels.numpy()
     return {
@@ -214,17 +209,14 @@ def run(args: argparse.Namespace) -> dict:
         ]
     )
     attribution = bf16_error_attribution(model, reference, test) if args.device == "cpu" else {}
-    results = {
-        name: {"setup_s": setup[name], **quality(model, s, reference, test)} for name, s in scorers.items()
-    }
+    results = {name: {"setup_s": setup[name], **quality(model, s, reference, test)} for name, s in scorers.items()}
     latency = {}
     for batch in args.batches:
         rounds = {1: 300, 100: 200}.get(batch, 100) if not args.quick else 10
         latency[str(batch)] = time_paths(scorers, test, batch, rounds)
         print(f"  timed batch {batch}", file=sys.stderr, flush=True)
     return {
-        "model": "W2 (26 cat x vocab 10k x dim 16 + 13 numeric; MMoE 8 experts [256, 128]; towers "
-        "[64]; 2 binary)",
+        "model": "W2 (26 cat x vocab 10k x dim 16 + 13 numeric; MMoE 8 experts [256, 128]; towers [64]; 2 binary)",
         "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -255,8 +247,7 @@ def latency_table(result: dict) -> str:
     lines = [header, "|" + "---|" * (len(batches) + 3)]
     for name, info in result["paths"].items():
         cells = [
-            f"{result['latency'][b][name]['p50_ms']:.2f} / {result['latency'][b][name]['p99_ms']:.2f}"
-            for b in batches
+            f"{result['latency'][b][name]['p50_ms']:.2f} / {result['latency'][b][name]['p99_ms']:.2f}" for b in batches
         ]
         auc = " / ".join(f"{a:.4f}" for a in info["auc"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {info['max_abs_diff']:.1e} | {auc} |")
@@ -413,16 +404,10 @@ DOC_NOTES = """## Notes
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--threads", type=int, default=2, help="intra-op threads (default 2, this machine's cores)"
-    )
-    parser.add_argument(
-        "--train-steps", type=int, default=300, help="training steps before measuring (0 = untrained)"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2, this machine's cores)")
+    parser.add_argument("--train-steps", type=int, default=300, help="training steps before measuring (0 = untrained)")
     parser.add_argument(
         "--model-cache", type=Path, default=REPO / "runs" / "serving", help="keep the trained model here"
     )
@@ -431,9 +416,7 @@ def main() -> int:
     parser.add_argument("--paths", nargs="+", help="backend/precision pairs, e.g. eager/fp32 onnx/int8")
     parser.add_argument("--quick", action="store_true", help="10 timing rounds per batch size (a smoke test)")
     parser.add_argument("--json", type=Path, help="output JSON (default docs/results/serving[_cuda].json)")
-    parser.add_argument(
-        "--render", action="store_true", help="only write docs/serving.md from the JSON results"
-    )
+    parser.add_argument("--render", action="store_true", help="only write docs/serving.md from the JSON results")
     args = parser.parse_args()
     if args.render:
         render(RESULTS, REPO / "docs" / "serving.md")

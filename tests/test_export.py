@@ -49,9 +49,7 @@ def test_export_matches_eager_within_1e_5(model_dir, fmt):
 @pytest.mark.parametrize("inputs", [(5, (30, 7)), (0, (30, 7)), (5, ())])
 def test_onnx_runs_in_onnxruntime_for_every_block_and_input_mix(tmp_path, block, inputs):
     num_dense, vocab = inputs
-    model = MultiTaskModel(
-        small_config(block, num_dense, vocab, shared_hidden=[12] if block == "omoe" else [])
-    )
+    model = MultiTaskModel(small_config(block, num_dense, vocab, shared_hidden=[12] if block == "omoe" else []))
     save_model(model, tmp_path / "m")
     record = export_model_dir(tmp_path / "m", "onnx")
     dense, sparse = random_inputs(model.config, 33, seed=5)  # a batch size the export never saw
@@ -114,10 +112,7 @@ def test_mixed_precision_splits_the_input_and_is_closer_to_fp32_than_bf16():
             layer.weight.mul_(4)
     dense, sparse = random_inputs(config, 256, seed=4)
     reference = model.predict(dense, sparse)
-    errors = {
-        p: (Scorer(model, "eager", p)(dense, sparse) - reference).abs().max().item()
-        for p in ("bf16", "mixed")
-    }
+    errors = {p: (Scorer(model, "eager", p)(dense, sparse) - reference).abs().max().item() for p in ("bf16", "mixed")}
     assert 0 < errors["mixed"] < errors["bf16"]
 
 

@@ -181,8 +181,6 @@ def test_sample_weights_are_read_and_used(tmp_path):
 
 @pytest.mark.parametrize("block", ["single_task", "shared_bottom", "omoe", "mmoe"])
 def test_every_block_trains_from_the_same_config(block):
-    cfg = config(
-        model={"block": block}, train={"epochs": 2, "batch_size": 128, "progress": False, "lr": 0.01}
-    )
+    cfg = config(model={"block": block}, train={"epochs": 2, "batch_size": 128, "progress": False, "lr": 0.01})
     result = mtrank.fit(cfg, make_frame(n=400), output=None)
     assert result.model.config.block == block and np.isfinite(result.metrics["test"]["loss"])

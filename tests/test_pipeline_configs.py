@@ -29,9 +29,7 @@ def example(name: str, shared_data: Path, **train) -> dict:
     return raw
 
 
-@pytest.mark.parametrize(
-    "name, rows", [("kuairand.yaml", 160), ("ali_ccp.yaml", 100), ("aliexpress.yaml", 80)]
-)
+@pytest.mark.parametrize("name, rows", [("kuairand.yaml", 160), ("ali_ccp.yaml", 100), ("aliexpress.yaml", 80)])
 def test_sample_layout_configs_train_on_the_shared_samples(name, rows, shared_data):
     result = mtrank.fit(example(name, shared_data, epochs=2, batch_size=64), output=None)
     assert result.rows["train"] == rows

@@ -17,10 +17,7 @@ def _one_thread():
 
 def test_correlation_quick_picks_a_learning_rate_per_setting_and_checks_the_claims(tmp_path):
     out = tmp_path / "corr"
-    assert (
-        main(["reproduce", "correlation", "--quick", "--threads", "1", "--no-progress", "--out", str(out)])
-        == 0
-    )
+    assert main(["reproduce", "correlation", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "loss_curves.png").stat().st_size > 0
     assert "## The paper's claims" in (out / "results.md").read_text()

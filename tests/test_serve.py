@@ -143,9 +143,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(client, payload, status, mess
 
 
 def test_malformed_json_is_a_422(client):
-    response = client.post(
-        "/v1/score", content=b'{"candidates": [', headers={"content-type": "application/json"}
-    )
+    response = client.post("/v1/score", content=b'{"candidates": [', headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert "malformed JSON" in response.json()["error"]
 
@@ -270,9 +268,7 @@ def test_mtrank_serve_starts_uvicorn_and_answers(model_dir):
                 pass
             assert time.monotonic() < deadline, "the server did not become ready within 60 s"
             time.sleep(0.05)  # polling interval of the readiness probe
-        response = httpx.post(
-            f"{url}/v1/score", json={"context": CONTEXT, "candidates": CANDIDATES}, timeout=10
-        )
+        response = httpx.post(f"{url}/v1/score", json={"context": CONTEXT, "candidates": CANDIDATES}, timeout=10)
         assert response.status_code == 200 and len(response.json()["ranking"]) == 3
     finally:
         server.terminate()

@@ -63,9 +63,7 @@ def test_text_in_a_numeric_parquet_column_names_the_row(tmp_path):
 def test_wrong_type_for_a_multi_valued_column_says_what_is_expected(tmp_path):
     path = tmp_path / "clicks.parquet"
     pq.write_table(pa.Table.from_pandas(make_frame(n=40).assign(tags=1.5), preserve_index=False), path)
-    with pytest.raises(
-        DataError, match=r"column 'tags': expected a list column .* got type double.*data row 0"
-    ):
+    with pytest.raises(DataError, match=r"column 'tags': expected a list column .* got type double.*data row 0"):
         fit_file(path)
 
 

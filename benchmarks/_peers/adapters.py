@@ -120,8 +120,7 @@ class DeepCTRAdapter:
         torch.manual_seed(seed)
         self.workload = workload
         columns = [
-            SparseFeat(f"c{i}", v, embedding_dim=workload.embedding_dim)
-            for i, v in enumerate(workload.vocab_sizes)
+            SparseFeat(f"c{i}", v, embedding_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)
         ]
         columns.append(DenseFeat("dense", workload.num_dense))
         self.names = [c.name for c in columns]
@@ -169,12 +168,9 @@ class RechubAdapter:
         torch.manual_seed(seed)
         self.workload = workload
         features = [
-            SparseFeature(f"c{i}", v, embed_dim=workload.embedding_dim)
-            for i, v in enumerate(workload.vocab_sizes)
+            SparseFeature(f"c{i}", v, embed_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)
         ]
-        features.append(
-            DenseFeature("dense", embed_dim=workload.num_dense)
-        )  # one vector-valued dense feature
+        features.append(DenseFeature("dense", embed_dim=workload.num_dense))  # one vector-valued dense feature
         task_types = ["classification" if t == "binary" else "regression" for t in workload.task_types]
         self.model = MMOE(
             features,
@@ -202,9 +198,7 @@ class RechubAdapter:
         from torch_rechub.utils.data import DataGenerator
 
         x, y = native
-        loader, _, _ = DataGenerator(x, y).generate_dataloader(
-            x, y, x, y, batch_size=self.workload.batch_size
-        )
+        loader, _, _ = DataGenerator(x, y).generate_dataloader(x, y, x, y, batch_size=self.workload.batch_size)
         self.trainer.train_one_epoch(loader)
 
     def predict(self, native) -> np.ndarray:

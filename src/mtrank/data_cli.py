@@ -33,9 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"\nrows: {rows}; {result.train_result.steps} steps in {result.train_result.seconds:.1f} s "
         f"({result.train_result.samples_per_second:,.0f} samples/s)"
     )
-    print(
-        f"wrote {result.model_dir}/ (model.safetensors, config.json, encoders.json, metrics.json, report.md)"
-    )
+    print(f"wrote {result.model_dir}/ (model.safetensors, config.json, encoders.json, metrics.json, report.md)")
     return 0
 
 
@@ -109,8 +107,6 @@ def register(subparsers) -> None:
     )
     p.add_argument("model_dir", help="a directory written by `mtrank train`")
     p.add_argument("data", help="CSV / Parquet file or directory with the feature columns")
-    p.add_argument(
-        "-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)"
-    )
+    p.add_argument("-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_predict)

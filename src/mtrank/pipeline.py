@@ -257,9 +257,7 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResult:
     spec = config.data
     if not spec.train:
-        raise ConfigError(
-            "data.train: required for streaming (a Parquet / CSV file or a directory of shards)"
-        )
+        raise ConfigError("data.train: required for streaming (a Parquet / CSV file or a directory of shards)")
     fit_rows = spec.fit_rows or 1_000_000
     fit_table, source = read_table(spec.train, config, max_rows=fit_rows)
     encoder = FeatureEncoder(config.features).fit(fit_table, f"{source} (first {fit_table.num_rows:,} rows)")
@@ -422,9 +420,7 @@ def predict_model_dir(
             continue
         dense, sparse = encoder.transform(batch, source)
         empty = torch.full((batch.num_rows, len(names)), math.nan)
-        logits, _ = predict_batches(
-            model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty)
-        )
+        logits, _ = predict_batches(model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty))
         scores = model.scores(logits).numpy()
         out = pa.Table.from_batches([batch])
         for k, name in enumerate(names):

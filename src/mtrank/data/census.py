@@ -166,9 +166,7 @@ def read_census_file(path: str | Path) -> pd.DataFrame:
     except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CensusDataError(f"{path}: cannot read it as the UCI census-income file ({err})") from None
     if frame.shape[1] != len(COLUMNS) or frame["income_50k"].isna().any():
-        raise CensusDataError(
-            f"{path}: expected {len(COLUMNS)} comma-separated columns per row (the UCI layout)"
-        )
+        raise CensusDataError(f"{path}: expected {len(COLUMNS)} comma-separated columns per row (the UCI layout)")
     for column in NUMERIC:
         if not pd.api.types.is_numeric_dtype(frame[column]):
             bad = frame[column][pd.to_numeric(frame[column], errors="coerce").isna()].iloc[0]

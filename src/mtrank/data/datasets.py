@@ -65,9 +65,7 @@ def _read(
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False)
     convert = pacsv.ConvertOptions(column_types=types)
     try:
-        return pacsv.read_csv(
-            io.BytesIO(raw), read_options=read, parse_options=parse, convert_options=convert
-        )
+        return pacsv.read_csv(io.BytesIO(raw), read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as err:
         raise DataError(f"{path}: not in the MovieLens-100K layout ({err})") from None
 

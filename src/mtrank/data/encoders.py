@@ -54,9 +54,7 @@ def as_table(data: Any) -> pa.Table:
         return pa.Table.from_batches([data])
     if isinstance(data, pd.DataFrame):
         return pa.Table.from_pandas(data, preserve_index=False)
-    raise TypeError(
-        f"expected a pyarrow Table / RecordBatch or a pandas DataFrame, got {type(data).__name__}"
-    )
+    raise TypeError(f"expected a pyarrow Table / RecordBatch or a pandas DataFrame, got {type(data).__name__}")
 
 
 def is_numeric_type(dtype: pa.DataType) -> bool:
@@ -196,9 +194,7 @@ def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) ->
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         return col
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_dictionary(col.type):
-        return pc.split_pattern(
-            string_column(col) if pa.types.is_dictionary(col.type) else col, feat.separator
-        )
+        return pc.split_pattern(string_column(col) if pa.types.is_dictionary(col.type) else col, feat.separator)
     raise data_error(
         source,
         feat.column,
@@ -283,9 +279,7 @@ class FeatureEncoder:
         table = as_table(data)
         self._check_columns(table, source)
         if table.num_rows == 0:
-            raise data_error(
-                source, None, "no rows to fit the encoders on", "Give a non-empty training split"
-            )
+            raise data_error(source, None, "no rows to fit the encoders on", "Give a non-empty training split")
         state: dict[str, dict[str, Any]] = {}
         for feat in self.features.numeric:
             state[feat.name] = self._fit_numeric(feat, table, source)
@@ -358,9 +352,7 @@ class FeatureEncoder:
         sparse = np.empty((n, len(self.features.categorical)), dtype=np.int64)
         for start in range(0, n, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, n)
-            self._transform_into(
-                table.slice(start, stop - start), source, dense[start:stop], sparse[start:stop]
-            )
+            self._transform_into(table.slice(start, stop - start), source, dense[start:stop], sparse[start:stop])
         return dense, sparse
 
     def _transform_into(self, table: pa.Table, source: str, dense: np.ndarray, sparse: np.ndarray) -> None:
@@ -422,9 +414,7 @@ class FeatureEncoder:
             counts /= np.maximum(lengths, 1.0)[:, None]
         return counts
 
-    def transform_records(
-        self, records: list[dict[str, Any]], strict: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def transform_records(self, records: list[dict[str, Any]], strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Encode request records (``[{column: value}]``) exactly as :meth:`transform` encodes a file.
 
         Raises :class:`DataError` naming the record index and feature for a missing feature, an unknown key
@@ -442,9 +432,7 @@ class FeatureEncoder:
                 raise DataError(f"records[{i}]: expected an object of features, got {type(record).__name__}")
             missing = [c for c in self.input_columns if c not in record]
             if missing:
-                raise DataError(
-                    f"records[{i}]: missing feature {missing[0]!r} (required: {self.input_columns})"
-                )
+                raise DataError(f"records[{i}]: missing feature {missing[0]!r} (required: {self.input_columns})")
             if strict:
                 unknown = sorted(set(record) - known)
                 if unknown:
@@ -471,8 +459,7 @@ class FeatureEncoder:
                     expected = "a string, an int or null"
                 if not ok:
                     raise DataError(
-                        f"records[{i}]: feature {column!r} has {type(value).__name__} {value!r}; "
-                        f"expected {expected}"
+                        f"records[{i}]: feature {column!r} has {type(value).__name__} {value!r}; expected {expected}"
                     )
                 columns[column].append(value)
         arrays = {}
@@ -501,8 +488,7 @@ class FeatureEncoder:
                 raise data_error(
                     source,
                     feat.column,
-                    f"feature {feat.name!r} reads this column, which is missing "
-                    f"(columns: {table.column_names[:20]})",
+                    f"feature {feat.name!r} reads this column, which is missing (columns: {table.column_names[:20]})",
                     f"{hint}Fix the column name in the config's features section",
                     table,
                     0,
@@ -514,9 +500,7 @@ class FeatureEncoder:
         """JSON-ready: feature specs and fitted state (no pickle)."""
         if not self.fitted:
             raise RuntimeError("FeatureEncoder.to_dict called before fit")
-        state = {
-            name: {k: v for k, v in s.items() if not k.startswith("_")} for name, s in self.state.items()
-        }
+        state = {name: {k: v for k, v in s.items() if not k.startswith("_")} for name, s in self.state.items()}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -538,16 +522,14 @@ class FeatureEncoder:
             raise DataError(f"not an mtrank encoder description (format={found!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise DataError(
-                f"encoder format_version {data.get('format_version')!r} is not supported "
-                f"(expects {FORMAT_VERSION})"
+                f"encoder format_version {data.get('format_version')!r} is not supported (expects {FORMAT_VERSION})"
             )
         feats = data["features"]
         spec = FeaturesSpec(
             categorical=[_build(CategoricalFeature, f, "categorical") for f in feats.get("categorical", [])],
             numeric=[_build(NumericFeature, f, "numeric") for f in feats.get("numeric", [])],
             multi_categorical=[
-                _build(MultiCategoricalFeature, f, "multi_categorical")
-                for f in feats.get("multi_categorical", [])
+                _build(MultiCategoricalFeature, f, "multi_categorical") for f in feats.get("multi_categorical", [])
             ],
         )
         encoder = cls(spec)

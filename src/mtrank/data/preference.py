@@ -118,9 +118,7 @@ def make_preference_logs(config: PreferenceConfig | None = None, **overrides) ->
     r, c, k, g = config.requests, config.candidates, config.num_tasks, config.groups
     group = torch.randint(0, g, (r,), generator=gen)
     one_hot = torch.nn.functional.one_hot(group, g).float() * config.signal
-    context = torch.cat(
-        [one_hot, torch.randn(r, config.context_noise, generator=gen)], dim=1
-    )  # (R, G + noise)
+    context = torch.cat([one_hot, torch.randn(r, config.context_noise, generator=gen)], dim=1)  # (R, G + noise)
     cov = torch.full((k, k), config.task_correlation) + torch.eye(k) * (1 - config.task_correlation)
     chol = torch.linalg.cholesky(cov)
     z = torch.randn(r, c, k, generator=gen) @ chol.T  # (R, C, K), correlated task logits

@@ -155,9 +155,7 @@ def check_columns(
             )
 
 
-def head_rows(
-    dataset: ds.Dataset, columns: list[str] | None, rows: int, batch_rows: int = 65_536
-) -> pa.Table:
+def head_rows(dataset: ds.Dataset, columns: list[str] | None, rows: int, batch_rows: int = 65_536) -> pa.Table:
     """The first ``rows`` rows, read one record batch at a time (``Dataset.head`` reads ahead across many
     fragments at once, which for a directory of shards costs memory proportional to the number of files)."""
     scanner = dataset.scanner(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
@@ -250,8 +248,7 @@ def encode_labels(table: pa.Table, tasks: list[TaskSpec], source: str, config_so
                             source,
                             task.column,
                             f"binary label {float(y[bad[0]])!r} is outside {{0, 1}} ({bad.size} such rows)",
-                            f"Use type: regression, or derive the label with "
-                            f"{where}.positive, e.g. positive: '>= 1'",
+                            f"Use type: regression, or derive the label with {where}.positive, e.g. positive: '>= 1'",
                             table,
                             int(bad[0]),
                         )

@@ -310,9 +310,7 @@ def validate_features(features: FeaturesSpec, path: str = "features") -> None:
     for kind in ("numeric", "multi_categorical", "categorical"):
         for i, feat in enumerate(getattr(features, kind)):
             where = f"{path}.{kind}[{i}]"
-            _check(
-                isinstance(feat.name, str) and feat.name != "", f"{where}.name", "must be a non-empty string"
-            )
+            _check(isinstance(feat.name, str) and feat.name != "", f"{where}.name", "must be a non-empty string")
             feat.column = feat.column or feat.name
             _check(
                 feat.name not in names,
@@ -323,9 +321,7 @@ def validate_features(features: FeaturesSpec, path: str = "features") -> None:
             if kind == "categorical":
                 _check(feat.min_count >= 1, f"{where}.min_count", f"must be >= 1, got {feat.min_count}")
                 _check(feat.max_vocab >= 0, f"{where}.max_vocab", f"must be >= 0, got {feat.max_vocab}")
-                _check(
-                    feat.hash_buckets >= 0, f"{where}.hash_buckets", f"must be >= 0, got {feat.hash_buckets}"
-                )
+                _check(feat.hash_buckets >= 0, f"{where}.hash_buckets", f"must be >= 0, got {feat.hash_buckets}")
             elif kind == "numeric":
                 fill_ok = feat.fill in FILLS or (
                     isinstance(feat.fill, (int, float)) and not isinstance(feat.fill, bool)
@@ -333,11 +329,7 @@ def validate_features(features: FeaturesSpec, path: str = "features") -> None:
                 _check(fill_ok, f"{where}.fill", f"expected one of {FILLS} or a number, got {feat.fill!r}")
                 if feat.clip is not None:
                     ok = isinstance(feat.clip, list) and len(feat.clip) == 2
-                    ok = (
-                        ok
-                        and all(isinstance(v, (int, float)) for v in feat.clip)
-                        and feat.clip[0] <= feat.clip[1]
-                    )
+                    ok = ok and all(isinstance(v, (int, float)) for v in feat.clip) and feat.clip[0] <= feat.clip[1]
                     _check(ok, f"{where}.clip", f"expected [low, high] with low <= high, got {feat.clip!r}")
                 _check(isinstance(feat.log1p, bool), f"{where}.log1p", "expected true or false")
                 _check(isinstance(feat.standardize, bool), f"{where}.standardize", "expected true or false")
@@ -349,9 +341,7 @@ def validate_features(features: FeaturesSpec, path: str = "features") -> None:
                 )
                 _check(feat.min_count >= 1, f"{where}.min_count", f"must be >= 1, got {feat.min_count}")
                 _check(feat.max_vocab >= 1, f"{where}.max_vocab", f"must be >= 1, got {feat.max_vocab}")
-    _check(
-        bool(names), path, "no features: give at least one categorical, numeric or multi_categorical feature"
-    )
+    _check(bool(names), path, "no features: give at least one categorical, numeric or multi_categorical feature")
 
 
 def validate_tasks(tasks: list[TaskSpec], path: str = "tasks") -> None:
@@ -380,9 +370,7 @@ def validate_tasks(tasks: list[TaskSpec], path: str = "tasks") -> None:
             f"{where}.positive",
             "give positive or positive_values, not both",
         )
-        _check(
-            isinstance(task.positive_values, list), f"{where}.positive_values", "expected a list of values"
-        )
+        _check(isinstance(task.positive_values, list), f"{where}.positive_values", "expected a list of values")
         if (task.positive or task.positive_values) and task.type != "binary":
             raise ConfigError(f"{where}.type: a label derived with positive/positive_values must be binary")
 
@@ -441,9 +429,7 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
     prefix = f"{source}: " if source else ""
     try:
         if not isinstance(raw, dict):
-            raise ConfigError(
-                f"(top level): expected a mapping with data, features, tasks, got {type(raw).__name__}"
-            )
+            raise ConfigError(f"(top level): expected a mapping with data, features, tasks, got {type(raw).__name__}")
         known = ("data", "features", "tasks", "model", "train", "output", "name")
         for key in raw:
             if key not in known:

@@ -117,16 +117,12 @@ class EncodedStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         pieces = self.pieces()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
-        buffer = ShuffleBuffer(
-            self.config.data.shuffle_buffer, seed=self.seed * 7919 + self.epoch * 31 + worker
-        )
+        buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed=self.seed * 7919 + self.epoch * 31 + worker)
         columns = self.config.input_columns()
         for index in order[worker::workers]:
             piece = pieces[index]
             source = getattr(piece, "path", self.path)
-            for record_batch in piece.to_batches(
-                columns=columns, batch_size=self.config.data.read_batch_rows
-            ):
+            for record_batch in piece.to_batches(columns=columns, batch_size=self.config.data.read_batch_rows):
                 if record_batch.num_rows == 0:
                     continue
                 arrays = self._encode(record_batch, source)

@@ -149,14 +149,10 @@ def run_census(
     tuning, finals = {}, {}
     grid = [(m, s, lr) for m in cfg.methods for s in cfg.sizes for lr in cfg.learning_rates]
     tune_seeds = [1000 + s for s in range(cfg.tune_seeds)]
-    for method, size, lr in tqdm(
-        grid, desc=f"census group {group}: tuning", disable=not progress, unit="setting"
-    ):
+    for method, size, lr in tqdm(grid, desc=f"census group {group}: tuning", disable=not progress, unit="setting"):
         run = train_ensemble(method, size, lr, tune_seeds, data, cfg)
         score = float(np.mean([m[f"auc/{main}"] for m in run["valid"]]))
-        tuning.setdefault(method, []).append(
-            {"size": size, "lr": lr, "valid_auc": score, "params": run["params"]}
-        )
+        tuning.setdefault(method, []).append({"size": size, "lr": lr, "valid_auc": score, "params": run["params"]})
     for method in tqdm(
         cfg.methods, desc=f"census group {group}: {cfg.seeds} seeds", disable=not progress, unit="method"
     ):

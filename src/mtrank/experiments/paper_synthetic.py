@@ -92,9 +92,7 @@ def train_config(cfg: SyntheticPaperConfig, lr: float, seed: int = 0) -> TrainCo
     )
 
 
-def run_ensemble(
-    block: str, correlation: float, lr: float, seeds: list[int], cfg: SyntheticPaperConfig
-) -> dict:
+def run_ensemble(block: str, correlation: float, lr: float, seeds: list[int], cfg: SyntheticPaperConfig) -> dict:
     """Train ``len(seeds)`` runs (data, init, shuffle seed = ``seeds[r]``); per-run curves, test losses."""
     train, valid, test = ensemble_splits(correlation, seeds, cfg)
     ensemble = Ensemble(paper_model(block), seeds, cfg.device)
@@ -196,9 +194,7 @@ def run_correlation(cfg: SyntheticPaperConfig, out: Path, progress: bool = True)
         panel = curves.setdefault(f"correlation {correlation:g}", {})
         panel[MODEL_LABELS[block]] = (result["steps"], result["curves"])
 
-    table = {
-        b: {p: float(np.mean(runs[f"{b}@{p:g}"]["test_loss"])) for p in cfg.correlations} for b in cfg.blocks
-    }
+    table = {b: {p: float(np.mean(runs[f"{b}@{p:g}"]["test_loss"])) for p in cfg.correlations} for b in cfg.blocks}
     claims = check_claims(table, cfg.blocks, cfg.correlations)
     rows = []
     for p in cfg.correlations:
@@ -206,9 +202,7 @@ def run_correlation(cfg: SyntheticPaperConfig, out: Path, progress: bool = True)
             r = runs[f"{b}@{p:g}"]
             s = _stats(r["test_loss"])
             rows.append([f"{p:g}", MODEL_LABELS[b], f"{r['lr']:g}", f"{s['mean']:.4f} ± {s['std']:.4f}"])
-    md_table = markdown_table(
-        ["correlation", "model", "lr (picked)", f"test MSE, mean ± std of {cfg.seeds}"], rows
-    )
+    md_table = markdown_table(["correlation", "model", "lr (picked)", f"test MSE, mean ± std of {cfg.seeds}"], rows)
     lr_rows = [
         [
             k.split("@")[1],
@@ -292,9 +286,7 @@ def run_trainability(
     seeds = [2 * SEED_STRIDE + s for s in range(cfg.seeds)]
     runs, panels = {}, {}
     jobs = [(b, p) for p in cfg.correlations for b in cfg.blocks]
-    for block, correlation in tqdm(
-        jobs, desc=f"trainability x{cfg.seeds}", disable=not progress, unit="setting"
-    ):
+    for block, correlation in tqdm(jobs, desc=f"trainability x{cfg.seeds}", disable=not progress, unit="setting"):
         lr = lrs.get(f"{block}@{correlation:g}", 1e-3)
         result = run_ensemble(block, correlation, lr, seeds, cfg)
         runs[f"{block}@{correlation:g}"] = {

@@ -89,12 +89,8 @@ def register(subparsers) -> None:
         help="correlation | trainability | census",
     )
     p.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT}/EXPERIMENT)")
-    p.add_argument(
-        "--quick", action="store_true", help="a seconds-long version on tiny data (what tests run)"
-    )
-    p.add_argument(
-        "--seeds", type=int, help="runs per setting (default: correlation 20, trainability 200, census 20)"
-    )
+    p.add_argument("--quick", action="store_true", help="a seconds-long version on tiny data (what tests run)")
+    p.add_argument("--seeds", type=int, help="runs per setting (default: correlation 20, trainability 200, census 20)")
     p.add_argument(
         "--group",
         type=int,
@@ -114,9 +110,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--epochs", type=int, help="census: epochs per run (default 3)")
     p.add_argument("--steps", type=int, help="synthetic: training steps per run (default 2000)")
-    p.add_argument(
-        "--correlations", type=float, nargs="+", help="synthetic: task correlations (default 1 .9 .5 0)"
-    )
+    p.add_argument("--correlations", type=float, nargs="+", help="synthetic: task correlations (default 1 .9 .5 0)")
     p.add_argument(
         "--models",
         nargs="+",

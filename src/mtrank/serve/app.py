@@ -38,7 +38,6 @@ from mtrank.serve.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 log = logging.getLogger("mtrank.serve")
 
 
-
 class RequestError(ValueError):
     """A problem with a request; ``status`` is the HTTP status to answer with (4xx)."""
 
@@ -71,9 +70,7 @@ class ScoringService:
         model = load_model(self.model_dir)
         self.config = model.config
         self.task_names = [t.name for t in model.tasks]
-        self.encoder = (
-            FeatureEncoder.load(self.model_dir) if (self.model_dir / ENCODERS_FILE).is_file() else None
-        )
+        self.encoder = FeatureEncoder.load(self.model_dir) if (self.model_dir / ENCODERS_FILE).is_file() else None
         encoded = None if self.encoder is None else (self.encoder.num_dense, self.encoder.vocab_sizes)
         if encoded is not None and encoded != (self.config.num_dense, list(self.config.vocab_sizes)):
             raise ValueError(
@@ -119,9 +116,7 @@ class ScoringService:
 
     # ------------------------------------------------------------------------------------------ encoding
 
-    def encode(
-        self, context: dict[str, Any], candidates: list[dict[str, Any]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         if len(candidates) > self.max_candidates:
             raise RequestError(
                 f"candidates: {len(candidates)} candidates; at most {self.max_candidates} per request "
@@ -135,8 +130,7 @@ class ScoringService:
             both = sorted(shared & set(candidate))
             if both:
                 raise RequestError(
-                    f"candidates[{i}]: feature {both[0]!r} is also in the context; give each feature "
-                    "in one place"
+                    f"candidates[{i}]: feature {both[0]!r} is also in the context; give each feature in one place"
                 )
             records.append({**context, **candidate})
         try:
@@ -152,9 +146,7 @@ class ScoringService:
             ) from None
         return dense, sparse
 
-    def _encode_raw(
-        self, context: dict[str, Any], candidates: list[dict[str, Any]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_raw(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         if context:
             raise RequestError(
                 "context: this model has no encoders.json, so features are given per candidate as "
@@ -166,9 +158,7 @@ class ScoringService:
         for i, candidate in enumerate(candidates):
             unknown = sorted(set(candidate) - {"dense", "sparse"})
             if unknown:
-                raise RequestError(
-                    f"candidates[{i}]: unknown key {unknown[0]!r}; expected 'dense' and 'sparse'"
-                )
+                raise RequestError(f"candidates[{i}]: unknown key {unknown[0]!r}; expected 'dense' and 'sparse'")
             values = candidate.get("dense", [] if num_dense == 0 else None)
             if not isinstance(values, list) or len(values) != num_dense:
                 raise RequestError(
@@ -186,8 +176,7 @@ class ScoringService:
             for j, value in enumerate(ids):
                 if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab[j]:
                     raise RequestError(
-                        f"candidates[{i}].sparse[{j}]: expected an integer id in [0, {vocab[j]}), got "
-                        f"{value!r}"
+                        f"candidates[{i}].sparse[{j}]: expected an integer id in [0, {vocab[j]}), got {value!r}"
                     )
             sparse[i] = ids
         return dense, sparse
@@ -210,8 +199,7 @@ class ScoringService:
         if not (np.isfinite(scores).all() and np.isfinite(blended).all()):
             bad = int(np.flatnonzero(~(np.isfinite(scores).all(1) & np.isfinite(blended)))[0])
             raise RequestError(
-                f"candidates[{bad}]: the scores are not finite (numeric features far outside the "
-                "training range?)"
+                f"candidates[{bad}]: the scores are not finite (numeric features far outside the training range?)"
             )
         order = ranking(blended)
         if request.top_k is not None:
@@ -285,9 +273,7 @@ class BodyLimitMiddleware:
 
 
 async def _too_large(max_bytes: int, send) -> None:
-    body = json.dumps(
-        {"error": f"request body: larger than the limit of {max_bytes} bytes (--max-body-bytes)"}
-    )
+    body = json.dumps({"error": f"request body: larger than the limit of {max_bytes} bytes (--max-body-bytes)"})
     await send(
         {
             "type": "http.response.start",
@@ -306,14 +292,10 @@ def _location(loc: tuple) -> str:
     return text or "body"
 
 
-def create_app(
-    service: ScoringService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True
-) -> FastAPI:
+def create_app(service: ScoringService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True) -> FastAPI:
     """The FastAPI app of ``service``. It is ready (``/readyz`` 200) once the warm-up pass has run."""
     registry = CollectorRegistry()
-    requests_total = Counter(
-        "mtrank_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry
-    )
+    requests_total = Counter("mtrank_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry)
     latency = Histogram(
         "mtrank_request_seconds",
         "scoring latency (seconds)",
@@ -361,9 +343,7 @@ def create_app(
         if exc.status_code == 400 and "parsing the body" in message:
             message = "request body: cannot be parsed as JSON (too deeply nested?)"
         requests_total.labels(request.url.path, str(exc.status_code)).inc()
-        return JSONResponse(
-            {"error": message, "detail": []}, status_code=exc.status_code, headers=exc.headers
-        )
+        return JSONResponse({"error": message, "detail": []}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:

@@ -68,8 +68,7 @@ class Scorer:
         if backend == "onnx":
             if precision not in ("fp32", "int8") or self.device.type != "cpu":
                 raise ValueError(
-                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile/torchscript for bf16, "
-                    "mixed, fp16"
+                    "backend onnx: runs fp32 or int8 on CPU; use eager/compile/torchscript for bf16, mixed, fp16"
                 )
             self._tmp = tempfile.TemporaryDirectory(prefix="mtrank-onnx-")
             path = export_onnx(model, Path(self._tmp.name) / "model.onnx")
@@ -83,9 +82,7 @@ class Scorer:
                 "which undoes 'mixed'; use eager or torchscript for mixed"
             )
         if precision == "int8" and backend != "eager":
-            raise ValueError(
-                f"backend {backend}: int8 runs with backend eager (PyTorch) or onnx (onnxruntime)"
-            )
+            raise ValueError(f"backend {backend}: int8 runs with backend eager (PyTorch) or onnx (onnxruntime)")
         module = PrecisionScoring(inference_model(model, precision, device)).eval()
         if backend == "compile":
             module = torch.compile(module, dynamic=True)
@@ -93,9 +90,7 @@ class Scorer:
             dense, sparse = random_inputs(model.config, 8)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
-                module = torch.jit.trace(
-                    module, (dense.to(self.device), sparse.to(self.device)), check_trace=False
-                )
+                module = torch.jit.trace(module, (dense.to(self.device), sparse.to(self.device)), check_trace=False)
                 module = torch.jit.freeze(module.eval())
         self._module = module
 

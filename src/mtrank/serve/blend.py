@@ -66,13 +66,9 @@ class Blend:
                 raise ValueError(f"blend.weights.{name}: expected a finite number, got {weight!r}")
         for name, transform in self.transforms.items():
             if transform not in TRANSFORMS:
-                raise ValueError(
-                    f"blend.transforms.{name}: unknown {transform!r}; expected one of {TRANSFORMS}"
-                )
+                raise ValueError(f"blend.transforms.{name}: unknown {transform!r}; expected one of {TRANSFORMS}")
         if not any(self.weights.get(name, 0.0) != 0 for name in task_names):
-            raise ValueError(
-                f"blend.weights: every weight is 0; give at least one task of {task_names} a weight"
-            )
+            raise ValueError(f"blend.weights: every weight is 0; give at least one task of {task_names} a weight")
         return self
 
     @classmethod
@@ -184,9 +180,7 @@ def blend_objective(
         return float(total)
     if objective == "reward@k":
         if request_ids is None:
-            raise ValueError(
-                "objective reward@k: request_ids are required (which request each row belongs to)"
-            )
+            raise ValueError("objective reward@k: request_ids are required (which request each row belongs to)")
         value = np.nan_to_num(labels) @ weights  # (N,) reward of each row
         return float(mean_top_k(blended, value, np.asarray(request_ids), top_k))
     raise ValueError(f"objective: unknown {objective!r}; expected one of {OBJECTIVES}")

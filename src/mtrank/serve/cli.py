@@ -12,10 +12,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mtrank.serve.export import export_model_dir
 
     record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
-    print(
-        f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on "
-        "random inputs)"
-    )
+    print(f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on random inputs)")
     if args.int8:
         print(
             f"wrote {record['int8_file']} beside it  (int8: max |score - eager| = "
@@ -93,9 +90,7 @@ def _register_serve(subparsers) -> None:
         ),
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
         "--backend",
@@ -111,9 +106,7 @@ def _register_serve(subparsers) -> None:
         help="fp32 (default); bf16 (whole model); mixed (expert bank in bf16 with a split input, the rest "
         "fp32); int8 (eager or onnx backend, CPU). docs/serving.md has latency and score changes of each",
     )
-    p.add_argument(
-        "--blend", help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}}"
-    )
+    p.add_argument("--blend", help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}}")
     p.add_argument(
         "--max-candidates",
         type=int,
@@ -126,9 +119,7 @@ def _register_serve(subparsers) -> None:
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
     )
-    p.add_argument(
-        "--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)"
-    )
+    p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
@@ -144,9 +135,7 @@ def _cmd_blend_tune(args: argparse.Namespace) -> int:
     table = as_table(frame)
     for column in [*args.scores, *args.labels, *([args.request_id] if args.request_id else [])]:
         if column not in table.column_names:
-            raise ValueError(
-                f"{args.data}: column {column!r} is missing (columns: {table.column_names[:20]})"
-            )
+            raise ValueError(f"{args.data}: column {column!r} is missing (columns: {table.column_names[:20]})")
     if not (len(args.tasks) == len(args.scores) == len(args.labels)):
         raise ValueError("--tasks, --scores and --labels: give one entry per task, in the same order")
     scores = np.stack([frame[c].to_numpy(dtype=float) for c in args.scores], 1)
@@ -172,8 +161,7 @@ def _cmd_blend_tune(args: argparse.Namespace) -> int:
     print(f"objective {args.objective} on {len(frame)} rows ({args.search}, {len(result.trials)} trials)")
     print(f"  equal weights : {result.default_value:.4f}")
     print(
-        f"  best weights  : {result.value:.4f}  "
-        + "  ".join(f"{k}={v:.3f}" for k, v in result.blend.weights.items())
+        f"  best weights  : {result.value:.4f}  " + "  ".join(f"{k}={v:.3f}" for k, v in result.blend.weights.items())
     )
     if args.out:
         with open(args.out, "w") as handle:
@@ -240,9 +228,7 @@ def _register_blend(subparsers) -> None:
     t.add_argument("--scores", nargs="+", required=True, help="score column of each task")
     t.add_argument("--labels", nargs="+", required=True, help="label column of each task")
     t.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "weighted_product"])
-    t.add_argument(
-        "--transform", nargs="*", help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p, rank)"
-    )
+    t.add_argument("--transform", nargs="*", help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p, rank)")
     t.add_argument("--objective", default="auc", choices=["auc", "reward@k"])
     t.add_argument("--objective-weight", nargs="*", help="TASK=WEIGHT, a_k of the objective (default 1)")
     t.add_argument("--request-id", help="request id column (reward@k)")

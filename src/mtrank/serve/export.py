@@ -104,9 +104,7 @@ def quantize_onnx_int8(source: str | Path, target: str | Path) -> Path:
     # [G, in, out] weights
     nodes = [n.name for n in graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) == 2]
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint at WARNING
-    quantize_dynamic(
-        str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes
-    )
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)
     return Path(target)
 
 
@@ -144,9 +142,7 @@ def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def max_export_difference(
-    model: MultiTaskModel, path: str | Path, fmt: str, batch: int = 64, seed: int = 1
-) -> float:
+def max_export_difference(model: MultiTaskModel, path: str | Path, fmt: str, batch: int = 64, seed: int = 1) -> float:
     """``max |scores(export) - scores(eager)|`` on random inputs (a batch size other than the tracing one)."""
     dense, sparse = random_inputs(model.config, batch, seed)
     with torch.inference_mode():
@@ -182,9 +178,7 @@ def export_model_dir(
     diff = max_export_difference(model, path, fmt)
     if not diff <= tolerance:
         path.unlink(missing_ok=True)
-        raise ValueError(
-            f"{fmt} export differs from eager PyTorch by {diff:.3g} > {tolerance:g}; not written"
-        )
+        raise ValueError(f"{fmt} export differs from eager PyTorch by {diff:.3g} > {tolerance:g}; not written")
     record: dict[str, Any] = {
         "format": fmt,
         "file": path.name,

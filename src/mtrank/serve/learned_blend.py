@@ -38,9 +38,7 @@ class LearnedBlend(nn.Module):
         [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
 
-    def __init__(
-        self, context_dim: int, default_weights: list[float], hidden: list[int] | None = None
-    ) -> None:
+    def __init__(self, context_dim: int, default_weights: list[float], hidden: list[int] | None = None) -> None:
         super().__init__()
         hidden = [32] if hidden is None else hidden
         self.register_buffer("default_weights", torch.tensor(default_weights, dtype=torch.float32))
@@ -124,9 +122,7 @@ def train_learned_blend(
         order = torch.randperm(len(context), generator=gen)
         total, batches = 0.0, 0
         for idx in order.split(config.batch_size):
-            loss = learned_blend_loss(
-                model, context[idx], task_scores[idx], engaged[idx], reward[idx], config.l2_pull
-            )
+            loss = learned_blend_loss(model, context[idx], task_scores[idx], engaged[idx], reward[idx], config.l2_pull)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

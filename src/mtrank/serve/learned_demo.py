@@ -36,12 +36,8 @@ def run_learned_blend_demo(
         valid = make_preference_logs(requests=max(requests // 2, 100), seed=1000 + seed)
         test = make_preference_logs(requests=requests, seed=2000 + seed)
         best_global = max(simplex_grid(2, 0.05), key=lambda w, v=valid: _global_reward(v, w))
-        rows.setdefault("default weights (0.5, 0.5)", []).append(
-            _global_reward(test, np.array(DEFAULT_WEIGHTS))
-        )
-        rows.setdefault("best global weights (grid on validation)", []).append(
-            _global_reward(test, best_global)
-        )
+        rows.setdefault("default weights (0.5, 0.5)", []).append(_global_reward(test, np.array(DEFAULT_WEIGHTS)))
+        rows.setdefault("best global weights (grid on validation)", []).append(_global_reward(test, best_global))
         context, task_scores, engaged, reward = train.impressions()
         for lam in lambdas:
             model, _ = train_learned_blend(

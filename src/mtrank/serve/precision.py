@@ -53,9 +53,7 @@ class Int8StackedLinear(nn.Module):
         weight, bias = layer.weight.detach().float(), layer.bias.detach().float()  # (G, in, out), (G, 1, out)
         if shared_input:
             linear = nn.Linear(layer.in_features, layer.groups * layer.out_features)
-            linear.weight.data = (
-                weight.permute(0, 2, 1).reshape(-1, layer.in_features).contiguous()
-            )  # (G*out, in)
+            linear.weight.data = weight.permute(0, 2, 1).reshape(-1, layer.in_features).contiguous()  # (G*out, in)
             linear.bias.data = bias.reshape(-1).contiguous()  # (G*out,)
             self.linears = nn.ModuleList([linear])
         else:
@@ -76,9 +74,7 @@ class Int8StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_input:
             if x.dim() != 2:
-                raise ValueError(
-                    f"Int8StackedLinear(shared_input=True) expects [B, in], got {tuple(x.shape)}"
-                )
+                raise ValueError(f"Int8StackedLinear(shared_input=True) expects [B, in], got {tuple(x.shape)}")
             y = self.linears[0](x).view(x.shape[0], self.groups, self.out_features)  # (B, G, out)
             return y.transpose(0, 1)  # (G, B, out)
         if x.dim() == 2:
@@ -116,9 +112,7 @@ class Bf16StackedLinear(nn.Module):
             low = (x.float() - high.float()).to(torch.bfloat16)
             stacked = torch.cat([high, low], dim=batch_dim)  # (2B, in) or (G, 2B, in)
             y = self._matmul(stacked).float()
-            y = y.narrow(batch_dim, 0, x.shape[batch_dim]) + y.narrow(
-                batch_dim, x.shape[batch_dim], x.shape[batch_dim]
-            )
+            y = y.narrow(batch_dim, 0, x.shape[batch_dim]) + y.narrow(batch_dim, x.shape[batch_dim], x.shape[batch_dim])
         else:
             y = self._matmul(high).float()
         if self.shared_input:

@@ -44,9 +44,7 @@ class ScoreRequest(BaseModel):
     )
 
     context: dict[str, Any] = Field(default_factory=dict, description="features shared by every candidate")
-    candidates: list[dict[str, Any]] = Field(
-        ..., min_length=1, description="one feature object per candidate"
-    )
+    candidates: list[dict[str, Any]] = Field(..., min_length=1, description="one feature object per candidate")
     blend: BlendSpec | None = Field(None, description="override the service's blend for this request")
     top_k: int | None = Field(None, ge=1, description="return only the best k indices in `ranking`")
 

@@ -189,9 +189,7 @@ class Ensemble:
             raise ValueError("train.early_stopping_patience and train.grad_clip must be 0 for an ensemble")
         shuffle_seeds = list(shuffle_seeds if shuffle_seeds is not None else self.init_seeds)
         if len(shuffle_seeds) != self.size:
-            raise ValueError(
-                f"shuffle_seeds has {len(shuffle_seeds)} entries, the ensemble {self.size} members"
-            )
+            raise ValueError(f"shuffle_seeds has {len(shuffle_seeds)} entries, the ensemble {self.size} members")
         train = train.to(self.device)
         n, size = len(train), self.size
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -246,13 +244,9 @@ class Ensemble:
                         result.history[r].append(m)
                         value = m.get(f"valid/{cfg.monitor}", math.nan)
                         old = result.best_value[r]
-                        if not math.isnan(value) and (
-                            math.isnan(old) or (value > old if higher else value < old)
-                        ):
+                        if not math.isnan(value) and (math.isnan(old) or (value > old if higher else value < old)):
                             result.best_step[r], result.best_value[r] = step, value
-                            result.best_metrics[r] = {
-                                k[6:]: v for k, v in m.items() if k.startswith("valid/")
-                            }
+                            result.best_metrics[r] = {k[6:]: v for k, v in m.items() if k.startswith("valid/")}
                             improved.append(r)
                     if improved:
                         rows = torch.tensor(improved, device=self.device)
