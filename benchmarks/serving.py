@@ -290,7 +290,8 @@ def render(results_dir: Path, out: Path) -> None:
             continue
         parts.append(f"## Latency and score changes: {title}\n")
         parts.append(
-            f"`{result['command']}` — device {result.get('gpu') or result['device']}, {result['threads']} threads, torch "
+            f"`{result['command']}` — device {result.get('gpu') or result['device']}, "
+            f"{result['threads']} threads, torch "
             f"{result['torch']}, OMP_WAIT_POLICY={result.get('omp_wait_policy')}, model trained "
             f"{result['train_steps']} steps; scores compared on "
             f"{result['test_rows']:,} test rows; 1-minute load average "
