@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtrank.data.errors import DataError, data_error
+from mtrank.data.errors import DataError, check_not_all_missing, data_error
 from mtrank.data.schema import (
     CategoricalFeature,
     FeaturesSpec,
@@ -294,16 +294,8 @@ class FeatureEncoder:
 
     def _fit_numeric(self, feat: NumericFeature, table: pa.Table, source: str) -> dict[str, Any]:
         x = numeric_column(table, feat.column, source)
+        check_not_all_missing(x, source, feat.column, table)
         present = np.isfinite(x)
-        if not present.any():
-            raise data_error(
-                source,
-                feat.column,
-                f"every value is missing (all {len(x)} rows are null/NaN)",
-                "Remove the feature from features.numeric or fix the column",
-                table,
-                0,
-            )
         if feat.fill == "mean":
             fill = float(x[present].mean())
         elif feat.fill == "median":

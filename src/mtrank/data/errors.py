@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 
@@ -41,3 +42,16 @@ def data_error(
         index = 0 if row is None else int(row)
         example = f" (data row {index}: {example_row(table, index, [column] if column else None)})"
     return DataError(f"{where}{problem}{example}. {fix}")
+
+
+def check_not_all_missing(values, source: str, column: str, table: pa.Table) -> None:
+    """Raise a :func:`data_error` when a numeric column has no finite value at all."""
+    if not np.isfinite(values).any():
+        raise data_error(
+            source,
+            column,
+            f"every value is missing (all {len(values)} rows are null/NaN)",
+            "Remove the feature from features.numeric or fix the column",
+            table,
+            0,
+        )

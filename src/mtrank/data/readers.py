@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 
 from mtrank.data.datasets import read_movielens
 from mtrank.data.encoders import _first_non_numeric, as_table, is_numeric_type, numeric_column
-from mtrank.data.errors import DataError, data_error, example_row
+from mtrank.data.errors import DataError, check_not_all_missing, data_error, example_row
 from mtrank.data.schema import DataSpec, ExperimentConfig, TaskSpec, parse_comparison
 
 PARQUET_MAGIC = b"PAR1"
@@ -296,14 +296,6 @@ def validate_table(table: pa.Table, config: ExperimentConfig, source: str) -> No
     numbers and are not all missing, labels are valid, weights are present and >= 0."""
     for feat in config.features.numeric:
         x = numeric_column(table, feat.column, source)
-        if not np.isfinite(x).any():
-            raise data_error(
-                source,
-                feat.column,
-                f"every value is missing (all {len(x)} rows are null/NaN)",
-                "Remove the feature from features.numeric or fix the column",
-                table,
-                0,
-            )
+        check_not_all_missing(x, source, feat.column, table)
     encode_labels(table, config.tasks, source)
     encode_weights(table, config.data.weight_column, source)
