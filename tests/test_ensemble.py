@@ -93,3 +93,13 @@ def test_per_run_decisions_like_early_stopping_are_refused():
     ensemble = Ensemble(ModelConfig(num_dense=100, tasks=REGRESSION), [0, 1])
     with pytest.raises(ValueError, match="early_stopping_patience"):
         ensemble.fit(EnsembleData.shared(data), None, TrainConfig(steps=2, early_stopping_patience=2))
+
+
+def test_ensemble_on_cpu_trains_with_the_eager_step():
+    tasks = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
+    ensemble = Ensemble(ModelConfig(num_dense=100, tasks=tasks, num_experts=2), init_seeds=[0, 1])
+    data = EnsembleData.stack([make_synthetic(n=64, seed=s) for s in (0, 1)])
+    rows = data.take(torch.zeros(2, 4, dtype=torch.long))
+    assert rows[0].shape == (2, 4, 100)
+    ensemble.fit(data, None, TrainConfig(steps=2, batch_size=32, progress=False))
+    assert ensemble.graphed_step is None  # CUDA graphs only on a CUDA device

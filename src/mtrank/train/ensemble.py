@@ -28,6 +28,7 @@ from mtrank.config import ModelConfig, TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import higher_is_better, task_metrics
 from mtrank.models import MultiTaskModel
+from mtrank.train.fast import GraphedTrainStep, cuda_graph_plan
 from mtrank.train.losses import multitask_loss
 from mtrank.train.trainer import lr_lambda, resolve_device
 
@@ -73,6 +74,10 @@ class EnsembleData:
             return TensorData(self.dense[r], self.sparse[r], self.labels[r])
         return TensorData(self.dense, self.sparse, self.labels)
 
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of rows ``index [R, B]`` (what a graphed training step gathers)."""
+        return self.rows(index)
+
     def to(self, device: torch.device) -> EnsembleData:
         return EnsembleData(self.dense.to(device), self.sparse.to(device), self.labels.to(device))
 
@@ -97,6 +102,8 @@ class Ensemble:
         init_seeds: one seed per member; member r is ``torch.manual_seed(init_seeds[r])`` then
             ``MultiTaskModel(config)``, exactly the model a single run with that seed would build.
         device: ``cpu``, ``cuda`` or ``auto``.
+        cuda_graphs: on CUDA, capture the whole ensemble step in one CUDA graph when replay is exact
+            (:func:`~mtrank.train.fast.cuda_graph_plan`); False keeps the eager step.
 
     Example:
         >>> from mtrank.config import ModelConfig
@@ -105,8 +112,12 @@ class Ensemble:
         torch.Size([3, 5, 2])
     """
 
-    def __init__(self, config: ModelConfig, init_seeds: list[int], device: str = "cpu") -> None:
+    def __init__(
+        self, config: ModelConfig, init_seeds: list[int], device: str = "cpu", cuda_graphs: bool = True
+    ) -> None:
         self.device = resolve_device(device)
+        self.cuda_graphs = cuda_graphs
+        self.graphed_step: GraphedTrainStep | None = None
         self.config = config.validate()
         self.init_seeds = list(init_seeds)
         models = []
@@ -196,7 +207,11 @@ class Ensemble:
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
         optimizer_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        optimizer = optimizer_cls(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # on CUDA, the whole ensemble step in one CUDA graph where replay is exactly the eager step (as Trainer)
+        use_graph = cuda_graph_plan(self.base, cfg, self.device)[0] and self.cuda_graphs
+        optimizer = optimizer_cls(
+            list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=use_graph
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
         higher = higher_is_better(cfg.monitor)
         result = EnsembleResult(
@@ -207,6 +222,15 @@ class Ensemble:
         )
         best = {k: v.detach().clone() for k, v in self.params.items()}
         member_loss = vmap(multitask_loss, in_dims=(0, 0, None, None))
+
+        def batch_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            dense, sparse, labels = batch
+            logits, aux = self._forward(self.params, self.buffers, dense, sparse)  # (R, B, K), (R,)
+            losses, _ = member_loss(logits, labels, self.binary_mask, self.task_weights)  # (R,)
+            return (losses + aux).sum()  # each member's gradient is its own loss's
+
+        graphed = GraphedTrainStep(batch_loss, optimizer, train, (size, cfg.batch_size)) if use_graph else None
+        self.graphed_step = graphed
         self.train(True)
         bar = tqdm(
             total=total_steps,
@@ -227,12 +251,13 @@ class Ensemble:
                 ]
             ).to(self.device)  # (R, N), each the order Trainer would use for that seed
             for i in range(offset, steps_per_epoch):
-                dense, sparse, labels = train.rows(orders[:, i * cfg.batch_size : (i + 1) * cfg.batch_size])
-                logits, aux = self._forward(self.params, self.buffers, dense, sparse)  # (R, B, K), (R,)
-                losses, _ = member_loss(logits, labels, self.binary_mask, self.task_weights)  # (R,)
-                optimizer.zero_grad(set_to_none=True)
-                (losses + aux).sum().backward()
-                optimizer.step()
+                index = orders[:, i * cfg.batch_size : (i + 1) * cfg.batch_size]  # (R, B)
+                if graphed is not None:
+                    graphed.step(index)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    batch_loss(train.take(index)).backward()
+                    optimizer.step()
                 scheduler.step()
                 step += 1
                 bar.update(1)

@@ -60,7 +60,10 @@ class GraphedTrainStep:
             cache must be off while capturing, see the PyTorch CUDA-graph notes).
         optimizer: a capturable optimizer (``Adam(..., capturable=True)``) over the model's parameters.
         train: the training split, on the GPU; its tensors must stay alive and in place while the graph lives.
-        batch_size: rows per step; only batches of exactly this size go through the graph.
+            Anything with ``take(index)`` (a batch for ``loss_fn``) and ``labels`` serves, e.g. the ensemble's
+            :class:`~mtrank.train.ensemble.EnsembleData`.
+        batch_size: rows per step, or the shape of the row-index tensor (``(R, B)`` for an ensemble of R runs);
+            only batches of exactly this shape go through the graph.
         warmup_steps: eager steps (on a side stream) before the capture.
     """
 
@@ -69,7 +72,7 @@ class GraphedTrainStep:
         loss_fn: Callable[[TensorData], torch.Tensor],
         optimizer: torch.optim.Optimizer,
         train: TensorData,
-        batch_size: int,
+        batch_size: int | tuple[int, ...],
         warmup_steps: int = 3,
     ) -> None:
         self.loss_fn = loss_fn
@@ -78,7 +81,8 @@ class GraphedTrainStep:
         self.batch_size = batch_size
         self.warmup_steps = warmup_steps
         self.device = train.labels.device
-        self.static_index = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.index_shape = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+        self.static_index = torch.zeros(self.index_shape, dtype=torch.long, device=self.device)
         self.stream: torch.cuda.Stream | None = None  # warm-up and capture run on this one side stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_loss: torch.Tensor | None = None
@@ -89,7 +93,7 @@ class GraphedTrainStep:
     def serves(self, train: TensorData, batch_size: int) -> bool:
         """Whether this step (and its graph) can train on ``train``: the very same tensors, the same batch."""
         names = ("dense", "sparse", "labels", "weights", "teacher")
-        same = all(getattr(self.train, name) is getattr(train, name) for name in names)
+        same = all(getattr(self.train, name, None) is getattr(train, name, None) for name in names)
         return same and self.batch_size == batch_size
 
     def _step(self, index: torch.Tensor, set_to_none: bool | None = True) -> torch.Tensor:
@@ -103,7 +107,7 @@ class GraphedTrainStep:
 
     def step(self, index: torch.Tensor) -> torch.Tensor:
         """One training step on rows ``index`` (int64 on the GPU); returns the loss."""
-        if index.numel() != self.batch_size:  # the short last batch of an epoch
+        if tuple(index.shape) != self.index_shape:  # the short last batch of an epoch
             self.eager_steps += 1
             # once captured, the gradients live in the graph's pool: zero them in place, never free them
             return self._step(index, set_to_none=self.graph is None)
