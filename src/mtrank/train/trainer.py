@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from mtrank.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint, save_model
@@ -191,8 +192,6 @@ class Trainer:
                 bad_evals = state["bad_evals"]
                 best_path = ckpt_dir / "best"
                 if (best_path / "model.safetensors").is_file():
-                    from safetensors.torch import load_file
-
                     best_state = load_file(str(best_path / "model.safetensors"))
                 samples = state.get("samples", 0)
                 if state.get("stopped"):
