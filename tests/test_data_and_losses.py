@@ -7,7 +7,7 @@ import torch
 from mtrank.config import TaskConfig
 from mtrank.data import make_synthetic
 from mtrank.data.synthetic import SyntheticConfig, task_weights
-from mtrank.evaluate.metrics import task_metrics
+from mtrank.evaluate.metrics import stacked_task_metrics, task_metrics
 from mtrank.train.losses import multitask_loss
 
 
@@ -79,3 +79,25 @@ def test_metrics_are_global_not_averaged_per_batch():
     m = task_metrics(tasks, logits, labels)
     assert m["auc/c"] == pytest.approx(roc_auc_score(labels[10:, 0], torch.sigmoid(logits[10:, 0])))
     assert m["mse/r"] == pytest.approx(float(((logits[:, 1] - labels[:, 1]) ** 2).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("shared_labels", [False, True])
+def test_stacked_metrics_equal_task_metrics_member_by_member(shared_labels):
+    gen = torch.Generator().manual_seed(0)
+    tasks = [TaskConfig("c", "binary"), TaskConfig("r", "regression")]
+    members, n = 5, 300
+    logits = torch.randn(members, n, 2, generator=gen) * 3
+    labels = torch.stack([(torch.rand(members, n, generator=gen) < 0.3).float(), torch.randn(members, n)], 2)
+    labels[0, :40, 0] = math.nan  # missing labels differ per member
+    labels[1, :, 1] = math.nan  # a member with no regression labels at all
+    labels[2, :, 0] = 1.0  # a single class: AUC undefined
+    labels[3, :, 1] = 2.0  # a constant regression target
+    logits[4, :, 0] = 40.0  # saturated probabilities (log loss clipping)
+    if shared_labels:
+        labels = labels[0]
+    got = stacked_task_metrics(tasks, logits, labels)
+    for r in range(members):
+        want = task_metrics(tasks, logits[r], labels if shared_labels else labels[r])
+        assert got[r].keys() == want.keys()
+        for key, value in want.items():
+            assert got[r][key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), (r, key)

@@ -66,10 +66,19 @@ def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):
         str(out),
         "--data",
         str(shared_data / "census-income"),
+        "--sizes",
+        "small",
+        "xlarge",
+        "--tune-seeds",
+        "2",
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == ["education", "marital"]
+    assert results["config"]["sizes"] == ["small", "xlarge"] and results["config"]["tune_seeds"] == 2
+    assert [t["size"] for t in results["tuning"]["mmoe"]] == ["small", "xlarge"]
+    xlarge = results["tuning"]["single_task"][1]["params"]
+    assert xlarge > results["tuning"]["single_task"][0]["params"]
     assert set(results["table"]) == {"single_task", "shared_bottom", "omoe", "mmoe"}
     assert results["table"]["mmoe"]["paper"]["main_mean"] == 0.8826
     assert "0.8826" in (out / "results.md").read_text()

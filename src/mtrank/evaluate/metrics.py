@@ -68,6 +68,58 @@ def task_metrics(
     return out
 
 
+def stacked_task_metrics(tasks: list[TaskConfig], logits: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
+    """:func:`task_metrics` of R members at once: ``logits [R, N, K]``, labels ``[R, N, K]`` or shared ``[N, K]``.
+
+    Returns one dict per member, the same keys and values as ``task_metrics(tasks, logits[r], labels[r])``
+    (to float64 rounding): MSE, R² and log loss are computed for all members in a few array operations; AUC
+    (binary tasks) is scikit-learn's, member by member. An ensemble of 200 small runs evaluated every 100
+    steps would otherwise spend most of its time in 800 scikit-learn calls per evaluation.
+    """
+    z_all = logits.double().numpy()
+    y_all = labels.double().numpy()
+    if y_all.ndim == 2:
+        y_all = np.broadcast_to(y_all, z_all.shape)
+    members = z_all.shape[0]
+    out: list[dict[str, float]] = [{} for _ in range(members)]
+    losses = np.zeros((members, 0))
+    for k, task in enumerate(tasks):
+        y, z = y_all[:, :, k], z_all[:, :, k]
+        present = ~np.isnan(y)
+        count = present.sum(1)
+        has = count > 0  # a member without labels for this task gets no metrics for it (as task_metrics)
+        y0 = np.where(present, y, 0.0)
+        n = np.maximum(count, 1)
+        if task.type == "binary":
+            p = 1.0 / (1.0 + np.exp(-z))
+            eps = np.finfo(np.float64).eps
+            pos, neg = np.clip(p, eps, 1 - eps), np.clip(1 - p, eps, 1 - eps)
+            nll = -(y0 * np.log(pos) + (1 - y0) * np.log(neg))
+            loss = np.where(present, nll, 0.0).sum(1) / n
+            for r in np.flatnonzero(has):
+                yr, pr = y[r, present[r]], p[r, present[r]]
+                single = np.unique(yr).size < 2
+                out[r][f"auc/{task.name}"] = math.nan if single else float(roc_auc_score(yr, pr))
+                out[r][f"logloss/{task.name}"] = float(loss[r])
+        else:
+            loss = np.where(present, (y0 - z) ** 2, 0.0).sum(1) / n
+            mean = y0.sum(1, keepdims=True) / n[:, None]
+            total = np.where(present, (y0 - mean) ** 2, 0.0).sum(1)
+            residual = loss * count
+            with np.errstate(divide="ignore", invalid="ignore"):
+                # scikit-learn's r2_score (force_finite): a constant target scores 1 if fit exactly, else 0
+                r2 = np.where(total > 0, 1.0 - residual / total, np.where(residual == 0, 1.0, 0.0))
+            r2 = np.where(count > 1, r2, math.nan)
+            for r in np.flatnonzero(has):
+                out[r][f"mse/{task.name}"] = float(loss[r])
+                out[r][f"r2/{task.name}"] = float(r2[r])
+        losses = np.concatenate([losses, np.where(has, loss, np.nan)[:, None]], 1)
+    for r in range(members):
+        present_losses = losses[r][~np.isnan(losses[r])]
+        out[r]["loss"] = float(present_losses.mean()) if present_losses.size else math.nan
+    return out
+
+
 def evaluate(model: torch.nn.Module, data: TensorData, batch_size: int = 8192) -> dict[str, float]:
     """Per-task metrics of ``model`` on a whole split (see :func:`task_metrics`)."""
     logits, _ = predict_batches(model, data, batch_size)

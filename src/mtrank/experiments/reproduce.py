@@ -58,6 +58,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             cfg.seeds = args.seeds
         if args.epochs is not None:
             cfg.epochs = args.epochs
+        if args.sizes:
+            cfg.sizes = args.sizes
+        if args.learning_rates:
+            cfg.learning_rates = args.learning_rates
+        if args.tune_seeds is not None:
+            cfg.tune_seeds = args.tune_seeds
         cfg.device = args.device or cfg.device
         path = Path(args.data) if args.data else default_census_path()
         summary = run_census(cfg, path, args.group, out, progress, download=args.download)
@@ -109,6 +115,20 @@ def register(subparsers) -> None:
         help="census: download missing files from UCI into --data and check their SHA-256",
     )
     p.add_argument("--epochs", type=int, help="census: epochs per run (default 3)")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=["small", "large", "xlarge"],
+        help="census: model sizes in the tuning grid (default small large xlarge); hidden units of Single-task "
+        "per task 64/128/256, Shared-Bottom 128/256/512, (O/M)MoE per expert (8 experts) 16/32/64",
+    )
+    p.add_argument(
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        help="census: learning rates in the tuning grid (default 1e-3 4e-3 1e-2)",
+    )
+    p.add_argument("--tune-seeds", type=int, help="census: runs per tuning setting, averaged on validation (default 3)")
     p.add_argument("--steps", type=int, help="synthetic: training steps per run (default 2000)")
     p.add_argument("--correlations", type=float, nargs="+", help="synthetic: task correlations (default 1 .9 .5 0)")
     p.add_argument(

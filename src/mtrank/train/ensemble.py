@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from mtrank.config import ModelConfig, TrainConfig
 from mtrank.data.tensors import TensorData
-from mtrank.evaluate.metrics import higher_is_better, task_metrics
+from mtrank.evaluate.metrics import higher_is_better, stacked_task_metrics
 from mtrank.models import MultiTaskModel
 from mtrank.train.fast import GraphedTrainStep, cuda_graph_plan
 from mtrank.train.losses import multitask_loss
-from mtrank.train.trainer import lr_lambda, resolve_device
+from mtrank.train.trainer import lr_lambda, make_optimizer, resolve_device
 
 
 @dataclass
@@ -92,6 +92,7 @@ class EnsembleResult:
     best_metrics: list[dict] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    eval_seconds: float = 0.0  # part of ``seconds`` spent evaluating on validation
 
 
 class Ensemble:
@@ -167,12 +168,7 @@ class Ensemble:
 
     def evaluate(self, data: EnsembleData) -> list[dict[str, float]]:
         """Per-member metrics (:func:`~mtrank.evaluate.task_metrics`, the single-run ones) on whole splits."""
-        logits = self.predict(data)
-        labels = data.labels.cpu()
-        return [
-            task_metrics(self.config.tasks, logits[r], labels[r] if data.per_member else labels)
-            for r in range(self.size)
-        ]
+        return stacked_task_metrics(self.config.tasks, self.predict(data), data.labels.cpu())
 
     def member(self, r: int) -> MultiTaskModel:
         """Member ``r`` as a plain :class:`MultiTaskModel` (on CPU)."""
@@ -206,12 +202,10 @@ class Ensemble:
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
-        optimizer_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         # on CUDA, the whole ensemble step in one CUDA graph where replay is exactly the eager step (as Trainer)
         use_graph = cuda_graph_plan(self.base, cfg, self.device)[0] and self.cuda_graphs
-        optimizer = optimizer_cls(
-            list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=use_graph
-        )
+        # the Trainer's optimizer (fused Adam): the same update arithmetic as a single run, eager or graphed
+        optimizer = make_optimizer(self.params.values(), cfg, self.device, capturable=use_graph)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
         higher = higher_is_better(cfg.monitor)
         result = EnsembleResult(
@@ -262,6 +256,7 @@ class Ensemble:
                 step += 1
                 bar.update(1)
                 if valid is not None and (step % eval_every == 0 or step == total_steps):
+                    eval_start = time.perf_counter()
                     metrics = self.evaluate(valid)
                     improved = []
                     for r, m in enumerate(metrics):
@@ -277,6 +272,7 @@ class Ensemble:
                         rows = torch.tensor(improved, device=self.device)
                         for k, v in self.params.items():
                             best[k][rows] = v.detach()[rows]
+                    result.eval_seconds += time.perf_counter() - eval_start
                     if on_eval is not None:
                         on_eval(step, metrics)
                     bar.set_postfix(valid=f"{np.nanmean([m['loss'] for m in metrics]):.4f}", refresh=False)

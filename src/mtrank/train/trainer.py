@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def make_optimizer(
-    model: torch.nn.Module, config: TrainConfig, device: torch.device, capturable: bool = False
+    params: Iterable[torch.Tensor], config: TrainConfig, device: torch.device, capturable: bool = False
 ) -> torch.optim.Optimizer:
+    """Adam / AdamW over ``params``, fused on CPU and CUDA (the Trainer's and the ensemble's, one definition:
+    the same update arithmetic in single runs, ensembles, eager and graphed steps)."""
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if capturable:  # its step can be recorded in a CUDA graph (step counters on the device)
@@ -64,7 +67,7 @@ def make_optimizer(
     if device.type in ("cuda", "cpu"):
         # one fused kernel for all parameters instead of ~8 ops per tensor (CPU too: ~2x less optimizer time)
         kwargs["fused"] = True
-    return cls(model.parameters(), **kwargs)
+    return cls(list(params), **kwargs)
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -119,7 +122,7 @@ class Trainer:
         self.step_path_reason = reason
         if possible and not self.cuda_graphs:
             self.step_path_reason = "disabled by cuda_graphs=False"
-        self.optimizer = make_optimizer(self.model, config, self.device, capturable=self.cuda_graphs)
+        self.optimizer = make_optimizer(self.model.parameters(), config, self.device, capturable=self.cuda_graphs)
         self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
         self.graphed_step: GraphedTrainStep | None = None
         self.task_weights = torch.tensor([t.weight for t in model.tasks], device=self.device)
