@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtrank.cli import main
+from mtrank.experiments.paper_synthetic import replot_correlation
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +26,9 @@ def test_correlation_quick_picks_a_learning_rate_per_setting_and_checks_the_clai
     for entry in results["lr_search"].values():
         assert entry["lr"] == min((float(k) for k in entry["valid"]), key=lambda k: entry["valid"][f"{k:g}"])
     assert {c["claim"] for c in results["claims"]} >= {"both MoE models beat Shared-Bottom on average"}
+    (out / "loss_curves.png").unlink()
+    replot_correlation(out)  # the figure again, from results.json alone
+    assert (out / "loss_curves.png").stat().st_size > 0
 
     tr = tmp_path / "trainability"
     argv = [
@@ -97,3 +101,13 @@ def test_census_with_a_wrong_folder_fails_with_a_message_naming_it(tmp_path, cap
     ]
     assert main(argv) == 1
     assert "nowhere/census-income.data" in capsys.readouterr().err
+
+
+def test_curve_bands_are_std_or_a_confidence_interval_of_the_mean(tmp_path):
+    from mtrank.evaluate.report import plot_curves
+
+    panels = {"p": {"a": ([1, 2], [[1.0, 0.5], [3.0, 0.1]])}}
+    plot_curves(tmp_path / "ci.png", panels, band="ci95")
+    assert (tmp_path / "ci.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="band"):
+        plot_curves(tmp_path / "x.png", panels, band="iqr")

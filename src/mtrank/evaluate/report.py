@@ -53,19 +53,29 @@ def plot_curves(
     ylabel: str = "loss",
     xlabel: str = "step",
     logy: bool = True,
+    band: str = "std",
 ) -> None:
-    """One panel per key of ``panels``; in each, one line per series (mean over runs) with a ±1 std band.
+    """One panel per key of ``panels``; in each, one line per series (mean over runs) with a band.
 
     ``panels[title][series] = (x, runs)`` where ``runs`` is a list of per-run y-lists aligned with ``x``.
+    ``band``: ``"std"`` (mean ± 1 std of the runs) or ``"ci95"`` (95% confidence interval of the mean,
+    mean ± 1.96 std / sqrt(runs): where two series' bands do not overlap, their means differ).
     """
+    if band not in ("std", "ci95"):
+        raise ValueError(f"band must be 'std' or 'ci95', not {band!r}")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
     for ax, (title, series) in zip(axes[0], panels.items()):
         for name, (x, runs) in series.items():
             y = np.asarray(runs, dtype=float)
-            mean, std = y.mean(0), y.std(0)
+            mean, half = y.mean(0), y.std(0)
+            if band == "ci95":
+                half = 1.96 * y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else np.zeros_like(mean)
+            low = mean - half
+            if logy:  # a band below zero has no place on a log axis: clip it to the smallest run
+                low = np.maximum(low, y.min(0))
             ax.plot(x, mean, label=name)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            ax.fill_between(x, low, mean + half, alpha=0.2)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         if logy:

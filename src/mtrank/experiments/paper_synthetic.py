@@ -179,20 +179,36 @@ def check_claims(table: dict, blocks: list[str], correlations: list[float]) -> l
     return claims
 
 
+def plot_correlation_curves(runs: dict, path: Path) -> None:
+    """Fig. 4's panels from a correlation study's ``runs``: per correlation, the mean validation-loss curve of
+    each model with the 95% confidence interval of that mean (a ±std band of these heavy-tailed runs would
+    cover every curve and say nothing about the means the claims compare)."""
+    curves: dict = {}
+    order = list(MODEL_LABELS)  # panels by falling correlation (the paper's order), models in a fixed order
+    for run in sorted(runs.values(), key=lambda r: (-r["correlation"], order.index(r["block"]))):
+        panel = curves.setdefault(f"correlation {run['correlation']:g}", {})
+        panel[MODEL_LABELS[run["block"]]] = (run["steps"], run["curves"])
+    plot_curves(path, curves, ylabel="validation MSE (mean of 2 tasks)", band="ci95")
+
+
+def replot_correlation(out: Path) -> None:
+    """Redraw ``out/loss_curves.png`` from ``out/results.json`` of an earlier correlation study."""
+    runs = json.loads((Path(out) / "results.json").read_text())["runs"]
+    plot_correlation_curves(runs, Path(out) / "loss_curves.png")
+
+
 def run_correlation(cfg: SyntheticPaperConfig, out: Path, progress: bool = True) -> dict:
     """Fig. 4: learning-rate search, then ``cfg.seeds`` runs per (model, correlation); tables, curves."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     search = pick_learning_rates(cfg, progress)
     seeds = list(range(cfg.seeds))
-    runs, curves = {}, {}
+    runs = {}
     jobs = [(b, p) for p in cfg.correlations for b in cfg.blocks]
     for block, correlation in tqdm(jobs, desc="correlation study", disable=not progress, unit="setting"):
         lr = search[f"{block}@{correlation:g}"]["lr"]
         result = run_ensemble(block, correlation, lr, seeds, cfg)
         runs[f"{block}@{correlation:g}"] = {"block": block, "correlation": correlation, "lr": lr, **result}
-        panel = curves.setdefault(f"correlation {correlation:g}", {})
-        panel[MODEL_LABELS[block]] = (result["steps"], result["curves"])
 
     table = {b: {p: float(np.mean(runs[f"{b}@{p:g}"]["test_loss"])) for p in cfg.correlations} for b in cfg.blocks}
     claims = check_claims(table, cfg.blocks, cfg.correlations)
@@ -218,7 +234,7 @@ def run_correlation(cfg: SyntheticPaperConfig, out: Path, progress: bool = True)
     claims_md = "\n".join(
         f"- {'holds' if c['holds'] else 'does NOT hold'}: {c['claim']} ({c['numbers']})" for c in claims
     )
-    plot_curves(out / "loss_curves.png", curves, ylabel="validation MSE (mean of 2 tasks)")
+    plot_correlation_curves(runs, out / "loss_curves.png")
     summary = {
         "config": dataclasses.asdict(cfg),
         "lr_search": search,
@@ -233,7 +249,8 @@ def run_correlation(cfg: SyntheticPaperConfig, out: Path, progress: bool = True)
         f"initialisation each), {cfg.steps} steps of batch {cfg.batch_size}, Adam; weights of the best "
         f"validation step.\n\n{md_table}\n\n## Learning-rate search ({cfg.lr_search_seeds} runs each, mean "
         f"validation MSE)\n\n{lr_table}\n\n## The paper's claims\n\n{claims_md}\n\n"
-        "![loss curves](loss_curves.png)\n"
+        "![loss curves](loss_curves.png)\n\nCurves: mean validation MSE over the runs; band: 95% confidence "
+        "interval of that mean.\n"
     )
     (out / "results.md").write_text(text)
     summary["markdown"] = text
