@@ -86,6 +86,7 @@ def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):
     assert set(results["table"]) == {"single_task", "shared_bottom", "omoe", "mmoe"}
     assert results["table"]["mmoe"]["paper"]["main_mean"] == 0.8826
     assert "0.8826" in (out / "results.md").read_text()
+    assert (out / "census_auc.png").stat().st_size > 0
 
 
 def test_census_with_a_wrong_folder_fails_with_a_message_naming_it(tmp_path, capsys):

@@ -125,3 +125,56 @@ def plot_histograms(path: str | Path, panels: dict[str, dict[str, list[float]]],
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_runs(
+    path: str | Path,
+    panels: dict[str, dict[str, list[float]]],
+    reference: dict[str, dict[str, float]] | None = None,
+    ylabel: str = "test AUC",
+    reference_label: str = "paper (mean)",
+    outlier_iqr: float = 3.0,
+) -> None:
+    """One panel per key; per series, every run as a dot and the mean as a bar, beside an optional reference.
+
+    ``panels[title][series]`` = one value per run; ``reference[title][series]`` a published number. Runs more
+    than ``outlier_iqr`` interquartile ranges below the panel's first quartile (a collapsed run) would flatten
+    the rest: they are drawn on the axis' lower edge as open triangles and counted.
+    """
+    plt = _pyplot()
+    width = 1.2 + 1.3 * max(map(len, panels.values())) * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.4), squeeze=False)
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        refs = (reference or {}).get(title, {})
+        values = np.concatenate([np.asarray(v, dtype=float) for v in series.values()])
+        q1, q3 = np.nanquantile(values, [0.25, 0.75])
+        lo = max(float(np.nanmin(values)), q1 - outlier_iqr * (q3 - q1))
+        hi = float(np.nanmax(values))
+        if refs:
+            lo, hi = min(lo, min(refs.values())), max(hi, max(refs.values()))
+        pad = 0.08 * max(hi - lo, 1e-4)
+        bottom = lo - pad
+        for i, (name, v) in enumerate(series.items()):
+            v = np.asarray(v, dtype=float)
+            x = i + rng.uniform(-0.12, 0.12, v.size)
+            inside = v >= bottom
+            ax.scatter(x[inside], v[inside], s=12, alpha=0.6, color=f"C{i}")
+            if (~inside).any():
+                ax.scatter(x[~inside], np.full((~inside).sum(), bottom), marker="v", facecolors="none", color=f"C{i}")
+                note = f"{(~inside).sum()} below: " + ", ".join(f"{u:.3f}" for u in np.sort(v[~inside]))
+                ax.annotate(note, (i, bottom), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+            ax.hlines(np.nanmean(v), i - 0.3, i + 0.3, color="black", lw=1.5)
+            if name in refs:
+                ax.scatter([i], [refs[name]], marker="x", color="red", s=40, zorder=3, label=reference_label)
+        ax.set_xticks(range(len(series)), list(series), rotation=15, fontsize=8)
+        ax.set_ylim(bottom, hi + pad)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles[:1], labels[:1], fontsize=7, loc="best")
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

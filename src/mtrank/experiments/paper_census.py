@@ -18,6 +18,7 @@ towers of 8 units; categorical columns embedded in 4 dimensions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mtrank.config import ModelConfig, TrainConfig
 from mtrank.data.census import PAPER_CORRELATION, CensusData, load_census
-from mtrank.evaluate.report import markdown_table, write_json
+from mtrank.evaluate.report import markdown_table, plot_runs, write_json
 from mtrank.experiments.synthetic import MODEL_LABELS
 from mtrank.models import MultiTaskModel, count_parameters
 from mtrank.train.ensemble import Ensemble, EnsembleData
@@ -126,6 +127,25 @@ def train_ensemble(
         "best_step": result.best_step,
         "seconds": result.seconds,
     }
+
+
+def plot_census(summary: dict, path: Path) -> None:
+    """Every final run's test AUC per method (dots, mean as a bar) beside the paper's mean (red x), both tasks."""
+    main, other = summary["tasks"]
+    paper = PAPER_TABLES[summary["group"]]
+    finals = {m: summary["finals"][m] for m in METHODS if m in summary["finals"]}  # the paper's order
+    panels, reference = {}, {}
+    for task, column in ((main, 1), (other, 2)):
+        title = f"{task} AUC"
+        panels[title] = {MODEL_LABELS[m]: [r[f"auc/{task}"] for r in run["test"]] for m, run in finals.items()}
+        reference[title] = {MODEL_LABELS[m]: paper[m][column] for m in finals}
+    runs = len(next(iter(finals.values()))["test"])
+    plot_runs(path, panels, reference, ylabel=f"test AUC ({runs} runs each)")
+
+
+def replot_census(out: Path) -> None:
+    """Redraw ``out/census_auc.png`` from ``out/results.json`` of an earlier census run."""
+    plot_census(json.loads((Path(out) / "results.json").read_text()), Path(out) / "census_auc.png")
 
 
 def _subsample(data: CensusData, rows: int) -> CensusData:
@@ -229,12 +249,14 @@ def run_census(
         "seconds": seconds,
     }
     write_json(out / "results.json", summary)
+    plot_census(summary, out / "census_auc.png")
     text = (
         f"# Census-income group {group}: {main} + {other} (Ma et al. 2018, Table {group})\n\n"
         f"Rows: train {len(data.train):,}, validation {len(data.valid):,}, test {len(data.test):,}. "
         f"Label correlation (Pearson, training file): {data.label_correlation:.4f} (paper: "
         f"|{PAPER_CORRELATION[group]}|).\n\nTest AUC over {cfg.seeds} runs of each method's tuned setting; "
         f"'best run' = the run with the best validation {main} AUC.\n\n{md_table}\n\n"
+        "![test AUC of every run](census_auc.png)\n\n"
         f"## Tuning ({len(cfg.learning_rates) * len(cfg.sizes)} settings per method, {cfg.tune_seeds} run(s) "
         f"each, {cfg.epochs} epochs, best of {cfg.evals_per_epoch} evaluations per epoch)\n\n{tune_table}\n\n"
         f"Wall time: {seconds:.0f} s.\n"

@@ -67,7 +67,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         cfg.device = args.device or cfg.device
         path = Path(args.data) if args.data else default_census_path()
         summary = run_census(cfg, path, args.group, out, progress, download=args.download)
-        figures = "(tables only)"
+        figures = "census_auc.png"
     print(summary["markdown"])
     print(f"wrote {out}/results.md, results.json, {figures} in {time.perf_counter() - started:.0f} s")
     return 0
