@@ -105,3 +105,29 @@ def test_streaming_fit_trains_and_writes_a_model_directory(shards, tmp_path):
     assert result.rows["train"] == 240 and result.train_result.steps == 4 * 8
     assert result.metrics["valid"]["auc/click"] > 0.6
     assert (tmp_path / "model" / "encoders.json").is_file()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_streaming_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_one(shards, tmp_path, workers):
+    train, valid, _ = shards
+    common = dict(batch_size=32, lr=0.01, eval_every=4)  # 8 batches per epoch
+
+    def run(steps, ckpt=None, out="m"):
+        cfg = stream_config(train, valid, steps=steps, **common, **({"checkpoint_dir": str(ckpt)} if ckpt else {}))
+        cfg.data.workers = workers
+        return mtrank.fit(cfg, output=tmp_path / out)
+
+    full = run(20, out="full")
+    part = run(11, tmp_path / "ckpt", out="part")  # stops in epoch 1, after its 3rd batch
+    assert part.train_result.steps == 11
+    resumed = run(20, tmp_path / "ckpt", out="resumed")
+    assert resumed.train_result.resumed_from == 11
+    # only the rows not trained on before the interruption
+    assert resumed.train_result.samples == full.train_result.samples - part.train_result.samples
+    assert [h["step"] for h in resumed.train_result.history] == [4, 8, 11, 12, 16, 20]
+    full_losses = {h["step"]: h["valid/loss"] for h in full.train_result.history}
+    for h in resumed.train_result.history:
+        if h["step"] in full_losses:
+            assert h["valid/loss"] == pytest.approx(full_losses[h["step"]], rel=1e-5)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.models import MultiTaskModel
-from mtrank.train.trainer import Trainer, TrainResult, lr_lambda
+from mtrank.train.trainer import RunState, Trainer, TrainResult, lr_lambda, resume, write_checkpoint
 
 
 @dataclass
@@ -292,7 +293,13 @@ def train_streaming(
     ``eval_every`` steps (or once per epoch), the best-on-validation weights restored at the end, early
     stopping with ``early_stopping_patience``. Steps: ``cfg.steps`` if > 0, else ``cfg.epochs`` passes over
     the files.
-    Checkpoint / resume is not supported on this path.
+
+    With ``cfg.checkpoint_dir`` set, a checkpoint is written at every evaluation (or every
+    ``checkpoint_every`` steps), holding, besides the Trainer's state, the stream position (epoch and
+    batches consumed in it). A rerun resumes there: it replays that epoch's stream, which is deterministic
+    for a given seed, epoch and number of reader processes, skipping the batches already trained on, so it
+    ends with the weights of an uninterrupted run. (Skipped batches are read and encoded again; with a
+    different ``workers`` the batch order differs from the interrupted run's and a warning says so.)
     """
     trainer = Trainer(model, cfg)  # device, optimizer, bf16, task weights and the loss, as in-memory training
     rows = rows if rows is not None else stream.count_rows()
@@ -302,16 +309,32 @@ def train_streaming(
     scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_lambda(cfg, total_steps))
     higher = higher_is_better(cfg.monitor)
     result = TrainResult()
-    best_state, bad_evals, step, epoch = None, 0, 0, 0
-    running, running_steps = 0.0, 0
     torch.manual_seed(cfg.seed)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    run = resume(ckpt_dir, model, trainer.optimizer, scheduler, result)
+    step, bad_evals, best_state = run.step, run.bad_evals, run.best_state
+    epoch, skip = run.extra.get("epoch", 0), run.extra.get("batch", 0)
+    if run.step and run.extra.get("workers", workers) != workers:
+        warnings.warn(
+            f"resuming a streaming run with {workers} reader processes; the checkpoint was written with "
+            f"{run.extra['workers']}: the rest of the epoch is read in a different batch order",
+            stacklevel=2,
+        )
+    resumed_samples = result.samples = run.samples
+    running, running_steps = 0.0, 0
     model.train()
-    bar = tqdm(total=total_steps, disable=not cfg.progress, desc="train (stream)", unit="step", leave=False)
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not cfg.progress, desc="train (stream)", unit="step", leave=False
+    )
     start = time.perf_counter()
-    stop = False
+    stop = run.stopped
     while step < total_steps and not stop:
         stream.set_epoch(epoch)
+        batch_in_epoch = 0
         for batch in stream_loader(stream, workers):
+            batch_in_epoch += 1
+            if batch_in_epoch <= skip:  # trained on before the interruption
+                continue
             batch = batch.to(trainer.device)
             loss = trainer._loss(batch)
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -346,15 +369,24 @@ def train_streaming(
                         result.best_step, result.best_value, result.best_metrics = step, value, metrics
                         best_state = copy.deepcopy(model.state_dict())
                         bad_evals = 0
+                        if ckpt_dir is not None:
+                            save_model(model, ckpt_dir / "best", {"step": step, "monitor": cfg.monitor})
                     else:
                         bad_evals += 1
                     stop = bool(cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience)
                 result.history.append(record)
+                if ckpt_dir is not None and (
+                    cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0 or stop or step == total_steps
+                ):
+                    position = {"epoch": epoch, "batch": batch_in_epoch, "workers": workers}
+                    state = RunState(step, result.samples, bad_evals, stop, extra=position)
+                    write_checkpoint(ckpt_dir, model, trainer.optimizer, result, state)
             if step >= total_steps or stop:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     bar.close()
     result.steps = step
+    result.samples -= resumed_samples
     result.seconds = time.perf_counter() - start
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -41,6 +41,69 @@ class TrainResult:
         return self.samples / self.seconds if self.seconds > 0 else math.nan
 
 
+@dataclass
+class RunState:
+    """The loop counters a checkpoint carries besides weights, optimizer and history (see :func:`resume`)."""
+
+    step: int = 0
+    samples: int = 0
+    bad_evals: int = 0
+    stopped: bool = False
+    best_state: dict[str, torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)  # path-specific position, e.g. the stream's epoch and batch
+
+
+def resume(
+    ckpt_dir: Path | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    result: TrainResult,
+) -> RunState:
+    """Restore ``ckpt_dir/last`` (weights, optimizer, lr schedule, RNG, history, best weights) if it exists."""
+    state = RunState()
+    loaded = load_checkpoint(ckpt_dir / "last") if ckpt_dir is not None else None
+    if loaded is None:
+        return state
+    model_state, opt_tensors, saved = loaded
+    model.load_state_dict(model_state)
+    torch.set_rng_state(opt_tensors.pop("rng_state"))
+    optimizer_from_tensors(optimizer, opt_tensors, saved["optimizer"])
+    scheduler.last_epoch = saved["step"]  # the optimizer state already holds the matching lr
+    state.step = result.resumed_from = saved["step"]
+    result.history = saved["history"]
+    result.best_step, result.best_value = saved["best_step"], saved["best_value"]
+    result.best_metrics = saved["best_metrics"]
+    state.bad_evals, state.samples = saved["bad_evals"], saved.get("samples", 0)
+    state.stopped, state.extra = bool(saved.get("stopped")), saved.get("extra", {})
+    if (ckpt_dir / "best" / "model.safetensors").is_file():
+        state.best_state = load_file(str(ckpt_dir / "best" / "model.safetensors"))
+    return state
+
+
+def write_checkpoint(
+    ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, result: TrainResult, state: RunState
+) -> None:
+    """``ckpt_dir/last``: everything :func:`resume` needs to continue exactly where this step left off."""
+    save_checkpoint(
+        ckpt_dir / "last",
+        model,
+        optimizer,
+        {
+            "step": state.step,
+            "history": result.history,
+            "best_step": result.best_step,
+            "best_value": result.best_value,
+            "best_metrics": result.best_metrics,
+            "bad_evals": state.bad_evals,
+            "samples": state.samples,
+            "stopped": state.stopped,
+            "extra": state.extra,
+        },
+        torch.get_rng_state(),
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,32 +237,12 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         higher = higher_is_better(cfg.monitor)
         result = TrainResult()
-        best_state = None
-        bad_evals = 0
-        step = samples = 0
         torch.manual_seed(cfg.seed)
-
         ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        if ckpt_dir is not None:
-            loaded = load_checkpoint(ckpt_dir / "last")
-            if loaded is not None:
-                model_state, opt_tensors, state = loaded
-                self.model.load_state_dict(model_state)
-                torch.set_rng_state(opt_tensors.pop("rng_state"))
-                optimizer_from_tensors(self.optimizer, opt_tensors, state["optimizer"])
-                scheduler.last_epoch = state["step"]  # the optimizer state already holds the matching lr
-                step = result.resumed_from = state["step"]
-                result.history = state["history"]
-                result.best_step, result.best_value = state["best_step"], state["best_value"]
-                result.best_metrics = state["best_metrics"]
-                bad_evals = state["bad_evals"]
-                best_path = ckpt_dir / "best"
-                if (best_path / "model.safetensors").is_file():
-                    best_state = load_file(str(best_path / "model.safetensors"))
-                samples = state.get("samples", 0)
-                if state.get("stopped"):
-                    total_steps = step
-
+        run = resume(ckpt_dir, self.model, self.optimizer, scheduler, result)
+        step, samples, bad_evals, best_state = run.step, run.samples, run.bad_evals, run.best_state
+        if run.stopped:
+            total_steps = step
         resumed_samples = samples
         graphed = None
         if self.cuda_graphs:
@@ -282,22 +325,8 @@ class Trainer:
                         cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0 or stop or step == total_steps
                     ):
                         if rank == 0:  # one writer; the others wait for a complete checkpoint
-                            save_checkpoint(
-                                ckpt_dir / "last",
-                                self.model,
-                                self.optimizer,
-                                {
-                                    "step": step,
-                                    "history": result.history,
-                                    "best_step": result.best_step,
-                                    "best_value": result.best_value,
-                                    "best_metrics": result.best_metrics,
-                                    "bad_evals": bad_evals,
-                                    "samples": samples,
-                                    "stopped": stop,
-                                },
-                                torch.get_rng_state(),
-                            )
+                            run = RunState(step, samples, bad_evals, stop)
+                            write_checkpoint(ckpt_dir, self.model, self.optimizer, result, run)
                         barrier()
                 if step >= total_steps or stop:
                     break
