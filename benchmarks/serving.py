@@ -271,6 +271,15 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _largest_stage(stages: dict[str, float]) -> str:
+    """ ", the largest in-process stage is X (N ms)" from the load test's per-stage times, or nothing."""
+    parts = {k: v for k, v in stages.items() if k != "score_total"}
+    if not parts:
+        return ""
+    name = max(parts, key=parts.get)
+    return f"; the largest in-process stage of a request is {name} ({parts[name]:.1f} ms)"
+
+
 def render(results_dir: Path, out: Path) -> None:
     """Write docs/serving.md from the JSON results of this benchmark, benchmarks/loadtest.py and
     ``mtrank blend learned``."""
@@ -338,9 +347,10 @@ def render(results_dir: Path, out: Path) -> None:
                 else ""
             )
             + f"1-minute load average after the test {load['load_average_1m_after']:.1f} (2 cores, shared). "
-            "The service runs one forward pass at a time (the model already uses both cores) and most of a "
-            "request's time goes to encoding its feature dicts (FeatureEncoder.transform_records), so with "
-            "32 clients a request mostly waits in line: latency ~ clients / throughput.\n"
+            "The service runs one forward pass at a time (the model already uses both cores)"
+            + _largest_stage(load.get("stage_ms") or {})
+            + f", so with {load['clients']} clients a request mostly waits in line: latency ~ clients / "
+            "throughput.\n"
         )
     if learned:
         parts.append("## Learned blend vs one global weight vector\n")
