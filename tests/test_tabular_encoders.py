@@ -214,3 +214,17 @@ def test_integer_ids_map_like_the_vocabulary_with_nulls_and_unseen_values_to_oov
         vocab.index(ids[4]) + 1,
     ]
     assert vocab[0] == 5  # the most frequent value gets id 1
+
+
+def test_string_lookup_gives_the_same_ids_for_small_and_large_columns():
+    from mtrank.data.encoders import NA_TOKEN, StringLookup
+
+    vocab = [f"v{i}" for i in range(50)] + [NA_TOKEN, "7"]
+    lookup = StringLookup(vocab)
+    rng = np.random.default_rng(0)
+    values = [f"v{i}" for i in rng.integers(0, 80, 6000)] + [NA_TOKEN, "7", "unseen"]
+    column = pa.array(values, pa.string())
+    large = lookup(column)  # more than StringLookup.SMALL rows: pyarrow's index_in
+    small = np.concatenate([lookup(column.slice(i, 1000)) for i in range(0, len(values), 1000)])  # the dict
+    np.testing.assert_array_equal(small, large)
+    assert large[-3:].tolist() == [51, 52, 0] and (large[:-3] == 0).any()
