@@ -143,12 +143,15 @@ class StringLookup:
         self.values = pa.array([str(v) for v in vocab], pa.string())
         self._ids: dict[str, int] | None = None
 
+    def build(self) -> dict[str, int]:
+        if self._ids is None:
+            self._ids = {v: i for i, v in enumerate(self.values.to_pylist(), 1)}
+        return self._ids
+
     def __call__(self, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
         if len(col) > self.SMALL:
             return _lookup(col, self.values)
-        if self._ids is None:
-            self._ids = {v: i for i, v in enumerate(self.values.to_pylist(), 1)}
-        get = self._ids.get
+        get = self.build().get
         return np.fromiter((get(v, 0) for v in col.to_pylist()), dtype=np.int64, count=len(col))
 
 
@@ -421,6 +424,18 @@ class FeatureEncoder:
             z -= state["mean"]
             z /= state["std"]
         return z
+
+    def prepare_lookups(self) -> None:
+        """Build every vocabulary lookup now rather than on first use (a service does this before serving)."""
+        for feat in [*self.features.categorical, *self.features.multi_categorical]:
+            state = self.state[feat.name]
+            if state.get("hash"):
+                continue
+            if state.get("kind") == "int" and "_int_lookup" not in state:
+                state["_int_lookup"] = IntLookup(state["vocab"])
+            if "_str_lookup" not in state:
+                state["_str_lookup"] = StringLookup(state["vocab"])
+            state["_str_lookup"].build()
 
     def _categorical_ids(self, feat: CategoricalFeature, col: pa.ChunkedArray) -> np.ndarray:
         state = self.state[feat.name]

@@ -92,10 +92,12 @@ class ScoringService:
         return list(self.config.vocab_sizes)
 
     def warm_up(self) -> None:
-        """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches), so
-        the first real requests pay no set-up cost."""
+        """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches) and the
+        encoders' lookup tables, so the first real requests pay no set-up cost."""
         from mtrank.serve.export import random_inputs
 
+        if self.encoder is not None:
+            self.encoder.prepare_lookups()
         for batch in (1, min(self.max_candidates, 1000)):
             dense, sparse = random_inputs(self.config, batch)
             self.batcher(dense.numpy(), sparse.numpy())
