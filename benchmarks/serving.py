@@ -409,6 +409,10 @@ DOC_NOTES = """## Notes
   (see the per-group weights above) and the gain over the best global vector is small but consistent; weaker
   pulls come close to the oracle. How lambda trades off depends on how the two terms are normalised, which the
   paper does not say; `--lambdas` shows the whole range.
+- Serving a learned blend: `mtrank blend fit-learned LOGS --model-dir MODEL_DIR --context ... --tasks ...
+  --scores ... --engaged ... --reward ...` writes `learned_blend.json` + `learned_blend.safetensors`; the service
+  then runs `f(context)` once per request (context fields it reads that the model does not are removed before
+  encoding) and ranks by the weighted sum with those weights. A missing context field is a 422 naming it.
 - GPU numbers (fp16/bf16) come from `python benchmarks/serving.py --device cuda`, run separately; they land in
   docs/results/serving_cuda.json and in a "GPU" section here after `--render`.
 """

@@ -223,3 +223,28 @@ def test_learned_blend_study_reports_every_method():
         "oracle (true per-group weights)",
     }
     assert "oracle" in report["table"]
+
+
+def test_fit_learned_from_a_logs_file_then_the_service_blends_per_request(tmp_path, capsys):
+    from mtrank.checkpoint import save_model
+    from mtrank.cli import main
+    from mtrank.config import ModelConfig, TaskConfig
+    from mtrank.models import MultiTaskModel
+    from mtrank.serve.app import ScoringService
+    from mtrank.serve.learned_demo import write_preference_logs
+
+    logs = tmp_path / "logs.parquet"
+    write_preference_logs(str(logs), requests=600, seed=0)
+    model_dir = tmp_path / "model"
+    config = ModelConfig(num_dense=3, tasks=[TaskConfig("a"), TaskConfig("b")], num_experts=2, expert_hidden=[4])
+    save_model(MultiTaskModel(config), model_dir)
+    argv = ["blend", "fit-learned", str(logs), "--model-dir", str(model_dir), "--context", "x0", "x1"]
+    argv += ["--tasks", "a", "b", "--scores", "score_a", "score_b", "--engaged", "engaged", "--reward", "reward"]
+    argv += ["--default-weights", "0.5", "0.5", "--l2-pull", "0.1", "--epochs", "5"]
+    assert main(argv) == 0
+    service = ScoringService(model_dir)
+    group0, group1 = service.learned.weights({"x0": 1.0, "x1": 0.0}), service.learned.weights({"x0": 0.0, "x1": 1.0})
+    # the simulator: group 0 values task a, group 1 task b; the learned weights lean the same way
+    assert group0["a"] - group0["b"] > group1["a"] - group1["b"]
+    assert main([*argv[:6], "nope", *argv[7:]]) == 1
+    assert "column 'nope' is missing" in capsys.readouterr().err

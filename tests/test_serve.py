@@ -319,3 +319,38 @@ def test_an_error_in_a_shared_pass_reaches_every_caller():
 
     with pytest.raises(RuntimeError, match="model failed"):
         CoalescingScorer(failing)(np.zeros((2, 3), np.float32), np.zeros((2, 0), np.int64))
+
+
+def test_a_learned_blend_in_the_model_dir_sets_each_requests_weights(model_dir, tmp_path):
+    import shutil
+
+    from mtrank.serve.learned_blend import LearnedBlend, ServedLearnedBlend
+
+    directory = tmp_path / "with_learned"
+    shutil.copytree(model_dir, directory)
+    torch.manual_seed(0)
+    net = LearnedBlend(context_dim=2, default_weights=[1.0, 1.0], hidden=[4])
+    torch.nn.init.normal_(net.head.weight)  # not the default weights any more
+    ServedLearnedBlend(net, ["hour", "segment"], ["click", "like"]).save(directory)
+    service = ScoringService(directory)
+    with TestClient(create_app(service)) as learned_client:
+        for segment in (0.0, 1.0):
+            context = {**CONTEXT, "segment": segment}  # "segment": read by the blend only, not the model
+            body = learned_client.post("/v1/score", json={"context": context, "candidates": CANDIDATES}).json()
+            with torch.no_grad():
+                w = net.task_weights(torch.tensor([[21.0, segment]]))[0].numpy()
+            scores = np.array([[row["click"], row["like"]] for row in body["scores"]])
+            assert body["blend"]["source"] == "learned"
+            np.testing.assert_allclose([body["blend"]["weights"][t] for t in ("click", "like")], w, rtol=1e-6)
+            np.testing.assert_allclose(body["blended"], scores @ w, rtol=1e-5, atol=1e-6)
+        missing = learned_client.post("/v1/score", json={"context": CONTEXT, "candidates": CANDIDATES})
+        assert missing.status_code == 422 and "'segment'" in missing.json()["error"]
+        explicit = {"weights": {"click": 1.0}}
+        body = learned_client.post(
+            "/v1/score", json={"context": {**CONTEXT, "segment": 1}, "candidates": CANDIDATES, "blend": explicit}
+        ).json()
+        assert body["blend"]["source"] == "request"
+    assert ScoringService(directory, learned_blend=False).learned is None
+    (directory / "learned_blend.json").write_text("{not json")
+    with pytest.raises(ValueError, match="learned_blend.json: cannot load"):
+        ScoringService(directory)

@@ -32,6 +32,7 @@ from mtrank.data.encoders import ENCODERS_FILE, FeatureEncoder
 from mtrank.serve.backends import Scorer
 from mtrank.serve.batching import CoalescingScorer
 from mtrank.serve.blend import BLEND_FILE, Blend, ranking
+from mtrank.serve.learned_blend import LEARNED_BLEND_FILE, ServedLearnedBlend
 from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 from mtrank.serve.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
@@ -53,7 +54,10 @@ class ScoringService:
         model_dir: ``model.safetensors`` + ``config.json`` (+ ``encoders.json``, ``blend.json`` when present).
         backend / precision / threads: see :class:`mtrank.serve.backends.Scorer`.
         max_candidates: most candidates per request.
-        blend: the default blend; else ``MODEL_DIR/blend.json``; else equal weights.
+        blend: the default blend; else the learned blend (``MODEL_DIR/learned_blend.json``: task weights
+            computed per request from context fields, :mod:`mtrank.serve.learned_blend`) unless
+            ``learned_blend=False``; else ``MODEL_DIR/blend.json``; else equal weights. A request's own
+            ``blend`` overrides all of them.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ScoringService:
         threads: int = 0,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         blend: Blend | None = None,
+        learned_blend: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.meta = read_model_meta(self.model_dir)
@@ -78,6 +83,16 @@ class ScoringService:
                 "vocabularies "
                 f"{encoded[1]}; the model expects {self.config.num_dense} and {list(self.config.vocab_sizes)}"
             )
+        self.learned = ServedLearnedBlend.load(self.model_dir) if learned_blend and blend is None else None
+        self.learned_only: set[str] = set()  # context fields read by the learned blend only, not the model
+        if self.learned is not None:
+            if sorted(self.learned.tasks) != sorted(self.task_names):
+                raise ValueError(
+                    f"{self.model_dir / LEARNED_BLEND_FILE}: weights for tasks {self.learned.tasks}; the model's "
+                    f"tasks are {self.task_names}"
+                )
+            inputs = set(self.encoder.input_columns) if self.encoder is not None else set()
+            self.learned_only = set(self.learned.context_features) - inputs
         if blend is None and (self.model_dir / BLEND_FILE).is_file():
             blend = Blend.from_dict(json.loads((self.model_dir / BLEND_FILE).read_text()), self.task_names)
         self.blend = (blend or Blend.default(self.task_names)).validate(self.task_names)
@@ -113,7 +128,9 @@ class ScoringService:
             "max_candidates": self.max_candidates,
             "forward_passes": self.batcher.batches,
             "requests_per_pass": self.batcher.calls / max(self.batcher.batches, 1),
-            "blend": self.blend.to_dict(),
+            "blend": self.blend.to_dict()
+            if self.learned is None
+            else {"learned": True, "context_features": self.learned.context_features, "tasks": self.learned.tasks},
         }
 
     # ------------------------------------------------------------------------------------------ encoding
@@ -186,13 +203,18 @@ class ScoringService:
     # ------------------------------------------------------------------------------------------ scoring
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
-        blend = self.blend
-        if request.blend is not None:
-            try:
-                blend = Blend.from_dict(request.blend.model_dump(), self.task_names)
-            except ValueError as err:
-                raise RequestError(str(err)) from None
-        dense, sparse = self.encode(request.context, request.candidates)
+        blend, source = self.blend, "service"
+        context = request.context
+        try:
+            if request.blend is not None:
+                blend, source = Blend.from_dict(request.blend.model_dump(), self.task_names), "request"
+            elif self.learned is not None:
+                blend, source = Blend("weighted_sum", self.learned.weights(context)), "learned"
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        if self.learned_only:
+            context = {k: v for k, v in context.items() if k not in self.learned_only}
+        dense, sparse = self.encode(context, request.candidates)
         if not np.isfinite(dense).all():
             row = int(np.flatnonzero(~np.isfinite(dense).all(1))[0])
             raise RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
@@ -211,7 +233,7 @@ class ScoringService:
             scores=[dict(zip(self.task_names, row)) for row in scores.tolist()],
             blended=blended.tolist(),
             ranking=order,
-            blend=blend.to_dict(),
+            blend={**blend.to_dict(), "source": source},
         )
 
 

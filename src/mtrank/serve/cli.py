@@ -59,6 +59,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.precision,
         threads=args.torch_threads,
         max_candidates=args.max_candidates,
+        learned_blend=not (args.no_learned_blend or args.blend),  # an explicit --blend wins over a learned one
     )
     if args.blend:
         service.blend = Blend.from_dict(json.loads(Path(args.blend).read_text()), service.task_names)
@@ -106,7 +107,16 @@ def _register_serve(subparsers) -> None:
         help="fp32 (default); bf16 (whole model); mixed (expert bank in bf16 with a split input, the rest "
         "fp32); int8 (eager or onnx backend, CPU). docs/serving.md has latency and score changes of each",
     )
-    p.add_argument("--blend", help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}}")
+    p.add_argument(
+        "--blend",
+        help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}} (default: the model "
+        "directory's learned_blend.json, else its blend.json, else equal weights)",
+    )
+    p.add_argument(
+        "--no-learned-blend",
+        action="store_true",
+        help="ignore MODEL_DIR/learned_blend.json (from 'mtrank blend fit-learned')",
+    )
     p.add_argument(
         "--max-candidates",
         type=int,
@@ -193,10 +203,69 @@ def _cmd_blend_learned(args: argparse.Namespace) -> int:
     torch_threads(1)
     report = run_learned_blend_demo(args.requests, args.lambdas, args.epochs, args.seeds)
     print(report["table"])
+    if args.write_logs:
+        from mtrank.serve.learned_demo import write_preference_logs
+
+        write_preference_logs(args.write_logs, args.requests, seed=0)
+        print(f"wrote {args.write_logs}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_blend_fit_learned(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from mtrank.checkpoint import read_model_meta
+    from mtrank.serve.learned_blend import LearnedBlendConfig, ServedLearnedBlend, train_learned_blend
+
+    torch_threads(args.torch_threads)
+    if len(args.tasks) != len(args.scores):
+        raise ValueError("--tasks and --scores: give one score column per task, in the same order")
+    meta = read_model_meta(args.model_dir)
+    model_tasks = [t["name"] for t in meta["model"]["tasks"]]
+    if sorted(args.tasks) != sorted(model_tasks):
+        raise ValueError(f"--tasks {args.tasks}: the model in {args.model_dir} has tasks {model_tasks}")
+    default = args.default_weights or [1.0] * len(args.tasks)
+    if len(default) != len(args.tasks):
+        raise ValueError(f"--default-weights: {len(default)} weights for {len(args.tasks)} tasks")
+    frame = _read_table(args.logs)
+    needed = [*args.context, *args.scores, args.engaged, args.reward]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{args.logs}: column {missing[0]!r} is missing (columns: {list(frame.columns)[:20]})")
+    columns = {name: np.array(frame[name], dtype=np.float32) for name in needed}  # writable copies
+    bad = [name for name, values in columns.items() if not np.isfinite(values).all()]
+    if bad:
+        row = int(np.flatnonzero(~np.isfinite(columns[bad[0]]))[0])
+        raise ValueError(f"{args.logs}: column {bad[0]!r} has a missing or non-finite value in row {row}")
+
+    def tensor(names):
+        return torch.from_numpy(np.stack([columns[n] for n in names], 1))
+
+    config = LearnedBlendConfig(hidden=args.hidden, l2_pull=args.l2_pull, epochs=args.epochs, seed=args.seed)
+    model, history = train_learned_blend(
+        tensor(args.context),
+        tensor(args.scores),
+        torch.from_numpy(columns[args.engaged]),
+        torch.from_numpy(columns[args.reward]),
+        default,
+        config,
+    )
+    path = ServedLearnedBlend(model, args.context, args.tasks).save(args.model_dir)
+    with torch.no_grad():
+        weights = model.task_weights(tensor(args.context)).numpy()
+    print(f"trained on {len(frame):,} impressions, {args.epochs} epochs: loss {history[0]:.4f} -> {history[-1]:.4f}")
+    for k, task in enumerate(args.tasks):
+        w = weights[:, k]
+        print(
+            f"  weight of {task}: default {default[k]:g}, learned mean {w.mean():.3f}, 5-95% {np.percentile(w, 5):.3f}"
+            f" .. {np.percentile(w, 95):.3f}"
+        )
+    print(f"wrote {path}; `mtrank serve {args.model_dir}` now blends each request with f(context)")
     return 0
 
 
@@ -262,7 +331,35 @@ def _register_blend(subparsers) -> None:
     lb.add_argument("--epochs", type=int, default=20)
     lb.add_argument("--seeds", type=int, default=3, help="data + training seeds (default 3)")
     lb.add_argument("--json", help="write the results as JSON here")
+    lb.add_argument(
+        "--write-logs", help="also write seed 0's training logs as Parquet here (input for 'blend fit-learned')"
+    )
     lb.set_defaults(func=_cmd_blend_learned)
+    fl = sub.add_parser(
+        "fit-learned",
+        help="train a learned blend on impression logs and put it in a model directory for the service",
+        description=(
+            "Train the learned utility g(x, r) = sigmoid(r . f(x) + b) on impression logs (collected under "
+            "randomised blend weights): x = request-context columns, r = the task scores the service returned, "
+            "engaged / reward = what the user did. Writes learned_blend.json + learned_blend.safetensors into "
+            "MODEL_DIR; 'mtrank serve MODEL_DIR' then ranks each request's candidates by r . f(context) (a "
+            "request's own 'blend' still wins; 'mtrank serve --no-learned-blend' ignores it)."
+        ),
+    )
+    fl.add_argument("logs", help="CSV or Parquet file, one row per impression")
+    fl.add_argument("--model-dir", required=True, help="the served model's directory (its tasks are checked)")
+    fl.add_argument("--context", nargs="+", required=True, help="numeric request-context columns: the inputs x")
+    fl.add_argument("--tasks", nargs="+", required=True, help="task names, in the order of --scores")
+    fl.add_argument("--scores", nargs="+", required=True, help="the logged score column of each task")
+    fl.add_argument("--engaged", required=True, help="column: 1 if the impression was engaged with, else 0")
+    fl.add_argument("--reward", required=True, help="column: the value of the engagement (0 when not engaged)")
+    fl.add_argument("--default-weights", type=float, nargs="+", help="w0, the production blend (default 1 each)")
+    fl.add_argument("--l2-pull", type=float, default=2.0, help="lambda, the pull toward w0 (default 2)")
+    fl.add_argument("--hidden", type=int, nargs="+", default=[32], help="hidden widths of f (default 32)")
+    fl.add_argument("--epochs", type=int, default=20)
+    fl.add_argument("--seed", type=int, default=0)
+    fl.add_argument("--torch-threads", type=int, default=1)
+    fl.set_defaults(func=_cmd_blend_fit_learned)
 
 
 def register(subparsers) -> None:

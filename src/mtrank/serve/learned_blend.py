@@ -16,9 +16,13 @@ runs, once per request, and candidates are ranked by ``r . f(x)`` (the same orde
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtrank.nn import MLP
@@ -41,6 +45,7 @@ class LearnedBlend(nn.Module):
     def __init__(self, context_dim: int, default_weights: list[float], hidden: list[int] | None = None) -> None:
         super().__init__()
         hidden = [32] if hidden is None else hidden
+        self.hidden = list(hidden)
         self.register_buffer("default_weights", torch.tensor(default_weights, dtype=torch.float32))
         self.body = MLP(context_dim, hidden)
         self.head = nn.Linear(self.body.output_dim, len(default_weights))
@@ -129,3 +134,70 @@ def train_learned_blend(
             total, batches = total + loss.item(), batches + 1
         history.append(total / batches)
     return model.eval(), history
+
+
+# ------------------------------------------------------------------------------------- in a model directory
+
+LEARNED_BLEND_FILE = "learned_blend.json"
+LEARNED_BLEND_WEIGHTS = "learned_blend.safetensors"
+FORMAT_VERSION = 1
+
+
+class ServedLearnedBlend:
+    """A trained :class:`LearnedBlend` with what the service needs: which request-context fields are its
+    inputs ``x`` (numbers, in order) and which task each output weight belongs to.
+
+    ``weights(context)`` runs ``f(x)`` once per request; candidates are then ranked by the weighted sum of
+    their task scores with those weights (the order of ``g(x, r)``, see the module docstring). The task scores
+    must be in the space the logs recorded: the service's per-task scores (probabilities for binary tasks).
+    """
+
+    def __init__(self, model: LearnedBlend, context_features: list[str], tasks: list[str]) -> None:
+        if len(tasks) != model.default_weights.numel():
+            raise ValueError(f"learned blend: {model.default_weights.numel()} weights for {len(tasks)} tasks")
+        self.model, self.context_features, self.tasks = model.eval(), list(context_features), list(tasks)
+
+    def weights(self, context: dict) -> dict[str, float]:
+        """Task weights for a request's ``context``; a ``ValueError`` names a missing or non-numeric field."""
+        values = []
+        for name in self.context_features:
+            if name not in context:
+                raise ValueError(f"context: missing {name!r}, an input of the learned blend ({self.context_features})")
+            value = context[name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"context: {name!r} has {value!r}; the learned blend needs a finite number")
+            values.append(float(value))
+        with torch.no_grad():
+            w = self.model.task_weights(torch.tensor([values], dtype=torch.float32))[0]
+        return dict(zip(self.tasks, w.tolist()))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``learned_blend.json`` (inputs, tasks, sizes) and ``learned_blend.safetensors`` into a model dir."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, directory / LEARNED_BLEND_WEIGHTS)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "context_features": self.context_features,
+            "tasks": self.tasks,
+            "hidden": self.model.hidden,
+            "default_weights": self.model.default_weights.tolist(),
+        }
+        (directory / LEARNED_BLEND_FILE).write_text(json.dumps(meta, indent=2))
+        return directory / LEARNED_BLEND_FILE
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ServedLearnedBlend | None:
+        """The learned blend of a model directory, or None when it has none; errors name the file."""
+        path = Path(directory) / LEARNED_BLEND_FILE
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+            model = LearnedBlend(len(meta["context_features"]), meta["default_weights"], meta["hidden"])
+            model.load_state_dict(load_file(str(Path(directory) / LEARNED_BLEND_WEIGHTS)))
+        except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why
+            raise ValueError(f"{path}: cannot load the learned blend ({err})") from None
+        return cls(model, meta["context_features"], meta["tasks"])

@@ -83,3 +83,15 @@ def run_learned_blend_demo(
         "seconds": time.perf_counter() - started,
         "config": {"requests": requests, "lambdas": lambdas, "epochs": epochs, "seeds": seeds},
     }
+
+
+def write_preference_logs(path: str, requests: int, seed: int = 0) -> None:
+    """The simulated impression logs as a Parquet file in the layout ``mtrank blend fit-learned`` reads:
+    context columns ``x0..``, ``score_a`` / ``score_b`` (the two tasks' scores), ``engaged``, ``reward``."""
+    import pandas as pd
+
+    context, scores, engaged, reward = make_preference_logs(requests=requests, seed=seed).impressions()
+    frame = pd.DataFrame({f"x{i}": context[:, i].numpy() for i in range(context.shape[1])})
+    frame["score_a"], frame["score_b"] = scores[:, 0].numpy(), scores[:, 1].numpy()
+    frame["engaged"], frame["reward"] = engaged.numpy(), reward.numpy()
+    frame.to_parquet(path, index=False)
