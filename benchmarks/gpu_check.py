@@ -38,7 +38,15 @@ from mtrank.train import Trainer  # noqa: E402
 TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}
 
 
-def check_numerics(workload: str, precision: str, batches: int = 10, epochs: int = 2, device: str = "cuda") -> dict:
+def check_numerics(
+    workload: str,
+    precision: str,
+    batches: int = 10,
+    epochs: int = 2,
+    device: str = "cuda",
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+) -> dict:
     wl = WORKLOADS[workload]
     data = make_data(wl, wl.batch_size * batches + wl.batch_size // 3, seed=3).to(device)
     torch.manual_seed(0)
@@ -52,6 +60,8 @@ def check_numerics(workload: str, precision: str, batches: int = 10, epochs: int
         precision=precision,
         device=device,
         progress=False,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
     )
     eager = Trainer(reference, config, cuda_graphs=False)
     graphed = Trainer(graphed_model, config)
@@ -78,9 +88,13 @@ def check_numerics(workload: str, precision: str, batches: int = 10, epochs: int
         and loss_rel <= TOLERANCE[precision]
         and weight_rel <= TOLERANCE[precision]
     )
+    lrs_equal = [h["lr"] for h in eager_result.history] == [h["lr"] for h in graphed_result.history]
+    ok = ok and lrs_equal
     out = {
         "workload": workload,
         "precision": precision,
+        "schedule": f"{schedule}, warm-up {warmup_steps}",
+        "lr_first_last": [graphed_result.history[0]["lr"], graphed_result.history[-1]["lr"]],
         "step_path": graphed.step_path,
         "reason": graphed.step_path_reason,
         "replays": step.replays if step else 0,
@@ -93,7 +107,7 @@ def check_numerics(workload: str, precision: str, batches: int = 10, epochs: int
         "ok": ok,
     }
     print(
-        f"{'PASS' if ok else 'FAIL'} {workload} {precision}: path {out['step_path']}, "
+        f"{'PASS' if ok else 'FAIL'} {workload} {precision} ({out['schedule']}): path {out['step_path']}, "
         f"{out['replays']} replays + {out['eager_steps_in_graphed_run']} eager steps of {out['steps']}; "
         f"max loss rel diff {loss_rel:.2e}, "
         f"weights: relative L2 diff {weight_rel:.2e}, max abs diff {weight_diff:.2e}"
@@ -114,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     checks = [check_numerics(w, p) for w in ("W2", "W1") for p in ("fp32", "bf16")]
+    # a learning-rate schedule inside the graph: the lr tensor is updated in place between replays
+    checks += [check_numerics(w, "fp32", schedule="cosine", warmup_steps=5) for w in ("W2", "W1")]
     report: dict = {"checks": checks}
     if not args.skip_timing:
         import peers

@@ -98,7 +98,10 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
                 tensors[f"state.{idx}.{name}"] = value
             else:
                 scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    groups = [  # a tensor hyper-parameter (the lr on CUDA) is stored as its value
+        {k: float(v) if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -109,7 +112,14 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for key, value in meta.get("scalars", {}).items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
+    # keep tensor hyper-parameters (the lr on CUDA) the same tensor objects: a captured CUDA graph and the lr
+    # schedule both hold them; load_state_dict would put plain floats in their place
+    held = [{k: v for k, v in group.items() if torch.is_tensor(v)} for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, tensors_of_group in zip(optimizer.param_groups, held):
+        for key, tensor in tensors_of_group.items():
+            tensor.fill_(float(group[key]))
+            group[key] = tensor
 
 
 def save_checkpoint(

@@ -354,7 +354,7 @@ def train_streaming(
                     "epoch": step / steps_per_epoch,
                     "samples": result.samples,
                     "train_loss": running / max(running_steps, 1),
-                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "lr": float(trainer.optimizer.param_groups[0]["lr"]),
                 }
                 running, running_steps = 0.0, 0
                 if valid is not None and len(valid):

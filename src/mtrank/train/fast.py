@@ -10,7 +10,8 @@ The Trainer selects this path by itself (:func:`cuda_graph_plan`) when it is saf
 * device is CUDA;
 * no randomness inside the step (no dropout, gate dropout or noisy top-k gates): graphs replay the same
   kernels, and keeping them deterministic keeps graphed training equal to eager training;
-* no gradient clipping and a constant learning rate (the graph bakes the lr into the Adam kernel);
+* no gradient clipping (a per-step decision on the host); learning-rate schedules are fine: the lr is a GPU
+  tensor that the scheduler updates in place and the captured Adam kernel reads at every replay;
 * full batches only: the last, shorter batch of an epoch runs eagerly.
 
 Otherwise, and on CPU, training runs the eager step. Warm-up: the first ``warmup_steps`` real steps run
@@ -45,8 +46,9 @@ def cuda_graph_plan(model: MultiTaskModel, config: TrainConfig, device: torch.de
         return False, "noisy top-k gates (random noise inside the step)"
     if config.grad_clip > 0:
         return False, "train.grad_clip > 0"
-    if config.schedule != "constant" or config.warmup_steps:
-        return False, "a learning-rate schedule (the graph bakes a constant lr into the Adam kernel)"
+    scheduled = config.schedule != "constant" or config.warmup_steps
+    if scheduled and any(p.dtype != torch.float32 for p in model.parameters()):
+        return False, "a learning-rate schedule with non-float32 parameters (the graph can follow only a float32 lr)"
     if config.optimizer not in ("adam", "adamw"):
         return False, f"optimizer {config.optimizer!r}"
     return True, "CUDA graph of the whole step (gather, forward, backward, fused capturable Adam)"

@@ -123,6 +123,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Adam / AdamW over ``params``, fused on CPU and CUDA (the Trainer's and the ensemble's, one definition:
     the same update arithmetic in single runs, ensembles, eager and graphed steps)."""
+    params = list(params)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if capturable:  # its step can be recorded in a CUDA graph (step counters on the device)
@@ -130,7 +131,13 @@ def make_optimizer(
     if device.type in ("cuda", "cpu"):
         # one fused kernel for all parameters instead of ~8 ops per tensor (CPU too: ~2x less optimizer time)
         kwargs["fused"] = True
-    return cls(list(params), **kwargs)
+    if device.type == "cuda" and all(p.dtype == torch.float32 for p in params):
+        # the learning rate as a tensor on the GPU: a schedule updates it in place (LRScheduler fills tensor lrs),
+        # so a captured CUDA graph, which reads it at every replay, follows the schedule; eager steps use the
+        # same tensor, hence the same arithmetic. (The fused CUDA kernel takes a float32 lr tensor with float32
+        # parameters only; other dtypes keep a float lr, and cuda_graph_plan then refuses schedules.)
+        kwargs["lr"] = torch.tensor(float(config.lr), dtype=torch.float32, device=device)
+    return cls(params, **kwargs)
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -297,7 +304,7 @@ class Trainer:
                         "epoch": step / steps_per_epoch,
                         "samples": samples,
                         "train_loss": float(running) / max(running_steps, 1),
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": float(self.optimizer.param_groups[0]["lr"]),
                     }
                     running.zero_()
                     running_steps = 0
