@@ -112,3 +112,14 @@ def test_curve_bands_are_std_or_a_confidence_interval_of_the_mean(tmp_path):
     assert (tmp_path / "ci.png").stat().st_size > 0
     with pytest.raises(ValueError, match="band"):
         plot_curves(tmp_path / "x.png", panels, band="iqr")
+
+
+def test_census_can_add_ple_beyond_the_paper_with_the_same_expert_budget(tmp_path, shared_data):
+    out = tmp_path / "ple"
+    argv = ["reproduce", "census", "--quick", "--methods", "mmoe", "ple", "--threads", "1", "--no-progress"]
+    argv += ["--out", str(out), "--data", str(shared_data / "census-income")]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == {"mmoe", "ple"}
+    assert results["table"]["ple"]["paper"] is None and "| PLE |" in (out / "results.md").read_text()
+    assert results["finals"]["ple"]["params"] > 0

@@ -34,9 +34,14 @@ from mtrank.models import MultiTaskModel, count_parameters
 from mtrank.train.ensemble import Ensemble, EnsembleData
 
 METHODS = ("single_task", "shared_bottom", "omoe", "mmoe")
+EXTRA_METHODS = ("cgc", "ple")  # beyond Ma et al. (Tang et al. 2020); only with --methods
 SIZES = {"small": 0, "large": 1, "xlarge": 2}
 # hidden units of the shared layer: per task (Single-task), the bottom (Shared-Bottom), per expert (8 experts)
-WIDTHS = {"single_task": (64, 128, 256), "shared_bottom": (128, 256, 512), "omoe": (16, 32, 64), "mmoe": (16, 32, 64)}
+WIDTHS = {
+    "single_task": (64, 128, 256),
+    "shared_bottom": (128, 256, 512),
+    **{moe: (16, 32, 64) for moe in ("omoe", "mmoe", "cgc", "ple")},
+}
 
 # Ma et al. (2018) Tables 1, 2: (main AUC best run, main AUC mean, marital AUC mean, marital AUC of best run)
 PAPER_TABLES = {
@@ -79,14 +84,20 @@ class CensusPaperConfig:
 
 
 def model_config(method: str, size: str, data: CensusData, cfg: CensusPaperConfig) -> ModelConfig:
+    """CGC / PLE get the same expert budget as (O/M)MoE: half shared, the rest split among the tasks (8 = 4
+    shared + 2 per task; PLE stacks 2 such levels)."""
     width = WIDTHS[method][SIZES[size]]
+    experts = {"num_experts": cfg.num_experts}
+    if method in EXTRA_METHODS:
+        shared = cfg.num_experts // 2
+        experts = {"num_experts": shared, "task_experts": max(1, (cfg.num_experts - shared) // len(data.tasks))}
     return ModelConfig(
         num_dense=data.num_dense,
         vocab_sizes=list(data.vocab_sizes),
         embedding_dim=cfg.embedding_dim,
         tasks=[dataclasses.replace(t) for t in data.tasks],
         block=method,
-        num_experts=cfg.num_experts,
+        **experts,
         expert_hidden=[width],
         tower_hidden=list(cfg.tower_hidden),
     )
@@ -129,16 +140,21 @@ def train_ensemble(
     }
 
 
+def _paper_cell(paper: tuple | None, i: int) -> str:
+    return f"{paper[i]:.4f}" if paper else "-"
+
+
 def plot_census(summary: dict, path: Path) -> None:
     """Every final run's test AUC per method (dots, mean as a bar) beside the paper's mean (red x), both tasks."""
     main, other = summary["tasks"]
     paper = PAPER_TABLES[summary["group"]]
-    finals = {m: summary["finals"][m] for m in METHODS if m in summary["finals"]}  # the paper's order
+    order = [*METHODS, *EXTRA_METHODS]
+    finals = {m: summary["finals"][m] for m in order if m in summary["finals"]}  # the paper's order
     panels, reference = {}, {}
     for task, column in ((main, 1), (other, 2)):
         title = f"{task} AUC"
         panels[title] = {MODEL_LABELS[m]: [r[f"auc/{task}"] for r in run["test"]] for m, run in finals.items()}
-        reference[title] = {MODEL_LABELS[m]: paper[m][column] for m in finals}
+        reference[title] = {MODEL_LABELS[m]: paper[m][column] for m in finals if m in paper}
     runs = len(next(iter(finals.values()))["test"])
     plot_runs(path, panels, reference, ylabel=f"test AUC ({runs} runs each)")
 
@@ -188,7 +204,7 @@ def run_census(
         main_auc = [m[f"auc/{main}"] for m in run["test"]]
         other_auc = [m[f"auc/{other}"] for m in run["test"]]
         best_run = int(np.argmax([m[f"auc/{main}"] for m in run["valid"]]))
-        paper = PAPER_TABLES[group][method]
+        paper = PAPER_TABLES[group].get(method)  # None: not in the paper (CGC, PLE)
         entry = {
             "main_mean": float(np.mean(main_auc)),
             "main_std": float(np.std(main_auc, ddof=1)) if len(main_auc) > 1 else 0.0,
@@ -197,7 +213,7 @@ def run_census(
             "best_run": best_run,
             "best_main": main_auc[best_run],
             "best_other": other_auc[best_run],
-            "paper": dict(zip(("main_best", "main_mean", "other_mean", "other_best"), paper)),
+            "paper": dict(zip(("main_best", "main_mean", "other_mean", "other_best"), paper)) if paper else None,
         }
         table[method] = entry
         rows.append(
@@ -206,13 +222,13 @@ def run_census(
                 f"{run['size']}, lr {run['lr']:g}",
                 f"{run['params']:,}",
                 f"{entry['main_mean']:.4f} ± {entry['main_std']:.4f}",
-                f"{paper[1]:.4f}",
+                _paper_cell(paper, 1),
                 f"{entry['best_main']:.4f}",
-                f"{paper[0]:.4f}",
+                _paper_cell(paper, 0),
                 f"{entry['other_mean']:.4f} ± {entry['other_std']:.4f}",
-                f"{paper[2]:.4f}",
+                _paper_cell(paper, 2),
                 f"{entry['best_other']:.4f}",
-                f"{paper[3]:.4f}",
+                _paper_cell(paper, 3),
             ]
         )
     header = [

@@ -64,6 +64,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             cfg.learning_rates = args.learning_rates
         if args.tune_seeds is not None:
             cfg.tune_seeds = args.tune_seeds
+        if args.methods:
+            cfg.methods = args.methods
         cfg.device = args.device or cfg.device
         path = Path(args.data) if args.data else default_census_path()
         summary = run_census(cfg, path, args.group, out, progress, download=args.download)
@@ -129,6 +131,13 @@ def register(subparsers) -> None:
         help="census: learning rates in the tuning grid (default 1e-3 4e-3 1e-2)",
     )
     p.add_argument("--tune-seeds", type=int, help="census: runs per tuning setting, averaged on validation (default 3)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"],
+        help="census: methods to compare (default the paper's four; cgc and ple, from Tang et al. 2020, with the "
+        "same expert budget, 4 shared + 2 per task)",
+    )
     p.add_argument("--steps", type=int, help="synthetic: training steps per run (default 2000)")
     p.add_argument("--correlations", type=float, nargs="+", help="synthetic: task correlations (default 1 .9 .5 0)")
     p.add_argument(

@@ -48,6 +48,7 @@ MODEL_LABELS = {
     "mmoe": "MMoE",
     "single_task": "Single-task",
     "cgc": "CGC",
+    "ple": "PLE",
 }
 
 
