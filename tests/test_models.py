@@ -199,6 +199,13 @@ EXPORT_CONFIGS = {
     "ple": {"block": "ple", "levels": 2},
     "topk_gate_mlp": {"gate": GateConfig(top_k=2, hidden=4)},
     "dcn_mixer_bias": {"expert_type": "dcn", "cross_rank": 2, "mixer_layers": 1, "bias_features": [2]},
+    "bags_mixer_bias": {
+        "vocab_sizes": [5, 6, 7, 4, 4, 4, 3, 3],
+        "bag_lengths": [3, 2],
+        "bag_pooling": ["mean", "sum"],
+        "mixer_layers": 1,
+        "bias_features": [1],
+    },
 }
 
 
@@ -206,13 +213,33 @@ EXPORT_CONFIGS = {
 def test_every_configuration_scripts_and_exports_with_identical_scores(name):
     from mtrank.models import ScoringModule
 
-    config = ModelConfig(
-        num_dense=3, vocab_sizes=[5, 6, 7], embedding_dim=4, tasks=TASKS, num_experts=3, **EXPORT_CONFIGS[name]
-    )
+    settings = {"vocab_sizes": [5, 6, 7], **EXPORT_CONFIGS[name]}
+    config = ModelConfig(num_dense=3, embedding_dim=4, tasks=TASKS, num_experts=3, **settings)
     module = ScoringModule(MultiTaskModel(config).eval())
-    dense, sparse = torch.randn(8, 3), torch.randint(0, 5, (8, 3))
+    dense = torch.randn(8, 3)
+    sparse = torch.stack([torch.randint(0, v, (8,)) for v in config.vocab_sizes], 1)
     expected = module(dense, sparse)
     scripted = torch.jit.script(module)
     torch.testing.assert_close(scripted(dense, sparse), expected)
     exported = torch.export.export(module, (dense, sparse)).module()
     torch.testing.assert_close(exported(dense, sparse), expected)
+
+
+def test_bags_pool_the_embeddings_of_their_values_like_an_embedding_bag():
+    """A bag's columns: its values' ids, padded with the last id; mean / sum over the non-padding ones, from
+    the bag's own slice of the one table (checked against nn.EmbeddingBag on the same weights)."""
+    from mtrank.nn.embedding import FeatureEmbedding
+
+    torch.manual_seed(0)
+    vocab = [5, 6, 4, 4, 4, 3, 3]  # two singles; bag 0 (ids 0..2, pad 3) x 3 columns; bag 1 (0..1, pad 2) x 2
+    emb = FeatureEmbedding(2, vocab, 4, bag_lengths=[3, 2], bag_pooling=["mean", "sum"])
+    assert emb.output_dim == 2 + 4 * 4 and emb.table.num_embeddings == 5 + 6 + 4 + 3
+    sparse = torch.tensor([[1, 2, 0, 3, 3, 1, 2], [4, 5, 2, 2, 1, 2, 2], [0, 0, 3, 3, 3, 0, 0]])
+    tokens = emb.embed(sparse)  # (B, 4, D)
+    weight = emb.table.weight
+    torch.testing.assert_close(tokens[:, 0], weight[sparse[:, 0]])
+    torch.testing.assert_close(tokens[:, 1], weight[5 + sparse[:, 1]])
+    for b, (start, length, offset, mode, pad) in enumerate([(2, 3, 11, "mean", 3), (5, 2, 15, "sum", 2)]):
+        reference = torch.nn.EmbeddingBag.from_pretrained(weight[offset : offset + pad + 1], mode=mode, padding_idx=pad)
+        torch.testing.assert_close(tokens[:, 2 + b], reference(sparse[:, start : start + length]))
+    assert torch.equal(tokens[2, 2], torch.zeros(4))  # an all-padding bag pools to zero

@@ -184,3 +184,21 @@ def test_every_block_trains_from_the_same_config(block):
     cfg = config(model={"block": block}, train={"epochs": 2, "batch_size": 128, "progress": False, "lr": 0.01})
     result = mtrank.fit(cfg, make_frame(n=400), output=None)
     assert result.model.config.block == block and np.isfinite(result.metrics["test"]["loss"])
+
+
+def test_an_embedded_bag_feature_trains_saves_scores_and_serves(tmp_path):
+    from mtrank.serve.app import ScoringService
+    from mtrank.serve.export import export_model_dir
+
+    features = {**config()["features"], "multi_categorical": [{"name": "tags", "embed": True, "max_values": 2}]}
+    result = mtrank.fit(config(features=features), make_frame(), output=tmp_path / "m")
+    assert result.model.config.bag_lengths == [2] and result.model.config.bag_pooling == ["mean"]
+    assert result.metrics["test"]["auc/click"] > 0.7
+    frame = make_frame(n=40, seed=7)
+    table = predict_model_dir(tmp_path / "m", frame.drop(columns=["click", "buy"]), progress=False)
+    records = frame.drop(columns=["click", "buy", "ts"]).to_dict("records")
+    service = ScoringService(tmp_path / "m", backend="eager")
+    served = np.array([service.batcher(*service.encode({}, [r])) for r in records])[:, 0, 0]
+    np.testing.assert_allclose(served, table.column("score_click").to_numpy(), rtol=1e-5)
+    for fmt in ("onnx", "torchscript"):  # exported, and checked against eager PyTorch to 1e-5
+        assert export_model_dir(tmp_path / "m", fmt, out=tmp_path / fmt)["max_abs_diff_vs_eager"] <= 1e-5

@@ -228,3 +228,31 @@ def test_string_lookup_gives_the_same_ids_for_small_and_large_columns():
     small = np.concatenate([lookup(column.slice(i, 1000)) for i in range(0, len(values), 1000)])  # the dict
     np.testing.assert_array_equal(small, large)
     assert large[-3:].tolist() == [51, 52, 0] and (large[:-3] == 0).any()
+
+
+def test_an_embedded_multi_valued_feature_becomes_padded_bag_ids():
+    features = FeaturesSpec(
+        categorical=[CategoricalFeature("city")],
+        multi_categorical=[MultiCategoricalFeature("tags", embed=True, max_values=3, pooling="sum")],
+    )
+    table = pa.table(
+        {
+            "city": ["a", "b", "a", "a"],
+            "tags": pa.array([["x", "y"], ["x", "x", "q", "y"], [], None], pa.list_(pa.string())),
+        }
+    )
+    enc = FeatureEncoder(features).fit(table)
+    dense, sparse = enc.transform(table)
+    assert dense.shape == (4, 0)  # nothing dense: the bag is ids
+    vocab = enc.state["tags"]["vocab"]  # x, y, q by frequency
+    ids = {v: i + 1 for i, v in enumerate(vocab)}
+    pad = len(vocab) + 1
+    assert enc.vocab_sizes == [3, pad + 1, pad + 1, pad + 1]
+    assert enc.bag_lengths == [3] and enc.bag_pooling == ["sum"]
+    assert enc.categorical_names == ["city", "tags[0]", "tags[1]", "tags[2]"]
+    np.testing.assert_array_equal(
+        sparse[:, 1:],
+        [[ids["x"], ids["y"], pad], [ids["x"], ids["x"], ids["q"]], [pad] * 3, [pad] * 3],  # 4th value dropped
+    )
+    _, unseen = enc.transform_records([{"city": "a", "tags": "zz|x"}])
+    assert unseen[0, 1:].tolist() == [0, ids["x"], pad]  # unseen value -> 0 (OOV), not padding

@@ -102,6 +102,11 @@ class ModelConfig:
         bias_hidden: hidden widths of the bias tower.
         bias_dropout: in training, drop a row's bias logit with this probability.
         bias_tasks: tasks whose logits get the bias logit (default: every binary task).
+        bag_lengths: multi-valued categorical features embedded as bags (DeepCTR's VarLenSparseFeat): bag b
+            takes ``bag_lengths[b]`` sparse columns, and the bags are the last ``sum(bag_lengths)`` columns of
+            ``vocab_sizes`` (all columns of a bag have its vocabulary size; its last id is padding). The
+            model embeds each column with the bag's one table slice and pools the non-padding ones.
+        bag_pooling: ``"mean"`` or ``"sum"`` for each bag.
     """
 
     num_dense: int = 0
@@ -127,6 +132,8 @@ class ModelConfig:
     bias_hidden: list[int] = field(default_factory=list)
     bias_dropout: float = 0.1
     bias_tasks: list[str] = field(default_factory=list)
+    bag_lengths: list[int] = field(default_factory=list)
+    bag_pooling: list[str] = field(default_factory=list)
 
     @property
     def num_tasks(self) -> int:
@@ -138,8 +145,13 @@ class ModelConfig:
         return [i for i in range(len(self.vocab_sizes)) if i not in set(self.bias_features)]
 
     @property
+    def num_tokens(self) -> int:
+        """Embedded features the main model reads: single categoricals (not bias) plus one per bag."""
+        return len(self.main_features) - sum(self.bag_lengths) + len(self.bag_lengths)
+
+    @property
     def input_dim(self) -> int:
-        return self.num_dense + len(self.main_features) * self.embedding_dim
+        return self.num_dense + self.num_tokens * self.embedding_dim
 
     def validate(self) -> ModelConfig:
         _check(self.block in BLOCKS, "model.block", f"unknown block {self.block!r}; expected one of {BLOCKS}")
@@ -196,6 +208,35 @@ class ModelConfig:
                 f"index {index} is not a categorical feature (there are {len(self.vocab_sizes)})",
             )
         _check(len(set(self.bias_features)) == len(self.bias_features), "model.bias_features", "duplicate index")
+        _check(
+            len(self.bag_pooling) == len(self.bag_lengths),
+            "model.bag_pooling",
+            f"one pooling per bag: {len(self.bag_lengths)} bags, {len(self.bag_pooling)} poolings",
+        )
+        first_bag_column = len(self.vocab_sizes) - sum(self.bag_lengths)
+        _check(
+            first_bag_column >= 0,
+            "model.bag_lengths",
+            f"the bags take {sum(self.bag_lengths)} columns; vocab_sizes has {len(self.vocab_sizes)}",
+        )
+        start = first_bag_column
+        for b, (length, pooling) in enumerate(zip(self.bag_lengths, self.bag_pooling)):
+            _check(int(length) >= 1, f"model.bag_lengths[{b}]", f"must be >= 1, got {length}")
+            _check(pooling in ("mean", "sum"), f"model.bag_pooling[{b}]", f"expected mean or sum, got {pooling!r}")
+            sizes = set(self.vocab_sizes[start : start + length])
+            _check(
+                len(sizes) == 1 and min(sizes) >= 2,
+                f"model.bag_lengths[{b}]",
+                f"the bag's columns {start}..{start + length - 1} need one vocabulary size >= 2 (ids + padding), "
+                f"got {sorted(sizes)}",
+            )
+            start += length
+        for i, index in enumerate(self.bias_features):
+            _check(
+                index < first_bag_column,
+                f"model.bias_features[{i}]",
+                f"index {index} is a bag column; the bias tower reads single categorical features",
+            )
         for i, name in enumerate(self.bias_tasks):
             _check(name in names, f"model.bias_tasks[{i}]", f"unknown task {name!r}; tasks are {names}")
         _check(0 <= self.bias_dropout < 1, "model.bias_dropout", f"must be in [0, 1), got {self.bias_dropout}")

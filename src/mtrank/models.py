@@ -50,14 +50,24 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.config = config.validate()
         main = config.main_features
-        self.embedding = FeatureEmbedding(config.num_dense, [config.vocab_sizes[i] for i in main], config.embedding_dim)
+        self.embedding = FeatureEmbedding(
+            config.num_dense,
+            [config.vocab_sizes[i] for i in main],
+            config.embedding_dim,
+            config.bag_lengths,
+            config.bag_pooling,
+        )
         self.select_main = len(main) != len(config.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
         self.mixer = None
         block_in = self.embedding.output_dim
         if config.mixer_layers:
             self.mixer = FeatureMixer(
-                config.num_dense, len(main), config.embedding_dim, config.mixer_layers, config.mixer_heads
+                config.num_dense,
+                self.embedding.num_tokens,
+                config.embedding_dim,
+                config.mixer_layers,
+                config.mixer_heads,
             )
             block_in += self.mixer.output_dim
         self.block = MultiTaskBlock(config, block_in)

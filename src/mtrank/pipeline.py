@@ -191,7 +191,9 @@ def fit(
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
     _check_train_labels(data["train"], config, train_source)
     torch.manual_seed(config.train.seed)
-    model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
+    model = MultiTaskModel(
+        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling)
+    )
     train_result = Trainer(model, config.train).fit(data["train"], data.get("valid"))
     metrics = {role: evaluate(model, data[role]) for role in ("valid", "test") if role in data}
     rows = {role: len(d) for role, d in data.items()}
@@ -270,7 +272,9 @@ def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResul
             validate_table(table, config, role_source)
             data[role] = encode_table(encoder, table, config, role_source)
     torch.manual_seed(config.train.seed)
-    model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
+    model = MultiTaskModel(
+        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling)
+    )
     stream = EncodedStream(spec.train, config, encoder, config.train.batch_size, seed=config.train.seed)
     train_rows = stream.count_rows()
     train_result = train_streaming(model, config.train, stream, data.get("valid"), spec.workers, train_rows)

@@ -296,20 +296,42 @@ class FeatureEncoder:
         return len(self.dense_names)
 
     @property
+    def bags(self) -> list[MultiCategoricalFeature]:
+        """Multi-valued features encoded as embedding bags (``embed: true``), in column order."""
+        return [f for f in self.features.multi_categorical if f.embed]
+
+    @property
     def vocab_sizes(self) -> list[int]:
-        return [int(self.state[f.name]["size"]) for f in self.features.categorical]
+        """Sizes of the sparse columns: single categoricals, then each bag's ``max_values`` columns, whose
+        ids are 0 = unseen, 1..V = values, V + 1 = padding."""
+        sizes = [int(self.state[f.name]["size"]) for f in self.features.categorical]
+        for feat in self.bags:
+            sizes += [len(self.state[feat.name]["vocab"]) + 2] * feat.max_values
+        return sizes
+
+    @property
+    def bag_lengths(self) -> list[int]:
+        return [f.max_values for f in self.bags]
+
+    @property
+    def bag_pooling(self) -> list[str]:
+        return [f.pooling for f in self.bags]
 
     @property
     def dense_names(self) -> list[str]:
         names = [f.name for f in self.features.numeric]
         for feat in self.features.multi_categorical:
-            vocab = self.state[feat.name]["vocab"]
-            names += [f"{feat.name}={OOV_TOKEN}"] + [f"{feat.name}={v}" for v in vocab]
+            if not feat.embed:
+                vocab = self.state[feat.name]["vocab"]
+                names += [f"{feat.name}={OOV_TOKEN}"] + [f"{feat.name}={v}" for v in vocab]
         return names
 
     @property
     def categorical_names(self) -> list[str]:
-        return [f.name for f in self.features.categorical]
+        names = [f.name for f in self.features.categorical]
+        for feat in self.bags:
+            names += [f"{feat.name}[{i}]" for i in range(feat.max_values)]
+        return names
 
     @property
     def feature_names(self) -> list[str]:
@@ -390,7 +412,7 @@ class FeatureEncoder:
         self._check_columns(table, source)
         n = table.num_rows
         dense = np.empty((n, self.num_dense), dtype=np.float32)
-        sparse = np.empty((n, len(self.features.categorical)), dtype=np.int64)
+        sparse = np.empty((n, len(self.categorical_names)), dtype=np.int64)
         for start in range(0, n, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, n)
             self._transform_into(table.slice(start, stop - start), source, dense[start:stop], sparse[start:stop])
@@ -403,11 +425,17 @@ class FeatureEncoder:
             dense[:, col] = self._numeric_transform(feat, self.state[feat.name], x, standardize=True)
             col += 1
         for feat in self.features.multi_categorical:
+            if feat.embed:
+                continue
             width = len(self.state[feat.name]["vocab"]) + 1
             dense[:, col : col + width] = self._multi_hot(feat, table, source)
             col += width
         for j, feat in enumerate(self.features.categorical):
             sparse[:, j] = self._categorical_ids(feat, table.column(feat.column))
+        j = len(self.features.categorical)
+        for feat in self.bags:
+            sparse[:, j : j + feat.max_values] = self._bag_ids(feat, table, source)
+            j += feat.max_values
 
     def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
         """``fill -> clip -> signed log1p -> standardise`` (float64, in place on a copy of ``x``)."""
@@ -452,6 +480,22 @@ class FeatureEncoder:
         if lookup is None:
             lookup = state["_str_lookup"] = StringLookup(state["vocab"])
         return lookup(string_column(col))
+
+    def _bag_ids(self, feat: MultiCategoricalFeature, table: pa.Table, source: str) -> np.ndarray:
+        """``[N, max_values]`` ids of each row's first values: 0 unseen, 1..V the vocabulary, V + 1 padding."""
+        state = self.state[feat.name]
+        lookup = state.get("_str_lookup")
+        if lookup is None:
+            lookup = state["_str_lookup"] = StringLookup(state["vocab"])
+        flat, parents, lengths = _flat_strings(_list_column(table, feat, source))
+        n, width = table.num_rows, feat.max_values
+        out = np.full((n, width), len(state["vocab"]) + 1, dtype=np.int64)
+        if len(flat):
+            starts = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]])
+            position = np.arange(len(flat)) - starts[parents]  # index of each value within its row
+            keep = position < width
+            out[parents[keep], position[keep]] = lookup(flat)[keep]
+        return out
 
     def _multi_hot(self, feat: MultiCategoricalFeature, table: pa.Table, source: str) -> np.ndarray:
         state = self.state[feat.name]

@@ -98,6 +98,10 @@ class MultiCategoricalFeature:
     mean- / sum-pooled embedding bag followed by a linear layer (``W^T (1/n) sum_i e_{v_i} = (1/n) sum_i
     W^T e_{v_i}``), so no model change is needed; ``max_vocab`` keeps the width bounded (default 64).
 
+    With ``embed: true`` it is a bag instead (DeepCTR's VarLenSparseFeat): ``max_values`` id columns (the row's
+    first values, padded), embedded from one table slice and mean- / sum-pooled inside the model, so the
+    width no longer grows with the vocabulary (use it for tags, categories, histories of thousands of values).
+
     Args:
         name: feature name (dense columns are named ``name=value`` and ``name=<oov>``).
         column: input column; defaults to ``name``.
@@ -105,6 +109,8 @@ class MultiCategoricalFeature:
         pooling: ``mean`` or ``sum``.
         min_count: values seen fewer times go to the OOV column.
         max_vocab: keep at most this many values (most frequent).
+        embed: a pooled embedding bag instead of multi-hot columns.
+        max_values: with ``embed``, values kept per row (the first ones; the rest are dropped).
     """
 
     name: str
@@ -113,6 +119,8 @@ class MultiCategoricalFeature:
     pooling: str = "mean"
     min_count: int = 1
     max_vocab: int = 64
+    embed: bool = False
+    max_values: int = 8
 
 
 @dataclass
@@ -240,13 +248,20 @@ class ExperimentConfig:
             cols.append(self.data.split.time_column)
         return list(dict.fromkeys(cols))
 
-    def model_config(self, num_dense: int, vocab_sizes: list[int]) -> ModelConfig:
+    def model_config(
+        self,
+        num_dense: int,
+        vocab_sizes: list[int],
+        bag_lengths: list[int] | None = None,
+        bag_pooling: list[str] | None = None,
+    ) -> ModelConfig:
         """The :class:`ModelConfig` for fitted encoders: ``model`` section + derived inputs and tasks."""
-        for derived in ("num_dense", "vocab_sizes", "tasks"):
+        for derived in ("num_dense", "vocab_sizes", "tasks", "bag_lengths", "bag_pooling"):
             if derived in self.model:
                 raise ConfigError(f"model.{derived}: derived from features/tasks; remove it from the config")
         tasks = [{"name": t.name, "type": t.type, "weight": t.weight} for t in self.tasks]
         data = {**self.model, "num_dense": num_dense, "vocab_sizes": list(vocab_sizes), "tasks": tasks}
+        data.update(bag_lengths=list(bag_lengths or []), bag_pooling=list(bag_pooling or []))
         return model_config_from_dict(data)
 
     def task_configs(self) -> list[TaskConfig]:
@@ -341,6 +356,8 @@ def validate_features(features: FeaturesSpec, path: str = "features") -> None:
                 )
                 _check(feat.min_count >= 1, f"{where}.min_count", f"must be >= 1, got {feat.min_count}")
                 _check(feat.max_vocab >= 1, f"{where}.max_vocab", f"must be >= 1, got {feat.max_vocab}")
+                _check(isinstance(feat.embed, bool), f"{where}.embed", "expected true or false")
+                _check(feat.max_values >= 1, f"{where}.max_values", f"must be >= 1, got {feat.max_values}")
     _check(bool(names), path, "no features: give at least one categorical, numeric or multi_categorical feature")
 
 
