@@ -46,6 +46,7 @@ def check_numerics(
     device: str = "cuda",
     schedule: str = "constant",
     warmup_steps: int = 0,
+    grad_clip: float = 0.0,
 ) -> dict:
     wl = WORKLOADS[workload]
     data = make_data(wl, wl.batch_size * batches + wl.batch_size // 3, seed=3).to(device)
@@ -62,6 +63,7 @@ def check_numerics(
         progress=False,
         schedule=schedule,
         warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
     )
     eager = Trainer(reference, config, cuda_graphs=False)
     graphed = Trainer(graphed_model, config)
@@ -93,7 +95,7 @@ def check_numerics(
     out = {
         "workload": workload,
         "precision": precision,
-        "schedule": f"{schedule}, warm-up {warmup_steps}",
+        "schedule": f"{schedule}, warm-up {warmup_steps}, grad clip {grad_clip:g}",
         "lr_first_last": [graphed_result.history[0]["lr"], graphed_result.history[-1]["lr"]],
         "step_path": graphed.step_path,
         "reason": graphed.step_path_reason,
@@ -128,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     checks = [check_numerics(w, p) for w in ("W2", "W1") for p in ("fp32", "bf16")]
-    # a learning-rate schedule inside the graph: the lr tensor is updated in place between replays
+    # a learning-rate schedule inside the graph (the lr tensor is updated in place between replays), and
+    # gradient clipping (norm and scale computed on the GPU)
     checks += [check_numerics(w, "fp32", schedule="cosine", warmup_steps=5) for w in ("W2", "W1")]
+    checks += [check_numerics(w, "fp32", schedule="cosine", warmup_steps=5, grad_clip=0.1) for w in ("W2", "W1")]
     report: dict = {"checks": checks}
     if not args.skip_timing:
         import peers

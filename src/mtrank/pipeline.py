@@ -50,6 +50,7 @@ from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.models import MultiTaskModel
+from mtrank.train.fast import clip_gradients
 from mtrank.train.trainer import RunState, Trainer, TrainResult, lr_lambda, resume, write_checkpoint
 
 
@@ -344,7 +345,7 @@ def train_streaming(
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                clip_gradients(trainer.optimizer, cfg.grad_clip)
             trainer.optimizer.step()
             scheduler.step()
             step += 1

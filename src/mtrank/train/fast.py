@@ -10,8 +10,9 @@ The Trainer selects this path by itself (:func:`cuda_graph_plan`) when it is saf
 * device is CUDA;
 * no randomness inside the step (no dropout, gate dropout or noisy top-k gates): graphs replay the same
   kernels, and keeping them deterministic keeps graphed training equal to eager training;
-* no gradient clipping (a per-step decision on the host); learning-rate schedules are fine: the lr is a GPU
-  tensor that the scheduler updates in place and the captured Adam kernel reads at every replay;
+* learning-rate schedules are fine: the lr is a GPU tensor that the scheduler updates in place and the
+  captured Adam kernel reads at every replay; so is gradient clipping (``clip_grad_norm_`` computes the norm
+  and the scale on the GPU, with no host sync);
 * full batches only: the last, shorter batch of an epoch runs eagerly.
 
 Otherwise, and on CPU, training runs the eager step. Warm-up: the first ``warmup_steps`` real steps run
@@ -44,14 +45,19 @@ def cuda_graph_plan(model: MultiTaskModel, config: TrainConfig, device: torch.de
         return False, "model.bias_dropout > 0 (random masks inside the step)"
     if mc.gate.top_k and mc.gate.noisy:
         return False, "noisy top-k gates (random noise inside the step)"
-    if config.grad_clip > 0:
-        return False, "train.grad_clip > 0"
     scheduled = config.schedule != "constant" or config.warmup_steps
     if scheduled and any(p.dtype != torch.float32 for p in model.parameters()):
         return False, "a learning-rate schedule with non-float32 parameters (the graph can follow only a float32 lr)"
     if config.optimizer not in ("adam", "adamw"):
         return False, f"optimizer {config.optimizer!r}"
     return True, "CUDA graph of the whole step (gather, forward, backward, fused capturable Adam)"
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Scale the gradients of ``optimizer``'s parameters to global L2 norm <= ``max_norm`` (no host sync, so
+    it can be captured; the eager and graphed steps both call this)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 class GraphedTrainStep:
@@ -67,6 +73,8 @@ class GraphedTrainStep:
         batch_size: rows per step, or the shape of the row-index tensor (``(R, B)`` for an ensemble of R runs);
             only batches of exactly this shape go through the graph.
         warmup_steps: eager steps (on a side stream) before the capture.
+        grad_clip: clip the gradients' global L2 norm to this before the optimizer step (0 = off), as the
+            Trainer's eager step does.
     """
 
     def __init__(
@@ -76,8 +84,10 @@ class GraphedTrainStep:
         train: TensorData,
         batch_size: int | tuple[int, ...],
         warmup_steps: int = 3,
+        grad_clip: float = 0.0,
     ) -> None:
         self.loss_fn = loss_fn
+        self.grad_clip = grad_clip
         self.optimizer = optimizer
         self.train = train
         self.batch_size = batch_size
@@ -104,6 +114,8 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=set_to_none)
         loss = self.loss_fn(self.train.take(index))
         loss.backward()
+        if self.grad_clip > 0:
+            clip_gradients(self.optimizer, self.grad_clip)
         self.optimizer.step()
         return loss.detach()
 

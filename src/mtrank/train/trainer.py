@@ -19,7 +19,7 @@ from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better
 from mtrank.models import MultiTaskModel
 from mtrank.train.distributed import barrier, rank_and_world
-from mtrank.train.fast import GraphedTrainStep, cuda_graph_plan
+from mtrank.train.fast import GraphedTrainStep, clip_gradients, cuda_graph_plan
 from mtrank.train.losses import distillation_loss, multitask_loss
 
 
@@ -257,8 +257,9 @@ class Trainer:
             # new optimizer) replaced the optimizer state the graph reads
             graphed = self.graphed_step
             stale = graphed is None or graphed.optimizer is not self.optimizer or result.resumed_from
+            stale = stale or graphed.grad_clip != cfg.grad_clip
             if stale or not graphed.serves(train, cfg.batch_size):
-                graphed = GraphedTrainStep(self._loss, self.optimizer, train, cfg.batch_size)
+                graphed = GraphedTrainStep(self._loss, self.optimizer, train, cfg.batch_size, grad_clip=cfg.grad_clip)
                 self.graphed_step = graphed
         self.model.train()
         bar = tqdm(
@@ -288,7 +289,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                        clip_gradients(self.optimizer, cfg.grad_clip)
                     self.optimizer.step()
                 scheduler.step()
                 step += 1
