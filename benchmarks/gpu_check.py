@@ -21,6 +21,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: the peers
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _peers.workloads import WORKLOADS, make_data  # noqa: E402
-from mtrank.config import TrainConfig  # noqa: E402
+from mtrank.config import GateConfig, TrainConfig  # noqa: E402
 from mtrank.models import MultiTaskModel  # noqa: E402
 from mtrank.train import Trainer  # noqa: E402
 
@@ -47,11 +48,12 @@ def check_numerics(
     schedule: str = "constant",
     warmup_steps: int = 0,
     grad_clip: float = 0.0,
+    model_overrides: dict | None = None,
 ) -> dict:
     wl = WORKLOADS[workload]
     data = make_data(wl, wl.batch_size * batches + wl.batch_size // 3, seed=3).to(device)
     torch.manual_seed(0)
-    reference = MultiTaskModel(wl.model_config())
+    reference = MultiTaskModel(dataclasses.replace(wl.model_config(), **(model_overrides or {})))
     graphed_model = copy.deepcopy(reference)
     config = TrainConfig(
         lr=1e-3,
@@ -95,7 +97,8 @@ def check_numerics(
     out = {
         "workload": workload,
         "precision": precision,
-        "schedule": f"{schedule}, warm-up {warmup_steps}, grad clip {grad_clip:g}",
+        "schedule": f"{schedule}, warm-up {warmup_steps}, grad clip {grad_clip:g}"
+        + "".join(f", {k}={v}" for k, v in (model_overrides or {}).items()),
         "lr_first_last": [graphed_result.history[0]["lr"], graphed_result.history[-1]["lr"]],
         "step_path": graphed.step_path,
         "reason": graphed.step_path_reason,
@@ -134,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     # gradient clipping (norm and scale computed on the GPU)
     checks += [check_numerics(w, "fp32", schedule="cosine", warmup_steps=5) for w in ("W2", "W1")]
     checks += [check_numerics(w, "fp32", schedule="cosine", warmup_steps=5, grad_clip=0.1) for w in ("W2", "W1")]
+    # random numbers inside the graph: dropout masks, gate dropout, noisy top-k gates, the bias tower's dropout
+    random = [
+        {"dropout": 0.1, "gate": GateConfig(dropout=0.1)},
+        {"gate": GateConfig(top_k=2, noisy=True), "bias_features": [0], "bias_dropout": 0.1},
+    ]
+    checks += [check_numerics("W2", p, model_overrides=m) for m in random for p in ("fp32", "bf16")]
     report: dict = {"checks": checks}
     if not args.skip_timing:
         import peers

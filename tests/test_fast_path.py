@@ -45,17 +45,22 @@ def test_a_tensor_learning_rate_survives_a_checkpoint_as_the_same_tensor():
 
 
 @pytest.mark.parametrize(
-    "model_kwargs, train_kwargs, why",
-    [
-        ({"dropout": 0.1}, {}, "model.dropout"),
-        ({"gate": GateConfig(dropout=0.1)}, {}, "gate.dropout"),
-        ({"gate": GateConfig(top_k=2, noisy=True)}, {}, "noisy top-k"),
-    ],
+    "model_kwargs",
+    [{"dropout": 0.1}, {"gate": GateConfig(dropout=0.1)}, {"gate": GateConfig(top_k=2, noisy=True)}],
 )
-def test_cuda_graphs_are_refused_where_replay_would_not_equal_eager(model_kwargs, train_kwargs, why):
-    ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(**train_kwargs), CUDA)
-    assert not ok
-    assert why in reason
+def test_random_masks_are_graphed_for_the_trainer_but_not_for_the_ensemble(model_kwargs):
+    ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(), CUDA)
+    assert ok, reason
+    ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(), CUDA, allow_randomness=False)
+    assert not ok and "random numbers inside the step" in reason
+
+
+def test_cuda_graphs_are_refused_for_other_optimizers_and_float64_schedules():
+    ok, reason = cuda_graph_plan(model(), TrainConfig(optimizer="adamw"), CUDA)
+    assert ok, reason
+    double = model().double()
+    ok, reason = cuda_graph_plan(double, TrainConfig(schedule="cosine"), CUDA)
+    assert not ok and "non-float32" in reason
 
 
 def test_cpu_training_takes_the_eager_path_even_when_graphs_are_asked_for():

@@ -203,7 +203,7 @@ class Ensemble:
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
         # on CUDA, the whole ensemble step in one CUDA graph where replay is exactly the eager step (as Trainer)
-        use_graph = cuda_graph_plan(self.base, cfg, self.device)[0] and self.cuda_graphs
+        use_graph = cuda_graph_plan(self.base, cfg, self.device, allow_randomness=False)[0] and self.cuda_graphs
         # the Trainer's optimizer (fused Adam): the same update arithmetic as a single run, eager or graphed
         optimizer = make_optimizer(self.params.values(), cfg, self.device, capturable=use_graph)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
