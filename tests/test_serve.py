@@ -131,8 +131,9 @@ def test_a_request_blend_overrides_the_default(client):
         (
             {"context": {"country": 10**30, "hour": 1}, "candidates": CANDIDATES},
             422,
-            "candidates[0]: feature 'country' is an integer outside the 64-bit range",
+            "context: feature 'country' is an integer outside the 64-bit range",
         ),
+        ({"context": {**CONTEXT, "colour": "red"}, "candidates": CANDIDATES}, 422, "context: unknown feature 'colour'"),
         ({"context": {"country": "fr", "hour": 10**400}, "candidates": CANDIDATES}, 422, "feature 'hour'"),
     ],
 )

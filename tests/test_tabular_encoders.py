@@ -256,3 +256,20 @@ def test_an_embedded_multi_valued_feature_becomes_padded_bag_ids():
     )
     _, unseen = enc.transform_records([{"city": "a", "tags": "zz|x"}])
     assert unseen[0, 1:].tolist() == [0, ids["x"], pad]  # unseen value -> 0 (OOV), not padding
+
+
+def test_shared_features_encode_as_if_merged_into_every_record():
+    enc = FeatureEncoder(spec()).fit(frame())
+    shared = {"city": "rome", "age": 30.0}
+    records = [
+        {"user": "u1", "item_id": 10, "spend": 1.0, "genres": "a"},
+        {"user": "zz", "item_id": 11, "spend": None, "genres": ["a", "b"]},
+    ]
+    merged = enc.transform_records([{**shared, **r} for r in records])
+    split = enc.transform_records(records, shared=shared, shared_name="context")
+    for a, b in zip(merged, split):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="context: feature 'age' has str"):
+        enc.transform_records(records, shared={**shared, "age": "old"}, shared_name="context")
+    with pytest.raises(DataError, match="records\\[0\\]: feature 'city' is also in context"):
+        enc.transform_records([{**records[0], "city": "oslo"}], shared=shared, shared_name="context")

@@ -511,8 +511,18 @@ class FeatureEncoder:
             counts /= np.maximum(lengths, 1.0)[:, None]
         return counts
 
-    def transform_records(self, records: list[dict[str, Any]], strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def transform_records(
+        self,
+        records: list[dict[str, Any]],
+        strict: bool = True,
+        shared: dict[str, Any] | None = None,
+        shared_name: str = "shared",
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Encode request records (``[{column: value}]``) exactly as :meth:`transform` encodes a file.
+
+        ``shared``: features common to every record (a request's context), given once: checked once and
+        repeated for every record, as if merged into each (a feature must not be in both); its errors are
+        named ``shared_name``.
 
         Raises :class:`DataError` naming the record index and feature for a missing feature, an unknown key
         (with ``strict``) or a wrongly typed value (numeric: number or null; categorical: string, int or null;
@@ -520,39 +530,63 @@ class FeatureEncoder:
         """
         if not isinstance(records, list):
             raise DataError(f"records: expected a list of objects, got {type(records).__name__}")
+        shared = {} if shared is None else shared
+        if not isinstance(shared, dict):
+            raise DataError(f"{shared_name}: expected an object of features, got {type(shared).__name__}")
         # checked column-wise (a request is ~100 records x ~40 features; per-value Python was most of its
         # encoding time); an error names the first bad record, and in it the first bad feature, as a loop would
         inputs = self.input_columns
         known = set(inputs)
         numeric = {f.column for f in self.features.numeric}
         multi = {f.column for f in self.features.multi_categorical}
+
+        def kind(column: str) -> str:
+            return "numeric" if column in numeric else "multi" if column in multi else "categorical"
+
+        if strict and set(shared) - known:
+            unknown = sorted(set(shared) - known)
+            raise DataError(f"{shared_name}: unknown feature {unknown[0]!r}; the model reads {inputs}")
+        for column in inputs:
+            if column in shared and not _RECORD_CHECKS[kind(column)](shared[column]):
+                value = shared[column]
+                raise DataError(
+                    f"{shared_name}: feature {column!r} has {type(value).__name__} {value!r}; expected "
+                    f"{_RECORD_EXPECTED[kind(column)]}"
+                )
+        own = [c for c in inputs if c not in shared]
+        own_keys = set(own)
         for i, record in enumerate(records):
             if not isinstance(record, dict):
                 raise DataError(f"records[{i}]: expected an object of features, got {type(record).__name__}")
-            if record.keys() != known:
-                missing = [c for c in inputs if c not in record]
+            if record.keys() != own_keys:
+                both = sorted(set(record) & set(shared))
+                if both:
+                    raise DataError(f"records[{i}]: feature {both[0]!r} is also in {shared_name}")
+                missing = [c for c in own if c not in record]
                 if missing:
                     raise DataError(f"records[{i}]: missing feature {missing[0]!r} (required: {inputs})")
                 if strict:
-                    unknown = sorted(set(record) - known)
+                    unknown = sorted(set(record) - own_keys)
                     raise DataError(f"records[{i}]: unknown feature {unknown[0]!r}; the model reads {inputs}")
-        columns = {c: [record[c] for record in records] for c in inputs}
+        n = len(records)
+        columns = {c: [shared[c]] * n if c in shared else [record[c] for record in records] for c in inputs}
         bad: tuple[int, int] | None = None  # (record, position of the feature in inputs) of the first bad value
         for position, column in enumerate(inputs):
+            if column in shared:
+                continue  # checked once above
+            check = _RECORD_CHECKS[kind(column)]
             values = columns[column]
-            kind = "numeric" if column in numeric else "multi" if column in multi else "categorical"
-            if all(map(_RECORD_CHECKS[kind], values)):
+            if all(map(check, values)):
                 continue
-            row = next(r for r, v in enumerate(values) if not _RECORD_CHECKS[kind](v))
+            row = next(r for r, v in enumerate(values) if not check(v))
             bad = min(bad, (row, position)) if bad else (row, position)
         if bad is not None:
             row, position = bad
             column = inputs[position]
             value = records[row][column]
-            kind = "numeric" if column in numeric else "multi" if column in multi else "categorical"
             raise DataError(
                 f"records[{row}]: feature {column!r} has {type(value).__name__} {value!r}; expected "
-                f"{_RECORD_EXPECTED[kind]}"
+                f"{_RECORD_EXPECTED[kind(column)]}"
             )
         arrays = {}
         for column, values in columns.items():

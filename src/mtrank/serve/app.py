@@ -143,25 +143,22 @@ class ScoringService:
             )
         if self.encoder is None:
             return self._encode_raw(context, candidates)
-        shared = set(context)
-        records = []
-        for i, candidate in enumerate(candidates):
-            both = sorted(shared & set(candidate))
-            if both:
-                raise RequestError(
-                    f"candidates[{i}]: feature {both[0]!r} is also in the context; give each feature in one place"
-                )
-            records.append({**context, **candidate})
-        try:
-            dense, sparse = self.encoder.transform_records(records, strict=True)
+        try:  # the context is checked and encoded once, shared by every candidate
+            dense, sparse = self.encoder.transform_records(
+                candidates, strict=True, shared=context, shared_name="context"
+            )
         except ValueError as err:
             message = str(err).replace("records[", "candidates[")
             if "missing feature" in message:
                 message += " (give it in the context or in every candidate)"
-            raise RequestError(_name_huge_integer(records) or message) from None
+            if "is also in context" in message:
+                message = message.replace(
+                    "is also in context", "is also in the context; give each feature in one place"
+                )
+            raise RequestError(_name_huge_integer(context, candidates) or message) from None
         except (OverflowError, TypeError, ArithmeticError) as err:
             raise RequestError(
-                _name_huge_integer(records) or f"candidates: a value cannot be encoded ({err})"
+                _name_huge_integer(context, candidates) or f"candidates: a value cannot be encoded ({err})"
             ) from None
         return dense, sparse
 
@@ -237,12 +234,12 @@ class ScoringService:
         )
 
 
-def _name_huge_integer(records: list[dict[str, Any]]) -> str | None:
+def _name_huge_integer(context: dict[str, Any], candidates: list[dict[str, Any]]) -> str | None:
     """The first integer outside int64 (JSON allows any size), as an error message naming where it is."""
-    for i, record in enumerate(records):
-        for name, value in record.items():
+    for where, record in (("context", context), *((f"candidates[{i}]", c) for i, c in enumerate(candidates))):
+        for name, value in record.items() if isinstance(record, dict) else ():
             if isinstance(value, int) and not -(2**63) <= value < 2**63:
-                return f"candidates[{i}]: feature {name!r} is an integer outside the 64-bit range"
+                return f"{where}: feature {name!r} is an integer outside the 64-bit range"
     return None
 
 
