@@ -128,13 +128,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     rng_state: torch.Tensor,
+    cuda_rng_state: torch.Tensor | None = None,
 ) -> None:
     """Write a resumable checkpoint: the trainer state JSON is written last, so a checkpoint whose
-    ``trainer_state.json`` exists is complete."""
+    ``trainer_state.json`` exists is complete. ``cuda_rng_state``: the GPU generator's state (dropout masks
+    drawn on the GPU), when training runs there."""
     directory = Path(directory)
     save_model(model, directory)
     tensors, opt_meta = optimizer_to_tensors(optimizer)
     tensors["rng_state"] = rng_state
+    if cuda_rng_state is not None:
+        tensors["cuda_rng_state"] = cuda_rng_state
     _atomic_save_tensors(tensors, directory / "optimizer.safetensors")
     _atomic_write_text(directory / "trainer_state.json", json.dumps({**trainer_state, "optimizer": opt_meta}))
 

@@ -68,6 +68,9 @@ def resume(
     model_state, opt_tensors, saved = loaded
     model.load_state_dict(model_state)
     torch.set_rng_state(opt_tensors.pop("rng_state"))
+    cuda_rng = opt_tensors.pop("cuda_rng_state", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     optimizer_from_tensors(optimizer, opt_tensors, saved["optimizer"])
     scheduler.last_epoch = saved["step"]  # the optimizer state already holds the matching lr
     state.step = result.resumed_from = saved["step"]
@@ -101,6 +104,7 @@ def write_checkpoint(
             "extra": state.extra,
         },
         torch.get_rng_state(),
+        torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     )
 
 
