@@ -11,6 +11,7 @@ from mtrank.config import ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import make_synthetic
 from mtrank.models import MultiTaskModel
 from mtrank.train import Trainer
+from mtrank.train.distributed import shutdown
 
 TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
 
@@ -29,7 +30,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     Trainer(model, TrainConfig(epochs=2, batch_size=40, lr=1e-2, progress=False)).fit(data)
     if rank == 0:
         torch.save(model.state_dict(), out)
-    dist.destroy_process_group()
+    shutdown()  # barrier, then destroy: no rank exits with Gloo work in flight
 
 
 def test_two_rank_ddp_equals_one_process_with_twice_the_batch(tmp_path):

@@ -83,14 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from mtrank.train.distributed import init_from_env
+    from mtrank.train.distributed import init_from_env, shutdown
 
-    init_from_env()  # under torchrun: join the process group, so trainers train data-parallel
+    distributed = init_from_env()  # under torchrun: join the process group, so trainers train data-parallel
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"mtrank {args.command}: error: {err}", file=sys.stderr)
         return 1
+    if distributed:
+        shutdown()
+    return code
 
 
 if __name__ == "__main__":

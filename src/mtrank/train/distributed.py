@@ -38,3 +38,11 @@ def rank_and_world() -> tuple[int, int]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it. Without this, Gloo's worker
+    threads can still hold work items when the interpreter exits, which aborts the process (SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
