@@ -4,7 +4,7 @@
 
 1. Exactness (8 members, 50 steps at lr 1e-2, the paper's synthetic MMoE, one fresh dataset per member): the
    eager ensemble (``cuda_graphs=False``) and the graphed one from the same start must end with the same
-   weights; member 0 is compared with the same seed trained alone by ``Trainer`` (graphed).
+   weights, also with dropout and with gate dropout (random masks inside the graph).
    Then member 0 of a 4-member ensemble against seed 0 trained alone over the full run, in float32 and in
    float64 (where the two must agree to rounding: the float32 gap is rounding amplified by training).
 2. Speed: ``runs`` runs x ``steps`` steps as one graphed ensemble against one run alone (``Trainer``, graphed),
@@ -16,12 +16,13 @@ Prints a table; ``--json`` writes the numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 
-from mtrank.config import TrainConfig
+from mtrank.config import GateConfig, TrainConfig
 from mtrank.data import TensorData
 from mtrank.data.synthetic import SyntheticConfig, make_synthetic
 from mtrank.experiments.synthetic import paper_model
@@ -94,6 +95,15 @@ def main() -> None:
     report["graph"] = {"replays": g.replays, "eager_steps": g.eager_steps, "failure": g.failure}
     print(f"graphed vs eager ensemble, max |w| difference after 50 steps: {report['graphed_vs_eager_max_abs']:.3e}")
     print(f"  ({g.replays} graph replays, {g.eager_steps} eager steps, failure: {g.failure or 'none'})")
+    for name, extra in (("dropout 0.1", {"dropout": 0.1}), ("gate dropout 0.1", {"gate": GateConfig(dropout=0.1)})):
+        config = dataclasses.replace(paper_model("mmoe"), **extra)  # random masks inside the graph
+        pair = [Ensemble(config, list(range(8)), "cuda", cuda_graphs=graphs) for graphs in (False, True)]
+        for member_set in pair:
+            torch.manual_seed(7)  # the same GPU generator state for both
+            member_set.fit(small_train, small_valid, short)
+        gap = max(float((pair[0].params[k] - pair[1].params[k]).detach().abs().max()) for k in pair[0].params)
+        report[f"graphed_vs_eager_max_abs_{name.replace(' ', '_')}"] = gap
+        print(f"  with {name}: max |w| difference {gap:.3e} ({pair[1].graphed_step.replays} replays)")
     for dtype in (torch.float32, torch.float64):  # member 0 vs seed 0 alone; float64 shows what is rounding
         torch.set_default_dtype(dtype)
         try:

@@ -48,7 +48,7 @@ def test_a_tensor_learning_rate_survives_a_checkpoint_as_the_same_tensor():
     "model_kwargs",
     [{"dropout": 0.1}, {"gate": GateConfig(dropout=0.1)}, {"gate": GateConfig(top_k=2, noisy=True)}],
 )
-def test_random_masks_are_graphed_for_the_trainer_but_not_for_the_ensemble(model_kwargs):
+def test_random_masks_are_graphed_unless_a_deterministic_step_is_asked_for(model_kwargs):
     ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(), CUDA)
     assert ok, reason
     ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(), CUDA, allow_randomness=False)

@@ -5,7 +5,9 @@
 The total loss is the sum of the members' losses, so each member's gradient is exactly its own; Adam is
 element-wise, so one Adam over the stacked tensors is R independent Adams. A member therefore follows the same
 trajectory as :class:`~mtrank.train.Trainer` on that seed alone (same initialisation, same shuffling, same
-evaluation and best-step selection), up to float rounding of batched vs. plain matmuls (tested).
+evaluation and best-step selection), up to float rounding of batched vs. plain matmuls (tested). With dropout
+(or gate dropout, noisy gates) the members draw their masks from one batched draw, so they train like, but
+not mask for mask as, the single runs.
 
 Data: every member reads either its own dataset (``dense [R, N, F]``, e.g. a fresh synthetic draw per run) or
 one shared dataset (``[N, F]``, e.g. census with different seeds).
@@ -203,7 +205,7 @@ class Ensemble:
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
         # on CUDA, the whole ensemble step in one CUDA graph where replay is exactly the eager step (as Trainer)
-        use_graph = cuda_graph_plan(self.base, cfg, self.device, allow_randomness=False)[0] and self.cuda_graphs
+        use_graph = cuda_graph_plan(self.base, cfg, self.device)[0] and self.cuda_graphs
         # the Trainer's optimizer (fused Adam): the same update arithmetic as a single run, eager or graphed
         optimizer = make_optimizer(self.params.values(), cfg, self.device, capturable=use_graph)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

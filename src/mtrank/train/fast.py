@@ -53,10 +53,10 @@ def cuda_graph_plan(
 ) -> tuple[bool, str]:
     """Whether a training step may be captured in a CUDA graph, and why (or why not).
 
-    Random masks and noise inside the step are fine for the Trainer: PyTorch's CUDA graphs advance the
-    generator's Philox offset at every replay exactly as the eager step would (measured on an H100: dropout,
-    gate dropout, noisy gates and bias dropout give bit-identical weights graphed and eager). The vmapped
-    ensemble has not been checked with them, so it passes ``allow_randomness=False``.
+    Random masks and noise inside the step are fine: PyTorch's CUDA graphs advance the generator's Philox
+    offset at every replay exactly as the eager step would (measured on an H100: dropout, gate dropout, noisy
+    gates and bias dropout give bit-identical weights graphed and eager, for the Trainer and for the vmapped
+    ensemble). ``allow_randomness=False`` refuses them, for callers that need a deterministic step.
     """
     if device.type != "cuda":
         return False, f"device is {device.type}, CUDA graphs need a CUDA device"
