@@ -47,11 +47,11 @@ from mtrank.data.readers import (
 from mtrank.data.schema import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.streaming import EncodedStream, stream_loader
 from mtrank.data.tensors import TensorData
-from mtrank.evaluate.metrics import evaluate, higher_is_better, predict_batches
+from mtrank.evaluate.metrics import evaluate, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.models import MultiTaskModel
 from mtrank.train.fast import clip_gradients
-from mtrank.train.trainer import RunState, Trainer, TrainResult, lr_lambda, resume, write_checkpoint
+from mtrank.train.trainer import Trainer, TrainResult, lr_lambda, resume
 
 
 @dataclass
@@ -312,12 +312,10 @@ def train_streaming(
     total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_lambda(cfg, total_steps))
-    higher = higher_is_better(cfg.monitor)
     result = TrainResult()
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     run = resume(ckpt_dir, model, trainer.optimizer, scheduler, result)
-    step, bad_evals, best_state = run.step, run.bad_evals, run.best_state
     epoch, skip = run.extra.get("epoch", 0), run.extra.get("batch", 0)
     if run.step and run.extra.get("workers", workers) != workers:
         warnings.warn(
@@ -325,15 +323,14 @@ def train_streaming(
             f"{run.extra['workers']}: the rest of the epoch is read in a different batch order",
             stacklevel=2,
         )
-    resumed_samples = result.samples = run.samples
+    resumed_samples = run.samples
     running, running_steps = 0.0, 0
     model.train()
     bar = tqdm(
-        total=total_steps, initial=step, disable=not cfg.progress, desc="train (stream)", unit="step", leave=False
+        total=total_steps, initial=run.step, disable=not cfg.progress, desc="train (stream)", unit="step", leave=False
     )
     start = time.perf_counter()
-    stop = run.stopped
-    while step < total_steps and not stop:
+    while run.step < total_steps and not run.stopped:
         stream.set_epoch(epoch)
         batch_in_epoch = 0
         for batch in stream_loader(stream, workers):
@@ -348,53 +345,25 @@ def train_streaming(
                 clip_gradients(trainer.optimizer, cfg.grad_clip)
             trainer.optimizer.step()
             scheduler.step()
-            step += 1
-            result.samples += len(batch)
+            run.step += 1
+            run.samples += len(batch)
             running += float(loss.detach())
             running_steps += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total_steps:
-                record = {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "samples": result.samples,
-                    "train_loss": running / max(running_steps, 1),
-                    "lr": float(trainer.optimizer.param_groups[0]["lr"]),
-                }
+            if run.step % eval_every == 0 or run.step == total_steps:
+                train_loss = running / max(running_steps, 1)
                 running, running_steps = 0.0, 0
-                if valid is not None and len(valid):
-                    metrics = evaluate(model, valid)
-                    model.train()
-                    record.update({f"valid/{k}": v for k, v in metrics.items()})
-                    value = metrics.get(cfg.monitor, math.nan)
-                    if not math.isnan(value) and (
-                        math.isnan(result.best_value)
-                        or (value > result.best_value if higher else value < result.best_value)
-                    ):
-                        result.best_step, result.best_value, result.best_metrics = step, value, metrics
-                        best_state = copy.deepcopy(model.state_dict())
-                        bad_evals = 0
-                        if ckpt_dir is not None:
-                            save_model(model, ckpt_dir / "best", {"step": step, "monitor": cfg.monitor})
-                    else:
-                        bad_evals += 1
-                    stop = bool(cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience)
-                result.history.append(record)
-                if ckpt_dir is not None and (
-                    cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0 or stop or step == total_steps
-                ):
-                    position = {"epoch": epoch, "batch": batch_in_epoch, "workers": workers}
-                    state = RunState(step, result.samples, bad_evals, stop, extra=position)
-                    write_checkpoint(ckpt_dir, model, trainer.optimizer, result, state)
-            if step >= total_steps or stop:
+                run.extra = {"epoch": epoch, "batch": batch_in_epoch, "workers": workers}  # the stream position
+                trainer.evaluate_and_checkpoint(run, result, valid, train_loss, steps_per_epoch, total_steps, ckpt_dir)
+            if run.step >= total_steps or run.stopped:
                 break
         epoch, skip = epoch + 1, 0
     bar.close()
-    result.steps = step
-    result.samples -= resumed_samples
+    result.steps = run.step
+    result.samples = run.samples - resumed_samples
     result.seconds = time.perf_counter() - start
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     return result
 
 

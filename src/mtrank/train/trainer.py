@@ -246,15 +246,13 @@ class Trainer:
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
-        higher = higher_is_better(cfg.monitor)
         result = TrainResult()
         torch.manual_seed(cfg.seed)
         ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         run = resume(ckpt_dir, self.model, self.optimizer, scheduler, result)
-        step, samples, bad_evals, best_state = run.step, run.samples, run.bad_evals, run.best_state
         if run.stopped:
-            total_steps = step
-        resumed_samples = samples
+            total_steps = run.step
+        resumed_samples = run.samples
         graphed = None
         if self.cuda_graphs:
             # a later fit on the same tensors replays the graph already captured, unless a checkpoint (or a
@@ -268,7 +266,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(
             total=total_steps,
-            initial=step,
+            initial=run.step,
             disable=not cfg.progress or rank != 0,
             desc="train",
             unit="step",
@@ -278,9 +276,8 @@ class Trainer:
         running = torch.zeros((), device=self.device)
         running_steps = 0
         start = time.perf_counter()
-        stop = False
-        while step < total_steps and not stop:
-            epoch, offset = divmod(step, steps_per_epoch)
+        while run.step < total_steps and not run.stopped:
+            epoch, offset = divmod(run.step, steps_per_epoch)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=gen).to(self.device)
             for i in range(offset, steps_per_epoch):
@@ -296,56 +293,68 @@ class Trainer:
                         clip_gradients(self.optimizer, cfg.grad_clip)
                     self.optimizer.step()
                 scheduler.step()
-                step += 1
-                samples += idx.numel() * world
+                run.step += 1
+                run.samples += idx.numel() * world
                 running += loss.detach()
                 running_steps += 1
-                if cfg.progress and step % 25 == 0:
+                if cfg.progress and run.step % 25 == 0:
                     bar.update(25 if bar.n + 25 <= total_steps else total_steps - bar.n)
                     bar.set_postfix(loss=f"{float(running) / running_steps:.4f}", refresh=False)
-                if step % eval_every == 0 or step == total_steps:
-                    record = {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "samples": samples,
-                        "train_loss": float(running) / max(running_steps, 1),
-                        "lr": float(self.optimizer.param_groups[0]["lr"]),
-                    }
+                if run.step % eval_every == 0 or run.step == total_steps:
+                    train_loss = float(running) / max(running_steps, 1)
                     running.zero_()
                     running_steps = 0
-                    if valid is not None and len(valid) > 0:
-                        metrics = evaluate(self.model, valid)
-                        self.model.train()
-                        record.update({f"valid/{k}": v for k, v in metrics.items()})
-                        value = metrics.get(cfg.monitor, math.nan)
-                        improved = not math.isnan(value) and (
-                            math.isnan(result.best_value)
-                            or (value > result.best_value if higher else value < result.best_value)
-                        )
-                        if improved:
-                            result.best_step, result.best_value, result.best_metrics = step, value, metrics
-                            best_state = copy.deepcopy(self.model.state_dict())
-                            bad_evals = 0
-                            if ckpt_dir is not None and rank == 0:
-                                save_model(self.model, ckpt_dir / "best", {"step": step, "monitor": cfg.monitor})
-                        else:
-                            bad_evals += 1
-                        if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                            stop = True
-                    result.history.append(record)
-                    if ckpt_dir is not None and (
-                        cfg.checkpoint_every == 0 or step % cfg.checkpoint_every == 0 or stop or step == total_steps
-                    ):
-                        if rank == 0:  # one writer; the others wait for a complete checkpoint
-                            run = RunState(step, samples, bad_evals, stop)
-                            write_checkpoint(ckpt_dir, self.model, self.optimizer, result, run)
-                        barrier()
-                if step >= total_steps or stop:
+                    self.evaluate_and_checkpoint(run, result, valid, train_loss, steps_per_epoch, total_steps, ckpt_dir)
+                if run.step >= total_steps or run.stopped:
                     break
         bar.close()
-        result.steps = step
-        result.samples = samples - resumed_samples
+        result.steps = run.step
+        result.samples = run.samples - resumed_samples
         result.seconds = time.perf_counter() - start
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
+        if run.best_state is not None:
+            self.model.load_state_dict(run.best_state)
         return result
+
+    def evaluate_and_checkpoint(
+        self,
+        run: RunState,
+        result: TrainResult,
+        valid: TensorData | None,
+        train_loss: float,
+        steps_per_epoch: int,
+        total_steps: int,
+        ckpt_dir: Path | None,
+    ) -> None:
+        """At an evaluation step (in-memory and streaming training alike): append the history record, evaluate
+        on ``valid``, keep the best weights (and ``ckpt_dir/best``), count evaluations without improvement
+        (early stopping sets ``run.stopped``), and write ``ckpt_dir/last`` when a checkpoint is due."""
+        cfg = self.config
+        record = {
+            "step": run.step,
+            "epoch": run.step / steps_per_epoch,
+            "samples": run.samples,
+            "train_loss": train_loss,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        if valid is not None and len(valid) > 0:
+            metrics = evaluate(self.model, valid)
+            self.model.train()
+            record.update({f"valid/{k}": v for k, v in metrics.items()})
+            value = metrics.get(cfg.monitor, math.nan)
+            best = result.best_value
+            higher = higher_is_better(cfg.monitor)
+            if not math.isnan(value) and (math.isnan(best) or (value > best if higher else value < best)):
+                result.best_step, result.best_value, result.best_metrics = run.step, value, metrics
+                run.best_state = copy.deepcopy(self.model.state_dict())
+                run.bad_evals = 0
+                if ckpt_dir is not None and self.rank == 0:
+                    save_model(self.model, ckpt_dir / "best", {"step": run.step, "monitor": cfg.monitor})
+            else:
+                run.bad_evals += 1
+            run.stopped = bool(cfg.early_stopping_patience and run.bad_evals >= cfg.early_stopping_patience)
+        result.history.append(record)
+        due = cfg.checkpoint_every == 0 or run.step % cfg.checkpoint_every == 0
+        if ckpt_dir is not None and (due or run.stopped or run.step == total_steps):
+            if self.rank == 0:  # one writer; the others wait for a complete checkpoint
+                write_checkpoint(ckpt_dir, self.model, self.optimizer, result, run)
+            barrier()
