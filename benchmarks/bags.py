@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 
 from mtrank.config import ModelConfig, TaskConfig, TrainConfig
+from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, MultiCategoricalFeature, NumericFeature, TaskSpec
 from mtrank.data.encoders import FeatureEncoder, as_table
 from mtrank.data.readers import encode_labels
-from mtrank.data.schema import CategoricalFeature, FeaturesSpec, MultiCategoricalFeature, NumericFeature, TaskSpec
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate
-from mtrank.models import MultiTaskModel, count_parameters
+from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.train import Trainer
 
 

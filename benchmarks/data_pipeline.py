@@ -116,7 +116,7 @@ def cmd_generate(args) -> dict:
 
 
 def experiment(path: Path, batch_size: int = 2048, workers: int = 1):
-    from mtrank.data.schema import experiment_from_dict
+    from mtrank.config.experiment import experiment_from_dict
 
     return experiment_from_dict(
         {
@@ -189,10 +189,11 @@ def cmd_train(args) -> dict:
     """Samples/s of one model and step count: Trainer on in-memory TensorData vs train_streaming (Parquet)."""
     import torch
 
+    from mtrank.data.splits import encode_table
     from mtrank.data.streaming import EncodedStream
     from mtrank.data.tensors import TensorData
-    from mtrank.models import MultiTaskModel
-    from mtrank.pipeline import encode_table, train_streaming
+    from mtrank.model import MultiTaskModel
+    from mtrank.pipeline import train_streaming
     from mtrank.train import Trainer
 
     path = data_dir(args.data, args.rows)
@@ -239,7 +240,7 @@ def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> Non
         torch.set_num_threads(threads)
 
     from mtrank.data.streaming import EncodedStream, stream_loader
-    from mtrank.models import MultiTaskModel
+    from mtrank.model import MultiTaskModel
     from mtrank.train import Trainer
 
     cfg, encoder, _ = fitted_encoder(Path(path), 200_000)

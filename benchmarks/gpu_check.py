@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _peers.workloads import WORKLOADS, make_data  # noqa: E402
 from mtrank.config import GateConfig, TrainConfig  # noqa: E402
-from mtrank.models import MultiTaskModel  # noqa: E402
+from mtrank.model import MultiTaskModel  # noqa: E402
 from mtrank.train import Trainer  # noqa: E402
 
 # per-step loss relative difference, and relative L2 distance of the final weights, graphed vs eager

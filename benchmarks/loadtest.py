@@ -32,11 +32,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mtrank.checkpoint import save_model  # noqa: E402
+from mtrank.artifacts import save_model  # noqa: E402
 from mtrank.config import ModelConfig, TaskConfig  # noqa: E402
+from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, NumericFeature  # noqa: E402
 from mtrank.data.encoders import FeatureEncoder  # noqa: E402
-from mtrank.data.schema import CategoricalFeature, FeaturesSpec, NumericFeature  # noqa: E402
-from mtrank.models import MultiTaskModel  # noqa: E402
+from mtrank.model import MultiTaskModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 USER_CAT = [f"user_c{i}" for i in range(13)]

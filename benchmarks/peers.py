@@ -276,7 +276,7 @@ def auc_check(args) -> dict:
     """mtrank on W2, fp32 vs bf16 autocast: same seed, same data, test AUC per task."""
     from mtrank.config import TrainConfig
     from mtrank.evaluate import evaluate
-    from mtrank.models import MultiTaskModel
+    from mtrank.model import MultiTaskModel
     from mtrank.train import Trainer
 
     wl = WORKLOADS["W2"]

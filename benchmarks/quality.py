@@ -24,12 +24,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from mtrank.config.experiment import experiment_from_dict
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.schema import experiment_from_dict
+from mtrank.data.splits import encode_table, load_splits
 from mtrank.evaluate.metrics import evaluate
 from mtrank.evaluate.report import fmt_mean_std, markdown_table, mean_std
-from mtrank.models import MultiTaskModel, count_parameters
-from mtrank.pipeline import encode_table, load_splits
+from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

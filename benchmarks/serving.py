@@ -35,10 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from mtrank.checkpoint import load_model, save_model  # noqa: E402
+from mtrank.artifacts import load_model, save_model  # noqa: E402
 from mtrank.config import ModelConfig, TaskConfig, TrainConfig  # noqa: E402
 from mtrank.data import TensorData  # noqa: E402
-from mtrank.models import MultiTaskModel  # noqa: E402
+from mtrank.model import MultiTaskModel  # noqa: E402
 from mtrank.serve.backends import Scorer  # noqa: E402
 from mtrank.train import Trainer  # noqa: E402
 
@@ -141,7 +141,7 @@ def bf16_error_attribution(model: MultiTaskModel, reference: np.ndarray, test: T
     """Max score change when only the first expert layer runs in bf16: input rounded vs input split."""
     import copy
 
-    from mtrank.serve.precision import Bf16StackedLinear
+    from mtrank.export.precision import Bf16StackedLinear
 
     out = {}
     for name, split in (("first_layer_bf16_input_rounded", False), ("first_layer_bf16_input_split", True)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 
 
 def naive_forward(

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtrank.data.preference import make_preference_logs
-from mtrank.serve.blend import Blend, blend_objective, mean_top_k, ranking, simplex_grid, tune_blend
-from mtrank.serve.learned_blend import LearnedBlendConfig, train_learned_blend
+from mtrank.blend.learned import LearnedBlendConfig, train_learned_blend
+from mtrank.blend.rules import Blend, blend_objective, mean_top_k, ranking, simplex_grid, tune_blend
+from mtrank.experiments.preference import make_preference_logs
 
 TASKS = ["click", "like"]
 
@@ -213,7 +213,7 @@ def test_blend_tune_command_writes_a_blend_the_service_can_read(tmp_path):
 
 
 def test_learned_blend_study_reports_every_method():
-    from mtrank.serve.learned_demo import run_learned_blend_demo
+    from mtrank.experiments.learned_blend import run_learned_blend_demo
 
     report = run_learned_blend_demo(requests=300, lambdas=[2.0], epochs=2, seeds=1)
     assert set(report["rewards"]) == {
@@ -226,12 +226,12 @@ def test_learned_blend_study_reports_every_method():
 
 
 def test_fit_learned_from_a_logs_file_then_the_service_blends_per_request(tmp_path, capsys):
-    from mtrank.checkpoint import save_model
+    from mtrank.artifacts import save_model
     from mtrank.cli import main
     from mtrank.config import ModelConfig, TaskConfig
-    from mtrank.models import MultiTaskModel
+    from mtrank.experiments.learned_blend import write_preference_logs
+    from mtrank.model import MultiTaskModel
     from mtrank.serve.app import ScoringService
-    from mtrank.serve.learned_demo import write_preference_logs
 
     logs = tmp_path / "logs.parquet"
     write_preference_logs(str(logs), requests=600, seed=0)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from mtrank.config import ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import make_synthetic
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.train import Trainer
 from mtrank.train.distributed import shutdown
 

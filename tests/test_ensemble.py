@@ -6,7 +6,7 @@ import torch
 from mtrank.config import ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import TensorData, make_synthetic
 from mtrank.evaluate import evaluate
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.train import Trainer
 from mtrank.train.ensemble import Ensemble, EnsembleData
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from mtrank.checkpoint import ModelDirError, save_model
+from mtrank.artifacts import ModelDirError, save_model
 from mtrank.config import ModelConfig, TaskConfig
-from mtrank.models import MultiTaskModel
+from mtrank.export.formats import OnnxScorer, export_model_dir, random_inputs
+from mtrank.export.precision import check_precision
+from mtrank.model import MultiTaskModel
 from mtrank.serve.backends import Scorer
-from mtrank.serve.export import OnnxScorer, export_model_dir, random_inputs
-from mtrank.serve.precision import check_precision
 
 TASKS = [TaskConfig("click", "binary"), TaskConfig("watch", "regression")]
 
@@ -117,7 +117,7 @@ def test_mixed_precision_splits_the_input_and_is_closer_to_fp32_than_bf16():
 
 
 def test_int8_quantises_the_expert_layers():
-    from mtrank.serve.precision import Int8StackedLinear, quantize_int8
+    from mtrank.export.precision import Int8StackedLinear, quantize_int8
 
     model = MultiTaskModel(small_config())
     qmodel = quantize_int8(model)
@@ -154,7 +154,7 @@ def test_auto_backend_picks_onnxruntime_for_fp32_on_cpu_and_torchscript_for_bf16
 def test_reduced_precisions_cover_every_level_and_dcn_experts(variant):
     import dataclasses
 
-    from mtrank.serve.precision import mixed_precision, quantize_int8
+    from mtrank.export.precision import mixed_precision, quantize_int8
 
     model = MultiTaskModel(dataclasses.replace(small_config(), **variant)).eval()
     dense, sparse = random_inputs(model.config, 64, seed=2)

@@ -5,9 +5,9 @@ import torch
 
 from mtrank.config import GateConfig, ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import make_synthetic
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.train import Trainer
-from mtrank.train.fast import cuda_graph_plan
+from mtrank.train.cuda_graph import cuda_graph_plan
 
 TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
 CUDA = torch.device("cuda")
@@ -26,7 +26,7 @@ def test_cuda_graphs_are_planned_for_a_plain_mmoe_on_cuda(train_kwargs):
 
 def test_a_tensor_learning_rate_survives_a_checkpoint_as_the_same_tensor():
     """On CUDA the lr is a tensor a captured graph reads; a schedule and a resume must update it in place."""
-    from mtrank.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+    from mtrank.train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 
     m = model()
     lr = torch.tensor(0.01)
@@ -99,7 +99,7 @@ def test_fused_adam_matches_the_reference_adam_update():
 
 
 def test_a_graphed_step_serves_only_the_tensors_it_was_built_on():
-    from mtrank.train.fast import GraphedTrainStep
+    from mtrank.train.cuda_graph import GraphedTrainStep
 
     data = make_synthetic(n=256, seed=0)
     m = model()
@@ -112,7 +112,7 @@ def test_a_graphed_step_serves_only_the_tensors_it_was_built_on():
 @pytest.mark.parametrize("grad_clip", [0.0, 0.5])
 def test_the_step_a_graph_records_equals_the_trainers_eager_step(grad_clip):
     """GraphedTrainStep._step (what the CUDA graph captures) runs on CPU too: it must be the eager step."""
-    from mtrank.train.fast import GraphedTrainStep
+    from mtrank.train.cuda_graph import GraphedTrainStep
 
     data = make_synthetic(n=256, seed=2)
     index = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtrank.config import ConfigError, GateConfig, ModelConfig, TaskConfig, model_config_from_dict
-from mtrank.models import MultiTaskModel, count_parameters, size_shared_bottom
+from mtrank.model import MultiTaskModel, count_parameters, size_shared_bottom
 from mtrank.nn import StackedMLP, TaskGates
 from reference import naive_forward
 
@@ -211,7 +211,7 @@ EXPORT_CONFIGS = {
 
 @pytest.mark.parametrize("name", EXPORT_CONFIGS)
 def test_every_configuration_scripts_and_exports_with_identical_scores(name):
-    from mtrank.models import ScoringModule
+    from mtrank.model import ScoringModule
 
     settings = {"vocab_sizes": [5, 6, 7], **EXPORT_CONFIGS[name]}
     config = ModelConfig(num_dense=3, embedding_dim=4, tasks=TASKS, num_experts=3, **settings)

@@ -8,9 +8,10 @@ import yaml
 
 import mtrank
 from mtrank.cli import main
+from mtrank.config.experiment import experiment_from_dict
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.schema import experiment_from_dict
-from mtrank.pipeline import evaluate_model_dir, load_splits, predict_model_dir
+from mtrank.data.splits import load_splits
+from mtrank.pipeline import evaluate_model_dir, predict_model_dir
 from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 
 
@@ -187,8 +188,8 @@ def test_every_block_trains_from_the_same_config(block):
 
 
 def test_an_embedded_bag_feature_trains_saves_scores_and_serves(tmp_path):
+    from mtrank.export.formats import export_model_dir
     from mtrank.serve.app import ScoringService
-    from mtrank.serve.export import export_model_dir
 
     features = {**config()["features"], "multi_categorical": [{"name": "tags", "embed": True, "max_values": 2}]}
     result = mtrank.fit(config(features=features), make_frame(), output=tmp_path / "m")

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 import mtrank
-from mtrank.data.datasets import GENRES, read_grouplens, read_recbole
+from mtrank.config.experiment import experiment_from_dict
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.movielens import GENRES, read_grouplens, read_recbole
 from mtrank.data.readers import encode_labels, read_table
-from mtrank.data.schema import experiment_from_dict
 from tabular_helpers import one_torch_thread  # noqa: F401
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

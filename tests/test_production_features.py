@@ -7,7 +7,7 @@ import torch
 
 from mtrank.config import ConfigError, ModelConfig, TaskConfig, TrainConfig, model_config_from_dict
 from mtrank.data.tensors import TensorData
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.nn.cross import StackedCross
 from mtrank.train import Trainer
 from mtrank.train.losses import distillation_loss

@@ -8,11 +8,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mtrank.checkpoint import load_model, save_model
+from mtrank.artifacts import load_model, save_model
 from mtrank.config import ModelConfig, TaskConfig
+from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, NumericFeature
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.schema import CategoricalFeature, FeaturesSpec, NumericFeature
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.serve.app import ScoringService, create_app
 
 TASKS = [TaskConfig("click"), TaskConfig("like")]
@@ -280,8 +280,8 @@ def test_concurrent_calls_share_one_forward_pass_and_get_their_own_rows(model_di
     """Eight requests queued while a pass is running are scored together, each getting exactly its rows."""
     import threading
 
+    from mtrank.export.formats import random_inputs
     from mtrank.serve.batching import CoalescingScorer
-    from mtrank.serve.export import random_inputs
 
     model = load_model(model_dir)
     passes = []
@@ -325,7 +325,7 @@ def test_an_error_in_a_shared_pass_reaches_every_caller():
 def test_a_learned_blend_in_the_model_dir_sets_each_requests_weights(model_dir, tmp_path):
     import shutil
 
-    from mtrank.serve.learned_blend import LearnedBlend, ServedLearnedBlend
+    from mtrank.blend.learned import LearnedBlend, ServedLearnedBlend
 
     directory = tmp_path / "with_learned"
     shutil.copytree(model_dir, directory)

@@ -5,9 +5,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, MultiCategoricalFeature, NumericFeature
 from mtrank.data.encoders import ENCODERS_FILE, FeatureEncoder
 from mtrank.data.errors import DataError
-from mtrank.data.schema import CategoricalFeature, FeaturesSpec, MultiCategoricalFeature, NumericFeature
 
 
 def spec():

@@ -8,8 +8,8 @@ import yaml
 
 import mtrank
 from mtrank.config import ConfigError
+from mtrank.config.experiment import experiment_from_dict, load_experiment
 from mtrank.data.errors import DataError
-from mtrank.data.schema import experiment_from_dict, load_experiment
 from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 
 

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mtrank
+from mtrank.config.experiment import experiment_from_dict
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.schema import experiment_from_dict
 from mtrank.data.streaming import EncodedStream, ShuffleBuffer, stream_loader
 from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 

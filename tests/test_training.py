@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mtrank.checkpoint import ModelDirError, load_model, save_model
+from mtrank.artifacts import ModelDirError, load_model, save_model
 from mtrank.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import make_synthetic
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.train import Trainer
 
 TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]

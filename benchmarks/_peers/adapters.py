@@ -32,7 +32,7 @@ import torch
 
 from mtrank.config import TrainConfig
 from mtrank.data import TensorData
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # rechub's trainer always draws progress bars
 

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from mtrank.config import GateConfig, ModelConfig, TaskConfig, TrainConfig  # noqa: E402
-from mtrank.models import MultiTaskModel, MultiTaskOutput, count_parameters, size_shared_bottom  # noqa: E402
+from mtrank.model import MultiTaskModel, MultiTaskOutput, count_parameters, size_shared_bottom  # noqa: E402
 
 __all__ = [
     "GateConfig",

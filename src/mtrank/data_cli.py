@@ -20,7 +20,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mtrank.data.schema import load_experiment
+    from mtrank.config.experiment import load_experiment
     from mtrank.pipeline import fit, metrics_table
 
     config = load_experiment(args.config, _overrides(args.set))

@@ -3,7 +3,7 @@
 ``mtrank.fit(config, dataframe)`` from Python, ``mtrank train CONFIG`` from the shell. A model directory
 holds::
 
-    model.safetensors   weights                          (mtrank.checkpoint.save_model)
+    model.safetensors   weights                          (mtrank.artifacts.save_model)
     config.json         ModelConfig + the experiment config (to read new files the same way)
     encoders.json       the fitted FeatureEncoder          (mtrank.data.encoders)
     metrics.json        validation / test metrics per task, training history, rows, seconds
@@ -31,26 +31,24 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mtrank.checkpoint import load_model, read_model_meta, save_model
+from mtrank.artifacts import load_model_dir, save_model
 from mtrank.config import ConfigError, TrainConfig
-from mtrank.data.datasets import read_movielens
+from mtrank.config.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.encoders import FeatureEncoder, as_table
-from mtrank.data.errors import DataError
+from mtrank.data.movielens import read_movielens
 from mtrank.data.readers import (
     check_columns,
-    encode_labels,
-    encode_weights,
     open_dataset,
     read_table,
     validate_table,
 )
-from mtrank.data.schema import ExperimentConfig, experiment_from_dict, load_experiment
+from mtrank.data.splits import check_train_labels, encode_table, load_splits
 from mtrank.data.streaming import EncodedStream, stream_loader
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
-from mtrank.models import MultiTaskModel
-from mtrank.train.fast import clip_gradients
+from mtrank.model import MultiTaskModel
+from mtrank.train.cuda_graph import clip_gradients
 from mtrank.train.trainer import Trainer, TrainResult, lr_lambda, resume
 
 
@@ -82,79 +80,6 @@ def experiment_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data.pop("source", None)
     return data
-
-
-# ------------------------------------------------------------------------------------------------ splits
-
-
-def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tuple[pa.Table, str]]:
-    """``{"train": (table, source), "valid": ..., "test": ...}`` per ``data.split`` (test may be absent)."""
-    spec = config.data
-    if dataframe is None and not spec.train:
-        raise ConfigError(
-            f"{config.source or 'config'}: data.train: required (a CSV / Parquet file or a directory "
-            "of shards), or pass a DataFrame to mtrank.fit"
-        )
-    table, source = read_table(spec.train if dataframe is None else dataframe, config)
-    validate_table(table, config, source)
-    split = spec.split
-    if split.method == "files":
-        out = {"train": (table, source)}
-        for role in ("valid", "test"):
-            path = getattr(spec, role)
-            if path:
-                out[role] = read_table(path, config)
-                validate_table(out[role][0], config, out[role][1])
-        if split.valid_from and not spec.valid:  # validation rows drawn from the train or the test file
-            donor, donor_source = out[split.valid_from]
-            order = np.random.default_rng(split.seed).permutation(donor.num_rows)
-            cut = int(round(split.valid_fraction * donor.num_rows))
-            out["valid"] = (donor.take(order[:cut]), f"{donor_source} [valid part]")
-            out[split.valid_from] = (donor.take(order[cut:]), f"{donor_source} [{split.valid_from} part]")
-        return out
-    n = table.num_rows
-    if split.method == "random":
-        order = np.random.default_rng(split.seed).permutation(n)
-    else:  # time: stable sort by the time column, earliest rows train
-        order = np.asarray(pa.compute.sort_indices(table, [(split.time_column, "ascending")]))
-    n_train = int(round(split.fractions[0] * n))
-    n_valid = int(round(split.fractions[1] * n))
-    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
-    out = {}
-    for role, (lo, hi) in bounds.items():
-        if hi > lo:
-            out[role] = (table.take(order[lo:hi]), f"{source} [{role} split]")
-    return out
-
-
-def encode_table(
-    encoder: FeatureEncoder, table: pa.Table, config: ExperimentConfig, source: str, with_labels: bool = True
-) -> TensorData:
-    """Rows -> :class:`TensorData` (labels NaN-filled when ``with_labels`` is False)."""
-    dense, sparse = encoder.transform(table, source)
-    if with_labels:
-        labels = encode_labels(table, config.tasks, source)
-        weights = encode_weights(table, config.data.weight_column, source)
-    else:
-        labels = np.full((table.num_rows, len(config.tasks)), np.nan, dtype=np.float32)
-        weights = None
-    return TensorData(
-        torch.from_numpy(dense),
-        torch.from_numpy(sparse),
-        torch.from_numpy(labels),
-        None if weights is None else torch.from_numpy(weights),
-    )
-
-
-def _check_train_labels(data: TensorData, config: ExperimentConfig, source: str) -> None:
-    present = (~torch.isnan(data.labels)).sum(0)
-    for k, task in enumerate(config.tasks):
-        if int(present[k]) == 0:
-            raise DataError(
-                f"{source}: column {task.column!r}: task {task.name!r} has no labels in the training "
-                f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
-                "drop the task"
-            )
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -190,7 +115,7 @@ def fit(
     fit_table = train_table.slice(0, config.data.fit_rows) if config.data.fit_rows else train_table
     encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
-    _check_train_labels(data["train"], config, train_source)
+    check_train_labels(data["train"], config, train_source)
     torch.manual_seed(config.train.seed)
     model = MultiTaskModel(
         config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling)
@@ -368,18 +293,6 @@ def train_streaming(
 
 
 # ------------------------------------------------------------------------------------------------ model dirs
-
-
-def load_model_dir(model_dir: str | Path) -> tuple[MultiTaskModel, FeatureEncoder, ExperimentConfig]:
-    """Model, encoder and experiment config of a directory written by :func:`fit`."""
-    meta = read_model_meta(model_dir)
-    if "experiment" not in meta:
-        raise ConfigError(
-            f"{model_dir}: this model directory was not written by `mtrank train` (no experiment "
-            "config in config.json); evaluate it with the Python API instead"
-        )
-    config = experiment_from_dict(meta["experiment"], source=f"{model_dir}/config.json")
-    return load_model(model_dir), FeatureEncoder.load(model_dir), config
 
 
 def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """FeatureEncoder: columns -> ``(dense float32 [N, F_dense], sparse int64 [N, F_cat])``, fitted once, JSON.
 
 Fitted on the training split from the ``features`` section of an experiment config
-(:class:`mtrank.data.schema.FeaturesSpec`) and saved in the model directory as ``encoders.json`` beside
+(:class:`mtrank.config.experiment.FeaturesSpec`) and saved in the model directory as ``encoders.json`` beside
 ``model.safetensors`` and ``config.json``; the same object encodes training files, evaluation files and
 serving requests (:meth:`FeatureEncoder.transform_records`), so they cannot drift apart.
 
@@ -28,8 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtrank.data.errors import DataError, check_not_all_missing, data_error
-from mtrank.data.schema import (
+from mtrank.config.experiment import (
     CategoricalFeature,
     FeaturesSpec,
     MultiCategoricalFeature,
@@ -37,6 +36,7 @@ from mtrank.data.schema import (
     _build,
     validate_features,
 )
+from mtrank.data.errors import DataError, check_not_all_missing, data_error
 
 ENCODERS_FILE = "encoders.json"
 FORMAT = "mtrank-encoders"
@@ -272,7 +272,7 @@ class FeatureEncoder:
 
     Example:
         >>> import pandas as pd
-        >>> from mtrank.data.schema import FeaturesSpec, NumericFeature, CategoricalFeature
+        >>> from mtrank.config.experiment import FeaturesSpec, NumericFeature, CategoricalFeature
         >>> spec = FeaturesSpec(categorical=[CategoricalFeature("city")], numeric=[NumericFeature("age")])
         >>> enc = FeatureEncoder(spec).fit(pd.DataFrame({"city": ["a", "b", "a"], "age": [20.0, 30.0, None]}))
         >>> dense, sparse = enc.transform_records([{"city": "a", "age": 25.0}, {"city": "zzz", "age": None}])

@@ -22,10 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
-from mtrank.data.datasets import read_movielens
+from mtrank.config.experiment import DataSpec, ExperimentConfig, TaskSpec, parse_comparison
 from mtrank.data.encoders import _first_non_numeric, as_table, is_numeric_type, numeric_column
 from mtrank.data.errors import DataError, check_not_all_missing, data_error, example_row
-from mtrank.data.schema import DataSpec, ExperimentConfig, TaskSpec, parse_comparison
+from mtrank.data.movielens import read_movielens
 
 PARQUET_MAGIC = b"PAR1"
 _OPS = {

@@ -23,9 +23,9 @@ import pyarrow.dataset as ds
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mtrank.config.experiment import ExperimentConfig
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.data.readers import check_columns, encode_labels, encode_weights, open_dataset
-from mtrank.data.schema import ExperimentConfig
 from mtrank.data.tensors import TensorData
 
 

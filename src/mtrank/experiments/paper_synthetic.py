@@ -28,7 +28,7 @@ from mtrank.data.synthetic import SyntheticConfig, make_synthetic
 from mtrank.evaluate.metrics import evaluate
 from mtrank.evaluate.report import markdown_table, plot_curves, plot_histograms, write_json
 from mtrank.experiments.synthetic import MODEL_LABELS, paper_model
-from mtrank.models import MultiTaskModel, count_parameters
+from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.train.ensemble import Ensemble, EnsembleData
 from mtrank.train.trainer import Trainer
 

@@ -51,7 +51,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         summary = run_trainability(_synthetic_config(args), out, lrs, progress)
         figures = "trainability.png"
     else:
-        from mtrank.experiments.paper_census import CensusPaperConfig, run_census
+        from mtrank.experiments.census import CensusPaperConfig, run_census
 
         cfg = CensusPaperConfig.quick() if args.quick else CensusPaperConfig()
         if args.seeds is not None:

@@ -22,7 +22,7 @@ from mtrank.evaluate.report import (
     plot_gate_heatmaps,
     write_json,
 )
-from mtrank.models import MultiTaskModel, count_parameters
+from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.trainer import Trainer
 

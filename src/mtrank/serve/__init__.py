@@ -1,7 +1,5 @@
-"""Serving: export (TorchScript, ONNX), reduced-precision scorers, blending of task scores, the HTTP service.
+"""Serving: the scoring service (request validation, scoring without HTTP, the FastAPI app, backends, batching).
 
-Modules: ``export`` (files + onnxruntime runner), ``precision`` (bf16 / mixed / fp16 / int8 models),
-``backends`` (:class:`Scorer`, one call over every path), ``blend`` (weighted sum / product, tuning),
-``learned_blend`` (per-request weights), ``app`` (FastAPI service), ``cli`` (``mtrank export | serve |
-blend``). The heavy dependencies (onnxruntime, FastAPI) are imported by the modules that need them.
+Export formats and reduced precision live in :mod:`mtrank.export`, blending in :mod:`mtrank.blend`. The heavy
+dependencies (onnxruntime, FastAPI) are imported by the modules that need them.
 """

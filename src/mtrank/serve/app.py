@@ -27,12 +27,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtrank import __version__
-from mtrank.checkpoint import load_model, read_model_meta
+from mtrank.artifacts import load_model, read_model_meta
+from mtrank.blend.learned import LEARNED_BLEND_FILE, ServedLearnedBlend
+from mtrank.blend.rules import BLEND_FILE, Blend, ranking
 from mtrank.data.encoders import ENCODERS_FILE, FeatureEncoder
 from mtrank.serve.backends import Scorer
 from mtrank.serve.batching import CoalescingScorer
-from mtrank.serve.blend import BLEND_FILE, Blend, ranking
-from mtrank.serve.learned_blend import LEARNED_BLEND_FILE, ServedLearnedBlend
 from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 from mtrank.serve.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
@@ -55,7 +55,7 @@ class ScoringService:
         backend / precision / threads: see :class:`mtrank.serve.backends.Scorer`.
         max_candidates: most candidates per request.
         blend: the default blend; else the learned blend (``MODEL_DIR/learned_blend.json``: task weights
-            computed per request from context fields, :mod:`mtrank.serve.learned_blend`) unless
+            computed per request from context fields, :mod:`mtrank.blend.learned`) unless
             ``learned_blend=False``; else ``MODEL_DIR/blend.json``; else equal weights. A request's own
             ``blend`` overrides all of them.
     """
@@ -109,7 +109,7 @@ class ScoringService:
     def warm_up(self) -> None:
         """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches) and the
         encoders' lookup tables, so the first real requests pay no set-up cost."""
-        from mtrank.serve.export import random_inputs
+        from mtrank.export.formats import random_inputs
 
         if self.encoder is not None:
             self.encoder.prepare_lookups()

@@ -3,7 +3,7 @@
 ==============  =============================  =========================================================
 backend         precisions                     what runs
 ==============  =============================  =========================================================
-``eager``       fp32, bf16, mixed, fp16, int8  PyTorch modules (see :mod:`mtrank.serve.precision`)
+``eager``       fp32, bf16, mixed, fp16, int8  PyTorch modules (see :mod:`mtrank.export.precision`)
 ``compile``     fp32, bf16, fp16               ``torch.compile`` of the same (Inductor; first call compiles)
 ``torchscript`` fp32, bf16, mixed, fp16        ``torch.jit.trace`` + ``freeze``
 ``onnx``        fp32, int8                     onnxruntime on CPU (int8: its dynamic quantisation)
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtrank.models import MultiTaskModel
-from mtrank.serve.export import OnnxScorer, export_onnx, quantize_onnx_int8, random_inputs
-from mtrank.serve.precision import PrecisionScoring, check_precision, inference_model
+from mtrank.export.formats import OnnxScorer, export_onnx, quantize_onnx_int8, random_inputs
+from mtrank.export.precision import PrecisionScoring, check_precision, inference_model
+from mtrank.model import MultiTaskModel
 
 BACKENDS = ("auto", "eager", "compile", "torchscript", "onnx")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mtrank.serve.export import export_model_dir
+    from mtrank.export.formats import export_model_dir
 
     record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
     print(f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on random inputs)")
@@ -48,8 +48,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from mtrank.blend.rules import Blend
     from mtrank.serve.app import ScoringService, create_app
-    from mtrank.serve.blend import Blend
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -138,8 +138,8 @@ def _register_serve(subparsers) -> None:
 def _cmd_blend_tune(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from mtrank.blend.rules import tune_blend
     from mtrank.data.encoders import as_table
-    from mtrank.serve.blend import tune_blend
 
     frame = _read_table(args.data)
     table = as_table(frame)
@@ -198,13 +198,13 @@ def _pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
 
 
 def _cmd_blend_learned(args: argparse.Namespace) -> int:
-    from mtrank.serve.learned_demo import run_learned_blend_demo
+    from mtrank.experiments.learned_blend import run_learned_blend_demo
 
     torch_threads(1)
     report = run_learned_blend_demo(args.requests, args.lambdas, args.epochs, args.seeds)
     print(report["table"])
     if args.write_logs:
-        from mtrank.serve.learned_demo import write_preference_logs
+        from mtrank.experiments.learned_blend import write_preference_logs
 
         write_preference_logs(args.write_logs, args.requests, seed=0)
         print(f"wrote {args.write_logs}")
@@ -219,8 +219,8 @@ def _cmd_blend_fit_learned(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mtrank.checkpoint import read_model_meta
-    from mtrank.serve.learned_blend import LearnedBlendConfig, ServedLearnedBlend, train_learned_blend
+    from mtrank.artifacts import read_model_meta
+    from mtrank.blend.learned import LearnedBlendConfig, ServedLearnedBlend, train_learned_blend
 
     torch_threads(args.torch_threads)
     if len(args.tasks) != len(args.scores):

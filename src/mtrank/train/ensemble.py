@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from mtrank.config import ModelConfig, TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import higher_is_better, stacked_task_metrics
-from mtrank.models import MultiTaskModel
-from mtrank.train.fast import GraphedTrainStep, cuda_graph_plan
+from mtrank.model import MultiTaskModel
+from mtrank.train.cuda_graph import GraphedTrainStep, cuda_graph_plan
 from mtrank.train.losses import multitask_loss
 from mtrank.train.trainer import lr_lambda, make_optimizer, resolve_device
 
@@ -106,7 +106,7 @@ class Ensemble:
             ``MultiTaskModel(config)``, exactly the model a single run with that seed would build.
         device: ``cpu``, ``cuda`` or ``auto``.
         cuda_graphs: on CUDA, capture the whole ensemble step in one CUDA graph when replay is exact
-            (:func:`~mtrank.train.fast.cuda_graph_plan`); False keeps the eager step.
+            (:func:`~mtrank.train.cuda_graph.cuda_graph_plan`); False keeps the eager step.
 
     Example:
         >>> from mtrank.config import ModelConfig

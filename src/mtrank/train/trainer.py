@@ -13,13 +13,14 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mtrank.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint, save_model
+from mtrank.artifacts import save_model
 from mtrank.config import TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, higher_is_better
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
+from mtrank.train.checkpoint import load_checkpoint, optimizer_from_tensors, save_checkpoint
+from mtrank.train.cuda_graph import GraphedTrainStep, clip_gradients, cuda_graph_plan
 from mtrank.train.distributed import barrier, rank_and_world
-from mtrank.train.fast import GraphedTrainStep, clip_gradients, cuda_graph_plan
 from mtrank.train.losses import distillation_loss, multitask_loss
 
 
@@ -185,7 +186,7 @@ class Trainer:
         self.config = config.validate()
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        # fast path: on CUDA, the whole step in one CUDA graph where that is exact (see mtrank.train.fast);
+        # fast path: on CUDA, the whole step in one CUDA graph where that is exact (see mtrank.train.cuda_graph);
         # cuda_graphs=None selects it automatically, False forces the eager step
         self.rank, self.world = rank_and_world()
         possible, reason = cuda_graph_plan(self.model, config, self.device)

@@ -1,6 +1,6 @@
 """Export a model for inference: TorchScript and ONNX of ``(dense, sparse) -> scores [B, K]``.
 
-Both formats wrap :class:`~mtrank.models.ScoringModule` (probabilities for binary tasks, values for
+Both formats wrap :class:`~mtrank.model.ScoringModule` (probabilities for binary tasks, values for
 regression) with a dynamic batch dimension. Every export is checked against eager PyTorch on random inputs
 before it is kept (``max |diff| <= 1e-5`` in fp32); ONNX files are checked by running them in onnxruntime.
 
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtrank.checkpoint import load_model
+from mtrank.artifacts import load_model
 from mtrank.config import ModelConfig
-from mtrank.models import MultiTaskModel, ScoringModule
+from mtrank.model import MultiTaskModel, ScoringModule
 
 FORMATS = ("torchscript", "onnx")
 FILENAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}

@@ -1,6 +1,6 @@
 """The learned-blend study: learned per-request weights vs the best single global weight vector.
 
-Run with ``mtrank blend learned``. Data: :mod:`mtrank.data.preference` (two user groups that value two tasks
+Run with ``mtrank blend learned``. Data: :mod:`mtrank.experiments.preference` (two user groups that value two tasks
 differently, logs collected under randomised blend weights). Metric: expected reward of the top item of fresh
 test requests under the simulator's true engagement model (no sampling noise in the metric).
 """
@@ -12,9 +12,9 @@ import time
 import numpy as np
 import torch
 
-from mtrank.data.preference import PreferenceData, make_preference_logs
-from mtrank.serve.blend import simplex_grid
-from mtrank.serve.learned_blend import LearnedBlendConfig, train_learned_blend
+from mtrank.blend.learned import LearnedBlendConfig, train_learned_blend
+from mtrank.blend.rules import simplex_grid
+from mtrank.experiments.preference import PreferenceData, make_preference_logs
 
 DEFAULT_WEIGHTS = [0.5, 0.5]
 

@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 from mtrank.nn import StackedLinear
 from mtrank.nn.cross import StackedDCN
 

@@ -30,7 +30,7 @@ from mtrank.config import ModelConfig, TrainConfig
 from mtrank.data.census import PAPER_CORRELATION, CensusData, load_census
 from mtrank.evaluate.report import markdown_table, plot_runs, write_json
 from mtrank.experiments.synthetic import MODEL_LABELS
-from mtrank.models import MultiTaskModel, count_parameters
+from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.train.ensemble import Ensemble, EnsembleData
 
 METHODS = ("single_task", "shared_bottom", "omoe", "mmoe")

@@ -30,7 +30,7 @@ import torch
 
 from mtrank.config import TrainConfig
 from mtrank.data.tensors import TensorData
-from mtrank.models import MultiTaskModel
+from mtrank.model import MultiTaskModel
 
 
 def step_randomness(model: MultiTaskModel) -> str:

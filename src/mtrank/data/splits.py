@@ -1,0 +1,86 @@
+"""Splits: the experiment's files (or a DataFrame) -> train / valid / test tables -> encoded tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mtrank.config import ConfigError
+from mtrank.config.experiment import ExperimentConfig
+from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.errors import DataError
+from mtrank.data.readers import encode_labels, encode_weights, read_table, validate_table
+from mtrank.data.tensors import TensorData
+
+
+def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tuple[pa.Table, str]]:
+    """``{"train": (table, source), "valid": ..., "test": ...}`` per ``data.split`` (test may be absent)."""
+    spec = config.data
+    if dataframe is None and not spec.train:
+        raise ConfigError(
+            f"{config.source or 'config'}: data.train: required (a CSV / Parquet file or a directory "
+            "of shards), or pass a DataFrame to mtrank.fit"
+        )
+    table, source = read_table(spec.train if dataframe is None else dataframe, config)
+    validate_table(table, config, source)
+    split = spec.split
+    if split.method == "files":
+        out = {"train": (table, source)}
+        for role in ("valid", "test"):
+            path = getattr(spec, role)
+            if path:
+                out[role] = read_table(path, config)
+                validate_table(out[role][0], config, out[role][1])
+        if split.valid_from and not spec.valid:  # validation rows drawn from the train or the test file
+            donor, donor_source = out[split.valid_from]
+            order = np.random.default_rng(split.seed).permutation(donor.num_rows)
+            cut = int(round(split.valid_fraction * donor.num_rows))
+            out["valid"] = (donor.take(order[:cut]), f"{donor_source} [valid part]")
+            out[split.valid_from] = (donor.take(order[cut:]), f"{donor_source} [{split.valid_from} part]")
+        return out
+    n = table.num_rows
+    if split.method == "random":
+        order = np.random.default_rng(split.seed).permutation(n)
+    else:  # time: stable sort by the time column, earliest rows train
+        order = np.asarray(pa.compute.sort_indices(table, [(split.time_column, "ascending")]))
+    n_train = int(round(split.fractions[0] * n))
+    n_valid = int(round(split.fractions[1] * n))
+    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
+    out = {}
+    for role, (lo, hi) in bounds.items():
+        if hi > lo:
+            out[role] = (table.take(order[lo:hi]), f"{source} [{role} split]")
+    return out
+
+
+def encode_table(
+    encoder: FeatureEncoder, table: pa.Table, config: ExperimentConfig, source: str, with_labels: bool = True
+) -> TensorData:
+    """Rows -> :class:`TensorData` (labels NaN-filled when ``with_labels`` is False)."""
+    dense, sparse = encoder.transform(table, source)
+    if with_labels:
+        labels = encode_labels(table, config.tasks, source)
+        weights = encode_weights(table, config.data.weight_column, source)
+    else:
+        labels = np.full((table.num_rows, len(config.tasks)), np.nan, dtype=np.float32)
+        weights = None
+    return TensorData(
+        torch.from_numpy(dense),
+        torch.from_numpy(sparse),
+        torch.from_numpy(labels),
+        None if weights is None else torch.from_numpy(weights),
+    )
+
+
+def check_train_labels(data: TensorData, config: ExperimentConfig, source: str) -> None:
+    present = (~torch.isnan(data.labels)).sum(0)
+    for k, task in enumerate(config.tasks):
+        if int(present[k]) == 0:
+            raise DataError(
+                f"{source}: column {task.column!r}: task {task.name!r} has no labels in the training "
+                f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
+                "drop the task"
+            )
