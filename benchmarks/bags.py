@@ -75,15 +75,16 @@ def main() -> None:
             encoder, data, encode_s = encoded(frame, vocab, embed)
             torch.manual_seed(0)
             config = ModelConfig(
-                num_dense=encoder.num_dense,
-                vocab_sizes=encoder.vocab_sizes,
-                embedding_dim=16,
+                inputs={
+                    "num_dense": encoder.num_dense,
+                    "vocab_sizes": encoder.vocab_sizes,
+                    "embedding_dim": 16,
+                    "bags": [{"length": n, "pooling": p} for n, p in zip(encoder.bag_lengths, encoder.bag_pooling)],
+                },
                 tasks=[TaskConfig("click")],
-                num_experts=8,
-                expert_hidden=[64],
-                tower_hidden=[16],
-                bag_lengths=encoder.bag_lengths,
-                bag_pooling=encoder.bag_pooling,
+                block={"num_experts": 8},
+                experts={"hidden": [64]},
+                towers={"hidden": [16]},
             )
             model = MultiTaskModel(config)
             trainer = Trainer(model, TrainConfig(lr=3e-3, batch_size=1024, epochs=1, progress=False))

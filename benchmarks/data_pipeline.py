@@ -135,11 +135,10 @@ def experiment(path: Path, batch_size: int = 2048, workers: int = 1):
             },
             "tasks": [{"name": "click"}, {"name": "conversion"}],
             "model": {
-                "block": "mmoe",
-                "num_experts": 4,
-                "expert_hidden": [64],
-                "tower_hidden": [16],
-                "embedding_dim": 8,
+                "inputs": {"embedding_dim": 8},
+                "block": {"type": "mmoe", "num_experts": 4},
+                "experts": {"hidden": [64]},
+                "towers": {"hidden": [16]},
             },
             "train": {"batch_size": batch_size, "lr": 0.001, "progress": False},
         }
@@ -208,8 +207,7 @@ def cmd_train(args) -> dict:
     train_cfg.batch_size, train_cfg.steps, train_cfg.eval_every = args.batch_size, args.steps, 10**9
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
     for repeat in range(args.repeats):
-        torch.manual_seed(0)
-        result = Trainer(MultiTaskModel(model_cfg), train_cfg).fit(memory_data)
+        result = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg).fit(memory_data)
         results.setdefault("memory", []).append(result.samples_per_second)
         for workers in args.workers:
             cfg.data.workers = workers

@@ -55,8 +55,7 @@ def member_vs_single(parts, dtype: torch.dtype, steps: int) -> tuple[float, int]
     cfg = TrainConfig(lr=1e-2, batch_size=128, steps=steps, eval_every=100, device="cuda", progress=False)
     ensemble = Ensemble(paper_model("mmoe"), list(range(len(parts))), "cuda")
     ensemble.fit(EnsembleData.stack([p[:10_000] for p in parts]), EnsembleData.stack([p[10_000:] for p in parts]), cfg)
-    torch.manual_seed(0)
-    single = MultiTaskModel(paper_model("mmoe"))
+    single = MultiTaskModel(paper_model("mmoe"), seed=0)
     Trainer(single, TrainConfig(**{**cfg.__dict__, "seed": 0})).fit(parts[0][:10_000], parts[0][10_000:])
     member = ensemble.member(0).state_dict()
     gaps = [
@@ -95,7 +94,10 @@ def main() -> None:
     report["graph"] = {"replays": g.replays, "eager_steps": g.eager_steps, "failure": g.failure}
     print(f"graphed vs eager ensemble, max |w| difference after 50 steps: {report['graphed_vs_eager_max_abs']:.3e}")
     print(f"  ({g.replays} graph replays, {g.eager_steps} eager steps, failure: {g.failure or 'none'})")
-    for name, extra in (("dropout 0.1", {"dropout": 0.1}), ("gate dropout 0.1", {"gate": GateConfig(dropout=0.1)})):
+    for name, extra in (
+        ("dropout 0.1", {"experts": {"hidden": [16], "dropout": 0.1}}),
+        ("gate dropout 0.1", {"gate": GateConfig.from_dict({"dropout": 0.1})}),
+    ):
         config = dataclasses.replace(paper_model("mmoe"), **extra)  # random masks inside the graph
         pair = [Ensemble(config, list(range(8)), "cuda", cuda_graphs=graphs) for graphs in (False, True)]
         for member_set in pair:
@@ -120,8 +122,7 @@ def main() -> None:
     for _ in range(2):
         ensemble = Ensemble(paper_model("mmoe"), list(range(runs)), "cuda")
         result, ensemble_s = timed(lambda e=ensemble: e.fit(train, valid, cfg))
-        torch.manual_seed(0)
-        trainer = Trainer(MultiTaskModel(paper_model("mmoe")), TrainConfig(**{**cfg.__dict__, "seed": 0}))
+        trainer = Trainer(MultiTaskModel(paper_model("mmoe"), seed=0), TrainConfig(**{**cfg.__dict__, "seed": 0}))
         _, single_s = timed(lambda t=trainer: t.fit(parts[0][:10_000], parts[0][10_000:]))
     ens_index = torch.randint(0, 10_000, (runs, 128), device="cuda")
     one_index = torch.randint(0, 10_000, (128,), device="cuda")

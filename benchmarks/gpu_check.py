@@ -133,7 +133,8 @@ def check_resume(workload: str = "W2", device: str = "cuda") -> dict:
 
     def run(epochs: int, checkpoint_dir: str = "") -> MultiTaskModel:
         torch.manual_seed(0)
-        model = MultiTaskModel(dataclasses.replace(wl.model_config(), dropout=0.1))
+        base = wl.model_config()
+        model = MultiTaskModel(dataclasses.replace(base, experts=dataclasses.replace(base.experts, dropout=0.1)))
         config = TrainConfig(
             lr=1e-3,
             batch_size=wl.batch_size,
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     checks += [check_numerics(w, "fp32", schedule="cosine", warmup_steps=5, grad_clip=0.1) for w in ("W2", "W1")]
     # random numbers inside the graph: dropout masks, gate dropout, noisy top-k gates, the bias tower's dropout
     random = [
-        {"dropout": 0.1, "gate": GateConfig(dropout=0.1)},
-        {"gate": GateConfig(top_k=2, noisy=True), "bias_features": [0], "bias_dropout": 0.1},
+        {"experts": {"hidden": [256, 128], "dropout": 0.1}, "gate": GateConfig.from_dict({"dropout": 0.1})},
+        {"gate": GateConfig.from_dict({"type": "topk", "k": 2}), "bias": {"features": [0], "dropout": 0.1}},
     ]
     checks += [check_numerics("W2", p, model_overrides=m) for m in random for p in ("fp32", "bf16")]
     checks.append(check_resume())  # checkpoint + resume of a graphed run: lr tensor, RNG state, optimizer state

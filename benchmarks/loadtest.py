@@ -62,14 +62,11 @@ def build_model_dir(directory: Path, vocab: int = 10_000, seed: int = 0) -> Feat
     encoder = FeatureEncoder(spec).fit(frame)
     torch.manual_seed(seed)
     config = ModelConfig(
-        num_dense=encoder.num_dense,
-        vocab_sizes=encoder.vocab_sizes,
-        embedding_dim=16,
+        inputs={"num_dense": encoder.num_dense, "vocab_sizes": encoder.vocab_sizes, "embedding_dim": 16},
         tasks=[TaskConfig("click"), TaskConfig("like")],
-        block="mmoe",
-        num_experts=8,
-        expert_hidden=[256, 128],
-        tower_hidden=[64],
+        block={"type": "mmoe", "num_experts": 8},
+        experts={"hidden": [256, 128]},
+        towers={"hidden": [64]},
     )
     save_model(MultiTaskModel(config), directory)
     encoder.save(directory)

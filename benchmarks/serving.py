@@ -74,14 +74,11 @@ BATCHES = (1, 100, 1000)
 
 def w2_config() -> ModelConfig:
     return ModelConfig(
-        num_dense=13,
-        vocab_sizes=[10_000] * 26,
-        embedding_dim=16,
+        inputs={"num_dense": 13, "vocab_sizes": [10_000] * 26, "embedding_dim": 16},
         tasks=[TaskConfig("click", "binary"), TaskConfig("like", "binary")],
-        block="mmoe",
-        num_experts=8,
-        expert_hidden=[256, 128],
-        tower_hidden=[64],
+        block={"type": "mmoe", "num_experts": 8},
+        experts={"hidden": [256, 128]},
+        towers={"hidden": [64]},
     )
 
 

@@ -54,11 +54,10 @@ BASE_CONFIG = {
     },
     "tasks": [{"name": "click"}, {"name": "buy", "weight": 0.5}],
     "model": {
-        "block": "mmoe",
-        "num_experts": 3,
-        "expert_hidden": [8],
-        "tower_hidden": [4],
-        "embedding_dim": 4,
+        "inputs": {"embedding_dim": 4},
+        "block": {"type": "mmoe", "num_experts": 3},
+        "experts": {"hidden": [8]},
+        "towers": {"hidden": [4]},
     },
     "train": {"epochs": 6, "batch_size": 64, "lr": 0.01, "progress": False, "seed": 0},
 }

@@ -236,7 +236,12 @@ def test_fit_learned_from_a_logs_file_then_the_service_blends_per_request(tmp_pa
     logs = tmp_path / "logs.parquet"
     write_preference_logs(str(logs), requests=600, seed=0)
     model_dir = tmp_path / "model"
-    config = ModelConfig(num_dense=3, tasks=[TaskConfig("a"), TaskConfig("b")], num_experts=2, expert_hidden=[4])
+    config = ModelConfig(
+        inputs={"num_dense": 3},
+        tasks=[TaskConfig("a"), TaskConfig("b")],
+        block={"num_experts": 2},
+        experts={"hidden": [4]},
+    )
     save_model(MultiTaskModel(config), model_dir)
     argv = ["blend", "fit-learned", str(logs), "--model-dir", str(model_dir), "--context", "x0", "x1"]
     argv += ["--tasks", "a", "b", "--scores", "score_a", "score_b", "--engaged", "engaged", "--reward", "reward"]

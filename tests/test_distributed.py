@@ -17,8 +17,10 @@ TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
 
 
 def _model() -> MultiTaskModel:
-    torch.manual_seed(5)
-    return MultiTaskModel(ModelConfig(num_dense=100, tasks=TASKS, num_experts=3, expert_hidden=[8]))
+    return MultiTaskModel(
+        ModelConfig(inputs={"num_dense": 100}, tasks=TASKS, block={"num_experts": 3}, experts={"hidden": [8]}),
+        seed=5,
+    )
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:

@@ -22,15 +22,16 @@ def _one_thread():
 
 
 def single_run(config, seed, train, valid, train_cfg):
-    torch.manual_seed(seed)
-    model = MultiTaskModel(config)
+    model = MultiTaskModel(config, seed=seed)
     result = Trainer(model, train_cfg).fit(train, valid)
     return model, result
 
 
 @pytest.mark.parametrize("block", ["shared_bottom", "omoe", "mmoe"])
 def test_each_member_matches_the_same_seed_trained_alone_on_its_own_data(block):
-    config = ModelConfig(num_dense=100, tasks=REGRESSION, block=block, num_experts=4, expert_hidden=[8])
+    config = ModelConfig(
+        inputs={"num_dense": 100}, tasks=REGRESSION, block={"type": block, "num_experts": 4}, experts={"hidden": [8]}
+    )
     seeds = [3, 4, 5]
     parts = [make_synthetic(n=700, correlation=0.5, seed=s) for s in seeds]
     train = EnsembleData.stack([p[:500] for p in parts])
@@ -60,13 +61,10 @@ def test_members_on_shared_categorical_data_match_single_runs_selected_by_auc():
     data = TensorData(dense, sparse, labels)
     train, valid = data[:450], data[450:]
     config = ModelConfig(
-        num_dense=3,
-        vocab_sizes=[5, 5],
-        embedding_dim=3,
+        inputs={"num_dense": 3, "vocab_sizes": [5, 5], "embedding_dim": 3},
         tasks=[TaskConfig("a"), TaskConfig("b")],
-        block="mmoe",
-        num_experts=3,
-        expert_hidden=[8],
+        block={"type": "mmoe", "num_experts": 3},
+        experts={"hidden": [8]},
     )
     train_cfg = TrainConfig(lr=1e-2, batch_size=50, epochs=3, eval_every=3, monitor="auc/a", progress=False)
     ensemble = Ensemble(config, [0, 1])
@@ -81,7 +79,7 @@ def test_members_on_shared_categorical_data_match_single_runs_selected_by_auc():
 
 
 def test_members_start_from_different_initialisations_and_end_apart():
-    config = ModelConfig(num_dense=100, tasks=REGRESSION, num_experts=2)
+    config = ModelConfig(inputs={"num_dense": 100}, tasks=REGRESSION, block={"num_experts": 2})
     ensemble = Ensemble(config, [0, 1])
     weight = next(iter(ensemble.params.values()))
     assert weight.shape[0] == 2
@@ -90,14 +88,16 @@ def test_members_start_from_different_initialisations_and_end_apart():
 
 def test_per_run_decisions_like_early_stopping_are_refused():
     data = make_synthetic(n=100, seed=0)
-    ensemble = Ensemble(ModelConfig(num_dense=100, tasks=REGRESSION), [0, 1])
+    ensemble = Ensemble(ModelConfig(inputs={"num_dense": 100}, tasks=REGRESSION), [0, 1])
     with pytest.raises(ValueError, match="early_stopping_patience"):
         ensemble.fit(EnsembleData.shared(data), None, TrainConfig(steps=2, early_stopping_patience=2))
 
 
 def test_ensemble_on_cpu_trains_with_the_eager_step():
     tasks = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
-    ensemble = Ensemble(ModelConfig(num_dense=100, tasks=tasks, num_experts=2), init_seeds=[0, 1])
+    ensemble = Ensemble(
+        ModelConfig(inputs={"num_dense": 100}, tasks=tasks, block={"num_experts": 2}), init_seeds=[0, 1]
+    )
     data = EnsembleData.stack([make_synthetic(n=64, seed=s) for s in (0, 1)])
     rows = data.take(torch.zeros(2, 4, dtype=torch.long))
     assert rows[0].shape == (2, 4, 100)
@@ -115,7 +115,12 @@ def test_in_float64_a_member_is_the_single_run_to_rounding_after_hundreds_of_ste
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        config = ModelConfig(num_dense=100, tasks=REGRESSION, block="mmoe", num_experts=4, expert_hidden=[8])
+        config = ModelConfig(
+            inputs={"num_dense": 100},
+            tasks=REGRESSION,
+            block={"type": "mmoe", "num_experts": 4},
+            experts={"hidden": [8]},
+        )
         seeds = [7, 8]
         parts = [_float64(make_synthetic(n=1_200, correlation=0.9, seed=s)) for s in seeds]
         train = EnsembleData.stack([p[:1_000] for p in parts])

@@ -17,16 +17,11 @@ TASKS = [TaskConfig("click", "binary"), TaskConfig("watch", "regression")]
 
 def small_config(block="mmoe", num_dense=5, vocab_sizes=(30, 7, 11), shared_hidden=()):
     return ModelConfig(
-        num_dense=num_dense,
-        vocab_sizes=list(vocab_sizes),
-        embedding_dim=4,
+        inputs={"num_dense": num_dense, "vocab_sizes": list(vocab_sizes), "embedding_dim": 4},
         tasks=TASKS,
-        block=block,
-        num_experts=4,
-        task_experts=1,
-        expert_hidden=[16, 8],
-        tower_hidden=[6],
-        shared_hidden=list(shared_hidden),
+        block={"type": block, "num_experts": 4, "task_experts": 1, "shared_hidden": list(shared_hidden)},
+        experts={"hidden": [16, 8]},
+        towers={"hidden": [6]},
     )
 
 
@@ -52,7 +47,7 @@ def test_onnx_runs_in_onnxruntime_for_every_block_and_input_mix(tmp_path, block,
     model = MultiTaskModel(small_config(block, num_dense, vocab, shared_hidden=[12] if block == "omoe" else []))
     save_model(model, tmp_path / "m")
     record = export_model_dir(tmp_path / "m", "onnx")
-    dense, sparse = random_inputs(model.config, 33, seed=5)  # a batch size the export never saw
+    dense, sparse = random_inputs(model, 33, seed=5)  # a batch size the export never saw
     got = torch.from_numpy(OnnxScorer(record["path"])(dense, sparse))
     torch.testing.assert_close(got, model.predict(dense, sparse), atol=1e-5, rtol=0)
 
@@ -94,7 +89,7 @@ def test_export_refuses_a_model_dir_of_another_format_version(model_dir):
 )
 def test_scorers_agree_with_fp32_eager(backend, precision, tolerance):
     model = MultiTaskModel(small_config(shared_hidden=[12])).eval()
-    dense, sparse = random_inputs(model.config, 64, seed=3)
+    dense, sparse = random_inputs(model, 64, seed=3)
     scores = Scorer(model, backend, precision)(dense, sparse)
     assert scores.dtype == torch.float32 and scores.shape == (64, 2)
     diff = (scores - model.predict(dense, sparse)).abs().max().item()
@@ -110,7 +105,7 @@ def test_mixed_precision_splits_the_input_and_is_closer_to_fp32_than_bf16():
     with torch.no_grad():  # larger weights than at init, so rounding errors show
         for layer in model.block.levels[0].experts.layers:
             layer.weight.mul_(4)
-    dense, sparse = random_inputs(config, 256, seed=4)
+    dense, sparse = random_inputs(model, 256, seed=4)
     reference = model.predict(dense, sparse)
     errors = {p: (Scorer(model, "eager", p)(dense, sparse) - reference).abs().max().item() for p in ("bf16", "mixed")}
     assert 0 < errors["mixed"] < errors["bf16"]
@@ -150,14 +145,14 @@ def test_auto_backend_picks_onnxruntime_for_fp32_on_cpu_and_torchscript_for_bf16
     assert Scorer(model, "auto", "mixed").name == "torchscript/mixed"
 
 
-@pytest.mark.parametrize("variant", [{"block": "ple", "levels": 2}, {"expert_type": "dcn"}])
+@pytest.mark.parametrize("variant", [{"block": {"type": "ple", "levels": 2}}, {"experts": "dcn"}])
 def test_reduced_precisions_cover_every_level_and_dcn_experts(variant):
     import dataclasses
 
     from mtrank.export.precision import mixed_precision, quantize_int8
 
     model = MultiTaskModel(dataclasses.replace(small_config(), **variant)).eval()
-    dense, sparse = random_inputs(model.config, 64, seed=2)
+    dense, sparse = random_inputs(model, 64, seed=2)
     reference = model.predict(dense, sparse)
     for reduced, tolerance in ((mixed_precision(model), 1e-2), (quantize_int8(model), 5e-2)):
         diff = (reduced.predict(dense, sparse) - reference).abs().max().item()

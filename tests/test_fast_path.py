@@ -14,8 +14,7 @@ CUDA = torch.device("cuda")
 
 
 def model(**overrides):
-    torch.manual_seed(0)
-    return MultiTaskModel(ModelConfig(num_dense=100, tasks=TASKS, num_experts=4, **overrides))
+    return MultiTaskModel(ModelConfig(inputs={"num_dense": 100}, tasks=TASKS, block={"num_experts": 4}, **overrides))
 
 
 @pytest.mark.parametrize("train_kwargs", [{}, {"schedule": "cosine", "warmup_steps": 10}, {"grad_clip": 1.0}])
@@ -46,7 +45,11 @@ def test_a_tensor_learning_rate_survives_a_checkpoint_as_the_same_tensor():
 
 @pytest.mark.parametrize(
     "model_kwargs",
-    [{"dropout": 0.1}, {"gate": GateConfig(dropout=0.1)}, {"gate": GateConfig(top_k=2, noisy=True)}],
+    [
+        {"experts": {"dropout": 0.1}},
+        {"gate": GateConfig.from_dict({"dropout": 0.1})},
+        {"gate": GateConfig.from_dict({"type": "topk", "k": 2, "noisy": True})},
+    ],
 )
 def test_random_masks_are_graphed_unless_a_deterministic_step_is_asked_for(model_kwargs):
     ok, reason = cuda_graph_plan(model(**model_kwargs), TrainConfig(), CUDA)

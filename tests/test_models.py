@@ -1,21 +1,27 @@
 import dataclasses
+import re
 
 import pytest
 import torch
 
-from mtrank.config import ConfigError, GateConfig, ModelConfig, TaskConfig, model_config_from_dict
+from mtrank.config import GATES, ConfigError, GateConfig, ModelConfig, TaskConfig
 from mtrank.model import MultiTaskModel, count_parameters, size_shared_bottom
-from mtrank.nn import StackedMLP, TaskGates
+from mtrank.nn import StackedMLP
 from reference import naive_forward
 
 TASKS = [TaskConfig("click", "binary"), TaskConfig("watch", "regression"), TaskConfig("like", "binary")]
 
 
+def make_gates(in_features: int, allowed: torch.Tensor, config: GateConfig):
+    """The registered gate module of ``config.type``."""
+    return GATES.module(config.type).from_config(in_features, allowed, config)
+
+
 def make_inputs(config: ModelConfig, batch: int = 16):
-    dense = torch.randn(batch, config.num_dense)
+    dense = torch.randn(batch, config.inputs.num_dense)
     sparse = (
-        torch.stack([torch.randint(0, v, (batch,)) for v in config.vocab_sizes], 1)
-        if config.vocab_sizes
+        torch.stack([torch.randint(0, v, (batch,)) for v in config.inputs.vocab_sizes], 1)
+        if config.inputs.vocab_sizes
         else torch.zeros(batch, 0, dtype=torch.long)
     )
     return dense, sparse
@@ -25,16 +31,11 @@ def make_inputs(config: ModelConfig, batch: int = 16):
 @pytest.mark.parametrize("shared_hidden", [[], [32]])
 def test_batched_experts_match_naive_loop_forward_and_gradients(block, shared_hidden):
     config = ModelConfig(
-        num_dense=7,
-        vocab_sizes=[11, 5, 3],
-        embedding_dim=4,
+        inputs={"num_dense": 7, "vocab_sizes": [11, 5, 3], "embedding_dim": 4},
         tasks=TASKS,
-        block=block,
-        num_experts=4,
-        task_experts=2,
-        expert_hidden=[12, 6],
-        tower_hidden=[5],
-        shared_hidden=shared_hidden,
+        block={"type": block, "num_experts": 4, "task_experts": 2, "shared_hidden": shared_hidden},
+        experts={"hidden": [12, 6]},
+        towers={"hidden": [5]},
     )
     model = MultiTaskModel(config).eval()
     dense, sparse = make_inputs(config)
@@ -60,28 +61,32 @@ def test_stacked_mlp_shared_and_per_group_input_agree():
 
 
 def test_experts_differ_at_initialisation():
-    model = MultiTaskModel(ModelConfig(num_dense=20, block="mmoe", num_experts=8))
+    model = MultiTaskModel(ModelConfig(inputs={"num_dense": 20}, block={"type": "mmoe", "num_experts": 8}))
     w = model.block.levels[0].experts.layers[0].weight  # (E, in, out)
     for e in range(1, 8):
         assert not torch.allclose(w[0], w[e])
 
 
 def test_gates_start_near_uniform_and_sum_to_one():
-    model = MultiTaskModel(ModelConfig(num_dense=20, block="mmoe", num_experts=8, tasks=TASKS))
+    model = MultiTaskModel(ModelConfig(inputs={"num_dense": 20}, tasks=TASKS, block={"type": "mmoe", "num_experts": 8}))
     out = model(torch.randn(64, 20), torch.zeros(64, 0, dtype=torch.long))
     torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(64, 3))
     assert (out.gate_weights - 1 / 8).abs().max() < 0.05
 
 
 def test_gate_weights_sum_to_one_per_task_with_temperature_dropout_and_topk():
-    for gate in [GateConfig(temperature=0.5), GateConfig(dropout=0.3), GateConfig(top_k=2)]:
-        gates = TaskGates(10, torch.ones(3, 6, dtype=torch.bool), gate).train()
+    for gate in [
+        GateConfig.from_dict({"temperature": 0.5}),
+        GateConfig.from_dict({"dropout": 0.3}),
+        GateConfig.from_dict({"type": "topk", "k": 2}),
+    ]:
+        gates = make_gates(10, torch.ones(3, 6, dtype=torch.bool), gate).train()
         w, _ = gates(torch.randn(128, 10))
         torch.testing.assert_close(w.sum(-1), torch.ones(128, 3))
 
 
 def test_gate_dropout_zeroes_and_renormalises():
-    gates = TaskGates(10, torch.ones(2, 8, dtype=torch.bool), GateConfig(dropout=0.5))
+    gates = make_gates(10, torch.ones(2, 8, dtype=torch.bool), GateConfig.from_dict({"dropout": 0.5}))
     x = torch.randn(256, 10)
     gates.eval()
     full, _ = gates(x)
@@ -99,7 +104,9 @@ def test_gate_dropout_zeroes_and_renormalises():
 
 
 def test_top_k_keeps_exactly_k_experts_and_returns_a_balancing_loss():
-    gates = TaskGates(10, torch.ones(2, 8, dtype=torch.bool), GateConfig(top_k=3, noisy=True))
+    gates = make_gates(
+        10, torch.ones(2, 8, dtype=torch.bool), GateConfig.from_dict({"type": "topk", "k": 3, "noisy": True})
+    )
     for mode in (True, False):
         gates.train(mode)
         w, aux = gates(torch.randn(100, 10))
@@ -110,7 +117,9 @@ def test_top_k_keeps_exactly_k_experts_and_returns_a_balancing_loss():
 
 
 def test_mmoe_with_one_expert_equals_shared_bottom():
-    mmoe_cfg = ModelConfig(num_dense=9, tasks=TASKS, block="mmoe", num_experts=1, expert_hidden=[13])
+    mmoe_cfg = ModelConfig(
+        inputs={"num_dense": 9}, tasks=TASKS, block={"type": "mmoe", "num_experts": 1}, experts={"hidden": [13]}
+    )
     sb_cfg = dataclasses.replace(mmoe_cfg, block="shared_bottom")
     mmoe, sb = MultiTaskModel(mmoe_cfg).eval(), MultiTaskModel(sb_cfg).eval()
     sb.load_state_dict({k: v for k, v in mmoe.state_dict().items() if k in sb.state_dict()})
@@ -120,12 +129,12 @@ def test_mmoe_with_one_expert_equals_shared_bottom():
 
 
 def test_omoe_gives_identical_gate_weights_for_every_task():
-    model = MultiTaskModel(ModelConfig(num_dense=9, tasks=TASKS, block="omoe", num_experts=5))
+    model = MultiTaskModel(ModelConfig(inputs={"num_dense": 9}, tasks=TASKS, block={"type": "omoe", "num_experts": 5}))
     w = model(*make_inputs(model.config)).gate_weights
     assert w.shape == (16, 3, 5)
     torch.testing.assert_close(w[:, 0], w[:, 1])
     torch.testing.assert_close(w[:, 0], w[:, 2])
-    mmoe = MultiTaskModel(ModelConfig(num_dense=9, tasks=TASKS, block="mmoe", num_experts=5))
+    mmoe = MultiTaskModel(ModelConfig(inputs={"num_dense": 9}, tasks=TASKS, block={"type": "mmoe", "num_experts": 5}))
     with torch.no_grad():
         mmoe.block.levels[0].gates.proj.weight.normal_()
     w = mmoe(*make_inputs(mmoe.config)).gate_weights
@@ -133,10 +142,12 @@ def test_omoe_gives_identical_gate_weights_for_every_task():
 
 
 def test_single_task_and_cgc_gates_see_only_their_experts():
-    st = MultiTaskModel(ModelConfig(num_dense=4, tasks=TASKS, block="single_task"))
+    st = MultiTaskModel(ModelConfig(inputs={"num_dense": 4}, tasks=TASKS, block="single_task"))
     w = st(*make_inputs(st.config)).gate_weights
     torch.testing.assert_close(w[0], torch.eye(3))
-    cgc = MultiTaskModel(ModelConfig(num_dense=4, tasks=TASKS, block="cgc", num_experts=2, task_experts=2))
+    cgc = MultiTaskModel(
+        ModelConfig(inputs={"num_dense": 4}, tasks=TASKS, block={"type": "cgc", "num_experts": 2, "task_experts": 2})
+    )
     w = cgc(*make_inputs(cgc.config)).gate_weights  # experts: 2 per task (6), then 2 shared
     assert w.shape[-1] == 8
     assert (w[:, 0, 2:6] == 0).all() and (w[:, 0, :2] > 0).all() and (w[:, 0, 6:] > 0).all()
@@ -144,12 +155,14 @@ def test_single_task_and_cgc_gates_see_only_their_experts():
 
 def test_paper_sizes_and_shared_bottom_sizing():
     tasks = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
-    mmoe = ModelConfig(num_dense=100, tasks=tasks, block="mmoe", num_experts=8, expert_hidden=[16])
+    mmoe = ModelConfig(
+        inputs={"num_dense": 100}, tasks=tasks, block={"type": "mmoe", "num_experts": 8}, experts={"hidden": [16]}
+    )
     sb = size_shared_bottom(mmoe)
     target = count_parameters(MultiTaskModel(mmoe))
     got = count_parameters(MultiTaskModel(sb))
-    assert sb.block == "shared_bottom"
-    assert abs(got - target) <= count_parameters(MultiTaskModel(dataclasses.replace(sb, expert_hidden=[1])))
+    assert sb.block.type == "shared_bottom"
+    assert abs(got - target) <= count_parameters(MultiTaskModel(dataclasses.replace(sb, experts={"hidden": [1]})))
     # experts: 8 * (100*16 + 16) = 12,928 weights
     assert sum(p.numel() for p in MultiTaskModel(mmoe).block.levels[0].experts.parameters()) == 12_928
 
@@ -157,22 +170,29 @@ def test_paper_sizes_and_shared_bottom_sizing():
 @pytest.mark.parametrize(
     "data, field",
     [
-        ({"block": "mmo"}, "model.block"),
-        ({"block": "mmoe", "num_experts": 0, "num_dense": 3}, "model.num_experts"),
-        ({"num_dense": 3, "tasks": [{"name": "a", "type": "binray"}]}, "model.tasks[0].type"),
-        ({"num_dense": 3, "gate": {"temprature": 2}}, "model.gate.temprature"),
-        ({"num_dense": 3, "expert_hidden": []}, "model.expert_hidden"),
-        ({"num_dense": 3, "tasks": [{"name": "a"}, {"name": "a"}]}, "model.tasks"),
+        ({"block": "mmo"}, "model.block.type: unknown 'mmo'; did you mean 'mmoe'?"),
+        ({"block": {"type": "mmoe", "num_experts": 0}, "inputs": {"num_dense": 3}}, "model.block.num_experts"),
+        ({"inputs": {"num_dense": 3}, "tasks": [{"name": "a", "type": "binray"}]}, "model.tasks[0].type"),
+        ({"inputs": {"num_dense": 3}, "gate": {"temprature": 2}}, "model.gate.temprature: unknown field; did you"),
+        ({"inputs": {"num_dense": 3}, "experts": {"hidden": []}}, "model.experts.hidden"),
+        ({"inputs": {"num_dense": 3}, "tasks": [{"name": "a"}, {"name": "a"}]}, "model.tasks"),
+        ({"inputs": {"num_dense": "three"}}, "model.inputs.num_dense: expected an integer, got 'three'"),
+        ({"inputs": {"num_dense": 3}, "experts": {"type": "dnc"}}, "model.experts.type: unknown expert type 'dnc'"),
+        ({"inputs": {"num_dense": 3}, "gate": {"type": "topk", "k": 9}}, "model.gate.k: k=9 exceeds the 8 experts"),
+        ({"num_dense": 3}, "model.num_dense: moved to model.inputs.num_dense"),
     ],
 )
 def test_bad_config_fails_with_an_error_naming_the_field(data, field):
-    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        model_config_from_dict(data)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        ModelConfig.from_dict(data, "model")
 
 
 def test_ple_levels_feed_task_and_shared_inputs_to_the_next_level():
     config = ModelConfig(
-        num_dense=6, tasks=TASKS, block="ple", levels=3, num_experts=2, task_experts=1, expert_hidden=[8]
+        inputs={"num_dense": 6},
+        tasks=TASKS,
+        block={"type": "ple", "levels": 3, "num_experts": 2, "task_experts": 1},
+        experts={"hidden": [8]},
     )
     model = MultiTaskModel(config)
     assert len(model.block.levels) == 3
@@ -184,7 +204,7 @@ def test_ple_levels_feed_task_and_shared_inputs_to_the_next_level():
 
 
 def test_gate_per_gate_input_matches_shared_input():
-    gates = TaskGates(10, torch.ones(3, 6, dtype=torch.bool), GateConfig(hidden=4))
+    gates = make_gates(10, torch.ones(3, 6, dtype=torch.bool), GateConfig.from_dict({"hidden": 4}))
     x = torch.randn(7, 10)
     w_shared, _ = gates(x)
     w_stacked, _ = gates(x.expand(3, -1, -1))
@@ -193,31 +213,37 @@ def test_gate_per_gate_input_matches_shared_input():
 
 EXPORT_CONFIGS = {
     "mmoe": {},
-    "omoe": {"block": "omoe"},
-    "shared_bottom": {"block": "shared_bottom"},
-    "single_task": {"block": "single_task"},
-    "ple": {"block": "ple", "levels": 2},
-    "topk_gate_mlp": {"gate": GateConfig(top_k=2, hidden=4)},
-    "dcn_mixer_bias": {"expert_type": "dcn", "cross_rank": 2, "mixer_layers": 1, "bias_features": [2]},
+    "omoe": {"block": {"type": "omoe"}},
+    "shared_bottom": {"block": {"type": "shared_bottom"}},
+    "single_task": {"block": {"type": "single_task"}},
+    "ple": {"block": {"type": "ple", "levels": 2}},
+    "topk_gate_mlp": {"gate": {"type": "topk", "k": 2, "hidden": 4}},
+    "dcn_mixer_bias": {"experts": {"type": "dcn", "cross_rank": 2}, "mixer": {"layers": 1}, "bias": {"features": [2]}},
     "bags_mixer_bias": {
-        "vocab_sizes": [5, 6, 7, 4, 4, 4, 3, 3],
-        "bag_lengths": [3, 2],
-        "bag_pooling": ["mean", "sum"],
-        "mixer_layers": 1,
-        "bias_features": [1],
+        "inputs": {"vocab_sizes": [5, 6, 7, 4, 4, 4, 3, 3], "bags": [{"length": 3}, {"length": 2, "pooling": "sum"}]},
+        "mixer": {"layers": 1},
+        "bias": {"features": [1]},
     },
+    "dense_only": {"inputs": {"vocab_sizes": []}},
 }
+
+
+def merged(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s sections merged in, key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
 
 
 @pytest.mark.parametrize("name", EXPORT_CONFIGS)
 def test_every_configuration_scripts_and_exports_with_identical_scores(name):
     from mtrank.model import ScoringModule
 
-    settings = {"vocab_sizes": [5, 6, 7], **EXPORT_CONFIGS[name]}
-    config = ModelConfig(num_dense=3, embedding_dim=4, tasks=TASKS, num_experts=3, **settings)
+    base = {"inputs": {"num_dense": 3, "vocab_sizes": [5, 6, 7], "embedding_dim": 4}, "block": {"num_experts": 3}}
+    config = ModelConfig.from_dict({**merged(base, EXPORT_CONFIGS[name]), "tasks": [t.to_dict() for t in TASKS]})
     module = ScoringModule(MultiTaskModel(config).eval())
-    dense = torch.randn(8, 3)
-    sparse = torch.stack([torch.randint(0, v, (8,)) for v in config.vocab_sizes], 1)
+    dense, sparse = make_inputs(config, batch=8)
     expected = module(dense, sparse)
     scripted = torch.jit.script(module)
     torch.testing.assert_close(scripted(dense, sparse), expected)

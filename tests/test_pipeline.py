@@ -34,7 +34,7 @@ def test_model_directory_holds_weights_config_encoders_metrics_and_report(traine
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "encoders.json", "metrics.json", "report.md"} <= names
     meta = json.loads((out / "config.json").read_text())
-    assert meta["model"]["num_dense"] == FeatureEncoder.load(out).num_dense
+    assert meta["model"]["inputs"]["num_dense"] == FeatureEncoder.load(out).num_dense
     assert "| test | click |" in (out / "report.md").read_text()
 
 
@@ -184,7 +184,7 @@ def test_sample_weights_are_read_and_used(tmp_path):
 def test_every_block_trains_from_the_same_config(block):
     cfg = config(model={"block": block}, train={"epochs": 2, "batch_size": 128, "progress": False, "lr": 0.01})
     result = mtrank.fit(cfg, make_frame(n=400), output=None)
-    assert result.model.config.block == block and np.isfinite(result.metrics["test"]["loss"])
+    assert result.model.config.block.type == block and np.isfinite(result.metrics["test"]["loss"])
 
 
 def test_an_embedded_bag_feature_trains_saves_scores_and_serves(tmp_path):
@@ -193,7 +193,7 @@ def test_an_embedded_bag_feature_trains_saves_scores_and_serves(tmp_path):
 
     features = {**config()["features"], "multi_categorical": [{"name": "tags", "embed": True, "max_values": 2}]}
     result = mtrank.fit(config(features=features), make_frame(), output=tmp_path / "m")
-    assert result.model.config.bag_lengths == [2] and result.model.config.bag_pooling == ["mean"]
+    assert result.model.config.inputs.bag_lengths == [2] and result.model.config.inputs.bag_pooling == ["mean"]
     assert result.metrics["test"]["auc/click"] > 0.7
     frame = make_frame(n=40, seed=7)
     table = predict_model_dir(tmp_path / "m", frame.drop(columns=["click", "buy"]), progress=False)

@@ -20,11 +20,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def example(name: str, shared_data: Path, **train) -> dict:
-    """configs/NAME.yaml with ../shared/data paths pointed at the shared data fixture, quick training."""
+    """configs/NAME.yaml with its ../../shared/data paths (relative to configs/) pointed at the shared data
+    fixture, quick training."""
     raw = yaml.safe_load((CONFIGS / name).read_text())
     for key in ("train", "valid", "test"):
-        if raw["data"].get(key, "").startswith("../shared/data/"):
-            raw["data"][key] = str(shared_data / raw["data"][key][len("../shared/data/") :])
+        if raw["data"].get(key, "").startswith("../../shared/data/"):
+            raw["data"][key] = str(shared_data / raw["data"][key][len("../../shared/data/") :])
     raw["train"].update({"progress": False, **train})
     return raw
 

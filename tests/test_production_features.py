@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from mtrank.config import ConfigError, ModelConfig, TaskConfig, TrainConfig, model_config_from_dict
+from mtrank.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.model import MultiTaskModel
-from mtrank.nn.cross import StackedCross
+from mtrank.nn.experts import StackedCross
 from mtrank.train import Trainer
 from mtrank.train.losses import distillation_loss
 
@@ -30,14 +30,10 @@ def test_stacked_cross_matches_per_expert_loop(rank):
 
 def test_dcn_experts_model_trains_and_outputs_per_task():
     config = ModelConfig(
-        num_dense=5,
-        vocab_sizes=[7, 3],
-        embedding_dim=4,
+        inputs={"num_dense": 5, "vocab_sizes": [7, 3], "embedding_dim": 4},
         tasks=TASKS,
-        expert_type="dcn",
-        cross_layers=2,
-        num_experts=3,
-        expert_hidden=[8],
+        block={"num_experts": 3},
+        experts={"type": "dcn", "cross_layers": 2, "hidden": [8]},
     )
     model = MultiTaskModel(config)
     out = model(torch.randn(4, 5), torch.tensor([[1, 2], [0, 0], [6, 1], [3, 2]]))
@@ -46,7 +42,9 @@ def test_dcn_experts_model_trains_and_outputs_per_task():
 
 def test_feature_mixer_adds_attention_over_feature_tokens():
     config = ModelConfig(
-        num_dense=3, vocab_sizes=[5, 5, 5], embedding_dim=8, tasks=TASKS, mixer_layers=1, mixer_heads=2
+        inputs={"num_dense": 3, "vocab_sizes": [5, 5, 5], "embedding_dim": 8},
+        tasks=TASKS,
+        mixer={"layers": 1, "heads": 2},
     )
     model = MultiTaskModel(config).eval()
     dense, sparse = torch.randn(6, 3), torch.randint(0, 5, (6, 3))
@@ -55,15 +53,17 @@ def test_feature_mixer_adds_attention_over_feature_tokens():
     sparse2 = sparse.clone()
     sparse2[:, 0] = (sparse2[:, 0] + 1) % 5
     assert not torch.allclose(model(dense, sparse2).task_logits, base)
-    with pytest.raises(ConfigError, match="model.mixer_heads"):
-        model_config_from_dict(
-            {"num_dense": 1, "vocab_sizes": [3], "embedding_dim": 6, "mixer_layers": 1, "mixer_heads": 4}
+    with pytest.raises(ConfigError, match="model.mixer.heads: must divide inputs.embedding_dim=6"):
+        ModelConfig.from_dict(
+            {"inputs": {"vocab_sizes": [3], "embedding_dim": 6}, "mixer": {"layers": 1, "heads": 4}}, "model"
         )
 
 
 def test_bias_tower_only_in_training_and_main_model_ignores_bias_features():
     config = ModelConfig(
-        num_dense=2, vocab_sizes=[4, 10], embedding_dim=4, tasks=TASKS, bias_features=[1], bias_dropout=0.0
+        inputs={"num_dense": 2, "vocab_sizes": [4, 10], "embedding_dim": 4},
+        tasks=TASKS,
+        bias={"features": [1], "dropout": 0.0},
     )
     model = MultiTaskModel(config)
     with torch.no_grad():
@@ -84,7 +84,9 @@ def test_bias_tower_only_in_training_and_main_model_ignores_bias_features():
 
 def test_bias_tower_dropout_drops_whole_rows():
     config = ModelConfig(
-        num_dense=1, vocab_sizes=[5], embedding_dim=2, tasks=TASKS, bias_features=[0], bias_dropout=0.5
+        inputs={"num_dense": 1, "vocab_sizes": [5], "embedding_dim": 2},
+        tasks=TASKS,
+        bias={"features": [0], "dropout": 0.5},
     )
     model = MultiTaskModel(config).train()
     with torch.no_grad():
@@ -106,14 +108,12 @@ def test_bias_tower_learns_position_effect_so_scores_are_debiased():
     data = TensorData(relevance_feature, position[:, None], torch.stack([click, click], 1))
     tasks = [TaskConfig("click", "binary"), TaskConfig("click2", "binary", weight=0.0)]
     config = ModelConfig(
-        num_dense=1,
-        vocab_sizes=[5],
-        embedding_dim=4,
+        inputs={"num_dense": 1, "vocab_sizes": [5], "embedding_dim": 4},
         tasks=tasks,
-        bias_features=[0],
-        num_experts=2,
-        expert_hidden=[8],
-        tower_hidden=[4],
+        block={"num_experts": 2},
+        experts={"hidden": [8]},
+        towers={"hidden": [4]},
+        bias={"features": [0]},
     )
     model = MultiTaskModel(config)
     Trainer(model, TrainConfig(epochs=3, batch_size=256, lr=2e-2, progress=False)).fit(data)
@@ -146,7 +146,9 @@ def test_training_with_distillation_pulls_student_to_teacher():
     teacher_logits = torch.stack([dense[:, 0] * 2, dense[:, 1]], 1)
     labels = torch.full((2000, 2), math.nan)  # no labels at all: only the teacher teaches
     data = TensorData(dense, torch.zeros(2000, 0, dtype=torch.long), labels).with_teacher(teacher_logits)
-    model = MultiTaskModel(ModelConfig(num_dense=4, tasks=TASKS, num_experts=2, expert_hidden=[16]))
+    model = MultiTaskModel(
+        ModelConfig(inputs={"num_dense": 4}, tasks=TASKS, block={"num_experts": 2}, experts={"hidden": [16]})
+    )
     cfg = TrainConfig(epochs=10, batch_size=128, lr=1e-2, distill="pointwise", progress=False)
     Trainer(model, cfg).fit(data)
     pred = model(dense, torch.zeros(2000, 0, dtype=torch.long)).task_logits.detach()

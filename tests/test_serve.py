@@ -41,13 +41,11 @@ def model_dir(tmp_path_factory):
     encoder = _encoder()
     torch.manual_seed(0)
     config = ModelConfig(
-        num_dense=encoder.num_dense,
-        vocab_sizes=encoder.vocab_sizes,
-        embedding_dim=4,
+        inputs={"num_dense": encoder.num_dense, "vocab_sizes": encoder.vocab_sizes, "embedding_dim": 4},
         tasks=TASKS,
-        num_experts=3,
-        expert_hidden=[8],
-        tower_hidden=[4],
+        block={"num_experts": 3},
+        experts={"hidden": [8]},
+        towers={"hidden": [4]},
     )
     save_model(MultiTaskModel(config), directory)
     encoder.save(directory)
@@ -194,13 +192,11 @@ def raw_client(tmp_path_factory):
     save_model(
         MultiTaskModel(
             ModelConfig(
-                num_dense=3,
-                vocab_sizes=[5, 7],
-                embedding_dim=2,
+                inputs={"num_dense": 3, "vocab_sizes": [5, 7], "embedding_dim": 2},
                 tasks=TASKS,
-                num_experts=2,
-                expert_hidden=[4],
-                tower_hidden=[2],
+                block={"num_experts": 2},
+                experts={"hidden": [4]},
+                towers={"hidden": [2]},
             )
         ),
         directory,
@@ -291,7 +287,7 @@ def test_concurrent_calls_share_one_forward_pass_and_get_their_own_rows(model_di
         return model.predict(dense, sparse)
 
     batcher = CoalescingScorer(scorer)
-    inputs = [random_inputs(model.config, rows, seed=rows) for rows in range(1, 9)]
+    inputs = [random_inputs(model, rows, seed=rows) for rows in range(1, 9)]
     results = {}
     with batcher.condition:
         batcher.busy = True  # as if a forward pass were running

@@ -145,8 +145,8 @@ def test_a_missing_file_fails_naming_the_config_field(tmp_path):
         ),
         (lambda c: c["data"].update(split={"method": "time"}), r"data.split.time_column: required"),
         (lambda c: c["data"].update(split={"fractions": [0.5, 0.1]}), r"data.split.fractions"),
-        (lambda c: c["model"].update(block="moe"), r"model.block: unknown block"),
-        (lambda c: c["model"].update(num_dense=3), r"model.num_dense: derived from features"),
+        (lambda c: c["model"].update(block="moe"), r"model.block.type: unknown 'moe'; did you mean"),
+        (lambda c: c["model"].update(num_dense=3), r"model.num_dense: derived from the features section"),
         (lambda c: c["train"].update(lr=-1), r"train.lr: must be > 0"),
         (lambda c: c.update(trian={}), r"trian: unknown section; did you mean 'train'"),
         (

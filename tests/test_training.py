@@ -16,8 +16,9 @@ def splits():
 
 
 def small_model(block="mmoe", seed=0):
-    torch.manual_seed(seed)
-    return MultiTaskModel(ModelConfig(num_dense=100, tasks=TASKS, block=block, num_experts=4))
+    return MultiTaskModel(
+        ModelConfig(inputs={"num_dense": 100}, tasks=TASKS, block={"type": block, "num_experts": 4}), seed=seed
+    )
 
 
 @pytest.mark.parametrize("block", ["shared_bottom", "omoe", "mmoe"])
@@ -65,7 +66,7 @@ def test_save_then_load_gives_identical_predictions(tmp_path):
 def test_load_rejects_corrupt_or_wrong_version_model_dir(tmp_path):
     save_model(small_model(), tmp_path / "m")
     cfg = tmp_path / "m" / "config.json"
-    cfg.write_text(cfg.read_text().replace('"format_version": 1', '"format_version": 99'))
+    cfg.write_text(cfg.read_text().replace('"format_version": 2', '"format_version": 99'))
     with pytest.raises(ModelDirError, match="format_version 99"):
         load_model(tmp_path / "m")
     save_model(small_model(), tmp_path / "n")

@@ -31,14 +31,15 @@ class Workload:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
-            num_dense=self.num_dense,
-            vocab_sizes=list(self.vocab_sizes),
-            embedding_dim=self.embedding_dim,
+            inputs={
+                "num_dense": self.num_dense,
+                "vocab_sizes": list(self.vocab_sizes),
+                "embedding_dim": self.embedding_dim,
+            },
             tasks=[TaskConfig(f"t{k}", t) for k, t in enumerate(self.task_types)],
-            block="mmoe",
-            num_experts=self.num_experts,
-            expert_hidden=list(self.expert_hidden),
-            tower_hidden=list(self.tower_hidden),
+            block={"type": "mmoe", "num_experts": self.num_experts},
+            experts={"hidden": list(self.expert_hidden)},
+            towers={"hidden": list(self.tower_hidden)},
         )
 
     @property

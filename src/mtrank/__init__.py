@@ -2,10 +2,27 @@
 
 __version__ = "0.1.0"
 
-from mtrank.config import GateConfig, ModelConfig, TaskConfig, TrainConfig  # noqa: E402
+from mtrank.config import (  # noqa: E402
+    BiasConfig,
+    BlockConfig,
+    ExpertConfig,
+    GateConfig,
+    InputsConfig,
+    MixerConfig,
+    ModelConfig,
+    TaskConfig,
+    TowerConfig,
+    TrainConfig,
+)
 from mtrank.model import MultiTaskModel, MultiTaskOutput, count_parameters, size_shared_bottom  # noqa: E402
 
 __all__ = [
+    "BiasConfig",
+    "BlockConfig",
+    "ExpertConfig",
+    "InputsConfig",
+    "MixerConfig",
+    "TowerConfig",
     "GateConfig",
     "ModelConfig",
     "TaskConfig",

@@ -1,4 +1,8 @@
-"""MultiTaskModel: composes the nn parts from a :class:`~mtrank.config.ModelConfig`."""
+"""MultiTaskModel: composes the nn parts from a :class:`~mtrank.config.ModelConfig`, and owns its facts.
+
+Upper layers (training, export, serving) ask the model what they need (its tasks, inputs, dtype, expert banks,
+random sources) instead of reading its modules.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mtrank.config import ModelConfig, TaskConfig
-from mtrank.nn import FeatureEmbedding, MultiTaskBlock
+from mtrank.config import EXPERTS, GATES, ModelConfig, TaskConfig
+from mtrank.nn import ExtractionLevel, FeatureEmbedding, MultiTaskBlock, StackedMLP, expert_layout
 from mtrank.nn.bias import BiasTower
 from mtrank.nn.mixer import FeatureMixer
+from mtrank.nn.stacked import MLP
 
 
 class MultiTaskOutput(NamedTuple):
@@ -36,59 +41,65 @@ class MultiTaskModel(nn.Module):
 
     Shapes: ``dense [B, F_dense]`` float, ``sparse [B, F_cat]`` int64 -> :class:`MultiTaskOutput`.
 
+    Args:
+        config: the architecture (validated here).
+        seed: initialisation seed: the same config and seed give the same weights, whatever else drew random
+            numbers before (the global generator is left as it was). None draws from torch's global generator.
+
     Example:
-        >>> from mtrank.config import ModelConfig
-        >>> model = MultiTaskModel(ModelConfig(num_dense=100, block="mmoe"))
+        >>> model = MultiTaskModel(ModelConfig(inputs={"num_dense": 100}, block="mmoe"))
         >>> out = model(torch.randn(4, 100), torch.zeros(4, 0, dtype=torch.long))
         >>> out.task_logits.shape, out.gate_weights.shape
         (torch.Size([4, 2]), torch.Size([4, 2, 8]))
     """
 
-    __jit_unused_properties__ = ["tasks"]
+    __jit_unused_properties__ = ["tasks", "task_names", "num_dense", "vocab_sizes", "dtype", "device"]
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, seed: int | None = 0) -> None:
         super().__init__()
-        self.config = config.validate()
-        main = config.main_features
+        self.config = config.validate("model")
+        if seed is None:
+            self._build(config)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                self._build(config)
+
+    def _build(self, config: ModelConfig) -> None:
+        inputs, main = config.inputs, config.main_features
         self.embedding = FeatureEmbedding(
-            config.num_dense,
-            [config.vocab_sizes[i] for i in main],
-            config.embedding_dim,
-            config.bag_lengths,
-            config.bag_pooling,
+            inputs.num_dense,
+            [inputs.vocab_sizes[i] for i in main],
+            inputs.embedding_dim,
+            inputs.bag_lengths,
+            inputs.bag_pooling,
         )
-        self.select_main = len(main) != len(config.vocab_sizes)
+        self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
         self.mixer = None
         block_in = self.embedding.output_dim
-        if config.mixer_layers:
+        if config.mixer.layers:
+            mixer = config.mixer
             self.mixer = FeatureMixer(
-                config.num_dense,
-                self.embedding.num_tokens,
-                config.embedding_dim,
-                config.mixer_layers,
-                config.mixer_heads,
+                inputs.num_dense, self.embedding.num_tokens, inputs.embedding_dim, mixer.layers, mixer.heads
             )
             block_in += self.mixer.output_dim
-        self.block = MultiTaskBlock(config, block_in)
+        self.block = build_block(config, block_in)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
         self.bias_tower = None
-        self.register_buffer("bias_features", torch.tensor(config.bias_features, dtype=torch.long))
-        if config.bias_features:
-            names = config.bias_tasks or [t.name for t in config.tasks if t.type == "binary"]
+        bias = config.bias
+        self.register_buffer("bias_features", torch.tensor(bias.features, dtype=torch.long))
+        if bias.features:
+            names = bias.tasks or [t.name for t in config.tasks if t.type == "binary"]
             task_mask = torch.tensor([t.name in names for t in config.tasks])
             self.bias_tower = BiasTower(
-                [config.vocab_sizes[i] for i in config.bias_features],
-                config.embedding_dim,
-                list(config.bias_hidden),
+                [inputs.vocab_sizes[i] for i in bias.features],
+                inputs.embedding_dim,
+                list(bias.hidden),
                 task_mask,
-                config.bias_dropout,
+                bias.dropout,
             )
-
-    @property
-    def tasks(self) -> list[TaskConfig]:
-        return self.config.tasks
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> MultiTaskOutput:
         main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
@@ -116,6 +127,88 @@ class MultiTaskModel(nn.Module):
         finally:
             self.train(was_training)
 
+    # ------------------------------------------------------------------------------------------ facts
+
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        return self.config.tasks
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.config.task_names
+
+    @property
+    def num_dense(self) -> int:
+        """Width of the ``dense`` input."""
+        return self.config.inputs.num_dense
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        """Vocabulary of each column of the ``sparse`` input (ids in ``[0, vocab)``)."""
+        return list(self.config.inputs.vocab_sizes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes its input representation in (float32, or bf16 / fp16 after a cast);
+        a dense input is cast to it."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    @property
+    def device(self) -> torch.device:
+        return self.binary_mask.device
+
+    def expert_banks(self) -> list[tuple[nn.ModuleList, bool]]:
+        """The stacked linear layers of every level's experts (what reduced-precision inference rewrites), each
+        with whether its first layer reads one ``[B, in]`` input shared by every expert: the first level's
+        experts do, unless their type puts something per expert before the layers (DCN's cross network);
+        PLE's upper levels read per-expert inputs."""
+        banks = []
+        for index, level in enumerate(self.block.levels):
+            linear_banks = getattr(level.experts, "linear_banks", None)
+            for layers, reads_input in linear_banks() if linear_banks is not None else []:
+                banks.append((layers, reads_input and index == 0))
+        return banks
+
+    def shared_hidden_layer(self) -> nn.Module | None:
+        """The shared hidden layer under the experts (YouTube's placement; plain ``nn.Linear`` layers), or None."""
+        return self.block.shared
+
+    def random_sources(self) -> list[str]:
+        """What draws random numbers in a training step (empty when the step is deterministic): dropout layers,
+        gate dropout, noisy gates, bias-tower dropout, by module name."""
+        sources = []
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Dropout) and module.p > 0:
+                sources.append(f"dropout ({name})")
+            own = getattr(module, "random_sources", None)
+            if own is not None and module is not self:
+                sources += [f"{what} ({name})" for what in own()]
+        return sources
+
+
+def build_block(config: ModelConfig, in_features: int) -> MultiTaskBlock:
+    """The multi-task block of ``config``: shared hidden layer, levels of registered experts and gates, towers."""
+    block, experts = config.block, config.experts
+    shared = MLP(in_features, block.shared_hidden, experts.activation) if block.shared_hidden else None
+    width = shared.output_dim if shared is not None else in_features
+    expert_type = EXPERTS.module(experts.type, "model.experts.type")
+    gate_type = GATES.module(config.gate.type, "model.gate.type")
+    num_levels = block.levels if block.type == "ple" else 1
+    levels = []
+    for level in range(num_levels):
+        owners, allowed, shared_gate = expert_layout(
+            block.type, config.num_tasks, block.num_experts, block.task_experts, last_level=level == num_levels - 1
+        )
+        expert_bank = expert_type.from_config(owners.numel(), width, experts)
+        gates = gate_type.from_config(width, allowed, config.gate)
+        levels.append(ExtractionLevel(expert_bank, gates, owners, config.num_tasks, shared_gate))
+        width = expert_bank.output_dim
+    towers = config.towers
+    tower_bank = StackedMLP(
+        config.num_tasks, width, [*towers.hidden, 1], towers.activation, towers.dropout, final_activation=False
+    )
+    return MultiTaskBlock(levels, tower_bank, shared)
+
 
 class ScoringModule(nn.Module):
     """Export wrapper: ``(dense, sparse) -> scores [B, K]`` (probabilities for binary tasks)."""
@@ -141,9 +234,15 @@ def size_shared_bottom(config: ModelConfig) -> ModelConfig:
     """
     target = count_parameters(MultiTaskModel(config))
 
+    def with_width(width: int) -> ModelConfig:
+        return dataclasses.replace(
+            config,
+            block=dataclasses.replace(config.block, type="shared_bottom"),
+            experts=dataclasses.replace(config.experts, hidden=[width]),
+        )
+
     def params(width: int) -> int:
-        trial = dataclasses.replace(config, block="shared_bottom", expert_hidden=[width])
-        return count_parameters(MultiTaskModel(trial))
+        return count_parameters(MultiTaskModel(with_width(width)))
 
     lo, hi = 1, 1
     while params(hi) < target:
@@ -155,4 +254,4 @@ def size_shared_bottom(config: ModelConfig) -> ModelConfig:
         else:
             hi = mid
     best = min((w for w in (lo - 1, lo) if w >= 1), key=lambda w: abs(params(w) - target))
-    return dataclasses.replace(config, block="shared_bottom", expert_hidden=[best])
+    return with_width(best)

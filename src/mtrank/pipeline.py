@@ -17,7 +17,6 @@ In-memory training uses :class:`mtrank.train.Trainer` as is. With ``data.streami
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 import warnings
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mtrank.artifacts import load_model_dir, save_model
+from mtrank.artifacts import open_model_dir, save_model
 from mtrank.config import ConfigError, TrainConfig
 from mtrank.config.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.encoders import FeatureEncoder, as_table
@@ -76,12 +75,6 @@ def as_experiment(config: ExperimentConfig | dict | str | Path) -> ExperimentCon
     return load_experiment(config)
 
 
-def experiment_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    data = dataclasses.asdict(config)
-    data.pop("source", None)
-    return data
-
-
 # ------------------------------------------------------------------------------------------------ fit
 
 
@@ -99,7 +92,7 @@ def fit(
         >>> import pandas as pd, mtrank
         >>> df = pd.DataFrame({"city": list("abcab") * 40, "age": range(200), "click": [0, 1] * 100})
         >>> cfg = {"features": {"categorical": ["city"], "numeric": ["age"]}, "tasks": [{"name": "click"}],
-        ...        "model": {"num_experts": 2}, "train": {"epochs": 1, "progress": False}}
+        ...        "model": {"block": {"num_experts": 2}}, "train": {"epochs": 1, "progress": False}}
         >>> result = mtrank.fit(cfg, df, output=None)
         >>> sorted(result.metrics)
         ['test', 'valid']
@@ -116,9 +109,9 @@ def fit(
     encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
     check_train_labels(data["train"], config, train_source)
-    torch.manual_seed(config.train.seed)
     model = MultiTaskModel(
-        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling)
+        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling),
+        seed=config.train.seed,
     )
     train_result = Trainer(model, config.train).fit(data["train"], data.get("valid"))
     metrics = {role: evaluate(model, data[role]) for role in ("valid", "test") if role in data}
@@ -130,7 +123,7 @@ def _finish(config, model, encoder, metrics, train_result, rows, output, started
     model_dir = None
     if output is not None:
         model_dir = Path(output or config.output)
-        save_model(model, model_dir, {"experiment": experiment_to_dict(config), "encoders": "encoders.json"})
+        save_model(model, model_dir, {"experiment": config.to_dict(), "encoders": "encoders.json"}, config.plugins)
         encoder.save(model_dir)
         summary = {
             "metrics": metrics,
@@ -155,7 +148,7 @@ def report_markdown(
     lines.append(
         f"Rows: {', '.join(f'{k} {v:,}' for k, v in rows.items())}. Inputs: {encoder.num_dense} dense "
         f"columns, {len(encoder.vocab_sizes)} categorical (vocabularies {encoder.vocab_sizes}). "
-        f"Block `{config.model.get('block', 'mmoe')}`; {train_result.steps} steps, best at "
+        f"Block `{config.model.block.type}`; {train_result.steps} steps, best at "
         f"{train_result.best_step}, {train_result.seconds:.1f} s."
     )
     lines.append("")
@@ -197,9 +190,9 @@ def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResul
             table, role_source = read_table(getattr(spec, role), config)
             validate_table(table, config, role_source)
             data[role] = encode_table(encoder, table, config, role_source)
-    torch.manual_seed(config.train.seed)
     model = MultiTaskModel(
-        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling)
+        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling),
+        seed=config.train.seed,
     )
     stream = EncodedStream(spec.train, config, encoder, config.train.batch_size, seed=config.train.seed)
     train_rows = stream.count_rows()
@@ -297,7 +290,8 @@ def train_streaming(
 
 def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
     """Metrics per task of a saved model on a labelled file / directory / DataFrame."""
-    model, encoder, config = load_model_dir(model_dir)
+    loaded = open_model_dir(model_dir)
+    model, encoder, config = loaded.model, loaded.encoder, loaded.require_experiment()
     table, source = read_table(data, config)
     return evaluate(model, encode_table(encoder, table, config, source))
 
@@ -315,7 +309,8 @@ def predict_model_dir(
     The output holds the input's columns (as read) and one ``score_<task>`` column per task: probabilities for
     binary tasks, predictions for regression tasks. Files are scored in record batches of ``batch_rows``.
     """
-    model, encoder, config = load_model_dir(model_dir)
+    loaded = open_model_dir(model_dir)
+    model, encoder, config = loaded.model, loaded.encoder, loaded.require_experiment()
     names = [f"score_{t.name}" for t in config.tasks]
     writer = None
     parts = []

@@ -1,8 +1,9 @@
-"""The experiment schema: which columns are features, labels and weights, and how to read and split the files.
+"""The experiment: which columns are features, labels and weights, how to read and split the files, the model
+and its training. One YAML file (see ``configs/*.yaml`` and ``docs/data.md``) or the same data from Python.
 
-A YAML experiment config (see ``configs/*.yaml`` and ``docs/data.md``) is parsed into these dataclasses by
-:func:`load_experiment` / :func:`experiment_from_dict`, which reject unknown keys and bad values with messages
-naming the field (``features.numeric[2].clip: ...``). Everything downstream trusts them.
+:func:`load_experiment` / :func:`experiment_from_dict` build it with the one config builder
+(:mod:`mtrank.config.base`): unknown keys get a did-you-mean hint, values are type-checked, messages name the
+field (``features.numeric[2].clip: ...``). Relative data paths resolve against the YAML file's folder.
 
 Sections::
 
@@ -10,39 +11,45 @@ Sections::
     features:  categorical (vocabulary or hashing), numeric (fill, clip, log1p, standardise),
                multi_categorical (list columns, mean or sum pooled)
     tasks:     label column, binary / regression, loss weight, optional mask column, derived binary labels
-    model:     :class:`mtrank.config.ModelConfig` fields except num_dense / vocab_sizes / tasks (derived here)
+    model:     :class:`mtrank.config.ModelConfig` sections; ``inputs`` (but ``embedding_dim``) and ``tasks``
+               are derived from the features and tasks above
     train:     :class:`mtrank.config.TrainConfig`
+    plugins:   modules to import first (they register expert or gate types), e.g. ``[my_experts]``; a module
+               next to the YAML file is found there
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
+import importlib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-import yaml
-
-from mtrank.config import (
+from mtrank.config.base import (
+    Config,
     ConfigError,
-    ModelConfig,
-    TaskConfig,
-    TrainConfig,
-    model_config_from_dict,
-    train_config_from_dict,
+    apply_overrides,
+    build,
+    check,
+    did_you_mean,
+    join,
+    read_yaml,
 )
+from mtrank.config.model import InputsConfig, ModelConfig, TaskConfig
+from mtrank.config.train import TrainConfig
 
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
-SPLITS = ("random", "time", "files")
-FILLS = ("mean", "median", "zero")
-POOLINGS = ("mean", "sum")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
+SECTIONS = ("data", "features", "tasks", "model", "train", "output", "name", "plugins")
+DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags")
 
 
 @dataclass
-class CategoricalFeature:
+class CategoricalFeature(Config):
     """A categorical column -> one id per row.
 
     Ids: ``0`` is the out-of-vocabulary bucket (unseen values, values rarer than ``min_count``, beyond
@@ -58,15 +65,22 @@ class CategoricalFeature:
         hash_buckets: hash into this many buckets instead of fitting a vocabulary; 0 = vocabulary.
     """
 
+    shorthand: ClassVar[str] = "name"
     name: str
     column: str = ""
     min_count: int = 1
     max_vocab: int = 0
     hash_buckets: int = 0
 
+    def check(self, path: str) -> None:
+        self.column = self.column or self.name
+        check(self.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {self.min_count}")
+        check(self.max_vocab >= 0, join(path, "max_vocab"), f"must be >= 0, got {self.max_vocab}")
+        check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
+
 
 @dataclass
-class NumericFeature:
+class NumericFeature(Config):
     """A numeric column -> one float32 value per row: ``fill -> clip -> log1p -> standardise``.
 
     ``log1p`` is signed, ``sign(x) log(1 + |x|)``, so it is defined for every value; standardising uses the
@@ -81,16 +95,26 @@ class NumericFeature:
         standardize: subtract the training mean and divide by the training std (std 0 -> 1).
     """
 
+    shorthand: ClassVar[str] = "name"
     name: str
     column: str = ""
-    fill: Any = "mean"
+    fill: float | Literal["mean", "median", "zero"] = "mean"
     clip: list[float] | None = None
     log1p: bool = False
     standardize: bool = True
 
+    def check(self, path: str) -> None:
+        self.column = self.column or self.name
+        if self.clip is not None:
+            check(
+                len(self.clip) == 2 and self.clip[0] <= self.clip[1],
+                join(path, "clip"),
+                f"expected [low, high] with low <= high, got {self.clip!r}",
+            )
+
 
 @dataclass
-class MultiCategoricalFeature:
+class MultiCategoricalFeature(Config):
     """A multi-valued categorical column (a list column, or a string split on ``separator``), pooled.
 
     Encoded as ``V + 1`` dense columns (vocabulary + OOV): mean pooling gives the normalised multi-hot vector
@@ -113,18 +137,25 @@ class MultiCategoricalFeature:
         max_values: with ``embed``, values kept per row (the first ones; the rest are dropped).
     """
 
+    shorthand: ClassVar[str] = "name"
     name: str
     column: str = ""
     separator: str = "|"
-    pooling: str = "mean"
+    pooling: Literal["mean", "sum"] = "mean"
     min_count: int = 1
     max_vocab: int = 64
     embed: bool = False
     max_values: int = 8
 
+    def check(self, path: str) -> None:
+        self.column = self.column or self.name
+        check(self.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {self.min_count}")
+        check(self.max_vocab >= 1, join(path, "max_vocab"), f"must be >= 1, got {self.max_vocab}")
+        check(self.max_values >= 1, join(path, "max_values"), f"must be >= 1, got {self.max_values}")
+
 
 @dataclass
-class FeaturesSpec:
+class FeaturesSpec(Config):
     """All input features, in this order: numeric, multi-categorical (both dense), categorical (ids)."""
 
     categorical: list[CategoricalFeature] = field(default_factory=list)
@@ -134,9 +165,21 @@ class FeaturesSpec:
     def all(self) -> list[CategoricalFeature | NumericFeature | MultiCategoricalFeature]:
         return [*self.numeric, *self.multi_categorical, *self.categorical]
 
+    def check(self, path: str) -> None:
+        names: dict[str, str] = {}
+        for kind in ("numeric", "multi_categorical", "categorical"):
+            for i, feat in enumerate(getattr(self, kind)):
+                where = f"{join(path, kind)}[{i}]"
+                check(feat.name != "", f"{where}.name", "must be a non-empty string")
+                check(
+                    feat.name not in names, f"{where}.name", f"{feat.name!r} is already used by {names.get(feat.name)}"
+                )
+                names[feat.name] = where
+        check(bool(names), path, "no features: give at least one categorical, numeric or multi_categorical feature")
+
 
 @dataclass
-class TaskSpec:
+class TaskSpec(Config):
     """One task: where its label comes from.
 
     Args:
@@ -149,17 +192,35 @@ class TaskSpec:
         mask_column: rows where this column is 0, false or missing have no label for this task.
     """
 
+    shorthand: ClassVar[str] = "name"
     name: str
     column: str = ""
-    type: str = "binary"
+    type: Literal["binary", "regression"] = "binary"
     weight: float = 1.0
     positive: str = ""
     positive_values: list[Any] = field(default_factory=list)
     mask_column: str = ""
 
+    def check(self, path: str) -> None:
+        check(self.name != "", join(path, "name"), "must be a non-empty string")
+        self.column = self.column or self.name
+        check(self.weight >= 0, join(path, "weight"), "must be a number >= 0")
+        if self.positive:
+            parse_comparison(self.positive, join(path, "positive"))
+        check(
+            not (self.positive and self.positive_values),
+            join(path, "positive"),
+            "give positive or positive_values, not both",
+        )
+        if (self.positive or self.positive_values) and self.type != "binary":
+            raise ConfigError(f"{join(path, 'type')}: a label derived with positive/positive_values must be binary")
+
+    def task_config(self) -> TaskConfig:
+        return TaskConfig(self.name, self.type, self.weight)
+
 
 @dataclass
-class SplitSpec:
+class SplitSpec(Config):
     """How the training file becomes train / valid / test.
 
     Args:
@@ -173,16 +234,33 @@ class SplitSpec:
         valid_fraction: see ``valid_from``.
     """
 
-    method: str = "random"
+    method: Literal["random", "time", "files"] = "random"
     fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     seed: int = 0
     time_column: str = ""
-    valid_from: str = ""
+    valid_from: Literal["", "train", "test"] = ""
     valid_fraction: float = 0.5
+
+    def check(self, path: str) -> None:
+        if self.method in ("random", "time"):
+            ok = len(self.fractions) == 3 and all(f >= 0 for f in self.fractions)
+            check(
+                ok and abs(sum(self.fractions) - 1) < 1e-6 and self.fractions[0] > 0,
+                join(path, "fractions"),
+                f"expected [train, valid, test] fractions >= 0 summing to 1, got {self.fractions!r}",
+            )
+        if self.method == "time":
+            check(bool(self.time_column), join(path, "time_column"), "required when split.method is 'time'")
+        if self.method == "files":
+            check(
+                0 < self.valid_fraction < 1,
+                join(path, "valid_fraction"),
+                f"must be in (0, 1), got {self.valid_fraction}",
+            )
 
 
 @dataclass
-class DataSpec:
+class DataSpec(Config):
     """Where the rows are and how to read them.
 
     Args:
@@ -208,7 +286,7 @@ class DataSpec:
     train: str = ""
     valid: str = ""
     test: str = ""
-    format: str = "auto"
+    format: Literal["auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole"] = "auto"
     csv_header: bool = True
     csv_columns: list[str] = field(default_factory=list)
     csv_delimiter: str = ","
@@ -221,19 +299,53 @@ class DataSpec:
     read_batch_rows: int = 65_536
     fit_rows: int = 0
 
+    def check(self, path: str) -> None:
+        s = self.split
+        if s.method == "files":
+            check(
+                bool(self.valid) or bool(s.valid_from),
+                join(path, "valid"),
+                "required when split.method is 'files' (or set split.valid_from: train | test)",
+            )
+            check(
+                not (s.valid_from == "test" and not self.test),
+                join(path, "test"),
+                "required when split.valid_from is 'test'",
+            )
+        if self.streaming:
+            check(
+                s.method == "files" and s.valid_from != "train",
+                join(path, "streaming"),
+                "streaming reads the train files from disk as they are: use split.method 'files' with data.valid "
+                "(or split.valid_from: test)",
+            )
+            check(self.format in ("auto", "csv", "parquet"), join(path, "format"), "streaming reads csv or parquet")
+        if not self.csv_header:
+            check(bool(self.csv_columns), join(path, "csv_columns"), "required when csv_header is false")
+        check(self.shuffle_buffer >= 1, join(path, "shuffle_buffer"), f"must be >= 1, got {self.shuffle_buffer}")
+        check(self.workers >= 0, join(path, "workers"), f"must be >= 0, got {self.workers}")
+        check(self.read_batch_rows >= 1, join(path, "read_batch_rows"), f"must be >= 1, got {self.read_batch_rows}")
+        check(self.fit_rows >= 0, join(path, "fit_rows"), f"must be >= 0, got {self.fit_rows}")
+
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment: data, features, tasks, model and training. ``output`` is the model directory."""
+    """A whole experiment: data, features, tasks, model and training. ``output`` is the model directory.
+
+    ``model`` holds every model section but the derived ones: ``tasks`` come from :attr:`tasks` and the
+    inputs (but ``embedding_dim``) from the fitted encoders (:meth:`model_config`). ``source`` is the YAML
+    file it came from (for messages), not a config key.
+    """
 
     data: DataSpec
     features: FeaturesSpec
     tasks: list[TaskSpec]
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: str = "runs/model"
     name: str = ""
-    source: str = ""  # the YAML file it came from (for messages); not a config key
+    plugins: list[str] = field(default_factory=list)
+    source: str = ""
 
     def label_columns(self) -> list[str]:
         return [t.column for t in self.tasks]
@@ -248,6 +360,9 @@ class ExperimentConfig:
             cols.append(self.data.split.time_column)
         return list(dict.fromkeys(cols))
 
+    def task_configs(self) -> list[TaskConfig]:
+        return [t.task_config() for t in self.tasks]
+
     def model_config(
         self,
         num_dense: int,
@@ -255,58 +370,21 @@ class ExperimentConfig:
         bag_lengths: list[int] | None = None,
         bag_pooling: list[str] | None = None,
     ) -> ModelConfig:
-        """The :class:`ModelConfig` for fitted encoders: ``model`` section + derived inputs and tasks."""
-        for derived in ("num_dense", "vocab_sizes", "tasks", "bag_lengths", "bag_pooling"):
-            if derived in self.model:
-                raise ConfigError(f"model.{derived}: derived from features/tasks; remove it from the config")
-        tasks = [{"name": t.name, "type": t.type, "weight": t.weight} for t in self.tasks]
-        data = {**self.model, "num_dense": num_dense, "vocab_sizes": list(vocab_sizes), "tasks": tasks}
-        data.update(bag_lengths=list(bag_lengths or []), bag_pooling=list(bag_pooling or []))
-        return model_config_from_dict(data)
+        """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks."""
+        bags = [{"length": n, "pooling": p} for n, p in zip(bag_lengths or [], bag_pooling or [])]
+        inputs = InputsConfig(
+            num_dense=num_dense, vocab_sizes=list(vocab_sizes), embedding_dim=self.model.inputs.embedding_dim, bags=bags
+        )
+        model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs())
+        return model.validate("model")
 
-    def task_configs(self) -> list[TaskConfig]:
-        return [TaskConfig(t.name, t.type, t.weight) for t in self.tasks]
-
-
-# ---------------------------------------------------------------------------------------------- building
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, naming the field path of any unknown key or missing field."""
-    if isinstance(data, cls):
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :func:`experiment_from_dict` reads back (derived model fields left out)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        data["model"].pop("tasks")
+        data["model"]["inputs"] = {"embedding_dim": self.model.inputs.embedding_dim}
         return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
-    known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {known}"
-            raise ConfigError(f"{path}.{key}: unknown field{hint}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        missing = re.findall(r"'(\w+)'", str(err))
-        where = f"{path}.{missing[0]}" if missing else path
-        raise ConfigError(f"{where}: required field is missing") from None
-
-
-def _list_of(cls: type, data: Any, path: str) -> list:
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise ConfigError(f"{path}: expected a list, got {type(data).__name__}")
-    items = []
-    for i, item in enumerate(data):
-        if isinstance(item, str):  # shorthand: a bare column name
-            item = {"name": item}
-        items.append(_build(cls, item, f"{path}[{i}]"))
-    return items
-
-
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name}: {message}")
 
 
 def parse_comparison(text: str, field_name: str) -> tuple[str, float]:
@@ -320,125 +398,19 @@ def parse_comparison(text: str, field_name: str) -> tuple[str, float]:
         raise ConfigError(f"{field_name}: {match.group(2)!r} is not a number") from None
 
 
-def validate_features(features: FeaturesSpec, path: str = "features") -> None:
-    names: dict[str, str] = {}
-    for kind in ("numeric", "multi_categorical", "categorical"):
-        for i, feat in enumerate(getattr(features, kind)):
-            where = f"{path}.{kind}[{i}]"
-            _check(isinstance(feat.name, str) and feat.name != "", f"{where}.name", "must be a non-empty string")
-            feat.column = feat.column or feat.name
-            _check(
-                feat.name not in names,
-                f"{where}.name",
-                f"{feat.name!r} is already used by {names.get(feat.name)}",
-            )
-            names[feat.name] = where
-            if kind == "categorical":
-                _check(feat.min_count >= 1, f"{where}.min_count", f"must be >= 1, got {feat.min_count}")
-                _check(feat.max_vocab >= 0, f"{where}.max_vocab", f"must be >= 0, got {feat.max_vocab}")
-                _check(feat.hash_buckets >= 0, f"{where}.hash_buckets", f"must be >= 0, got {feat.hash_buckets}")
-            elif kind == "numeric":
-                fill_ok = feat.fill in FILLS or (
-                    isinstance(feat.fill, (int, float)) and not isinstance(feat.fill, bool)
-                )
-                _check(fill_ok, f"{where}.fill", f"expected one of {FILLS} or a number, got {feat.fill!r}")
-                if feat.clip is not None:
-                    ok = isinstance(feat.clip, list) and len(feat.clip) == 2
-                    ok = ok and all(isinstance(v, (int, float)) for v in feat.clip) and feat.clip[0] <= feat.clip[1]
-                    _check(ok, f"{where}.clip", f"expected [low, high] with low <= high, got {feat.clip!r}")
-                _check(isinstance(feat.log1p, bool), f"{where}.log1p", "expected true or false")
-                _check(isinstance(feat.standardize, bool), f"{where}.standardize", "expected true or false")
-            else:
-                _check(
-                    feat.pooling in POOLINGS,
-                    f"{where}.pooling",
-                    f"expected one of {POOLINGS}, got {feat.pooling!r}",
-                )
-                _check(feat.min_count >= 1, f"{where}.min_count", f"must be >= 1, got {feat.min_count}")
-                _check(feat.max_vocab >= 1, f"{where}.max_vocab", f"must be >= 1, got {feat.max_vocab}")
-                _check(isinstance(feat.embed, bool), f"{where}.embed", "expected true or false")
-                _check(feat.max_values >= 1, f"{where}.max_values", f"must be >= 1, got {feat.max_values}")
-    _check(bool(names), path, "no features: give at least one categorical, numeric or multi_categorical feature")
+def import_plugins(modules: list[str], base_dir: str | Path | None = None, path: str = "plugins") -> None:
+    """Import the modules that register expert / gate types (``plugins:`` of a config, or a model directory).
 
-
-def validate_tasks(tasks: list[TaskSpec], path: str = "tasks") -> None:
-    _check(len(tasks) >= 1, path, "at least one task is required")
-    seen = set()
-    for i, task in enumerate(tasks):
-        where = f"{path}[{i}]"
-        _check(isinstance(task.name, str) and task.name != "", f"{where}.name", "must be a non-empty string")
-        _check(task.name not in seen, f"{where}.name", f"task name {task.name!r} is used twice")
-        seen.add(task.name)
-        task.column = task.column or task.name
-        _check(
-            task.type in ("binary", "regression"),
-            f"{where}.type",
-            f"expected binary or regression, got {task.type!r}",
-        )
-        _check(
-            isinstance(task.weight, (int, float)) and task.weight >= 0,
-            f"{where}.weight",
-            "must be a number >= 0",
-        )
-        if task.positive:
-            parse_comparison(task.positive, f"{where}.positive")
-        _check(
-            not (task.positive and task.positive_values),
-            f"{where}.positive",
-            "give positive or positive_values, not both",
-        )
-        _check(isinstance(task.positive_values, list), f"{where}.positive_values", "expected a list of values")
-        if (task.positive or task.positive_values) and task.type != "binary":
-            raise ConfigError(f"{where}.type: a label derived with positive/positive_values must be binary")
-
-
-def validate_data(data: DataSpec, path: str = "data") -> None:
-    _check(data.format in FORMATS, f"{path}.format", f"expected one of {FORMATS}, got {data.format!r}")
-    s = data.split
-    _check(s.method in SPLITS, f"{path}.split.method", f"expected one of {SPLITS}, got {s.method!r}")
-    if s.method in ("random", "time"):
-        ok = isinstance(s.fractions, list) and len(s.fractions) == 3 and all(f >= 0 for f in s.fractions)
-        _check(
-            ok and abs(sum(s.fractions) - 1) < 1e-6 and s.fractions[0] > 0,
-            f"{path}.split.fractions",
-            f"expected [train, valid, test] fractions >= 0 summing to 1, got {s.fractions!r}",
-        )
-    if s.method == "time":
-        _check(bool(s.time_column), f"{path}.split.time_column", "required when split.method is 'time'")
-    if s.method == "files":
-        _check(
-            s.valid_from in ("", "train", "test"),
-            f"{path}.split.valid_from",
-            f"expected train, test or empty, got {s.valid_from!r}",
-        )
-        _check(
-            bool(data.valid) or bool(s.valid_from),
-            f"{path}.valid",
-            "required when split.method is 'files' (or set split.valid_from: train | test)",
-        )
-        _check(
-            not (s.valid_from == "test" and not data.test),
-            f"{path}.test",
-            "required when split.valid_from is 'test'",
-        )
-        _check(
-            0 < s.valid_fraction < 1,
-            f"{path}.split.valid_fraction",
-            f"must be in (0, 1), got {s.valid_fraction}",
-        )
-    if data.streaming:
-        _check(
-            s.method == "files" and s.valid_from != "train",
-            f"{path}.streaming",
-            "streaming reads the train files from disk as they are: use split.method 'files' with data.valid",
-        )
-        _check(data.format in ("auto", "csv", "parquet"), f"{path}.format", "streaming reads csv or parquet")
-    if not data.csv_header:
-        _check(bool(data.csv_columns), f"{path}.csv_columns", "required when csv_header is false")
-    _check(data.shuffle_buffer >= 1, f"{path}.shuffle_buffer", f"must be >= 1, got {data.shuffle_buffer}")
-    _check(data.workers >= 0, f"{path}.workers", f"must be >= 0, got {data.workers}")
-    _check(data.read_batch_rows >= 1, f"{path}.read_batch_rows", f"must be >= 1, got {data.read_batch_rows}")
-    _check(data.fit_rows >= 0, f"{path}.fit_rows", f"must be >= 0, got {data.fit_rows}")
+    A module next to the YAML file (``base_dir``) is importable by its name.
+    """
+    if base_dir is not None and modules and str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            where = f" (looked in {base_dir} and on sys.path)" if base_dir is not None else " (on sys.path)"
+            raise ConfigError(f"{path}[{i}]: cannot import module {name!r}{where}: {err}") from None
 
 
 def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None = None) -> ExperimentConfig:
@@ -447,54 +419,28 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
     try:
         if not isinstance(raw, dict):
             raise ConfigError(f"(top level): expected a mapping with data, features, tasks, got {type(raw).__name__}")
-        known = ("data", "features", "tasks", "model", "train", "output", "name")
         for key in raw:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                raise ConfigError(
-                    f"{key}: unknown section"
-                    + (f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(known)}")
-                )
+            if key not in SECTIONS:
+                raise ConfigError(f"{key}: unknown section{did_you_mean(key, list(SECTIONS))}")
         for key in ("features", "tasks"):
-            _check(key in raw, key, "required section is missing")
-        data_raw = raw.get("data") or {}
-        data_raw = dict(data_raw) if isinstance(data_raw, dict) else data_raw
-        if isinstance(data_raw, dict) and "split" in data_raw:
-            data_raw["split"] = _build(SplitSpec, data_raw["split"], "data.split")
-        data = _build(DataSpec, data_raw, "data")
-        feats_raw = raw["features"]
-        _check(isinstance(feats_raw, dict), "features", "expected a mapping with categorical / numeric / ...")
-        for key in feats_raw:
-            _check(
-                key in ("categorical", "numeric", "multi_categorical"),
-                f"features.{key}",
-                "unknown feature kind; expected categorical, numeric or multi_categorical",
-            )
-        features = FeaturesSpec(
-            categorical=_list_of(CategoricalFeature, feats_raw.get("categorical"), "features.categorical"),
-            numeric=_list_of(NumericFeature, feats_raw.get("numeric"), "features.numeric"),
-            multi_categorical=_list_of(
-                MultiCategoricalFeature, feats_raw.get("multi_categorical"), "features.multi_categorical"
-            ),
-        )
-        tasks = _list_of(TaskSpec, raw["tasks"], "tasks")
-        model = raw.get("model") or {}
-        _check(isinstance(model, dict), "model", "expected a mapping of ModelConfig fields")
-        train = train_config_from_dict(raw.get("train") or {}, "train")
-        validate_data(data)
-        validate_features(features)
-        validate_tasks(tasks)
-        config = ExperimentConfig(
-            data,
-            features,
-            tasks,
-            model,
-            train,
-            str(raw.get("output", "runs/model")),
-            str(raw.get("name", "")),
-            source,
-        )
-        config.model_config(1, [])  # validates the model section (field names and values) now
+            check(key in raw, key, "required section is missing")
+        plugins = build_plugins(raw.get("plugins"))
+        import_plugins(plugins, base_dir)
+        data = build(DataSpec, raw.get("data") or {}, "data")
+        features = build(FeaturesSpec, raw["features"], "features")
+        tasks_raw = raw["tasks"]
+        check(isinstance(tasks_raw, list), "tasks", f"expected a list of tasks, got {type(tasks_raw).__name__}")
+        tasks = [build(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(tasks_raw)]
+        check(len(tasks) >= 1, "tasks", "at least one task is required")
+        names = [t.name for t in tasks]
+        for i, name in enumerate(names):
+            check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
+        model = _model_section(raw.get("model"), tasks)
+        train = build(TrainConfig, raw.get("train") or {}, "train")
+        output = raw.get("output", "runs/model")
+        check(isinstance(output, str), "output", f"expected a path, got {output!r}")
+        name = raw.get("name", "")
+        check(isinstance(name, str), "name", f"expected a string, got {name!r}")
     except ConfigError as err:
         raise ConfigError(f"{prefix}{err}") from None
     if base_dir is not None:
@@ -502,26 +448,44 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
             value = getattr(data, key)
             if value and not Path(value).is_absolute():
                 setattr(data, key, str(Path(base_dir) / value))
-    return config
+    return ExperimentConfig(data, features, tasks, model, train, output, name, plugins, source)
+
+
+def build_plugins(raw: Any) -> list[str]:
+    if raw is None:
+        return []
+    check(isinstance(raw, list) and all(isinstance(m, str) for m in raw), "plugins", "expected a list of module names")
+    return list(raw)
+
+
+def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    check(isinstance(raw, dict), "model", "expected a mapping of model sections (block, experts, gate, towers, ...)")
+    check("tasks" not in raw, "model.tasks", "derived from the tasks section; remove it from the model section")
+    for key in ("num_dense", "vocab_sizes", "bag_lengths", "bag_pooling"):  # mtrank 0.1's flat names too
+        check(key not in raw, f"model.{key}", "derived from the features section; remove it")
+    inputs = raw.get("inputs") or {}
+    if isinstance(inputs, dict):
+        for key in DERIVED_INPUTS:
+            check(key not in inputs, f"model.inputs.{key}", "derived from the features section; remove it")
+    # built with a placeholder input, so that every model rule is checked now, before any data is read
+    placeholder = {**raw, "inputs": {**inputs, "num_dense": 1}, "tasks": [t.task_config().to_dict() for t in tasks]}
+    model = build(ModelConfig, placeholder, "model")
+    model.inputs.num_dense = 0
+    return model
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment config. Relative data paths are relative to the current directory.
+    """Read a YAML experiment config. Relative data paths (and plugin modules) are relative to its folder.
 
     ``overrides`` maps dotted keys to values (``{"train.epochs": 1, "data.train": "x.csv"}``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    for key, value in (overrides or {}).items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    config = experiment_from_dict(raw, source=str(path))
-    return config
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        overrides = dict(overrides or {})
+        for key in ("data.train", "data.valid", "data.test"):  # a path given on the command line: from the cwd
+            if isinstance(overrides.get(key), str) and overrides[key]:
+                overrides[key] = str(Path(overrides[key]).resolve())
+        apply_overrides(raw, overrides)
+    return experiment_from_dict(raw, source=str(path), base_dir=path.resolve().parent)

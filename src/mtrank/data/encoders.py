@@ -28,13 +28,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mtrank.config import ConfigError
 from mtrank.config.experiment import (
     CategoricalFeature,
     FeaturesSpec,
     MultiCategoricalFeature,
     NumericFeature,
-    _build,
-    validate_features,
 )
 from mtrank.data.errors import DataError, check_not_all_missing, data_error
 
@@ -281,7 +280,7 @@ class FeatureEncoder:
     """
 
     def __init__(self, features: FeaturesSpec) -> None:
-        validate_features(features)
+        features.validate("features")
         self.features = features
         self.state: dict[str, dict[str, Any]] = {}
 
@@ -651,14 +650,10 @@ class FeatureEncoder:
             raise DataError(
                 f"encoder format_version {data.get('format_version')!r} is not supported (expects {FORMAT_VERSION})"
             )
-        feats = data["features"]
-        spec = FeaturesSpec(
-            categorical=[_build(CategoricalFeature, f, "categorical") for f in feats.get("categorical", [])],
-            numeric=[_build(NumericFeature, f, "numeric") for f in feats.get("numeric", [])],
-            multi_categorical=[
-                _build(MultiCategoricalFeature, f, "multi_categorical") for f in feats.get("multi_categorical", [])
-            ],
-        )
+        try:
+            spec = FeaturesSpec.from_dict(data["features"], "features")
+        except ConfigError as err:
+            raise DataError(f"encoder description: {err}") from None
         encoder = cls(spec)
         encoder.state = {name: dict(s) for name, s in data["state"].items()}
         missing = [f.name for f in spec.all() if f.name not in encoder.state]

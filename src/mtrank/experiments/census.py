@@ -92,14 +92,11 @@ def model_config(method: str, size: str, data: CensusData, cfg: CensusPaperConfi
         shared = cfg.num_experts // 2
         experts = {"num_experts": shared, "task_experts": max(1, (cfg.num_experts - shared) // len(data.tasks))}
     return ModelConfig(
-        num_dense=data.num_dense,
-        vocab_sizes=list(data.vocab_sizes),
-        embedding_dim=cfg.embedding_dim,
+        inputs={"num_dense": data.num_dense, "vocab_sizes": list(data.vocab_sizes), "embedding_dim": cfg.embedding_dim},
         tasks=[dataclasses.replace(t) for t in data.tasks],
-        block=method,
-        **experts,
-        expert_hidden=[width],
-        tower_hidden=list(cfg.tower_hidden),
+        block={"type": method, **experts},
+        experts={"hidden": [width]},
+        towers={"hidden": list(cfg.tower_hidden)},
     )
 
 

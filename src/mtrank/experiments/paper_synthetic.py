@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from mtrank.config import TrainConfig
@@ -269,8 +268,7 @@ def check_equivalence(
     """Train run 0 of ``ensemble_run`` (seed ``seed``) alone with :class:`Trainer`; compare results, times."""
     train, valid, test = (part.member(0) for part in ensemble_splits(correlation, [seed], cfg))
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = MultiTaskModel(paper_model(block))
+    model = MultiTaskModel(paper_model(block), seed=seed)
     single = Trainer(model, train_config(cfg, lr, seed=seed)).fit(train, valid)
     single_seconds = time.perf_counter() - start
     single_test = evaluate(model, test)["loss"]

@@ -33,12 +33,11 @@ def paper_model(block: str, num_dense: int = 100) -> ModelConfig:
     """The paper's synthetic sizes: 8 experts of 16 ReLU units, towers of 8; Shared-Bottom of 113 units."""
     width = [113] if block == "shared_bottom" else [16]
     return ModelConfig(
-        num_dense=num_dense,
+        inputs={"num_dense": num_dense},
         tasks=[dataclasses.replace(t) for t in SYNTHETIC_TASKS],
-        block=block,
-        num_experts=8,
-        expert_hidden=width,
-        tower_hidden=[8],
+        block={"type": block, "num_experts": 8},
+        experts={"hidden": width},
+        towers={"hidden": [8]},
     )
 
 
@@ -92,7 +91,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> dict:
     jobs = [(p, b, s) for p in study.correlations for b in study.blocks for s in range(study.seeds)]
     for correlation, block, seed in tqdm(jobs, desc="correlation study", disable=not progress, unit="run"):
         train, valid, test = make_splits(correlation, seed, study)
-        model = MultiTaskModel(paper_model(block, train.dense.shape[1]))
+        model = MultiTaskModel(paper_model(block, train.dense.shape[1]), seed=seed)
         train_cfg = TrainConfig(
             lr=study.lr,
             batch_size=study.batch_size,

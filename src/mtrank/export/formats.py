@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from mtrank.artifacts import load_model
-from mtrank.config import ModelConfig
 from mtrank.model import MultiTaskModel, ScoringModule
 
 FORMATS = ("torchscript", "onnx")
@@ -36,12 +35,12 @@ EXPORT_TOLERANCE = 1e-5
 ONNX_OPSET = 17
 
 
-def random_inputs(config: ModelConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``dense [B, F_dense]`` (N(0, 1)) and ``sparse [B, F_cat]`` (valid ids) for ``config``."""
+def random_inputs(model: MultiTaskModel, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``dense [B, F_dense]`` (N(0, 1)) and ``sparse [B, F_cat]`` (valid ids) for ``model``'s inputs."""
     gen = torch.Generator().manual_seed(seed)
-    dense = torch.randn(batch, config.num_dense, generator=gen)
-    if config.vocab_sizes:
-        vocab = torch.tensor(config.vocab_sizes, dtype=torch.float64)
+    dense = torch.randn(batch, model.num_dense, generator=gen)
+    if model.vocab_sizes:
+        vocab = torch.tensor(model.vocab_sizes, dtype=torch.float64)
         sparse = (torch.rand(batch, len(vocab), generator=gen, dtype=torch.float64) * vocab).long()  # (B, F)
     else:
         sparse = torch.zeros(batch, 0, dtype=torch.long)
@@ -56,7 +55,7 @@ def export_torchscript(model: MultiTaskModel, path: str | Path, batch: int = 8) 
     """Trace ``(dense, sparse) -> scores`` to TorchScript. The trace is batch-size independent: the model
     has no data-dependent control flow, only branches on configuration and tensor rank."""
     path = Path(path)
-    dense, sparse = random_inputs(model.config, batch)
+    dense, sparse = random_inputs(model, batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit deprecation notices
         traced = torch.jit.trace(scoring_module(model), (dense, sparse), check_trace=False)
@@ -67,7 +66,7 @@ def export_torchscript(model: MultiTaskModel, path: str | Path, batch: int = 8) 
 
 def onnx_bytes(model: MultiTaskModel, batch: int = 8) -> bytes:
     """The ONNX serialisation of ``(dense, sparse) -> scores`` with a dynamic batch axis."""
-    dense, sparse = random_inputs(model.config, batch)
+    dense, sparse = random_inputs(model, batch)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,7 +143,7 @@ def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def max_export_difference(model: MultiTaskModel, path: str | Path, fmt: str, batch: int = 64, seed: int = 1) -> float:
     """``max |scores(export) - scores(eager)|`` on random inputs (a batch size other than the tracing one)."""
-    dense, sparse = random_inputs(model.config, batch, seed)
+    dense, sparse = random_inputs(model, batch, seed)
     with torch.inference_mode():
         expected = scoring_module(model)(dense, sparse).numpy()
         if fmt == "torchscript":
@@ -185,10 +184,10 @@ def export_model_dir(
         "tasks": [t.name for t in model.tasks],
         "task_types": [t.type for t in model.tasks],
         "inputs": {
-            "dense": ["batch", model.config.num_dense],
-            "sparse": ["batch", len(model.config.vocab_sizes)],
+            "dense": ["batch", model.num_dense],
+            "sparse": ["batch", len(model.vocab_sizes)],
         },
-        "output": {"scores": ["batch", model.config.num_tasks]},
+        "output": {"scores": ["batch", len(model.tasks)]},
         "max_abs_diff_vs_eager": diff,
     }
     if int8:

@@ -1,7 +1,7 @@
 """Reduced-precision inference in PyTorch: bf16 (CPU and GPU), fp16 (GPU), int8 dynamic quantisation (CPU).
 
 * ``bf16`` / ``fp16``: the weights are cast once; the gates still take their softmax in float32 (see
-  :class:`~mtrank.nn.TaskGates`) and the scores come back as float32.
+  :mod:`mtrank.nn.gates`) and the scores come back as float32.
 * ``mixed``: only the expert bank (most of the FLOPs) runs in bf16, with float32 accumulation; embeddings,
   gates and towers stay float32. The first expert layer's input is split into two bf16 terms,
   ``x = x_hi + x_lo`` (``x_hi = bf16(x)``, ``x_lo = bf16(x - x_hi)``), both multiplied in one GEMM (rows
@@ -28,7 +28,6 @@ from torch import nn
 
 from mtrank.model import MultiTaskModel
 from mtrank.nn import StackedLinear
-from mtrank.nn.cross import StackedDCN
 
 PRECISIONS = ("fp32", "bf16", "mixed", "fp16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,23 +126,10 @@ class Bf16StackedLinear(nn.Module):
         return torch.bmm(x, self.weight)  # (G, B, out)
 
 
-def expert_layers(model: MultiTaskModel) -> list[tuple[nn.ModuleList, bool]]:
-    """The stacked linear layers of every level's expert MLPs, each with whether its first layer reads one shared
-    ``[B, in]`` input (the first level's MLP experts do; PLE's upper levels and DCN's deep part read ``[G, B, in]``)."""
-    out = []
-    for index, level in enumerate(model.block.levels):
-        experts = level.experts
-        if isinstance(experts, StackedDCN):
-            out.append((experts.deep.layers, False))
-        else:
-            out.append((experts.layers, index == 0))
-    return out
-
-
 def mixed_precision(model: MultiTaskModel, device: str | torch.device = "cpu") -> MultiTaskModel:
     """A copy of ``model`` whose expert bank runs in bf16 (first layer with split input), the rest float32."""
     mixed = copy.deepcopy(model).float().to(device).eval()
-    for layers, first_shared in expert_layers(mixed):
+    for layers, first_shared in mixed.expert_banks():
         for i, layer in enumerate(layers):
             shared = first_shared and i == 0
             layers[i] = Bf16StackedLinear(layer, shared_input=shared, split_input=i == 0)
@@ -153,17 +139,15 @@ def mixed_precision(model: MultiTaskModel, device: str | torch.device = "cpu") -
 def quantize_int8(model: MultiTaskModel) -> MultiTaskModel:
     """A copy of ``model`` with int8 dynamic-quantised experts and shared hidden layer (CPU only)."""
     qmodel = copy.deepcopy(model).float().cpu().eval()
-    block = qmodel.block
-    for layers, first_shared in expert_layers(qmodel):
+    for layers, first_shared in qmodel.expert_banks():
         for i, layer in enumerate(layers):
             layers[i] = Int8StackedLinear(layer, shared_input=first_shared and i == 0)
-    if block.shared is not None:
+    shared = qmodel.shared_hidden_layer()
+    if shared is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            block.shared = torch.ao.quantization.quantize_dynamic(
-                block.shared,
-                {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-                dtype=torch.qint8,
+            torch.ao.quantization.quantize_dynamic(
+                shared, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
             )
     return qmodel
 
@@ -200,7 +184,7 @@ class PrecisionScoring(nn.Module):
     def __init__(self, model: MultiTaskModel) -> None:
         super().__init__()
         self.model = model
-        self.dtype = model.embedding.table.weight.dtype
+        self.dtype = model.dtype
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         logits = self.model(dense.to(self.dtype), sparse).task_logits.float()

@@ -1,16 +1,26 @@
-"""Small modules, one idea each: embeddings, stacked experts, gates, the multi-task block."""
+"""Small modules, one idea each, taking explicit arguments: stacked layers, embeddings, the feature mixer, the
+bias tower, expert types and gate types (registries), routing, and the multi-task block."""
 
+from mtrank.nn.block import ExtractionLevel, MultiTaskBlock
 from mtrank.nn.embedding import FeatureEmbedding
-from mtrank.nn.experts import MLP, StackedLinear, StackedMLP
-from mtrank.nn.gates import TaskGates
-from mtrank.nn.multitask import MultiTaskBlock, expert_layout
+from mtrank.nn.experts import DCNExpertConfig, DCNExperts, MLPExperts
+from mtrank.nn.gates import SoftmaxGates, TopKGateConfig, TopKGates, load_balance_loss
+from mtrank.nn.routing import expert_layout
+from mtrank.nn.stacked import MLP, StackedLinear, StackedMLP
 
 __all__ = [
+    "DCNExpertConfig",
+    "DCNExperts",
+    "ExtractionLevel",
     "FeatureEmbedding",
     "MLP",
+    "MLPExperts",
+    "MultiTaskBlock",
+    "SoftmaxGates",
     "StackedLinear",
     "StackedMLP",
-    "TaskGates",
-    "MultiTaskBlock",
+    "TopKGateConfig",
+    "TopKGates",
     "expert_layout",
+    "load_balance_loss",
 ]

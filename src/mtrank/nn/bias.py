@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mtrank.nn.embedding import FeatureEmbedding
-from mtrank.nn.experts import MLP
+from mtrank.nn.stacked import MLP
 
 
 class BiasTower(nn.Module):
@@ -29,6 +29,9 @@ class BiasTower(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.register_buffer("task_mask", task_mask.float())
         self.dropout = dropout
+
+    def random_sources(self) -> list[str]:
+        return ["bias-tower dropout"] if self.dropout > 0 else []
 
     def forward(self, bias_ids: torch.Tensor) -> torch.Tensor:
         empty = bias_ids.new_zeros(bias_ids.shape[0], 0).float()

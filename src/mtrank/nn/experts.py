@@ -1,69 +1,119 @@
-"""Stacked MLPs: G independent MLPs computed together from ``[G, in, out]`` weights.
+"""Expert types: G experts computed together (one batched matmul per layer), registered by name.
 
-The same module serves as the expert bank (G = experts, all reading the same input) and as the task towers
-(G = tasks, each reading its own input): one batched matmul per layer, no Python loop over experts.
+The contract of an expert type (what :class:`~mtrank.nn.block.ExtractionLevel` needs), for the built-in ones
+and for any registered from outside the package with ``@EXPERTS.register(name, config_class)``:
+
+* ``from_config(groups, in_features, config) -> module``: G experts reading ``in_features``; ``config`` is the
+  type's config class (:class:`~mtrank.config.ExpertConfig` or a subclass adding options);
+* ``module(x)``: ``x [B, in]`` (one input shared by every expert) or ``[G, B, in]`` (expert g reads ``x[g]``)
+  ``-> [G, B, D]``; ``module.output_dim == D``;
+* optional ``linear_banks() -> [(layers, reads_block_input)]``: the :class:`~mtrank.nn.stacked.StackedLinear`
+  layers that reduced-precision inference may rewrite, and whether the first of them reads the expert's
+  input itself (one GEMM for every expert when that input is shared);
+* optional ``random_sources() -> [str]``: what it draws at random in training (beyond ``nn.Dropout``).
+
+``mlp``: :class:`MLPExperts`. ``dcn``: :class:`DCNExperts`, DCNv2 cross layers then an MLP (Wang et al.
+2021), Pinterest's experts inside MMoE.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+from mtrank.config.base import check, join
+from mtrank.config.model import EXPERTS, ExpertConfig
+from mtrank.nn.stacked import StackedMLP
 
 
-def activation(name: str) -> nn.Module:
-    return _ACTIVATIONS[name]()
-
-
-class StackedLinear(nn.Module):
-    """G linear layers in one op: ``y[g] = x[g] @ W[g] + b[g]``.
-
-    Shapes: ``x [B, in]`` (shared input, every group reads it) or ``[G, B, in]`` -> ``[G, B, out]``.
-    A shared input is one GEMM against the ``[in, G*out]`` view of the weights; a per-group input is one ``bmm``.
-
-    Initialisation: each group is drawn independently, uniform(+-1/sqrt(in)) (PyTorch's Linear default), so
-    experts differ from each other at init.
+@EXPERTS.register("mlp", ExpertConfig)
+class MLPExperts(StackedMLP):
+    """G MLP experts (``config.hidden`` widths, an activation and dropout after every layer).
 
     Example:
-        >>> layer = StackedLinear(groups=8, in_features=100, out_features=16)
-        >>> layer(torch.randn(32, 100)).shape
+        >>> experts = MLPExperts.from_config(8, 100, ExpertConfig(hidden=[16]))
+        >>> experts(torch.randn(32, 100)).shape
         torch.Size([8, 32, 16])
     """
 
-    def __init__(self, groups: int, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.groups, self.in_features, self.out_features = groups, in_features, out_features
-        bound = 1.0 / math.sqrt(in_features)
-        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(groups, 1, out_features).uniform_(-bound, bound))
+    @classmethod
+    def from_config(cls, groups: int, in_features: int, config: ExpertConfig) -> MLPExperts:
+        return cls(groups, in_features, config.hidden, config.activation, config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            # one GEMM for all groups: (B, in) @ (in, G*out)
-            weight = self.weight.permute(1, 0, 2).reshape(self.in_features, -1)  # (in, G*out)
-            y = (x @ weight).view(x.shape[0], self.groups, self.out_features)  # (B, G, out)
-            # contiguous (G, B, out): the next layer's bmm and its backward read it without copies; the bias
-            # is added in the compute dtype, so bf16 autocast keeps activations bf16 (2x faster on CPU)
-            y = y.transpose(0, 1).contiguous()  # (G, B, out)
-            return y + self.bias.to(y.dtype)
-        return torch.baddbmm(self.bias.to(x.dtype), x, self.weight)  # (G, B, out)
+    def linear_banks(self) -> list[tuple[nn.ModuleList, bool]]:
+        return [(self.layers, True)]
 
 
-class StackedMLP(nn.Module):
-    """G independent MLPs, layer widths ``hidden``, computed together.
+@dataclass
+class DCNExpertConfig(ExpertConfig):
+    """``dcn`` experts: ``cross_layers`` DCNv2 cross layers of rank ``cross_rank`` (0 = full ``[d, d]``),
+    then the MLP of ``hidden``."""
 
-    ``y[g] = act(... act(x[g] W1[g] + b1[g]) ... ) `` with an activation (and optional dropout) after every
-    layer, or after all but the last when ``final_activation`` is False (towers end in a plain linear layer).
+    type: str = "dcn"
+    cross_layers: int = 2
+    cross_rank: int = 0
 
-    Shapes: ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, hidden[-1]]``.
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.cross_layers >= 1, join(path, "cross_layers"), f"must be >= 1, got {self.cross_layers}")
+        check(self.cross_rank >= 0, join(path, "cross_rank"), f"must be >= 0, got {self.cross_rank}")
+
+
+class StackedCross(nn.Module):
+    """G independent DCNv2 cross networks computed together.
+
+    ``x_{l+1} = x_0 * (x_l W_l + b_l) + x_l`` per group, with ``W_l`` full rank ``[d, d]`` or, with ``rank = r``,
+    the low-rank ``U_l V_l`` (``[d, r] @ [r, d]``). Weights are stacked ``[G, d, d]`` (or ``[G, d, r]``,
+    ``[G, r, d]``): one batched matmul per layer for all experts.
+
+    Shapes: ``x_0 [B, d]`` or ``[G, B, d]`` -> ``[G, B, d]``.
 
     Example:
-        >>> experts = StackedMLP(groups=8, in_features=100, hidden=[16])
-        >>> experts(torch.randn(32, 100)).shape
-        torch.Size([8, 32, 16])
+        >>> cross = StackedCross(groups=4, dim=10, layers=2)
+        >>> cross(torch.randn(3, 10)).shape
+        torch.Size([4, 3, 10])
+    """
+
+    def __init__(self, groups: int, dim: int, layers: int, rank: int = 0) -> None:
+        super().__init__()
+        self.groups, self.dim, self.rank, self.num_layers = groups, dim, rank, layers
+        bound = 1.0 / math.sqrt(dim)
+        if rank:  # low rank: W_l = U_l V_l
+            self.u = nn.Parameter(torch.empty(layers, groups, dim, rank).uniform_(-bound, bound))
+            v_bound = 1.0 / math.sqrt(rank)
+            self.v = nn.Parameter(torch.empty(layers, groups, rank, dim).uniform_(-v_bound, v_bound))
+            self.w = None
+        else:
+            self.w = nn.Parameter(torch.empty(layers, groups, dim, dim).uniform_(-bound, bound))
+            self.u = self.v = None
+        self.b = nn.Parameter(torch.zeros(layers, groups, 1, dim))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        if x0.dim() == 2:
+            x0 = x0.expand(self.groups, -1, -1)  # (G, B, d)
+        x = x0
+        w, u, v = self.w, self.u, self.v
+        for i in range(self.num_layers):
+            if w is not None:
+                proj = torch.baddbmm(self.b[i], x, w[i])  # (G, B, d)
+            else:
+                assert u is not None and v is not None  # TorchScript: narrows the Optional
+                proj = torch.baddbmm(self.b[i], torch.bmm(x, u[i]), v[i])  # (G, B, r) -> (G, B, d)
+            x = x0 * proj + x
+        return x
+
+
+@EXPERTS.register("dcn", DCNExpertConfig)
+class DCNExperts(nn.Module):
+    """G DCNv2 experts: cross network then MLP ("stacked" DCNv2). ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, D]``.
+
+    Example:
+        >>> experts = DCNExperts.from_config(4, 10, DCNExpertConfig(hidden=[8], cross_rank=2))
+        >>> experts(torch.randn(3, 10)).shape
+        torch.Size([4, 3, 8])
     """
 
     def __init__(
@@ -71,41 +121,24 @@ class StackedMLP(nn.Module):
         groups: int,
         in_features: int,
         hidden: list[int],
+        cross_layers: int,
+        cross_rank: int = 0,
         activation_name: str = "relu",
         dropout: float = 0.0,
-        final_activation: bool = True,
     ) -> None:
         super().__init__()
-        widths = [in_features, *hidden]
-        self.layers = nn.ModuleList(StackedLinear(groups, a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = activation(activation_name)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.final_activation = final_activation
+        self.cross = StackedCross(groups, in_features, cross_layers, cross_rank)
+        self.deep = StackedMLP(groups, in_features, hidden, activation_name, dropout)
         self.groups = groups
-        self.output_dim = widths[-1]
+        self.output_dim = self.deep.output_dim
+
+    @classmethod
+    def from_config(cls, groups: int, in_features: int, config: DCNExpertConfig) -> DCNExperts:
+        c = config
+        return cls(groups, in_features, c.hidden, c.cross_layers, c.cross_rank, c.activation, c.dropout)
+
+    def linear_banks(self) -> list[tuple[nn.ModuleList, bool]]:
+        return [(self.deep.layers, False)]  # the MLP reads the cross network's per-expert output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last or self.final_activation:
-                x = self.dropout(self.act(x))
-        return x
-
-
-class MLP(nn.Module):
-    """A plain MLP (used for shared hidden layers and gate networks). ``[B, in] -> [B, hidden[-1]]``."""
-
-    def __init__(self, in_features: int, hidden: list[int], activation_name: str = "relu", dropout: float = 0.0):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for width in hidden:
-            layers += [nn.Linear(in_features, width), activation(activation_name)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            in_features = width
-        self.net = nn.Sequential(*layers)
-        self.output_dim = in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.deep(self.cross(x))  # (G, B, d) -> (G, B, D)

@@ -73,15 +73,15 @@ class ScoringService:
         self.model_dir = Path(model_dir)
         self.meta = read_model_meta(self.model_dir)
         model = load_model(self.model_dir)
-        self.config = model.config
+        self.model = model
         self.task_names = [t.name for t in model.tasks]
         self.encoder = FeatureEncoder.load(self.model_dir) if (self.model_dir / ENCODERS_FILE).is_file() else None
         encoded = None if self.encoder is None else (self.encoder.num_dense, self.encoder.vocab_sizes)
-        if encoded is not None and encoded != (self.config.num_dense, list(self.config.vocab_sizes)):
+        if encoded is not None and encoded != (self.model.num_dense, self.model.vocab_sizes):
             raise ValueError(
                 f"{self.model_dir / ENCODERS_FILE}: encoders give {encoded[0]} dense features and "
                 "vocabularies "
-                f"{encoded[1]}; the model expects {self.config.num_dense} and {list(self.config.vocab_sizes)}"
+                f"{encoded[1]}; the model expects {self.model.num_dense} and {self.model.vocab_sizes}"
             )
         self.learned = ServedLearnedBlend.load(self.model_dir) if learned_blend and blend is None else None
         self.learned_only: set[str] = set()  # context fields read by the learned blend only, not the model
@@ -104,7 +104,7 @@ class ScoringService:
 
     @property
     def vocab_sizes(self) -> list[int]:
-        return list(self.config.vocab_sizes)
+        return self.model.vocab_sizes
 
     def warm_up(self) -> None:
         """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches) and the
@@ -114,7 +114,7 @@ class ScoringService:
         if self.encoder is not None:
             self.encoder.prepare_lookups()
         for batch in (1, min(self.max_candidates, 1000)):
-            dense, sparse = random_inputs(self.config, batch)
+            dense, sparse = random_inputs(self.model, batch)
             self.batcher(dense.numpy(), sparse.numpy())
         self.ready = True
 
@@ -124,7 +124,7 @@ class ScoringService:
             "backend": self.scorer.name,
             "features": self.encoder.input_columns
             if self.encoder
-            else {"dense": self.config.num_dense, "sparse": self.vocab_sizes},
+            else {"dense": self.model.num_dense, "sparse": self.vocab_sizes},
             "max_candidates": self.max_candidates,
             "forward_passes": self.batcher.batches,
             "requests_per_pass": self.batcher.calls / max(self.batcher.batches, 1),
@@ -168,7 +168,7 @@ class ScoringService:
                 "context: this model has no encoders.json, so features are given per candidate as "
                 '{"dense": [...], "sparse": [...]}; leave the context empty'
             )
-        num_dense, vocab = self.config.num_dense, self.vocab_sizes
+        num_dense, vocab = self.model.num_dense, self.vocab_sizes
         dense = np.empty((len(candidates), num_dense), dtype=np.float32)
         sparse = np.empty((len(candidates), len(vocab)), dtype=np.int64)
         for i, candidate in enumerate(candidates):

@@ -62,7 +62,6 @@ class Scorer:
         check_precision(precision, device)
         self.backend, self.precision, self.device = backend, precision, torch.device(device)
         self.task_names = [t.name for t in model.tasks]
-        self.config = model.config
         self._onnx: OnnxScorer | None = None
         self._module: torch.nn.Module | None = None
         if backend == "onnx":
@@ -87,7 +86,7 @@ class Scorer:
         if backend == "compile":
             module = torch.compile(module, dynamic=True)
         elif backend == "torchscript":
-            dense, sparse = random_inputs(model.config, 8)
+            dense, sparse = random_inputs(model, 8)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
                 module = torch.jit.trace(module, (dense.to(self.device), sparse.to(self.device)), check_trace=False)

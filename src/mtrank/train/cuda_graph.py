@@ -33,21 +33,6 @@ from mtrank.data.tensors import TensorData
 from mtrank.model import MultiTaskModel
 
 
-def step_randomness(model: MultiTaskModel) -> str:
-    """What draws random numbers inside a training step ("" if nothing): dropout, gate dropout, bias dropout,
-    noisy top-k gates."""
-    mc = model.config
-    if mc.dropout > 0:
-        return "model.dropout > 0"
-    if mc.gate.dropout > 0:
-        return "model.gate.dropout > 0"
-    if mc.bias_features and mc.bias_dropout > 0:
-        return "model.bias_dropout > 0"
-    if mc.gate.top_k and mc.gate.noisy:
-        return "noisy top-k gates"
-    return ""
-
-
 def cuda_graph_plan(
     model: MultiTaskModel, config: TrainConfig, device: torch.device, allow_randomness: bool = True
 ) -> tuple[bool, str]:
@@ -60,9 +45,9 @@ def cuda_graph_plan(
     """
     if device.type != "cuda":
         return False, f"device is {device.type}, CUDA graphs need a CUDA device"
-    random = step_randomness(model)
+    random = model.random_sources()
     if random and not allow_randomness:
-        return False, f"{random} (random numbers inside the step)"
+        return False, f"{random[0]} (random numbers inside the step)"
     scheduled = config.schedule != "constant" or config.warmup_steps
     if scheduled and any(p.dtype != torch.float32 for p in model.parameters()):
         return False, "a learning-rate schedule with non-float32 parameters (the graph can follow only a float32 lr)"

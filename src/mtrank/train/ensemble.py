@@ -102,8 +102,8 @@ class Ensemble:
 
     Args:
         config: the architecture of every member.
-        init_seeds: one seed per member; member r is ``torch.manual_seed(init_seeds[r])`` then
-            ``MultiTaskModel(config)``, exactly the model a single run with that seed would build.
+        init_seeds: one seed per member; member r is ``MultiTaskModel(config, seed=init_seeds[r])``, exactly the model a
+            single run with that seed would build.
         device: ``cpu``, ``cuda`` or ``auto``.
         cuda_graphs: on CUDA, capture the whole ensemble step in one CUDA graph when replay is exact
             (:func:`~mtrank.train.cuda_graph.cuda_graph_plan`); False keeps the eager step.
@@ -125,8 +125,7 @@ class Ensemble:
         self.init_seeds = list(init_seeds)
         models = []
         for seed in self.init_seeds:
-            torch.manual_seed(seed)
-            models.append(MultiTaskModel(config))
+            models.append(MultiTaskModel(config, seed=seed))
         self.base = copy.deepcopy(models[0]).to("meta")
         params, buffers = stack_module_state(models)
         self.params = {k: v.detach().to(self.device).requires_grad_(True) for k, v in params.items()}

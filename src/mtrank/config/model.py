@@ -1,0 +1,405 @@
+"""The model's configuration, one section per concern.
+
+==============  ==========================================================================================
+``inputs``      dense features, categorical vocabularies, embedding width, multi-valued bags
+``tasks``       name, ``binary`` / ``regression``, loss weight
+``block``       how experts are shared (below), how many, PLE levels, a shared hidden layer under them
+``experts``     the expert type (registered: ``mlp``, ``dcn``) and its options
+``gate``        the gate type (registered: ``softmax``, ``topk``) and its options
+``towers``      each task's tower
+``mixer``       a transformer over the feature tokens (Pinterest Closeup)
+``bias``        YouTube's shallow tower for position / selection bias
+==============  ==========================================================================================
+
+Blocks (one mechanism, many configurations; see :mod:`mtrank.nn.routing`):
+
+================  =========================================================================
+``single_task``   one bottom per task, no sharing (K experts, task k sees only expert k)
+``shared_bottom`` one bottom shared by every task (1 expert, every gate fixed to it)
+``omoe``          one softmax gate over E shared experts, the same for all tasks
+``mmoe``          one softmax gate per task over E shared experts (Ma et al., 2018)
+``cgc``           per-task experts plus shared experts; task k's gate sees its own + shared (Tang et al., 2020)
+``ple``           ``levels`` stacked CGC levels, with a shared gate feeding the next level's shared experts
+================  =========================================================================
+
+Example:
+    >>> config = ModelConfig(inputs={"num_dense": 100}, block="mmoe", experts={"hidden": [16]})
+    >>> config.block.num_experts, config.experts.type, config.gate.type, config.input_dim
+    (8, 'mlp', 'softmax', 100)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from mtrank.config.base import Config, Registry, check, join
+
+BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple")
+BlockType = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"]
+Activation = Literal["relu", "gelu", "silu"]
+
+# the flat fields of mtrank 0.1's ModelConfig and where each lives now (model directories of format 1 are read
+# through :func:`nest_flat_model`)
+FLAT_FIELDS = (
+    "num_dense", "vocab_sizes", "embedding_dim", "bag_lengths", "bag_pooling", "num_experts", "task_experts",
+    "levels", "shared_hidden", "expert_hidden", "expert_type", "cross_layers", "cross_rank", "activation",
+    "dropout", "tower_hidden", "mixer_layers", "mixer_heads", "bias_features", "bias_hidden", "bias_dropout",
+    "bias_tasks",
+)  # fmt: skip
+NESTED_FIELDS = (
+    "inputs.num_dense", "inputs.vocab_sizes", "inputs.embedding_dim", "inputs.bags", "inputs.bags",
+    "block.num_experts", "block.task_experts", "block.levels", "block.shared_hidden", "experts.hidden",
+    "experts.type", "experts.cross_layers", "experts.cross_rank", "experts.activation and towers.activation",
+    "experts.dropout and towers.dropout", "towers.hidden", "mixer.layers", "mixer.heads", "bias.features",
+    "bias.hidden", "bias.dropout", "bias.tasks",
+)  # fmt: skip
+
+EXPERTS = Registry("expert type")
+GATES = Registry("gate type")
+
+
+def _widths(widths: list[int], path: str) -> None:
+    for i, width in enumerate(widths):
+        check(width >= 1, f"{path}[{i}]", f"layer width must be >= 1, got {width}")
+
+
+@dataclass
+class TaskConfig(Config):
+    """One prediction task.
+
+    Args:
+        name: task name, used in metrics, reports and exports.
+        type: ``"binary"`` (logits, BCE-with-logits) or ``"regression"`` (MSE).
+        weight: weight of this task's loss in the total loss.
+    """
+
+    shorthand: ClassVar[str] = "name"
+    name: str
+    type: Literal["binary", "regression"] = "binary"
+    weight: float = 1.0
+
+    def check(self, path: str) -> None:
+        check(self.name != "", join(path, "name"), "must be a non-empty string")
+        check(self.weight >= 0, join(path, "weight"), f"must be >= 0, got {self.weight}")
+
+
+@dataclass
+class BagConfig(Config):
+    """A multi-valued categorical feature embedded as a bag (DeepCTR's VarLenSparseFeat).
+
+    Args:
+        length: id columns of the bag (values kept per row; padded with the bag's last id).
+        pooling: ``"mean"`` or ``"sum"`` of the non-padding values' embeddings.
+    """
+
+    length: int
+    pooling: Literal["mean", "sum"] = "mean"
+
+    def check(self, path: str) -> None:
+        check(self.length >= 1, join(path, "length"), f"must be >= 1, got {self.length}")
+
+
+@dataclass
+class InputsConfig(Config):
+    """What the model reads.
+
+    Args:
+        num_dense: number of dense (numeric) input features.
+        vocab_sizes: vocabulary size of each categorical column (ids in ``[0, vocab)``); the bags' columns last.
+        embedding_dim: embedding width of every categorical feature.
+        bags: the multi-valued features, in the order of their columns (the last ``sum(length)`` columns of
+            ``vocab_sizes``; all columns of a bag have its vocabulary size, whose last id is padding).
+    """
+
+    num_dense: int = 0
+    vocab_sizes: list[int] = field(default_factory=list)
+    embedding_dim: int = 16
+    bags: list[BagConfig] = field(default_factory=list)
+
+    @property
+    def bag_lengths(self) -> list[int]:
+        return [bag.length for bag in self.bags]
+
+    @property
+    def bag_pooling(self) -> list[str]:
+        return [bag.pooling for bag in self.bags]
+
+    def check(self, path: str) -> None:
+        check(self.num_dense >= 0, join(path, "num_dense"), f"must be >= 0, got {self.num_dense}")
+        for i, size in enumerate(self.vocab_sizes):
+            check(size >= 1, f"{join(path, 'vocab_sizes')}[{i}]", f"must be >= 1, got {size}")
+        if self.vocab_sizes:
+            check(self.embedding_dim >= 1, join(path, "embedding_dim"), f"must be >= 1, got {self.embedding_dim}")
+        first = len(self.vocab_sizes) - sum(self.bag_lengths)
+        check(
+            first >= 0,
+            join(path, "bags"),
+            f"the bags take {sum(self.bag_lengths)} columns; vocab_sizes has {len(self.vocab_sizes)}",
+        )
+        start = first
+        for b, bag in enumerate(self.bags):
+            sizes = set(self.vocab_sizes[start : start + bag.length])
+            check(
+                len(sizes) == 1 and min(sizes) >= 2,
+                f"{join(path, 'bags')}[{b}]",
+                f"the bag's columns {start}..{start + bag.length - 1} need one vocabulary size >= 2 (ids + "
+                f"padding), got {sorted(sizes)}",
+            )
+            start += bag.length
+
+
+@dataclass
+class BlockConfig(Config):
+    """How experts are shared between tasks (the block's type, see the module docstring).
+
+    Args:
+        type: one of :data:`BLOCKS`.
+        num_experts: shared experts (``omoe``, ``mmoe``, ``cgc``, ``ple``).
+        task_experts: experts owned by each task (``cgc``, ``ple``).
+        levels: extraction levels stacked by ``ple``.
+        shared_hidden: widths of a shared hidden layer under the experts (YouTube's placement); empty = none.
+    """
+
+    shorthand: ClassVar[str] = "type"
+    type: BlockType = "mmoe"
+    num_experts: int = 8
+    task_experts: int = 1
+    levels: int = 2
+    shared_hidden: list[int] = field(default_factory=list)
+
+    def check(self, path: str) -> None:
+        if self.type in ("omoe", "mmoe"):
+            check(self.num_experts >= 1, join(path, "num_experts"), f"must be >= 1, got {self.num_experts}")
+        if self.type in ("cgc", "ple"):
+            check(self.levels >= 1, join(path, "levels"), f"must be >= 1, got {self.levels}")
+            check(self.num_experts >= 0, join(path, "num_experts"), f"must be >= 0, got {self.num_experts}")
+            check(self.task_experts >= 1, join(path, "task_experts"), f"must be >= 1, got {self.task_experts}")
+        _widths(self.shared_hidden, join(path, "shared_hidden"))
+
+
+@dataclass
+class ExpertConfig(Config):
+    """An expert type and its options. ``type`` selects a registered expert module (``mlp``, ``dcn``, or one
+    registered with :data:`EXPERTS`); a registered type may take more options (its own config class).
+
+    Args:
+        type: registered expert type.
+        hidden: layer widths of each expert (its output width is the last).
+        activation: activation between layers (also used by the shared hidden layer).
+        dropout: dropout after each hidden layer.
+    """
+
+    registry: ClassVar[Registry] = EXPERTS
+    shorthand: ClassVar[str] = "type"
+    type: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [16])
+    activation: Activation = "relu"
+    dropout: float = 0.0
+
+    def check(self, path: str) -> None:
+        check(len(self.hidden) >= 1, join(path, "hidden"), "an expert needs at least one layer")
+        _widths(self.hidden, join(path, "hidden"))
+        check(0 <= self.dropout < 1, join(path, "dropout"), f"must be in [0, 1), got {self.dropout}")
+
+    def check_in(self, model: ModelConfig, path: str) -> None:
+        """Rules that need the whole model (override in a registered type's config)."""
+
+
+@dataclass
+class GateConfig(Config):
+    """A gate type and its options. ``type`` selects a registered gate module (``softmax``, ``topk``, or one
+    registered with :data:`GATES`).
+
+    Args:
+        type: registered gate type.
+        temperature: softmax temperature (weights = softmax(logits / temperature)).
+        dropout: in training, drop each expert's weight with this probability and renormalise
+            (YouTube, Zhao et al. 2019, use 0.1 against gate polarisation).
+        hidden: hidden units of the gate network; 0 = one linear projection (the paper's gate).
+    """
+
+    registry: ClassVar[Registry] = GATES
+    shorthand: ClassVar[str] = "type"
+    moved: ClassVar[dict[str, str]] = {"top_k": "k (with type: topk)"}
+    type: str = "softmax"
+    temperature: float = 1.0
+    dropout: float = 0.0
+    hidden: int = 0
+
+    def check(self, path: str) -> None:
+        check(self.temperature > 0, join(path, "temperature"), f"must be > 0, got {self.temperature}")
+        check(0 <= self.dropout < 1, join(path, "dropout"), f"must be in [0, 1), got {self.dropout}")
+        check(self.hidden >= 0, join(path, "hidden"), f"must be >= 0, got {self.hidden}")
+
+    def check_in(self, model: ModelConfig, path: str) -> None:
+        """Rules that need the whole model (override in a registered type's config)."""
+
+
+@dataclass
+class TowerConfig(Config):
+    """Each task's tower: ``hidden`` layers, then a linear layer to one logit."""
+
+    hidden: list[int] = field(default_factory=lambda: [8])
+    activation: Activation = "relu"
+    dropout: float = 0.0
+
+    def check(self, path: str) -> None:
+        _widths(self.hidden, join(path, "hidden"))
+        check(0 <= self.dropout < 1, join(path, "dropout"), f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class MixerConfig(Config):
+    """A transformer feature mixer over the feature tokens (Pinterest Closeup); its output is concatenated to
+    the block input. ``layers = 0``: none."""
+
+    layers: int = 0
+    heads: int = 2
+
+    def check(self, path: str) -> None:
+        check(self.layers >= 0, join(path, "layers"), f"must be >= 0, got {self.layers}")
+
+
+@dataclass
+class BiasConfig(Config):
+    """YouTube's shallow tower for selection (position) bias, added to the logits in training only.
+
+    Args:
+        features: indices (into ``inputs.vocab_sizes``) of categorical features read only by this tower
+            (e.g. position, device); the main model does not see them.
+        hidden: hidden widths of the tower.
+        dropout: in training, drop a row's bias logit with this probability.
+        tasks: tasks whose logits get the bias logit (default: every binary task).
+    """
+
+    features: list[int] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.1
+    tasks: list[str] = field(default_factory=list)
+
+    def check(self, path: str) -> None:
+        check(len(set(self.features)) == len(self.features), join(path, "features"), "duplicate index")
+        _widths(self.hidden, join(path, "hidden"))
+        check(0 <= self.dropout < 1, join(path, "dropout"), f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig(Config):
+    """Architecture of a multi-task ranker (sections: see the module docstring)."""
+
+    moved: ClassVar[dict[str, str]] = {old: new for old, new in zip(FLAT_FIELDS, NESTED_FIELDS)}
+    section: ClassVar[str] = "model"
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig("task1"), TaskConfig("task2")])
+    block: BlockConfig = field(default_factory=BlockConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    towers: TowerConfig = field(default_factory=TowerConfig)
+    mixer: MixerConfig = field(default_factory=MixerConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def main_features(self) -> list[int]:
+        """Indices of the categorical columns the main model reads (all but the bias features)."""
+        bias = set(self.bias.features)
+        return [i for i in range(len(self.inputs.vocab_sizes)) if i not in bias]
+
+    @property
+    def num_tokens(self) -> int:
+        """Embedded features the main model reads: single categoricals (not bias) plus one per bag."""
+        bags = self.inputs.bag_lengths
+        return len(self.main_features) - sum(bags) + len(bags)
+
+    @property
+    def input_dim(self) -> int:
+        return self.inputs.num_dense + self.num_tokens * self.inputs.embedding_dim
+
+    def check(self, path: str) -> None:
+        tasks = join(path, "tasks")
+        check(len(self.tasks) >= 1, tasks, "at least one task is required")
+        names = self.task_names
+        check(len(set(names)) == len(names), tasks, f"task names must be unique, got {names}")
+        check(self.input_dim > 0, join(path, "inputs"), "the model has no inputs: give dense or categorical features")
+        inputs = self.inputs
+        if self.mixer.layers:
+            check(len(self.main_features) > 0, join(path, "mixer.layers"), "the mixer needs categorical features")
+            check(
+                self.mixer.heads >= 1 and inputs.embedding_dim % self.mixer.heads == 0,
+                join(path, "mixer.heads"),
+                f"must divide inputs.embedding_dim={inputs.embedding_dim}, got {self.mixer.heads}",
+            )
+        first_bag_column = len(inputs.vocab_sizes) - sum(inputs.bag_lengths)
+        for i, index in enumerate(self.bias.features):
+            where = f"{join(path, 'bias.features')}[{i}]"
+            check(
+                0 <= index < len(inputs.vocab_sizes),
+                where,
+                f"index {index} is not a categorical feature (there are {len(inputs.vocab_sizes)})",
+            )
+            check(index < first_bag_column, where, f"index {index} is a bag column; the bias tower reads single ones")
+        for i, name in enumerate(self.bias.tasks):
+            check(name in names, f"{join(path, 'bias.tasks')}[{i}]", f"unknown task {name!r}; tasks are {names}")
+        self.experts.check_in(self, join(path, "experts"))
+        self.gate.check_in(self, join(path, "gate"))
+
+    def experts_per_gate(self) -> int:
+        """How many experts one task's gate chooses among at the last level."""
+        block = self.block
+        if block.type in ("omoe", "mmoe"):
+            return block.num_experts
+        if block.type in ("cgc", "ple"):
+            return block.num_experts + block.task_experts
+        return 1
+
+
+def nest_flat_model(flat: dict) -> dict:
+    """mtrank 0.1's flat model config (model directories of format 1) -> the nested sections."""
+    flat = dict(flat)
+    gate = dict(flat.pop("gate", {}) or {})
+    top_k = gate.pop("top_k", 0)
+    noisy, balance = gate.pop("noisy", True), gate.pop("load_balance_weight", 0.01)
+    if top_k:
+        gate.update(type="topk", k=top_k, noisy=noisy, load_balance_weight=balance)
+    activation, dropout = flat.get("activation", "relu"), flat.get("dropout", 0.0)
+    experts = {"type": flat.get("expert_type", "mlp"), "hidden": flat.get("expert_hidden", [16])}
+    experts.update(activation=activation, dropout=dropout)
+    if experts["type"] == "dcn":
+        experts.update(cross_layers=flat.get("cross_layers", 2), cross_rank=flat.get("cross_rank", 0))
+    bags = [{"length": n, "pooling": p} for n, p in zip(flat.get("bag_lengths", []), flat.get("bag_pooling", []))]
+    nested = {
+        "inputs": {
+            "num_dense": flat.get("num_dense", 0),
+            "vocab_sizes": flat.get("vocab_sizes", []),
+            "embedding_dim": flat.get("embedding_dim", 16),
+            "bags": bags,
+        },
+        "block": {
+            "type": flat.get("block", "mmoe"),
+            "num_experts": flat.get("num_experts", 8),
+            "task_experts": flat.get("task_experts", 1),
+            "levels": flat.get("levels", 2),
+            "shared_hidden": flat.get("shared_hidden", []),
+        },
+        "experts": experts,
+        "gate": gate,
+        "towers": {"hidden": flat.get("tower_hidden", [8]), "activation": activation, "dropout": dropout},
+        "mixer": {"layers": flat.get("mixer_layers", 0), "heads": flat.get("mixer_heads", 2)},
+        "bias": {
+            "features": flat.get("bias_features", []),
+            "hidden": flat.get("bias_hidden", []),
+            "dropout": flat.get("bias_dropout", 0.1),
+            "tasks": flat.get("bias_tasks", []),
+        },
+    }
+    if "tasks" in flat:
+        nested["tasks"] = flat["tasks"]
+    return nested

@@ -1,0 +1,86 @@
+"""How a model is trained: optimiser, schedule, evaluation, checkpoints, precision, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from mtrank.config.base import Config, check, join
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16")
+DISTILL_MODES = ("none", "pointwise", "pairwise", "score_l2")
+
+
+@dataclass
+class TrainConfig(Config):
+    """How a model is trained.
+
+    Args:
+        optimizer: ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        weight_decay: weight decay (decoupled for AdamW).
+        batch_size: rows per step.
+        epochs: passes over the training data (ignored when ``steps`` > 0).
+        steps: total optimisation steps; 0 = use ``epochs``.
+        schedule: learning-rate schedule: ``constant``, ``cosine`` or ``linear`` decay.
+        warmup_steps: linear warm-up steps.
+        eval_every: evaluate on validation every this many steps; 0 = once per epoch.
+        early_stopping_patience: stop after this many evaluations without improvement; 0 = never.
+        monitor: validation metric for early stopping and best-checkpoint selection, e.g. ``"loss"`` or
+            ``"auc/income"`` (``metric/task``); ``"loss"`` is minimised, AUC/R² maximised.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast where the hardware supports it).
+        seed: seed of initialisation, shuffling and dropout.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        grad_clip: clip the global gradient norm to this value; 0 = no clipping.
+        checkpoint_dir: write checkpoints here (and resume from the latest one); empty = none.
+        checkpoint_every: steps between checkpoints (0 = at each evaluation).
+        resume: with a checkpoint in ``checkpoint_dir``: ``"auto"`` resumes it when it was written by the same
+            configuration and refuses a different one (naming what changed); ``"overwrite"`` discards it and
+            starts afresh; ``"require"`` resumes it and fails if there is none.
+        progress: show a progress bar.
+        log_dir: write the history as JSON lines (``history.jsonl``) here, live; empty = none.
+        tensorboard: also write TensorBoard events to ``log_dir`` (needs the ``tensorboard`` package).
+        distill: distillation from teacher logits attached to the data (``TensorData.teacher``): ``"none"``,
+            ``"pointwise"``, ``"pairwise"`` or ``"score_l2"`` (see :func:`mtrank.train.losses.distillation_loss`).
+        distill_weight: weight of the distillation term added to the label loss.
+    """
+
+    section: ClassVar[str] = "train"
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    epochs: int = 10
+    steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 0
+    early_stopping_patience: int = 0
+    monitor: str = "loss"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    grad_clip: float = 0.0
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
+    resume: Literal["auto", "overwrite", "require"] = "auto"
+    progress: bool = True
+    log_dir: str = ""
+    tensorboard: bool = False
+    distill: Literal["none", "pointwise", "pairwise", "score_l2"] = "none"
+    distill_weight: float = 1.0
+
+    def check(self, path: str) -> None:
+        check(self.lr > 0, join(path, "lr"), f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, join(path, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
+        check(self.batch_size >= 1, join(path, "batch_size"), f"must be >= 1, got {self.batch_size}")
+        check(self.epochs >= 1 or self.steps >= 1, join(path, "epochs"), "give epochs >= 1 or steps >= 1")
+        check(self.steps >= 0, join(path, "steps"), f"must be >= 0, got {self.steps}")
+        check(self.warmup_steps >= 0, join(path, "warmup_steps"), f"must be >= 0, got {self.warmup_steps}")
+        check(self.eval_every >= 0, join(path, "eval_every"), f"must be >= 0, got {self.eval_every}")
+        check(self.early_stopping_patience >= 0, join(path, "early_stopping_patience"), "must be >= 0")
+        check(self.grad_clip >= 0, join(path, "grad_clip"), f"must be >= 0, got {self.grad_clip}")
+        check(self.checkpoint_every >= 0, join(path, "checkpoint_every"), "must be >= 0")
+        check(self.distill_weight >= 0, join(path, "distill_weight"), f"must be >= 0, got {self.distill_weight}")
