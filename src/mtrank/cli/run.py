@@ -1,16 +1,9 @@
-"""The ``mtrank`` command line.
-
-Each subcommand lives beside the code it drives and registers itself here through a ``register(subparsers)``
-function, so this file only lists them.
-"""
+"""``mtrank run``: the main job (Shared-Bottom vs OMoE vs MMoE on synthetic data at several correlations)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-from mtrank import __version__
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -36,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_run(subparsers) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "run",
         help="the main job: Shared-Bottom vs OMoE vs MMoE on synthetic data at several task correlations",
@@ -55,46 +48,3 @@ def _register_run(subparsers) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="training device")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_run)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mtrank",
-        description="Multi-task ranking with Multi-gate Mixture-of-Experts: train, compare, analyse, export, serve.",
-    )
-    parser.add_argument("--version", action="version", version=f"mtrank {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _register_run(subparsers)
-    from mtrank.experiments import reproduce
-
-    reproduce.register(subparsers)
-    from mtrank.data_cli import register as register_data
-
-    register_data(subparsers)
-    from mtrank.serve.cli import register as register_serving
-
-    register_serving(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from mtrank.train.distributed import init_from_env, shutdown
-
-    distributed = init_from_env()  # under torchrun: join the process group, so trainers train data-parallel
-    try:
-        code = int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"mtrank {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    if distributed:
-        shutdown()
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,138 +1,10 @@
-"""``mtrank export``, ``mtrank serve`` and ``mtrank blend``: parsers and handlers, registered by
-:func:`register` from :mod:`mtrank.cli`."""
+"""``mtrank blend tune | learned | fit-learned``: blend weights tuned on validation, the learned-blend study, a
+learned blend trained on impression logs for the service."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from mtrank.export.formats import export_model_dir
-
-    record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
-    print(f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on random inputs)")
-    if args.int8:
-        print(
-            f"wrote {record['int8_file']} beside it  (int8: max |score - eager| = "
-            f"{record['int8_max_abs_diff_vs_eager']:.2e})"
-        )
-    return 0
-
-
-def _register_export(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export a model directory to TorchScript or ONNX, checked against eager PyTorch",
-        description=(
-            "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] "
-            "with a dynamic "
-            "batch size: TorchScript (model.pt, torch.jit.load) or ONNX (model.onnx, inputs 'dense' float32 "
-            "[B, F_dense] and 'sparse' int64 [B, F_cat], output 'scores'). The export is compared with eager "
-            "PyTorch on random inputs and refused if any score differs by more than 1e-5. Writes export.json."
-        ),
-    )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="export format")
-    p.add_argument("--out", help="output folder (default: MODEL_DIR/export)")
-    p.add_argument(
-        "--int8",
-        action="store_true",
-        help="with --format onnx: also write model.int8.onnx (onnxruntime int8 dynamic quantisation)",
-    )
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-    import uvicorn
-
-    from mtrank.blend.rules import Blend
-    from mtrank.serve.app import ScoringService, create_app
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    service = ScoringService(
-        args.model_dir,
-        args.backend,
-        args.precision,
-        threads=args.torch_threads,
-        max_candidates=args.max_candidates,
-        learned_blend=not (args.no_learned_blend or args.blend),  # an explicit --blend wins over a learned one
-    )
-    if args.blend:
-        service.blend = Blend.from_dict(json.loads(Path(args.blend).read_text()), service.task_names)
-    app = create_app(service, max_body_bytes=args.max_body_bytes)
-    print(
-        f"mtrank serve: {args.model_dir} ({service.scorer.name}, tasks {service.task_names}) "
-        f"on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-    return 0
-
-
-def _register_serve(subparsers) -> None:
-    from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
-
-    p = subparsers.add_parser(
-        "serve",
-        help="HTTP scoring service for a model directory (FastAPI + uvicorn)",
-        description=(
-            "Serve MODEL_DIR over HTTP. POST /v1/score takes {'context': {...}, 'candidates': [{...}, ...]} "
-            "(raw feature values by name when the directory has encoders.json; else each candidate is "
-            "{'dense': [...], 'sparse': [...]}) and returns per-task scores, the blended score and "
-            "the ranking. "
-            "GET /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI). The blend comes from "
-            "--blend, else "
-            "MODEL_DIR/blend.json, else equal weights; a request may override it. Binds to 127.0.0.1 unless "
-            "--host says otherwise."
-        ),
-    )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "eager", "compile", "torchscript", "onnx"],
-        help="inference path; auto (default): onnxruntime for fp32/int8 on CPU (the fastest exact path "
-        "measured in docs/serving.md), TorchScript for bf16/mixed",
-    )
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "mixed", "int8"],
-        help="fp32 (default); bf16 (whole model); mixed (expert bank in bf16 with a split input, the rest "
-        "fp32); int8 (eager or onnx backend, CPU). docs/serving.md has latency and score changes of each",
-    )
-    p.add_argument(
-        "--blend",
-        help="a blend JSON file: {'method': ..., 'weights': {task: w}, 'transforms': {...}} (default: the model "
-        "directory's learned_blend.json, else its blend.json, else equal weights)",
-    )
-    p.add_argument(
-        "--no-learned-blend",
-        action="store_true",
-        help="ignore MODEL_DIR/learned_blend.json (from 'mtrank blend fit-learned')",
-    )
-    p.add_argument(
-        "--max-candidates",
-        type=int,
-        default=DEFAULT_MAX_CANDIDATES,
-        help=f"most candidates per request (default {DEFAULT_MAX_CANDIDATES})",
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help=f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
-    )
-    p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--access-log", action="store_true", help="log every request")
-    p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_blend_tune(args: argparse.Namespace) -> int:
@@ -275,7 +147,7 @@ def torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _register_blend(subparsers) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "blend",
         help="tune blend weights on validation scores; the learned-blend study",
@@ -360,10 +232,3 @@ def _register_blend(subparsers) -> None:
     fl.add_argument("--seed", type=int, default=0)
     fl.add_argument("--torch-threads", type=int, default=1)
     fl.set_defaults(func=_cmd_blend_fit_learned)
-
-
-def register(subparsers) -> None:
-    """Add the serving commands to the ``mtrank`` parser."""
-    _register_export(subparsers)
-    _register_serve(subparsers)
-    _register_blend(subparsers)

@@ -6,24 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+from mtrank.cli.common import add_overrides, add_progress, overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtrank.config.experiment import load_experiment
     from mtrank.pipeline import fit, metrics_table
 
-    config = load_experiment(args.config, _overrides(args.set))
+    config = load_experiment(args.config, overrides(args.set))
     if args.no_progress:
         config.train.progress = False
     result = fit(config, output=args.out or config.output)
@@ -78,13 +68,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="YAML experiment config (sections data, features, tasks, model, train)")
     p.add_argument("--out", help="model directory (default: the config's output)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=2 --set model.block=omoe (repeatable)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_overrides(p)
+    add_progress(p)
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser(
@@ -108,5 +93,5 @@ def register(subparsers) -> None:
     p.add_argument("model_dir", help="a directory written by `mtrank train`")
     p.add_argument("data", help="CSV / Parquet file or directory with the feature columns")
     p.add_argument("-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress(p)
     p.set_defaults(func=_cmd_predict)
