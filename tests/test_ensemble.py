@@ -86,11 +86,36 @@ def test_members_start_from_different_initialisations_and_end_apart():
     assert not torch.equal(weight[0], weight[1])
 
 
-def test_per_run_decisions_like_early_stopping_are_refused():
-    data = make_synthetic(n=100, seed=0)
-    ensemble = Ensemble(ModelConfig(inputs={"num_dense": 100}, tasks=REGRESSION), [0, 1])
-    with pytest.raises(ValueError, match="early_stopping_patience"):
-        ensemble.fit(EnsembleData.shared(data), None, TrainConfig(steps=2, early_stopping_patience=2))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"early_stopping_patience": 1, "eval_every": 5, "lr": 5e-2},
+        {"grad_clip": 0.05},
+        {"precision": "bf16"},
+    ],
+    ids=["early_stopping", "grad_clip", "bf16"],
+)
+def test_per_run_options_give_each_member_its_single_runs_result(options):
+    """Early stopping, gradient clipping and bf16 autocast are honoured per member: each member's history,
+    best step and test loss are those of its seed trained alone with the same TrainConfig."""
+    config = ModelConfig(inputs={"num_dense": 100}, tasks=REGRESSION, block={"num_experts": 2}, experts={"hidden": [8]})
+    seeds = [11, 12]
+    parts = [make_synthetic(n=600, correlation=0.5, seed=s) for s in seeds]
+    train = EnsembleData.stack([p[:400] for p in parts])
+    valid = EnsembleData.stack([p[400:500] for p in parts])
+    train_cfg = TrainConfig(**{"batch_size": 50, "steps": 60, "eval_every": 10, "progress": False, **options})
+    result = Ensemble(config, seeds).fit(train, valid, train_cfg)
+    for r in range(2):
+        cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seeds[r]})
+        _, single = single_run(config, seeds[r], train.member(r), valid.member(r), cfg)
+        assert [h["step"] for h in result.history[r]] == [h["step"] for h in single.history]
+        assert result.best_step[r] == single.best_step
+        tolerance = 2e-2 if options.get("precision") == "bf16" else 1e-4
+        assert [h["valid/loss"] for h in result.history[r]] == pytest.approx(
+            [h["valid/loss"] for h in single.history], rel=tolerance
+        )
+    if "early_stopping_patience" in options:
+        assert any(len(h) < 12 for h in result.history), "the test needs a member that stops early"
 
 
 def test_ensemble_on_cpu_trains_with_the_eager_step():
@@ -100,7 +125,7 @@ def test_ensemble_on_cpu_trains_with_the_eager_step():
     )
     data = EnsembleData.stack([make_synthetic(n=64, seed=s) for s in (0, 1)])
     rows = data.take(torch.zeros(2, 4, dtype=torch.long))
-    assert rows[0].shape == (2, 4, 100)
+    assert rows.dense.shape == (2, 4, 100) and rows.labels.shape == (2, 4, 2)
     ensemble.fit(data, None, TrainConfig(steps=2, batch_size=32, progress=False))
     assert ensemble.graphed_step is None  # CUDA graphs only on a CUDA device
 

@@ -9,17 +9,18 @@ holds::
     metrics.json        validation / test metrics per task, training history, rows, seconds
     report.md           the same as readable tables
 
-In-memory training uses :class:`mtrank.train.Trainer` as is. With ``data.streaming``, batches come from
-:class:`mtrank.data.streaming.EncodedStream` and :func:`train_streaming` drives the same model, loss
-(:func:`mtrank.train.multitask_loss` through ``Trainer._loss``), optimizer, schedule and metrics.
+Training is :class:`mtrank.train.Trainer` on the encoded training split, or, with ``data.streaming``, on
+batches streamed from the training files (:class:`mtrank.train.sources.StreamSource`): the same loop, step,
+evaluation, checkpoints. Validation and test splits are read into memory either way. The training history
+is written live to ``MODEL_DIR/history.jsonl`` (``train.log_dir`` elsewhere).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,6 @@ import torch
 from tqdm.auto import tqdm
 
 from mtrank.artifacts import open_model_dir, save_model
-from mtrank.config import ConfigError, TrainConfig
 from mtrank.config.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.encoders import FeatureEncoder, as_table
 from mtrank.data.movielens import read_movielens
@@ -39,16 +39,15 @@ from mtrank.data.readers import (
     check_columns,
     open_dataset,
     read_table,
-    validate_table,
 )
 from mtrank.data.splits import check_train_labels, encode_table, load_splits
-from mtrank.data.streaming import EncodedStream, stream_loader
+from mtrank.data.streaming import EncodedStream
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.model import MultiTaskModel
-from mtrank.train.cuda_graph import clip_gradients
-from mtrank.train.trainer import Trainer, TrainResult, lr_lambda, resume
+from mtrank.train.sources import StreamSource
+from mtrank.train.trainer import Trainer, TrainResult
 
 
 @dataclass
@@ -98,31 +97,49 @@ def fit(
         ['test', 'valid']
     """
     config = as_experiment(config)
+    train_config = config.train
     if progress is not None:
-        config.train.progress = progress
+        train_config = dataclasses.replace(train_config, progress=progress)
+    model_dir = None if output is None else Path(output or config.output)
+    if model_dir is not None and not train_config.log_dir:  # history.jsonl beside the model, written live
+        train_config = dataclasses.replace(train_config, log_dir=str(model_dir))
     started = time.perf_counter()
-    if config.data.streaming and dataframe is None:
-        return _fit_streaming(config, output, started)
-    splits = load_splits(config, dataframe)
-    train_table, train_source = splits["train"]
-    fit_table = train_table.slice(0, config.data.fit_rows) if config.data.fit_rows else train_table
-    encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
+    streaming = config.data.streaming and dataframe is None
+    splits = load_splits(config, dataframe, include_train=not streaming)
+    if streaming:
+        encoder = _fit_encoder_on_stream(config)
+    else:
+        train_table, train_source = splits["train"]
+        fit_table = train_table.slice(0, config.data.fit_rows) if config.data.fit_rows else train_table
+        encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
-    check_train_labels(data["train"], config, train_source)
     model = MultiTaskModel(
         config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling),
         seed=config.train.seed,
     )
-    train_result = Trainer(model, config.train).fit(data["train"], data.get("valid"))
-    metrics = {role: evaluate(model, data[role]) for role in ("valid", "test") if role in data}
-    rows = {role: len(d) for role, d in data.items()}
-    return _finish(config, model, encoder, metrics, train_result, rows, output, started)
+    trainer = Trainer(model, train_config)
+    if streaming:
+        stream = EncodedStream(config.data.train, config, encoder, train_config.batch_size, seed=train_config.seed)
+        train: Any = StreamSource(stream, config.data.workers, trainer.device)
+        rows = {"train": train.rows}
+    else:
+        train = data.pop("train")
+        check_train_labels(train, config, train_source)
+        rows = {"train": len(train)}
+    train_result = trainer.fit(train, data.get("valid"))
+    metrics = {role: evaluate(model, d) for role, d in data.items()}
+    rows.update({role: len(d) for role, d in data.items()})
+    return _finish(config, model, encoder, metrics, train_result, rows, model_dir, started)
 
 
-def _finish(config, model, encoder, metrics, train_result, rows, output, started) -> FitResult:
-    model_dir = None
-    if output is not None:
-        model_dir = Path(output or config.output)
+def _fit_encoder_on_stream(config: ExperimentConfig) -> FeatureEncoder:
+    """Encoders fitted on the first ``data.fit_rows`` (default 1,000,000) rows of the training files."""
+    fit_table, source = read_table(config.data.train, config, max_rows=config.data.fit_rows or 1_000_000)
+    return FeatureEncoder(config.features).fit(fit_table, f"{source} (first {fit_table.num_rows:,} rows)")
+
+
+def _finish(config, model, encoder, metrics, train_result, rows, model_dir, started) -> FitResult:
+    if model_dir is not None:
         save_model(model, model_dir, {"experiment": config.to_dict(), "encoders": "encoders.json"}, config.plugins)
         encoder.save(model_dir)
         summary = {
@@ -171,118 +188,6 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
                 cells.append("" if value is None else float(value))
             rows.append(cells)
     return markdown_table(["split", "task", *[names[m] for m in present]], rows)
-
-
-# ------------------------------------------------------------------------------------------------ streaming
-
-
-def _fit_streaming(config: ExperimentConfig, output, started: float) -> FitResult:
-    spec = config.data
-    if not spec.train:
-        raise ConfigError("data.train: required for streaming (a Parquet / CSV file or a directory of shards)")
-    fit_rows = spec.fit_rows or 1_000_000
-    fit_table, source = read_table(spec.train, config, max_rows=fit_rows)
-    encoder = FeatureEncoder(config.features).fit(fit_table, f"{source} (first {fit_table.num_rows:,} rows)")
-    del fit_table
-    data = {}
-    for role in ("valid", "test"):
-        if getattr(spec, role):
-            table, role_source = read_table(getattr(spec, role), config)
-            validate_table(table, config, role_source)
-            data[role] = encode_table(encoder, table, config, role_source)
-    model = MultiTaskModel(
-        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling),
-        seed=config.train.seed,
-    )
-    stream = EncodedStream(spec.train, config, encoder, config.train.batch_size, seed=config.train.seed)
-    train_rows = stream.count_rows()
-    train_result = train_streaming(model, config.train, stream, data.get("valid"), spec.workers, train_rows)
-    metrics = {role: evaluate(model, d) for role, d in data.items()}
-    rows = {"train": train_rows, **{role: len(d) for role, d in data.items()}}
-    return _finish(config, model, encoder, metrics, train_result, rows, output, started)
-
-
-def train_streaming(
-    model: MultiTaskModel,
-    cfg: TrainConfig,
-    stream,
-    valid: TensorData | None = None,
-    workers: int = 1,
-    rows: int | None = None,
-) -> TrainResult:
-    """Train ``model`` on batches streamed by ``stream`` (an :class:`~mtrank.data.streaming.EncodedStream`).
-
-    The same optimizer, schedule, loss and metrics as :class:`mtrank.train.Trainer`; validation every
-    ``eval_every`` steps (or once per epoch), the best-on-validation weights restored at the end, early
-    stopping with ``early_stopping_patience``. Steps: ``cfg.steps`` if > 0, else ``cfg.epochs`` passes over
-    the files.
-
-    With ``cfg.checkpoint_dir`` set, a checkpoint is written at every evaluation (or every
-    ``checkpoint_every`` steps), holding, besides the Trainer's state, the stream position (epoch and
-    batches consumed in it). A rerun resumes there: it replays that epoch's stream, which is deterministic
-    for a given seed, epoch and number of reader processes, skipping the batches already trained on, so it
-    ends with the weights of an uninterrupted run. (Skipped batches are read and encoded again; with a
-    different ``workers`` the batch order differs from the interrupted run's and a warning says so.)
-    """
-    trainer = Trainer(model, cfg)  # device, optimizer, bf16, task weights and the loss, as in-memory training
-    rows = rows if rows is not None else stream.count_rows()
-    steps_per_epoch = max(1, math.ceil(rows / cfg.batch_size))
-    total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-    eval_every = cfg.eval_every or steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_lambda(cfg, total_steps))
-    result = TrainResult()
-    torch.manual_seed(cfg.seed)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    run = resume(ckpt_dir, model, trainer.optimizer, scheduler, result)
-    epoch, skip = run.extra.get("epoch", 0), run.extra.get("batch", 0)
-    if run.step and run.extra.get("workers", workers) != workers:
-        warnings.warn(
-            f"resuming a streaming run with {workers} reader processes; the checkpoint was written with "
-            f"{run.extra['workers']}: the rest of the epoch is read in a different batch order",
-            stacklevel=2,
-        )
-    resumed_samples = run.samples
-    running, running_steps = 0.0, 0
-    model.train()
-    bar = tqdm(
-        total=total_steps, initial=run.step, disable=not cfg.progress, desc="train (stream)", unit="step", leave=False
-    )
-    start = time.perf_counter()
-    while run.step < total_steps and not run.stopped:
-        stream.set_epoch(epoch)
-        batch_in_epoch = 0
-        for batch in stream_loader(stream, workers):
-            batch_in_epoch += 1
-            if batch_in_epoch <= skip:  # trained on before the interruption
-                continue
-            batch = batch.to(trainer.device)
-            loss = trainer._loss(batch)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                clip_gradients(trainer.optimizer, cfg.grad_clip)
-            trainer.optimizer.step()
-            scheduler.step()
-            run.step += 1
-            run.samples += len(batch)
-            running += float(loss.detach())
-            running_steps += 1
-            bar.update(1)
-            if run.step % eval_every == 0 or run.step == total_steps:
-                train_loss = running / max(running_steps, 1)
-                running, running_steps = 0.0, 0
-                run.extra = {"epoch": epoch, "batch": batch_in_epoch, "workers": workers}  # the stream position
-                trainer.evaluate_and_checkpoint(run, result, valid, train_loss, steps_per_epoch, total_steps, ckpt_dir)
-            if run.step >= total_steps or run.stopped:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
-    result.steps = run.step
-    result.samples = run.samples - resumed_samples
-    result.seconds = time.perf_counter() - start
-    if run.best_state is not None:
-        model.load_state_dict(run.best_state)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ model dirs

@@ -16,22 +16,27 @@ from mtrank.data.readers import encode_labels, encode_weights, read_table, valid
 from mtrank.data.tensors import TensorData
 
 
-def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tuple[pa.Table, str]]:
-    """``{"train": (table, source), "valid": ..., "test": ...}`` per ``data.split`` (test may be absent)."""
+def load_splits(
+    config: ExperimentConfig, dataframe: Any = None, include_train: bool = True
+) -> dict[str, tuple[pa.Table, str]]:
+    """``{"train": (table, source), "valid": ..., "test": ...}`` per ``data.split`` (test may be absent).
+
+    ``include_train=False`` (streaming training, ``split.method: files``): the validation and test tables only;
+    the training files are not read (validation rows drawn from the test file are still split off it).
+    """
     spec = config.data
     if dataframe is None and not spec.train:
         raise ConfigError(
             f"{config.source or 'config'}: data.train: required (a CSV / Parquet file or a directory "
             "of shards), or pass a DataFrame to mtrank.fit"
         )
-    table, source = read_table(spec.train if dataframe is None else dataframe, config)
-    validate_table(table, config, source)
     split = spec.split
     if split.method == "files":
-        out = {"train": (table, source)}
-        for role in ("valid", "test"):
-            path = getattr(spec, role)
-            if path:
+        out = {}
+        roles = ("train", "valid", "test") if include_train else ("valid", "test")
+        for role in roles:
+            path = dataframe if role == "train" and dataframe is not None else getattr(spec, role)
+            if path is not None and (not isinstance(path, str) or path):
                 out[role] = read_table(path, config)
                 validate_table(out[role][0], config, out[role][1])
         if split.valid_from and not spec.valid:  # validation rows drawn from the train or the test file
@@ -41,6 +46,8 @@ def load_splits(config: ExperimentConfig, dataframe: Any = None) -> dict[str, tu
             out["valid"] = (donor.take(order[:cut]), f"{donor_source} [valid part]")
             out[split.valid_from] = (donor.take(order[cut:]), f"{donor_source} [{split.valid_from} part]")
         return out
+    table, source = read_table(spec.train if dataframe is None else dataframe, config)
+    validate_table(table, config, source)
     n = table.num_rows
     if split.method == "random":
         order = np.random.default_rng(split.seed).permutation(n)

@@ -17,7 +17,7 @@ def gate_report(gate_weights: torch.Tensor, task_names: list[str], threshold: fl
     weights = gate_weights.double()
     num_experts = weights.shape[-1]
     utilisation = weights.mean(0)  # (K, E)
-    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean(0)  # (K,)
+    entropy = gate_entropy(weights)  # (K,)
     tasks = {}
     for k, name in enumerate(task_names):
         util = utilisation[k]
@@ -29,6 +29,13 @@ def gate_report(gate_weights: torch.Tensor, task_names: list[str], threshold: fl
             "top_expert": int(util.argmax()),
         }
     return {"num_experts": num_experts, "threshold": threshold, "tasks": tasks}
+
+
+def gate_entropy(gate_weights: torch.Tensor) -> torch.Tensor:
+    """Mean per-row entropy (nats) of each task's gate: ``[..., N, K, E] -> [..., K]`` (log E = uniform,
+    0 = one expert takes everything)."""
+    weights = gate_weights.double()
+    return -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean(-2)
 
 
 def format_gate_report(report: dict) -> str:

@@ -10,6 +10,7 @@ from sklearn.metrics import log_loss, mean_squared_error, r2_score, roc_auc_scor
 
 from mtrank.config import TaskConfig
 from mtrank.data.tensors import TensorData
+from mtrank.evaluate.gates import gate_entropy
 
 
 @torch.no_grad()
@@ -120,10 +121,18 @@ def stacked_task_metrics(tasks: list[TaskConfig], logits: torch.Tensor, labels: 
     return out
 
 
-def evaluate(model: torch.nn.Module, data: TensorData, batch_size: int = 8192) -> dict[str, float]:
-    """Per-task metrics of ``model`` on a whole split (see :func:`task_metrics`)."""
-    logits, _ = predict_batches(model, data, batch_size)
-    return task_metrics(model.tasks, logits, data.labels.cpu(), None if data.weights is None else data.weights.cpu())
+def evaluate(
+    model: torch.nn.Module, data: TensorData, batch_size: int = 8192, with_gates: bool = False
+) -> dict[str, float]:
+    """Per-task metrics of ``model`` on a whole split (see :func:`task_metrics`); with ``with_gates``, also each
+    task's mean gate entropy, ``gate_entropy/<task>`` (:func:`mtrank.evaluate.gates.gate_entropy`)."""
+    logits, gates = predict_batches(model, data, batch_size, with_gates=with_gates)
+    weights = None if data.weights is None else data.weights.cpu()
+    metrics = task_metrics(model.tasks, logits, data.labels.cpu(), weights)
+    if gates is not None:
+        for task, value in zip(model.tasks, gate_entropy(gates).tolist()):
+            metrics[f"gate_entropy/{task.name}"] = value
+    return metrics
 
 
 def higher_is_better(metric: str) -> bool:

@@ -3,11 +3,13 @@
 ``torch.func.stack_module_state`` turns R models into one dict of ``[R, ...]`` tensors; the forward pass is
 ``vmap(functional_call)`` over them, so each step is a handful of batched kernels instead of R small ones.
 The total loss is the sum of the members' losses, so each member's gradient is exactly its own; Adam is
-element-wise, so one Adam over the stacked tensors is R independent Adams. A member therefore follows the same
-trajectory as :class:`~mtrank.train.Trainer` on that seed alone (same initialisation, same shuffling, same
-evaluation and best-step selection), up to float rounding of batched vs. plain matmuls (tested). With dropout
-(or gate dropout, noisy gates) the members draw their masks from one batched draw, so they train like, but
-not mask for mask as, the single runs.
+element-wise, so one Adam over the stacked tensors is R independent Adams. The ensemble is trained by the
+same loop and step as a single model (:mod:`mtrank.train.loop`), with every decision per member: a member
+follows the trajectory :class:`~mtrank.train.Trainer` gives its seed alone (same initialisation, shuffling,
+evaluation, best-step selection, early stopping, per-member gradient clipping, sample weights,
+distillation, bf16 autocast, checkpoints), up to float rounding of batched vs. plain matmuls (tested). With
+dropout (or gate dropout, noisy gates) the members draw their masks from one batched draw, so they train
+like, but not mask for mask as, the single runs. Data-parallel training of an ensemble is refused.
 
 Data: every member reads either its own dataset (``dense [R, N, F]``, e.g. a fresh synthetic draw per run) or
 one shared dataset (``[N, F]``, e.g. census with different seeds).
@@ -16,46 +18,55 @@ one shared dataset (``[N, F]``, e.g. census with different seeds).
 from __future__ import annotations
 
 import copy
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
 
 from mtrank.config import ModelConfig, TrainConfig
 from mtrank.data.tensors import TensorData
-from mtrank.evaluate.metrics import higher_is_better, stacked_task_metrics
+from mtrank.evaluate.gates import gate_entropy
+from mtrank.evaluate.metrics import stacked_task_metrics
 from mtrank.model import MultiTaskModel
-from mtrank.train.cuda_graph import GraphedTrainStep, cuda_graph_plan
-from mtrank.train.losses import multitask_loss
-from mtrank.train.trainer import lr_lambda, make_optimizer, resolve_device
+from mtrank.train.callbacks import Callback
+from mtrank.train.cuda_graph import GraphedStep
+from mtrank.train.distributed import rank_and_world
+from mtrank.train.loop import TrainingLoop, TrainResult
+from mtrank.train.optim import clip_gradients_per_run
+from mtrank.train.sources import InMemorySource
+from mtrank.train.step import resolve_device
+
+_FIELDS = ("dense", "sparse", "labels", "weights", "teacher")
 
 
 @dataclass
 class EnsembleData:
-    """Rows for R members: tensors with a leading run dimension ``[R, N, ...]``, or shared ``[N, ...]``."""
+    """Rows for R members: tensors with a leading run dimension ``[R, N, ...]``, or shared ``[N, ...]``.
+
+    ``weights`` (sample weights) and ``teacher`` (teacher logits for distillation) are optional, per member or
+    shared like the rest.
+    """
 
     dense: torch.Tensor
     sparse: torch.Tensor
     labels: torch.Tensor
+    weights: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
 
     @classmethod
     def stack(cls, parts: list[TensorData]) -> EnsembleData:
         """One dataset per member (all of the same length)."""
-        return cls(
-            torch.stack([p.dense for p in parts]),
-            torch.stack([p.sparse for p in parts]),
-            torch.stack([p.labels for p in parts]),
-        )
+
+        def stacked(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.stack(values)
+
+        return cls(*(stacked(name) for name in _FIELDS))
 
     @classmethod
     def shared(cls, data: TensorData) -> EnsembleData:
         """One dataset read by every member."""
-        return cls(data.dense, data.sparse, data.labels)
+        return cls(*(getattr(data, name) for name in _FIELDS))
 
     @property
     def per_member(self) -> bool:
@@ -64,37 +75,76 @@ class EnsembleData:
     def __len__(self) -> int:
         return self.labels.shape[-2]
 
-    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows ``index [R, B]`` of each member -> ``dense [R, B, F], sparse [R, B, C], labels [R, B, K]``."""
+    def take(self, index: torch.Tensor) -> TensorData:
+        """Rows ``index [R, B]`` of each member -> a batch of ``[R, B, ...]`` tensors (one ``index_select`` per
+        tensor on a flat ``[R * N, ...]`` view: several times faster than advanced indexing on CPU)."""
+        runs, rows = index.shape
+        flat = index.reshape(-1)
         if self.per_member:
-            run = torch.arange(index.shape[0], device=index.device).unsqueeze(1)  # (R, 1)
-            return self.dense[run, index], self.sparse[run, index], self.labels[run, index]
-        return self.dense[index], self.sparse[index], self.labels[index]
+            flat = flat + (torch.arange(runs, device=index.device) * len(self)).repeat_interleave(rows)
+
+        def gather(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            source = t.flatten(0, 1) if self.per_member else t
+            return source.index_select(0, flat).view(runs, rows, *t.shape[(2 if self.per_member else 1) :])
+
+        return TensorData(*(gather(getattr(self, name)) for name in _FIELDS))
+
+    def rows(self, start: int, stop: int, members: int) -> TensorData:
+        """Rows ``start:stop`` of every member (a slice of shared data is expanded over the members)."""
+        out = []
+        for name in _FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                t = t[:, start:stop] if self.per_member else t[start:stop].expand(members, *t[start:stop].shape)
+            out.append(t)
+        return TensorData(*out)
 
     def member(self, r: int) -> TensorData:
-        if self.per_member:
-            return TensorData(self.dense[r], self.sparse[r], self.labels[r])
-        return TensorData(self.dense, self.sparse, self.labels)
+        return TensorData(*(None if t is None else (t[r] if self.per_member else t) for t in self._tensors()))
 
-    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch of rows ``index [R, B]`` (what a graphed training step gathers)."""
-        return self.rows(index)
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [getattr(self, name) for name in _FIELDS]
 
-    def to(self, device: torch.device) -> EnsembleData:
-        return EnsembleData(self.dense.to(device), self.sparse.to(device), self.labels.to(device))
+    def to(self, device: torch.device | str) -> EnsembleData:
+        return EnsembleData(*(None if t is None else t.to(device) for t in self._tensors()))
 
 
 @dataclass
 class EnsembleResult:
-    """Per member: evaluation history (validation metrics), best step and best validation metrics."""
+    """Per member: the evaluation history, best step, best validation value and metrics."""
 
-    history: list[list[dict]] = field(default_factory=list)
-    best_step: list[int] = field(default_factory=list)
-    best_value: list[float] = field(default_factory=list)
-    best_metrics: list[dict] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
-    eval_seconds: float = 0.0  # part of ``seconds`` spent evaluating on validation
+    runs: list[TrainResult] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[list[dict]]:
+        return [r.history for r in self.runs]
+
+    @property
+    def best_step(self) -> list[int]:
+        return [r.best_step for r in self.runs]
+
+    @property
+    def best_value(self) -> list[float]:
+        return [r.best_value for r in self.runs]
+
+    @property
+    def best_metrics(self) -> list[dict]:
+        return [r.best_metrics for r in self.runs]
+
+    @property
+    def steps(self) -> int:
+        return self.runs[0].steps
+
+    @property
+    def seconds(self) -> float:
+        return self.runs[0].seconds
+
+    @property
+    def eval_seconds(self) -> float:
+        """The part of :attr:`seconds` spent evaluating on validation."""
+        return self.runs[0].eval_seconds
 
 
 class Ensemble:
@@ -102,15 +152,15 @@ class Ensemble:
 
     Args:
         config: the architecture of every member.
-        init_seeds: one seed per member; member r is ``MultiTaskModel(config, seed=init_seeds[r])``, exactly the model a
-            single run with that seed would build.
+        init_seeds: one seed per member; member r is ``MultiTaskModel(config, seed=init_seeds[r])``, exactly the
+            model a single run with that seed would build.
         device: ``cpu``, ``cuda`` or ``auto``.
         cuda_graphs: on CUDA, capture the whole ensemble step in one CUDA graph when replay is exact
             (:func:`~mtrank.train.cuda_graph.cuda_graph_plan`); False keeps the eager step.
 
     Example:
         >>> from mtrank.config import ModelConfig
-        >>> ens = Ensemble(ModelConfig(num_dense=100), init_seeds=[0, 1, 2])
+        >>> ens = Ensemble(ModelConfig(inputs={"num_dense": 100}), init_seeds=[0, 1, 2])
         >>> ens.logits(torch.randn(3, 5, 100), torch.zeros(3, 5, 0, dtype=torch.long)).shape
         torch.Size([3, 5, 2])
     """
@@ -120,63 +170,121 @@ class Ensemble:
     ) -> None:
         self.device = resolve_device(device)
         self.cuda_graphs = cuda_graphs
-        self.graphed_step: GraphedTrainStep | None = None
-        self.config = config.validate()
+        self.config = config.validate("model")
         self.init_seeds = list(init_seeds)
-        models = []
-        for seed in self.init_seeds:
-            models.append(MultiTaskModel(config, seed=seed))
+        models = [MultiTaskModel(config, seed=seed) for seed in self.init_seeds]
         self.base = copy.deepcopy(models[0]).to("meta")
         params, buffers = stack_module_state(models)
         self.params = {k: v.detach().to(self.device).requires_grad_(True) for k, v in params.items()}
         self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
         self.binary_mask = models[0].binary_mask.to(self.device)
         self.task_weights = torch.tensor([t.weight for t in config.tasks], device=self.device)
+        self.task_names = config.task_names
+        self._random_sources = models[0].random_sources()
+        self.loop: TrainingLoop | None = None
 
         def member_forward(params, buffers, dense, sparse):
             out = functional_call(self.base, (params, buffers), (dense, sparse))
-            return out.task_logits, out.aux_loss
+            return out.task_logits, out.aux_loss, out.gate_weights
 
         self._forward = vmap(member_forward, in_dims=(0, 0, 0, 0), randomness="different")
 
+    # ------------------------------------------------------------------ the loop's Runs protocol
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.init_seeds)
+
     @property
     def size(self) -> int:
-        return len(self.init_seeds)
+        return self.num_runs
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> None:
+        self.base.train(mode)
+
+    def forward(self, batch: TensorData) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` of ``[R, B, ...]`` tensors -> task logits ``[R, B, K]``, auxiliary losses ``[R]``."""
+        logits, aux, _ = self._forward(self.params, self.buffers, batch.dense, batch.sparse)
+        return logits, aux
+
+    def clip_gradients(self, max_norm: float) -> None:
+        clip_gradients_per_run(self.parameters(), max_norm)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.params, **self.buffers}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                tensor.copy_(state[name])
+
+    def snapshot(self, runs: list[int], best: dict | None) -> dict[str, torch.Tensor]:
+        if best is None:
+            return {k: v.detach().clone() for k, v in self.params.items()}
+        rows = torch.tensor(runs, device=self.device)
+        for k, v in self.params.items():
+            best[k][rows] = v.detach()[rows]
+        return best
+
+    def restore(self, best: dict[str, torch.Tensor], runs: list[int]) -> None:
+        rows = torch.tensor(runs, device=self.device)
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v[rows] = best[k][rows]
+
+    def random_sources(self) -> list[str]:
+        return self._random_sources
+
+    def describe(self) -> dict:
+        return {"model": self.config.to_dict(), "init_seeds": self.init_seeds}
+
+    # ------------------------------------------------------------------ training and evaluation
 
     def logits(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """``dense [R, B, F], sparse [R, B, C]`` -> task logits ``[R, B, K]``."""
         return self._forward(self.params, self.buffers, dense, sparse)[0]
 
-    def train(self, mode: bool = True) -> None:
-        self.base.train(mode)
-
     @torch.no_grad()
-    def predict(self, data: EnsembleData, batch_size: int = 8192) -> torch.Tensor:
-        """Task logits of every member on its rows, ``[R, N, K]`` (float32, CPU), in evaluation mode."""
+    def predict(self, data: EnsembleData, batch_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task logits ``[R, N, K]`` and gate weights ``[R, N, K, E]`` of every member on its rows (float32, CPU),
+        in evaluation mode."""
         was_training = self.base.training
         self.base.eval()
-        data = data.to(self.device)
-        parts = []
+        logits, gates = [], []
         try:
             for start in range(0, len(data), batch_size):
-                # rows are gathered where the data lives (a split may stay on the CPU), then moved
-                idx = torch.arange(start, min(start + batch_size, len(data)), device=data.labels.device)
-                dense, sparse, _ = data.rows(idx.expand(self.size, -1))
-                parts.append(self.logits(dense.to(self.device), sparse.to(self.device)).float().cpu())
+                batch = data.rows(start, min(start + batch_size, len(data)), self.num_runs)
+                dense, sparse = batch.dense.to(self.device), batch.sparse.to(self.device)
+                out = self._forward(self.params, self.buffers, dense, sparse)
+                logits.append(out[0].float().cpu())
+                gates.append(out[2].float().cpu())
         finally:
             self.base.train(was_training)
-        return torch.cat(parts, 1)
+        return torch.cat(logits, 1), torch.cat(gates, 1)
 
     def evaluate(self, data: EnsembleData) -> list[dict[str, float]]:
-        """Per-member metrics (:func:`~mtrank.evaluate.task_metrics`, the single-run ones) on whole splits."""
-        return stacked_task_metrics(self.config.tasks, self.predict(data), data.labels.cpu())
+        """Per-member metrics (those of :func:`~mtrank.evaluate.task_metrics`) and gate entropies on whole splits."""
+        logits, gates = self.predict(data)
+        metrics = stacked_task_metrics(self.config.tasks, logits, data.labels.cpu())
+        entropy = gate_entropy(gates).tolist()  # (R, K)
+        for member, values in zip(metrics, entropy):
+            member.update({f"gate_entropy/{name}": value for name, value in zip(self.task_names, values)})
+        return metrics
 
     def member(self, r: int) -> MultiTaskModel:
         """Member ``r`` as a plain :class:`MultiTaskModel` (on CPU)."""
         model = MultiTaskModel(self.config)
-        state = {k: v[r].detach().cpu() for k, v in {**self.params, **self.buffers}.items()}
-        model.load_state_dict(state)
+        model.load_state_dict({k: v[r].detach().cpu() for k, v in self.state_dict().items()})
         return model
+
+    @property
+    def graphed_step(self) -> GraphedStep | None:
+        """The CUDA graph of the last fit's step, when it was graphed."""
+        step = self.loop.step if self.loop is not None else None
+        return step.graph if step is not None else None
 
     def fit(
         self,
@@ -184,106 +292,22 @@ class Ensemble:
         valid: EnsembleData | None,
         config: TrainConfig,
         shuffle_seeds: list[int] | None = None,
-        on_eval: Callable[[int, list[dict]], None] | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> EnsembleResult:
-        """Train all members ``config.steps`` (or epochs) steps; keep each member's best validation weights.
+        """Train every member; each ends with its best validation weights.
 
         ``shuffle_seeds[r]`` seeds member r's batch order exactly as ``TrainConfig.seed`` does in
-        :class:`~mtrank.train.Trainer` (default: the init seeds). Early stopping and gradient clipping are
-        per-run decisions and are not supported here.
+        :class:`~mtrank.train.Trainer` (default: the init seeds).
         """
         cfg = config.validate()
-        if cfg.early_stopping_patience or cfg.grad_clip:
-            raise ValueError("train.early_stopping_patience and train.grad_clip must be 0 for an ensemble")
+        if rank_and_world()[1] > 1:
+            raise ValueError("an ensemble trains in one process; launch it without torchrun")
         shuffle_seeds = list(shuffle_seeds if shuffle_seeds is not None else self.init_seeds)
-        if len(shuffle_seeds) != self.size:
-            raise ValueError(f"shuffle_seeds has {len(shuffle_seeds)} entries, the ensemble {self.size} members")
-        train = train.to(self.device)
-        n, size = len(train), self.size
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-        eval_every = cfg.eval_every or steps_per_epoch
-        # on CUDA, the whole ensemble step in one CUDA graph where replay is exactly the eager step (as Trainer)
-        use_graph = cuda_graph_plan(self.base, cfg, self.device)[0] and self.cuda_graphs
-        # the Trainer's optimizer (fused Adam): the same update arithmetic as a single run, eager or graphed
-        optimizer = make_optimizer(self.params.values(), cfg, self.device, capturable=use_graph)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-        higher = higher_is_better(cfg.monitor)
-        result = EnsembleResult(
-            history=[[] for _ in range(size)],
-            best_step=[0] * size,
-            best_value=[math.nan] * size,
-            best_metrics=[{} for _ in range(size)],
-        )
-        best = {k: v.detach().clone() for k, v in self.params.items()}
-        member_loss = vmap(multitask_loss, in_dims=(0, 0, None, None))
-
-        def batch_loss(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            dense, sparse, labels = batch
-            logits, aux = self._forward(self.params, self.buffers, dense, sparse)  # (R, B, K), (R,)
-            losses, _ = member_loss(logits, labels, self.binary_mask, self.task_weights)  # (R,)
-            return (losses + aux).sum()  # each member's gradient is its own loss's
-
-        graphed = GraphedTrainStep(batch_loss, optimizer, train, (size, cfg.batch_size)) if use_graph else None
-        self.graphed_step = graphed
-        self.train(True)
-        bar = tqdm(
-            total=total_steps,
-            disable=not cfg.progress,
-            desc=f"ensemble x{size}",
-            unit="step",
-            dynamic_ncols=True,
-            leave=False,
-        )
-        start = time.perf_counter()
-        step = 0
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            orders = torch.stack(
-                [
-                    torch.randperm(n, generator=torch.Generator().manual_seed(s * 1_000_003 + epoch))
-                    for s in shuffle_seeds
-                ]
-            ).to(self.device)  # (R, N), each the order Trainer would use for that seed
-            for i in range(offset, steps_per_epoch):
-                index = orders[:, i * cfg.batch_size : (i + 1) * cfg.batch_size]  # (R, B)
-                if graphed is not None:
-                    graphed.step(index)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    batch_loss(train.take(index)).backward()
-                    optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                if valid is not None and (step % eval_every == 0 or step == total_steps):
-                    eval_start = time.perf_counter()
-                    metrics = self.evaluate(valid)
-                    improved = []
-                    for r, m in enumerate(metrics):
-                        m = {"step": step, **{f"valid/{k}": v for k, v in m.items()}}
-                        result.history[r].append(m)
-                        value = m.get(f"valid/{cfg.monitor}", math.nan)
-                        old = result.best_value[r]
-                        if not math.isnan(value) and (math.isnan(old) or (value > old if higher else value < old)):
-                            result.best_step[r], result.best_value[r] = step, value
-                            result.best_metrics[r] = {k[6:]: v for k, v in m.items() if k.startswith("valid/")}
-                            improved.append(r)
-                    if improved:
-                        rows = torch.tensor(improved, device=self.device)
-                        for k, v in self.params.items():
-                            best[k][rows] = v.detach()[rows]
-                    result.eval_seconds += time.perf_counter() - eval_start
-                    if on_eval is not None:
-                        on_eval(step, metrics)
-                    bar.set_postfix(valid=f"{np.nanmean([m['loss'] for m in metrics]):.4f}", refresh=False)
-                if step >= total_steps:
-                    break
-        bar.close()
-        result.steps = step
-        result.seconds = time.perf_counter() - start
-        if valid is not None:
-            with torch.no_grad():
-                for k, v in self.params.items():
-                    v.copy_(best[k])
-        return result
+        if len(shuffle_seeds) != self.num_runs:
+            raise ValueError(f"shuffle_seeds has {len(shuffle_seeds)} entries, the ensemble {self.num_runs} members")
+        if cfg.distill != "none" and train.teacher is None:
+            raise ValueError(f"train.distill={cfg.distill!r} needs teacher logits in the ensemble's training data")
+        graphs = None if self.cuda_graphs else False
+        loop = self.loop = TrainingLoop(self, cfg, callbacks, graphs, f"ensemble x{self.num_runs}")
+        source = InMemorySource(train, cfg.batch_size, shuffle_seeds, self.device)
+        return EnsembleResult(loop.fit(source, valid))

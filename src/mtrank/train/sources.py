@@ -1,0 +1,155 @@
+"""Batch sources: what the one training loop iterates over.
+
+A source yields batch *keys* for an epoch, deterministically for a given seed and epoch, from a given batch
+on (so a resumed run replays exactly the batches it had not trained on), and turns a key into tensors:
+
+* :class:`InMemorySource`: tensors already on the training device; a key is a row-index tensor, ``[B]`` for
+  one run (or one data-parallel rank) or ``[R, B]`` for R stacked runs each with its own shuffled order, and
+  the batch is a gather (which a CUDA graph records too). Data-parallel ranks take their own ``batch_size``
+  rows of each global batch of the same order.
+* :class:`StreamSource`: encoded batches streamed from files (:class:`~mtrank.data.streaming.EncodedStream`)
+  by reader processes; a key is the batch itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mtrank.data.tensors import TensorData
+from mtrank.train.cuda_graph import batch_tensors
+
+
+class InMemorySource:
+    """Batches of rows of in-memory tensors; epoch ``e`` of run ``r`` follows ``randperm(N)`` seeded by
+    ``seeds[r] * 1_000_003 + e``.
+
+    Args:
+        data: :class:`TensorData` (one run) or :class:`~mtrank.train.ensemble.EnsembleData` (R runs); anything
+            with ``len()``, ``take(index)`` and ``to(device)``.
+        batch_size: rows per step (per rank).
+        seeds: the shuffle seed of each run; an int for one run (keys ``[B]``), a list for R runs (keys ``[R, B]``).
+        device: the training device (the data is moved there once).
+        world, rank: data-parallel ranks; each takes its own rows of each global batch, the last incomplete
+            global batch is dropped.
+
+    Example:
+        >>> from mtrank.data import make_synthetic
+        >>> source = InMemorySource(make_synthetic(n=10, seed=0), batch_size=4, seeds=0, device=torch.device("cpu"))
+        >>> source.steps_per_epoch, [len(k) for k in source.keys(epoch=0, skip=1)]
+        (3, [4, 2])
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        seeds: int | list[int],
+        device: torch.device,
+        world: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.data = data.to(device)
+        self.batch_size, self.device, self.world, self.rank = batch_size, device, world, rank
+        self.stacked = isinstance(seeds, list)
+        self.seeds = list(seeds) if self.stacked else [seeds]
+        self.rows = len(data)
+        if world > 1:
+            if self.rows < batch_size * world:
+                raise ValueError(
+                    f"{self.rows} training rows cannot fill one batch of {batch_size} on each of {world} ranks"
+                )
+            self.steps_per_epoch = self.rows // (batch_size * world)
+        else:
+            self.steps_per_epoch = math.ceil(self.rows / batch_size)
+
+    def keys(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Row indices of the batches of ``epoch``, from batch ``skip`` on."""
+        generators = [torch.Generator().manual_seed(s * 1_000_003 + epoch) for s in self.seeds]
+        orders = torch.stack([torch.randperm(self.rows, generator=g) for g in generators]).to(self.device)  # (R, N)
+        for i in range(skip, self.steps_per_epoch):
+            first = (i * self.world + self.rank) * self.batch_size
+            index = orders[:, first : first + self.batch_size]  # (R, B)
+            yield index if self.stacked else index[0]
+
+    def batch(self, key: torch.Tensor) -> TensorData:
+        return self.data.take(key)
+
+    def identity(self) -> tuple:
+        """What a graphed step built for this source reads: its tensors."""
+        return tuple(batch_tensors(self.data))
+
+    def is_full(self, key: torch.Tensor) -> bool:
+        return key.shape[-1] == self.batch_size
+
+    def rows_in(self, key: torch.Tensor) -> int:
+        """Rows one run trains on in this step, over all ranks."""
+        return key.shape[-1] * self.world
+
+    def describe(self) -> dict:
+        return {"rows": self.rows, "batch_size": self.batch_size, "seeds": self.seeds, "world": self.world}
+
+    def position(self) -> dict:
+        return {}
+
+    def check_position(self, saved: dict) -> None:
+        """Nothing to check: the same data, seeds and ranks give the same batches."""
+
+
+class StreamSource:
+    """Encoded batches streamed from files by ``workers`` reader processes (0 = in this process).
+
+    Args:
+        stream: an :class:`~mtrank.data.streaming.EncodedStream` (its batch size and seed fix the batches).
+        workers: reader processes; resuming with another number reads the epoch in another order (a warning
+            says so).
+        device: the training device (each batch is moved there).
+        rows: training rows (counted from the files when not given).
+    """
+
+    def __init__(self, stream: Any, workers: int, device: torch.device, rows: int | None = None) -> None:
+        from mtrank.data.streaming import stream_loader
+
+        self.stream, self.workers, self.device = stream, workers, device
+        self.loader = lambda: stream_loader(stream, workers)
+        self.rows = rows if rows is not None else stream.count_rows()
+        self.batch_size = stream.batch_size
+        self.steps_per_epoch = max(1, math.ceil(self.rows / self.batch_size))
+        self.stacked = False
+
+    def keys(self, epoch: int, skip: int = 0) -> Iterator[TensorData]:
+        """The encoded batches of ``epoch``, from batch ``skip`` on (skipped batches are read and dropped)."""
+        self.stream.set_epoch(epoch)
+        for i, batch in enumerate(self.loader()):
+            if i >= skip:
+                yield batch.to(self.device)
+
+    def batch(self, key: TensorData) -> TensorData:
+        return key
+
+    def identity(self) -> tuple:
+        return (self.stream,)
+
+    def is_full(self, key: TensorData) -> bool:
+        return len(key) == self.batch_size
+
+    def rows_in(self, key: TensorData) -> int:
+        return len(key)
+
+    def describe(self) -> dict:
+        return {"rows": self.rows, "batch_size": self.batch_size, "seed": self.stream.seed}
+
+    def position(self) -> dict:
+        return {"workers": self.workers}
+
+    def check_position(self, saved: dict) -> None:
+        if saved.get("workers", self.workers) != self.workers:
+            warnings.warn(
+                f"resuming a streaming run with {self.workers} reader processes; the checkpoint was written with "
+                f"{saved['workers']}: the rest of the epoch is read in a different batch order",
+                stacklevel=3,
+            )

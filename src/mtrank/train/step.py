@@ -1,0 +1,97 @@
+"""The one training step: zero the gradients, forward (autocast), loss, backward, clip, optimizer step.
+
+Eager, or recorded once in a CUDA graph and replayed (:mod:`mtrank.train.cuda_graph`): the graph records this
+very function, so the two paths cannot drift apart. Whatever the loop trains (one model, a data-parallel
+model, an ensemble of R stacked runs) it gives the step a :class:`~mtrank.train.loop.Runs` and a way to turn
+a batch key (row indices, or a streamed batch) into tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mtrank.config import TrainConfig
+from mtrank.data.tensors import TensorData
+from mtrank.train.cuda_graph import GraphedStep
+from mtrank.train.losses import batch_losses
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error saying what to use."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+class TrainStep:
+    """One optimisation step on a batch key; returns ``(loss per run [R] or [], loss per task [R, K] or [K])``.
+
+    Args:
+        runs: what is trained (:class:`~mtrank.train.loop.Runs`): ``forward(batch) -> (task logits, aux loss)``,
+            ``binary_mask``, ``task_weights``, ``clip_gradients(max_norm)``.
+        optimizer: over ``runs.parameters()`` (capturable when graphed).
+        config: precision, gradient clipping and distillation settings.
+        batch_of: batch key -> :class:`TensorData` (e.g. ``data.take(index)``, a gather the graph records too).
+        is_full: which keys are full batches (only those are replayed from the graph).
+        graphed: capture the step in a CUDA graph.
+    """
+
+    def __init__(
+        self,
+        runs: Any,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        batch_of: Callable[[Any], TensorData],
+        is_full: Callable[[Any], bool],
+        graphed: bool = False,
+    ) -> None:
+        self.runs, self.optimizer, self.config, self.batch_of = runs, optimizer, config, batch_of
+        self.device = runs.device
+        self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
+        self.graph: GraphedStep | None = None
+        if graphed:
+            self.graph = GraphedStep(self.eager, is_full, lambda: optimizer.zero_grad(set_to_none=True), self.device)
+
+    def eager(self, key: Any, set_to_none: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step itself. ``set_to_none=None`` leaves the gradients alone (what a graph capture records)."""
+        if set_to_none is not None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        batch = self.batch_of(key)
+        cfg = self.config
+        # autocast's weight-cast cache must be off while a CUDA graph is captured (PyTorch CUDA-graph notes)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16, cache_enabled=self.graph is None
+        ):
+            task_logits, aux_loss = self.runs.forward(batch)
+        total, per_task = batch_losses(
+            task_logits,
+            aux_loss,
+            batch.labels,
+            self.runs.binary_mask,
+            self.runs.task_weights,
+            batch.weights,
+            batch.teacher,
+            cfg.distill,
+            cfg.distill_weight,
+        )
+        total.sum().backward()  # runs are independent: each run's gradient is its own loss's
+        if cfg.grad_clip > 0:
+            self.runs.clip_gradients(cfg.grad_clip)
+        self.optimizer.step()
+        return total.detach(), per_task.detach()
+
+    def __call__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
+            return self.graph(key)
+        return self.eager(key)
