@@ -185,15 +185,15 @@ def cmd_encode(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    """Samples/s of one model and step count: Trainer on in-memory TensorData vs train_streaming (Parquet)."""
+    """Samples/s of one model and step count: the Trainer on in-memory TensorData vs streamed from Parquet."""
     import torch
 
     from mtrank.data.splits import encode_table
     from mtrank.data.streaming import EncodedStream
     from mtrank.data.tensors import TensorData
     from mtrank.model import MultiTaskModel
-    from mtrank.pipeline import train_streaming
     from mtrank.train import Trainer
+    from mtrank.train.sources import StreamSource
 
     path = data_dir(args.data, args.rows)
     if args.threads:
@@ -211,11 +211,9 @@ def cmd_train(args) -> dict:
         results.setdefault("memory", []).append(result.samples_per_second)
         for workers in args.workers:
             cfg.data.workers = workers
-            torch.manual_seed(0)
             stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
-            result = train_streaming(
-                MultiTaskModel(model_cfg), train_cfg, stream, None, workers, rows=stream.count_rows()
-            )
+            trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
+            result = trainer.fit(StreamSource(stream, workers, trainer.device, rows=stream.count_rows()))
             results.setdefault(f"parquet_workers_{workers}", []).append(result.samples_per_second)
     summary = {k: float(np.median(v)) for k, v in results.items()}
     for key, value in summary.items():
@@ -240,18 +238,18 @@ def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> Non
     from mtrank.data.streaming import EncodedStream, stream_loader
     from mtrank.model import MultiTaskModel
     from mtrank.train import Trainer
+    from mtrank.train.sources import StreamSource
 
     cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
     stream = EncodedStream(path, cfg, encoder, cfg.train.batch_size, seed=0)
     trainer = Trainer(MultiTaskModel(cfg.model_config(encoder.num_dense, encoder.vocab_sizes)), cfg.train)
+    source = StreamSource(stream, workers, trainer.device, rows=1)
+    step = trainer.loop.train_step(source)
     start, rows = time.perf_counter(), 0
     for batch in stream_loader(stream, workers):
         rows += len(batch)
         if train:
-            loss = trainer._loss(batch)
-            trainer.optimizer.zero_grad()
-            loss.backward()
-            trainer.optimizer.step()
+            step(batch)
     seconds = time.perf_counter() - start
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

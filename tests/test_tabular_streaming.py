@@ -131,3 +131,15 @@ def test_interrupted_streaming_run_resumes_mid_epoch_and_ends_like_an_uninterrup
             assert h["valid/loss"] == pytest.approx(full_losses[h["step"]], rel=1e-5)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_streaming_takes_its_validation_rows_from_the_test_file_when_asked(shards, tmp_path):
+    """split.valid_from: test with streaming: half the test file validates (best-step selection), half tests."""
+    train, valid_csv, _ = shards
+    cfg = stream_config(train, valid_csv, epochs=3, batch_size=32, lr=0.01)
+    cfg.data.valid, cfg.data.test = "", str(valid_csv)
+    cfg.data.split.valid_from, cfg.data.split.valid_fraction = "test", 0.5
+    result = mtrank.fit(cfg, output=None)
+    assert result.rows == {"train": 240, "valid": 30, "test": 30}
+    assert result.train_result.best_step > 0
+    assert all("valid/loss" in h for h in result.train_result.history)
