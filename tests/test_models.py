@@ -1,5 +1,7 @@
 import dataclasses
+import math
 import re
+import statistics
 
 import pytest
 import torch
@@ -114,6 +116,30 @@ def test_top_k_keeps_exactly_k_experts_and_returns_a_balancing_loss():
     gates.train()
     _, aux = gates(torch.randn(100, 10))
     assert aux.item() > 0 and aux.requires_grad
+
+
+def test_load_balance_loss_equals_the_value_computed_by_hand():
+    """Shazeer et al. (2017), one gate over 3 experts, k = 1, two rows, noise std 1: importance = the kept
+    experts' softmax summed over rows = [1, 1, 0]; load_e = sum_b Phi((clean - threshold) / std) with the
+    threshold the 2nd-largest noisy logit for a kept expert, else the largest; loss = cv^2(imp) + cv^2(load)."""
+    from mtrank.nn.gates import load_balance_loss
+
+    clean = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]]).unsqueeze(1)  # (B=2, G=1, E=3)
+    noisy = torch.tensor([[1.2, 0.1, -0.8], [0.3, 1.9, 0.4]]).unsqueeze(1)
+    keep = torch.tensor([[True, False, False], [False, True, False]]).unsqueeze(1)
+    loss = load_balance_loss(clean, noisy, torch.ones(2, 1, 3), keep, 1, torch.ones(1, 3, dtype=torch.bool))
+
+    def phi(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    def cv2(xs):
+        return statistics.variance(xs) / statistics.mean(xs) ** 2
+
+    # z: row 0 keeps e0 (threshold 0.1), others must beat 1.2; row 1 keeps e1 (0.4), others must beat 1.9
+    load = [phi(1.0 - 0.1) + phi(0.0 - 1.9), phi(0.0 - 1.2) + phi(2.0 - 0.4), phi(-1.0 - 1.2) + phi(0.5 - 1.9)]
+    expected = cv2([1.0, 1.0, 0.0]) + cv2(load)
+    assert expected == pytest.approx(1.3282590, abs=1e-6)  # 0.75 + 0.578259
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_mmoe_with_one_expert_equals_shared_bottom():

@@ -100,11 +100,19 @@ def test_bad_train_config_names_the_field():
         TrainConfig(precision="fp8").validate()
 
 
-def test_bf16_autocast_trains_on_cpu():
+def test_bf16_autocast_computes_the_experts_in_bf16_and_learns_as_well_as_fp32():
     train, valid = splits()
-    model = small_model()
-    result = Trainer(model, TrainConfig(epochs=2, batch_size=64, precision="bf16", progress=False)).fit(train, valid)
-    assert torch.isfinite(torch.tensor(result.best_value))
+    dtypes = []
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = small_model()
+        hook = model.block.levels[0].experts.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        cfg = TrainConfig(epochs=3, batch_size=64, precision=precision, progress=False)
+        results[precision] = Trainer(model, cfg).fit(train, valid)
+        hook.remove()
+    assert torch.bfloat16 in dtypes and torch.float32 in dtypes  # autocast on for bf16 only
+    assert results["bf16"].best_value == pytest.approx(results["fp32"].best_value, rel=0.1)
+    assert results["bf16"].best_value != results["fp32"].best_value
 
 
 def test_cli_run_quick_writes_results(tmp_path):
