@@ -214,9 +214,9 @@ def load_census(
         check: verify the files' SHA-256 (off only for deliberately modified copies).
 
     Example:
-        >>> data = load_census("../shared/data/census-income", group=1)  # doctest: +SKIP
-        >>> data.train.sparse.shape, data.tasks[0].name
-        (torch.Size([199523, 31]), 'income')
+        >>> data = load_census(shared_data / "census-income", group=1)  # shared_data: the data folder
+        >>> data.train.sparse.shape, len(data.valid), len(data.test), [t.name for t in data.tasks]
+        (torch.Size([199523, 31]), 49881, 49881, ['income', 'marital'])
     """
     if group not in (1, 2):
         raise ValueError(f"group must be 1 (income) or 2 (education), got {group}")
