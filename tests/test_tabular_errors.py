@@ -123,8 +123,24 @@ def test_negative_sample_weights_fail_naming_the_row():
 
 
 def test_a_missing_file_fails_naming_the_config_field(tmp_path):
-    with pytest.raises(DataError, match=r"nope.csv: file not found; check data.train"):
+    with pytest.raises(DataError, match=r"nope.csv: file not found \(looked for .*nope.csv\); check data.train"):
         fit_file(tmp_path / "nope.csv")
+
+
+def test_data_paths_resolve_against_the_config_files_folder(tmp_path, monkeypatch):
+    """A config names its data relative to itself, so it runs from any working directory; the error for a
+    missing file says where it looked and that paths are relative to the config."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    make_frame(n=200).to_csv(folder / "rows.csv", index=False)
+    raw = config(data={"train": "rows.csv"}, train={"epochs": 1, "progress": False})
+    (folder / "exp.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert mtrank.fit("project/exp.yaml", output=None).rows["train"] == 140
+    raw["data"]["train"] = "missing.csv"
+    (folder / "exp.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(DataError, match=r"looked for .*project/missing.csv\) \(paths in project/exp.yaml are relative"):
+        mtrank.fit("project/exp.yaml", output=None)
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,13 @@ def open_dataset(path: str | Path, spec: DataSpec, config: ExperimentConfig | No
     """A pyarrow dataset over a file or a directory of shards; the format is detected from the content."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found; check data.train / data.valid / data.test in the config")
+        where = (
+            f" (paths in {config.source} are relative to its folder)" if config is not None and config.source else ""
+        )
+        raise DataError(
+            f"{path}: file not found (looked for {path.resolve()}){where}; check data.train / data.valid / "
+            "data.test in the config"
+        )
     files = _shards(path) if path.is_dir() else [path]
     for file in files:
         if file.stat().st_size == 0:
