@@ -6,14 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-from mtrank.cli.common import add_overrides, add_progress, overrides
+from mtrank.cli.common import add_overrides, add_progress, add_threads, apply_threads, overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtrank.config.experiment import load_experiment
     from mtrank.pipeline import fit, metrics_table
 
-    config = load_experiment(args.config, overrides(args.set))
+    apply_threads(args)
+    settings = overrides(args.set)
+    if args.resume or args.overwrite:
+        settings["train.resume"] = "require" if args.resume else "overwrite"
+    config = load_experiment(args.config, settings)
     if args.no_progress:
         config.train.progress = False
     result = fit(config, output=args.out or config.output)
@@ -69,6 +73,17 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML experiment config (sections data, features, tasks, model, train)")
     p.add_argument("--out", help="model directory (default: the config's output)")
     add_overrides(p)
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the checkpoint in train.checkpoint_dir and fail if there is none (default: continue it "
+        "when it was written by the same configuration, refuse one of another)",
+    )
+    resume.add_argument(
+        "--overwrite", action="store_true", help="discard the checkpoint in train.checkpoint_dir and start afresh"
+    )
+    add_threads(p)
     add_progress(p)
     p.set_defaults(func=_cmd_train)
 
