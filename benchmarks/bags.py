@@ -79,7 +79,7 @@ def main() -> None:
                     "num_dense": encoder.num_dense,
                     "vocab_sizes": encoder.vocab_sizes,
                     "embedding_dim": 16,
-                    "bags": [{"length": n, "pooling": p} for n, p in zip(encoder.bag_lengths, encoder.bag_pooling)],
+                    "bags": encoder.bag_inputs,
                 },
                 tasks=[TaskConfig("click")],
                 block={"num_experts": 8},

@@ -248,7 +248,7 @@ def test_an_embedded_multi_valued_feature_becomes_padded_bag_ids():
     ids = {v: i + 1 for i, v in enumerate(vocab)}
     pad = len(vocab) + 1
     assert enc.vocab_sizes == [3, pad + 1, pad + 1, pad + 1]
-    assert enc.bag_lengths == [3] and enc.bag_pooling == ["sum"]
+    assert enc.bag_inputs == [{"length": 3, "pooling": "sum"}]
     assert enc.categorical_names == ["city", "tags[0]", "tags[1]", "tags[2]"]
     np.testing.assert_array_equal(
         sparse[:, 1:],

@@ -1,29 +1,15 @@
-"""mtrank: multi-task ranking with Multi-gate Mixture-of-Experts (MMoE) in PyTorch."""
+"""mtrank: multi-task ranking with Multi-gate Mixture-of-Experts (MMoE) in PyTorch.
 
-__version__ = "0.1.0"
+The model's config sections (``InputsConfig``, ``BlockConfig``, ``ExpertConfig``, ...) are in
+:mod:`mtrank.config`; training in :mod:`mtrank.train`; ``mtrank.fit`` runs an experiment config end to end.
+"""
 
-from mtrank.config import (  # noqa: E402
-    BiasConfig,
-    BlockConfig,
-    ExpertConfig,
-    GateConfig,
-    InputsConfig,
-    MixerConfig,
-    ModelConfig,
-    TaskConfig,
-    TowerConfig,
-    TrainConfig,
-)
+__version__ = "0.2.0"
+
+from mtrank.config import ModelConfig, TaskConfig, TrainConfig  # noqa: E402
 from mtrank.model import MultiTaskModel, MultiTaskOutput, count_parameters, size_shared_bottom  # noqa: E402
 
 __all__ = [
-    "BiasConfig",
-    "BlockConfig",
-    "ExpertConfig",
-    "InputsConfig",
-    "MixerConfig",
-    "TowerConfig",
-    "GateConfig",
     "ModelConfig",
     "TaskConfig",
     "TrainConfig",

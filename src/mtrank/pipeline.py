@@ -114,7 +114,7 @@ def fit(
         encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
     model = MultiTaskModel(
-        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_lengths, encoder.bag_pooling),
+        config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs),
         seed=config.train.seed,
     )
     trainer = Trainer(model, train_config)

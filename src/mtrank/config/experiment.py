@@ -73,9 +73,7 @@ class CategoricalFeature(Config):
     hash_buckets: int = 0
 
     def check(self, path: str) -> None:
-        self.column = self.column or self.name
-        check(self.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {self.min_count}")
-        check(self.max_vocab >= 0, join(path, "max_vocab"), f"must be >= 0, got {self.max_vocab}")
+        _check_vocabulary(self, path, smallest_cap=0)
         check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
 
 
@@ -148,9 +146,7 @@ class MultiCategoricalFeature(Config):
     max_values: int = 8
 
     def check(self, path: str) -> None:
-        self.column = self.column or self.name
-        check(self.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {self.min_count}")
-        check(self.max_vocab >= 1, join(path, "max_vocab"), f"must be >= 1, got {self.max_vocab}")
+        _check_vocabulary(self, path, smallest_cap=1)
         check(self.max_values >= 1, join(path, "max_values"), f"must be >= 1, got {self.max_values}")
 
 
@@ -363,15 +359,11 @@ class ExperimentConfig:
     def task_configs(self) -> list[TaskConfig]:
         return [t.task_config() for t in self.tasks]
 
-    def model_config(
-        self,
-        num_dense: int,
-        vocab_sizes: list[int],
-        bag_lengths: list[int] | None = None,
-        bag_pooling: list[str] | None = None,
-    ) -> ModelConfig:
-        """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks."""
-        bags = [{"length": n, "pooling": p} for n, p in zip(bag_lengths or [], bag_pooling or [])]
+    def model_config(self, num_dense: int, vocab_sizes: list[int], bags: list[dict] | None = None) -> ModelConfig:
+        """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks.
+
+        ``bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` of each embedded multi-valued feature."""
+        bags = list(bags or [])
         inputs = InputsConfig(
             num_dense=num_dense, vocab_sizes=list(vocab_sizes), embedding_dim=self.model.inputs.embedding_dim, bags=bags
         )
@@ -385,6 +377,17 @@ class ExperimentConfig:
         data["model"].pop("tasks")
         data["model"]["inputs"] = {"embedding_dim": self.model.inputs.embedding_dim}
         return data
+
+
+def _check_vocabulary(feature: CategoricalFeature | MultiCategoricalFeature, path: str, smallest_cap: int) -> None:
+    """The column defaults to the name; a vocabulary keeps values seen ``min_count`` times, at most ``max_vocab``."""
+    feature.column = feature.column or feature.name
+    check(feature.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {feature.min_count}")
+    check(
+        feature.max_vocab >= smallest_cap,
+        join(path, "max_vocab"),
+        f"must be >= {smallest_cap}, got {feature.max_vocab}",
+    )
 
 
 def parse_comparison(text: str, field_name: str) -> tuple[str, float]:

@@ -309,12 +309,9 @@ class FeatureEncoder:
         return sizes
 
     @property
-    def bag_lengths(self) -> list[int]:
-        return [f.max_values for f in self.bags]
-
-    @property
-    def bag_pooling(self) -> list[str]:
-        return [f.pooling for f in self.bags]
+    def bag_inputs(self) -> list[dict[str, Any]]:
+        """The model's ``inputs.bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` per embedded bag."""
+        return [{"length": f.max_values, "pooling": f.pooling} for f in self.bags]
 
     @property
     def dense_names(self) -> list[str]:

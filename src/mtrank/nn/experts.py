@@ -110,32 +110,26 @@ class StackedCross(nn.Module):
 class DCNExperts(nn.Module):
     """G DCNv2 experts: cross network then MLP ("stacked" DCNv2). ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, D]``.
 
+    Args:
+        cross: the G cross networks.
+        deep: the G MLPs on the cross networks' outputs.
+
     Example:
         >>> experts = DCNExperts.from_config(4, 10, DCNExpertConfig(hidden=[8], cross_rank=2))
         >>> experts(torch.randn(3, 10)).shape
         torch.Size([4, 3, 8])
     """
 
-    def __init__(
-        self,
-        groups: int,
-        in_features: int,
-        hidden: list[int],
-        cross_layers: int,
-        cross_rank: int = 0,
-        activation_name: str = "relu",
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, cross: StackedCross, deep: StackedMLP) -> None:
         super().__init__()
-        self.cross = StackedCross(groups, in_features, cross_layers, cross_rank)
-        self.deep = StackedMLP(groups, in_features, hidden, activation_name, dropout)
-        self.groups = groups
-        self.output_dim = self.deep.output_dim
+        self.cross, self.deep = cross, deep
+        self.groups = deep.groups
+        self.output_dim = deep.output_dim
 
     @classmethod
     def from_config(cls, groups: int, in_features: int, config: DCNExpertConfig) -> DCNExperts:
-        c = config
-        return cls(groups, in_features, c.hidden, c.cross_layers, c.cross_rank, c.activation, c.dropout)
+        cross = StackedCross(groups, in_features, config.cross_layers, config.cross_rank)
+        return cls(cross, StackedMLP(groups, in_features, config.hidden, config.activation, config.dropout))
 
     def linear_banks(self) -> list[tuple[nn.ModuleList, bool]]:
         return [(self.deep.layers, False)]  # the MLP reads the cross network's per-expert output

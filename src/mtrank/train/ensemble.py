@@ -111,27 +111,26 @@ class EnsembleData:
         return EnsembleData(*(None if t is None else t.to(device) for t in self._tensors()))
 
 
+class _PerRun:
+    """A :class:`TrainResult` field of every member, as a list."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, result: EnsembleResult, owner: type | None = None) -> list:
+        return [getattr(run, self.name) for run in result.runs]
+
+
 @dataclass
 class EnsembleResult:
     """Per member: the evaluation history, best step, best validation value and metrics."""
 
     runs: list[TrainResult] = field(default_factory=list)
 
-    @property
-    def history(self) -> list[list[dict]]:
-        return [r.history for r in self.runs]
-
-    @property
-    def best_step(self) -> list[int]:
-        return [r.best_step for r in self.runs]
-
-    @property
-    def best_value(self) -> list[float]:
-        return [r.best_value for r in self.runs]
-
-    @property
-    def best_metrics(self) -> list[dict]:
-        return [r.best_metrics for r in self.runs]
+    history = _PerRun()
+    best_step = _PerRun()
+    best_value = _PerRun()
+    best_metrics = _PerRun()
 
     @property
     def steps(self) -> int:
