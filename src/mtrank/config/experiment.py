@@ -49,7 +49,34 @@ DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags")
 
 
 @dataclass
-class CategoricalFeature(Config):
+class ColumnFeature(Config):
+    """A feature read from one column: ``name`` (in feature lists and requests), ``column`` (default ``name``)."""
+
+    shorthand: ClassVar[str] = "name"
+    name: str
+    column: str = ""
+
+    def check(self, path: str) -> None:
+        self.column = self.column or self.name
+
+
+@dataclass
+class VocabularyFeature(ColumnFeature):
+    """A column of categories: a vocabulary of the values seen ``min_count`` times, at most ``max_vocab``."""
+
+    min_count: int = 1
+    max_vocab: int = 0
+    smallest_cap: ClassVar[int] = 0
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {self.min_count}")
+        cap = self.smallest_cap
+        check(self.max_vocab >= cap, join(path, "max_vocab"), f"must be >= {cap}, got {self.max_vocab}")
+
+
+@dataclass
+class CategoricalFeature(VocabularyFeature):
     """A categorical column -> one id per row.
 
     Ids: ``0`` is the out-of-vocabulary bucket (unseen values, values rarer than ``min_count``, beyond
@@ -65,20 +92,15 @@ class CategoricalFeature(Config):
         hash_buckets: hash into this many buckets instead of fitting a vocabulary; 0 = vocabulary.
     """
 
-    shorthand: ClassVar[str] = "name"
-    name: str
-    column: str = ""
-    min_count: int = 1
-    max_vocab: int = 0
     hash_buckets: int = 0
 
     def check(self, path: str) -> None:
-        _check_vocabulary(self, path, smallest_cap=0)
+        super().check(path)
         check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
 
 
 @dataclass
-class NumericFeature(Config):
+class NumericFeature(ColumnFeature):
     """A numeric column -> one float32 value per row: ``fill -> clip -> log1p -> standardise``.
 
     ``log1p`` is signed, ``sign(x) log(1 + |x|)``, so it is defined for every value; standardising uses the
@@ -93,16 +115,13 @@ class NumericFeature(Config):
         standardize: subtract the training mean and divide by the training std (std 0 -> 1).
     """
 
-    shorthand: ClassVar[str] = "name"
-    name: str
-    column: str = ""
     fill: float | Literal["mean", "median", "zero"] = "mean"
     clip: list[float] | None = None
     log1p: bool = False
     standardize: bool = True
 
     def check(self, path: str) -> None:
-        self.column = self.column or self.name
+        super().check(path)
         if self.clip is not None:
             check(
                 len(self.clip) == 2 and self.clip[0] <= self.clip[1],
@@ -112,7 +131,7 @@ class NumericFeature(Config):
 
 
 @dataclass
-class MultiCategoricalFeature(Config):
+class MultiCategoricalFeature(VocabularyFeature):
     """A multi-valued categorical column (a list column, or a string split on ``separator``), pooled.
 
     Encoded as ``V + 1`` dense columns (vocabulary + OOV): mean pooling gives the normalised multi-hot vector
@@ -135,18 +154,15 @@ class MultiCategoricalFeature(Config):
         max_values: with ``embed``, values kept per row (the first ones; the rest are dropped).
     """
 
-    shorthand: ClassVar[str] = "name"
-    name: str
-    column: str = ""
+    max_vocab: int = 64
     separator: str = "|"
     pooling: Literal["mean", "sum"] = "mean"
-    min_count: int = 1
-    max_vocab: int = 64
     embed: bool = False
     max_values: int = 8
+    smallest_cap: ClassVar[int] = 1
 
     def check(self, path: str) -> None:
-        _check_vocabulary(self, path, smallest_cap=1)
+        super().check(path)
         check(self.max_values >= 1, join(path, "max_values"), f"must be >= 1, got {self.max_values}")
 
 
@@ -377,17 +393,6 @@ class ExperimentConfig:
         data["model"].pop("tasks")
         data["model"]["inputs"] = {"embedding_dim": self.model.inputs.embedding_dim}
         return data
-
-
-def _check_vocabulary(feature: CategoricalFeature | MultiCategoricalFeature, path: str, smallest_cap: int) -> None:
-    """The column defaults to the name; a vocabulary keeps values seen ``min_count`` times, at most ``max_vocab``."""
-    feature.column = feature.column or feature.name
-    check(feature.min_count >= 1, join(path, "min_count"), f"must be >= 1, got {feature.min_count}")
-    check(
-        feature.max_vocab >= smallest_cap,
-        join(path, "max_vocab"),
-        f"must be >= {smallest_cap}, got {feature.max_vocab}",
-    )
 
 
 def parse_comparison(text: str, field_name: str) -> tuple[str, float]:
