@@ -231,7 +231,7 @@ def test_fit_learned_from_a_logs_file_then_the_service_blends_per_request(tmp_pa
     from mtrank.config import ModelConfig, TaskConfig
     from mtrank.experiments.learned_blend import write_preference_logs
     from mtrank.model import MultiTaskModel
-    from mtrank.serve.app import ScoringService
+    from mtrank.serve.service import ScoringService
 
     logs = tmp_path / "logs.parquet"
     write_preference_logs(str(logs), requests=600, seed=0)

@@ -12,7 +12,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mtrank.blend.rules import Blend
-    from mtrank.serve.app import ScoringService, create_app
+    from mtrank.serve.app import create_app
+    from mtrank.serve.service import ScoringService
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
