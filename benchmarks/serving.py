@@ -143,9 +143,8 @@ def bf16_error_attribution(model: MultiTaskModel, reference: np.ndarray, test: T
     out = {}
     for name, split in (("first_layer_bf16_input_rounded", False), ("first_layer_bf16_input_split", True)):
         variant = copy.deepcopy(model).eval()
-        variant.block.levels[0].experts.layers[0] = Bf16StackedLinear(
-            model.block.levels[0].experts.layers[0], shared_input=True, split_input=split
-        )
+        first_layers, reads_shared_input = variant.expert_banks()[0]  # the first level's experts
+        first_layers[0] = Bf16StackedLinear(first_layers[0], shared_input=reads_shared_input, split_input=split)
         with torch.inference_mode():
             scores = np.concatenate(
                 [

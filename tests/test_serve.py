@@ -280,7 +280,7 @@ def test_concurrent_calls_share_one_forward_pass_and_get_their_own_rows(model_di
     """Eight requests queued while a pass is running are scored together, each getting exactly its rows."""
     import threading
 
-    from mtrank.export.formats import random_inputs
+    from mtrank.export.common import random_inputs
     from mtrank.serve.batching import CoalescingScorer
 
     model = load_model(model_dir)

@@ -6,7 +6,7 @@ import argparse
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mtrank.export.formats import export_model_dir
+    from mtrank.export.model_dir import export_model_dir
 
     record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
     print(f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on random inputs)")

@@ -14,7 +14,7 @@ import numpy as np
 from mtrank.artifacts import open_model_dir
 from mtrank.blend.learned import LEARNED_BLEND_FILE, ServedLearnedBlend
 from mtrank.blend.rules import BLEND_FILE, Blend, ranking
-from mtrank.export.formats import random_inputs
+from mtrank.export.common import random_inputs
 from mtrank.serve.backends import Scorer
 from mtrank.serve.batching import CoalescingScorer
 from mtrank.serve.limits import DEFAULT_MAX_CANDIDATES
