@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mtrank.cli.common import add_command
+
 
 def _cmd_blend_tune(args: argparse.Namespace) -> int:
     import numpy as np
@@ -130,19 +132,22 @@ def _cmd_blend_fit_learned(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "blend",
+        None,
         help="tune blend weights on validation scores; the learned-blend study",
         description="Blending task scores into one ranking score.",
     )
     sub = p.add_subparsers(dest="blend_command", metavar="BLEND_COMMAND", required=True)
-    t = sub.add_parser(
+    t = add_command(
+        sub,
         "tune",
+        _cmd_blend_tune,
         help="search blend weights on a file of validation scores and labels",
         description=(
             "Search blend weights (summing to 1) that maximise an objective on validation data: 'auc' = "
-            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k "
-            "label_k over the "
+            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k label_k over the "
             "top-k blended candidates (needs --request-id). Grid over the simplex or optuna TPE."
         ),
     )
@@ -161,13 +166,13 @@ def register(subparsers) -> None:
     t.add_argument("--trials", type=int, default=100, help="optuna trials (default 100)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="write the best blend as JSON here (e.g. MODEL_DIR/blend.json)")
-    t.set_defaults(func=_cmd_blend_tune)
-    lb = sub.add_parser(
+    lb = add_command(
+        sub,
         "learned",
+        _cmd_blend_learned,
         help="learned blend vs the best global weights on simulated logs with group-dependent preferences",
         description=(
-            "Generate ranking logs where two user groups value two tasks differently (logged under "
-            "randomised "
+            "Generate ranking logs where two user groups value two tasks differently (logged under randomised "
             "blend weights), train the learned utility g(x, r) = sigmoid(r . f(x) + b) with reward-weighted "
             "cross-entropy and an L2 pull toward the default weights, and compare the expected reward of the "
             "top item on fresh requests: default weights, the best single global weight vector (grid on a "
@@ -188,9 +193,10 @@ def register(subparsers) -> None:
     lb.add_argument(
         "--write-logs", help="also write seed 0's training logs as Parquet here (input for 'blend fit-learned')"
     )
-    lb.set_defaults(func=_cmd_blend_learned)
-    fl = sub.add_parser(
+    fl = add_command(
+        sub,
         "fit-learned",
+        _cmd_blend_fit_learned,
         help="train a learned blend on impression logs and put it in a model directory for the service",
         description=(
             "Train the learned utility g(x, r) = sigmoid(r . f(x) + b) on impression logs (collected under "
@@ -213,4 +219,3 @@ def register(subparsers) -> None:
     fl.add_argument("--epochs", type=int, default=20)
     fl.add_argument("--seed", type=int, default=0)
     fl.add_argument("--torch-threads", type=int, default=1)
-    fl.set_defaults(func=_cmd_blend_fit_learned)
