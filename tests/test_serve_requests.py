@@ -11,16 +11,18 @@ from mtrank.serve.requests import FeatureRequests, RawRequests, RequestError
 
 
 def training_rows() -> pd.DataFrame:
+    """Rows with every kind of feature, and a missing value in each."""
     return pd.DataFrame(
-        {
-            "city": ["paris", "paris", "rome", "oslo", "rome", None, None],
-            "user": ["u1", "u2", "u3", "u1", "u9", "u2", "u3"],
-            "item_id": [10, 11, 10, 12, 10, 11, 13],
-            "age": [20.0, 30.0, np.nan, 150.0, 40.0, 50.0, 25.0],
-            "spend": [0.0, 1.0, 10.0, 100.0, np.nan, 3.0, 2.0],
-            "genres": ["a|b", "a", "c", None, "b|b|a", "a", "z"],
-            "tags": ["x|y", "x", "y|q|x", "q", None, "x", "y"],
-        }
+        [
+            ("paris", "u1", 10, 20.0, 0.0, "a|b", "x|y"),
+            ("paris", "u2", 11, 30.0, 1.0, "a", "x"),
+            ("rome", "u3", 10, None, 10.0, "c", "y|q|x"),
+            ("oslo", "u1", 12, 150.0, 100.0, None, "q"),
+            ("rome", "u9", 10, 40.0, None, "b|b|a", None),
+            (None, "u2", 11, 50.0, 3.0, "a", "x"),
+            (None, "u3", 13, 25.0, 2.0, "z", "y"),
+        ],
+        columns=["city", "user", "item_id", "age", "spend", "genres", "tags"],
     )
 
 
