@@ -80,6 +80,7 @@ def test_a_string_id_matches_the_integer_vocabulary(requests):
         ({"age": True}, "candidates[1]: feature 'age' has bool True; expected a number or null"),
         ({"city": ["a"]}, "candidates[1]: feature 'city' has list ['a']; expected a string, an int or null"),
         ({"genres": 3.5}, "candidates[1]: feature 'genres' has float 3.5; expected a list of strings/ints"),
+        ({"genres": 5}, "candidates[1]: feature 'genres' has int 5; expected a list of strings/ints"),
         ({"item_id": 2**64}, "candidates[1]: feature 'item_id' is an integer outside the 64-bit range; send the id"),
         ({"spend": -(2**70)}, "candidates[1]: feature 'spend' is an integer outside the 64-bit range; send it as"),
         ({"colour": "red"}, "candidates[1]: unknown feature 'colour'; the model reads ['age', 'spend', 'genres'"),

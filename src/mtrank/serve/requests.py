@@ -69,13 +69,14 @@ EXPECTED = {
 
 
 def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an error message stays one short line)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def value_error(where: str, feature: str, kind: str, value: Any) -> RequestError:
     """The error for a value that failed ``CHECKS[kind]``: an integer outside int64, or a wrong type."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if kind != "multi" and isinstance(value, int) and not isinstance(value, bool):  # numbers and ids: out of range
         fix = "send it as a float" if kind == "numeric" else "send the id as a string"
         return RequestError(f"{where}: feature {feature!r} is an integer outside the 64-bit range; {fix}")
     return RequestError(
