@@ -132,6 +132,7 @@ def _cmd_blend_fit_learned(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """Add ``mtrank blend`` and its subcommands ``tune``, ``learned``, ``fit-learned``."""
     p = add_command(
         subparsers,
         "blend",

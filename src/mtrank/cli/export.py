@@ -21,6 +21,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """Add ``mtrank export``."""
     p = add_command(
         subparsers,
         "export",

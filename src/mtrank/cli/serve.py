@@ -40,6 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """Add ``mtrank serve``."""
     from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 
     p = add_command(
