@@ -93,8 +93,8 @@ def request_bodies(count: int, candidates: int, vocab: int, seed: int = 1) -> li
 def stage_times(model_dir: Path, bodies: list[bytes], backend: str, precision: str) -> dict[str, float]:
     """Mean milliseconds per request of each server-side stage, measured in-process on the same bodies:
     JSON parsing, request validation, feature encoding, the forward pass, blending + response."""
-    from mtrank.serve.app import ScoringService
     from mtrank.serve.schemas import ScoreRequest
+    from mtrank.serve.service import ScoringService
 
     service = ScoringService(model_dir, backend, precision)
     service.warm_up()

@@ -143,9 +143,8 @@ def bf16_error_attribution(model: MultiTaskModel, reference: np.ndarray, test: T
     out = {}
     for name, split in (("first_layer_bf16_input_rounded", False), ("first_layer_bf16_input_split", True)):
         variant = copy.deepcopy(model).eval()
-        variant.block.levels[0].experts.layers[0] = Bf16StackedLinear(
-            model.block.levels[0].experts.layers[0], shared_input=True, split_input=split
-        )
+        first_layers, reads_shared_input = variant.expert_banks()[0]  # the first level's experts
+        first_layers[0] = Bf16StackedLinear(first_layers[0], shared_input=reads_shared_input, split_input=split)
         with torch.inference_mode():
             scores = np.concatenate(
                 [
@@ -368,6 +367,26 @@ DOC_HEAD = """# Serving: export, precision, blending, the HTTP service
 
 Written by `python benchmarks/serving.py --render` from `docs/results/*.json`; every figure below comes
 from the command quoted beside it.
+
+## Where the code is
+
+- `mtrank.serve.requests`: a request's features -> `(dense [N, F_dense], sparse [N, F_cat])`. `FeatureRequests`
+  takes raw values by name and encodes them with the model directory's `encoders.json` (the context is shared by
+  every candidate); `RawRequests` takes `{"dense": [...], "sparse": [...]}` per candidate (a model without
+  encoders). A bad value is a `RequestError` naming `context` or `candidates[i]`, the feature and what to send.
+- `mtrank.serve.service`: `ScoringService` opens the model directory (`mtrank.artifacts.open_model_dir`) and
+  encodes, scores, blends and ranks requests; no HTTP.
+- `mtrank.serve.app`: `create_app(service)`, the FastAPI app with its body-size middleware and Prometheus metrics.
+- `mtrank.serve.backends`: `Scorer(model, backend, precision)`, one call `(dense, sparse) -> scores [B, K]` for
+  each path below; `mtrank.serve.batching`: concurrent requests share one forward pass;
+  `mtrank.serve.schemas` / `limits`: the request and response bodies (the OpenAPI schema), default limits.
+- `mtrank.export.common`: the exported module, `random_inputs(model, batch, seed)` and `max_difference` to eager
+  PyTorch; `mtrank.export.torchscript`, `mtrank.export.onnx` (with `OnnxScorer` and `quantize_onnx_int8`): the
+  formats; `mtrank.export.model_dir`: `export_model_dir` (`mtrank export`), checked, with `export.json`;
+  `mtrank.export.precision`: bf16 / mixed / fp16 / int8 copies of a model for PyTorch.
+- `mtrank.blend.rules`: `Blend` (weighted sum / product of transformed task scores) and `ranking`;
+  `mtrank.blend.tuning`: `Objective` (`auc`, `reward@k`), `simplex_grid`, `tune_blend` (`mtrank blend tune`);
+  `mtrank.blend.learned`: per-request weights `f(context)` (`mtrank blend fit-learned`).
 
 Paths (`mtrank.serve.backends.Scorer`; `backend/precision`):
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mtrank.blend.learned import LearnedBlendConfig, train_learned_blend
-from mtrank.blend.rules import Blend, blend_objective, mean_top_k, ranking, simplex_grid, tune_blend
+from mtrank.blend.rules import Blend, ranking
+from mtrank.blend.tuning import Objective, mean_top_k, simplex_grid, tune_blend
 from mtrank.experiments.preference import make_preference_logs
 
 TASKS = ["click", "like"]
@@ -74,35 +75,30 @@ def _labelled(n=3000, seed=0):
 @pytest.mark.parametrize("search", ["grid", "optuna"])
 def test_tuning_moves_weight_to_the_task_that_predicts_the_objective(search):
     scores, labels, _ = _labelled()
-    result = tune_blend(
-        scores,
-        labels,
-        TASKS,
-        objective="auc",
-        objective_weights={"click": 0.0, "like": 1.0},
-        search=search,
-        step=0.1,
-        trials=30,
-    )
+    objective = Objective("auc", weights={"click": 0.0, "like": 1.0})
+    result = tune_blend(scores, labels, TASKS, objective, search=search, step=0.1, trials=30)
     assert result.value > result.default_value
     assert result.blend.weights["like"] > 0.8
 
 
 def test_reward_objective_tuning_beats_equal_weights():
     scores, labels, requests = _labelled(seed=1)
-    result = tune_blend(
-        scores,
-        labels,
-        TASKS,
-        method="weighted_product",
-        objective="reward@k",
-        request_ids=requests,
-        top_k=2,
-        step=0.1,
-    )
+    objective = Objective("reward@k", request_ids=requests, top_k=2)
+    result = tune_blend(scores, labels, TASKS, objective, method="weighted_product", step=0.1)
     assert result.value > result.default_value
-    with pytest.raises(ValueError, match="request_ids are required"):
-        blend_objective(scores[:, 0], labels, TASKS, "reward@k")
+
+
+@pytest.mark.parametrize(
+    ("objective", "message"),
+    [
+        ({"name": "reward@k"}, "objective reward@k: request_ids are required"),
+        ({"name": "ndcg"}, "objective: unknown 'ndcg'"),
+        ({"name": "reward@k", "request_ids": np.zeros(3), "top_k": 0}, "objective top_k: must be >= 1"),
+    ],
+)
+def test_an_objective_that_cannot_be_computed_is_refused_when_made(objective, message):
+    with pytest.raises(ValueError, match=message):
+        Objective(**objective)
 
 
 def test_learned_blend_learns_group_weights_and_beats_the_best_global_weights():
@@ -231,7 +227,7 @@ def test_fit_learned_from_a_logs_file_then_the_service_blends_per_request(tmp_pa
     from mtrank.config import ModelConfig, TaskConfig
     from mtrank.experiments.learned_blend import write_preference_logs
     from mtrank.model import MultiTaskModel
-    from mtrank.serve.app import ScoringService
+    from mtrank.serve.service import ScoringService
 
     logs = tmp_path / "logs.parquet"
     write_preference_logs(str(logs), requests=600, seed=0)

@@ -188,8 +188,8 @@ def test_every_block_trains_from_the_same_config(block):
 
 
 def test_an_embedded_bag_feature_trains_saves_scores_and_serves(tmp_path):
-    from mtrank.export.formats import export_model_dir
-    from mtrank.serve.app import ScoringService
+    from mtrank.export.model_dir import export_model_dir
+    from mtrank.serve.service import ScoringService
 
     features = {**config()["features"], "multi_categorical": [{"name": "tags", "embed": True, "max_values": 2}]}
     result = mtrank.fit(config(features=features), make_frame(), output=tmp_path / "m")

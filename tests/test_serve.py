@@ -1,4 +1,5 @@
-"""The scoring service: scores match the model, blends and rankings, and every bad request is a 4xx."""
+"""The scoring service over HTTP: scores match the model, blends and rankings, every bad request is a 4xx naming
+the problem, health / readiness / metrics, the real `mtrank serve` command, request coalescing."""
 
 import json
 
@@ -13,7 +14,8 @@ from mtrank.config import ModelConfig, TaskConfig
 from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, NumericFeature
 from mtrank.data.encoders import FeatureEncoder
 from mtrank.model import MultiTaskModel
-from mtrank.serve.app import ScoringService, create_app
+from mtrank.serve.app import create_app
+from mtrank.serve.service import ScoringService
 
 TASKS = [TaskConfig("click"), TaskConfig("like")]
 
@@ -73,7 +75,8 @@ def test_score_returns_model_scores_blend_and_ranking(client, model_dir):
     body = response.json()
     assert body["tasks"] == ["click", "like"]
     scores = np.array([[row["click"], row["like"]] for row in body["scores"]])
-    dense, sparse = FeatureEncoder.load(model_dir).transform_records([{**CONTEXT, **c} for c in CANDIDATES])
+    rows = pd.DataFrame([{**CONTEXT, **c} for c in CANDIDATES])  # the same rows as a file would hold them
+    dense, sparse = FeatureEncoder.load(model_dir).transform(rows)
     expected = load_model(model_dir).predict(torch.from_numpy(dense), torch.from_numpy(sparse)).numpy()
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     np.testing.assert_allclose(body["blended"], scores.sum(1), atol=1e-6)  # default: equal-weight sum
@@ -219,6 +222,7 @@ def test_models_without_encoders_take_dense_and_sparse_lists(raw_client):
         ({"dense": [0, 0, 0], "sparse": [1, 7]}, "candidates[0].sparse[1]: expected an integer id in [0, 7)"),
         ({"dense": [0, 0, 0], "sparse": [1.5, 1]}, "candidates[0].sparse[0]"),
         ({"dense": [0, 0, 0], "sparse": [1, 1], "price": 3}, "unknown key 'price'"),
+        ({"dense": [0, 0, 10**400], "sparse": [1, 1]}, "candidates[0].dense[2]: expected a finite number"),
     ],
 )
 def test_raw_feature_errors_name_candidate_and_position(raw_client, candidate, message):
@@ -276,7 +280,7 @@ def test_concurrent_calls_share_one_forward_pass_and_get_their_own_rows(model_di
     """Eight requests queued while a pass is running are scored together, each getting exactly its rows."""
     import threading
 
-    from mtrank.export.formats import random_inputs
+    from mtrank.export.common import random_inputs
     from mtrank.serve.batching import CoalescingScorer
 
     model = load_model(model_dir)

@@ -108,46 +108,6 @@ def test_multi_valued_sum_pooling_counts_and_accepts_list_columns():
     np.testing.assert_array_equal(dense, [[0, 1, 0, 1], [0, 2, 1, 0], [0, 0, 0, 0]])
 
 
-def test_records_encode_exactly_like_the_table_they_came_from():
-    enc = FeatureEncoder(spec()).fit(frame())
-    df = frame()
-    records = df.astype(object).where(df.notna(), None).to_dict("records")
-    dense_t, sparse_t = enc.transform(df)
-    dense_r, sparse_r = enc.transform_records(records)
-    np.testing.assert_allclose(dense_r, dense_t, rtol=1e-6)
-    np.testing.assert_array_equal(sparse_r, sparse_t)
-
-
-def test_a_string_id_in_a_request_matches_the_integer_vocabulary():
-    enc = FeatureEncoder(spec()).fit(frame())
-    base = {"city": "rome", "user": "u1", "age": 30.0, "spend": 1.0, "genres": ["a"]}
-    _, as_int = enc.transform_records([{**base, "item_id": 11}])
-    _, as_str = enc.transform_records([{**base, "item_id": "11"}])
-    assert as_int[0, 2] == as_str[0, 2] > 0
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda r: r.pop("age"), "missing feature 'age'"),
-        (lambda r: r.update(colour="red"), "unknown feature 'colour'"),
-        (lambda r: r.update(age="old"), "feature 'age' has str 'old'"),
-        (lambda r: r.update(city=["a"]), "feature 'city' has list"),
-        (lambda r: r.update(genres=3.5), "feature 'genres' has float"),
-    ],
-)
-def test_bad_records_name_the_feature_and_the_record(change, message):
-    enc = FeatureEncoder(spec()).fit(frame())
-    record = {"city": "rome", "user": "u1", "item_id": 10, "age": 30.0, "spend": 1.0, "genres": "a"}
-    change(record)
-    with pytest.raises(DataError, match="records\\[1\\]: " + message.replace("[", "\\[")):
-        enc.transform_records([frame_record(), record])
-
-
-def frame_record():
-    return {"city": "rome", "user": "u1", "item_id": 10, "age": 30.0, "spend": 1.0, "genres": "a"}
-
-
 def test_save_and_load_round_trip_writes_encoders_json(tmp_path):
     enc = FeatureEncoder(spec()).fit(frame())
     path = enc.save(tmp_path)
@@ -254,22 +214,5 @@ def test_an_embedded_multi_valued_feature_becomes_padded_bag_ids():
         sparse[:, 1:],
         [[ids["x"], ids["y"], pad], [ids["x"], ids["x"], ids["q"]], [pad] * 3, [pad] * 3],  # 4th value dropped
     )
-    _, unseen = enc.transform_records([{"city": "a", "tags": "zz|x"}])
+    _, unseen = enc.transform(pa.table({"city": ["a"], "tags": ["zz|x"]}))
     assert unseen[0, 1:].tolist() == [0, ids["x"], pad]  # unseen value -> 0 (OOV), not padding
-
-
-def test_shared_features_encode_as_if_merged_into_every_record():
-    enc = FeatureEncoder(spec()).fit(frame())
-    shared = {"city": "rome", "age": 30.0}
-    records = [
-        {"user": "u1", "item_id": 10, "spend": 1.0, "genres": "a"},
-        {"user": "zz", "item_id": 11, "spend": None, "genres": ["a", "b"]},
-    ]
-    merged = enc.transform_records([{**shared, **r} for r in records])
-    split = enc.transform_records(records, shared=shared, shared_name="context")
-    for a, b in zip(merged, split):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(DataError, match="context: feature 'age' has str"):
-        enc.transform_records(records, shared={**shared, "age": "old"}, shared_name="context")
-    with pytest.raises(DataError, match="records\\[0\\]: feature 'city' is also in context"):
-        enc.transform_records([{**records[0], "city": "oslo"}], shared=shared, shared_name="context")

@@ -1,4 +1,4 @@
-"""Blending per-task scores into one ranking score, and tuning the blend weights on validation data.
+"""Blending per-task scores into one ranking score, and the ranking it gives.
 
 Each task's score ``p_k`` first goes through a transform ``t_k``; then
 
@@ -9,20 +9,11 @@ Each task's score ``p_k`` first goes through a transform ``t_k``; then
 Transforms: ``identity``, ``log`` (``log(max(p, 1e-12))``), ``logit``, ``sigmoid`` (for regression outputs),
 ``log1p`` (``log(1 + max(p, 0))``, e.g. watch time), ``rank`` (the percentile of the score in the request).
 
-Tuning (:func:`tune_blend`) searches weights against a stated objective on labelled validation data:
-
-* ``auc``: ``sum_k a_k AUC(s, y_k)``, how well the one blended score ranks for each task (``a_k`` =
-  ``objective_weights``, default 1 per binary task);
-* ``reward@k``: mean over requests of ``sum_k a_k y_k`` summed over the ``k`` best-blended candidates of each
-  request (needs request ids): the value of what the ranking would show.
-
-Only the weights' direction matters for the ranking (both blends are invariant to scaling all ``w``), so the
-search runs over weights that sum to 1: a grid over the simplex, or optuna's TPE sampler.
+Weights are tuned on labelled validation data by :mod:`mtrank.blend.tuning`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 METHODS = ("weighted_sum", "weighted_product")
 TRANSFORMS = ("identity", "log", "logit", "sigmoid", "log1p", "rank")
-OBJECTIVES = ("auc", "reward@k")
 BLEND_FILE = "blend.json"
 _EPS = 1e-12
 
@@ -47,6 +36,16 @@ class Blend:
         method: ``weighted_sum`` or ``weighted_product``.
         weights: weight of each task, by task name (tasks left out get weight 0).
         transforms: transform of each task's score, by task name (default ``identity``).
+
+    Example:
+        >>> scores = np.array([[0.2, 0.9], [0.6, 0.5]])  # (N, K): click, like
+        >>> blend = Blend("weighted_sum", {"click": 2.0, "like": 1.0})
+        >>> blend.apply(scores, ["click", "like"]).round(6).tolist(), ranking(blend.apply(scores, ["click", "like"]))
+        ([1.3, 1.7], [1, 0])
+        >>> Blend.from_dict({"weights": {"clicks": 1.0}}, ["click", "like"])
+        Traceback (most recent call last):
+        ...
+        ValueError: blend.weights.clicks: unknown task; the model's tasks are ['click', 'like']
     """
 
     method: str = "weighted_sum"
@@ -78,6 +77,7 @@ class Blend:
 
     @classmethod
     def from_dict(cls, data: Any, task_names: list[str]) -> Blend:
+        """A blend from its JSON form (``blend.json``, a request's ``blend``), checked against ``task_names``."""
         if not isinstance(data, dict):
             raise ValueError(f"blend: expected an object, got {type(data).__name__}")
         unknown = sorted(set(data) - {"method", "weights", "transforms"})
@@ -94,9 +94,11 @@ class Blend:
         return blend.validate(task_names)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form read by :meth:`from_dict`."""
         return {"method": self.method, "weights": dict(self.weights), "transforms": dict(self.transforms)}
 
     def save(self, directory: str | Path) -> Path:
+        """Write ``blend.json`` into ``directory`` (a model directory: the service's default blend)."""
         path = Path(directory) / BLEND_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
@@ -118,7 +120,7 @@ class Blend:
 
 
 def transform(values: np.ndarray, name: str) -> np.ndarray:
-    """One of :data:`TRANSFORMS` applied to a column of scores."""
+    """One of :data:`TRANSFORMS` applied to a column of scores, ``[N] -> [N]`` (float64)."""
     if name == "identity":
         return values
     if name == "log":
@@ -139,136 +141,5 @@ def transform(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def ranking(blended: np.ndarray) -> list[int]:
-    """Candidate indices, best first (ties keep the request's order)."""
+    """Candidate indices of ``blended [N]``, best first (ties keep the request's order)."""
     return np.argsort(-np.asarray(blended), kind="stable").tolist()
-
-
-# ----------------------------------------------------------------------------------------- objectives
-
-
-def blend_objective(
-    blended: np.ndarray,
-    labels: np.ndarray,
-    task_names: list[str],
-    objective: str = "auc",
-    objective_weights: dict[str, float] | None = None,
-    request_ids: np.ndarray | None = None,
-    top_k: int = 1,
-) -> float:
-    """Value of a blended score on labelled data (higher is better); see the module docstring.
-
-    Args:
-        blended: ``[N]`` blended scores.
-        labels: ``[N, K]`` task labels (NaN = missing; those rows are left out of that task's AUC).
-        objective: ``auc`` or ``reward@k``.
-        objective_weights: ``a_k`` by task name (default 1 for every task).
-        request_ids: ``[N]`` request of each row (``reward@k``).
-        top_k: candidates shown per request (``reward@k``).
-    """
-    weights = np.array([(objective_weights or {}).get(n, 1.0) for n in task_names], dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    if objective == "auc":
-        total = 0.0
-        for k in range(len(task_names)):
-            if weights[k] == 0:
-                continue
-            present = ~np.isnan(labels[:, k])
-            y = labels[present, k]
-            if np.unique(y).size < 2:
-                raise ValueError(f"objective auc: task {task_names[k]!r} has a single class in the labels")
-            total += weights[k] * roc_auc_score(y, blended[present])
-        return float(total)
-    if objective == "reward@k":
-        if request_ids is None:
-            raise ValueError("objective reward@k: request_ids are required (which request each row belongs to)")
-        value = np.nan_to_num(labels) @ weights  # (N,) reward of each row
-        return float(mean_top_k(blended, value, np.asarray(request_ids), top_k))
-    raise ValueError(f"objective: unknown {objective!r}; expected one of {OBJECTIVES}")
-
-
-def mean_top_k(blended: np.ndarray, value: np.ndarray, request_ids: np.ndarray, top_k: int) -> float:
-    """Mean over requests of the summed ``value`` of the ``top_k`` rows with the highest ``blended``."""
-    order = np.lexsort((-blended, request_ids))  # by request, best first within a request
-    ids = request_ids[order]
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    position = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
-    keep = position < top_k
-    return float(value[order][keep].sum() / len(starts))
-
-
-# ----------------------------------------------------------------------------------------- tuning
-
-
-@dataclass
-class TuneResult:
-    """Best blend found, its objective value, the default blend's value, and every trial."""
-
-    blend: Blend
-    value: float
-    default_value: float
-    trials: list[dict[str, Any]]
-
-
-def simplex_grid(num_tasks: int, step: float) -> list[np.ndarray]:
-    """Every weight vector with entries in ``{0, step, 2 step, ...}`` that sums to 1."""
-    units = int(round(1 / step))
-    points = []
-    for combo in itertools.product(range(units + 1), repeat=num_tasks - 1):
-        if sum(combo) <= units:
-            points.append(np.array([*combo, units - sum(combo)], dtype=np.float64) / units)
-    return points
-
-
-def tune_blend(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    task_names: list[str],
-    method: str = "weighted_sum",
-    transforms: dict[str, str] | None = None,
-    objective: str = "auc",
-    objective_weights: dict[str, float] | None = None,
-    request_ids: np.ndarray | None = None,
-    top_k: int = 1,
-    search: str = "grid",
-    step: float = 0.05,
-    trials: int = 100,
-    seed: int = 0,
-) -> TuneResult:
-    """Search blend weights (summing to 1) that maximise ``objective`` on validation ``scores`` / ``labels``.
-
-    Args:
-        scores: ``[N, K]`` task scores; labels: ``[N, K]`` task labels.
-        search: ``grid`` (every point of the simplex at ``step``) or ``optuna`` (``trials`` TPE trials,
-            sampler seed ``seed``).
-    """
-    transforms = dict(transforms or {})
-
-    def evaluate(weights: np.ndarray) -> float:
-        blend = Blend(method, dict(zip(task_names, weights.tolist())), transforms)
-        blended = blend.apply(scores, task_names)
-        return blend_objective(blended, labels, task_names, objective, objective_weights, request_ids, top_k)
-
-    history: list[dict[str, Any]] = []
-    if search == "grid":
-        for weights in simplex_grid(len(task_names), step):
-            history.append({"weights": weights.tolist(), "value": evaluate(weights)})
-    elif search == "optuna":
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-        def objective_fn(trial: optuna.Trial) -> float:
-            raw = np.array([trial.suggest_float(f"w_{n}", 0.0, 1.0) for n in task_names])
-            weights = raw / raw.sum() if raw.sum() > 0 else np.full(len(raw), 1 / len(raw))
-            value = evaluate(weights)
-            history.append({"weights": weights.tolist(), "value": value})
-            return value
-
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-        study.optimize(objective_fn, n_trials=trials)
-    else:
-        raise ValueError(f"search: unknown {search!r}; expected grid or optuna")
-    best = max(history, key=lambda t: t["value"])
-    default = evaluate(np.full(len(task_names), 1 / len(task_names)))
-    blend = Blend(method, dict(zip(task_names, best["weights"])), transforms)
-    return TuneResult(blend, best["value"], default, history)

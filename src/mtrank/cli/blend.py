@@ -6,39 +6,28 @@ from __future__ import annotations
 import argparse
 import json
 
+from mtrank.cli.common import add_command
+
 
 def _cmd_blend_tune(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mtrank.blend.rules import tune_blend
-    from mtrank.data.encoders import as_table
+    from mtrank.blend.tuning import Objective, tune_blend
 
-    frame = _read_table(args.data)
-    table = as_table(frame)
-    for column in [*args.scores, *args.labels, *([args.request_id] if args.request_id else [])]:
-        if column not in table.column_names:
-            raise ValueError(f"{args.data}: column {column!r} is missing (columns: {table.column_names[:20]})")
     if not (len(args.tasks) == len(args.scores) == len(args.labels)):
         raise ValueError("--tasks, --scores and --labels: give one entry per task, in the same order")
-    scores = np.stack([frame[c].to_numpy(dtype=float) for c in args.scores], 1)
-    labels = np.stack([frame[c].to_numpy(dtype=float) for c in args.labels], 1)
-    request_ids = frame[args.request_id].to_numpy() if args.request_id else None
-    transforms = dict(_pairs(args.transform, "--transform"))
-    objective_weights = {k: float(v) for k, v in _pairs(args.objective_weight, "--objective-weight")}
-    result = tune_blend(
-        scores,
-        labels,
-        args.tasks,
-        args.method,
-        transforms,
+    frame = _read_table(args.data, [*args.scores, *args.labels, *([args.request_id] if args.request_id else [])])
+    scores = np.stack([frame[c].to_numpy(dtype=float) for c in args.scores], 1)  # (N, K)
+    labels = np.stack([frame[c].to_numpy(dtype=float) for c in args.labels], 1)  # (N, K)
+    objective = Objective(
         args.objective,
-        objective_weights,
-        request_ids,
-        args.top_k,
-        args.search,
-        args.step,
-        args.trials,
-        args.seed,
+        weights={k: float(v) for k, v in _pairs(args.objective_weight, "--objective-weight")},
+        request_ids=frame[args.request_id].to_numpy() if args.request_id else None,
+        top_k=args.top_k,
+    )
+    transforms = dict(_pairs(args.transform, "--transform"))
+    result = tune_blend(
+        scores, labels, args.tasks, objective, args.method, transforms, args.search, args.step, args.trials, args.seed
     )
     print(f"objective {args.objective} on {len(frame)} rows ({args.search}, {len(result.trials)} trials)")
     print(f"  equal weights : {result.default_value:.4f}")
@@ -52,12 +41,15 @@ def _cmd_blend_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_table(path: str):
+def _read_table(path: str, columns: list[str]):
+    """A CSV or Parquet file as a DataFrame; an error names the first of ``columns`` it lacks."""
     import pandas as pd
 
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
+    frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: column {missing[0]!r} is missing (columns: {list(frame.columns)[:20]})")
+    return frame
 
 
 def _pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -70,9 +62,11 @@ def _pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
 
 
 def _cmd_blend_learned(args: argparse.Namespace) -> int:
+    import torch
+
     from mtrank.experiments.learned_blend import run_learned_blend_demo
 
-    torch_threads(1)
+    torch.set_num_threads(1)
     report = run_learned_blend_demo(args.requests, args.lambdas, args.epochs, args.seeds)
     print(report["table"])
     if args.write_logs:
@@ -91,24 +85,20 @@ def _cmd_blend_fit_learned(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mtrank.artifacts import read_model_meta
+    from mtrank.artifacts import model_config, read_model_meta
     from mtrank.blend.learned import LearnedBlendConfig, ServedLearnedBlend, train_learned_blend
 
-    torch_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads)
     if len(args.tasks) != len(args.scores):
         raise ValueError("--tasks and --scores: give one score column per task, in the same order")
-    meta = read_model_meta(args.model_dir)
-    model_tasks = [t["name"] for t in meta["model"]["tasks"]]
+    model_tasks = model_config(read_model_meta(args.model_dir), args.model_dir).task_names
     if sorted(args.tasks) != sorted(model_tasks):
         raise ValueError(f"--tasks {args.tasks}: the model in {args.model_dir} has tasks {model_tasks}")
     default = args.default_weights or [1.0] * len(args.tasks)
     if len(default) != len(args.tasks):
         raise ValueError(f"--default-weights: {len(default)} weights for {len(args.tasks)} tasks")
-    frame = _read_table(args.logs)
     needed = [*args.context, *args.scores, args.engaged, args.reward]
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{args.logs}: column {missing[0]!r} is missing (columns: {list(frame.columns)[:20]})")
+    frame = _read_table(args.logs, needed)
     columns = {name: np.array(frame[name], dtype=np.float32) for name in needed}  # writable copies
     bad = [name for name, values in columns.items() if not np.isfinite(values).all()]
     if bad:
@@ -141,26 +131,24 @@ def _cmd_blend_fit_learned(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    """Add ``mtrank blend`` and its subcommands ``tune``, ``learned``, ``fit-learned``."""
+    p = add_command(
+        subparsers,
         "blend",
+        None,
         help="tune blend weights on validation scores; the learned-blend study",
         description="Blending task scores into one ranking score.",
     )
     sub = p.add_subparsers(dest="blend_command", metavar="BLEND_COMMAND", required=True)
-    t = sub.add_parser(
+    t = add_command(
+        sub,
         "tune",
+        _cmd_blend_tune,
         help="search blend weights on a file of validation scores and labels",
         description=(
             "Search blend weights (summing to 1) that maximise an objective on validation data: 'auc' = "
-            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k "
-            "label_k over the "
+            "sum_k a_k AUC(blended score, label_k); 'reward@k' = mean over requests of sum_k a_k label_k over the "
             "top-k blended candidates (needs --request-id). Grid over the simplex or optuna TPE."
         ),
     )
@@ -179,13 +167,13 @@ def register(subparsers) -> None:
     t.add_argument("--trials", type=int, default=100, help="optuna trials (default 100)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="write the best blend as JSON here (e.g. MODEL_DIR/blend.json)")
-    t.set_defaults(func=_cmd_blend_tune)
-    lb = sub.add_parser(
+    lb = add_command(
+        sub,
         "learned",
+        _cmd_blend_learned,
         help="learned blend vs the best global weights on simulated logs with group-dependent preferences",
         description=(
-            "Generate ranking logs where two user groups value two tasks differently (logged under "
-            "randomised "
+            "Generate ranking logs where two user groups value two tasks differently (logged under randomised "
             "blend weights), train the learned utility g(x, r) = sigmoid(r . f(x) + b) with reward-weighted "
             "cross-entropy and an L2 pull toward the default weights, and compare the expected reward of the "
             "top item on fresh requests: default weights, the best single global weight vector (grid on a "
@@ -206,9 +194,10 @@ def register(subparsers) -> None:
     lb.add_argument(
         "--write-logs", help="also write seed 0's training logs as Parquet here (input for 'blend fit-learned')"
     )
-    lb.set_defaults(func=_cmd_blend_learned)
-    fl = sub.add_parser(
+    fl = add_command(
+        sub,
         "fit-learned",
+        _cmd_blend_fit_learned,
         help="train a learned blend on impression logs and put it in a model directory for the service",
         description=(
             "Train the learned utility g(x, r) = sigmoid(r . f(x) + b) on impression logs (collected under "
@@ -231,4 +220,3 @@ def register(subparsers) -> None:
     fl.add_argument("--epochs", type=int, default=20)
     fl.add_argument("--seed", type=int, default=0)
     fl.add_argument("--torch-threads", type=int, default=1)
-    fl.set_defaults(func=_cmd_blend_fit_learned)

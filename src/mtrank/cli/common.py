@@ -1,8 +1,10 @@
-"""Options shared by several commands, declared once: threads, progress bars, device, config overrides."""
+"""Options shared by several commands, declared once: threads, progress bars, device, config overrides; the
+shape of a command (:func:`add_command`)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -56,3 +58,18 @@ def overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    func: Callable[[argparse.Namespace], int] | None,
+    help: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """Add the command ``name`` (``help`` in the list of commands, ``description`` in its own ``--help``,
+    default ``help``) that runs ``func(args)``; ``func=None`` for a group whose subcommands run."""
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser

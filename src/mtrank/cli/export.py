@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from mtrank.cli.common import add_command
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mtrank.export.formats import export_model_dir
+    from mtrank.export.model_dir import export_model_dir
 
     record = export_model_dir(args.model_dir, args.format, args.out, int8=args.int8)
     print(f"wrote {record['path']}  (max |score - eager| = {record['max_abs_diff_vs_eager']:.2e} on random inputs)")
@@ -19,12 +21,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    """Add ``mtrank export``."""
+    p = add_command(
+        subparsers,
         "export",
+        _cmd_export,
         help="export a model directory to TorchScript or ONNX, checked against eager PyTorch",
         description=(
-            "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] "
-            "with a dynamic "
+            "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] with a dynamic "
             "batch size: TorchScript (model.pt, torch.jit.load) or ONNX (model.onnx, inputs 'dense' float32 "
             "[B, F_dense] and 'sparse' int64 [B, F_cat], output 'scores'). The export is compared with eager "
             "PyTorch on random inputs and refused if any score differs by more than 1e-5. Writes export.json."
@@ -38,4 +42,3 @@ def register(subparsers) -> None:
         action="store_true",
         help="with --format onnx: also write model.int8.onnx (onnxruntime int8 dynamic quantisation)",
     )
-    p.set_defaults(func=_cmd_export)

@@ -6,13 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from mtrank.cli.common import add_command
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
     from mtrank.blend.rules import Blend
-    from mtrank.serve.app import ScoringService, create_app
+    from mtrank.serve.app import create_app
+    from mtrank.serve.service import ScoringService
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -37,20 +40,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """Add ``mtrank serve``."""
     from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "serve",
+        _cmd_serve,
         help="HTTP scoring service for a model directory (FastAPI + uvicorn)",
         description=(
             "Serve MODEL_DIR over HTTP. POST /v1/score takes {'context': {...}, 'candidates': [{...}, ...]} "
             "(raw feature values by name when the directory has encoders.json; else each candidate is "
-            "{'dense': [...], 'sparse': [...]}) and returns per-task scores, the blended score and "
-            "the ranking. "
-            "GET /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI). The blend comes from "
-            "--blend, else "
-            "MODEL_DIR/blend.json, else equal weights; a request may override it. Binds to 127.0.0.1 unless "
-            "--host says otherwise."
+            "{'dense': [...], 'sparse': [...]}) and returns per-task scores, the blended score and the ranking. "
+            "GET /healthz, /readyz, /metrics (Prometheus), /docs (OpenAPI). The blend comes from --blend, else "
+            "MODEL_DIR/learned_blend.json, else MODEL_DIR/blend.json, else equal weights; a request may override "
+            "it. Binds to 127.0.0.1 unless --host says otherwise."
         ),
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
@@ -95,4 +99,3 @@ def register(subparsers) -> None:
     p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.set_defaults(func=_cmd_serve)

@@ -3,7 +3,8 @@
 Fitted on the training split from the ``features`` section of an experiment config
 (:class:`mtrank.config.experiment.FeaturesSpec`) and saved in the model directory as ``encoders.json`` beside
 ``model.safetensors`` and ``config.json``; the same object encodes training files, evaluation files and
-serving requests (:meth:`FeatureEncoder.transform_records`), so they cannot drift apart.
+serving requests (:mod:`mtrank.serve.requests` turns a request into a table for :meth:`FeatureEncoder.transform`),
+so they cannot drift apart.
 
 Column order:
     dense  = ``[numeric features (1 column each), multi-categorical features (V + 1 columns each)]``
@@ -241,28 +242,6 @@ def _flat_strings(lists: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarr
     return string_column(flat), parents, lengths
 
 
-def _is_number_or_none(value: Any) -> bool:  # bool is an int subclass, and not a number here
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def _is_id_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
-
-
-def _is_id_list_or_none(value: Any) -> bool:
-    if value is None or isinstance(value, str):
-        return True
-    return isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
-
-
-_RECORD_CHECKS = {"numeric": _is_number_or_none, "categorical": _is_id_or_none, "multi": _is_id_list_or_none}
-_RECORD_EXPECTED = {
-    "numeric": "a number or null",
-    "categorical": "a string, an int or null",
-    "multi": "a list of strings/ints, a separated string, or null",
-}
-
-
 class FeatureEncoder:
     """Fitted feature transforms: numeric fill/clip/log1p/standardise, categorical vocabularies or hashing,
     multi-categorical pooled multi-hot.
@@ -274,7 +253,7 @@ class FeatureEncoder:
         >>> from mtrank.config.experiment import FeaturesSpec, NumericFeature, CategoricalFeature
         >>> spec = FeaturesSpec(categorical=[CategoricalFeature("city")], numeric=[NumericFeature("age")])
         >>> enc = FeatureEncoder(spec).fit(pd.DataFrame({"city": ["a", "b", "a"], "age": [20.0, 30.0, None]}))
-        >>> dense, sparse = enc.transform_records([{"city": "a", "age": 25.0}, {"city": "zzz", "age": None}])
+        >>> dense, sparse = enc.transform(pd.DataFrame({"city": ["a", "zzz"], "age": [25.0, None]}))
         >>> sparse.ravel().tolist(), enc.vocab_sizes, enc.feature_names
         ([1, 0], [3], ['age', 'city'])
     """
@@ -506,99 +485,6 @@ class FeatureEncoder:
         if feat.pooling == "mean":
             counts /= np.maximum(lengths, 1.0)[:, None]
         return counts
-
-    def transform_records(
-        self,
-        records: list[dict[str, Any]],
-        strict: bool = True,
-        shared: dict[str, Any] | None = None,
-        shared_name: str = "shared",
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode request records (``[{column: value}]``) exactly as :meth:`transform` encodes a file.
-
-        ``shared``: features common to every record (a request's context), given once: checked once and
-        repeated for every record, as if merged into each (a feature must not be in both); its errors are
-        named ``shared_name``.
-
-        Raises :class:`DataError` naming the record index and feature for a missing feature, an unknown key
-        (with ``strict``) or a wrongly typed value (numeric: number or null; categorical: string, int or null;
-        multi-categorical: list of strings / ints, a separated string, or null).
-        """
-        if not isinstance(records, list):
-            raise DataError(f"records: expected a list of objects, got {type(records).__name__}")
-        shared = {} if shared is None else shared
-        if not isinstance(shared, dict):
-            raise DataError(f"{shared_name}: expected an object of features, got {type(shared).__name__}")
-        # checked column-wise (a request is ~100 records x ~40 features; per-value Python was most of its
-        # encoding time); an error names the first bad record, and in it the first bad feature, as a loop would
-        inputs = self.input_columns
-        known = set(inputs)
-        numeric = {f.column for f in self.features.numeric}
-        multi = {f.column for f in self.features.multi_categorical}
-
-        def kind(column: str) -> str:
-            return "numeric" if column in numeric else "multi" if column in multi else "categorical"
-
-        if strict and set(shared) - known:
-            unknown = sorted(set(shared) - known)
-            raise DataError(f"{shared_name}: unknown feature {unknown[0]!r}; the model reads {inputs}")
-        for column in inputs:
-            if column in shared and not _RECORD_CHECKS[kind(column)](shared[column]):
-                value = shared[column]
-                raise DataError(
-                    f"{shared_name}: feature {column!r} has {type(value).__name__} {value!r}; expected "
-                    f"{_RECORD_EXPECTED[kind(column)]}"
-                )
-        own = [c for c in inputs if c not in shared]
-        own_keys = set(own)
-        for i, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise DataError(f"records[{i}]: expected an object of features, got {type(record).__name__}")
-            if record.keys() != own_keys:
-                both = sorted(set(record) & set(shared))
-                if both:
-                    raise DataError(f"records[{i}]: feature {both[0]!r} is also in {shared_name}")
-                missing = [c for c in own if c not in record]
-                if missing:
-                    raise DataError(f"records[{i}]: missing feature {missing[0]!r} (required: {inputs})")
-                if strict:
-                    unknown = sorted(set(record) - own_keys)
-                    raise DataError(f"records[{i}]: unknown feature {unknown[0]!r}; the model reads {inputs}")
-        n = len(records)
-        columns = {c: [shared[c]] * n if c in shared else [record[c] for record in records] for c in inputs}
-        bad: tuple[int, int] | None = None  # (record, position of the feature in inputs) of the first bad value
-        for position, column in enumerate(inputs):
-            if column in shared:
-                continue  # checked once above
-            check = _RECORD_CHECKS[kind(column)]
-            values = columns[column]
-            if all(map(check, values)):
-                continue
-            row = next(r for r, v in enumerate(values) if not check(v))
-            bad = min(bad, (row, position)) if bad else (row, position)
-        if bad is not None:
-            row, position = bad
-            column = inputs[position]
-            value = records[row][column]
-            raise DataError(
-                f"records[{row}]: feature {column!r} has {type(value).__name__} {value!r}; expected "
-                f"{_RECORD_EXPECTED[kind(column)]}"
-            )
-        arrays = {}
-        for column, values in columns.items():
-            if column in numeric:
-                arrays[column] = pa.array(values, pa.float64())
-            elif column in multi:
-                feat = next(f for f in self.features.multi_categorical if f.column == column)
-                split = [v.split(feat.separator) if isinstance(v, str) else v for v in values]
-                arrays[column] = pa.array(
-                    [None if v is None else [str(x) for x in v] for v in split], pa.list_(pa.string())
-                )
-            elif all(v is None or (isinstance(v, int)) for v in values):
-                arrays[column] = pa.array(values, pa.int64())
-            else:
-                arrays[column] = pa.array([None if v is None else str(v) for v in values], pa.string())
-        return self.transform(pa.table(arrays) if arrays else pa.table({}), source="records")
 
     # ----------------------------------------------------------------------------------- checks
 

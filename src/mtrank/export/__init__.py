@@ -1,1 +1,10 @@
-"""Export: TorchScript and ONNX files checked against eager PyTorch, and reduced-precision inference models."""
+"""Export: TorchScript and ONNX files checked against eager PyTorch, and reduced-precision inference models.
+
+==================  ==========================================================================================
+``common``          the exported module, random example inputs, the difference to eager PyTorch
+``torchscript``     ``torch.jit.trace`` + ``freeze``
+``onnx``            ONNX export, int8 dynamic quantisation, :class:`~mtrank.export.onnx.OnnxScorer` (onnxruntime)
+``model_dir``       ``mtrank export``: a model directory's export, checked, with ``export.json``
+``precision``       bf16 / mixed / fp16 / int8 copies of a model for PyTorch inference
+==================  ==========================================================================================
+"""

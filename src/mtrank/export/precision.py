@@ -166,7 +166,15 @@ def check_precision(precision: str, device: str | torch.device) -> None:
 
 
 def inference_model(model: MultiTaskModel, precision: str = "fp32", device: str = "cpu") -> MultiTaskModel:
-    """A copy of ``model`` in evaluation mode, on ``device``, with weights in ``precision``."""
+    """A copy of ``model`` in evaluation mode, on ``device``, with weights in ``precision`` (the original is
+    left as it is).
+
+    Example:
+        >>> from mtrank import ModelConfig
+        >>> model = MultiTaskModel(ModelConfig(inputs={"num_dense": 4}))
+        >>> inference_model(model, "bf16").dtype, inference_model(model, "mixed").dtype, model.dtype
+        (torch.bfloat16, torch.float32, torch.float32)
+    """
     check_precision(precision, device)
     if precision == "int8":
         return quantize_int8(model)
@@ -176,9 +184,17 @@ def inference_model(model: MultiTaskModel, precision: str = "fp32", device: str 
 
 
 class PrecisionScoring(nn.Module):
-    """``(dense float32, sparse int64) -> scores [B, K] float32`` for a model of any precision.
+    """``(dense float32 [B, F_dense], sparse int64 [B, F_cat]) -> scores float32 [B, K]`` for a model of any
+    precision (:func:`inference_model`).
 
-    The dense input is cast to the model's weight dtype; the scores are cast back to float32.
+    The dense input is cast to the model's dtype; the scores are cast back to float32.
+
+    Example:
+        >>> from mtrank import ModelConfig
+        >>> model = MultiTaskModel(ModelConfig(inputs={"num_dense": 4}))
+        >>> scores = PrecisionScoring(inference_model(model, "bf16"))(torch.randn(3, 4), torch.zeros(3, 0).long())
+        >>> scores.shape, scores.dtype
+        (torch.Size([3, 2]), torch.float32)
     """
 
     def __init__(self, model: MultiTaskModel) -> None:

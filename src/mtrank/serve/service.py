@@ -1,0 +1,162 @@
+"""The scoring service without HTTP: a model directory loaded once, requests scored, blended and ranked.
+
+:func:`mtrank.serve.app.create_app` puts it behind FastAPI; benchmarks and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtrank.artifacts import open_model_dir
+from mtrank.blend.learned import LEARNED_BLEND_FILE, ServedLearnedBlend
+from mtrank.blend.rules import BLEND_FILE, Blend, ranking
+from mtrank.export.common import random_inputs
+from mtrank.serve.backends import Scorer
+from mtrank.serve.batching import CoalescingScorer
+from mtrank.serve.limits import DEFAULT_MAX_CANDIDATES
+from mtrank.serve.requests import FeatureRequests, RawRequests, RequestError
+from mtrank.serve.schemas import ScoreRequest, ScoreResponse
+
+
+class ScoringService:
+    """Loads a model directory (:func:`mtrank.artifacts.open_model_dir`) and scores requests.
+
+    A request's candidates are encoded (:mod:`mtrank.serve.requests`) into ``dense [N, F_dense]`` and
+    ``sparse [N, F_cat]``, scored (``scores [N, K]``, concurrent requests sharing a forward pass), blended
+    into one score per candidate (``[N]``) and ranked.
+
+    Args:
+        model_dir: ``model.safetensors`` + ``config.json`` (+ ``encoders.json``, ``blend.json``,
+            ``learned_blend.json`` when present).
+        backend / precision / threads: see :class:`mtrank.serve.backends.Scorer`.
+        max_candidates: most candidates per request.
+        blend: the default blend; else the learned blend (``MODEL_DIR/learned_blend.json``: task weights
+            computed per request from context fields, :mod:`mtrank.blend.learned`) unless
+            ``learned_blend=False``; else ``MODEL_DIR/blend.json``; else equal weights. A request's own
+            ``blend`` overrides all of them.
+
+    Example:
+        >>> import tempfile
+        >>> from mtrank import ModelConfig, MultiTaskModel
+        >>> from mtrank.artifacts import save_model
+        >>> with tempfile.TemporaryDirectory() as tmp:  # the service keeps what it needs in memory
+        ...     service = ScoringService(save_model(MultiTaskModel(ModelConfig(inputs={"num_dense": 2})), tmp), "eager")
+        >>> response = service.score(ScoreRequest(candidates=[{"dense": [0.1, 0.2]}, {"dense": [3.0, -1.0]}]))
+        >>> response.tasks, len(response.scores), sorted(response.ranking)
+        (['task1', 'task2'], 2, [0, 1])
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        backend: str = "auto",
+        precision: str = "fp32",
+        threads: int = 0,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        blend: Blend | None = None,
+        learned_blend: bool = True,
+    ) -> None:
+        loaded = open_model_dir(model_dir)
+        self.model_dir, self.model, self.meta, self.encoder = loaded.path, loaded.model, loaded.meta, loaded.encoder
+        self.task_names = self.model.task_names
+        if self.encoder is None:
+            self.requests = RawRequests(self.model.num_dense, self.model.vocab_sizes)
+        else:
+            self.requests = FeatureRequests(self.encoder)
+        self.learned = ServedLearnedBlend.load(self.model_dir) if learned_blend and blend is None else None
+        self.learned_only: set[str] = set()  # context fields read by the learned blend only, not the model
+        if self.learned is not None:
+            if sorted(self.learned.tasks) != sorted(self.task_names):
+                raise ValueError(
+                    f"{self.model_dir / LEARNED_BLEND_FILE}: weights for tasks {self.learned.tasks}; the model's "
+                    f"tasks are {self.task_names}"
+                )
+            inputs = set(self.encoder.input_columns) if self.encoder is not None else set()
+            self.learned_only = set(self.learned.context_features) - inputs
+        if blend is None and (self.model_dir / BLEND_FILE).is_file():
+            blend = Blend.from_dict(json.loads((self.model_dir / BLEND_FILE).read_text()), self.task_names)
+        self.blend = (blend or Blend.default(self.task_names)).validate(self.task_names)
+        self.scorer = Scorer(self.model, backend, precision, threads=threads)
+        self.max_candidates = max_candidates
+        # one forward pass at a time (the model already uses every core); concurrent requests share a pass
+        self.batcher = CoalescingScorer(self.scorer, max_rows=max(4096, max_candidates))
+        self.ready = False
+
+    def warm_up(self) -> None:
+        """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches) and the
+        encoders' lookup tables, so the first real requests pay no set-up cost."""
+        if self.encoder is not None:
+            self.encoder.prepare_lookups()
+        for batch in (1, min(self.max_candidates, 1000)):
+            dense, sparse = random_inputs(self.model, batch)
+            self.batcher(dense.numpy(), sparse.numpy())
+        self.ready = True
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/readyz`` reports: tasks, backend, the request features, limits, batching and the blend."""
+        if self.encoder is not None:
+            features: Any = self.encoder.input_columns
+        else:
+            features = {"dense": self.model.num_dense, "sparse": self.model.vocab_sizes}
+        if self.learned is None:
+            blend = self.blend.to_dict()
+        else:
+            blend = {"learned": True, "context_features": self.learned.context_features, "tasks": self.learned.tasks}
+        return {
+            "tasks": self.task_names,
+            "backend": self.scorer.name,
+            "features": features,
+            "max_candidates": self.max_candidates,
+            "forward_passes": self.batcher.batches,
+            "requests_per_pass": self.batcher.calls / max(self.batcher.batches, 1),
+            "blend": blend,
+        }
+
+    def encode(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """A request's features -> ``(dense float32 [N, F_dense], sparse int64 [N, F_cat])``; a
+        :class:`RequestError` names what is wrong."""
+        if len(candidates) > self.max_candidates:
+            raise RequestError(
+                f"candidates: {len(candidates)} candidates; at most {self.max_candidates} per request "
+                "(split the request, or start the service with a larger --max-candidates)"
+            )
+        return self.requests(context, candidates)
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        """Per-task scores ``[N, K]``, the blended score ``[N]`` and the ranking of a request's candidates."""
+        blend, source = self.blend, "service"
+        context = request.context
+        try:
+            if request.blend is not None:
+                blend, source = Blend.from_dict(request.blend.model_dump(), self.task_names), "request"
+            elif self.learned is not None:
+                blend, source = Blend("weighted_sum", self.learned.weights(context)), "learned"
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        if self.learned_only:
+            context = {k: v for k, v in context.items() if k not in self.learned_only}
+        dense, sparse = self.encode(context, request.candidates)
+        if not np.isfinite(dense).all():
+            row = int(np.flatnonzero(~np.isfinite(dense).all(1))[0])
+            raise RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
+        scores = self.batcher(dense, sparse)  # (N, K)
+        blended = blend.apply(scores, self.task_names)  # (N,)
+        if not (np.isfinite(scores).all() and np.isfinite(blended).all()):
+            bad = int(np.flatnonzero(~(np.isfinite(scores).all(1) & np.isfinite(blended)))[0])
+            raise RequestError(
+                f"candidates[{bad}]: the scores are not finite (numeric features far outside the training range?)"
+            )
+        order = ranking(blended)
+        if request.top_k is not None:
+            order = order[: request.top_k]
+        return ScoreResponse(
+            tasks=self.task_names,
+            scores=[dict(zip(self.task_names, row)) for row in scores.tolist()],
+            blended=blended.tolist(),
+            ranking=order,
+            blend={**blend.to_dict(), "source": source},
+        )
