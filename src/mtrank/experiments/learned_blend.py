@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mtrank.blend.learned import LearnedBlendConfig, train_learned_blend
-from mtrank.blend.rules import simplex_grid
+from mtrank.blend.tuning import simplex_grid
 from mtrank.experiments.preference import PreferenceData, make_preference_logs
 
 DEFAULT_WEIGHTS = [0.5, 0.5]
