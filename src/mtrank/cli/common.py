@@ -66,10 +66,18 @@ def add_command(
     func: Callable[[argparse.Namespace], int] | None,
     help: str,
     description: str | None = None,
+    example: str | None = None,
 ) -> argparse.ArgumentParser:
     """Add the command ``name`` (``help`` in the list of commands, ``description`` in its own ``--help``,
-    default ``help``) that runs ``func(args)``; ``func=None`` for a group whose subcommands run."""
-    parser = subparsers.add_parser(name, help=help, description=description or help)
+    default ``help``, shown as written; ``example``: a command line shown last) that runs ``func(args)``;
+    ``func=None`` for a group whose subcommands run."""
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=f"example:\n  {example}" if example else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter if example else argparse.HelpFormatter,
+    )
     if func is not None:
         parser.set_defaults(func=func)
     return parser

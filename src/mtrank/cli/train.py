@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mtrank.cli.common import add_overrides, add_progress, add_threads, apply_threads, overrides
+from mtrank.cli.common import add_command, add_overrides, add_progress, add_threads, apply_threads, overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -56,19 +56,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``train``, ``evaluate`` and ``predict`` to the ``mtrank`` command line."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "train",
-        help="train a model from a YAML experiment config on CSV / Parquet files",
-        description=(
-            "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders),\n"
-            "split them, fit the feature encoders on the training split, train the model, evaluate every\n"
-            "task on validation and test, and write a model directory:\n"
-            "  model.safetensors  config.json  encoders.json  metrics.json  report.md\n"
-            "With data.streaming the training files are streamed from disk in record batches (bounded\n"
-            "memory). Example configs: configs/*.yaml; every config key: docs/data.md."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  mtrank train configs/census_income.yaml --set train.epochs=2 --out runs/census",
+        _cmd_train,
+        "train a model from a YAML experiment config on CSV / Parquet files",
+        "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders; paths are\n"
+        "relative to CONFIG's folder), split them, fit the feature encoders on the training split, train the\n"
+        "model, evaluate every task on validation and test, and write a model directory:\n"
+        "  model.safetensors  config.json  encoders.json  metrics.json  report.md  history.jsonl\n"
+        "With data.streaming the training files are streamed from disk in record batches (bounded\n"
+        "memory). Example configs: configs/*.yaml; every config key: docs/data.md.",
+        example="mtrank train configs/census_income.yaml --set train.epochs=2 --out runs/census",
     )
     p.add_argument("config", help="YAML experiment config (sections data, features, tasks, model, train)")
     p.add_argument("--out", help="model directory (default: the config's output)")
@@ -85,28 +84,29 @@ def register(subparsers) -> None:
     )
     add_threads(p)
     add_progress(p)
-    p.set_defaults(func=_cmd_train)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "evaluate",
-        help="metrics per task of a trained model on a labelled file",
-        description="Encode DATA with the model directory's saved encoders (unseen categories go to the OOV "
-        "bucket) and print AUC / log loss (binary tasks) or MSE / R² (regression) per task.",
+        _cmd_evaluate,
+        "metrics per task of a trained model on a labelled file",
+        "Encode DATA with the model directory's saved encoders (unseen categories go to the OOV bucket) and print "
+        "AUC / log loss (binary tasks) or MSE / R² (regression) per task.",
     )
     p.add_argument("model_dir", help="a directory written by `mtrank train`")
     p.add_argument("data", help="CSV / Parquet file or directory with the same columns as the training data")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.set_defaults(func=_cmd_evaluate)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "predict",
-        help="score every row of a file with a trained model, to Parquet",
-        description="Encode DATA with the saved encoders and write the input columns plus one score_<task> "
-        "column per task (probability for binary tasks, prediction for regression) to a Parquet file. "
-        "Labels are not needed; files are scored in record batches.",
+        _cmd_predict,
+        "score every row of a file with a trained model, to Parquet",
+        "Encode DATA with the saved encoders and write the input columns plus one score_<task> column per task "
+        "(probability for binary tasks, prediction for regression) to a Parquet file. Labels are not needed; "
+        "files are scored in record batches.",
     )
     p.add_argument("model_dir", help="a directory written by `mtrank train`")
     p.add_argument("data", help="CSV / Parquet file or directory with the feature columns")
     p.add_argument("-o", "--output", default="scores.parquet", help="output Parquet file (default scores.parquet)")
     add_progress(p)
-    p.set_defaults(func=_cmd_predict)
