@@ -44,8 +44,8 @@ def timed(fn):
 
 
 def replay_ms(step, index: torch.Tensor, n: int = 500) -> float:
-    """Milliseconds per graph replay of ``step`` (a GraphedTrainStep), on the same rows."""
-    _, seconds = timed(lambda: [step.step(index) for _ in range(n)])
+    """Milliseconds per graph replay of ``step`` (a :class:`~mtrank.train.cuda_graph.GraphedStep`), same rows."""
+    _, seconds = timed(lambda: [step(index) for _ in range(n)])
     return 1e3 * seconds / n
 
 

@@ -3,9 +3,10 @@
     python3 benchmarks/gpu_check.py --json docs/results/peers-h100.json
 
 1. Numerics (every check must pass): the same model, data and seed trained by
-   ``Trainer(..., cuda_graphs=False)`` (eager) and by the default Trainer (the whole step in a CUDA graph) for two epochs of W2 (and W1), with a short last batch in
-   every epoch (eager inside the graphed run); per-step losses and final weights must agree to float
-   tolerance.
+   ``Trainer(..., cuda_graphs=False)`` (eager) and by the default Trainer (the whole step in a CUDA graph)
+   for two epochs of W2 (and W1), with a short last batch in every epoch (eager inside the graphed run);
+   per-step losses and final weights must agree to float tolerance. Also: schedules, clipping, random
+   masks, a resumed graphed run, and whole batches copied into the graph's buffers (the streaming path).
    Prints the step path the Trainer chose, how many steps were replayed, and any capture failure.
 2. Speed: ``peers.py --device cuda --workloads W2`` (mtrank graphed, mtrank eager, DeepCTR-Torch ``fit``,
    torch-rechub ``MTLTrainer``), then the ratio of mtrank to the faster peer against the target (>= 30x).
