@@ -49,9 +49,8 @@ class MtrankAdapter:
     def __init__(self, workload, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> None:
         from mtrank.train import Trainer
 
-        torch.manual_seed(seed)
         self.device = torch.device(device)
-        self.model = MultiTaskModel(workload.model_config())
+        self.model = MultiTaskModel(workload.model_config(), seed=seed)
         self.config = TrainConfig(
             lr=1e-3,
             batch_size=workload.batch_size,
