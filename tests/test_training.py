@@ -105,16 +105,3 @@ def test_bf16_autocast_trains_on_cpu():
     model = small_model()
     result = Trainer(model, TrainConfig(epochs=2, batch_size=64, precision="bf16", progress=False)).fit(train, valid)
     assert torch.isfinite(torch.tensor(result.best_value))
-
-
-def test_cli_run_quick_writes_results(tmp_path):
-    from mtrank.cli import main
-
-    assert main(["run", "--quick", "--out", str(tmp_path), "--no-progress", "--correlations", "1.0", "0.5"]) == 0
-    for name in ("results.json", "results.md", "loss_curves.png", "gate_heatmaps.png"):
-        assert (tmp_path / name).is_file()
-    import json
-
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert {r["block"] for r in runs} == {"shared_bottom", "omoe", "mmoe"}
-    assert len(runs) == 2 * 3 * 2

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import yaml
+
+
+def add_command(
+    subparsers, name: str, func: Callable[[argparse.Namespace], int], help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand ``name`` that runs ``func(args)``; ``help`` is its line in ``mtrank --help``."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def add_threads(parser: argparse.ArgumentParser, default: int | None = None) -> None:
