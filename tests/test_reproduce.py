@@ -42,12 +42,18 @@ def test_cli_run_quick_writes_results_with_a_row_per_correlation_and_model(tmp_p
     assert set(results["gate_reports"]) == {"OMoE p=1", "MMoE p=1", "OMoE p=0.5", "MMoE p=0.5"}
 
 
-def test_two_quick_main_jobs_write_the_same_numbers_and_the_same_report(tmp_path):
+def test_two_quick_main_jobs_write_the_same_numbers_and_report_in_worker_processes_or_not(tmp_path):
     argv = ["run", "--quick", "--no-progress", "--correlations", "0.5", "--models", "omoe", "mmoe", "--out"]
-    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert main([*argv, str(tmp_path / "a")]) == 0  # default: one worker process per ensemble
     assert main([*argv, str(tmp_path / "b")]) == 0
-    assert _numbers(tmp_path / "a" / "results.json") == _numbers(tmp_path / "b" / "results.json")
-    assert (tmp_path / "a" / "results.md").read_bytes() == (tmp_path / "b" / "results.md").read_bytes()
+    assert main([*argv, str(tmp_path / "c"), "--workers", "1"]) == 0  # all in this process
+    first = _numbers(tmp_path / "a" / "results.json")
+    assert first["study"].pop("workers") == 0
+    for other in ("b", "c"):
+        numbers = _numbers(tmp_path / other / "results.json")
+        numbers["study"].pop("workers")
+        assert numbers == first
+        assert (tmp_path / other / "results.md").read_bytes() == (tmp_path / "a" / "results.md").read_bytes()
 
 
 def test_a_runs_numbers_do_not_change_when_another_run_joins_its_ensemble():

@@ -26,6 +26,13 @@ def add_study_options(parser: argparse.ArgumentParser, seeds: str, steps: str, c
         help=f"synthetic: task correlations p, the cosine of the two tasks' weight vectors ({correlations})",
     )
     parser.add_argument("--models", nargs="+", choices=MODELS, help="synthetic: models to compare (default all three)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="synthetic: processes training the ensembles side by side, each with --threads threads (default: one "
+        "per ensemble on a CPU, e.g. 3 for the main job; 1: all in this process); the numbers do not depend on it",
+    )
 
 
 def study_from_args(base, args: argparse.Namespace):
@@ -36,6 +43,7 @@ def study_from_args(base, args: argparse.Namespace):
 
     study = CorrelationStudy.quick(base) if args.quick else base
     given = {"seeds": args.seeds, "steps": args.steps, "correlations": args.correlations, "blocks": args.models}
+    given["workers"] = args.workers
     return dataclasses.replace(study, device=args.device, **{k: v for k, v in given.items() if v is not None})
 
 

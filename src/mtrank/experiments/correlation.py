@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing as mp
+import queue
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from mtrank.config import TrainConfig
@@ -36,6 +42,7 @@ from mtrank.evaluate.report import fmt_mean_std, markdown_table, plot_curves, pl
 from mtrank.experiments.common import MODEL_LABELS, SYNTHETIC_TASKS, paper_model, write_results
 from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.train.ensemble import Ensemble, EnsembleData
+from mtrank.train.trainer import resolve_device
 
 LEARNING_RATES = (1e-4, 1e-3, 1e-2)  # the paper's grid
 SEED_STRIDE = 100_000  # seeds of the learning-rate search, the study and trainability never overlap
@@ -58,6 +65,7 @@ class CorrelationStudy:
     batch_size: int = 128
     eval_every: int = 200  # validation every so many steps; each run keeps the weights of its best step
     max_members: int = 200  # runs per ensemble at most (each member holds its own data)
+    workers: int = 0  # processes training ensembles side by side; 0: one per ensemble on a CPU, 1: this one
     device: str = "cpu"
 
     @classmethod
@@ -147,16 +155,8 @@ def train_runs(
         for block, p, lr in settings
     }
     ensembles, gates = [], {}
-    bar = tqdm(total=len(chunks) * study.steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    with bar:
-        for block, lr, members in chunks:
-            start = bar.n
-            bar.set_postfix_str(f"{MODEL_LABELS[block]} x{len(members)}, lr {lr:g}")
-
-            def advance(step: int, _metrics: list[dict], start: int = start) -> None:
-                bar.update(start + step - bar.n)
-
-            trained = train_ensemble(block, lr, members, study, advance, gate_seed)
+    with tqdm(total=len(chunks) * study.steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        for (block, lr, members), trained in zip(chunks, train_chunks(chunks, study, gate_seed, bar)):
             ensembles.append(trained["ensemble"])
             gates.update(trained["gate_reports"])
             for (p, _seed), member in zip(members, trained["members"]):
@@ -165,6 +165,62 @@ def train_runs(
                 for name, value in member.items():
                     run.setdefault(name, []).append(value)
     return {"runs": runs, "ensembles": ensembles, "gate_reports": gates}
+
+
+Chunk = tuple[str, float, list[tuple[float, int]]]  # one ensemble: model, learning rate, runs (correlation, seed)
+
+
+def train_chunks(chunks: list[Chunk], study: CorrelationStudy, gate_seed: int | None, bar: tqdm) -> list[dict]:
+    """:func:`train_ensemble` of every chunk, in order; ``bar`` counts their steps.
+
+    On a CPU, ``study.workers`` processes train the ensembles side by side, each with this process's number of
+    PyTorch threads (so the numbers are the ones this process would get): on the 2-core development machine the
+    main job's 3 ensembles take 57 s in 3 processes, 97 s one after the other.
+    """
+    workers = study.workers or (len(chunks) if resolve_device(study.device).type == "cpu" else 1)
+    if min(workers, len(chunks)) <= 1:
+        results = []
+        for block, lr, members in chunks:
+            start = bar.n
+            bar.set_postfix_str(f"{MODEL_LABELS[block]} x{len(members)}, lr {lr:g}")
+
+            def advance(step: int, _metrics: list[dict], start: int = start) -> None:
+                bar.update(start + step - bar.n)
+
+            results.append(train_ensemble(block, lr, members, study, advance, gate_seed))
+        return results
+    # fork: a worker starts at once with everything imported, and does not run the parent's __main__ again;
+    # safe on Linux for a CPU-only parent (no CUDA context to inherit)
+    cpu_linux = sys.platform == "linux" and resolve_device(study.device).type == "cpu"
+    context = mp.get_context("fork" if cpu_linux else "spawn")
+    progress = context.Queue()
+    done = [0] * len(chunks)  # steps of each chunk so far
+    initargs = (torch.get_num_threads(), progress)
+    with ProcessPoolExecutor(min(workers, len(chunks)), context, _start_worker, initargs) as pool:
+        futures = [pool.submit(_train_chunk, i, *chunk, study, gate_seed) for i, chunk in enumerate(chunks)]
+        while not all(f.done() for f in futures) or not progress.empty():
+            try:
+                i, step = progress.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            bar.update(step - done[i])
+            done[i] = step
+        results = [f.result() for f in futures]
+    bar.update(sum(study.steps - d for d in done))  # progress still in flight when the last ensemble returned
+    return results
+
+
+_progress: Any = None  # a worker's queue of (chunk, step) for the bar in the parent
+
+
+def _start_worker(threads: int, progress: Any) -> None:
+    global _progress
+    torch.set_num_threads(threads)
+    _progress = progress
+
+
+def _train_chunk(index: int, block: str, lr: float, members: list, study: CorrelationStudy, gate_seed: int | None):
+    return train_ensemble(block, lr, members, study, lambda step, _: _progress.put((index, step)), gate_seed)
 
 
 def train_ensemble(
