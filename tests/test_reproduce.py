@@ -45,15 +45,11 @@ def test_cli_run_quick_writes_results_with_a_row_per_correlation_and_model(tmp_p
 def test_two_quick_main_jobs_write_the_same_numbers_and_report_in_worker_processes_or_not(tmp_path):
     argv = ["run", "--quick", "--no-progress", "--correlations", "0.5", "--models", "omoe", "mmoe", "--out"]
     assert main([*argv, str(tmp_path / "a")]) == 0  # default: one worker process per ensemble
-    assert main([*argv, str(tmp_path / "b")]) == 0
-    assert main([*argv, str(tmp_path / "c"), "--workers", "1"]) == 0  # all in this process
-    first = _numbers(tmp_path / "a" / "results.json")
-    assert first["study"].pop("workers") == 0
-    for other in ("b", "c"):
-        numbers = _numbers(tmp_path / other / "results.json")
-        numbers["study"].pop("workers")
-        assert numbers == first
-        assert (tmp_path / other / "results.md").read_bytes() == (tmp_path / "a" / "results.md").read_bytes()
+    assert main([*argv, str(tmp_path / "b"), "--workers", "1"]) == 0  # all in this process
+    a, b = _numbers(tmp_path / "a" / "results.json"), _numbers(tmp_path / "b" / "results.json")
+    assert (a["study"].pop("workers"), b["study"].pop("workers")) == (0, 1)
+    assert a == b
+    assert (tmp_path / "a" / "results.md").read_bytes() == (tmp_path / "b" / "results.md").read_bytes()
 
 
 def test_a_runs_numbers_do_not_change_when_another_run_joins_its_ensemble():

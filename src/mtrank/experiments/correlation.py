@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -65,7 +66,7 @@ class CorrelationStudy:
     batch_size: int = 128
     eval_every: int = 200  # validation every so many steps; each run keeps the weights of its best step
     max_members: int = 200  # runs per ensemble at most (each member holds its own data)
-    workers: int = 0  # processes training ensembles side by side; 0: one per ensemble on a CPU, 1: this one
+    workers: int = 0  # processes training ensembles side by side; 0: one per ensemble on a CPU, up to cores + 1
     device: str = "cpu"
 
     @classmethod
@@ -174,10 +175,14 @@ def train_chunks(chunks: list[Chunk], study: CorrelationStudy, gate_seed: int | 
     """:func:`train_ensemble` of every chunk, in order; ``bar`` counts their steps.
 
     On a CPU, ``study.workers`` processes train the ensembles side by side, each with this process's number of
-    PyTorch threads (so the numbers are the ones this process would get): on the 2-core development machine the
-    main job's 3 ensembles take 57 s in 3 processes, 97 s one after the other.
+    PyTorch threads (so the numbers are the ones this process would get). On the 2-core development machine the
+    main job's 3 ensembles take 57 s in 3 processes and 97 s one after the other (idle); the cost is memory, one
+    process and its data per ensemble running.
     """
-    workers = study.workers or (len(chunks) if resolve_device(study.device).type == "cpu" else 1)
+    workers = study.workers or 1
+    if not study.workers and resolve_device(study.device).type == "cpu":
+        # one per ensemble, at most one more than the cores: the main job's 3 ensembles on 2 cores end together
+        workers = min(len(chunks), (os.cpu_count() or 1) + 1)
     if min(workers, len(chunks)) <= 1:
         results = []
         for block, lr, members in chunks:
