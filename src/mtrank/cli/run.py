@@ -77,9 +77,10 @@ def register(subparsers) -> None:
         description=(
             "Train Shared-Bottom (113 units), OMoE and MMoE (8 experts of 16 units, towers of 8) on the synthetic "
             "data of Ma et al. (KDD 2018) at task correlations 1.0, 0.9 and 0.5, 3 seeds each (a fresh data draw, "
-            "initialisation and batch order per seed), 4,000 steps of batch 128 at Adam lr 1e-3; the seeds of a "
-            "model train together as one vectorised ensemble. Prints and writes to --out: results.md (test MSE "
-            "per task, mean ± std; the paper's claims; gate report), results.json, loss_curves.png, "
+            "initialisation and batch order per seed), 4,000 steps of batch 128 at Adam lr 1e-3; the runs of a "
+            "model train together as one vectorised ensemble, the models' ensembles side by side in worker "
+            "processes. Prints and writes to --out: results.md (test MSE per task, mean ± std; the paper's claims; "
+            "gate report), results.json, loss_curves.png, "
             "gate_heatmaps.png. 'mtrank reproduce correlation' is the same study at the paper's budget."
         ),
     )

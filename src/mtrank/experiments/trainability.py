@@ -100,6 +100,9 @@ def run_trainability(
 def trainability_report(summary: dict, table: str) -> str:
     study, e = CorrelationStudy(**summary["study"]), summary["equivalence"]
     params = ", ".join(f"{MODEL_LABELS[b]} {n:,}" for b, n in summary["params"].items())
+    side_by_side = ""
+    if study.workers != 1 and len(summary["ensembles"]) > 1:
+        side_by_side = " The ensemble trained beside others in worker processes (`--workers 1` for a clean timing)."
     return (
         "# Trainability (Ma et al. 2018, Fig. 5)\n\n"
         f"Final test MSE (mean of the two tasks, weights of the best validation step) of {study.seeds} independent "
@@ -111,5 +114,5 @@ def trainability_report(summary: dict, table: str) -> str:
         f"{e['member_best_step']} vs {e['single_best_step']}. Training time (same machine, same evaluation "
         f"schedule): {e['ensemble_seconds']:.1f} s for all {e['ensemble_size']} runs vs "
         f"{e['single_seconds']:.1f} s for one: {e['time_ratio']:.1f}x the time of "
-        f"one run (sequential runs: {e['ensemble_size']}x).\n"
+        f"one run (sequential runs: {e['ensemble_size']}x).{side_by_side}\n"
     )
