@@ -25,7 +25,7 @@ import torch
 from mtrank.config import GateConfig, TrainConfig
 from mtrank.data import TensorData
 from mtrank.data.synthetic import SyntheticConfig, make_synthetic
-from mtrank.experiments.synthetic import paper_model
+from mtrank.experiments.common import paper_model
 from mtrank.model import MultiTaskModel
 from mtrank.train import Trainer
 from mtrank.train.ensemble import Ensemble, EnsembleData

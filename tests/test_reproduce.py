@@ -1,4 +1,4 @@
-"""`mtrank reproduce ...` quick modes: each writes its tables, results.json and figures."""
+"""`mtrank run` and `mtrank reproduce ...` quick modes: each writes its tables, results.json and figures."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtrank.cli import main
-from mtrank.experiments.paper_synthetic import replot_correlation
+from mtrank.experiments.correlation import CorrelationStudy, replot_correlation, train_ensemble
 
 
 @pytest.fixture(autouse=True)
@@ -16,40 +16,91 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _numbers(path):
+    """results.json without its timings."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    return strip(json.loads(path.read_text()))
+
+
+def test_cli_run_quick_writes_results_with_a_row_per_correlation_and_model(tmp_path):
+    assert main(["run", "--quick", "--out", str(tmp_path), "--no-progress", "--correlations", "1.0", "0.5"]) == 0
+    for name in ("results.json", "results.md", "loss_curves.png", "gate_heatmaps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["lr_search"] is None  # one learning rate: no search
+    assert set(results["runs"]) == {f"{b}@{p}" for b in ("shared_bottom", "omoe", "mmoe") for p in ("1", "0.5")}
+    assert all(run["seeds"] == [0, 1] and len(run["test_loss"]) == 2 for run in results["runs"].values())
+    assert [e["block"] for e in results["ensembles"]] == ["shared_bottom", "omoe", "mmoe"]  # one ensemble per model
+    assert results["ensembles"][0]["members"] == [[1.0, 0], [1.0, 1], [0.5, 0], [0.5, 1]]
+    rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| 1 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["Shared-Bottom", "OMoE", "MMoE"]
+    assert set(results["gate_reports"]) == {"OMoE p=1", "MMoE p=1", "OMoE p=0.5", "MMoE p=0.5"}
+
+
+def test_two_quick_main_jobs_write_the_same_numbers_and_report_in_worker_processes_or_not(tmp_path):
+    argv = ["run", "--quick", "--no-progress", "--correlations", "0.5", "--models", "omoe", "mmoe", "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 0  # default: one worker process per ensemble
+    assert main([*argv, str(tmp_path / "b"), "--workers", "1"]) == 0  # all in this process
+    a, b = _numbers(tmp_path / "a" / "results.json"), _numbers(tmp_path / "b" / "results.json")
+    assert (a["study"].pop("workers"), b["study"].pop("workers")) == (0, 1)
+    assert a == b
+    assert (tmp_path / "a" / "results.md").read_bytes() == (tmp_path / "b" / "results.md").read_bytes()
+
+
+def test_a_runs_numbers_do_not_change_when_another_run_joins_its_ensemble():
+    """A run's data, initialisation and batch order come from its own seed; the ensemble around it only changes
+    float rounding (batched matmuls of another batch count)."""
+    study = CorrelationStudy.quick()
+    alone = train_ensemble("mmoe", 1e-3, [(0.5, 1)], study)["members"][0]
+    joined = train_ensemble("mmoe", 1e-3, [(1.0, 0), (0.5, 1), (0.9, 7)], study)["members"][1]
+    assert joined["seeds"] == alone["seeds"] == 1
+    assert joined["best_step"] == alone["best_step"]
+    assert joined["curves"] == pytest.approx(alone["curves"], rel=1e-5)
+    assert joined["test"] == pytest.approx(alone["test"], rel=1e-5)
+
+
+def test_presets_main_job_and_paper():
+    main_job, paper = CorrelationStudy.main_job(), CorrelationStudy.paper()
+    assert (main_job.correlations, main_job.seeds, main_job.steps, main_job.learning_rates) == (
+        [1, 0.9, 0.5],
+        3,
+        4000,
+        [1e-3],
+    )
+    assert (paper.correlations, paper.seeds, paper.steps) == ([1, 0.9, 0.5, 0], 20, 2000)
+    assert paper.learning_rates == [1e-4, 1e-3, 1e-2]
+    quick = CorrelationStudy.quick(paper)
+    assert quick.learning_rates == paper.learning_rates and quick.steps < 100
+
+
 def test_correlation_quick_picks_a_learning_rate_per_setting_and_checks_the_claims(tmp_path):
     out = tmp_path / "corr"
-    assert main(["reproduce", "correlation", "--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    argv = ["reproduce", "correlation", "--quick", "--no-progress", "--correlations", "1.0", "0.5", "--out", str(out)]
+    assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "loss_curves.png").stat().st_size > 0
     assert "## The paper's claims" in (out / "results.md").read_text()
     assert len(results["runs"]) == 3 * 2  # models x correlations
-    for entry in results["lr_search"].values():
+    for key, entry in results["lr_search"].items():
         assert entry["lr"] == min((float(k) for k in entry["valid"]), key=lambda k: entry["valid"][f"{k:g}"])
+        assert results["runs"][key]["lr"] == entry["lr"]
     assert {c["claim"] for c in results["claims"]} >= {"both MoE models beat Shared-Bottom on average"}
     (out / "loss_curves.png").unlink()
     replot_correlation(out)  # the figure again, from results.json alone
     assert (out / "loss_curves.png").stat().st_size > 0
 
     tr = tmp_path / "trainability"
-    argv = [
-        "reproduce",
-        "trainability",
-        "--quick",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--out",
-        str(tr),
-        "--lrs-from",
-        str(out / "results.json"),
-        "--models",
-        "mmoe",
-    ]
-    assert main(argv) == 0
+    argv = ["reproduce", "trainability", "--quick", "--no-progress", "--out", str(tr), "--seeds", "3"]
+    assert main([*argv, "--lrs-from", str(out / "results.json"), "--models", "mmoe", "--correlations", "1.0"]) == 0
     results = json.loads((tr / "results.json").read_text())
     assert (tr / "trainability.png").stat().st_size > 0
     run = results["runs"]["mmoe@1"]
-    assert len(run["test_loss"]) == 3
+    assert len(run["test_loss"]) == 3 and run["seeds"] == [200_000, 200_001, 200_002]
     assert run["lr"] == json.loads((out / "results.json").read_text())["lr_search"]["mmoe@1"]["lr"]
     assert set(run["stats"]) >= {"mean", "std", "min", "p90"}
     assert results["equivalence"]["abs_diff"] < 1e-4
@@ -63,8 +114,6 @@ def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):
         "--quick",
         "--group",
         "2",
-        "--threads",
-        "1",
         "--no-progress",
         "--out",
         str(out),
@@ -87,6 +136,13 @@ def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):
     assert results["table"]["mmoe"]["paper"]["main_mean"] == 0.8826
     assert "0.8826" in (out / "results.md").read_text()
     assert (out / "census_auc.png").stat().st_size > 0
+
+
+def test_census_without_data_or_shared_folder_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MTRANK_SHARED_DATA", raising=False)
+    assert main(["reproduce", "census", "--quick", "--no-progress", "--out", str(tmp_path / "o")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--data DIR" in error and "MTRANK_SHARED_DATA" in error
 
 
 def test_census_with_a_wrong_folder_fails_with_a_message_naming_it(tmp_path, capsys):
@@ -116,7 +172,7 @@ def test_curve_bands_are_std_or_a_confidence_interval_of_the_mean(tmp_path):
 
 def test_census_can_add_ple_beyond_the_paper_with_the_same_expert_budget(tmp_path, shared_data):
     out = tmp_path / "ple"
-    argv = ["reproduce", "census", "--quick", "--methods", "mmoe", "ple", "--threads", "1", "--no-progress"]
+    argv = ["reproduce", "census", "--quick", "--methods", "mmoe", "ple", "--no-progress"]
     argv += ["--out", str(out), "--data", str(shared_data / "census-income")]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())

@@ -113,16 +113,3 @@ def test_bf16_autocast_computes_the_experts_in_bf16_and_learns_as_well_as_fp32()
     assert torch.bfloat16 in dtypes and torch.float32 in dtypes  # autocast on for bf16 only
     assert results["bf16"].best_value == pytest.approx(results["fp32"].best_value, rel=0.1)
     assert results["bf16"].best_value != results["fp32"].best_value
-
-
-def test_cli_run_quick_writes_results(tmp_path):
-    from mtrank.cli import main
-
-    assert main(["run", "--quick", "--out", str(tmp_path), "--no-progress", "--correlations", "1.0", "0.5"]) == 0
-    for name in ("results.json", "results.md", "loss_curves.png", "gate_heatmaps.png"):
-        assert (tmp_path / name).is_file()
-    import json
-
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert {r["block"] for r in runs} == {"shared_bottom", "omoe", "mmoe"}
-    assert len(runs) == 2 * 3 * 2
