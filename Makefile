@@ -12,11 +12,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+	@echo "mtrank is installed in $(VENV): call $(VENV)/bin/mtrank, or 'source $(VENV)/bin/activate' then mtrank"
 
 install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/mtrank run --out $(OUT)
+	@echo "next: $(VENV)/bin/mtrank --help (or 'source $(VENV)/bin/activate'); README.md has a walk-through"
 
 test: $(STAMP)
 	$(PY) -m pytest

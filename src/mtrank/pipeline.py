@@ -46,6 +46,7 @@ from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.model import MultiTaskModel
+from mtrank.train.distributed import rank_and_world
 from mtrank.train.sources import StreamSource
 from mtrank.train.trainer import Trainer, TrainResult
 
@@ -139,7 +140,7 @@ def _fit_encoder_on_stream(config: ExperimentConfig) -> FeatureEncoder:
 
 
 def _finish(config, model, encoder, metrics, train_result, rows, model_dir, started) -> FitResult:
-    if model_dir is not None:
+    if model_dir is not None and rank_and_world()[0] == 0:  # data-parallel: one writer
         save_model(model, model_dir, {"experiment": config.to_dict(), "encoders": "encoders.json"}, config.plugins)
         encoder.save(model_dir)
         summary = {
