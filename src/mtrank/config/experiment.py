@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from mtrank.config.base import (
     read_yaml,
 )
 from mtrank.config.model import InputsConfig, ModelConfig, TaskConfig
-from mtrank.config.train import TrainConfig
+from mtrank.config.train import TrainConfig, check_monitor
 
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
@@ -216,7 +217,7 @@ class TaskSpec(Config):
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         self.column = self.column or self.name
-        check(self.weight >= 0, join(path, "weight"), "must be a number >= 0")
+        check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
         if self.positive:
             parse_comparison(self.positive, join(path, "positive"))
         check(
@@ -445,6 +446,7 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
         model = _model_section(raw.get("model"), tasks)
         train = build(TrainConfig, raw.get("train") or {}, "train")
+        check_monitor(train.monitor, {t.name: t.type for t in tasks})
         output = raw.get("output", "runs/model")
         check(isinstance(output, str), "output", f"expected a path, got {output!r}")
         name = raw.get("name", "")
