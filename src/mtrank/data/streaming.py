@@ -133,6 +133,7 @@ class EncodedStream(IterableDataset):
 
     def _encode(self, record_batch, source: str) -> list[np.ndarray]:
         dense, sparse = self.encoder.transform(record_batch, source)
+        self.encoder.check_finite(dense, record_batch, source)
         labels = encode_labels(record_batch, self.config.tasks, source)
         arrays = [dense, sparse, labels]
         weights = encode_weights(record_batch, self.config.data.weight_column, source)
