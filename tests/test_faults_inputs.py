@@ -225,8 +225,10 @@ def trained(tmp_path_factory):
     return folder / "model", make_frame(n=300, seed=1)
 
 
-def test_values_padded_with_spaces_encode_as_the_training_values(trained):
+@pytest.mark.parametrize("copies", [1, 20])  # 300 rows: the dict lookup; 6,000: pyarrow's (see StringLookup)
+def test_values_padded_with_spaces_encode_as_the_training_values(trained, copies):
     model_dir, test = trained
+    test = pd.concat([test] * copies, ignore_index=True)
     padded = test.assign(city="  " + test.city + " ", tags=test.tags.str.replace("|", " | "))
     encoder = FeatureEncoder.load(model_dir)
     for a, b in zip(encoder.transform(test), encoder.transform(padded)):

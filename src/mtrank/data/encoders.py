@@ -180,6 +180,12 @@ class StringLookup:
     O(V) per call, cheap next to a 100k-row record batch. A scoring request has ~100 rows, where that O(V)
     setup was most of the encoding time (5 ms of a 100-candidate request with 26 features of 10k values):
     small columns are looked up in a Python dict built on first use instead. Both give the same ids.
+
+    With ``strip`` a value's id is that of the value stripped of surrounding spaces. The vocabulary holds
+    stripped values, so a value found as it is needs no stripping: only the values not found are stripped and
+    looked up again. Stripping every value made encoding 1.2x slower for a 100-row request of 26 categorical
+    columns and 1.4x for a 50,000-row file; stripping the misses, 1.09x and 1.01x (``python
+    benchmarks/encode_strip.py``, docs/results/encode_strip.txt).
     """
 
     SMALL = 4096  # rows up to which the dict is used
@@ -193,11 +199,21 @@ class StringLookup:
             self._ids = {v: i for i, v in enumerate(self.values.to_pylist(), 1)}
         return self._ids
 
-    def __call__(self, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    def __call__(self, col: pa.ChunkedArray | pa.Array, strip: bool = False) -> np.ndarray:
         if len(col) > self.SMALL:
-            return _lookup(col, self.values)
+            ids = _lookup(col, self.values)
+            missed = np.flatnonzero(ids == 0) if strip else []
+            if len(missed):
+                ids = ids.copy()  # pyarrow's buffer is read-only
+                ids[missed] = _lookup(pc.utf8_trim_whitespace(pc.take(col, pa.array(missed))), self.values)
+            return ids
         get = self.build().get
-        return np.fromiter((get(v, 0) for v in col.to_pylist()), dtype=np.int64, count=len(col))
+        values = col.to_pylist()
+        ids = np.fromiter((get(v, 0) for v in values), dtype=np.int64, count=len(values))
+        if strip:
+            for i in np.flatnonzero(ids == 0).tolist():
+                ids[i] = get(values[i].strip(), 0)
+        return ids
 
 
 class IntLookup:
@@ -277,7 +293,7 @@ def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) ->
     )
 
 
-def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Flattened values (as strings, stripped with ``strip``), the row of each value, and each row's length (0 for
     missing lists)."""
     if isinstance(lists, pa.ChunkedArray):
@@ -509,7 +525,7 @@ class FeatureEncoder:
         lookup = state.get("_str_lookup")
         if lookup is None:
             lookup = state["_str_lookup"] = StringLookup(state["vocab"])
-        return lookup(string_column(col, state.get("strip", False)))
+        return lookup(string_column(col), state.get("strip", False))
 
     def _bag_ids(self, feat: MultiCategoricalFeature, table: pa.Table, source: str) -> np.ndarray:
         """``[N, max_values]`` ids of each row's first values: 0 unseen, 1..V the vocabulary, V + 1 padding."""
@@ -517,14 +533,14 @@ class FeatureEncoder:
         lookup = state.get("_str_lookup")
         if lookup is None:
             lookup = state["_str_lookup"] = StringLookup(state["vocab"])
-        flat, parents, lengths = _flat_strings(_list_column(table, feat, source), state.get("strip", False))
+        flat, parents, lengths = _flat_strings(_list_column(table, feat, source))
         n, width = table.num_rows, feat.max_values
         out = np.full((n, width), len(state["vocab"]) + 1, dtype=np.int64)
         if len(flat):
             starts = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]])
             position = np.arange(len(flat)) - starts[parents]  # index of each value within its row
             keep = position < width
-            out[parents[keep], position[keep]] = lookup(flat)[keep]
+            out[parents[keep], position[keep]] = lookup(flat, state.get("strip", False))[keep]
         return out
 
     def _multi_hot(self, feat: MultiCategoricalFeature, table: pa.Table, source: str) -> np.ndarray:
@@ -533,8 +549,8 @@ class FeatureEncoder:
         if lookup is None:
             lookup = state["_str_lookup"] = StringLookup(state["vocab"])
         width = len(state["vocab"]) + 1
-        flat, parents, lengths = _flat_strings(_list_column(table, feat, source), state.get("strip", False))
-        ids = lookup(flat)  # 0 = OOV column
+        flat, parents, lengths = _flat_strings(_list_column(table, feat, source))
+        ids = lookup(flat, state.get("strip", False))  # 0 = OOV column
         n = table.num_rows
         counts = np.bincount(parents * width + ids, minlength=n * width).reshape(n, width).astype(np.float32)
         if feat.pooling == "mean":
