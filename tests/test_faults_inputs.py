@@ -95,7 +95,7 @@ FAILURES = [
         r"features\.numeric: expected a list, got str 'age'; write a YAML list, e.g. \['age'\]",
     ),
     ("lr inf", lambda c: set_in(c, "train.lr", float("inf")), None, r"train\.lr: must be > 0 and finite, got inf"),
-    ("seed -1", lambda c: set_in(c, "train.seed", -1), None, r"train\.seed: must be in \[0, 2\^63\), got -1"),
+    ("seed -1", lambda c: set_in(c, "train.seed", -1), None, r"train\.seed: must be in \[0, 2\^32\), got -1"),
     ("task weight inf", lambda c: set_in(c, "tasks.1.weight", float("inf")), None, r"tasks\[1\]\.weight: must be >= 0"),
     (
         "monitor typo",

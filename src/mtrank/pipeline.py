@@ -104,6 +104,7 @@ def fit(
         ['test', 'valid']
     """
     config = as_experiment(config)
+    config.check_monitor()  # before any data is read
     train_config = config.train
     if progress is not None:
         train_config = dataclasses.replace(train_config, progress=progress)

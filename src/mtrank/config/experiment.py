@@ -255,6 +255,7 @@ class SplitSpec(Config):
     valid_fraction: float = 0.5
 
     def check(self, path: str) -> None:
+        check(self.seed >= 0, join(path, "seed"), f"must be >= 0, got {self.seed}")
         if self.method in ("random", "time"):
             ok = len(self.fractions) == 3 and all(f >= 0 for f in self.fractions)
             check(
@@ -376,6 +377,15 @@ class ExperimentConfig:
     def task_configs(self) -> list[TaskConfig]:
         return [t.task_config() for t in self.tasks]
 
+    def check_monitor(self) -> None:
+        """``train.monitor`` names a validation metric of the tasks (:func:`~mtrank.config.train.check_monitor`).
+        Checked when training starts, not when a config is read, so a model directory written before the rule
+        still opens."""
+        try:
+            check_monitor(self.train.monitor, {t.name: t.type for t in self.tasks})
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {err}" if self.source else str(err)) from None
+
     def model_config(self, num_dense: int, vocab_sizes: list[int], bags: list[dict] | None = None) -> ModelConfig:
         """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks.
 
@@ -446,7 +456,6 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
         model = _model_section(raw.get("model"), tasks)
         train = build(TrainConfig, raw.get("train") or {}, "train")
-        check_monitor(train.monitor, {t.name: t.type for t in tasks})
         output = raw.get("output", "runs/model")
         check(isinstance(output, str), "output", f"expected a path, got {output!r}")
         name = raw.get("name", "")

@@ -14,7 +14,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 DISTILL_MODES = ("none", "pointwise", "pairwise", "score_l2")
 TASK_METRICS = {"binary": ("auc", "logloss"), "regression": ("mse", "r2")}  # what validation reports per task
-SEED_END = 2**63  # torch and numpy take seeds in [0, 2^63)
+SEED_END = 2**32  # train.seed: shuffles seed torch with seed * 1_000_003 + epoch, streams numpy with [seed, epoch]
 
 
 @dataclass
@@ -33,9 +33,10 @@ class TrainConfig(Config):
         eval_every: evaluate on validation every this many steps; 0 = once per epoch.
         early_stopping_patience: stop after this many evaluations without improvement; 0 = never.
         monitor: validation metric for early stopping and best-checkpoint selection, e.g. ``"loss"`` or
-            ``"auc/income"`` (``metric/task``); ``"loss"`` is minimised, AUC/R² maximised.
+            ``"auc/income"`` (``metric/task``); ``"loss"`` is minimised, AUC/R² maximised. A name that is not one
+            of the tasks' metrics (:func:`monitor_choices`) fails when training starts.
         precision: ``"fp32"`` or ``"bf16"`` (autocast where the hardware supports it).
-        seed: seed of initialisation, shuffling and dropout.
+        seed: seed of initialisation, shuffling and dropout, in ``[0, 2^32)``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         grad_clip: clip the global gradient norm to this value; 0 = no clipping.
         checkpoint_dir: write checkpoints here (and resume from the latest one); empty = none.
@@ -90,7 +91,7 @@ class TrainConfig(Config):
         check(self.checkpoint_every >= 0, join(path, "checkpoint_every"), "must be >= 0")
         finite = 0 <= self.distill_weight < math.inf
         check(finite, join(path, "distill_weight"), f"must be >= 0 and finite, got {self.distill_weight}")
-        check(0 <= self.seed < SEED_END, join(path, "seed"), f"must be in [0, 2^63), got {self.seed}")
+        check(0 <= self.seed < SEED_END, join(path, "seed"), f"must be in [0, 2^32), got {self.seed}")
 
 
 def monitor_choices(task_types: dict[str, str]) -> list[str]:
