@@ -40,7 +40,13 @@ from mtrank.data.readers import (
     open_dataset,
     read_table,
 )
-from mtrank.data.splits import check_train_labels, encode_table, load_splits
+from mtrank.data.splits import (
+    check_train_labels,
+    encode_table,
+    load_splits,
+    warn_constant_labels,
+    warn_label_leaks,
+)
 from mtrank.data.streaming import EncodedStream
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, predict_batches
@@ -98,6 +104,7 @@ def fit(
         ['test', 'valid']
     """
     config = as_experiment(config)
+    config.check_monitor()  # before any data is read
     train_config = config.train
     if progress is not None:
         train_config = dataclasses.replace(train_config, progress=progress)
@@ -105,6 +112,7 @@ def fit(
     if model_dir is not None and not train_config.log_dir:  # history.jsonl beside the model, written live
         train_config = dataclasses.replace(train_config, log_dir=str(model_dir))
     started = time.perf_counter()
+    warn_label_leaks(config)
     streaming = config.data.streaming and dataframe is None
     splits = load_splits(config, dataframe, include_train=not streaming)
     if streaming:
@@ -114,6 +122,9 @@ def fit(
         fit_table = train_table.slice(0, config.data.fit_rows) if config.data.fit_rows else train_table
         encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
+    for role in ("train", "valid"):
+        if role in data:
+            warn_constant_labels(data[role], config, splits[role][1], role)
     model = MultiTaskModel(
         config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs),
         seed=config.train.seed,
@@ -199,7 +210,10 @@ def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
     loaded = open_model_dir(model_dir)
     model, encoder, config = loaded.model, loaded.encoder, loaded.require_experiment()
     table, source = read_table(data, config)
-    return evaluate(model, encode_table(encoder, table, config, source))
+    encoded = encode_table(encoder, table, config, source)
+    encoder.warn_unseen(encoder.unseen_counts(encoded.sparse.numpy()), len(encoded), source)
+    warn_constant_labels(encoded, config, source, "evaluation")
+    return evaluate(model, encoded)
 
 
 def predict_model_dir(
@@ -235,10 +249,13 @@ def predict_model_dir(
             table = as_table(data)
         batches, total, source = table.to_batches(max_chunksize=batch_rows), table.num_rows, "dataframe"
     bar = tqdm(total=total, disable=not progress, desc="predict", unit="row", leave=False)
+    rows, unseen = 0, np.zeros(len(encoder.features.categorical), dtype=np.int64)
     for batch in batches:
         if batch.num_rows == 0:
             continue
         dense, sparse = encoder.transform(batch, source)
+        encoder.check_finite(dense, batch, source, first_row=rows)
+        rows, unseen = rows + batch.num_rows, unseen + encoder.unseen_counts(sparse)
         empty = torch.full((batch.num_rows, len(names)), math.nan)
         logits, _ = predict_batches(model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty))
         scores = model.scores(logits).numpy()
@@ -254,6 +271,7 @@ def predict_model_dir(
             parts.append(out)
         bar.update(batch.num_rows)
     bar.close()
+    encoder.warn_unseen(unseen, rows, source)
     if writer is not None:
         writer.close()
         return Path(output)

@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from mtrank.cli.common import one_line_warnings
     from mtrank.train.distributed import init_from_env, shutdown
 
     distributed = init_from_env()  # under torchrun: join the process group, so trainers train data-parallel
     try:
-        code = int(args.func(args) or 0)
+        with one_line_warnings(args.command):
+            code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"mtrank {args.command}: error: {err}", file=sys.stderr)
         return 1

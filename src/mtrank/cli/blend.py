@@ -157,10 +157,17 @@ def register(subparsers) -> None:
     t.add_argument("--scores", nargs="+", required=True, help="score column of each task")
     t.add_argument("--labels", nargs="+", required=True, help="label column of each task")
     t.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "weighted_product"])
-    t.add_argument("--transform", nargs="*", help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p, rank)")
+    t.add_argument(
+        "--transform",
+        nargs="*",
+        help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p; rank and standardize are computed within each "
+        "request, as the service does, and need --request-id)",
+    )
     t.add_argument("--objective", default="auc", choices=["auc", "reward@k"])
     t.add_argument("--objective-weight", nargs="*", help="TASK=WEIGHT, a_k of the objective (default 1)")
-    t.add_argument("--request-id", help="request id column (reward@k)")
+    t.add_argument(
+        "--request-id", help="request id column: reward@k, and the rank / standardize transforms, group rows by it"
+    )
     t.add_argument("--top-k", type=int, default=1, help="candidates shown per request (reward@k)")
     t.add_argument("--search", default="grid", choices=["grid", "optuna"])
     t.add_argument("--step", type=float, default=0.05, help="grid step (default 0.05)")

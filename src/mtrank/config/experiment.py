@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from mtrank.config.base import (
     read_yaml,
 )
 from mtrank.config.model import InputsConfig, ModelConfig, TaskConfig
-from mtrank.config.train import TrainConfig
+from mtrank.config.train import TrainConfig, check_monitor
 
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
@@ -216,7 +217,7 @@ class TaskSpec(Config):
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         self.column = self.column or self.name
-        check(self.weight >= 0, join(path, "weight"), "must be a number >= 0")
+        check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
         if self.positive:
             parse_comparison(self.positive, join(path, "positive"))
         check(
@@ -254,6 +255,7 @@ class SplitSpec(Config):
     valid_fraction: float = 0.5
 
     def check(self, path: str) -> None:
+        check(self.seed >= 0, join(path, "seed"), f"must be >= 0, got {self.seed}")
         if self.method in ("random", "time"):
             ok = len(self.fractions) == 3 and all(f >= 0 for f in self.fractions)
             check(
@@ -374,6 +376,15 @@ class ExperimentConfig:
 
     def task_configs(self) -> list[TaskConfig]:
         return [t.task_config() for t in self.tasks]
+
+    def check_monitor(self) -> None:
+        """``train.monitor`` names a validation metric of the tasks (:func:`~mtrank.config.train.check_monitor`).
+        Checked when training starts, not when a config is read, so a model directory written before the rule
+        still opens."""
+        try:
+            check_monitor(self.train.monitor, {t.name: t.type for t in self.tasks})
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {err}" if self.source else str(err)) from None
 
     def model_config(self, num_dense: int, vocab_sizes: list[int], bags: list[dict] | None = None) -> ModelConfig:
         """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks.

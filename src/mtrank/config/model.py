@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -81,7 +82,7 @@ class TaskConfig(Config):
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
-        check(self.weight >= 0, join(path, "weight"), f"must be >= 0, got {self.weight}")
+        check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
 
 
 @dataclass
