@@ -237,6 +237,19 @@ class MultiTaskModel(nn.Module):
                 banks.append((layers, reads_input and index == 0))
         return banks
 
+    def level_gate_names(self) -> list[list[str]]:
+        """The name of each gate (each output row) of every level, bottom first: task names, then HoME's
+        ``group <c>`` gates and the ``shared`` gate of a lower level."""
+        block, names = self.config.block, self.task_names
+        out = []
+        for index, level in enumerate(self.block.levels):
+            gates = len(names) if level.shared_gate else level.gates.num_gates  # OMoE's gate serves every task
+            if block.type == "home" and index == 0:
+                out.append([f"group {c}" for c in range(gates - 1)] + ["shared"])
+            else:
+                out.append(names[:gates] + ["shared"] * (gates - len(names)))
+        return out
+
     def shared_hidden_layer(self) -> nn.Module | None:
         """The shared hidden layer under the experts (YouTube's placement; plain ``nn.Linear`` layers), or None."""
         return self.block.shared
