@@ -228,13 +228,13 @@ class MultiTaskModel(nn.Module):
     def expert_banks(self) -> list[tuple[nn.ModuleList, bool]]:
         """The stacked linear layers of every level's experts (what reduced-precision inference rewrites), each
         with whether its first layer reads one ``[B, in]`` input shared by every expert: the first level's
-        experts do, unless their type puts something per expert before the layers (DCN's cross network);
-        PLE's upper levels read per-expert inputs."""
+        experts do, unless their type puts something per expert before the layers (DCN's cross network, HoME's
+        feature gate) or the block input has a row per task (STEM); upper levels read per-expert inputs."""
         banks = []
         for index, level in enumerate(self.block.levels):
             linear_banks = getattr(level.experts, "linear_banks", None)
             for layers, reads_input in linear_banks() if linear_banks is not None else []:
-                banks.append((layers, reads_input and index == 0))
+                banks.append((layers, reads_input and index == 0 and self.tables == 1))  # STEM: per-task rows
         return banks
 
     def level_gate_names(self) -> list[list[str]]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mtrank.config.base import Config, Registry, check, join
+from mtrank.config.base import Config, Registry, check, did_you_mean, join
 
 BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem")
 BlockType = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem"]
@@ -167,7 +167,11 @@ class InputsConfig(Config):
     def column(self, feature: int | str, path: str) -> int:
         """The column index of a categorical feature given by index or by name."""
         if isinstance(feature, str):
-            check(feature in self.names, path, f"unknown feature {feature!r}; categorical features are {self.names}")
+            check(
+                feature in self.names,
+                path,
+                f"unknown categorical feature {feature!r}{did_you_mean(feature, self.names)}",
+            )
             return self.names.index(feature)
         check(0 <= feature < len(self.vocab_sizes), path, f"index {feature} is not a categorical feature")
         return feature
