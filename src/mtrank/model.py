@@ -116,8 +116,8 @@ class MultiTaskModel(nn.Module):
             columns = [config.pepnet_column(f, "model.pepnet") for f in features]
             return torch.tensor([tokens[c] for c in columns], dtype=torch.long)
 
-        self.register_buffer("epnet_tokens", token_index(pepnet.epnet))
-        self.register_buffer("ppnet_tokens", token_index(pepnet.ppnet))
+        self.register_buffer("epnet_tokens", token_index(pepnet.epnet), persistent=False)
+        self.register_buffer("ppnet_tokens", token_index(pepnet.ppnet), persistent=False)
         dim = config.inputs.embedding_dim
         self.epnet = self.ppnet = None
         if pepnet.epnet:

@@ -53,12 +53,14 @@ class ExtractionLevel(nn.Module):
         self.num_tasks, self.num_experts = num_tasks, layout.owners.numel()
         self.shared_gate = layout.shared_gate
         self.register_buffer("owners", layout.owners.clone())
-        self.register_buffer("gate_rows", layout.gate_rows.clone())
+        self.register_buffer("gate_rows", layout.gate_rows.clone(), persistent=False)
         rows = layout.allowed.shape[0]
         self.gate_adds_shared = layout.gate_adds_shared
-        self.register_buffer("adds_shared", (torch.arange(rows) < num_tasks).float().view(rows, 1, 1))  # (G, 1, 1)
+        self.register_buffer(
+            "adds_shared", (torch.arange(rows) < num_tasks).float().view(rows, 1, 1), persistent=False
+        )  # (G, 1, 1)
         self.has_detach = bool(layout.detach.any())
-        self.register_buffer("keeps_gradient", (~layout.detach).float())  # (G, E)
+        self.register_buffer("keeps_gradient", (~layout.detach).float(), persistent=False)  # (G, E)
         self.output_dim = experts.output_dim
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
