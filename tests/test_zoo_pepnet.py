@@ -5,13 +5,17 @@
 * PPNet: tower layer l of task t reads ``delta_l^t * H_l^t``, ``[delta_l^1..K] = GateNU_l(E(F_p) ++ sg(O_ep))``.
 Features are named (the experiment fills ``inputs.names``) or given by index."""
 
+import json
 import re
 
 import pytest
 import torch
+import yaml
 
+from mtrank.cli import main
 from mtrank.config import ConfigError, ModelConfig
 from mtrank.model import MultiTaskModel
+from tabular_helpers import config, make_frame
 
 TASKS = [{"name": "click"}, {"name": "watch", "type": "regression"}]
 INPUTS = {"num_dense": 2, "vocab_sizes": [5, 6, 4], "embedding_dim": 3, "names": ["user", "item", "scenario"]}
@@ -96,3 +100,22 @@ def test_gates_start_in_zero_to_gamma_and_scale_changes_the_range():
 def test_bad_pepnet_features_name_the_field(pepnet, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         pepnet_model(**pepnet)
+
+
+def test_a_pepnet_model_names_features_through_train_evaluate_and_export(tmp_path, capsys):
+    """Through the CLI: the experiment fills ``inputs.names`` from its categorical features, the model directory
+    keeps them, evaluation and ONNX export rebuild the model from it."""
+    make_frame(n=400).to_csv(tmp_path / "rows.csv", index=False)
+    raw = config(
+        data={"train": "rows.csv", "split": {"method": "random", "fractions": [0.7, 0.15, 0.15]}},
+        model={**config()["model"], "pepnet": {"epnet": ["city"], "ppnet": ["user"], "hidden": 8}},
+        train={**config()["train"], "epochs": 2},
+    )
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "model"
+    assert main(["train", str(tmp_path / "exp.yaml"), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["inputs"]["names"] == ["city", "user"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(tmp_path / "rows.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auc/click"] > 0.5
+    assert main(["export", str(out), "--format", "onnx"]) == 0
