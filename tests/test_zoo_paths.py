@@ -100,3 +100,13 @@ def test_the_cuda_graph_plan_sees_every_random_source():
         "dropout (block.levels.0.experts.dropout)",
         "dropout (block.levels.1.experts.dropout)",
     ]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_an_ensemble_members_weights_load_into_a_single_model(name):
+    """What an ensemble keeps per member (parameters and buffers) is exactly a single model's state dict."""
+    ensemble = Ensemble(ModelConfig.from_dict({"inputs": INPUTS, "tasks": TASKS, **ZOO[name]}), init_seeds=[0, 1])
+    member = {key: value[1] for key, value in ensemble.state_dict().items()}
+    single = zoo_model(name, seed=5)
+    single.load_state_dict(member)  # strict: no key missing, none unexpected
+    torch.testing.assert_close(single.state_dict(), zoo_model(name, seed=1).state_dict())

@@ -116,16 +116,14 @@ class MultiTaskModel(nn.Module):
             columns = [config.pepnet_column(f, "model.pepnet") for f in features]
             return torch.tensor([tokens[c] for c in columns], dtype=torch.long)
 
-        self.register_buffer("epnet_tokens", token_index(pepnet.epnet), persistent=False)
-        self.register_buffer("ppnet_tokens", token_index(pepnet.ppnet), persistent=False)
         dim = config.inputs.embedding_dim
         self.epnet = self.ppnet = None
         if pepnet.epnet:
-            self.epnet = EPNet(len(pepnet.epnet) * dim, block_in, pepnet.hidden, pepnet.scale)
+            self.epnet = EPNet(token_index(pepnet.epnet), dim, block_in, pepnet.hidden, pepnet.scale)
         if pepnet.ppnet:
             layer_inputs = [layer.in_features for layer in self.block.towers.layers]
             self.ppnet = PPNet(
-                len(pepnet.ppnet) * dim, block_in, layer_inputs, config.num_tasks, pepnet.hidden, pepnet.scale
+                token_index(pepnet.ppnet), dim, block_in, layer_inputs, config.num_tasks, pepnet.hidden, pepnet.scale
             )
         self.reads_tokens = self.mixer is not None or pepnet.enabled
 
@@ -152,11 +150,11 @@ class MultiTaskModel(nn.Module):
         x = torch.cat(parts, 1)  # (B, in)
         epnet = self.epnet
         if epnet is not None:
-            x = epnet(tokens.index_select(1, self.epnet_tokens).flatten(1), x)
+            x = epnet(tokens, x)
         tower_scales: list[torch.Tensor] | None = None
         ppnet = self.ppnet
         if ppnet is not None:
-            tower_scales = ppnet(tokens.index_select(1, self.ppnet_tokens).flatten(1), x)
+            tower_scales = ppnet(tokens, x)
         return x, tower_scales
 
     def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

@@ -53,14 +53,15 @@ class ExtractionLevel(nn.Module):
         self.num_tasks, self.num_experts = num_tasks, layout.owners.numel()
         self.shared_gate = layout.shared_gate
         self.register_buffer("owners", layout.owners.clone())
-        self.register_buffer("gate_rows", layout.gate_rows.clone(), persistent=False)
+        # routing beyond PLE's, held only by the levels that need it (classic blocks keep their state dict):
+        # gate g reads row gate_rows[g] (HoME), task gates add the shared row (STEM), stop-gradients (STEM)
         rows = layout.allowed.shape[0]
-        self.gate_adds_shared = layout.gate_adds_shared
-        self.register_buffer(
-            "adds_shared", (torch.arange(rows) < num_tasks).float().view(rows, 1, 1), persistent=False
-        )  # (G, 1, 1)
-        self.has_detach = bool(layout.detach.any())
-        self.register_buffer("keeps_gradient", (~layout.detach).float(), persistent=False)  # (G, E)
+        keep_rows = torch.equal(layout.gate_rows, torch.arange(rows))
+        self.register_buffer("gate_rows", None if keep_rows else layout.gate_rows.clone())
+        shared_rows = (torch.arange(rows) < num_tasks).float().view(rows, 1, 1)  # (G, 1, 1)
+        self.register_buffer("adds_shared", shared_rows if layout.gate_adds_shared else None)
+        detach = bool(layout.detach.any())
+        self.register_buffer("keeps_gradient", (~layout.detach).float() if detach else None)  # (G, E)
         self.output_dim = experts.output_dim
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,9 +70,11 @@ class ExtractionLevel(nn.Module):
             gate_input = x
         else:
             expert_out = self.experts(x.index_select(0, self.owners))  # (E, B, in) -> (E, B, D)
-            gate_input = x.index_select(0, self.gate_rows)  # (G, B, in)
-            if self.gate_adds_shared:
-                gate_input = gate_input + self.adds_shared.to(x.dtype) * x[-1]  # task gates: x_g + x_shared
+            gate_rows, adds_shared = self.gate_rows, self.adds_shared
+            # (G, B, in); the last level has no shared gate
+            gate_input = x[: self.gates.num_gates] if gate_rows is None else x.index_select(0, gate_rows)
+            if adds_shared is not None:
+                gate_input = gate_input + adds_shared.to(x.dtype) * x[-1]  # task gates: x_g + x_shared
         gate_weights, aux_loss = self.gates(gate_input)  # (B, G, E)
         if self.shared_gate:
             gate_weights = gate_weights.expand(-1, self.num_tasks, -1)  # (B, K, E)
@@ -79,10 +82,11 @@ class ExtractionLevel(nn.Module):
         residual = self.residual
         if residual is not None:
             mix_weights = mix_weights + residual(gate_input)  # (B, G, E)
+        keeps_gradient = self.keeps_gradient
         if self.num_experts == 1:
             mixed = expert_out * mix_weights.to(expert_out.dtype).permute(1, 0, 2)  # (G, B, D)
-        elif self.has_detach:  # STEM: sum_e w_ge (f_e, or sg(f_e) for another task's expert e)
-            flowing = mix_weights * self.keeps_gradient
+        elif keeps_gradient is not None:  # STEM: sum_e w_ge (f_e, or sg(f_e) for another task's expert e)
+            flowing = mix_weights * keeps_gradient
             mixed = mix(flowing, expert_out) + mix(mix_weights - flowing, expert_out.detach())
         else:
             mixed = mix(mix_weights, expert_out)

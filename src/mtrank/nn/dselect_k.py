@@ -100,12 +100,12 @@ class DSelectKGates(SoftmaxGates):
         rank = allowed.long().cumsum(1) - 1  # (G, E)
         shift = (gate_bits.view(-1, 1, 1) - 1 - torch.arange(bits).view(1, 1, -1)).clamp_min(0)  # (G, 1, M)
         codes = ((rank.unsqueeze(-1) >> shift) & 1).bool()  # (G, E, M)
-        self.register_buffer("codes", codes.unsqueeze(1), persistent=False)  # (G, 1, E, M)
+        self.register_buffer("codes", codes.unsqueeze(1))  # (G, 1, E, M)
         used = torch.arange(bits).view(1, -1) < gate_bits.view(-1, 1)  # (G, M)
-        self.register_buffer("used_bits", used.view(-1, 1, 1, bits), persistent=False)  # (G, 1, 1, M)
-        self.register_buffer("allowed_weights", allowed.float().unsqueeze(1), persistent=False)  # (G, 1, E)
+        self.register_buffer("used_bits", used.view(-1, 1, 1, bits))  # (G, 1, 1, M)
+        self.register_buffer("allowed_weights", allowed.float().unsqueeze(1))  # (G, 1, E)
         unreachable = (counts > 1) & (counts != 2**gate_bits)  # (G,): 2^m codes, fewer experts
-        self.register_buffer("unreachable", unreachable.float(), persistent=False)  # (G,)
+        self.register_buffer("unreachable", unreachable.float())  # (G,)
         if self.proj is not None:
             z_width = self.k * bits
             with torch.no_grad():

@@ -35,14 +35,17 @@ class EPNet(nn.Module):
     embeddings of the chosen domain-side features (e.g. scenario id), ``sg`` a stop-gradient: the gate learns
     from the domain features without pulling on the general embeddings through its own input.
 
-    Shapes: ``domain [B, F_d * D]``, ``general [B, in]`` -> ``[B, in]``.
+    Shapes: ``tokens [B, F, D]`` (every feature's embedding; ``domain_tokens`` picks ``F_d`` of them),
+    ``general [B, in]`` -> ``[B, in]``.
     """
 
-    def __init__(self, domain_features: int, general_features: int, hidden: int, scale: float) -> None:
+    def __init__(self, domain_tokens: torch.Tensor, dim: int, general_features: int, hidden: int, scale: float):
         super().__init__()
-        self.gate = GateNU(domain_features + general_features, hidden, general_features, scale)
+        self.register_buffer("domain_tokens", domain_tokens.clone())
+        self.gate = GateNU(domain_tokens.numel() * dim + general_features, hidden, general_features, scale)
 
-    def forward(self, domain: torch.Tensor, general: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, general: torch.Tensor) -> torch.Tensor:
+        domain = tokens.index_select(1, self.domain_tokens).flatten(1)  # (B, F_d * D)
         return self.gate(torch.cat([domain, general.detach()], 1)) * general
 
 
@@ -54,12 +57,14 @@ class PPNet(nn.Module):
     the general input (after EPNet, if any). The towers apply the scales
     (:meth:`mtrank.nn.stacked.StackedMLP.forward`'s ``scales``).
 
-    Shapes: ``prior [B, F_p * D]``, ``general [B, in]`` -> one ``[K, B, in_l]`` per tower layer.
+    Shapes: ``tokens [B, F, D]`` (``prior_tokens`` picks ``F_p`` of them), ``general [B, in]`` -> one
+    ``[K, B, in_l]`` per tower layer.
     """
 
     def __init__(
         self,
-        prior_features: int,
+        prior_tokens: torch.Tensor,
+        dim: int,
         general_features: int,
         layer_inputs: list[int],
         num_tasks: int,
@@ -67,11 +72,13 @@ class PPNet(nn.Module):
         scale: float,
     ) -> None:
         super().__init__()
-        width = prior_features + general_features
+        self.register_buffer("prior_tokens", prior_tokens.clone())
+        width = prior_tokens.numel() * dim + general_features
         self.gates = nn.ModuleList(GateNU(width, hidden, num_tasks * n, scale) for n in layer_inputs)
         self.num_tasks = num_tasks
 
-    def forward(self, prior: torch.Tensor, general: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, general: torch.Tensor) -> list[torch.Tensor]:
+        prior = tokens.index_select(1, self.prior_tokens).flatten(1)  # (B, F_p * D)
         gate_input = torch.cat([prior, general.detach()], 1)  # (B, F_p * D + in)
         scales: list[torch.Tensor] = []
         for gate in self.gates:

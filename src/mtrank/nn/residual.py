@@ -35,7 +35,7 @@ class NativeExpertWeights(nn.Module):
         super().__init__()
         counts = own.sum(1)  # (G,)
         learned = bool((counts[counts > 0] != 1).any()) if learned is None else learned
-        self.register_buffer("own", own.float(), persistent=False)
+        self.register_buffer("own", own.float())
         self.weights = None
         if learned:
             scale = torch.sqrt(1.0 / counts.clamp_min(1).float()).unsqueeze(1)  # (G, 1)
@@ -66,9 +66,9 @@ class SelfGates(nn.Module):
     def __init__(self, in_features: int, own: torch.Tensor) -> None:
         super().__init__()
         counts = own.sum(1)
-        self.register_buffer("own", own.clone(), persistent=False)
-        self.register_buffer("single", (counts == 1).unsqueeze(1).expand_as(own).clone(), persistent=False)  # (G, E)
-        self.register_buffer("fill", torch.where(counts > 0, -math.inf, 0.0).unsqueeze(1), persistent=False)  # (G, 1)
+        self.register_buffer("own", own.clone())
+        self.register_buffer("single", (counts == 1).unsqueeze(1).expand_as(own).clone())  # (G, E)
+        self.register_buffer("fill", torch.where(counts > 0, -math.inf, 0.0).unsqueeze(1))  # (G, 1)
         self.proj = StackedLinear(own.shape[0], in_features, own.shape[1])
         nn.init.normal_(self.proj.weight, std=0.01)
         nn.init.zeros_(self.proj.bias)
