@@ -46,7 +46,7 @@ from mtrank.config.train import TrainConfig, check_monitor
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
 SECTIONS = ("data", "features", "tasks", "model", "train", "output", "name", "plugins")
-DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags")
+DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "names")
 
 
 @dataclass
@@ -392,7 +392,11 @@ class ExperimentConfig:
         ``bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` of each embedded multi-valued feature."""
         bags = list(bags or [])
         inputs = InputsConfig(
-            num_dense=num_dense, vocab_sizes=list(vocab_sizes), embedding_dim=self.model.inputs.embedding_dim, bags=bags
+            num_dense=num_dense,
+            vocab_sizes=list(vocab_sizes),
+            embedding_dim=self.model.inputs.embedding_dim,
+            bags=bags,
+            names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
         )
         model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs())
         return model.validate("model")
@@ -454,7 +458,7 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
         names = [t.name for t in tasks]
         for i, name in enumerate(names):
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
-        model = _model_section(raw.get("model"), tasks)
+        model = _model_section(raw.get("model"), tasks, features)
         train = build(TrainConfig, raw.get("train") or {}, "train")
         output = raw.get("output", "runs/model")
         check(isinstance(output, str), "output", f"expected a path, got {output!r}")
@@ -477,7 +481,7 @@ def build_plugins(raw: Any) -> list[str]:
     return list(raw)
 
 
-def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
+def _model_section(raw: Any, tasks: list[TaskSpec], features: FeaturesSpec) -> ModelConfig:
     raw = copy.deepcopy(raw) if raw is not None else {}
     check(isinstance(raw, dict), "model", "expected a mapping of model sections (block, experts, gate, towers, ...)")
     check("tasks" not in raw, "model.tasks", "derived from the tasks section; remove it from the model section")
@@ -488,9 +492,11 @@ def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
         for key in DERIVED_INPUTS:
             check(key not in inputs, f"model.inputs.{key}", "derived from the features section; remove it")
     # built with a placeholder input, so that every model rule is checked now, before any data is read
-    placeholder = {**raw, "inputs": {**inputs, "num_dense": 1}, "tasks": [t.task_config().to_dict() for t in tasks]}
+    names = [f.name for f in features.categorical]  # single categorical columns: model sections may name them
+    placeholder_inputs = {**inputs, "num_dense": 1, "names": names, "vocab_sizes": [2] * len(names)}
+    placeholder = {**raw, "inputs": placeholder_inputs, "tasks": [t.task_config().to_dict() for t in tasks]}
     model = build(ModelConfig, placeholder, "model")
-    model.inputs.num_dense = 0
+    model.inputs.num_dense, model.inputs.vocab_sizes, model.inputs.names = 0, [], []
     return model
 
 
