@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mtrank.artifacts import load_model
+from mtrank.artifacts import add_to_manifest, load_model
 from mtrank.export.common import EXPORT_TOLERANCE, max_difference
 from mtrank.export.onnx import OnnxScorer, export_onnx, quantize_onnx_int8
 from mtrank.export.torchscript import export_torchscript, load_torchscript
@@ -87,5 +87,7 @@ def export_model_dir(
         record["int8_file"] = int8_path.name
         record["int8_max_abs_diff_vs_eager"] = max_difference(model, OnnxScorer(int8_path))
     (out_dir / "export.json").write_text(json.dumps(record, indent=2))
+    if out_dir.resolve().is_relative_to(Path(model_dir).resolve()):  # MODEL_DIR/export: recorded in its manifest
+        add_to_manifest(model_dir, [p for p in out_dir.rglob("*") if p.is_file()])
     record["path"] = str(path)
     return record
