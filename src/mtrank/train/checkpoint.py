@@ -14,14 +14,15 @@ checkpoints, one folder each, ``step-000000200/``:
 ===========================  ===================================================================
 
 A write (:meth:`Checkpoints.save`) goes through these states; a kill between any two leaves the directory in
-one of them, and the resume (:meth:`Checkpoints.load`) loads the newest folder whose manifest verifies:
+one of them:
 
-1. leftovers of an interrupted write (``*.partial``, ``*.removing``) are deleted: never read;
-2. ``step-N.partial/`` is created and each file written and fsynced into it, then ``manifest.json``, then the
+1. ``step-N.partial/`` is created and each file written and fsynced into it, then ``manifest.json``, then the
    folder is fsynced: until it is renamed, the previous checkpoints are the newest complete ones;
-3. a folder already named ``step-N`` (left by a run that fell back past it) is renamed ``step-N.removing``;
-4. ``step-N.partial`` is renamed ``step-N`` (one atomic rename) and the checkpoint directory fsynced;
-5. checkpoints beyond the newest ``keep`` are renamed ``*.removing`` (atomic), then deleted.
+2. ``step-N.partial`` is renamed ``step-N`` (one atomic rename) and the checkpoint directory fsynced;
+3. checkpoints beyond the newest ``keep`` are renamed ``*.removing`` (atomic), then deleted.
+
+The resume (:meth:`Checkpoints.load`) deletes what an interrupted write left (``*.partial``, ``*.removing``:
+never read) and loads the newest ``step-N`` folder whose manifest verifies.
 
 A folder named ``step-N`` whose files do not match its manifest (a disk error, a hand edit, a crash of the
 machine that lost unsynced data) is skipped with a warning, renamed ``step-N.corrupt`` for inspection, and
@@ -179,6 +180,11 @@ class Checkpoints:
                     if path.name.startswith("step-") or path.name in LEGACY_DIRS:
                         shutil.rmtree(path, ignore_errors=True)
             return None
+        if self.writer:  # what an interrupted write left: never read
+            for path in self.directory.glob("step-*"):
+                if path.name.endswith((".partial", ".removing")):
+                    shutil.rmtree(path)
+                    fault_point("checkpoint.sweep")
         found = self._newest_verified()
         if found is None:
             if any((self.directory / name).is_dir() for name in LEGACY_DIRS):
@@ -236,13 +242,9 @@ class Checkpoints:
     ) -> Path:
         """Write one complete checkpoint, make it the newest, drop the oldest (see the module docstring)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for path in self.directory.glob("step-*"):  # 1. what an interrupted write left
-            if path.name.endswith((".partial", ".removing")):
-                shutil.rmtree(path)
-                fault_point("checkpoint.sweep")
         final = self.directory / f"step-{state['step']:09d}"
         partial = final.with_name(final.name + ".partial")
-        partial.mkdir()  # 2.
+        partial.mkdir()  # 1.
         fault_point("checkpoint.mkdir")
         tensors, optimizer_meta = optimizer_to_tensors(optimizer)
         tensors["rng_state"] = torch.get_rng_state()
@@ -263,14 +265,11 @@ class Checkpoints:
             fault_point(f"checkpoint.file.{name}")
         write_manifest(partial, "checkpoint", files, step=state["step"])  # fsyncs the folder too
         fault_point("checkpoint.manifest")
-        if final.exists():  # 3.
-            final.rename(final.with_name(final.name + ".removing"))
-            fault_point("checkpoint.replace")
-        partial.rename(final)  # 4.
+        partial.rename(final)  # 2. (no step-N can exist: the resume set aside every step-N newer than its own)
         fault_point("checkpoint.rename")
         fsync_dir(self.directory)
         fault_point("checkpoint.publish")
-        for _, old in self.complete()[self.keep :]:  # 5.
+        for _, old in self.complete()[self.keep :]:  # 3.
             removing = old.with_name(old.name + ".removing")
             old.rename(removing)
             fault_point("checkpoint.prune")
