@@ -6,6 +6,7 @@ seal``, or a format-2 directory that has no manifest) fails at the loader's own 
 
 import json
 import math
+import pickle
 import shutil
 import warnings
 
@@ -76,25 +77,25 @@ def unseal_as_format_2(directory):
 
 # damage -> the file the one-line error must name
 SEALED = {
-    "weights truncated": (lambda d: truncate(d / "model.safetensors"), "model.safetensors"),
-    "weights one bit flipped": (lambda d: flip(d / "model.safetensors"), "model.safetensors"),
-    "weights header bit flipped": (lambda d: flip(d / "model.safetensors", 20), "model.safetensors"),
-    "weights of other shapes": (other_shapes, "model.safetensors"),
-    "weights with a NaN": (set_weight("towers", math.nan), "model.safetensors"),
-    "weights missing": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
-    "config truncated": (lambda d: truncate(d / "config.json"), "config.json"),
-    "config one bit flipped": (lambda d: flip(d / "config.json", 40), "config.json"),
-    "config missing": (lambda d: (d / "config.json").unlink(), "config.json"),
-    "encoders missing": (lambda d: (d / "encoders.json").unlink(), "encoders.json"),
-    "encoders one bit flipped": (lambda d: flip(d / "encoders.json", 100), "encoders.json"),
-    "metrics changed": (lambda d: flip(d / "metrics.json", 10), "metrics.json"),
-    "history missing": (lambda d: (d / "history.jsonl").unlink(), "history.jsonl"),
-    "extra file": (lambda d: (d / "notes.txt").write_text("hello"), "notes.txt"),
-    "extra blend.json": (lambda d: (d / "blend.json").write_text('{"weights": {"click": 1}}'), "blend.json"),
-    "extra weights in a folder": (lambda d: copy_into(d, "spare"), "spare/model.safetensors"),
-    "manifest missing": (lambda d: (d / "manifest.json").unlink(), "manifest.json"),
-    "manifest truncated": (lambda d: truncate(d / "manifest.json"), "manifest.json"),
-    "manifest names a file outside": (
+    "weights-truncated": (lambda d: truncate(d / "model.safetensors"), "model.safetensors"),
+    "weights-one-bit-flipped": (lambda d: flip(d / "model.safetensors"), "model.safetensors"),
+    "weights-header-bit-flipped": (lambda d: flip(d / "model.safetensors", 20), "model.safetensors"),
+    "weights-of-other-shapes": (other_shapes, "model.safetensors"),
+    "weights-with-a-NaN": (set_weight("towers", math.nan), "model.safetensors"),
+    "weights-missing": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
+    "config-truncated": (lambda d: truncate(d / "config.json"), "config.json"),
+    "config-one-bit-flipped": (lambda d: flip(d / "config.json", 40), "config.json"),
+    "config-missing": (lambda d: (d / "config.json").unlink(), "config.json"),
+    "encoders-missing": (lambda d: (d / "encoders.json").unlink(), "encoders.json"),
+    "encoders-one-bit-flipped": (lambda d: flip(d / "encoders.json", 100), "encoders.json"),
+    "metrics-changed": (lambda d: flip(d / "metrics.json", 10), "metrics.json"),
+    "history-missing": (lambda d: (d / "history.jsonl").unlink(), "history.jsonl"),
+    "extra-file": (lambda d: (d / "notes.txt").write_text("hello"), "notes.txt"),
+    "extra-blend.json": (lambda d: (d / "blend.json").write_text('{"weights": {"click": 1}}'), "blend.json"),
+    "extra-weights-in-a-folder": (lambda d: copy_into(d, "spare"), "spare/model.safetensors"),
+    "manifest-missing": (lambda d: (d / "manifest.json").unlink(), "manifest.json"),
+    "manifest-truncated": (lambda d: truncate(d / "manifest.json"), "manifest.json"),
+    "manifest-names-a-file-outside": (
         lambda d: (d / "manifest.json").write_text(
             (d / "manifest.json").read_text().replace('"config.json"', '"../config.json"')
         ),
@@ -108,33 +109,48 @@ def copy_into(directory, folder: str) -> None:
     shutil.copy(directory / "model.safetensors", directory / folder / "model.safetensors")
 
 
+class Bomb:
+    """Unpickled, it creates a file next to the model directory."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def pickle_bomb(directory) -> None:
+    (directory / "model.safetensors").write_bytes(pickle.dumps({"weights": Bomb(directory.parent / "exploded")}))
+
+
 # damage that a manifest written over it (re-sealed) does not hide from the loader's own checks
 RESEALED = {
-    "weights truncated": (lambda d: truncate(d / "model.safetensors"), "model.safetensors: cannot read weights"),
-    "weights of other shapes": (other_shapes, "model.safetensors: tensor '"),
-    "weights with a NaN": (set_weight("towers", math.nan), "model.safetensors: tensor 'block.towers"),
-    "weights with an Inf": (set_weight("experts", math.inf), "model.safetensors: tensor 'block.levels"),
-    "config truncated JSON": (lambda d: truncate(d / "config.json"), "config.json: corrupt JSON"),
-    "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b'{"format": "\xff"}'), "config.json: cannot"),
-    "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not an mtrank model"),
-    "config without model": (edit_config(lambda m: m.pop("model")), "config.json: no 'model'"),
-    "config without format": (edit_config(lambda m: m.pop("format")), "config.json: not an mtrank model"),
-    "config model a string": (edit_config(lambda m: m.update(model="mmoe")), "config.json: 'model' must be"),
-    "config version a string": (edit_config(lambda m: m.update(format_version="3")), "config.json: format_version"),
-    "config plugins a number": (edit_config(lambda m: m.update(plugins=5)), "config.json: 'plugins' must be"),
-    "config experiment a list": (edit_config(lambda m: m.update(experiment=[])), "config.json: 'experiment' must"),
-    "config num_dense a word": (
+    "weights-truncated": (lambda d: truncate(d / "model.safetensors"), "model.safetensors: cannot read weights"),
+    "weights-of-other-shapes": (other_shapes, "model.safetensors: tensor '"),
+    "weights-with-a-NaN": (set_weight("towers", math.nan), "model.safetensors: tensor 'block.towers"),
+    "weights-with-an-Inf": (set_weight("experts", math.inf), "model.safetensors: tensor 'block.levels"),
+    "config-truncated-JSON": (lambda d: truncate(d / "config.json"), "config.json: corrupt JSON"),
+    "config-not-UTF-8": (lambda d: (d / "config.json").write_bytes(b'{"format": "\xff"}'), "config.json: cannot"),
+    "config-a-list": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not an mtrank model"),
+    "config-without-model": (edit_config(lambda m: m.pop("model")), "config.json: no 'model'"),
+    "config-without-format": (edit_config(lambda m: m.pop("format")), "config.json: not an mtrank model"),
+    "config-model-a-string": (edit_config(lambda m: m.update(model="mmoe")), "config.json: 'model' must be"),
+    "config-version-a-string": (edit_config(lambda m: m.update(format_version="3")), "config.json: format_version"),
+    "config-plugins-a-number": (edit_config(lambda m: m.update(plugins=5)), "config.json: 'plugins' must be"),
+    "config-experiment-a-list": (edit_config(lambda m: m.update(experiment=[])), "config.json: 'experiment' must"),
+    "config-num_dense-a-word": (
         edit_config(lambda m: m["model"]["inputs"].update(num_dense="ten")),
         "config.json: model.inputs.num_dense",
     ),
-    "config unknown block": (
+    "config-unknown-block": (
         edit_config(lambda m: m["model"]["block"].update(type="moe")),
         "config.json: model.block.type",
     ),
-    "config without tasks": (edit_config(lambda m: m["experiment"].pop("tasks")), "config.json: tasks"),
-    "encoders missing": (lambda d: (d / "encoders.json").unlink(), "encoders.json: missing; config.json says"),
-    "encoders truncated": (lambda d: truncate(d / "encoders.json"), "encoders.json: corrupt JSON"),
-    "encoders a list": (lambda d: (d / "encoders.json").write_text("[]"), "encoders.json: not an mtrank encoder"),
+    "config-without-tasks": (edit_config(lambda m: m["experiment"].pop("tasks")), "config.json: tasks"),
+    "encoders-missing": (lambda d: (d / "encoders.json").unlink(), "encoders.json: missing; config.json says"),
+    "encoders-truncated": (lambda d: truncate(d / "encoders.json"), "encoders.json: corrupt JSON"),
+    "encoders-a-list": (lambda d: (d / "encoders.json").write_text("[]"), "encoders.json: not an mtrank encoder"),
+    "weights-a-pickle-that-runs-code": (pickle_bomb, "model.safetensors: cannot read weights"),
 }
 
 
@@ -180,6 +196,16 @@ def test_damage_resealed_is_still_refused_by_the_loader_naming_the_file(case, tr
     damage, message = RESEALED[case]
     directory = damaged(trained, tmp_path, damage, reseal=True)
     assert_refused(directory, f"{directory}/{message}", trained, capsys, monkeypatch)
+    assert not (tmp_path / "exploded").exists()  # nothing was unpickled
+
+
+def test_nothing_in_mtrank_unpickles():
+    """Weights are safetensors, everything else JSON: no pickle, no torch.load anywhere in the package."""
+    from pathlib import Path
+
+    sources = {path: path.read_text() for path in (Path(__file__).parents[1] / "src").rglob("*.py")}
+    for pattern in ("import pickle", "torch.load(", "allow_pickle=True", "import joblib", "import dill"):
+        assert [str(path) for path, text in sources.items() if pattern in text] == [], pattern
 
 
 def test_the_intact_directory_loads_everywhere_and_verifies(trained, capsys):
