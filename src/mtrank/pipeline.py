@@ -8,6 +8,8 @@ holds::
     encoders.json       the fitted FeatureEncoder          (mtrank.data.encoders)
     metrics.json        validation / test metrics per task, training history, rows, seconds
     report.md           the same as readable tables
+    history.jsonl       the training history, written live
+    manifest.json       written last: size and SHA-256 of every file (checked by everything that loads it)
 
 Training is :class:`mtrank.train.Trainer` on the encoded training split, or, with ``data.streaming``, on
 batches streamed from the training files (:class:`mtrank.train.sources.StreamSource`): the same loop, step,
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mtrank.artifacts import open_model_dir, save_model
+from mtrank.artifacts import open_model_dir, save_model, seal_model_dir
 from mtrank.config.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.encoders import FeatureEncoder, as_table
 from mtrank.data.movielens import read_movielens
@@ -152,7 +154,8 @@ def _fit_encoder_on_stream(config: ExperimentConfig) -> FeatureEncoder:
 
 def _finish(config, model, encoder, metrics, train_result, rows, model_dir, started) -> FitResult:
     if model_dir is not None and rank_and_world()[0] == 0:  # data-parallel: one writer
-        save_model(model, model_dir, {"experiment": config.to_dict(), "encoders": "encoders.json"}, config.plugins)
+        extra = {"experiment": config.to_dict(), "encoders": "encoders.json"}
+        save_model(model, model_dir, extra, config.plugins, seal=False)
         encoder.save(model_dir)
         summary = {
             "metrics": metrics,
@@ -166,6 +169,7 @@ def _finish(config, model, encoder, metrics, train_result, rows, model_dir, star
         }
         write_json(model_dir / "metrics.json", summary)
         (model_dir / "report.md").write_text(report_markdown(config, encoder, metrics, rows, train_result))
+        seal_model_dir(model_dir)  # last: the manifest names every file above with its SHA-256
     return FitResult(model, encoder, metrics, train_result, model_dir, rows)
 
 
