@@ -104,6 +104,12 @@ def test_correlation_quick_picks_a_learning_rate_per_setting_and_checks_the_clai
     assert run["lr"] == json.loads((out / "results.json").read_text())["lr_search"]["mmoe@1"]["lr"]
     assert set(run["stats"]) >= {"mean", "std", "min", "p90"}
     assert results["equivalence"]["abs_diff"] < 1e-4
+    # the final loss (weights after the last step) beside the best step's; equal where the best step is the last
+    assert len(run["final_test_loss"]) == len(run["label_var"]) == 3 and set(run["final_stats"]) >= {"median"}
+    last = [(f, b) for f, b, step in zip(run["final_test_loss"], run["test_loss"], run["best_step"]) if step == 60]
+    assert last and all(f == pytest.approx(b, rel=1e-6) for f, b in last)
+    assert set(run["tail"]) == {"final", "best", "label_var_rank_correlation"}
+    assert "**final**: the weights after the last step" in (tr / "results.md").read_text()
 
 
 def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):

@@ -208,3 +208,17 @@ def test_verdicts():
     assert stats.verdict((-0.002, -0.001), "MMoE", "OMoE") == "OMoE better"
     assert stats.verdict((-0.001, 0.001)) == "not resolvable"
     assert stats.verdict((0.0, 0.001)) == "not resolvable"  # touching 0 does not decide
+
+
+def test_spearman_matches_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(10)
+    a, b = rng.integers(0, 6, 80), rng.integers(0, 6, 80) + rng.integers(0, 6, 80)
+    assert stats.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+
+
+def test_far_outliers_are_beyond_three_interquartile_ranges():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 35.0])  # Q1 3, Q3 7: the fence is 7 + 3 x 4 = 19
+    assert stats.far_outliers(x).tolist() == [False] * 8 + [True]
+    x[-1] = 19.0
+    assert not stats.far_outliers(x).any()

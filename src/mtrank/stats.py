@@ -375,6 +375,28 @@ def mann_whitney(a, b) -> dict:
     return {"u": u, "p": p, "effect": u / (n1 * n2)}
 
 
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (Pearson's of the midranks).
+
+    >>> round(spearman([1, 2, 3, 4], [10, 30, 20, 40]), 6)
+    0.8
+    """
+    ra, rb = midranks(np.asarray(a, dtype=float)), midranks(np.asarray(b, dtype=float))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def far_outliers(values, k: float = 3.0) -> np.ndarray:
+    """A mask of the values above ``Q3 + k * IQR`` (Tukey's far-out values for k = 3): failed fits in a sample
+    of losses.
+
+    >>> far_outliers([1.0, 1.1, 0.9, 1.05, 0.95, 9.0]).tolist()
+    [False, False, False, False, False, True]
+    """
+    x = np.asarray(values, dtype=float)
+    q1, q3 = np.quantile(x, [0.25, 0.75])
+    return x > q3 + k * (q3 - q1)
+
+
 # ---------------------------------------------------------------------------------------------- verdicts
 
 VERDICTS = ("A better", "B better", "not resolvable")

@@ -35,12 +35,13 @@ def paper_model(block: str, num_dense: int = 100) -> ModelConfig:
 
 
 def run_stats(values: list[float]) -> dict:
-    """Mean, sample std, min, 90th percentile, max and count of one value per run."""
+    """Mean, sample std, min, median, 90th percentile, max and count of one value per run."""
     arr = np.asarray(values, dtype=float)
     return {
         "mean": float(arr.mean()),
         "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
         "min": float(arr.min()),
+        "median": float(np.median(arr)),
         "p90": float(np.percentile(arr, 90)),
         "max": float(arr.max()),
         "n": arr.size,

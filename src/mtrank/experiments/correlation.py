@@ -239,6 +239,23 @@ class AtEvaluation(Callback):
         self.report(step)
 
 
+class FinalTest(Callback):
+    """Scores ``test`` with the weights of the last step, at the loop's last evaluation (before it restores each
+    run's best weights): the final loss the paper's Fig. 5 plots."""
+
+    def __init__(self, ensemble: Ensemble, test: EnsembleData) -> None:
+        self.ensemble, self.test = ensemble, test
+        self.total_steps = 0
+        self.metrics: list[dict] | None = None
+
+    def on_train_begin(self, info: dict) -> None:
+        self.total_steps = info["total_steps"]
+
+    def on_evaluate(self, step: int, records: list[dict | None]) -> None:
+        if step == self.total_steps:
+            self.metrics = self.ensemble.evaluate(self.test)
+
+
 def train_ensemble(
     block: str,
     lr: float,
@@ -250,9 +267,11 @@ def train_ensemble(
     """One ensemble: member r trains on run ``members[r] = (correlation, seed)``; per-member results."""
     train, valid, test = synthetic_splits(members, study)
     ensemble = Ensemble(paper_model(block), [seed for _, seed in members], study.device)
-    callbacks = [] if on_eval is None else [AtEvaluation(on_eval)]
+    final = FinalTest(ensemble, test)
+    callbacks = [final] + ([] if on_eval is None else [AtEvaluation(on_eval)])
     result = ensemble.fit(train, valid, train_config(study, lr), callbacks=callbacks)
     test_metrics = ensemble.evaluate(test)
+    label_var = train.labels.var(dim=1).mean(-1).tolist()  # (R,) the draw's label variance, mean of the tasks
     gates = {}
     for r, (p, seed) in enumerate(members):
         if seed == gate_seed and block in GATED:
@@ -266,7 +285,9 @@ def train_ensemble(
                 "curves": [h["valid/loss"] for h in result.history[r]],
                 "valid_loss": result.best_metrics[r].get("loss", float("nan")),
                 "test": test_metrics[r],
-                "test_loss": test_metrics[r]["loss"],
+                "test_loss": test_metrics[r]["loss"],  # weights of the best validation step
+                "final_test_loss": final.metrics[r]["loss"],  # weights after the last step
+                "label_var": label_var[r],
                 "best_step": result.best_step[r],
             }
             for r, (_, seed) in enumerate(members)
