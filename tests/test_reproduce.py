@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,3 +255,31 @@ def test_census_audit_single_task_is_one_model_per_task_with_its_own_embeddings(
     assert [m.embedding.table.weight.numel() for m in models] == [table, table]  # each its own, of every column
     shared = MultiTaskModel(audit_model("shared_bottom", {"width": 16}, data, cfg))
     assert [t.name for t in shared.tasks] == ["income", "marital"]
+
+
+def test_claims_are_resolved_only_by_intervals_over_enough_seeds():
+    from mtrank.experiments.correlation import check_claims
+
+    rng = np.random.default_rng(0)
+    ps = [1.0, 0.5]
+
+    def runs(seeds, gap):
+        base = {p: rng.gamma(2.0, 0.04, seeds) for p in ps}  # a shared draw per (p, seed): runs pair up
+        out = {}
+        for b, extra in (("shared_bottom", 0.08), ("omoe", gap), ("mmoe", 0.0)):
+            for p in ps:
+                noise = rng.normal(0, 0.002, seeds)
+                out[f"{b}@{p:g}"] = {
+                    "test_loss": (base[p] + (extra if b != "omoe" or p == 0.5 else 0) + noise).tolist()
+                }
+        return out
+
+    big = {c["claim"]: c for c in check_claims(runs(40, 0.02), ["shared_bottom", "omoe", "mmoe"], ps)}
+    assert big["both MoE models beat Shared-Bottom on average"]["status"] == "holds"
+    assert big["OMoE worse than MMoE at correlation 0.5"]["status"] == "holds"
+    assert big["MMoE ~ OMoE at correlation 1 (within 10%)"]["status"] == "holds"
+    assert big["OMoE worse than MMoE at correlation 0.5"]["interval"][0] > 0
+    small = check_claims(runs(3, 0.02), ["shared_bottom", "omoe", "mmoe"], ps)
+    assert all(not c["resolved"] and c["status"].endswith("within noise") for c in small)
+    none = {c["claim"]: c for c in check_claims(runs(40, 0.0), ["shared_bottom", "omoe", "mmoe"], ps)}
+    assert not none["OMoE worse than MMoE at correlation 0.5"]["resolved"]

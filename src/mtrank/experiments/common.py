@@ -48,8 +48,8 @@ def run_stats(values: list[float]) -> dict:
     }
 
 
-def write_results(out: Path, summary: dict, markdown: str) -> dict:
-    """``out/results.json`` (the numbers) and ``out/results.md`` (the report); ``summary`` with the report added."""
-    write_json(out / "results.json", summary)
-    (out / "results.md").write_text(markdown)
+def write_results(out: Path, summary: dict, markdown: str, stem: str = "results") -> dict:
+    """``out/<stem>.json`` (the numbers) and ``out/<stem>.md`` (the report); ``summary`` with the report added."""
+    write_json(out / f"{stem}.json", summary)
+    (out / f"{stem}.md").write_text(markdown)
     return {**summary, "markdown": markdown}
