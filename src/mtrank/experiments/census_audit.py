@@ -11,16 +11,17 @@ What it changes against :mod:`mtrank.experiments.census` (the earlier protocol, 
 * **Independent Single-task.** One full model per task, own embeddings, each tuned on its own task.
 * **Splits and runs.** ``runs`` runs per method on each of ``splits`` random 1:1 validation / test splits of the
   test file (split 0 is the split of the earlier runs, "the paper's 1:1 split"); run (k, s) has seed
-  ``1000 k + s`` for initialisation and batch order, the same for every method, so runs pair up. All runs of one
-  method train as one vectorised ensemble (chunks of ``max_members``); every member reads the shared held-out
-  rows and is scored on its own split's rows (:class:`SplitEnsemble`).
+  ``1000 k + s`` for initialisation and batch order, the same for every method, so runs pair up. The runs of one
+  method on one split train as one vectorised ensemble (chunks of ``max_members``); every member reads the
+  shared held-out rows and is scored on its own split's rows (:class:`SplitEnsemble`, which also trains members
+  of several splits together).
 * **A matched parameter budget**: Shared-Bottom as wide as makes its parameter count MMoE's tuned one.
 * **A leakage ablation**: the same runs without ``leak_columns`` (the household columns, whose values name the
   marital status: "Child <18 never marr not in subfamily", ...), with each method's tuned setting.
 
-Each job (one search, or one method's runs) writes its part under ``out/parts`` as it ends; a rerun with the
-same config skips finished parts, so a long run can be split across calls. The statistics and the report are
-:mod:`mtrank.experiments.census_audit_report`.
+Each job (one search, or one method's runs on one split) writes its part under ``out/parts`` as it ends; a
+rerun with the same config skips finished parts, so a long run can be split across calls. The statistics and
+the report are :mod:`mtrank.experiments.census_audit_report`.
 """
 
 from __future__ import annotations
@@ -96,17 +97,17 @@ class AuditConfig:
     @classmethod
     def medium(cls) -> AuditConfig:
         """A CPU-sized run (about 20 minutes of one core for both groups): 20,000 training rows and 20,000
-        held-out rows (random, fixed), 6 trials per search of one run, 5 runs on each of 2 splits, 8 epochs at
-        most. It exercises the whole protocol on less data; its AUCs sit below the full data's and its
-        intervals are wide."""
+        held-out rows (random, fixed), 6 trials per search of one run, 8 runs on each of 3 splits (4 without the
+        household columns), 8 epochs at most. It exercises the whole protocol on less data; its AUCs sit below
+        the full data's and its intervals are wide."""
         return cls(
             trials=6,
             widen_trials=3,
             tune_seeds=1,
             width_range=[16, 512],
-            runs=5,
-            splits=2,
-            ablation_runs=5,
+            runs=8,
+            splits=3,
+            ablation_runs=4,
             max_epochs=8,
             patience=4,
             train_rows=20_000,
@@ -288,11 +289,11 @@ class SplitEnsemble(Ensemble):
 
     def held_logits(self, data: TensorData) -> torch.Tensor:
         """Task logits ``[R, N, K]`` of every member on every row of ``data`` (on the training device), in
-        evaluation mode; a few million member-rows a time on a GPU, 32,768 on a CPU (whose caches a larger
+        evaluation mode; half a million member-rows a time on a GPU, 32,768 on a CPU (whose caches a larger
         activation would leave)."""
         was_training = self.base.training
         self.base.eval()
-        member_rows = 2**21 if self.device.type == "cuda" else 2**15
+        member_rows = 2**19 if self.device.type == "cuda" else 2**15
         chunk = max(64, member_rows // self.num_runs)
         out = []
         try:
@@ -519,28 +520,31 @@ def search_jobs(cfg: AuditConfig) -> list[dict]:
 
 
 def final_jobs(cfg: AuditConfig) -> list[dict]:
-    """Per group: each method's runs with all columns and (``ablation_runs``) without the leak columns; with
-    ``matched_budget``, Shared-Bottom at MMoE's parameter count."""
+    """Per group and split: each method's runs with all columns and (``ablation_runs``) without the leak
+    columns; with ``matched_budget``, Shared-Bottom at MMoE's parameter count. One job per split keeps a job
+    short enough to finish inside one call of a time-limited machine (the parts let the next call go on)."""
     variants = ["full"] + (["noleak"] if cfg.ablation_runs else [])
     jobs = []
     for group in cfg.groups:
-        for variant in variants:
-            for method in cfg.methods:
-                for task in (0, 1) if method == "single_task" else (None,):
-                    jobs.append(_final(group, variant, method, task))
-        if cfg.matched_budget and "shared_bottom" in cfg.methods:
-            jobs.append(_final(group, "matched", "shared_bottom", None))
+        for split in range(cfg.splits):
+            for variant in variants:
+                for method in cfg.methods:
+                    for task in (0, 1) if method == "single_task" else (None,):
+                        jobs.append(_final(group, variant, method, task, split))
+            if cfg.matched_budget and "shared_bottom" in cfg.methods:
+                jobs.append(_final(group, "matched", "shared_bottom", None, split))
     return jobs
 
 
-def _final(group: int, variant: str, method: str, task: int | None) -> dict:
-    return {"kind": "final", "group": group, "variant": variant, "method": method, "task": task}
+def _final(group: int, variant: str, method: str, task: int | None, split: int) -> dict:
+    return {"kind": "final", "group": group, "variant": variant, "method": method, "task": task, "split": split}
 
 
 def job_name(job: dict) -> str:
     task = "" if job["task"] is None else f"-task{job['task']}"
-    variant = f"-{job['variant']}" if job["kind"] == "final" else ""
-    return f"{job['kind']}-g{job['group']}{variant}-{job['method']}{task}"
+    if job["kind"] == "search":
+        return f"search-g{job['group']}-{job['method']}{task}"
+    return f"final-g{job['group']}-{job['variant']}-{job['method']}{task}-split{job['split']}"
 
 
 def search_part(parts: Path, group: int, method: str, task: int = 0) -> dict:
@@ -549,7 +553,7 @@ def search_part(parts: Path, group: int, method: str, task: int = 0) -> dict:
 
 
 def run_final(job: dict, cfg: AuditConfig, data: AuditData, parts: Path) -> dict:
-    """The runs of one (group, variant, method[, task]); writes ``parts/<name>.json`` and ``.npz``."""
+    """The runs of one (group, variant, method[, task]) on one split; writes ``parts/<name>.json`` and ``.npz``."""
     method, variant = job["method"], job["variant"]
     task = job["task"] if job["task"] is not None else 0
     params = dict(search_part(parts, job["group"], method, task)["best"]["params"])
@@ -560,7 +564,7 @@ def run_final(job: dict, cfg: AuditConfig, data: AuditData, parts: Path) -> dict
         params["width"] = matched_width(mmoe["params_count"], view, cfg)
     config = audit_model(method, params, view, cfg)
     runs = cfg.runs if variant != "noleak" else cfg.ablation_runs
-    members = [(k, s) for k in range(cfg.splits) for s in range(runs)]
+    members = [(job["split"], s) for s in range(runs)]
     trained = train_members(config, params["lr"], members, view, cfg)
     arrays = {}
     for k, entry in trained["splits"].items():
@@ -712,13 +716,10 @@ def worst_case_seconds(cfg: AuditConfig, data_path: Path) -> dict:
         evaluation = time.perf_counter() - start
         return result.seconds / 20 * steps_per_epoch * cfg.max_epochs + evaluation * evals
 
-    finals_members = min(cfg.max_members, cfg.splits * cfg.runs)
+    finals_members = min(cfg.max_members, cfg.runs)
     trial, final = timed(cfg.tune_seeds), timed(finals_members)
     searches = len(search_jobs(cfg)) * (cfg.trials + cfg.widen_trials)
-    chunks = math.ceil(cfg.splits * cfg.runs / finals_members)
-    ablation_chunks = math.ceil(cfg.splits * cfg.ablation_runs / finals_members) if cfg.ablation_runs else 0
-    per_group = len(cfg.methods) + ("single_task" in cfg.methods)  # Single-task: two models
-    finals = len(cfg.groups) * (per_group * (chunks + ablation_chunks) + chunks * cfg.matched_budget)
+    finals = len(final_jobs(cfg))  # one ensemble of at most ``runs`` members each (fewer without the leak columns)
     return {
         "device": str(device),
         "seconds_per_trial": trial,

@@ -53,34 +53,30 @@ def load_runs(cfg: AuditConfig, parts: Path) -> dict:
     mean DeLong ``components`` per split, and the method's parameter count and training facts. Single-task's
     two models are joined (its parameters are their sum)."""
     runs: dict = {}
-    for job in final_jobs(cfg):
+    for job in final_jobs(cfg):  # by split, so each task's rows come in split order
         part, arrays = _read(parts, job), load_components(parts, job)
-        key = (job["group"], job["variant"], job["method"])
+        key, k = (job["group"], job["variant"], job["method"]), job["split"]
         entry = runs.setdefault(key, {"params_count": 0, "params": {}, "tasks": {}, "training": []})
-        entry["params_count"] += part["params_count"]
-        entry["params"][part["tasks"][0] if job["task"] is not None else "all"] = part["params"]
-        splits = sorted(part["splits"], key=int)
+        if k == 0:
+            entry["params_count"] += part["params_count"]
+            entry["params"][part["tasks"][0] if job["task"] is not None else "all"] = part["params"]
+        split = part["splits"][str(k)]
+        valid = {m["seed"]: m["valid"] for m in part["members"]}
         for task in part["tasks"]:
-            members = {(m["split"], m["seed"]): m for m in part["members"]}
-            entry["tasks"][task] = {
-                "auc": np.array([part["splits"][k][f"auc/{task}"] for k in splits]),
-                "valid": np.array(
-                    [[members[int(k), s]["valid"][f"auc/{task}"] for s in part["splits"][k]["seeds"]] for k in splits]
-                ),
-                "components": {
-                    int(k): AucComponents(
-                        np.asarray(arrays[f"{k}/components/{task}/positive"].mean(dtype=np.float64)),
-                        arrays[f"{k}/components/{task}/positive"].astype(np.float64),
-                        arrays[f"{k}/components/{task}/negative"].astype(np.float64),
-                    )
-                    for k in splits
-                },
-            }
+            positive = arrays[f"{k}/components/{task}/positive"].astype(np.float64)
+            negative = arrays[f"{k}/components/{task}/negative"].astype(np.float64)
+            entry["tasks"].setdefault(task, {"auc": [], "valid": [], "components": {}})
+            entry["tasks"][task]["auc"].append(split[f"auc/{task}"])
+            entry["tasks"][task]["valid"].append([valid[s][f"auc/{task}"] for s in split["seeds"]])
+            entry["tasks"][task]["components"][k] = AucComponents(np.asarray(positive.mean()), positive, negative)
         last = part["total_steps"] - part["eval_every"]  # a best step in the last two evaluations: censored
         entry["training"] += [
             {"censored": m["best_step"] >= last, "stopped_early": m["stopped_early"], "epochs": m["epochs"]}
             for m in part["members"]
         ]
+    for entry in runs.values():
+        for task in entry["tasks"].values():
+            task["auc"], task["valid"] = np.array(task["auc"]), np.array(task["valid"])
     return runs
 
 
