@@ -95,10 +95,14 @@ def summarize(values, collapse_below: float | None = 0.6, trim: float = 0.1) -> 
 
 # ---------------------------------------------------------------------------------------------- bootstrap
 
+MIN_PAIRS = 10  # a percentile bootstrap over fewer values is too narrow (it undercovers): decide nothing on it
+
 STATISTICS = {
     "mean": lambda x: x.mean(axis=-1),
     "median": lambda x: np.median(x, axis=-1),
     "trimmed_mean": lambda x: trimmed_mean(x, 0.1, axis=-1),
+    "std": lambda x: x.std(axis=-1, ddof=1),
+    "p90": lambda x: np.quantile(x, 0.9, axis=-1),
 }
 
 
@@ -152,7 +156,8 @@ def paired_bootstrap(
 ) -> dict:
     """Percentile bootstrap interval of ``statistic(a) - statistic(b)`` where ``a[i]`` and ``b[i]`` are a pair
     (the same split and seed of two methods): the pairs are resampled together, within each stratum (e.g. the
-    split) when ``strata`` is given. ``statistic``: ``mean``, ``median`` or ``trimmed_mean`` (10% each end).
+    split) when ``strata`` is given. ``statistic``: ``mean``, ``median``, ``trimmed_mean`` (10% each end),
+    ``std`` or ``p90`` (the spread of a set of runs).
 
     Returns ``estimate``, ``low``, ``high`` (the interval at ``level``), ``se`` (std of the bootstrap
     distribution), ``p`` (two-sided bootstrap p of no difference), ``n`` and ``n_boot``.

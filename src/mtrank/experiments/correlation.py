@@ -42,7 +42,7 @@ from mtrank.evaluate.metrics import predict_batches
 from mtrank.evaluate.report import fmt_mean_std, markdown_table, plot_curves, plot_gate_heatmaps
 from mtrank.experiments.common import MODEL_LABELS, SYNTHETIC_TASKS, paper_model, write_results
 from mtrank.model import MultiTaskModel, count_parameters
-from mtrank.stats import paired_bootstrap
+from mtrank.stats import MIN_PAIRS, paired_bootstrap
 from mtrank.train.callbacks import Callback
 from mtrank.train.ensemble import Ensemble, EnsembleData
 from mtrank.train.trainer import resolve_device
@@ -320,23 +320,20 @@ def choose_learning_rates(study: CorrelationStudy, progress: bool = True) -> tup
     return search, {key: entry["lr"] for key, entry in search.items()}
 
 
-MIN_SEEDS_TO_RESOLVE = 10  # below this a bootstrap interval over the seeds is too narrow to trust
-
-
 def check_claims(runs: dict, blocks: list[str], correlations: list[float], n_boot: int = 10_000) -> list[dict]:
     """The paper's Fig. 4 claims that the study can decide. ``runs["block@p"]["test_loss"]``: one test loss per
     seed; run r of every model and correlation has seed r, so models pair up run by run (the same data draw).
 
     Each claim: ``holds`` (on the means), ``resolved`` (its 95% paired-bootstrap interval over the seeds
     excludes no-difference, or for the "~" claim lies within the 10% band; never with fewer than
-    ``MIN_SEEDS_TO_RESOLVE`` seeds) and ``status``: ``holds``, ``holds on the means, within noise``, ``does not
+    ``MIN_PAIRS`` seeds) and ``status``: ``holds``, ``holds on the means, within noise``, ``does not
     hold on the means, within noise`` or ``does not hold``.
     """
     losses = {b: np.array([runs[f"{b}@{p:g}"]["test_loss"] for p in correlations]) for b in blocks}  # [P, seeds]
     strata = np.repeat(np.arange(len(correlations)), losses[blocks[0]].shape[1])
     claims = []
 
-    enough = losses[blocks[0]].shape[1] >= MIN_SEEDS_TO_RESOLVE
+    enough = losses[blocks[0]].shape[1] >= MIN_PAIRS
 
     def claim(text: str, holds: bool, resolved: bool, numbers: str, interval: tuple[float, float]) -> None:
         resolved = resolved and enough
@@ -525,7 +522,7 @@ def correlation_report(summary: dict) -> str:
             f"## The paper's claims\n\n{claims}\n\nEach claim is checked on the means and by a 95% paired "
             f"bootstrap interval over the {study.seeds} seeds (run r of every model has seed r's data draw); "
             "'within noise': the means point that way but the interval does not exclude the opposite (with fewer "
-            f"than {MIN_SEEDS_TO_RESOLVE} seeds every claim is within noise: such an interval is too narrow).\n\n"
+            f"than {MIN_PAIRS} seeds every claim is within noise: such an interval is too narrow).\n\n"
         )
     text += (
         "![loss curves](loss_curves.png)\n\nCurves: mean validation MSE over the runs; band: 95% confidence "
