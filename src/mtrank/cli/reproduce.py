@@ -212,7 +212,7 @@ def register(subparsers) -> None:
     audit_counts = {
         "--runs": "runs per method on each split (default 100)",
         "--splits": "random 1:1 validation/test splits of the test file, seeds 0..K-1 (default 5)",
-        "--trials": "optuna trials per search (default 40)",
+        "--trials": "optuna trials per search (default 30, +15 after widening)",
         "--ablation-runs": "runs per method and split without the household columns (default 100; 0: none)",
         "--max-epochs": "epochs per run at most, early stopping on validation (default 15)",
         "--train-rows": "a fixed random subset of the training file (default all)",

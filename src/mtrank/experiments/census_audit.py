@@ -63,8 +63,8 @@ class AuditConfig:
 
     groups: list[int] = field(default_factory=lambda: [1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    trials: int = 40  # per search
-    widen_trials: int = 20  # more trials after widening a range whose optimum sat at its edge (0: flag only)
+    trials: int = 30  # per search
+    widen_trials: int = 15  # more trials after widening a range whose optimum sat at its edge (0: flag only)
     tune_seeds: int = 2  # runs per trial, one ensemble; their mean validation AUC is the trial's score
     lr_range: list[float] = field(default_factory=lambda: [3e-4, 3e-2])
     width_range: list[int] = field(default_factory=lambda: [32, WIDTH_CAP])

@@ -399,6 +399,23 @@ def training_table(tables: dict) -> str:
     return markdown_table(header, rows)
 
 
+def censoring_note(tables: dict, max_epochs: int, share: float = 0.25) -> str:
+    """Which run sets the epoch budget cut short: at least ``share`` of their runs had their best validation
+    step in the budget's last two evaluations (still improving, or about to)."""
+    cut = []
+    for key, table in tables.items():
+        group, variant = key.split("/")
+        for method, s in next(iter(table.values())).items():
+            if s["censored"] >= share:
+                cut.append(f"group {group} {VARIANTS[variant]} {MODEL_LABELS[method]} ({s['censored']:.0%})")
+    if not cut:
+        return f"The {max_epochs}-epoch budget cut short fewer than {share:.0%} of the runs of every method."
+    return (
+        f"The {max_epochs}-epoch budget cut short at least {share:.0%} of the runs (best step in the last two "
+        f"evaluations) of: {'; '.join(cut)}. Their numbers are what that budget gives, not the method's best."
+    )
+
+
 def leakage_section(leakage: dict) -> str:
     lines = []
     for group, rows in leakage.items():
@@ -502,6 +519,7 @@ def write_report(cfg: AuditConfig, out: Path, leakage: dict, seconds: float) -> 
         **numbers,
         "leakage": {str(g): rows for g, rows in leakage.items()},
         "seconds": seconds,
+        "training_seconds": sum(_read(parts, job)["seconds"] for job in final_jobs(cfg)),
     }
     return write_results(out, summary, markdown(cfg, summary))
 
@@ -579,11 +597,14 @@ def markdown(cfg: AuditConfig, summary: dict) -> str:
         "",
         training_table(summary["tables"]),
         "",
+        censoring_note(summary["tables"], cfg.max_epochs),
+        "",
         "## Which columns leak the marital status",
         "",
         leakage_section({int(g): r for g, r in summary["leakage"].items()}),
         "",
-        f"Wall time: {summary['seconds']:.0f} s.",
+        f"Wall time of this call: {summary['seconds']:.0f} s (a call that finds every part done only computes the "
+        f"statistics); training time recorded in the run parts: {summary['training_seconds']:.0f} s.",
         "",
     ]
     return "\n".join(text)
