@@ -188,10 +188,12 @@ def test_census_can_add_ple_beyond_the_paper_with_the_same_expert_budget(tmp_pat
     assert results["finals"]["ple"]["params"] > 0
 
 
-def test_census_audit_quick_writes_verdicts_per_claim_and_resumes_from_its_parts(tmp_path, shared_data):
+def test_census_audit_quick_writes_verdicts_per_claim_and_resumes_from_its_parts(tmp_path, shared_data, capsys):
     out = tmp_path / "audit"
     argv = ["reproduce", "census-audit", "--quick", "--no-progress", "--out", str(out)]
     argv += ["--data", str(shared_data / "census-income")]
+    assert main([*argv, "--stop-after", "0"]) == 0  # a call whose time is up starts nothing and writes no report
+    assert "0 of 27 jobs finished" in capsys.readouterr().out and not (out / "results.json").exists()
     assert main(argv) == 0
     for name in ("results.json", "results.md", "census_auc.png", "intervals.png", "searches.png"):
         assert (out / name).stat().st_size > 0

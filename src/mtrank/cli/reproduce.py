@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def _census_audit(args: argparse.Namespace, out: Path, progress: bool) -> dict |
         )
         if args.estimate:
             return None
-    return run_audit(cfg, path, out, progress)
+    return run_audit(cfg, path, out, progress, math.inf if args.stop_after is None else args.stop_after)
 
 
 EXPERIMENTS = {
@@ -115,7 +116,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     experiment, figures = EXPERIMENTS[args.command_name]
     summary = experiment(args, out, not args.no_progress)
-    if summary is None:  # census-audit --estimate
+    if summary is None:  # census-audit --estimate, or stopped by --stop-after before the end
         return 0
     return print_summary(summary, out, figures, time.perf_counter() - started)
 
@@ -208,6 +209,13 @@ def register(subparsers) -> None:
         "search, 8 runs on each of 3 splits",
     )
     audit.add_argument("--estimate", action="store_true", help="print the time estimate on --device and stop")
+    audit.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="SECONDS",
+        help="start no job or search trial after this long, finish the running ones and stop (the same command "
+        "again goes on); for machines lent by the call",
+    )
     audit.add_argument("--groups", type=int, nargs="+", choices=[1, 2], help="task groups (default 1 2)")
     audit_counts = {
         "--runs": "runs per method on each split (default 100)",

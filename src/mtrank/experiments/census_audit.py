@@ -30,9 +30,10 @@ import dataclasses
 import json
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -427,7 +428,7 @@ def widen(name: str, side: str, low: float, high: float) -> tuple[float, float] 
     return None if new_low >= low else (int(new_low) if name != "lr" else new_low, high)
 
 
-def run_search(job: dict, cfg: AuditConfig, data: AuditData, part: Path) -> dict:
+def run_search(job: dict, cfg: AuditConfig, data: AuditData, part: Path, deadline: float = math.inf) -> dict:
     """An optuna TPE search of ``job['method']`` on ``job['task']``'s validation AUC (split 0), ``cfg.trials``
     trials, then at most one widening round; every finished trial is written to ``part`` (a rerun resumes)."""
     import optuna
@@ -448,6 +449,8 @@ def run_search(job: dict, cfg: AuditConfig, data: AuditData, part: Path) -> dict
 
     def trial_round(space: dict, until: int) -> None:
         while len(state["trials"]) < until:
+            if time.time() > deadline:
+                raise _Stopped
             trial = study.ask(_distributions(space))
             params = dict(trial.params)
             config = audit_model(method, params, task_data, cfg)
@@ -463,7 +466,7 @@ def run_search(job: dict, cfg: AuditConfig, data: AuditData, part: Path) -> dict
                     "epochs": [m["epochs"] for m in trained["members"]],
                 }
             )
-            part.write_text(json.dumps(state))
+            write_atomic(part, state)
 
     space = search_space(method, cfg)
     trial_round(space, cfg.trials)
@@ -490,7 +493,7 @@ def run_search(job: dict, cfg: AuditConfig, data: AuditData, part: Path) -> dict
         limits={n: side != "inside" and widen(n, side, *space[n][:2]) is None for n, side in checks.items()},
         done=True,
     )
-    part.write_text(json.dumps(state))
+    write_atomic(part, state)
     return state
 
 
@@ -585,9 +588,18 @@ def run_final(job: dict, cfg: AuditConfig, data: AuditData, parts: Path) -> dict
         "done": True,
     }
     name = job_name(job)
-    np.savez_compressed(parts / f"{name}.npz", **{k.replace("/", "|"): v for k, v in arrays.items()})
-    (parts / f"{name}.json").write_text(json.dumps(part))
+    with open(parts / f"{name}.tmp.npz", "wb") as file:
+        np.savez_compressed(file, **{k.replace("/", "|"): v for k, v in arrays.items()})
+    os.replace(parts / f"{name}.tmp.npz", parts / f"{name}.npz")
+    write_atomic(parts / f"{name}.json", part)  # last: its presence marks the job done
     return part
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    """JSON to ``path`` through a temporary file and a rename: a killed process leaves the old file or the new."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def load_components(parts: Path, job: dict) -> dict[str, np.ndarray]:
@@ -606,45 +618,72 @@ def _data(path: Path, group: int, cfg: AuditConfig) -> AuditData:
     return _DATA[key]
 
 
-def run_job(job: dict, cfg: AuditConfig, path: Path, parts: Path) -> dict:
-    """One search or one method's runs (in this process or a worker); its part file is its result."""
+class _Stopped(Exception):
+    """The deadline passed before a search's next trial (its finished trials are in its part)."""
+
+
+def run_job(job: dict, cfg: AuditConfig, path: Path, parts: Path, deadline: float = math.inf) -> bool:
+    """One search or one method's runs on one split (in this process or a worker); its part file is its result.
+    False when the deadline (``time.time()``) stopped it; a search stops between trials, a run job does not."""
     data = _data(path, job["group"], cfg)
-    if job["kind"] == "search":
-        return run_search(job, cfg, data, parts / f"{job_name(job)}.json")
-    return run_final(job, cfg, data, parts)
+    try:
+        if job["kind"] == "search":
+            run_search(job, cfg, data, parts / f"{job_name(job)}.json", deadline)
+        else:
+            run_final(job, cfg, data, parts)
+    except _Stopped:
+        return False
+    return True
 
 
 def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(jobs: list[dict], cfg: AuditConfig, path: Path, parts: Path, desc: str, progress: bool) -> None:
+def run_jobs(
+    jobs: list[dict], cfg: AuditConfig, path: Path, parts: Path, desc: str, progress: bool, deadline: float = math.inf
+) -> bool:
     """Every job whose part is not finished, ``cfg.workers`` at a time (forked CPU processes, or spawned ones
-    on a GPU, each with this process's thread count)."""
+    on a GPU, each with this process's thread count); none starts after ``deadline`` (``time.time()``).
+    True when every job is finished."""
     todo = [j for j in jobs if not _finished(parts / f"{job_name(j)}.json")]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="job", disable=not progress)
+    done = 0
     if cfg.workers <= 1 or len(todo) <= 1:
         for job in todo:
+            if time.time() > deadline:
+                break
             bar.set_postfix_str(job_name(job))
-            run_job(job, cfg, path, parts)
+            done += run_job(job, cfg, path, parts, deadline)
             bar.update(1)
     else:
         cpu_linux = sys.platform == "linux" and resolve_device(cfg.device).type == "cpu"
         context = mp.get_context("fork" if cpu_linux else "spawn")
         with ProcessPoolExecutor(cfg.workers, context, _start_worker, (torch.get_num_threads(),)) as pool:
-            futures = [pool.submit(run_job, job, cfg, path, parts) for job in todo]
-            for future in futures:
-                future.result()
-                bar.update(1)
+            waiting, running = list(todo), set()
+            while waiting or running:
+                while waiting and len(running) < cfg.workers and time.time() <= deadline:
+                    running.add(pool.submit(run_job, waiting.pop(0), cfg, path, parts, deadline))
+                if not running:
+                    break
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done += future.result()
+                    bar.update(1)
     bar.close()
+    return done == len(todo)
 
 
 def _finished(part: Path) -> bool:
     return part.is_file() and json.loads(part.read_text()).get("done", False)
 
 
-def run_audit(cfg: AuditConfig, data_path: Path, out: Path, progress: bool = True) -> dict:
-    """Searches, runs, statistics and the report (``out/results.md``, ``results.json``, figures)."""
+def run_audit(
+    cfg: AuditConfig, data_path: Path, out: Path, progress: bool = True, stop_after: float = math.inf
+) -> dict | None:
+    """Searches, runs, statistics and the report (``out/results.md``, ``results.json``, figures). No job or
+    trial starts after ``stop_after`` seconds; then, if some are left, it returns None without a report (the same
+    call again goes on from the parts)."""
     from mtrank.experiments.census_audit_report import write_report
 
     cfg.check()
@@ -662,8 +701,18 @@ def run_audit(cfg: AuditConfig, data_path: Path, out: Path, progress: bool = Tru
     if cfg.workers > 1 and resolve_device(cfg.device).type == "cpu":
         for group in cfg.groups:  # loaded once before forking: the workers share it
             _data(data_path, group, cfg)
-    run_jobs(search_jobs(cfg), cfg, data_path, parts, "census audit: searches", progress)
-    run_jobs(final_jobs(cfg), cfg, data_path, parts, "census audit: runs", progress)
+    deadline = time.time() + stop_after
+    complete = run_jobs(search_jobs(cfg), cfg, data_path, parts, "census audit: searches", progress, deadline)
+    complete = complete and run_jobs(final_jobs(cfg), cfg, data_path, parts, "census audit: runs", progress, deadline)
+    if not complete:
+        jobs = search_jobs(cfg) + final_jobs(cfg)
+        finished = sum(_finished(parts / f"{job_name(j)}.json") for j in jobs)
+        print(
+            f"census audit: stopped after {stop_after:.0f} s with {finished} of {len(jobs)} jobs finished; the same "
+            "command again goes on from their parts",
+            flush=True,
+        )
+        return None
     leakage = {g: leakage_table(_data(data_path, g, cfg)) for g in cfg.groups}
     return write_report(cfg, out, leakage, time.perf_counter() - started)
 

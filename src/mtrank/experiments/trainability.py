@@ -138,6 +138,22 @@ def write_report(out: Path, summary: dict) -> dict:
     return write_results(out, summary, trainability_report(summary, table))
 
 
+def recheck_trainability_claims(out: Path) -> dict:
+    """The Fig. 5 claims of an earlier run (``out/results.json``), on whichever losses it kept (runs made before
+    the final loss was recorded have only the best step's), written to ``out/claims.json`` and ``claims.md``."""
+    runs = json.loads((Path(out) / "results.json").read_text())["runs"]
+    keys = [k for k in ("final_test_loss", "test_loss") if all(k in r for r in runs.values())]
+    claims = {k: trainability_claims(runs, k) for k in keys}
+    label = {"final_test_loss": "final loss", "test_loss": "best-step loss"}
+    lines = [f"- {label[k]}: {c['status']}: {c['claim']} ({c['numbers']})" for k in keys for c in claims[k]]
+    text = (
+        "# The paper's trainability claims, rechecked with intervals\n\n" + "\n".join(lines) + "\n\n95% paired "
+        "bootstrap over the seeds of the first model's minus the second's std and 90th percentile, by "
+        "`mtrank.experiments.trainability.recheck_trainability_claims`.\n"
+    )
+    return write_results(Path(out), {"claims": claims}, text, stem="claims")
+
+
 def rewrite_trainability(out: Path) -> dict:
     """Rewrite ``out``'s claims, table, figure and report from its ``results.json`` (no training)."""
     summary = json.loads((Path(out) / "results.json").read_text())
