@@ -88,6 +88,10 @@ def _census_audit(args: argparse.Namespace, out: Path, progress: bool) -> dict |
     from mtrank.experiments.census_audit import run_audit, worst_case_seconds
 
     cfg, path = audit_config(args), census_path(args)
+    try:
+        import optuna  # noqa: F401  (the searches' sampler)
+    except ImportError:
+        raise ValueError("census-audit: its searches need optuna; pip install optuna (or 'mtrank[serve]')") from None
     if args.estimate or not args.quick:
         e = worst_case_seconds(cfg, path)
         print(
