@@ -284,6 +284,9 @@ class TrainingLoop:
             else:  # the epoch is over
                 state.epoch, state.batch = state.epoch + 1, 0
         seconds = time.perf_counter() - start
+        graph = step_fn.graph
+        if graph is not None and graph.failure:  # the path it ran, not the plan
+            self.step_path, self.step_path_reason = "eager", f"CUDA graph capture failed: {graph.failure}"
         restore = [r for r in range(num) if results[r].best_step > 0]
         if best is not None and restore:
             runs.restore(best, restore)
