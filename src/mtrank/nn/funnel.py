@@ -38,7 +38,7 @@ def conditional_logit(child_logit: torch.Tensor, parent_logit: torch.Tensor) -> 
     """``logit(min(sigmoid(child) / sigmoid(parent), MAX_CONDITIONAL))``: a conditional probability's logit from
     two entire-space logits (AITM's pCVR from pCTCVR and pCTR)."""
     log_q = (F.logsigmoid(child_logit) - F.logsigmoid(parent_logit)).clamp_max(-1.000000500029089e-06)  # log(1-1e-6)
-    return log_q - log1mexp(log_q)
+    return log_q - torch.log(1 - torch.exp(log_q))  # 1 - q >= 1e-6; expm1 has no ONNX export
 
 
 class AttentionTransfer(nn.Module):
