@@ -9,19 +9,32 @@
   loss ``logloss(click) + logloss(purchase) + 0.6 mean(max(purchase - click, 0))``.
 """
 
+import json
 import math
+import sys
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+import mtrank
 from mtrank.config import ConfigError, ModelConfig
+from mtrank.config.experiment import experiment_from_dict
+from mtrank.data.readers import encode_labels, read_table
+from mtrank.data.synthetic import make_funnel
 from mtrank.export.common import max_difference
 from mtrank.export.onnx import OnnxScorer, export_onnx
 from mtrank.export.torchscript import export_torchscript, load_torchscript
 from mtrank.model import MultiTaskModel
+from mtrank.serve.schemas import ScoreRequest
+from mtrank.serve.service import ScoringService
 from mtrank.train.losses import FunnelSpec, funnel_loss, multitask_loss
 
+REPO = Path(__file__).resolve().parents[1]
 TASKS = [{"name": "ctr"}, {"name": "cvr", "depends_on": "ctr"}]
 
 
@@ -216,3 +229,79 @@ def test_task_dependencies_are_checked_with_messages_that_name_the_field():
         ModelConfig.from_dict({"inputs": {"num_dense": 2}, "tasks": tasks}).validate("model")
     with pytest.raises(ConfigError, match=r"funnel.ips_clip: an inverse propensity is >= 1"):
         ModelConfig.from_dict({"inputs": {"num_dense": 2}, "funnel": {"ips_clip": 0.5}}).validate("model")
+
+
+# ------------------------------------------------------------------------------ the funnel data and the study
+
+
+def test_the_funnel_generator_knows_the_cvr_of_every_impression():
+    data, true_cvr = make_funnel(n=40_000, seed=0)
+    click, conversion = data.labels[:, 0], data.labels[:, 1]
+    assert torch.equal(conversion.isnan(), click == 0)  # conversions are seen on clicked rows only
+    clicked = click == 1
+    # the observed CVR of clicked rows estimates the true CVR of clicked rows, which is not the CVR over all
+    observed = conversion[clicked].mean().item()
+    assert observed == pytest.approx(true_cvr[clicked].mean().item(), abs=0.015)
+    assert true_cvr[clicked].mean() - true_cvr.mean() > 0.05  # sample selection bias
+    assert make_funnel(n=100, seed=3)[1].tolist() == make_funnel(n=100, seed=3)[1].tolist()
+
+
+def test_zoo_funnel_quick_mode_writes_bias_against_the_truth_with_paired_intervals(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import zoo_funnel
+
+    assert zoo_funnel.main(["--quick", "--out", str(tmp_path / "funnel")]) == 0
+    results = json.loads((tmp_path / "funnel.json").read_text())
+    assert list(results["runs"]) == ["naive", "esmm", "escm2-ips", "escm2-dr", "aitm"]
+    assert all(len(runs) == 2 and math.isfinite(runs[0]["bias"]) for runs in results["runs"].values())
+    interval = results["paired_vs_naive"]["esmm"]["rmse"]
+    assert interval["low"] <= interval["estimate"] <= interval["high"]
+    assert "| escm2-dr |" in (tmp_path / "funnel.md").read_text()
+
+
+# ------------------------------------------------------------------------ Ali-CCP / AliExpress sample configs
+
+
+def sample_config(name: str, shared_data: Path, **model) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    for key in ("train", "valid", "test"):
+        if key in raw["data"]:
+            raw["data"][key] = str(shared_data / raw["data"][key].removeprefix("../../shared/data/"))
+    raw["train"].update(epochs=2, batch_size=64, progress=False)
+    raw["model"]["funnel"].update(model)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "name, funnel",
+    [
+        ("ali_ccp_esmm.yaml", {}),
+        ("ali_ccp_esmm.yaml", {"type": "escm2", "counterfactual": "ips"}),
+        ("ali_ccp_esmm.yaml", {"type": "escm2", "counterfactual": "dr"}),
+        ("ali_ccp_esmm.yaml", {"type": "aitm"}),
+        ("aliexpress_aitm.yaml", {}),
+        ("aliexpress_aitm.yaml", {"type": "esmm"}),
+    ],
+)
+def test_funnel_configs_train_on_the_shipped_samples_and_serve_the_declared_scores(tmp_path, shared_data, name, funnel):
+    raw = sample_config(name, shared_data, **funnel)
+    result = mtrank.fit(raw, output=tmp_path / "model")
+    assert all(math.isfinite(m["loss"]) for m in result.metrics.values())
+    cvr_metrics = [key for key in result.metrics["test"] if key.endswith("/cvr")]
+    assert cvr_metrics  # CVR metrics over the test split's clicked rows
+    frame = pd.read_csv(raw["data"]["test"]).head(3)
+    features = raw["features"]["categorical"] + raw["features"]["numeric"]
+    candidates = [{f: row[f] for f in features} for row in frame.to_dict("records")]
+    for backend in ("eager", "onnx"):
+        response = ScoringService(tmp_path / "model", backend).score(ScoreRequest(candidates=candidates))
+        assert response.tasks == ["ctr", "cvr"]
+        assert all(0 < s["ctr"] < 1 and 0 < s["cvr"] < 1 for s in response.scores)
+
+
+def test_a_dependent_tasks_label_exists_only_where_its_parent_is_one(shared_data):
+    config = experiment_from_dict(sample_config("ali_ccp_esmm.yaml", shared_data))
+    assert config.tasks[1].mask_column == "click"
+    table, _ = read_table(config.data.train, config)
+    labels = encode_labels(table, config.tasks, "ali-ccp")
+    click = labels[:, 0]
+    assert np.isnan(labels[click == 0, 1]).all() and not np.isnan(labels[click == 1, 1]).any()
