@@ -14,6 +14,7 @@ Paired differences to the naive model (the same seed = the same rows) with 95% p
 (:func:`mtrank.stats.paired_bootstrap`, 10,000 resamples of the seeds).
 
     python benchmarks/zoo_funnel.py --epochs 10    # 50,000 impressions, 5 seeds: docs/results/zoo_funnel.{json,md}
+    python benchmarks/zoo_funnel.py --epochs 10 --click-bias -4 --out docs/results/zoo_funnel-sparse   # CTR 7%
     python benchmarks/zoo_funnel.py --quick        # 3,000 impressions, 1 epoch, 2 seeds (seconds; tested)
 """
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     data_facts = []
     started = time.perf_counter()
     for seed in range(args.seeds):
-        data, true_cvr = make_funnel(FunnelConfig(n=args.rows, seed=seed))
+        data, true_cvr = make_funnel(FunnelConfig(n=args.rows, click_bias=args.click_bias, seed=seed))
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         cut = [int(len(data) * 0.6), int(len(data) * 0.8)]
         train, valid, test = data[order[: cut[0]]], data[order[cut[0] : cut[1]]], data[order[cut[1] :]]
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
             }
     return {
         "command": " ".join(["python benchmarks/zoo_funnel.py", *sys.argv[1:]]),
-        "funnel": FunnelConfig(n=args.rows).__dict__ | {"seed": "0 .. seeds - 1"},
+        "funnel": FunnelConfig(n=args.rows, click_bias=args.click_bias).__dict__ | {"seed": "0 .. seeds - 1"},
         "rows": args.rows,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--click-bias", type=float, default=-2.0, help="sets the CTR (-2: about 23%%, -4: 7%%)")
     parser.add_argument("--models", nargs="+", default=list(FUNNELS), choices=list(FUNNELS))
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "zoo_funnel"), help="output path stem")
     args = parser.parse_args(argv)

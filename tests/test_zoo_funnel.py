@@ -20,12 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from sklearn.metrics import log_loss, roc_auc_score
 
 import mtrank
 from mtrank.config import ConfigError, ModelConfig
 from mtrank.config.experiment import experiment_from_dict
 from mtrank.data.readers import encode_labels, read_table
 from mtrank.data.synthetic import make_funnel
+from mtrank.evaluate.metrics import task_metrics
 from mtrank.export.common import max_difference
 from mtrank.export.onnx import OnnxScorer, export_onnx
 from mtrank.export.torchscript import export_torchscript, load_torchscript
@@ -305,3 +307,15 @@ def test_a_dependent_tasks_label_exists_only_where_its_parent_is_one(shared_data
     labels = encode_labels(table, config.tasks, "ali-ccp")
     click = labels[:, 0]
     assert np.isnan(labels[click == 0, 1]).all() and not np.isnan(labels[click == 1, 1]).any()
+
+
+def test_evaluation_adds_the_entire_space_auc_of_the_product_over_every_impression():
+    tasks = ModelConfig.from_dict({"inputs": {"num_dense": 1}, "tasks": TASKS}).tasks
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0], [-1.0, 0.5], [1.0, 0.0]])
+    labels = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, math.nan], [0.0, math.nan]])
+    metrics = task_metrics(tasks, logits, labels)
+    p = torch.sigmoid(logits.double())
+    ctcvr, y = (p[:, 0] * p[:, 1]).numpy(), np.array([1.0, 0.0, 0.0, 0.0])
+    assert metrics["auc/cvr_entire"] == pytest.approx(roc_auc_score(y, ctcvr))
+    assert metrics["logloss/cvr_entire"] == pytest.approx(log_loss(y, ctcvr))
+    assert metrics["auc/cvr"] == 1.0  # pCVR on the two clicked rows only
