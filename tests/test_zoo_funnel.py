@@ -23,7 +23,7 @@ import yaml
 from sklearn.metrics import log_loss, roc_auc_score
 
 import mtrank
-from mtrank.config import ConfigError, ModelConfig
+from mtrank.config import ConfigError, ModelConfig, TrainConfig
 from mtrank.config.experiment import experiment_from_dict
 from mtrank.data.readers import encode_labels, read_table
 from mtrank.data.synthetic import make_funnel
@@ -31,10 +31,13 @@ from mtrank.evaluate.metrics import task_metrics
 from mtrank.export.common import max_difference
 from mtrank.export.onnx import OnnxScorer, export_onnx
 from mtrank.export.torchscript import export_torchscript, load_torchscript
-from mtrank.model import MultiTaskModel
+from mtrank.model import MultiTaskModel, ScoringModule
 from mtrank.serve.schemas import ScoreRequest
 from mtrank.serve.service import ScoringService
+from mtrank.train import Trainer
+from mtrank.train.ensemble import Ensemble, EnsembleData
 from mtrank.train.losses import FunnelSpec, funnel_loss, multitask_loss
+from tabular_helpers import one_torch_thread  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = [{"name": "ctr"}, {"name": "cvr", "depends_on": "ctr"}]
@@ -248,10 +251,15 @@ def test_the_funnel_generator_knows_the_cvr_of_every_impression():
     assert make_funnel(n=100, seed=3)[1].tolist() == make_funnel(n=100, seed=3)[1].tolist()
 
 
-def test_zoo_funnel_quick_mode_writes_bias_against_the_truth_with_paired_intervals(tmp_path):
+def load_benchmark():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import zoo_funnel
 
+    return zoo_funnel
+
+
+def test_zoo_funnel_quick_mode_writes_bias_against_the_truth_with_paired_intervals(tmp_path):
+    zoo_funnel = load_benchmark()
     assert zoo_funnel.main(["--quick", "--out", str(tmp_path / "funnel")]) == 0
     results = json.loads((tmp_path / "funnel.json").read_text())
     assert list(results["runs"]) == ["naive", "esmm", "escm2-ips", "escm2-dr", "aitm"]
@@ -319,3 +327,47 @@ def test_evaluation_adds_the_entire_space_auc_of_the_product_over_every_impressi
     assert metrics["auc/cvr_entire"] == pytest.approx(roc_auc_score(y, ctcvr))
     assert metrics["logloss/cvr_entire"] == pytest.approx(log_loss(y, ctcvr))
     assert metrics["auc/cvr"] == 1.0  # pCVR on the two clicked rows only
+
+
+# ------------------------------------------------------------------------------------------- training paths
+
+
+@pytest.mark.parametrize("funnel", ["esmm", "escm2-dr", "aitm"])
+def test_an_ensemble_member_trains_as_the_same_seed_alone_with_the_funnel_loss(funnel):
+    """The Trainer and the vmapped Ensemble both add :func:`funnel_loss` (and zero the dependent task's own
+    weight): member r's validation history is the single run's."""
+    zoo_funnel = load_benchmark()
+    config = zoo_funnel.model_config(16, zoo_funnel.FUNNELS[funnel])
+    seeds = [1, 2]
+    parts = [make_funnel(n=900, seed=s)[0] for s in seeds]
+    train = EnsembleData.stack([p[:600] for p in parts])
+    valid = EnsembleData.stack([p[600:] for p in parts])
+    train_cfg = TrainConfig(lr=3e-3, batch_size=100, steps=24, eval_every=8, progress=False)
+    result = Ensemble(config, seeds).fit(train, valid, train_cfg)
+    for r, seed in enumerate(seeds):
+        single = Trainer(MultiTaskModel(config, seed=seed), TrainConfig(**{**train_cfg.__dict__, "seed": seed}))
+        history = single.fit(train.member(r), valid.member(r)).history
+        assert [h["valid/loss"] for h in result.history[r]] == pytest.approx(
+            [h["valid/loss"] for h in history], rel=1e-4
+        )
+        assert history[-1]["valid/loss"] < history[0]["valid/loss"]  # it learns
+
+
+def test_funnel_models_export_with_torch_export():
+    for funnel in ({"type": "escm2", "counterfactual": "dr"}, {"type": "aitm"}):
+        module = ScoringModule(funnel_model(funnel, "mmoe").eval())
+        dense, sparse, _ = funnel_batch()
+        exported = torch.export.export(module, (dense, sparse)).module()
+        torch.testing.assert_close(exported(dense, sparse), module(dense, sparse))
+
+
+def test_the_bias_tower_adds_to_the_task_logits_only_in_a_funnels_training_forward():
+    model = funnel_model({"type": "escm2", "counterfactual": "dr"}, bias={"features": [1], "dropout": 0.0})
+    dense, sparse, _ = funnel_batch()
+    model.train()
+    with_bias = model(dense, sparse).task_logits  # (B, K + 1)
+    bias = model.bias_tower(sparse.index_select(1, model.bias_features))
+    model.bias_tower = None
+    without = model(dense, sparse).task_logits
+    torch.testing.assert_close(with_bias[:, :2] - without[:, :2], bias)
+    torch.testing.assert_close(with_bias[:, 2], without[:, 2])  # the imputation column is not biased

@@ -125,7 +125,7 @@ class TaskFunnel(nn.Module):
             q_child = tower_out.index_select(0, self.child_index)  # (J, B, H)
             z = transfer(q_child, tower_out.index_select(0, self.parent_index))  # (J, B, H)
             z_all = tower_out.index_copy(0, self.child_index, z)  # (K, B, H): roots keep q
-            joint = output(z_all).squeeze(-1).transpose(0, 1)  # (B, K) entire-space logits
+            joint = output(z_all).squeeze(-1).transpose(0, 1).float()  # (B, K) entire-space logits (the ratio: fp32)
             logits = joint.index_copy(
                 1,
                 self.child_index,
