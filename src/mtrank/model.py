@@ -44,8 +44,8 @@ class MultiTaskModel(nn.Module):
     to the task logits in training only; evaluation and serving scores are debiased. With ``block: stem`` every
     task (and the shared experts) reads its own embedding of the categorical features (one lookup in a table
     ``K + 1`` times as wide); with ``pepnet`` sections, EPNet gates the block input and PPNet the towers. Tasks
-with ``depends_on`` output their conditional logit (pCVR); with ``funnel: escm2`` (DR) or ``aitm`` a training
-forward appends one column per dependent task for the loss (:mod:`mtrank.nn.funnel`).
+    with ``depends_on`` output their conditional logit (pCVR); with ``funnel: escm2`` (DR) or ``aitm`` a training
+    forward appends one column per dependent task for the loss (:mod:`mtrank.nn.funnel`).
 
     Shapes: ``dense [B, F_dense]`` float, ``sparse [B, F_cat]`` int64 -> :class:`MultiTaskOutput`.
 
