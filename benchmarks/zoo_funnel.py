@@ -31,7 +31,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from mtrank.config import ModelConfig, TrainConfig
-from mtrank.data.synthetic import FunnelConfig, make_funnel
+from mtrank.data.synthetic import SyntheticFunnelConfig, make_funnel
 from mtrank.evaluate.report import fmt_mean_std, markdown_table
 from mtrank.model import MultiTaskModel, count_parameters
 from mtrank.stats import paired_bootstrap
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     data_facts = []
     started = time.perf_counter()
     for seed in range(args.seeds):
-        data, true_cvr = make_funnel(FunnelConfig(n=args.rows, click_bias=args.click_bias, seed=seed))
+        data, true_cvr = make_funnel(SyntheticFunnelConfig(n=args.rows, click_bias=args.click_bias, seed=seed))
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         cut = [int(len(data) * 0.6), int(len(data) * 0.8)]
         train, valid, test = data[order[: cut[0]]], data[order[cut[0] : cut[1]]], data[order[cut[1] :]]
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
             }
     return {
         "command": " ".join(["python benchmarks/zoo_funnel.py", *sys.argv[1:]]),
-        "funnel": FunnelConfig(n=args.rows, click_bias=args.click_bias).__dict__ | {"seed": "0 .. seeds - 1"},
+        "funnel": SyntheticFunnelConfig(n=args.rows, click_bias=args.click_bias).__dict__ | {"seed": "0 .. seeds - 1"},
         "rows": args.rows,
         "epochs": args.epochs,
         "batch_size": args.batch_size,

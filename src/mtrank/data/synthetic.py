@@ -75,7 +75,7 @@ def make_synthetic(config: SyntheticConfig | None = None, **overrides) -> Tensor
 
 
 @dataclass
-class FunnelConfig:
+class SyntheticFunnelConfig:
     """A click -> conversion funnel with a known conversion probability on every impression.
 
     ``x ~ N(0, I_d)``; unit vectors ``u_c, u_v`` with ``cos = correlation``; ``s_c = x . u_c``, ``s_v = x . u_v``:
@@ -100,8 +100,8 @@ class FunnelConfig:
     seed: int = 0
 
 
-def make_funnel(config: FunnelConfig | None = None, **overrides) -> tuple[TensorData, torch.Tensor]:
-    """``n`` impressions of :class:`FunnelConfig`: ``dense = x [n, d]``, ``labels = [click, conversion] [n, 2]``
+def make_funnel(config: SyntheticFunnelConfig | None = None, **overrides) -> tuple[TensorData, torch.Tensor]:
+    """``n`` impressions of :class:`SyntheticFunnelConfig`: ``dense = x [n, d]``, ``labels = [click, conversion] [n, 2]``
     (conversion NaN where not clicked), and the true CVR of every impression ``[n]`` (float32).
 
     Example:
@@ -109,9 +109,9 @@ def make_funnel(config: FunnelConfig | None = None, **overrides) -> tuple[Tensor
         >>> data.labels.shape, true_cvr.shape, bool(data.labels[:, 1].isnan().any())
         (torch.Size([2000, 2]), torch.Size([2000]), True)
     """
-    config = config or FunnelConfig()
+    config = config or SyntheticFunnelConfig()
     if overrides:
-        config = FunnelConfig(**{**config.__dict__, **overrides})
+        config = SyntheticFunnelConfig(**{**config.__dict__, **overrides})
     if not -1.0 <= config.correlation <= 1.0:
         raise ValueError(f"correlation must be in [-1, 1], got {config.correlation}")
     gen = torch.Generator().manual_seed(config.seed)
