@@ -101,8 +101,8 @@ class SyntheticFunnelConfig:
 
 
 def make_funnel(config: SyntheticFunnelConfig | None = None, **overrides) -> tuple[TensorData, torch.Tensor]:
-    """``n`` impressions of :class:`SyntheticFunnelConfig`: ``dense = x [n, d]``, ``labels = [click, conversion] [n, 2]``
-    (conversion NaN where not clicked), and the true CVR of every impression ``[n]`` (float32).
+    """``n`` impressions of :class:`SyntheticFunnelConfig`: ``dense = x [n, d]``, ``labels = [click, conversion]
+    [n, 2]`` (conversion NaN where not clicked), and the true CVR of every impression ``[n]`` (float32).
 
     Example:
         >>> data, true_cvr = make_funnel(n=2000, seed=1)
