@@ -32,7 +32,7 @@ from mtrank.train.callbacks import Callback
 from mtrank.train.cuda_graph import GraphedStep
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.loop import TrainingLoop, TrainResult
-from mtrank.train.losses import FunnelSpec
+from mtrank.train.losses import FunnelSpec, label_loss_weights
 from mtrank.train.optim import clip_gradients_per_run
 from mtrank.train.sources import InMemorySource
 from mtrank.train.step import resolve_device
@@ -179,8 +179,7 @@ class Ensemble:
         self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
         self.binary_mask = models[0].binary_mask.to(self.device)
         self.funnel = FunnelSpec.from_config(self.config)
-        weights = self.funnel.label_weights() if self.funnel else [t.weight for t in config.tasks]
-        self.task_weights = torch.tensor(weights, device=self.device)
+        self.task_weights = torch.tensor(label_loss_weights(self.config), device=self.device)
         self.task_names = config.task_names
         self._random_sources = models[0].random_sources()
         self.loop: TrainingLoop | None = None

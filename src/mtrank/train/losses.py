@@ -23,6 +23,7 @@ __all__ = [
     "batch_losses",
     "funnel_loss",
     "FunnelSpec",
+    "label_loss_weights",
     "load_balance_loss",
     "DISTILL_MODES",
 ]
@@ -152,6 +153,13 @@ class FunnelSpec(NamedTuple):
         """The weights of :func:`multitask_loss` beside the funnel: a dependent task's own (clicked-rows) loss
         is replaced by its entire-space loss, so it gets weight 0 there."""
         return [0.0 if parent >= 0 else weight for parent, weight in zip(self.parents, self.weights)]
+
+
+def label_loss_weights(config: ModelConfig) -> list[float]:
+    """The task weights of :func:`multitask_loss` for ``config``: its tasks' weights, a dependent task's at 0
+    when a funnel trains it (its entire-space loss in :func:`funnel_loss` replaces its clicked-rows loss)."""
+    spec = FunnelSpec.from_config(config)
+    return spec.label_weights() if spec is not None else [t.weight for t in config.tasks]
 
 
 def _masked_mean(values: torch.Tensor, present: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from mtrank.model import MultiTaskModel
 from mtrank.train.callbacks import Callback
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.loop import TrainingLoop, TrainResult
-from mtrank.train.losses import FunnelSpec
+from mtrank.train.losses import FunnelSpec, label_loss_weights
 from mtrank.train.optim import clip_gradients
 from mtrank.train.sources import InMemorySource
 from mtrank.train.step import resolve_device
@@ -32,8 +32,7 @@ class SingleRun:
         self.task_names = model.task_names
         self.binary_mask = model.binary_mask
         self.funnel = FunnelSpec.from_config(model.config)
-        weights = self.funnel.label_weights() if self.funnel else [t.weight for t in model.tasks]
-        self.task_weights = torch.tensor(weights, device=device)
+        self.task_weights = torch.tensor(label_loss_weights(model.config), device=device)
         self.module: torch.nn.Module = self.model
         if rank_and_world()[1] > 1:
             device_ids = [device.index or torch.cuda.current_device()] if device.type == "cuda" else None
