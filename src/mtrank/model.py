@@ -10,11 +10,13 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtrank.config import EXPERTS, GATES, ModelConfig, TaskConfig
 from mtrank.nn import ExtractionLevel, FeatureEmbedding, MultiTaskBlock, StackedMLP, block_layouts
 from mtrank.nn.bias import BiasTower
+from mtrank.nn.funnel import TaskFunnel
 from mtrank.nn.mixer import FeatureMixer
 from mtrank.nn.pepnet import EPNet, PPNet
 from mtrank.nn.residual import NativeExpertWeights, SelfGates
@@ -41,7 +43,9 @@ class MultiTaskModel(nn.Module):
     Bias features (YouTube's position / device) skip the main model and feed a shallow tower whose logit is added
     to the task logits in training only; evaluation and serving scores are debiased. With ``block: stem`` every
     task (and the shared experts) reads its own embedding of the categorical features (one lookup in a table
-    ``K + 1`` times as wide); with ``pepnet`` sections, EPNet gates the block input and PPNet the towers.
+    ``K + 1`` times as wide); with ``pepnet`` sections, EPNet gates the block input and PPNet the towers. Tasks
+    with ``depends_on`` output their conditional logit (pCVR); with ``funnel: escm2`` (DR) or ``aitm`` a training
+    forward appends one column per dependent task for the loss (:mod:`mtrank.nn.funnel`).
 
     Shapes: ``dense [B, F_dense]`` float, ``sparse [B, F_cat]`` int64 -> :class:`MultiTaskOutput`.
 
@@ -131,7 +135,8 @@ class MultiTaskModel(nn.Module):
         x, tower_scales = self.block_input(dense, sparse)
         task_logits, gate_weights, aux_loss = self.block(x, tower_scales)
         if self.bias_tower is not None and self.training:
-            task_logits = task_logits + self.bias_tower(sparse.index_select(1, self.bias_features))
+            bias_logits = self.bias_tower(sparse.index_select(1, self.bias_features))  # (B, K)
+            task_logits = task_logits + F.pad(bias_logits, (0, task_logits.shape[1] - bias_logits.shape[1]))
         return MultiTaskOutput(task_logits, gate_weights, aux_loss)
 
     def block_input(self, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -296,11 +301,22 @@ def build_block(config: ModelConfig, in_features: int) -> MultiTaskBlock:
             residual = SelfGates(width, layout.own)
         levels.append(ExtractionLevel(expert_bank, gates, layout, config.num_tasks, residual))
         width = expert_bank.output_dim
-    towers = config.towers
+    towers, funnel = config.towers, config.funnel
+    aitm = funnel.type == "aitm"  # AITM's towers end at their last hidden layer; its output layer follows the transfer
     tower_bank = StackedMLP(
-        config.num_tasks, width, [*towers.hidden, 1], towers.activation, towers.dropout, final_activation=False
+        config.num_tasks,
+        width,
+        towers.hidden if aitm else [*towers.hidden, 1],
+        towers.activation,
+        towers.dropout,
+        final_activation=aitm,
     )
-    return MultiTaskBlock(levels, tower_bank, shared)
+    task_funnel = None
+    if config.funnel_columns:
+        task_funnel = TaskFunnel(
+            config.parents, funnel.type, funnel.counterfactual == "dr", width, list(towers.hidden), towers.activation
+        )
+    return MultiTaskBlock(levels, tower_bank, shared, task_funnel)
 
 
 class ScoringModule(nn.Module):

@@ -203,6 +203,9 @@ class TaskSpec(Config):
         positive: derive a binary label by comparing the column with a number: ``">= 4"``, ``"== 5"``.
         positive_values: derive a binary label: 1 where the value is one of these (e.g. ``" 50000+."``).
         mask_column: rows where this column is 0, false or missing have no label for this task.
+        depends_on: the task this one follows in a funnel (``cvr`` after ``ctr``); its label then exists only
+            where the parent's column is 1 (``mask_column`` defaults to the parent's column). See
+            :class:`~mtrank.config.model.FunnelConfig`.
     """
 
     shorthand: ClassVar[str] = "name"
@@ -213,6 +216,7 @@ class TaskSpec(Config):
     positive: str = ""
     positive_values: list[Any] = field(default_factory=list)
     mask_column: str = ""
+    depends_on: str = ""
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
@@ -229,7 +233,7 @@ class TaskSpec(Config):
             raise ConfigError(f"{join(path, 'type')}: a label derived with positive/positive_values must be binary")
 
     def task_config(self) -> TaskConfig:
-        return TaskConfig(self.name, self.type, self.weight)
+        return TaskConfig(self.name, self.type, self.weight, self.depends_on)
 
 
 @dataclass
@@ -458,6 +462,9 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
         names = [t.name for t in tasks]
         for i, name in enumerate(names):
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
+        for task in tasks:  # a dependent task's label exists where its parent's is 1 (unknown parents: model check)
+            if task.depends_on in names and not task.mask_column:
+                task.mask_column = tasks[names.index(task.depends_on)].column
         model = _model_section(raw.get("model"), tasks, features)
         train = build(TrainConfig, raw.get("train") or {}, "train")
         output = raw.get("output", "runs/model")

@@ -10,6 +10,7 @@
 ``pepnet``      PEPNet's embedding (EPNet) and tower (PPNet) gates, conditioned on chosen features
 ``mixer``       a transformer over the feature tokens (Pinterest Closeup)
 ``bias``        YouTube's shallow tower for position / selection bias
+``funnel``      how tasks that depend on another (click -> conversion) are trained: ESMM, ESCM2, AITM
 ==============  ==========================================================================================
 
 Blocks (one mechanism, many configurations; see :mod:`mtrank.nn.routing`):
@@ -80,17 +81,23 @@ class TaskConfig(Config):
     Args:
         name: task name, used in metrics, reports and exports.
         type: ``"binary"`` (logits, BCE-with-logits) or ``"regression"`` (MSE).
-        weight: weight of this task's loss in the total loss.
+        weight: weight of this task's loss in the total loss (with ``depends_on`` and a ``funnel``: of its
+            entire-space loss, e.g. ESMM's CTCVR loss).
+        depends_on: the task this one follows in a funnel (``cvr`` depends on ``ctr``): its label exists only
+            where the parent's label is 1 and its score is the conditional probability (pCVR); the product of
+            the chain's scores is the entire-space probability (pCTCVR). See :class:`FunnelConfig`.
     """
 
     shorthand: ClassVar[str] = "name"
     name: str
     type: Literal["binary", "regression"] = "binary"
     weight: float = 1.0
+    depends_on: str = ""
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
+        check(self.depends_on != self.name, join(path, "depends_on"), f"task {self.name!r} cannot depend on itself")
 
 
 @dataclass
@@ -367,6 +374,45 @@ class PEPNetConfig(Config):
 
 
 @dataclass
+class FunnelConfig(Config):
+    """How the tasks with ``depends_on`` (a click -> conversion funnel) are trained.
+
+    ``none`` trains a dependent task on the rows where its parent's label is 1 only (the naive CVR model, with
+    its sample-selection bias). The others train it over the whole impression space, its score staying the
+    conditional probability (pCVR) and ``pCTCVR = pCTR x pCVR`` (:func:`mtrank.train.losses.funnel_loss`):
+
+    * ``esmm`` (Ma et al., SIGIR 2018): ``L = L_CTR + w L_CTCVR``, no direct CVR loss.
+    * ``escm2`` (Wang et al., SIGIR 2022): ESMM plus ``counterfactual_weight`` x the counterfactual CVR risk,
+      ``counterfactual: ips`` (inverse propensity) or ``dr`` (doubly robust, with an imputation tower).
+    * ``aitm`` (Xi et al., KDD 2021): the dependent tower reads its parent's tower through an attention transfer
+      and predicts the entire-space probability; ``calibrator_weight`` x ``max(p_child - p_parent, 0)``.
+
+    Args:
+        type: ``none``, ``esmm``, ``escm2`` or ``aitm``.
+        counterfactual: ESCM2's risk, ``ips`` or ``dr``.
+        counterfactual_weight: ESCM2's lambda_c (PaddleRec's ``counterfactual_w``).
+        ips_clip: the largest inverse propensity ``1 / pCTR`` (PaddleRec's 15); 0 = no clip.
+        calibrator_weight: AITM's alpha (0.6 in the paper and the authors' code).
+    """
+
+    type: Literal["none", "esmm", "escm2", "aitm"] = "none"
+    counterfactual: Literal["ips", "dr"] = "ips"
+    counterfactual_weight: float = 0.1
+    ips_clip: float = 15.0
+    calibrator_weight: float = 0.6
+
+    def check(self, path: str) -> None:
+        for name in ("counterfactual_weight", "ips_clip", "calibrator_weight"):
+            value = getattr(self, name)
+            check(0 <= value < math.inf, join(path, name), f"must be >= 0 and finite, got {value}")
+        check(
+            self.ips_clip == 0 or self.ips_clip >= 1,
+            join(path, "ips_clip"),
+            f"an inverse propensity is >= 1: give a clip >= 1 or 0 (none), got {self.ips_clip}",
+        )
+
+
+@dataclass
 class ModelConfig(Config):
     """Architecture of a multi-task ranker (sections: see the module docstring)."""
 
@@ -381,6 +427,7 @@ class ModelConfig(Config):
     mixer: MixerConfig = field(default_factory=MixerConfig)
     bias: BiasConfig = field(default_factory=BiasConfig)
     pepnet: PEPNetConfig = field(default_factory=PEPNetConfig)
+    funnel: FunnelConfig = field(default_factory=FunnelConfig)
 
     @property
     def num_tasks(self) -> int:
@@ -432,6 +479,7 @@ class ModelConfig(Config):
         for i, name in enumerate(self.bias.tasks):
             check(name in names, f"{join(path, 'bias.tasks')}[{i}]", f"unknown task {name!r}; tasks are {names}")
         self._check_zoo(path)
+        self._check_funnel(path)
         self.experts.check_in(self, join(path, "experts"))
         self.gate.check_in(self, join(path, "gate"))
 
@@ -459,6 +507,52 @@ class ModelConfig(Config):
             where = join(path, f"pepnet.{section}")
             for i, feature in enumerate(getattr(self.pepnet, section)):
                 self.pepnet_column(feature, f"{where}[{i}]")
+
+    def _check_funnel(self, path: str) -> None:
+        """Task dependencies: each names an earlier binary task; a funnel type needs one; AITM needs towers."""
+        names, funnel = self.task_names, self.funnel
+        for i, task in enumerate(self.tasks):
+            if not task.depends_on:
+                continue
+            where = f"{join(path, 'tasks')}[{i}].depends_on"
+            check(
+                task.depends_on in names[:i],
+                where,
+                f"{task.depends_on!r} is not a task declared before {task.name!r}; tasks are {names}"
+                f"{did_you_mean(task.depends_on, names)}",
+            )
+            parent = self.tasks[names.index(task.depends_on)]
+            check(
+                task.type == "binary" and parent.type == "binary",
+                where,
+                f"a funnel links binary tasks; {task.name!r} is {task.type} and {parent.name!r} is {parent.type}",
+            )
+        if funnel.type == "none":
+            return
+        where = join(path, "funnel.type")
+        check(bool(self.dependents), where, f"{funnel.type} needs a task with depends_on (e.g. cvr depends_on ctr)")
+        if funnel.type == "aitm":
+            check(bool(self.towers.hidden), join(path, "towers.hidden"), "aitm transfers a tower's last hidden layer")
+            check(not self.pepnet.ppnet, join(path, "pepnet.ppnet"), "not with funnel aitm (its output layer)")
+
+    @property
+    def parents(self) -> list[int]:
+        """The index of each task's ``depends_on`` task, -1 for none."""
+        names = self.task_names
+        return [names.index(t.depends_on) if t.depends_on in names else -1 for t in self.tasks]
+
+    @property
+    def dependents(self) -> list[int]:
+        """The tasks with a parent, in order."""
+        return [k for k, parent in enumerate(self.parents) if parent >= 0]
+
+    @property
+    def funnel_columns(self) -> int:
+        """Columns a training forward adds after the K task logits: ESCM2-DR's imputed errors, AITM's
+        entire-space logits, one per dependent task (0 otherwise)."""
+        funnel = self.funnel
+        adds = funnel.type == "aitm" or (funnel.type == "escm2" and funnel.counterfactual == "dr")
+        return len(self.dependents) if adds else 0
 
     def pepnet_column(self, feature: int | str, path: str) -> int:
         """The column of a PEPNet feature: a single categorical column that the main model reads."""

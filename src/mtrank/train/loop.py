@@ -113,6 +113,7 @@ class Runs(Protocol):
     device: torch.device
     binary_mask: torch.Tensor
     task_weights: torch.Tensor
+    funnel: Any  # a FunnelSpec (mtrank.train.losses) when tasks depend on others, else None
     task_names: list[str]
 
     def parameters(self) -> list[torch.Tensor]: ...

@@ -8,12 +8,25 @@ the ensemble and the CUDA-graph step. The router balancing loss of top-k gates i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from mtrank.config import ModelConfig
+from mtrank.nn.funnel import log1mexp
 from mtrank.nn.gates import load_balance_loss
 
-__all__ = ["multitask_loss", "distillation_loss", "batch_losses", "load_balance_loss", "DISTILL_MODES"]
+__all__ = [
+    "multitask_loss",
+    "distillation_loss",
+    "batch_losses",
+    "funnel_loss",
+    "FunnelSpec",
+    "label_loss_weights",
+    "load_balance_loss",
+    "DISTILL_MODES",
+]
 
 DISTILL_MODES = ("pointwise", "pairwise", "score_l2")
 
@@ -105,3 +118,140 @@ def batch_losses(
     if distill != "none" and teacher_logits is not None:
         total = total + distill_weight * distillation_loss(task_logits, teacher_logits, binary_mask, distill)
     return total, per_task
+
+
+class FunnelSpec(NamedTuple):
+    """What :func:`funnel_loss` needs of a model's ``funnel`` section and task dependencies (static Python values,
+    so that a CUDA graph records one fixed computation)."""
+
+    parents: list[int]
+    kind: str
+    doubly_robust: bool
+    weights: list[float]
+    counterfactual_weight: float
+    ips_clip: float
+    calibrator_weight: float
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> FunnelSpec | None:
+        """None when no task depends on another, or with ``funnel: none`` (the naive model: a dependent task is
+        an ordinary task whose label is missing where its parent's is 0)."""
+        funnel = config.funnel
+        if funnel.type == "none" or not config.dependents:
+            return None
+        return cls(
+            config.parents,
+            funnel.type,
+            funnel.counterfactual == "dr",
+            [t.weight for t in config.tasks],
+            funnel.counterfactual_weight,
+            funnel.ips_clip,
+            funnel.calibrator_weight,
+        )
+
+    def label_weights(self) -> list[float]:
+        """The weights of :func:`multitask_loss` beside the funnel: a dependent task's own (clicked-rows) loss
+        is replaced by its entire-space loss, so it gets weight 0 there."""
+        return [0.0 if parent >= 0 else weight for parent, weight in zip(self.parents, self.weights)]
+
+
+def label_loss_weights(config: ModelConfig) -> list[float]:
+    """The task weights of :func:`multitask_loss` for ``config``: its tasks' weights, a dependent task's at 0
+    when a funnel trains it (its entire-space loss in :func:`funnel_loss` replaces its clicked-rows loss)."""
+    spec = FunnelSpec.from_config(config)
+    return spec.label_weights() if spec is not None else [t.weight for t in config.tasks]
+
+
+def _masked_mean(values: torch.Tensor, present: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:
+    """``sum_b m_b s_b v_b / sum_b m_b s_b`` over the batch (-1), 0 without rows. ``[..., B] -> [...]``."""
+    mask = present.float() if sample_weights is None else present.float() * sample_weights.float()
+    total = torch.where(present, values, torch.zeros_like(values))
+    return (total * mask).sum(-1) / mask.sum(-1).clamp_min(1e-12)
+
+
+def funnel_loss(
+    task_logits: torch.Tensor,
+    labels: torch.Tensor,
+    spec: FunnelSpec,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The entire-space losses of the tasks that depend on others (added to :func:`multitask_loss` run with
+    :meth:`FunnelSpec.label_weights`, so the parents' own losses, e.g. L_CTR, stay there).
+
+    Labels follow the funnel: ``y_t`` (conversion) exists where the parent's label ``o = y_parent`` is 1
+    (NaN elsewhere); the entire-space label is ``y_t`` there and 0 where ``o = 0``. With ``p_t`` the dependent
+    task's conditional probability and ``P_t = p_t P_parent`` the entire-space one (``P = p`` for a root):
+
+    * ``esmm``: ``w_t BCE(P_t, o y_t)`` over every row with a parent label (Ma et al. 2018, eq. 3-4).
+    * ``escm2``: ESMM + ``lambda_c R_t``, ``e = BCE(p_t, y_t)`` on clicked rows, ``1/o_hat = min(1/sg(P_parent),
+      ips_clip)`` (Wang et al. 2022, eq. 9 and 12; PaddleRec's clip and stop-gradient):
+      IPS ``R = mean_rows(o e / o_hat)``; DR ``R = mean_rows(e_hat + o (e - e_hat) / o_hat) +
+      mean_rows(o (e - e_hat)^2 / o_hat)`` with ``e_hat = softplus(imputation logit)`` (error and imputation
+      losses, as PaddleRec's ``counterfact_dr``).
+    * ``aitm``: ``P_t`` is the tower's own entire-space output (the training columns after K); ``w_t BCE(P_t, o
+      y_t) + alpha mean_rows max(P_t - P_parent, 0)`` (Xi et al. 2021, eq. 9-11).
+
+    Shapes: ``task_logits [..., B, K + J]`` (a training forward), ``labels [..., B, K]``, ``sample_weights
+    [..., B]`` -> ``[...]``, float32. Rows without a parent label add nothing.
+    """
+    num_tasks = labels.shape[-1]
+    logits = task_logits.float()
+    extra = logits[..., num_tasks:]  # (..., B, J)
+    ys = [labels[..., k].float() for k in range(num_tasks)]  # (..., B) each
+    log_p: list[torch.Tensor] = []  # log of each task's entire-space probability
+    joint_y: list[torch.Tensor] = []  # each task's entire-space label (NaN: none)
+    total = logits.new_zeros(logits.shape[:-2])
+    j = 0
+    for k, parent in enumerate(spec.parents):
+        if parent < 0:
+            log_p.append(F.logsigmoid(logits[..., k]))
+            joint_y.append(ys[k])
+            continue
+        o = joint_y[parent]
+        y = torch.where(o == 0, torch.zeros_like(ys[k]), ys[k])  # 0 where the parent event did not happen
+        if spec.kind == "aitm":
+            log_p.append(F.logsigmoid(extra[..., j]))
+        else:
+            log_p.append(F.logsigmoid(logits[..., k]) + log_p[parent])
+        joint_y.append(y)
+        present = ~torch.isnan(y)
+        target = torch.nan_to_num(y)
+        log_not = log1mexp(log_p[k].clamp_max(-1e-7))
+        bce = -(target * log_p[k] + (1 - target) * log_not)
+        total = total + spec.weights[k] * _masked_mean(bce, present, sample_weights)
+        if spec.kind == "aitm":
+            violation = torch.relu(log_p[k].exp() - log_p[parent].exp())
+            total = total + spec.calibrator_weight * violation.mean(-1)
+        elif spec.kind == "escm2":
+            total = total + spec.counterfactual_weight * _counterfactual_risk(
+                logits[..., k], ys[k], o, log_p[parent], extra[..., j] if spec.doubly_robust else None, spec.ips_clip,
+                sample_weights,
+            )  # fmt: skip
+        j += 1
+    return total
+
+
+def _counterfactual_risk(
+    cvr_logit: torch.Tensor,
+    cvr_label: torch.Tensor,
+    clicked: torch.Tensor,
+    log_propensity: torch.Tensor,
+    imputation_logit: torch.Tensor | None,
+    ips_clip: float,
+    sample_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """ESCM2's counterfactual CVR risk over the rows with a parent label (see :func:`funnel_loss`). ``[..., B]``."""
+    present = ~torch.isnan(clicked)
+    o = torch.nan_to_num(clicked)
+    error = F.binary_cross_entropy_with_logits(cvr_logit, torch.nan_to_num(cvr_label), reduction="none")
+    error = torch.where(o > 0, error, torch.zeros_like(error))  # e_i is only observed on clicked rows
+    inverse = torch.exp(-log_propensity.detach())  # 1 / o_hat, no gradient into the CTR tower
+    if ips_clip > 0:
+        inverse = inverse.clamp_max(ips_clip)
+    if imputation_logit is None:
+        return _masked_mean(o * error * inverse, present, sample_weights)
+    imputed = F.softplus(imputation_logit)  # e_hat >= 0, like the error it imputes
+    residual = error - imputed
+    doubly_robust = imputed + o * residual * inverse
+    imputation = o * residual**2 * inverse
+    return _masked_mean(doubly_robust + imputation, present, sample_weights)

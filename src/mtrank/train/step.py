@@ -16,7 +16,7 @@ import torch
 from mtrank.config import TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.train.cuda_graph import GraphedStep
-from mtrank.train.losses import batch_losses
+from mtrank.train.losses import batch_losses, funnel_loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,7 +39,8 @@ class TrainStep:
 
     Args:
         runs: what is trained (:class:`~mtrank.train.loop.Runs`): ``forward(batch) -> (task logits, aux loss)``,
-            ``binary_mask``, ``task_weights``, ``clip_gradients(max_norm)``.
+            ``binary_mask``, ``task_weights``, ``funnel`` (a :class:`~mtrank.train.losses.FunnelSpec` or None),
+            ``clip_gradients(max_norm)``.
         optimizer: over ``runs.parameters()`` (capturable when graphed).
         config: precision, gradient clipping and distillation settings.
         batch_of: batch key -> :class:`TensorData` (e.g. ``data.take(index)``, a gather the graph records too).
@@ -74,8 +75,10 @@ class TrainStep:
             self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16, cache_enabled=self.graph is None
         ):
             task_logits, aux_loss = self.runs.forward(batch)
+        funnel = self.runs.funnel
+        num_tasks = batch.labels.shape[-1]
         total, per_task = batch_losses(
-            task_logits,
+            task_logits[..., :num_tasks],  # a funnel's training columns follow the K task logits
             aux_loss,
             batch.labels,
             self.runs.binary_mask,
@@ -85,6 +88,8 @@ class TrainStep:
             cfg.distill,
             cfg.distill_weight,
         )
+        if funnel is not None:  # dependent tasks: entire-space losses (ESMM, ESCM2, AITM)
+            total = total + funnel_loss(task_logits, batch.labels, funnel, batch.weights)
         total.sum().backward()  # runs are independent: each run's gradient is its own loss's
         if cfg.grad_clip > 0:
             self.runs.clip_gradients(cfg.grad_clip)
