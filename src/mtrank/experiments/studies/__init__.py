@@ -12,6 +12,7 @@ STUDIES = {
     "gate-polarization": "gate_polarization",
     "position-bias": "position_bias",
     "infra-cost": "infra_cost",
+    "score-stability": "score_stability",
 }
 
 

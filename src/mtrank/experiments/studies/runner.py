@@ -145,16 +145,19 @@ def run_study(study: Study, out: Path, quick: bool = False, seeds: int = 5, prog
     return write_results(out, results, report(study, results, setting, figure.name))
 
 
+def mean_std_cell(summary: dict) -> str:
+    """``mean ± std``: 4 decimals, or thousands separators for large counts (parameters, FLOPs)."""
+    mean, std = summary["mean"], summary["std"]
+    return f"{mean:,.0f} ± {std:,.0f}" if abs(mean) >= 1000 else f"{mean:.4f} ± {std:.4f}"
+
+
 def report(study: Study, results: dict, setting: Any, figure: str) -> str:
     """``results.md``: what ran, the table of mean ± std, the paired differences, the figure."""
     metrics = study.metrics
     rows = [
         [
             arm,
-            *(
-                f"{results['summary'][arm][m.key]['mean']:.4f} ± {results['summary'][arm][m.key]['std']:.4f}"
-                for m in metrics
-            ),
+            *(mean_std_cell(results["summary"][arm][m.key]) for m in metrics),
         ]
         for arm in results["arms"]
     ]
