@@ -7,7 +7,7 @@ import pytest
 
 from mtrank.cli import main
 from mtrank.experiments.studies import get_study
-from mtrank.experiments.studies.runner import Metric, Study, paired_difference, run_study
+from mtrank.experiments.studies.runner import Metric, Study, number, paired_difference, rewrite_study, run_study
 
 
 @dataclass
@@ -70,3 +70,18 @@ def test_an_unknown_study_name_is_a_one_line_error_with_a_suggestion(capsys):
         get_study("gate-polarisation")
     assert main(["study", "position-bais", "--quick"]) == 1
     assert "did you mean 'position-bias'" in capsys.readouterr().err
+
+
+def test_rewrite_redraws_the_same_report_from_results_json_and_small_numbers_keep_their_digits(tmp_path):
+    study = toy_study()
+    run_study(study, tmp_path, seeds=3, progress=False)
+    before = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    rewrite_study(study, tmp_path)
+    assert (tmp_path / "results.md").read_text() == before
+    assert number(3e-6, "+") == "+3.0e-06" and number(-29712.0, "+") == "-29,712" and number(0.0) == "0.0000"
+
+
+def test_rewrite_without_results_is_a_one_line_error(tmp_path, capsys):
+    assert main(["study", "infra-cost", "--rewrite", "--out", str(tmp_path)]) == 1
+    assert "run the study first" in capsys.readouterr().err

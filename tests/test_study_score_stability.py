@@ -32,4 +32,6 @@ def test_quick_study_retrains_with_and_without_score_regularisation(tmp_path, sh
         assert -1 <= regularised["metrics"]["kendall_tau"] <= 1 and 0 <= regularised["metrics"]["rbo"] <= 1
     assert results["runs"]["score_l2 weight 10"][0]["per_retrain_auc"][1] != first["per_retrain_auc"][1]
     assert len(results["runs"]["no regularization"][0]["last_two_scores"]) == 2
+    assert results["runs"]["score_l2 weight 10"][1]["objectives"] == ["labels", "score_l2 x 10"]
+    assert results["runs"]["no regularization"][1]["objectives"] == ["labels", "labels"]
     assert (out / "score-stability.png").exists()

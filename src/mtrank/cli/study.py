@@ -13,11 +13,17 @@ DEFAULT_OUT = "runs/studies"
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from mtrank.experiments.studies import get_study
-    from mtrank.experiments.studies.runner import run_study
+    from mtrank.experiments.studies.runner import rewrite_study, run_study
 
     study = get_study(args.name)
     apply_threads(args)
     out = Path(args.out or f"{DEFAULT_OUT}/{args.name}")
+    if args.rewrite:
+        if not (out / "results.json").is_file():
+            raise FileNotFoundError(f"study {args.name}: --rewrite needs {out / 'results.json'}; run the study first")
+        rewrite_study(study, out)
+        print(f"rewrote {out / 'results.md'} and {out / (study.name + '.png')} from {out / 'results.json'}")
+        return 0
     overrides = {"device": args.device} if args.device else {}
     results = run_study(study, out, args.quick, args.seeds, not args.no_progress, **overrides)
     for d in results["differences"]:
@@ -44,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/NAME)")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], help="where the study trains and times (default: the study's, cpu)"
+    )
+    parser.add_argument(
+        "--rewrite", action="store_true", help="redraw results.md and the figure from OUT/results.json (no training)"
     )
     add_threads(parser, default=1)
     add_progress(parser)

@@ -141,23 +141,22 @@ def run(s: PositionBiasSetting, arm: str, seed: int) -> dict:
 
 
 def figure(results: dict, path: Path) -> None:
-    """NDCG and the bias left against severity, one line per method (mean ± std over seeds)."""
+    """NDCG and the bias left against severity, one line per method through the median over seeds, every seed
+    a dot (a failed fit stays visible without dragging a mean)."""
     plt = _pyplot()
-    severities = results["setting"]["severities"]
+    severities = np.asarray(results["setting"]["severities"], dtype=float)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, (key, title) in zip(axes, (("ndcg", "NDCG@k of the served order"), ("bias_left", "bias left |b|"))):
-        for method in METHODS:
-            runs = [[r["metrics"][key] for r in results["runs"][arm_name(method, v)]] for v in severities]
-            mean, std = np.mean(runs, 1), np.std(runs, 1)
-            ax.errorbar(severities, mean, yerr=std, marker="o", capsize=3, label=method)
+        for i, method in enumerate(METHODS):
+            runs = np.asarray([[r["metrics"][key] for r in results["runs"][arm_name(method, v)]] for v in severities])
+            shift = severities + 0.04 * (i - 1.5)  # (S,) side by side
+            ax.plot(shift, np.median(runs, 1), marker="o", color=f"C{i}", label=method)
+            ax.scatter(np.repeat(shift, runs.shape[1]), runs.ravel(), s=8, alpha=0.4, color=f"C{i}")
         if key == "ndcg":
-            logged = [
-                np.mean([r["metrics"]["logged_ndcg"] for r in results["runs"][arm_name(METHODS[0], v)]])
-                for v in severities
-            ]
+            logged = [results["summary"][arm_name(METHODS[0], v)]["logged_ndcg"]["mean"] for v in severities]
             ax.plot(severities, logged, "k--", label="logging policy")
         ax.set_xlabel("position-bias severity (examination = (1/(p+1))^severity)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + " (median line, dots: seeds)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -15,6 +15,7 @@ A study (:class:`Study`) names its arms, the metrics it reports, the pairs of ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -145,10 +146,34 @@ def run_study(study: Study, out: Path, quick: bool = False, seeds: int = 5, prog
     return write_results(out, results, report(study, results, setting, figure.name))
 
 
+def number(value: float, sign: str = "") -> str:
+    """4 decimals; thousands separators from 1,000; two significant digits below 0.001 (a change of 3e-06
+    should not read as 0.0000)."""
+    if abs(value) >= 1000:
+        return f"{value:{sign},.0f}"
+    if 0 < abs(value) < 1e-3:
+        return f"{value:{sign}.1e}"
+    return f"{value:{sign}.4f}"
+
+
+def rewrite_study(study: Study, out: Path) -> dict:
+    """``results.md`` and the figure of ``out/results.json`` again, from the numbers (no training)."""
+    results = json.loads((Path(out) / "results.json").read_text())
+    base = study.setting(results["quick"])
+    setting = dataclasses.replace(base, **{k: _frozen(v) for k, v in results["setting"].items()})
+    figure = Path(out) / f"{study.name}.png"
+    study.figure(results, figure)
+    return write_results(Path(out), results, report(study, results, setting, figure.name))
+
+
+def _frozen(value: Any) -> Any:
+    """JSON lists back to the tuples a setting holds."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
 def mean_std_cell(summary: dict) -> str:
     """``mean ± std``: 4 decimals, or thousands separators for large counts (parameters, FLOPs)."""
-    mean, std = summary["mean"], summary["std"]
-    return f"{mean:,.0f} ± {std:,.0f}" if abs(mean) >= 1000 else f"{mean:.4f} ± {std:.4f}"
+    return f"{number(summary['mean'])} ± {number(summary['std'])}"
 
 
 def report(study: Study, results: dict, setting: Any, figure: str) -> str:
@@ -167,8 +192,8 @@ def report(study: Study, results: dict, setting: Any, figure: str) -> str:
         [
             f"{d['a']} − {d['b']}",
             labels[d["metric"]],
-            f"{d['estimate']:+.4f}",
-            f"[{d['low']:+.4f}, {d['high']:+.4f}]",
+            number(d["estimate"], "+"),
+            f"[{number(d['low'], '+')}, {number(d['high'], '+')}]",
             d["verdict"],
         ]
         for d in results["differences"]

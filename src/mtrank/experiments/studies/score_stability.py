@@ -2,6 +2,9 @@
 the production model's scores (``train.distill: score_l2``, ``mean((score - production score)^2)`` added to
 the label loss with weight ``distill_weight``), so consecutive retrains rank the same candidates alike.
 
+Also ``pointwise`` distillation toward the previous retrain (cross-entropy to its probabilities), the same
+mechanism in logit space.
+
 Retrains: census-income (income + marital); a fixed shuffle of the training file, retrain ``r`` trains on rows
 ``[r * shift, r * shift + window)`` (a shifted data window) with seed ``seed * 100 + r`` (a new seed). Retrain 0
 is the same model in every arm; retrain ``r > 0`` of a regularised arm uses retrain ``r - 1`` of that arm as its
@@ -31,11 +34,18 @@ from mtrank.train.trainer import Trainer
 
 @dataclass(frozen=True)
 class ScoreStabilitySetting:
-    """Sizes of the study (``quick``: seconds, for the tests). ``weights``: the score-regularisation weights
-    compared with none."""
+    """Sizes of the study (``quick``: seconds, for the tests). ``regularizers``: ``(train.distill mode,
+    distill_weight)`` toward the previous retrain, each compared with none (``score_l2``: Closeup's squared
+    error of probabilities; ``pointwise``: cross-entropy to the previous model's probabilities, which also
+    weighs the low-score tail in logit terms; ``pairwise``: score differences in logit space)."""
 
     census: str = ""  # the census-income folder; empty: $MTRANK_SHARED_DATA/census-income
-    weights: tuple[float, ...] = (10.0, 100.0)
+    regularizers: tuple[tuple[str, float], ...] = (
+        ("score_l2", 10.0),
+        ("score_l2", 100.0),
+        ("pointwise", 10.0),
+        ("pairwise", 10.0),
+    )
     retrains: int = 4
     window: int = 20_000
     shift: int = 10_000
@@ -50,7 +60,16 @@ class ScoreStabilitySetting:
 
     @classmethod
     def quick(cls) -> ScoreStabilitySetting:
-        return cls(weights=(10.0,), retrains=2, window=600, shift=300, eval_rows=400, top_k=20, num_experts=2, epochs=1)
+        return cls(
+            regularizers=(("score_l2", 10.0),),
+            retrains=2,
+            window=600,
+            shift=300,
+            eval_rows=400,
+            top_k=20,
+            num_experts=2,
+            epochs=1,
+        )
 
 
 def setting(quick: bool) -> ScoreStabilitySetting:
@@ -61,16 +80,20 @@ def setting(quick: bool) -> ScoreStabilitySetting:
     return dataclasses.replace(base, census=base.census or str(folder))
 
 
-def arm_name(weight: float) -> str:
-    return "no regularization" if weight == 0 else f"score_l2 weight {weight:g}"
+NONE = "no regularization"
+
+
+def arm_specs(s: ScoreStabilitySetting) -> dict[str, tuple[str, float]]:
+    """``{arm name: (distill mode, weight)}``, the unregularised arm first."""
+    return {NONE: ("none", 0.0), **{f"{mode} weight {weight:g}": (mode, weight) for mode, weight in s.regularizers}}
 
 
 def arms(s: ScoreStabilitySetting) -> list[str]:
-    return [arm_name(w) for w in (0.0, *s.weights)]
+    return list(arm_specs(s))
 
 
 def comparisons(s: ScoreStabilitySetting) -> list[tuple[str, str]]:
-    return [(arm_name(w), arm_name(0.0)) for w in s.weights]
+    return [(arm, NONE) for arm in arms(s)[1:]]
 
 
 def rank_biased_overlap(a: np.ndarray, b: np.ndarray, p: float = 0.9) -> float:
@@ -103,15 +126,15 @@ def model_config(s: ScoreStabilitySetting, tasks, vocab, num_dense: int) -> Mode
 
 
 def run(s: ScoreStabilitySetting, arm: str, seed: int) -> dict:
-    weight = 0.0 if arm == arm_name(0.0) else float(arm.rsplit(" ", 1)[1])
+    mode, weight = arm_specs(s)[arm]
     rows = s.window + (s.retrains - 1) * s.shift
     tasks, vocab, pool, _, test = census_splits(s.census, rows)
     test = test[: s.eval_rows]
     config = model_config(s, tasks, vocab, pool.dense.shape[1])
-    previous, scores, aucs = None, [], []
+    previous, scores, aucs, objectives = None, [], [], []
     for r in range(s.retrains):
         window = pool[r * s.shift : r * s.shift + s.window]
-        regularise = weight > 0 and previous is not None
+        regularise = mode != "none" and previous is not None
         if regularise:
             window = window.with_teacher(predict_batches(previous, window)[0])
         train_config = TrainConfig(
@@ -121,11 +144,12 @@ def run(s: ScoreStabilitySetting, arm: str, seed: int) -> dict:
             seed=seed * 100 + r,
             device=s.device,
             progress=False,
-            distill="score_l2" if regularise else "none",
+            distill=mode if regularise else "none",
             distill_weight=weight or 1.0,
         )
         model = MultiTaskModel(config, seed=seed * 100 + r)
         Trainer(model, train_config, callbacks=[]).fit(window)
+        objectives.append(f"{train_config.distill} x {train_config.distill_weight:g}" if regularise else "labels")
         logits = predict_batches(model, test)[0]
         metrics = task_metrics(list(tasks), logits, test.labels)
         aucs.append(float(np.mean([metrics[f"auc/{t.name}"] for t in tasks])))
@@ -136,7 +160,14 @@ def run(s: ScoreStabilitySetting, arm: str, seed: int) -> dict:
     rbos = [rank_biased_overlap(a, b) for a, b in zip(tops, tops[1:])]
     last_two = [v[:2000].round(5).tolist() for v in scores[-2:]] if seed == 0 else []
     metrics = {"kendall_tau": float(np.mean(taus)), "rbo": float(np.mean(rbos)), "auc": float(np.mean(aucs[1:]))}
-    return {"metrics": metrics, "per_retrain_auc": aucs, "taus": taus, "rbos": rbos, "last_two_scores": last_two}
+    return {
+        "metrics": metrics,
+        "objectives": objectives,
+        "per_retrain_auc": aucs,
+        "taus": taus,
+        "rbos": rbos,
+        "last_two_scores": last_two,
+    }
 
 
 def figure(results: dict, path: Path) -> None:
