@@ -183,7 +183,7 @@ STUDY = Study(
     comparisons=comparisons,
     metrics=[
         Metric("ndcg", "NDCG@k (true relevance)"),
-        Metric("bias_left", "bias left |b|", higher_is_better=False),
+        Metric("bias_left", "bias left (abs. b)", higher_is_better=False),
         Metric("logged_ndcg", "logging policy NDCG@k"),
     ],
     run=run,

@@ -9,8 +9,9 @@ Retrains: census-income (income + marital); a fixed shuffle of the training file
 ``[r * shift, r * shift + window)`` (a shifted data window) with seed ``seed * 100 + r`` (a new seed). Retrain 0
 is the same model in every arm; retrain ``r > 0`` of a regularised arm uses retrain ``r - 1`` of that arm as its
 production model (its logits on the new window). Measured on the test rows between consecutive retrains, on the
-main task (income): Kendall's tau of the scores, rank-biased overlap (RBO, p = 0.9, extrapolated) of the
-top-``top_k`` candidates, and the test AUC of the retrains after the first (mean over the two tasks).
+main task (income): Kendall's tau of the scores, the mean absolute change of the scores, rank-biased overlap
+(RBO, p = 0.9, extrapolated) of the top-``top_k`` candidates, and the test AUC of the retrains after the first
+(mean over the two tasks).
 """
 
 from __future__ import annotations
@@ -159,7 +160,13 @@ def run(s: ScoreStabilitySetting, arm: str, seed: int) -> dict:
     tops = [np.argsort(-v, kind="stable")[: s.top_k] for v in scores]
     rbos = [rank_biased_overlap(a, b) for a, b in zip(tops, tops[1:])]
     last_two = [v[:2000].round(5).tolist() for v in scores[-2:]] if seed == 0 else []
-    metrics = {"kendall_tau": float(np.mean(taus)), "rbo": float(np.mean(rbos)), "auc": float(np.mean(aucs[1:]))}
+    shifts = [float(np.abs(a - b).mean()) for a, b in zip(scores, scores[1:])]
+    metrics = {
+        "kendall_tau": float(np.mean(taus)),
+        "rbo": float(np.mean(rbos)),
+        "score_shift": float(np.mean(shifts)),
+        "auc": float(np.mean(aucs[1:])),
+    }
     return {
         "metrics": metrics,
         "objectives": objectives,
@@ -209,7 +216,12 @@ STUDY = Study(
     setting=setting,
     arms=arms,
     comparisons=comparisons,
-    metrics=[Metric("kendall_tau", "Kendall tau"), Metric("rbo", "RBO top-k"), Metric("auc", "test AUC")],
+    metrics=[
+        Metric("kendall_tau", "Kendall tau"),
+        Metric("rbo", "RBO top-k"),
+        Metric("score_shift", "mean abs. score change", higher_is_better=False),
+        Metric("auc", "test AUC"),
+    ],
     run=run,
     figure=figure,
     notes=notes,
