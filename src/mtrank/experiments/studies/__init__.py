@@ -13,6 +13,7 @@ STUDIES = {
     "position-bias": "position_bias",
     "infra-cost": "infra_cost",
     "score-stability": "score_stability",
+    "distill-retention": "distill_retention",
 }
 
 
