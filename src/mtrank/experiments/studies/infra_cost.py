@@ -4,7 +4,7 @@ on GPU): latency, parameters, FLOPs and the change in AUC. Pinterest reports ~40
 precision on GPU.
 
 Model: MMoE with DCNv2 experts (Pinterest's expert type: a cross network, then an MLP) on UCI census-income
-(income + marital; a subsample of the training file, all of the test rows used for AUC), one model per (gate
+(income + marital; a subsample of the training file, AUC on half as many test rows), one model per (gate
 type, seed). Every precision of one model is timed side by side in one loop (each round calls each precision
 once, in a rotating order, so machine noise hits them alike): the median time of scoring ``batch`` candidates
 end to end (float32 inputs in, float32 scores out). FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode`
@@ -177,7 +177,7 @@ def notes(s: InfraCostSetting) -> str:
         f"MMoE, {s.num_experts} DCNv2 experts ({s.cross_layers} cross layers, MLP {list(s.expert_hidden)}), towers "
         f"[16], embeddings of 8; gates: linear (one projection) or MLP (hidden {s.gate_hidden}). Census-income "
         f"income + marital, {s.train_rows:,} training rows, {s.epochs} epochs, batch {s.batch_size}, Adam lr "
-        f"{s.lr:g}; AUC on the test half of the test file. Latency on {s.device} with "
+        f"{s.lr:g}; AUC on the first {s.train_rows // 2:,} test rows. Latency on {s.device} with "
         f"{torch.get_num_threads()} thread(s): median of {s.rounds} side-by-side rounds, batch {s.serve_batch}."
     )
 
