@@ -163,6 +163,13 @@ def open_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
                 f"{path / ENCODERS_FILE}: encoders give {encoded[0]} dense features and vocabularies {encoded[1]}; "
                 f"the model expects {model.num_dense} and {model.vocab_sizes}"
             )
+        embedded = [(n.column, n.type, n.edges) for n in model.config.inputs.numeric]
+        fitted = [(n["column"], n["type"], n.get("edges", [])) for n in encoder.numeric_inputs]
+        if embedded != fitted:
+            raise ModelDirError(
+                f"{path / ENCODERS_FILE}: the encoders' embedded numeric features (column, type, bin edges) "
+                f"{fitted} are not the model's {embedded}; the two files come from different trainings"
+            )
     experiment = None
     if "experiment" in meta:
         experiment = experiment_from_dict(meta["experiment"], source=f"{path}/config.json")

@@ -73,6 +73,7 @@ class MultiTaskModel(nn.Module):
             inputs.embedding_dim,
             inputs.bag_lengths,
             inputs.bag_pooling,
+            inputs.numeric,
         )
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
@@ -81,12 +82,20 @@ class MultiTaskModel(nn.Module):
         if config.mixer.layers:
             mixer = config.mixer
             self.mixer = FeatureMixer(
-                inputs.num_dense, self.embedding.num_tokens, inputs.embedding_dim, mixer.layers, mixer.heads
+                self.embedding.num_plain, self.embedding.num_tokens, inputs.embedding_dim, mixer.layers, mixer.heads
             )
             block_in += self.mixer.output_dim
         self.block = build_block(config, block_in)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
+        # regression outputs back to the labels' scale (TaskConfig.label_transform), from the config
+        label_scale = torch.tensor([t.label_std for t in config.tasks], dtype=torch.float32)
+        label_shift = torch.tensor([t.label_mean for t in config.tasks], dtype=torch.float32)
+        label_log1p = torch.tensor([t.label_transform.startswith("log1p") for t in config.tasks])
+        self.register_buffer("label_scale", label_scale, persistent=False)
+        self.register_buffer("label_shift", label_shift, persistent=False)
+        self.register_buffer("label_log1p", label_log1p, persistent=False)
+        self.label_transformed = any(t.label_transform != "none" for t in config.tasks)
         self.bias_tower = None
         bias = config.bias
         self.register_buffer("bias_features", torch.tensor(bias.features, dtype=torch.long))
@@ -106,16 +115,24 @@ class MultiTaskModel(nn.Module):
         if self.mixer is None:
             x = self.embedding(dense, main_sparse)  # (B, in)
         else:
-            tokens = self.embedding.embed(main_sparse)  # (B, F, D)
-            x = torch.cat([dense.to(tokens.dtype), tokens.flatten(1), self.mixer(dense, tokens)], 1)  # (B, in)
+            tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+            plain = self.embedding.plain(dense).to(tokens.dtype)  # (B, F_plain)
+            x = torch.cat([plain, tokens.flatten(1), self.mixer(plain, tokens)], 1)  # (B, in)
         task_logits, gate_weights, aux_loss = self.block(x)
         if self.bias_tower is not None and self.training:
             task_logits = task_logits + self.bias_tower(sparse.index_select(1, self.bias_features))
         return MultiTaskOutput(task_logits, gate_weights, aux_loss)
 
     def scores(self, task_logits: torch.Tensor) -> torch.Tensor:
-        """Logits -> scores: sigmoid for binary tasks, identity for regression. ``[B, K] -> [B, K]``."""
-        return torch.where(self.binary_mask, torch.sigmoid(task_logits), task_logits)
+        """Logits -> scores: sigmoid for binary tasks; for regression the prediction on the labels' own scale
+        (the identity unless a task has a ``label_transform``: ``y = z * label_std + label_mean``, then
+        ``sign(y) expm1(|y|)`` for the log1p ones). ``[B, K] -> [B, K]``."""
+        values = task_logits
+        if self.label_transformed:
+            values = task_logits * self.label_scale.to(task_logits.dtype) + self.label_shift.to(task_logits.dtype)
+            # exp(|y|) - 1, not expm1: ONNX has no expm1 (the difference is float32 rounding near 0)
+            values = torch.where(self.label_log1p, torch.sign(values) * (torch.exp(values.abs()) - 1), values)
+        return torch.where(self.binary_mask, torch.sigmoid(task_logits), values)
 
     @torch.no_grad()
     def predict(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
