@@ -14,6 +14,7 @@ LAYERS = [
     "artifacts",
     "train",
     "pipeline",
+    "tune",
     "export",
     "blend",
     "serve",

@@ -49,6 +49,7 @@ from mtrank.evaluate.baseline import baseline_differences, fit_baseline
 from mtrank.evaluate.metrics import evaluate, predict_batches, task_metrics
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.model import MultiTaskModel
+from mtrank.train.callbacks import default_callbacks
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.sources import StreamSource
 from mtrank.train.trainer import Trainer, TrainResult
@@ -155,7 +156,9 @@ def fit_splits(
         encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs, encoder.numeric_inputs, labels.task_stats()
     )
     model = MultiTaskModel(model_config, seed=config.train.seed)
-    trainer = Trainer(model, train_config, callbacks=callbacks)
+    if callbacks:  # beside the progress bar and history the config asks for
+        callbacks = default_callbacks(train_config) + list(callbacks)
+    trainer = Trainer(model, train_config, callbacks=callbacks or None)
     if streaming:
         stream = EncodedStream(
             config.data.train, config, encoder, train_config.batch_size, seed=train_config.seed, labels=labels

@@ -146,9 +146,10 @@ def fit_baseline(
     splits: dict[str, TensorData],
     seed: int = 0,
     train_note: str = "",
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     """One GBDT per task trained on ``train`` (labels on the model's scale), early-stopped on ``splits["valid"]``
-    (labels on their own scale, as every split here), scored on every split of ``splits``.
+    (labels on their own scale, as every split here), scored on every split of ``splits``; ``only``: these tasks.
 
     Returns ``{"library", "params", "rounds": {task: n}, "metrics": {split: {...}}, "left_out": [...],
     "seconds", "rows", "note"}``; ``metrics`` has the keys of :func:`~mtrank.evaluate.metrics.task_metrics`.
@@ -164,7 +165,9 @@ def fit_baseline(
     w_valid = None if valid is None or valid.weights is None else valid.weights.double().numpy()
     predictions = {role: np.full((len(data), len(tasks)), math.nan) for role, data in splits.items()}
     rounds, params_used = {}, {}
-    for k, task in enumerate(tasks):
+    chosen = [k for k, task in enumerate(tasks) if only is None or task.name in only]
+    for k in chosen:
+        task = tasks[k]
         binary = task.type == "binary"
         params = {**spec.params, **spec.task_params.get(task.name, {})}
         rows = ~np.isnan(y_train[:, k])
@@ -186,13 +189,13 @@ def fit_baseline(
         params_used[task.name] = params
         for role, values in features.items():
             predictions[role][:, k] = _predict(estimator, binary, values)
-    binary_mask = np.array([t.type == "binary" for t in tasks])
+    binary_mask = np.array([tasks[k].type == "binary" for k in chosen])
     metrics = {}
-    model_tasks = [t.task_config() for t in tasks]
+    model_tasks = [tasks[k].task_config() for k in chosen]
     for role, data in splits.items():
-        values = np.where(binary_mask, predictions[role], labels.inverse(predictions[role]))
+        values = np.where(binary_mask, predictions[role], labels.inverse(predictions[role]))[:, chosen]
         weights = None if data.weights is None else data.weights.cpu()
-        metrics[role] = task_metrics(model_tasks, torch.from_numpy(values), data.labels.cpu(), weights)
+        metrics[role] = task_metrics(model_tasks, torch.from_numpy(values), data.labels[:, chosen].cpu(), weights)
     return {
         "library": LIBRARY_NAMES[library],
         "params": params_used,
@@ -203,9 +206,6 @@ def fit_baseline(
         "note": train_note,
         "seconds": time.perf_counter() - started,
     }
-
-
-PRIMARY = {"binary": "auc", "regression": "r2"}
 
 
 def baseline_differences(tasks: list[TaskSpec], network: dict, baseline: dict) -> dict[str, dict[str, float]]:
