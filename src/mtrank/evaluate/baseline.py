@@ -147,12 +147,15 @@ def fit_baseline(
     seed: int = 0,
     train_note: str = "",
     only: list[str] | None = None,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """One GBDT per task trained on ``train`` (labels on the model's scale), early-stopped on ``splits["valid"]``
     (labels on their own scale, as every split here), scored on every split of ``splits``; ``only``: these tasks.
 
     Returns ``{"library", "params", "rounds": {task: n}, "metrics": {split: {...}}, "left_out": [...],
     "seconds", "rows", "note"}``; ``metrics`` has the keys of :func:`~mtrank.evaluate.metrics.task_metrics`.
+    With ``keep_predictions``, also ``predictions``: per split, ``[N, K]`` probabilities (binary) and
+    predictions on the labels' scale (regression), NaN for tasks not trained.
     """
     started = time.perf_counter()
     library = spec.library
@@ -190,13 +193,17 @@ def fit_baseline(
         for role, values in features.items():
             predictions[role][:, k] = _predict(estimator, binary, values)
     binary_mask = np.array([tasks[k].type == "binary" for k in chosen])
-    metrics = {}
+    metrics, kept = {}, {}
     model_tasks = [tasks[k].task_config() for k in chosen]
     for role, data in splits.items():
-        values = np.where(binary_mask, predictions[role], labels.inverse(predictions[role]))[:, chosen]
+        values = np.where(binary_mask, predictions[role][:, chosen], labels.inverse(predictions[role])[:, chosen])
         weights = None if data.weights is None else data.weights.cpu()
         metrics[role] = task_metrics(model_tasks, torch.from_numpy(values), data.labels[:, chosen].cpu(), weights)
+        kept[role] = np.full_like(predictions[role], math.nan)
+        kept[role][:, chosen] = np.where(binary_mask, 1 / (1 + np.exp(-values)), values)
+    extra = {"predictions": kept} if keep_predictions else {}
     return {
+        **extra,
         "library": LIBRARY_NAMES[library],
         "params": params_used,
         "rounds": rounds,
