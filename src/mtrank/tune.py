@@ -36,7 +36,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,10 @@ def search(
             return math.nan  # optuna records the trial as failed
         for key, item in {**attributes, "seconds": time.perf_counter() - started}.items():
             trial.set_user_attr(key, item)
-        return value if math.isfinite(value) else math.nan
+        if not math.isfinite(value):
+            trial.set_user_attr("error", f"the objective is {value} (a metric missing or NaN: one class in valid?)")
+            return math.nan
+        return value
 
     remaining = trials - len(finished_trials(study))
     if remaining > 0:
@@ -361,7 +364,6 @@ class TuneSettings:
     progress: bool = False
     final: bool = True  # train the chosen setting once more and score it on test
     model_dir: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def settings_for(

@@ -22,6 +22,13 @@ Numeric values: a missing value (null, NaN) is filled; anything else must stay f
 ``fill -> clip -> log1p -> standardise -> float32``: ``inf`` (unless ``clip`` bounds it) or a value too large
 to standardise is a :class:`DataError` naming the file, column and row, at fit time, and at encode time through
 :meth:`FeatureEncoder.check_finite` (the pipeline's files; a service answers 422 for a non-finite input).
+``quantile: true`` replaces standardising by quantile normalisation (:func:`quantile_normal`). A feature the
+model embeds (``embedding: ple``) keeps its one dense column; its bin edges are fitted here, on the encoded
+training values (:func:`quantile_edges`, :func:`target_edges`), and become the model's ``inputs.numeric``
+(:attr:`FeatureEncoder.numeric_inputs`). Each numeric feature's training range is kept for the shift shares
+(:meth:`FeatureEncoder.shift_counts`).
+
+Regression labels: :class:`LabelTransforms` (``label_transform`` of a task) fitted on the training labels.
 """
 
 from __future__ import annotations
@@ -453,8 +460,8 @@ def target_edges(z: np.ndarray, labels: np.ndarray, bins: int, min_leaf: int = 6
 
 
 class FeatureEncoder:
-    """Fitted feature transforms: numeric fill/clip/log1p/standardise, categorical vocabularies or hashing,
-    multi-categorical pooled multi-hot.
+    """Fitted feature transforms: numeric fill/clip/log1p/standardise or quantile normalisation (and the bins of
+    embedded numeric features), categorical vocabularies or hashing, multi-categorical pooled multi-hot.
 
     Shapes: ``transform(table [N rows]) -> (dense float32 [N, num_dense], sparse int64 [N, F_cat])``.
 
