@@ -380,7 +380,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         "",
     ]
     for r in results["datasets"].values():
-        lines += [f"### {r['name']}", ""]
+        lines += [f"### {r['name']}", "", f"`{r.get('command', '')}` ({r['seconds'] / 60:.0f} min)", ""]
         net = r["search"]["mtrank"]
         params = ", ".join(f"{k}={v}" for k, v in net["best_params"].items())
         lines.append(f"Rows {r['rows']}. mtrank's choice (trial {net['best_trial']} of {net['trials']}): {params}.")
@@ -434,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     args.storage = f"sqlite:///{(out / 'studies.db').resolve()}"
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
+    command = "python benchmarks/quality_vs_gbdt.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results.update(
-        command="python benchmarks/quality_vs_gbdt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         trials=args.trials,
         seeds=args.seeds,
         n_boot=args.n_boot,
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
     )
     for name in args.datasets:
-        results["datasets"][name] = run_dataset(name, args)
+        results["datasets"][name] = {**run_dataset(name, args), "command": command}
         path.write_text(json.dumps(results, indent=1, default=float))  # after each data set
     (out / "results.md").write_text(markdown(results, args))
     print(markdown(results, args))

@@ -286,3 +286,15 @@ def test_a_model_config_checks_its_embedded_columns():
         ModelConfig(inputs={"num_dense": 2, "numeric": [{"column": 0, "edges": [1, 1]}]}).validate()
     with pytest.raises(ConfigError, match="tasks\\[0\\].label_transform: 'log1p' is for regression tasks"):
         ModelConfig(inputs={"num_dense": 2}, tasks=[TaskConfig("a", label_transform="log1p")]).validate()
+
+
+def test_a_model_without_the_new_inputs_has_the_weights_it_always_had():
+    """Model directories written before numeric embeddings and label transforms still load: their models hold
+    no new buffer."""
+    tasks = [TaskConfig("click"), TaskConfig("spend", "regression")]
+    names = MultiTaskModel(ModelConfig(inputs={"num_dense": 3, "vocab_sizes": [4]}, tasks=tasks)).state_dict()
+    assert not [n for n in names if "plain_columns" in n or n.startswith("label_") or "numeric_embeddings" in n]
+    scaled = [TaskConfig("click"), TaskConfig("spend", "regression", 1.0, "standardize", 3.0, 2.0)]
+    numeric = [{"column": 0, "edges": [0.0, 1.0]}]
+    model = MultiTaskModel(ModelConfig(inputs={"num_dense": 3, "vocab_sizes": [4], "numeric": numeric}, tasks=scaled))
+    assert {"label_scale", "label_shift", "embedding.plain_columns"} <= set(model.state_dict())

@@ -88,14 +88,14 @@ class MultiTaskModel(nn.Module):
         self.block = build_block(config, block_in)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
-        # regression outputs back to the labels' scale (TaskConfig.label_transform), from the config
-        label_scale = torch.tensor([t.label_std for t in config.tasks], dtype=torch.float32)
-        label_shift = torch.tensor([t.label_mean for t in config.tasks], dtype=torch.float32)
-        label_log1p = torch.tensor([t.label_transform.startswith("log1p") for t in config.tasks])
-        self.register_buffer("label_scale", label_scale, persistent=False)
-        self.register_buffer("label_shift", label_shift, persistent=False)
-        self.register_buffer("label_log1p", label_log1p, persistent=False)
+        # regression outputs back to the labels' scale (TaskConfig.label_transform); buffers only when a task
+        # transforms its labels, so other models keep the weights they always had
         self.label_transformed = any(t.label_transform != "none" for t in config.tasks)
+        if self.label_transformed:
+            tasks = config.tasks
+            self.register_buffer("label_scale", torch.tensor([t.label_std for t in tasks], dtype=torch.float32))
+            self.register_buffer("label_shift", torch.tensor([t.label_mean for t in tasks], dtype=torch.float32))
+            self.register_buffer("label_log1p", torch.tensor([t.label_transform.startswith("log1p") for t in tasks]))
         self.bias_tower = None
         bias = config.bias
         self.register_buffer("bias_features", torch.tensor(bias.features, dtype=torch.long))

@@ -67,7 +67,7 @@ class PiecewiseLinearEmbedding(nn.Module):
             lower[f, 0], upper[f, t - 1] = -math.inf, math.inf
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long))
         for name, value in (("left", left), ("width", width), ("lower", lower), ("upper", upper)):
-            self.register_buffer(name, value, persistent=False)  # from the config (the fitted edges)
+            self.register_buffer(name, value)  # from the config's fitted edges (saved with the weights too)
         self.weight, self.bias = _per_column_linear(len(columns), bins, dim)
 
     def encode(self, dense: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class PeriodicEmbedding(nn.Module):
         k = max(frequencies)
         mask = (torch.arange(k) < torch.tensor(frequencies).unsqueeze(1)).float()  # (F, k)
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long))
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", mask)
         self.frequencies = nn.Parameter(torch.randn(len(columns), k) * torch.tensor(sigmas).unsqueeze(1) * mask)
         self.weight, self.bias = _per_column_linear(len(columns), 2 * k, dim)
 
@@ -186,7 +186,8 @@ class FeatureEmbedding(nn.Module):
         plain = [c for c in range(num_dense) if c not in embedded]
         self.num_plain = len(plain)
         self.select_plain = len(plain) != num_dense
-        self.register_buffer("plain_columns", torch.tensor(plain, dtype=torch.long))
+        if self.select_plain:  # only then: a model without numeric embeddings keeps the weights it always had
+            self.register_buffer("plain_columns", torch.tensor(plain, dtype=torch.long))
         self.num_numeric_tokens = len(numeric)
         self.num_tokens = len(numeric) + self.num_single + len(bag_lengths)
         self.output_dim = self.num_plain + self.num_tokens * embedding_dim
