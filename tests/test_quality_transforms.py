@@ -294,7 +294,8 @@ def test_a_model_without_the_new_inputs_has_the_weights_it_always_had():
     tasks = [TaskConfig("click"), TaskConfig("spend", "regression")]
     names = MultiTaskModel(ModelConfig(inputs={"num_dense": 3, "vocab_sizes": [4]}, tasks=tasks)).state_dict()
     assert not [n for n in names if "plain_columns" in n or n.startswith("label_") or "numeric_embeddings" in n]
+    assert "label_inverse" not in str(list(names))
     scaled = [TaskConfig("click"), TaskConfig("spend", "regression", 1.0, "standardize", 3.0, 2.0)]
     numeric = [{"column": 0, "edges": [0.0, 1.0]}]
     model = MultiTaskModel(ModelConfig(inputs={"num_dense": 3, "vocab_sizes": [4], "numeric": numeric}, tasks=scaled))
-    assert {"label_scale", "label_shift", "embedding.plain_columns"} <= set(model.state_dict())
+    assert {"label_inverse.scale", "label_inverse.shift", "embedding.plain_columns"} <= set(model.state_dict())

@@ -33,6 +33,29 @@ class MultiTaskOutput(NamedTuple):
     aux_loss: torch.Tensor
 
 
+class LabelInverse(nn.Module):
+    """Outputs of regression tasks learned on a transformed scale -> the labels' own scale:
+    ``y = z * label_std + label_mean``, then ``sign(y) (exp(|y|) - 1)`` for the ``log1p`` transforms (each
+    task's :class:`~mtrank.config.TaskConfig`; the identity for the others). ``[B, K] -> [B, K]``.
+
+    Example:
+        >>> inverse = LabelInverse([TaskConfig("y", "regression", 1.0, "log1p_standardize", 2.0, 0.5)])
+        >>> round(inverse(torch.tensor([[0.0]])).item(), 4)  # exp(2) - 1
+        6.3891
+    """
+
+    def __init__(self, tasks: list[TaskConfig]) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([t.label_std for t in tasks], dtype=torch.float32))
+        self.register_buffer("shift", torch.tensor([t.label_mean for t in tasks], dtype=torch.float32))
+        self.register_buffer("log1p", torch.tensor([t.label_transform.startswith("log1p") for t in tasks]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+        # exp(|y|) - 1, not expm1: ONNX has no expm1 (the difference is float32 rounding near 0)
+        return torch.where(self.log1p, torch.sign(y) * (torch.exp(y.abs()) - 1), y)
+
+
 class MultiTaskModel(nn.Module):
     """A multi-task ranker: input representation (-> feature mixer) -> multi-task block -> one output per task.
 
@@ -53,7 +76,9 @@ class MultiTaskModel(nn.Module):
         (torch.Size([4, 2]), torch.Size([4, 2, 8]))
     """
 
-    __jit_unused_properties__ = ["tasks", "task_names", "num_dense", "vocab_sizes", "dtype", "device"]
+    __jit_unused_properties__ = [
+        "tasks", "task_names", "num_dense", "vocab_sizes", "dtype", "device", "label_transformed",
+    ]  # fmt: skip
 
     def __init__(self, config: ModelConfig, seed: int | None = 0) -> None:
         super().__init__()
@@ -88,14 +113,10 @@ class MultiTaskModel(nn.Module):
         self.block = build_block(config, block_in)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
-        # regression outputs back to the labels' scale (TaskConfig.label_transform); buffers only when a task
-        # transforms its labels, so other models keep the weights they always had
-        self.label_transformed = any(t.label_transform != "none" for t in config.tasks)
-        if self.label_transformed:
-            tasks = config.tasks
-            self.register_buffer("label_scale", torch.tensor([t.label_std for t in tasks], dtype=torch.float32))
-            self.register_buffer("label_shift", torch.tensor([t.label_mean for t in tasks], dtype=torch.float32))
-            self.register_buffer("label_log1p", torch.tensor([t.label_transform.startswith("log1p") for t in tasks]))
+        # regression outputs back to the labels' scale; only when a task transforms its labels, so other models
+        # keep the weights they always had
+        transformed = any(t.label_transform != "none" for t in config.tasks)
+        self.label_inverse = LabelInverse(config.tasks) if transformed else None
         self.bias_tower = None
         bias = config.bias
         self.register_buffer("bias_features", torch.tensor(bias.features, dtype=torch.long))
@@ -127,12 +148,13 @@ class MultiTaskModel(nn.Module):
         """Logits -> scores: sigmoid for binary tasks; for regression the prediction on the labels' own scale
         (the identity unless a task has a ``label_transform``: ``y = z * label_std + label_mean``, then
         ``sign(y) expm1(|y|)`` for the log1p ones). ``[B, K] -> [B, K]``."""
-        values = task_logits
-        if self.label_transformed:
-            values = task_logits * self.label_scale.to(task_logits.dtype) + self.label_shift.to(task_logits.dtype)
-            # exp(|y|) - 1, not expm1: ONNX has no expm1 (the difference is float32 rounding near 0)
-            values = torch.where(self.label_log1p, torch.sign(values) * (torch.exp(values.abs()) - 1), values)
+        values = task_logits if self.label_inverse is None else self.label_inverse(task_logits)
         return torch.where(self.binary_mask, torch.sigmoid(task_logits), values)
+
+    @property
+    def label_transformed(self) -> bool:
+        """Whether a regression task learns its labels on a transformed scale (``TaskConfig.label_transform``)."""
+        return self.label_inverse is not None
 
     @torch.no_grad()
     def predict(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

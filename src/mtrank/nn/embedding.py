@@ -186,8 +186,10 @@ class FeatureEmbedding(nn.Module):
         plain = [c for c in range(num_dense) if c not in embedded]
         self.num_plain = len(plain)
         self.select_plain = len(plain) != num_dense
-        if self.select_plain:  # only then: a model without numeric embeddings keeps the weights it always had
+        if self.select_plain:  # a buffer only when needed: a model without embedded columns keeps its weights
             self.register_buffer("plain_columns", torch.tensor(plain, dtype=torch.long))
+        else:
+            self.plain_columns = None
         self.num_numeric_tokens = len(numeric)
         self.num_tokens = len(numeric) + self.num_single + len(bag_lengths)
         self.output_dim = self.num_plain + self.num_tokens * embedding_dim
@@ -220,7 +222,9 @@ class FeatureEmbedding(nn.Module):
 
     def plain(self, dense: torch.Tensor) -> torch.Tensor:
         """The dense columns that enter as they are: ``[B, F_dense] -> [B, F_plain]``."""
-        return dense.index_select(1, self.plain_columns) if self.select_plain else dense
+        if self.plain_columns is None:
+            return dense
+        return dense.index_select(1, self.plain_columns)
 
     def tokens(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """Every token, ``[B, T, D]``: the embedded numeric columns, then the categorical features and bags."""
