@@ -444,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
     )
     for name in args.datasets:
-        results["datasets"][name] = {**run_dataset(name, args), "command": command}
+        entry = {**run_dataset(name, args), "command": command}
+        if path.is_file():  # another process may have written other data sets meanwhile
+            results["datasets"] = json.loads(path.read_text())["datasets"]
+        results["datasets"][name] = entry
         path.write_text(json.dumps(results, indent=1, default=float))  # after each data set
     (out / "results.md").write_text(markdown(results, args))
     print(markdown(results, args))
