@@ -185,7 +185,7 @@ def fit_splits(
         evaluated = {role: data[role] for role in roles}
         seed = config.train.seed
         baseline_result = fit_baseline(config.baseline, config.tasks, encoder, labels, train, evaluated, seed, note)
-        baseline_result["difference"] = baseline_differences(config.tasks, metrics, baseline_result)
+        baseline_result["difference"] = baseline_differences(metrics, baseline_result)
     result = FitResult(model, encoder, metrics, train_result, model_dir, rows, baseline_result, shift)
     if model_dir is not None and rank_and_world()[0] == 0:  # data-parallel: one writer
         _write_model_dir(config, result, started)

@@ -215,7 +215,7 @@ def fit_baseline(
     }
 
 
-def baseline_differences(tasks: list[TaskSpec], network: dict, baseline: dict) -> dict[str, dict[str, float]]:
+def baseline_differences(network: dict, baseline: dict) -> dict[str, dict[str, float]]:
     """Per split, the network minus the baseline of every metric both have (``auc/<task>``, ``r2/<task>``, ...;
     for log loss and MSE a negative difference means the network is better)."""
     out = {}
