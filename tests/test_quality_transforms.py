@@ -2,6 +2,7 @@
 transforms: each equals its reference, and each round-trips through the model directory, TorchScript, ONNX and
 the scoring service with the scores of the trained model."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import mtrank
-from mtrank.artifacts import ModelDirError, open_model_dir
+from mtrank.artifacts import ModelDirError, open_model_dir, seal_model_dir
 from mtrank.config import ConfigError, ModelConfig, TaskConfig
 from mtrank.config.experiment import FeaturesSpec, TaskSpec, experiment_from_dict
 from mtrank.data.encoders import FeatureEncoder, LabelTransforms, quantile_edges, target_edges
@@ -250,6 +251,9 @@ def test_a_model_directory_whose_encoders_have_other_bins_is_refused(tmp_path):
     data = json.loads(path.read_text())
     data["state"]["age"]["edges"][1] += 0.01
     path.write_text(json.dumps(data))
+    with pytest.raises(ModelDirError, match="encoders.json: .* manifest.json says"):  # the seal catches it first
+        open_model_dir(tmp_path)
+    seal_model_dir(tmp_path)  # sealed again after the change: the bins still disagree with the model's
     with pytest.raises(ModelDirError, match="embedded numeric features .* are not the model's"):
         open_model_dir(tmp_path)
 
@@ -299,3 +303,45 @@ def test_a_model_without_the_new_inputs_has_the_weights_it_always_had():
     numeric = [{"column": 0, "edges": [0.0, 1.0]}]
     model = MultiTaskModel(ModelConfig(inputs={"num_dense": 3, "vocab_sizes": [4], "numeric": numeric}, tasks=scaled))
     assert {"label_inverse.scale", "label_inverse.shift", "embedding.plain_columns"} <= set(model.state_dict())
+
+
+ZOO_WITH_NUMERIC = {
+    "stem": {"block": {"type": "stem", "num_experts": 2, "task_experts": 1}},
+    "pepnet": {"block": "shared_bottom", "pepnet": {"epnet": ["scenario"], "ppnet": ["user"], "hidden": 6}},
+    "adatt": {"block": {"type": "adatt", "num_experts": 2, "task_experts": 1}},
+    "home": {"block": {"type": "home", "num_experts": 2, "task_experts": 1}},
+}
+
+
+def zoo_numeric_model(extra: dict) -> MultiTaskModel:
+    numeric = [
+        {"column": 0, "type": "ple", "edges": [-1.0, 0.0, 1.5]},
+        {"column": 2, "type": "periodic", "frequencies": 3},
+    ]
+    tasks = [TaskConfig("click"), TaskConfig("spend", "regression", 1.0, "standardize", 5.0, 1.5)]
+    inputs = {"num_dense": 3, "vocab_sizes": [7, 5], "embedding_dim": 4, "numeric": numeric}
+    config = ModelConfig.from_dict(
+        {"inputs": {**inputs, "names": ["user", "scenario"]}, "experts": {"hidden": [6]}, **extra}
+    )
+    return MultiTaskModel(dataclasses.replace(config, tasks=tasks)).eval()
+
+
+@pytest.mark.parametrize("zoo", list(ZOO_WITH_NUMERIC))
+def test_numeric_tokens_reach_the_zoos_blocks_and_export(tmp_path, zoo):
+    from mtrank.artifacts import save_model
+
+    model = zoo_numeric_model(ZOO_WITH_NUMERIC[zoo])
+    torch.manual_seed(0)
+    dense, sparse = torch.randn(6, 3), torch.stack([torch.randint(0, 7, (6,)), torch.randint(0, 5, (6,))], 1)
+    x, _ = model.block_input(dense, sparse)
+    tokens = model.embedding.tokens(dense, sparse)  # (B, 2 numeric + 2 categorical, tables * D)
+    assert tokens.shape[1] == 4 and x.shape[-1] == 1 + 4 * 4  # the plain column 1, then 4 tokens of D = 4
+    if zoo == "stem":  # task t's input: the plain column, then the t-th D-wide slice of every token
+        for t in range(3):
+            expected = torch.cat([dense[:, 1:2], tokens[..., t * 4 : (t + 1) * 4].flatten(1)], 1)
+            torch.testing.assert_close(x[t], expected)
+    if zoo == "pepnet":  # the gates read the categorical tokens, after the two numeric ones
+        assert model.epnet.domain_tokens.tolist() == [3] and model.ppnet.prior_tokens.tolist() == [2]
+    save_model(model, tmp_path)
+    for fmt in ("torchscript", "onnx"):
+        assert export_model_dir(tmp_path, fmt)["max_abs_diff_vs_eager"] <= 1e-5

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import mtrank.tune as tune
+from mtrank.artifacts import open_model_dir
 from mtrank.cli import main
 from mtrank.config import ConfigError
 from mtrank.config.experiment import SearchParam, experiment_from_dict, load_experiment
@@ -97,7 +98,7 @@ def test_mtrank_tune_scores_trials_on_validation_only_and_the_chosen_setting_on_
     argv = ["tune", str(tmp_path / "exp.yaml"), "--no-progress", "--threads", "1"]
     assert main(argv) == 0
     assert calls == [("valid",)] * 4 + [("valid", "test")]  # four trials, then the chosen setting once
-    out = tmp_path / "model" / "tune"
+    out = tmp_path / "model.tune"
     result = json.loads((out / "result.json").read_text())
     assert len(result["test_evaluations"]) == 1 and "auc/click" in result["test"]
     assert result["objective"] == "maximize 0.5 * auc/click + 0.5 * auc/buy (validation)"
@@ -109,7 +110,7 @@ def test_mtrank_tune_scores_trials_on_validation_only_and_the_chosen_setting_on_
     assert best.model.experts.hidden == result["best_params"]["model.experts.hidden"]
     lines = (out / "trials.md").read_text().splitlines()
     assert lines[2].startswith("| trial | state | value |") and "| train.lr |" in lines[2] and len(lines) == 4 + 4
-    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert open_model_dir(tmp_path / "model").experiment.train.lr == pytest.approx(best.train.lr)  # sealed, whole
     calls.clear()
     assert main(argv) == 0  # the same command: the study is complete, the chosen setting already scored
     assert calls == [] and len(json.loads((out / "result.json").read_text())["test_evaluations"]) == 1
@@ -120,7 +121,7 @@ def test_mtrank_tune_baseline_searches_each_task_and_writes_its_best_arguments(t
     cfg["tune"]["baseline_space"] = {"learning_rate": {"low": 0.02, "high": 0.3, "log": True}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["tune", str(tmp_path / "exp.yaml"), "--baseline", "--trials", "3", "--no-progress"]) == 0
-    out = tmp_path / "model" / "tune"
+    out = tmp_path / "model.tune"
     result = json.loads((out / "result-baseline.json").read_text())
     assert set(result["tasks"]) == {"click", "buy"} and "auc/buy" in result["test"]
     tuned = load_experiment(out / "best-baseline.yaml").baseline.task_params

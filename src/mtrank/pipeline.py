@@ -8,6 +8,8 @@ holds::
     encoders.json       the fitted FeatureEncoder          (mtrank.data.encoders)
     metrics.json        validation / test metrics per task, training history, rows, seconds
     report.md           the same as readable tables
+    history.jsonl       the training history, written live
+    manifest.json       written last: size and SHA-256 of every file (checked by everything that loads it)
 
 Training is :class:`mtrank.train.Trainer` on the encoded training split, or, with ``data.streaming``, on
 batches streamed from the training files (:class:`mtrank.train.sources.StreamSource`): the same loop, step,
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mtrank.artifacts import open_model_dir, save_model
+from mtrank.artifacts import open_model_dir, save_model, seal_model_dir
 from mtrank.config.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.encoders import FeatureEncoder, LabelTransforms, as_table
 from mtrank.data.movielens import read_movielens
@@ -222,7 +224,8 @@ def _shift(encoder: FeatureEncoder, table: pa.Table, source: str, data: TensorDa
 
 def _write_model_dir(config: ExperimentConfig, result: FitResult, started: float) -> None:
     model_dir, train_result = result.model_dir, result.train_result
-    save_model(result.model, model_dir, {"experiment": config.to_dict(), "encoders": "encoders.json"}, config.plugins)
+    extra = {"experiment": config.to_dict(), "encoders": "encoders.json"}
+    save_model(result.model, model_dir, extra, config.plugins, seal=False)
     result.encoder.save(model_dir)
     summary = {
         "metrics": result.metrics,
@@ -238,6 +241,7 @@ def _write_model_dir(config: ExperimentConfig, result: FitResult, started: float
     }
     write_json(model_dir / "metrics.json", summary)
     (model_dir / "report.md").write_text(report_markdown(config, result))
+    seal_model_dir(model_dir)  # last: the manifest names every file above with its SHA-256
 
 
 def report_markdown(config: ExperimentConfig, result: FitResult) -> str:

@@ -379,10 +379,11 @@ def settings_for(
     suffix: str = "",
 ) -> TuneSettings:
     """The settings of a search: arguments over the config's ``tune`` section over the defaults (study
-    ``<name>``, storage ``sqlite:///<output>/tune/study.db``)."""
+    ``<name>``, storage ``sqlite:///<output>.tune/study.db``). The study's folder sits beside the model
+    directory, not in it: a model directory is sealed with exactly the model's files."""
     spec = config.tune
     model_dir = Path(model_dir or config.output)
-    out = Path(out) if out else model_dir / "tune"
+    out = Path(out) if out else model_dir.with_name(f"{model_dir.name}.tune")
     name = study or spec.study or config.name or Path(config.source or "mtrank").stem
     storage = storage or spec.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     return TuneSettings(

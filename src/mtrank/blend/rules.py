@@ -116,8 +116,11 @@ class Blend:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``blend.json`` into ``directory`` (a model directory: the service's default blend)."""
+        from mtrank.artifacts import add_to_manifest  # torch; this module needs only numpy
+
         path = Path(directory) / BLEND_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2))
+        add_to_manifest(directory, [path])  # a sealed model directory records it
         return path
 
     def apply(self, scores: np.ndarray, task_names: list[str], request_ids: np.ndarray | None = None) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mtrank.cli.common import add_command
 
@@ -35,8 +36,11 @@ def _cmd_blend_tune(args: argparse.Namespace) -> int:
         f"  best weights  : {result.value:.4f}  " + "  ".join(f"{k}={v:.3f}" for k, v in result.blend.weights.items())
     )
     if args.out:
+        from mtrank.artifacts import add_to_manifest
+
         with open(args.out, "w") as handle:
             json.dump(result.blend.to_dict(), handle, indent=2)
+        add_to_manifest(Path(args.out).parent, [args.out])  # into a sealed model directory: recorded there
         print(f"wrote {args.out}")
     return 0
 

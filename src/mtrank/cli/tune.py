@@ -73,7 +73,7 @@ def register(subparsers) -> None:
         "Search the config's tune.space (dotted config keys: train.lr, model.block.num_experts,\n"
         "tasks.<name>.weight, ...) with optuna's TPE sampler, each trial trained on the training split and scored\n"
         "by the objective on the validation split only; bad trials are pruned early. The study lives in SQLite\n"
-        "(OUT/tune/study.db): the same command again resumes it up to --trials. Then the best setting is written\n"
+        "(OUT.tune/study.db): the same command again resumes it up to --trials. Then the best setting is written\n"
         "(best.yaml), the trials tabulated (trials.csv / trials.md), and the best setting trained once more into\n"
         "the model directory and scored on the test split, once. --baseline tunes the gradient-boosting\n"
         "baseline instead, one search per task with the same number of trials.",
@@ -81,7 +81,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="YAML experiment config with a tune section (space, objective)")
     p.add_argument("--trials", type=int, help="finished trials the study should hold (default: tune.trials)")
-    p.add_argument("--storage", help="optuna storage URL (default: sqlite:///OUT/tune/study.db)")
+    p.add_argument("--storage", help="optuna storage URL (default: sqlite:///OUT.tune/study.db)")
     p.add_argument("--study", help="study name (default: tune.study, else the config's name)")
     p.add_argument(
         "--objective",
@@ -89,7 +89,7 @@ def register(subparsers) -> None:
         "tune.objective, else the mean of the tasks' AUC / R²)",
     )
     p.add_argument("--out", help="model directory of the chosen setting (default: the config's output)")
-    p.add_argument("--tune-dir", help="folder of the study's files (default: OUT/tune)")
+    p.add_argument("--tune-dir", help="folder of the study's files (default: OUT.tune, beside the model directory)")
     p.add_argument("--baseline", action="store_true", help="tune the gradient-boosting baseline instead")
     p.add_argument("--no-final", action="store_true", help="skip training the chosen setting and its test score")
     add_overrides(p)

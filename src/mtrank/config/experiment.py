@@ -48,7 +48,7 @@ from mtrank.config.train import TrainConfig, check_monitor
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
 SECTIONS = ("data", "features", "tasks", "model", "train", "baseline", "tune", "output", "name", "plugins")
-DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "numeric")
+DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "numeric", "names")
 
 
 @dataclass
@@ -598,6 +598,7 @@ class ExperimentConfig:
             embedding_dim=self.model.inputs.embedding_dim,
             bags=list(bags or []),
             numeric=list(numeric or []),
+            names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
         )
         model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs(label_stats))
         return model.validate("model")
@@ -659,7 +660,7 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
         names = [t.name for t in tasks]
         for i, name in enumerate(names):
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
-        model = _model_section(raw.get("model"), tasks)
+        model = _model_section(raw.get("model"), tasks, features)
         train = build(TrainConfig, raw.get("train") or {}, "train")
         baseline = build(BaselineSpec, raw.get("baseline") or {}, "baseline")
         tune = build(TuneSpec, raw.get("tune") or {}, "tune")
@@ -684,7 +685,7 @@ def build_plugins(raw: Any) -> list[str]:
     return list(raw)
 
 
-def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
+def _model_section(raw: Any, tasks: list[TaskSpec], features: FeaturesSpec) -> ModelConfig:
     raw = copy.deepcopy(raw) if raw is not None else {}
     check(isinstance(raw, dict), "model", "expected a mapping of model sections (block, experts, gate, towers, ...)")
     check("tasks" not in raw, "model.tasks", "derived from the tasks section; remove it from the model section")
@@ -695,9 +696,11 @@ def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
         for key in DERIVED_INPUTS:
             check(key not in inputs, f"model.inputs.{key}", "derived from the features section; remove it")
     # built with a placeholder input, so that every model rule is checked now, before any data is read
-    placeholder = {**raw, "inputs": {**inputs, "num_dense": 1}, "tasks": [t.task_config().to_dict() for t in tasks]}
+    names = [f.name for f in features.categorical]  # single categorical columns: model sections may name them
+    placeholder_inputs = {**inputs, "num_dense": 1, "names": names, "vocab_sizes": [2] * len(names)}
+    placeholder = {**raw, "inputs": placeholder_inputs, "tasks": [t.task_config().to_dict() for t in tasks]}
     model = build(ModelConfig, placeholder, "model")
-    model.inputs.num_dense = 0
+    model.inputs.num_dense, model.inputs.vocab_sizes, model.inputs.names = 0, [], []
     return model
 
 

@@ -41,6 +41,8 @@ class TrainConfig(Config):
         grad_clip: clip the global gradient norm to this value; 0 = no clipping.
         checkpoint_dir: write checkpoints here (and resume from the latest one); empty = none.
         checkpoint_every: steps between checkpoints (0 = at each evaluation).
+        keep_checkpoints: how many complete checkpoints to keep (>= 1; the resume falls back to an older one
+            when the newest fails its checksums).
         resume: with a checkpoint in ``checkpoint_dir``: ``"auto"`` resumes it when it was written by the same
             configuration and refuses a different one (naming what changed); ``"overwrite"`` discards it and
             starts afresh; ``"require"`` resumes it and fails if there is none.
@@ -70,6 +72,7 @@ class TrainConfig(Config):
     grad_clip: float = 0.0
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     resume: Literal["auto", "overwrite", "require"] = "auto"
     progress: bool = True
     log_dir: str = ""
@@ -89,6 +92,7 @@ class TrainConfig(Config):
         check(self.early_stopping_patience >= 0, join(path, "early_stopping_patience"), "must be >= 0")
         check(self.grad_clip >= 0, join(path, "grad_clip"), f"must be >= 0, got {self.grad_clip}")
         check(self.checkpoint_every >= 0, join(path, "checkpoint_every"), "must be >= 0")
+        check(self.keep_checkpoints >= 1, join(path, "keep_checkpoints"), f"must be >= 1, got {self.keep_checkpoints}")
         finite = 0 <= self.distill_weight < math.inf
         check(finite, join(path, "distill_weight"), f"must be >= 0 and finite, got {self.distill_weight}")
         check(0 <= self.seed < SEED_END, join(path, "seed"), f"must be in [0, 2^32), got {self.seed}")

@@ -14,6 +14,10 @@ from torch import nn
 
 from mtrank.config.model import NumericEmbeddingConfig
 
+# PLE's open bounds: the largest float32, not inf, so that the saved buffers pass the model directory's finiteness
+# check (cast to float16 it becomes inf, which the clamp takes as well)
+_UNBOUNDED = torch.finfo(torch.float32).max
+
 
 def _per_column_linear(columns: int, width: int, dim: int) -> tuple[nn.Parameter, nn.Parameter]:
     """Weights ``[F, width, D]`` and biases ``[F, D]`` of F linear layers, each initialised as ``nn.Linear``
@@ -64,7 +68,7 @@ class PiecewiseLinearEmbedding(nn.Module):
             t = b.numel() - 1
             left[f, :t], width[f, :t] = b[:-1].float(), (b[1:] - b[:-1]).float()
             lower[f, :t], upper[f, :t] = 0.0, 1.0
-            lower[f, 0], upper[f, t - 1] = -math.inf, math.inf
+            lower[f, 0], upper[f, t - 1] = -_UNBOUNDED, _UNBOUNDED
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long))
         for name, value in (("left", left), ("width", width), ("lower", lower), ("upper", upper)):
             self.register_buffer(name, value)  # from the config's fitted edges (saved with the weights too)

@@ -229,7 +229,8 @@ class TrainingLoop:
         checkpoints = None
         if cfg.checkpoint_dir:
             identity = fingerprint_data(runs.describe(), cfg, source.describe(), total_steps)
-            checkpoints = Checkpoints(cfg.checkpoint_dir, identity, cfg.resume if self.rank == 0 else "auto")
+            resume, writer = (cfg.resume, True) if self.rank == 0 else ("auto", False)
+            checkpoints = Checkpoints(cfg.checkpoint_dir, identity, resume, cfg.keep_checkpoints, writer)
             best = self._resume(checkpoints, scheduler, results, state, source)
         if all(state.stopped):
             total_steps = state.step
