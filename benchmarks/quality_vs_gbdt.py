@@ -23,7 +23,7 @@ Per data set (``configs/*.yaml`` through the pipeline; the split is the config's
     python benchmarks/quality_vs_gbdt.py --quick --out /tmp/q                    # seconds: the whole path, tiny
 
 Writes ``OUT/results.json`` (every number) and ``OUT/results.md`` (the tables of docs/quality.md); the optuna
-studies go to ``OUT/studies.db`` (a rerun resumes them).
+studies go to ``OUT/studies-<data set>.db`` (a rerun resumes them; one process per data set may run at once).
 """
 
 from __future__ import annotations
@@ -80,14 +80,25 @@ EMBEDDINGS = {
 # ---------------------------------------------------------------------------------------------- data sets
 
 
+CONFIGS = {  # data set -> its config in configs/
+    "clothing": "womens_clothing_reviews",
+    "clothing_regression": "womens_clothing_reviews",
+    "census1": "census_income",
+    "census2": "census_income",
+    "movielens": "movielens_100k",
+}
+
+
 def raw_config(name: str, args: argparse.Namespace) -> dict:
     """The experiment of data set ``name``: a config of ``configs/`` (census group 2 and the regression variant of
-    clothing reviews derived from theirs), data paths at ``--shared-data``."""
-    base = {"clothing": "womens_clothing_reviews", "clothing_regression": "womens_clothing_reviews"}
-    raw = yaml.safe_load((REPO / "configs" / f"{base.get(name, 'census_income')}.yaml").read_text())
+    clothing reviews derived from theirs), data paths at ``--shared-data`` (MovieLens-100K: ``--movielens``, not
+    shipped)."""
+    raw = yaml.safe_load((REPO / "configs" / f"{CONFIGS[name]}.yaml").read_text())
     for key in ("train", "valid", "test"):
         if "shared/data/" in raw["data"].get(key, ""):
             raw["data"][key] = str(Path(args.shared_data) / raw["data"][key].split("shared/data/", 1)[1])
+    if name == "movielens":
+        raw["data"]["train"] = args.movielens
     raw["train"]["progress"] = False
     raw["baseline"] = {"enabled": False}
     if name == "census2":
@@ -113,6 +124,10 @@ def read_splits(config, args: argparse.Namespace) -> tuple:
     if args.quick:  # the first rows of each split
         sizes = {"train": 2000, "valid": 600, "test": 600}
         splits = {role: (table.slice(0, sizes[role]), source) for role, (table, source) in splits.items()}
+    elif args.max_train_rows and splits["train"][0].num_rows > args.max_train_rows:  # a seeded sample
+        table, source = splits["train"]
+        rows = np.sort(np.random.default_rng(0).choice(table.num_rows, args.max_train_rows, replace=False))
+        splits["train"] = (table.take(rows), f"{source} ({args.max_train_rows:,} sampled rows)")
     steps = -(-splits["train"][0].num_rows // config.train.batch_size)
     return splits, with_params(config, {"train.eval_every": max(1, steps // 2)})
 
@@ -269,10 +284,12 @@ def compare(config, splits, a_scores, b_scores, a_metrics, b_metrics, args) -> d
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> dict:
+    args.storage = f"sqlite:///{(Path(args.out) / f'studies-{name}.db').resolve()}"  # one per data set: parallel runs
     config = experiment_from_dict(raw_config(name, args), source=f"{name}.yaml")
     started = time.perf_counter()
     splits, config = read_splits(config, args)
     rows = {role: table.num_rows for role, (table, _) in splits.items()}
+    sampled = "sampled rows" in splits["train"][1]
     print(f"{name}: rows {rows}", flush=True)
     data = baseline_data(config, splits)
     network = tune_network(name, config, splits, args)
@@ -301,6 +318,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
         "config": config.source,
         "name": config.name,
         "rows": rows,
+        "train_rows_sampled": sampled,  # --max-train-rows cut the training split to a seeded sample
         "tasks": [t.name for t in config.tasks],
         "search": {"mtrank": network, "gbdt": gbdt},
         "numeric_embedding": {"chosen": chosen, "ablation": other},
@@ -376,14 +394,17 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"Budget: {args.trials} trials per search (mtrank: one per data set; GBDT: one per task), {args.seeds} seeds "
         f"of each final setting, {args.n_boot} bootstrap draws; "
-        + ("QUICK MODE (tiny, not a result)." if args.quick else "full splits."),
+        + ("QUICK MODE (tiny, not a result)." if args.quick else "the rows of each data set below."),
         "",
     ]
     for r in results["datasets"].values():
         lines += [f"### {r['name']}", "", f"`{r.get('command', '')}` ({r['seconds'] / 60:.0f} min)", ""]
         net = r["search"]["mtrank"]
         params = ", ".join(f"{k}={v}" for k, v in net["best_params"].items())
-        lines.append(f"Rows {r['rows']}. mtrank's choice (trial {net['best_trial']} of {net['trials']}): {params}.")
+        sample = " (training split: a seeded sample of the file's rows)" if r.get("train_rows_sampled") else ""
+        lines.append(
+            f"Rows {r['rows']}{sample}. mtrank's choice (trial {net['best_trial']} of {net['trials']}): {params}."
+        )
         lines.append("")
         rows = []
         for task, c in r["vs_gbdt"].items():
@@ -415,8 +436,19 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["clothing", "census1"],
-                        choices=["clothing", "census1", "census2"])  # fmt: skip
+    parser.add_argument("--datasets", nargs="+", default=["clothing", "census1", "census2", "movielens"],
+                        choices=["clothing", "census1", "census2", "movielens"])  # fmt: skip
+    parser.add_argument(
+        "--max-train-rows",
+        type=int,
+        default=0,
+        help="train on a seeded sample of this many training rows (0: all); valid and test whole",
+    )
+    parser.add_argument(
+        "--movielens",
+        default="/tmp/recbole/x/recbole/dataset_example/ml-100k",
+        help="MovieLens-100K as RecBole's atomic files (configs/movielens_100k.yaml says how)",
+    )
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -431,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.storage = f"sqlite:///{(out / 'studies.db').resolve()}"
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
     command = "python benchmarks/quality_vs_gbdt.py " + " ".join(argv if argv is not None else sys.argv[1:])
