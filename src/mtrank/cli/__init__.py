@@ -4,6 +4,7 @@
 ``run``        the main job (:mod:`mtrank.cli.run`)
 ``reproduce``  the MMoE paper's experiments (:mod:`mtrank.cli.reproduce`)
 ``train``      train / evaluate / predict from a YAML experiment config (:mod:`mtrank.cli.train`)
+``tune``       hyper-parameter search on the validation split (:mod:`mtrank.cli.tune`)
 ``export``     TorchScript / ONNX files (:mod:`mtrank.cli.export`)
 ``serve``      the HTTP scoring service (:mod:`mtrank.cli.serve`)
 ``blend``      blend tuning and the learned blend (:mod:`mtrank.cli.blend`)
@@ -22,7 +23,7 @@ import sys
 
 from mtrank import __version__
 
-COMMAND_GROUPS = ("run", "reproduce", "train", "export", "serve", "blend", "model", "study")
+COMMAND_GROUPS = ("run", "reproduce", "train", "tune", "export", "serve", "blend", "model", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

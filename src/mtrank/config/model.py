@@ -44,6 +44,8 @@ from typing import ClassVar, Literal
 
 from mtrank.config.base import Config, Registry, check, did_you_mean, join
 
+LABEL_TRANSFORMS = ("none", "standardize", "log1p", "log1p_standardize")
+LabelTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem")
 BlockType = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem"]
 OWN_EXPERT_BLOCKS = ("cgc", "ple", "adatt", "home", "stem")  # blocks whose gates have experts of their own
@@ -86,18 +88,33 @@ class TaskConfig(Config):
         depends_on: the task this one follows in a funnel (``cvr`` depends on ``ctr``): its label exists only
             where the parent's label is 1 and its score is the conditional probability (pCVR); the product of
             the chain's scores is the entire-space probability (pCTCVR). See :class:`FunnelConfig`.
+        weight: weight of this task's loss in the total loss.
+        label_transform: a regression task's labels as the model learns them (:data:`LABEL_TRANSFORMS`); its
+            output ``z`` is mapped back to the labels' own scale in the model's scores (and so in every export):
+            ``y = z * label_std + label_mean``, then ``sign(y) expm1(|y|)`` for the ``log1p`` transforms.
+        label_mean / label_std: the fitted statistics of the transformed training labels (``standardize``).
     """
 
     shorthand: ClassVar[str] = "name"
     name: str
     type: Literal["binary", "regression"] = "binary"
     weight: float = 1.0
+    label_transform: LabelTransform = "none"
+    label_mean: float = 0.0
+    label_std: float = 1.0
     depends_on: str = ""
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
         check(self.depends_on != self.name, join(path, "depends_on"), f"task {self.name!r} cannot depend on itself")
+        check(
+            self.type == "regression" or self.label_transform == "none",
+            join(path, "label_transform"),
+            f"{self.label_transform!r} is for regression tasks; a binary task's labels stay 0/1",
+        )
+        check(math.isfinite(self.label_mean), join(path, "label_mean"), f"must be finite, got {self.label_mean}")
+        check(0 < self.label_std < math.inf, join(path, "label_std"), f"must be > 0 and finite, got {self.label_std}")
 
 
 @dataclass
@@ -117,6 +134,37 @@ class BagConfig(Config):
 
 
 @dataclass
+class NumericEmbeddingConfig(Config):
+    """One dense column embedded as a ``D``-wide token (Gorishniy et al., NeurIPS 2022, "On Embeddings for
+    Numerical Features in Tabular Deep Learning"), derived from the feature's ``embedding`` and fitted encoder.
+
+    Args:
+        column: index of the column in the dense input.
+        type: ``ple``: piecewise-linear encoding over the bins ``edges`` (T bins, T + 1 ascending edges in the
+            encoded scale), then a linear layer and ReLU; ``periodic``: ``[sin(2 pi c x), cos(2 pi c x)]`` for
+            ``frequencies`` learned ``c`` (initialised from N(0, sigma^2)), then a linear layer and ReLU.
+        edges: ``ple``: the bin edges.
+        frequencies / sigma: ``periodic``: how many frequencies, their initial standard deviation.
+    """
+
+    column: int
+    type: Literal["ple", "periodic"] = "ple"
+    edges: list[float] = field(default_factory=list)
+    frequencies: int = 16
+    sigma: float = 1.0
+
+    def check(self, path: str) -> None:
+        check(self.column >= 0, join(path, "column"), f"must be >= 0, got {self.column}")
+        if self.type == "ple":
+            edges = self.edges
+            ok = len(edges) >= 2 and all(math.isfinite(e) for e in edges)
+            ok = ok and all(a < b for a, b in zip(edges, edges[1:]))
+            check(ok, join(path, "edges"), f"expected >= 2 finite, strictly ascending bin edges, got {edges[:8]!r}")
+        check(self.frequencies >= 1, join(path, "frequencies"), f"must be >= 1, got {self.frequencies}")
+        check(0 < self.sigma < math.inf, join(path, "sigma"), f"must be > 0 and finite, got {self.sigma}")
+
+
+@dataclass
 class InputsConfig(Config):
     """What the model reads.
 
@@ -126,6 +174,7 @@ class InputsConfig(Config):
         embedding_dim: embedding width of every categorical feature.
         bags: the multi-valued features, in the order of their columns (the last ``sum(length)`` columns of
             ``vocab_sizes``; all columns of a bag have its vocabulary size, whose last id is padding).
+        numeric: dense columns embedded as tokens of ``embedding_dim`` (the rest enter the block as they are).
         names: names of the single categorical columns, in order (filled from an experiment's features), so
             that sections such as ``pepnet`` may name features; empty = refer to them by index.
     """
@@ -134,6 +183,7 @@ class InputsConfig(Config):
     vocab_sizes: list[int] = field(default_factory=list)
     embedding_dim: int = 16
     bags: list[BagConfig] = field(default_factory=list)
+    numeric: list[NumericEmbeddingConfig] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
     @property
@@ -148,7 +198,12 @@ class InputsConfig(Config):
         check(self.num_dense >= 0, join(path, "num_dense"), f"must be >= 0, got {self.num_dense}")
         for i, size in enumerate(self.vocab_sizes):
             check(size >= 1, f"{join(path, 'vocab_sizes')}[{i}]", f"must be >= 1, got {size}")
-        if self.vocab_sizes:
+        columns = [n.column for n in self.numeric]
+        for i, column in enumerate(columns):
+            where = f"{join(path, 'numeric')}[{i}].column"
+            check(column < self.num_dense, where, f"dense column {column} does not exist (num_dense={self.num_dense})")
+            check(column not in columns[:i], where, f"dense column {column} is embedded twice")
+        if self.vocab_sizes or self.numeric:
             check(self.embedding_dim >= 1, join(path, "embedding_dim"), f"must be >= 1, got {self.embedding_dim}")
         first = len(self.vocab_sizes) - sum(self.bag_lengths)
         check(
@@ -445,13 +500,15 @@ class ModelConfig(Config):
 
     @property
     def num_tokens(self) -> int:
-        """Embedded features the main model reads: single categoricals (not bias) plus one per bag."""
+        """Embedded features the main model reads: embedded numeric columns, single categoricals (not bias) and
+        one per bag."""
         bags = self.inputs.bag_lengths
-        return len(self.main_features) - sum(bags) + len(bags)
+        return len(self.inputs.numeric) + len(self.main_features) - sum(bags) + len(bags)
 
     @property
     def input_dim(self) -> int:
-        return self.inputs.num_dense + self.num_tokens * self.inputs.embedding_dim
+        plain = self.inputs.num_dense - len(self.inputs.numeric)  # dense columns that enter as they are
+        return plain + self.num_tokens * self.inputs.embedding_dim
 
     def check(self, path: str) -> None:
         tasks = join(path, "tasks")
