@@ -124,7 +124,8 @@ class TaskFunnel(nn.Module):
         if transfer is not None and output is not None:
             q_child = tower_out.index_select(0, self.child_index)  # (J, B, H)
             z = transfer(q_child, tower_out.index_select(0, self.parent_index))  # (J, B, H)
-            z_all = tower_out.index_copy(0, self.child_index, z)  # (K, B, H): roots keep q
+            # under autocast the transfer's matmuls give bf16 while the towers' output may be fp32 (CUDA)
+            z_all = tower_out.index_copy(0, self.child_index, z.to(tower_out.dtype))  # (K, B, H): roots keep q
             joint = output(z_all).squeeze(-1).transpose(0, 1).float()  # (B, K) entire-space logits (the ratio: fp32)
             logits = joint.index_copy(
                 1,
