@@ -15,7 +15,8 @@ training samples/s.
   seconds (evaluation excluded), torch threads as given.
 
     python benchmarks/zoo_study.py --rows 40000 --epochs 2 --seeds 10          # CPU: docs/results/zoo_study-cpu.*
-    python benchmarks/zoo_study.py --device cuda --epochs 4 --seeds 10 --out docs/results/zoo_study-h200
+    python benchmarks/zoo_study.py --device cuda --epochs 4 --seeds 10 --workers 12 \
+        --lrs 0.0003 0.001 0.003 0.01 0.03 --out docs/results/zoo_study-h200     # docs/results/zoo_study-h200.*
     python benchmarks/zoo_study.py --quick --datasets census1 --models mmoe stem   # seconds (tested)
 """
 
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,39 +149,74 @@ class DataSet:
         }
 
 
-def run(args: argparse.Namespace) -> dict:
+_DATA: dict[str, DataSet] = {}  # per process: each data set read and encoded once
+
+
+def study_model(args: argparse.Namespace, name: str, model: str) -> tuple[dict, dict]:
+    """One architecture on one data set: sized to MMoE's budget, tuned over ``args.lrs`` at the tuning seed, then
+    trained with every seed. Returns ``(facts of the data set, the architecture's results)``; with ``--parts``,
+    a job whose file is there is read back instead of run (a study cut short resumes)."""
+    part = Path(args.parts) / f"{name}-{model}.json" if args.parts else None
+    study = {k: getattr(args, k) for k in ("epochs", "seeds", "lrs", "rows", "device")}
+    if part is not None and part.exists():
+        facts, result, done_as = json.loads(part.read_text())
+        if done_as == study:
+            return facts, result
+        print(f"{part}: done with other settings ({done_as}), run again", file=sys.stderr)
     torch.set_num_threads(args.threads)
     snippets = zoo_snippets()
-    names = args.models or list(snippets)
+    if name not in _DATA:
+        _DATA[name] = DataSet(name, args, snippets["mmoe"])
+    data = _DATA[name]
+    target = data.params(fit_snippet(snippets["mmoe"], data.tasks))
+    section, knob = fit_snippet(snippets[model], data.tasks), KNOBS.get(model, EXPERT_WIDTH)
+    if model != "mmoe":
+        section = matched(section, knob, data.params, target)
+    started = time.perf_counter()
+    trials = {lr: data.train(section, lr, TUNING_SEED)["valid_auc"] for lr in args.lrs}
+    lr = max(trials, key=lambda k: trials[k])
+    result = {"params": data.params(section), "sized": f"{knob[0]} = {knob[1](section)}", "tuning": trials}
+    result |= {"lr": lr, "lr_at_edge": len(args.lrs) > 1 and lr in (min(args.lrs), max(args.lrs))}
+    result["runs"] = [data.train(section, lr, s) for s in range(args.seeds)]
+    result["seconds"] = time.perf_counter() - started
+    edge = " (at the edge of the range)" if result["lr_at_edge"] else ""
+    print(f"{name} {model}: lr {lr}{edge}, params {result['params']:,}", file=sys.stderr, flush=True)
+    facts = {"tasks": data.tasks, "rows": {role: len(split) for role, split in data.data.items()}}
+    facts["target_params"] = target
+    if part is not None:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps([facts, result, study]))
+    return facts, result
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every (data set, architecture) job, in this process or in ``args.workers`` processes side by side (spawned:
+    CUDA needs it); the numbers do not depend on the number of workers."""
+    names = args.models or list(zoo_snippets())
+    if "mmoe" not in names:
+        names = ["mmoe", *names]  # the reference of every paired difference
+    jobs = [(name, model) for name in args.datasets for model in names]
+    started = time.perf_counter()
+    if args.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+            done = list(pool.map(study_model, [args] * len(jobs), *zip(*jobs)))
+    else:
+        done = [study_model(args, name, model) for name, model in jobs]
     out: dict = {"datasets": {}}
-    for name in args.datasets:
-        started = time.perf_counter()
-        data = DataSet(name, args, snippets["mmoe"])
-        target = data.params(fit_snippet(snippets["mmoe"], data.tasks))
-        runs: dict[str, dict] = {}
-        for model in names:
-            section, knob = fit_snippet(snippets[model], data.tasks), KNOBS.get(model, EXPERT_WIDTH)
-            if model != "mmoe":
-                section = matched(section, knob, data.params, target)
-            trials = {lr: data.train(section, lr, TUNING_SEED)["valid_auc"] for lr in args.lrs}
-            lr = max(trials, key=lambda k: trials[k])
-            runs[model] = {"params": data.params(section), "sized": f"{knob[0]} = {knob[1](section)}"}
-            runs[model] |= {"tuning": trials, "lr": lr, "runs": [data.train(section, lr, s) for s in range(args.seeds)]}
-            print(f"{name} {model}: lr {lr}, params {runs[model]['params']:,}", file=sys.stderr, flush=True)
-        out["datasets"][name] = {
-            "tasks": data.tasks,
-            "rows": {role: len(split) for role, split in data.data.items()},
-            "target_params": target,
-            "seconds": time.perf_counter() - started,
-            "models": runs,
-            "paired_vs_mmoe": paired_to_mmoe(runs, data.tasks) if "mmoe" in runs else {},
-        }
+    for (name, model), (facts, result) in zip(jobs, done):
+        entry = out["datasets"].setdefault(name, facts | {"models": {}})
+        entry["models"][model] = result
+    for entry in out["datasets"].values():
+        entry["paired_vs_mmoe"] = paired_to_mmoe(entry["models"], entry["tasks"])
     out.update(
         command=" ".join(["python benchmarks/zoo_study.py", *sys.argv[1:]]),
         epochs=args.epochs,
         seeds=args.seeds,
         lrs=args.lrs,
-        threads=torch.get_num_threads(),
+        threads=args.threads,
+        workers=args.workers,
+        seconds=time.perf_counter() - started,
         device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
     )
     return out
@@ -202,7 +240,8 @@ def table(results: dict) -> str:
         header += [f"MMoE - model, {t} [95% CI]" for t in tasks] + ["train samples/s"]
         rows = []
         for name, model in facts["models"].items():
-            row = [name, f"{model['params']:,}", model["sized"], f"{model['lr']:g}"]
+            edge = " (edge)" if model.get("lr_at_edge") else ""
+            row = [name, f"{model['params']:,}", model["sized"], f"{model['lr']:g}{edge}"]
             row += [fmt_mean_std([r["test"][t] for r in model["runs"]]) for t in tasks]
             paired = facts["paired_vs_mmoe"].get(name)
             for t in tasks:
@@ -227,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=0, help="rows kept per split (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=1, help="(data set, architecture) jobs side by side")
+    parser.add_argument("--parts", help="folder of finished jobs: written as they end, read back instead of rerun")
     parser.add_argument("--shared-data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "zoo_study-cpu"))
     args = parser.parse_args(argv)
