@@ -8,6 +8,8 @@ Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
     python benchmarks/data_pipeline.py generate --rows 10000000        # writes /tmp/mtrank-w2/rows-10000000/
     python benchmarks/data_pipeline.py encode --rows 1000000 --passes 3  # encoding rows/s
     python benchmarks/data_pipeline.py train --rows 10000000 --steps 400 --repeats 3 --workers 1 --threads 1
+    python3 benchmarks/data_pipeline.py train --rows 2000000 --steps 300 --batch-size 4096 --workers 1 4 8 \
+        --precision bf16 --repeats 2 --baseline                      # on a GPU: files vs memory, graphed step
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000 --with-training --threads 1
 
@@ -185,7 +187,9 @@ def cmd_encode(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    """Samples/s of one model and step count: the Trainer on in-memory TensorData vs streamed from Parquet."""
+    """Samples/s of one model and step count: the Trainer on in-memory TensorData (moved to the device once) vs
+    streamed from Parquet by 0..N reader processes (pinned groups of batches, prefetched to the device; with
+    ``--baseline`` also one batch per item, unpinned: the path before the prefetcher)."""
     import torch
 
     from mtrank.data.splits import encode_table
@@ -196,35 +200,58 @@ def cmd_train(args) -> dict:
     from mtrank.train.sources import StreamSource
 
     path = data_dir(args.data, args.rows)
+    if not path.is_dir():
+        cmd_generate(argparse.Namespace(data=args.data, rows=args.rows))
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {}
+    results, paths = {}, {}
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
     rows_needed = args.steps * args.batch_size
     memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
     del table
     train_cfg = cfg.train
     train_cfg.batch_size, train_cfg.steps, train_cfg.eval_every = args.batch_size, args.steps, 10**9
+    train_cfg.precision, train_cfg.device = args.precision, args.device
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
+    variants = [(w, args.group, None) for w in args.workers]
+    if args.baseline:
+        variants += [(w, 1, False) for w in args.workers]
     for repeat in range(args.repeats):
-        result = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg).fit(memory_data)
+        trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
+        result = trainer.fit(memory_data)
         results.setdefault("memory", []).append(result.samples_per_second)
-        for workers in args.workers:
+        paths["memory"] = trainer.step_path
+        for workers, group, pin in variants:
             cfg.data.workers = workers
             stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
             trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
-            result = trainer.fit(StreamSource(stream, workers, trainer.device, rows=stream.count_rows()))
-            results.setdefault(f"parquet_workers_{workers}", []).append(result.samples_per_second)
+            source = StreamSource(
+                stream, workers, trainer.device, stream.count_rows(), args.prefetch, group=group, pin_memory=pin
+            )
+            result = trainer.fit(source)
+            key = f"parquet_workers_{workers}" + ("_baseline" if pin is False else "")
+            results.setdefault(key, []).append(result.samples_per_second)
+            paths[key] = trainer.step_path
     summary = {k: float(np.median(v)) for k, v in results.items()}
     for key, value in summary.items():
         ratio = value / summary["memory"]
-        print(f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}")
+        print(
+            f"{key:>29}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory, {paths[key]})  "
+            f"runs {np.round(results[key])}"
+        )
     return {
         "samples_per_s": summary,
+        "ratio_to_memory": {k: v / summary["memory"] for k, v in summary.items()},
+        "step_path": paths,
         "runs": results,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "precision": args.precision,
+        "device": str(trainer.device),
+        "group": args.group,
+        "prefetch": args.prefetch,
         "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
@@ -313,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)")
+    p.add_argument("--device", default="auto", help="the trainer's device (auto: CUDA when there)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--prefetch", type=int, default=2, help="batches in flight to the GPU")
+    p.add_argument("--group", type=int, default=None, help="batches per reader item (default 65,536 rows' worth)")
+    p.add_argument("--baseline", action="store_true", help="also: one batch per item, unpinned (the old path)")
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)

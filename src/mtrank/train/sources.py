@@ -118,6 +118,7 @@ class StreamSource:
         group: batches per item sent by a reader process (None: the default of
             :func:`~mtrank.data.streaming.stream_loader`); resuming with another group, like another number of
             workers, reads the epoch in another order.
+        pin_memory: readers' items in page-locked memory (None: on CUDA; False is only for comparisons).
     """
 
     def __init__(
@@ -128,12 +129,13 @@ class StreamSource:
         rows: int | None = None,
         prefetch: int = 2,
         group: int | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         from mtrank.data.streaming import GROUP_ROWS, stream_loader
 
         self.stream, self.workers, self.device, self.prefetch = stream, workers, device, prefetch
         self.group = group if group is not None else max(1, GROUP_ROWS // stream.batch_size)
-        pin = device.type == "cuda"
+        pin = device.type == "cuda" if pin_memory is None else pin_memory
         self.loader = lambda: stream_loader(stream, workers, pin_memory=pin, group=self.group)
         self.rows = rows if rows is not None else stream.count_rows()
         self.batch_size = stream.batch_size
