@@ -10,6 +10,7 @@ Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
     python benchmarks/data_pipeline.py train --rows 10000000 --steps 400 --repeats 3 --workers 1 --threads 1
     python3 benchmarks/data_pipeline.py train --rows 2000000 --steps 300 --batch-size 4096 --workers 1 4 8 \
         --precision bf16 --repeats 2 --baseline                      # on a GPU: files vs memory, graphed step
+    python benchmarks/data_pipeline.py read --rows 1000000 --workers 1 2 --groups 1 16  # readers alone, rows/s
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000 --with-training --threads 1
 
@@ -255,6 +256,28 @@ def cmd_train(args) -> dict:
     }
 
 
+def cmd_read(args) -> dict:
+    """Rows/s of the readers alone (no training): one epoch of the directory through ``stream_loader`` for each
+    number of reader processes and each group (batches per item sent between processes), pinned or not."""
+    from mtrank.data.streaming import EncodedStream, stream_loader
+
+    path = data_dir(args.data, args.rows)
+    if not path.is_dir():
+        cmd_generate(argparse.Namespace(data=args.data, rows=args.rows))
+    cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
+    out = {}
+    for workers in args.workers:
+        for group in args.groups:
+            stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=0)
+            start, rows = time.perf_counter(), 0
+            for batch in stream_loader(stream, workers, pin_memory=args.pin, group=group):
+                rows += len(batch)
+            rate = rows / (time.perf_counter() - start)
+            out[f"workers_{workers}_group_{group}"] = rate
+            print(f"readers {workers:>2}, group {group:>3}: {rate:>12,.0f} rows/s ({rows:,} rows)")
+    return {"rows_per_s": out, "batch_size": args.batch_size, "pin_memory": args.pin, "rows": args.rows}
+
+
 def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> None:
     """One streaming epoch over the directory (child process of ``memory``); prints JSON with peak RSS."""
     import torch
@@ -345,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=2, help="batches in flight to the GPU")
     p.add_argument("--group", type=int, default=None, help="batches per reader item (default 65,536 rows' worth)")
     p.add_argument("--baseline", action="store_true", help="also: one batch per item, unpinned (the old path)")
+    p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--groups", type=int, nargs="+", default=[1, 16], help="batches per item between processes")
+    p.add_argument("--pin", action="store_true", help="pin the items (as for a GPU)")
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)
@@ -359,9 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
-    result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[args.command](
-        args
-    )
+    commands = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "read": cmd_read}
+    result = {**commands, "memory": cmd_memory}[args.command](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -174,12 +174,19 @@ def profile_families(trainer: Trainer, data: TensorData, steps: int) -> dict:
         sync(trainer.device)
     if cuda:
         times: dict[str, float] = {}
+        kernels = 0
         for event in prof.events():
             if event.device_type == DeviceType.CUDA:
                 times[event.name] = times.get(event.name, 0.0) + event.time_range.elapsed_us()
+                kernels += 1
         unit = "device time of CUDA kernels and copies"
+        if kernels == 0 and trainer.step_path == "cuda_graph":  # the profiler saw no kernels inside the graph
+            eager = Trainer(trainer.model, trainer.config, cuda_graphs=False)
+            return {**profile_families(eager, data, steps), "source": "eager steps (graph kernels not traced)"}
     else:
-        times = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")}
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        times = {e.key: e.self_cpu_time_total for e in ops}
+        kernels = sum(e.count for e in ops)
         unit = "self CPU time of aten ops"
     total = sum(times.values()) or 1.0
     shares: dict[str, float] = {}
@@ -188,8 +195,10 @@ def profile_families(trainer: Trainer, data: TensorData, steps: int) -> dict:
     top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
     return {
         "unit": unit,
+        "source": f"{trainer.step_path} steps",
         "steps": steps,
         "total_ms_per_step": total / 1000 / steps,
+        "kernels_per_step": kernels / steps,  # CUDA kernels and copies (CPU: aten ops); per-step overhead
         "families": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
         "top": [(name[:90], family(name), value / 1000 / steps) for name, value in top],
     }
@@ -248,7 +257,11 @@ def measure(spec: Spec, args, batch_size: int, data: TensorData, peak_tflops: fl
     )
     if "profile" in out:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in out["profile"]["families"].items())
-        print(f"    profile ({out['profile']['unit']}, {out['profile']['total_ms_per_step']:.2f} ms/step): {shares}")
+        prof = out["profile"]
+        print(
+            f"    profile ({prof['unit']}, {prof['total_ms_per_step']:.2f} ms/step, "
+            f"{prof['kernels_per_step']:.0f} per step): {shares}"
+        )
     return out
 
 
@@ -290,6 +303,13 @@ def summary(folder: Path) -> str:
         path = folder / name
         return json.loads(path.read_text()) if path.exists() else None
 
+    if read := load("read.json"):
+        lines += [
+            f"Readers alone (batch {read['batch_size']}, pinned: {read['pin_memory']})",
+            "",
+            "| readers, group | rows/s |",
+        ]
+        lines += ["|---|---:|", *(f"| {k} | {v:,.0f} |" for k, v in read["rows_per_s"].items()), ""]
     if pipeline := load("data_pipeline.json"):
         lines += [
             f"Files to GPU (W2 layout, batch {pipeline['batch_size']}, {pipeline['precision']}, {pipeline['device']})",
