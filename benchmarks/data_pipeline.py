@@ -278,6 +278,40 @@ def cmd_read(args) -> dict:
     return {"rows_per_s": out, "batch_size": args.batch_size, "pin_memory": args.pin, "rows": args.rows}
 
 
+def cmd_prefetch_check(args) -> dict:
+    """The batches a StreamSource delivers on ``--device`` (pinned, prefetched on a side stream while the
+    training stream is kept busy) equal the ones it delivers on CPU, batch by batch: per-batch checksums
+    computed on the training stream after a busy matmul, so a missing stream wait would read half-copied data."""
+    import torch
+
+    from mtrank.data.streaming import EncodedStream
+    from mtrank.train.sources import StreamSource
+
+    path = data_dir(args.data, args.rows)
+    if not path.is_dir():
+        cmd_generate(argparse.Namespace(data=args.data, rows=args.rows))
+    cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
+    device = torch.device(args.device)
+    busy = torch.randn(2048, 2048, device=device)
+
+    def checksums(on: torch.device) -> list[float]:
+        source = StreamSource(EncodedStream(str(path), cfg, encoder, args.batch_size, seed=1), args.workers, on)
+        sums = []
+        for batch in source.keys(epoch=0, skip=args.skip):
+            if on.type == "cuda":
+                busy @ busy  # keep the training stream busy while the next batches are copied
+            total = batch.dense.double().sum() + batch.sparse.double().sum() + batch.labels.double().sum()
+            sums.append(total)
+        return [float(t) for t in sums]
+
+    expected, got = checksums(torch.device("cpu")), checksums(device)
+    same = len(expected) == len(got) and all(a == b for a, b in zip(expected, got))
+    print(f"prefetch check on {device}: {len(got)} batches, {'identical to CPU' if same else 'DIFFERENT from CPU'}")
+    if not same:
+        raise SystemExit(1)
+    return {"device": str(device), "batches": len(got), "identical": same, "workers": args.workers}
+
+
 def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> None:
     """One streaming epoch over the directory (child process of ``memory``); prints JSON with peak RSS."""
     import torch
@@ -374,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[1, 16], help="batches per item between processes")
     p.add_argument("--pin", action="store_true", help="pin the items (as for a GPU)")
+    p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip", type=int, default=3, help="start mid-epoch, as a resumed run does")
+    p.add_argument("--device", default="cuda")
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)
@@ -389,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
     commands = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "read": cmd_read}
+    commands["prefetch-check"] = cmd_prefetch_check
     result = {**commands, "memory": cmd_memory}[args.command](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:

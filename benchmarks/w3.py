@@ -303,6 +303,9 @@ def summary(folder: Path) -> str:
         path = folder / name
         return json.loads(path.read_text()) if path.exists() else None
 
+    if check := load("prefetch_check.json"):
+        verdict = "identical to the CPU path" if check["identical"] else "DIFFERENT from the CPU path"
+        lines += [f"check: {check['batches']} batches prefetched to {check['device']}: {verdict}", ""]
     if read := load("read.json"):
         lines += [
             f"Readers alone (batch {read['batch_size']}, pinned: {read['pin_memory']})",

@@ -40,4 +40,5 @@ def test_gpu_scale_runs_every_path_on_cpu_and_prints_the_table(tmp_path):
     assert table.count("target:") == 4  # files/memory, W2 10M, W2 AUC, W3 2.1M
     assert "| parquet_workers_2 |" in table and "| 128 |" in table and "| workers_2_group_16 |" in table
     read = json.loads((out / "read.json").read_text())["rows_per_s"]
+    assert "check: 76 batches prefetched to cpu: identical to the CPU path" in table  # 79 - 3 skipped
     assert set(read) == {f"workers_{w}_group_{g}" for w in (0, 2) for g in (1, 16)}
