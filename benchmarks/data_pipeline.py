@@ -100,6 +100,14 @@ def generate_shard(rows: int, seed: int) -> pa.Table:
     return pa.table(columns)
 
 
+def generated(root: str, rows: int) -> Path:
+    """The data directory of ``rows`` rows under ``root``, generated first if it is not there."""
+    path = data_dir(root, rows)
+    if not path.is_dir():
+        cmd_generate(argparse.Namespace(data=root, rows=rows))
+    return path
+
+
 def cmd_generate(args) -> dict:
     out = data_dir(args.data, args.rows)
     if out.is_dir() and sum(pq.read_metadata(p).num_rows for p in out.glob("*.parquet")) == args.rows:
@@ -200,9 +208,7 @@ def cmd_train(args) -> dict:
     from mtrank.train import Trainer
     from mtrank.train.sources import StreamSource
 
-    path = data_dir(args.data, args.rows)
-    if not path.is_dir():
-        cmd_generate(argparse.Namespace(data=args.data, rows=args.rows))
+    path = generated(args.data, args.rows)
     if args.threads:
         torch.set_num_threads(args.threads)
     results, paths = {}, {}
@@ -261,9 +267,7 @@ def cmd_read(args) -> dict:
     number of reader processes and each group (batches per item sent between processes), pinned or not."""
     from mtrank.data.streaming import EncodedStream, stream_loader
 
-    path = data_dir(args.data, args.rows)
-    if not path.is_dir():
-        cmd_generate(argparse.Namespace(data=args.data, rows=args.rows))
+    path = generated(args.data, args.rows)
     cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
     out = {}
     for workers in args.workers:
@@ -287,9 +291,7 @@ def cmd_prefetch_check(args) -> dict:
     from mtrank.data.streaming import EncodedStream
     from mtrank.train.sources import StreamSource
 
-    path = data_dir(args.data, args.rows)
-    if not path.is_dir():
-        cmd_generate(argparse.Namespace(data=args.data, rows=args.rows))
+    path = generated(args.data, args.rows)
     cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
     device = torch.device(args.device)
     busy = torch.randn(2048, 2048, device=device)
@@ -353,9 +355,7 @@ def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> Non
 def cmd_memory(args) -> dict:
     out = {}
     for rows in args.rows_list:
-        path = data_dir(args.data, rows)
-        if not path.is_dir():
-            cmd_generate(argparse.Namespace(data=args.data, rows=rows))
+        path = generated(args.data, rows)
         cmd = [sys.executable, __file__, "_stream", str(path), "--stream-workers", str(args.stream_workers)]
         if args.with_training:
             cmd.append("--with-training")

@@ -47,6 +47,7 @@ from mtrank.data import TensorData  # noqa: E402
 from mtrank.evaluate.metrics import evaluate  # noqa: E402
 from mtrank.model import MultiTaskModel  # noqa: E402
 from mtrank.train import Trainer  # noqa: E402
+from mtrank.train.loop import TrainingDiverged  # noqa: E402
 
 # MLPerf DLRM-DCNv2 (Criteo 1TB, max_ind_range 40M) table sizes of the 26 categorical features
 MLPERF_CARDINALITIES = [
@@ -281,11 +282,18 @@ def auc_study(spec: Spec, args, batch_size: int, lrs: list[float], splits: tuple
         config.warmup_steps, config.eval_every = max(1, steps // 20), math.ceil(len(train) / batch_size)
         config.monitor = "auc/" + spec.model.tasks[0].name
         trainer = Trainer(MultiTaskModel(spec.model, seed=0), config)
-        result = trainer.fit(train, valid)
+        try:
+            result = trainer.fit(train, valid)
+        except TrainingDiverged as err:  # a too-large lr is a result of the sweep, not the end of the run
+            runs.append({"lr": lr, "valid": -math.inf, "diverged": str(err)})
+            print(f"    {spec.name} batch {batch_size} lr {lr:g}: diverged ({err})")
+            continue
         aucs = {k: v for k, v in evaluate(trainer.model, test).items() if k.startswith("auc/")}
         runs.append({"lr": lr, "valid": result.best_value, "best_step": result.best_step, "test_auc": aucs})
         print(f"    {spec.name} batch {batch_size} lr {lr:g}: valid {result.best_value:.4f}, test {aucs}")
     best = max(runs, key=lambda r: r["valid"])
+    if "diverged" in best:
+        raise SystemExit(f"{spec.name} batch {batch_size}: every lr of --lrs diverged ({lrs}); give smaller ones")
     return {"runs": runs, "best_lr": best["lr"], "test_auc": best["test_auc"]}
 
 

@@ -79,3 +79,12 @@ def test_w3_labels_come_from_a_fixed_teacher_and_are_learnable():
 )
 def test_kernel_families(name, family):
     assert w3.family(name) == family
+
+
+def test_a_diverging_lr_of_the_sweep_is_recorded_and_the_best_other_one_kept(tmp_path):
+    out = tmp_path / "w2.json"
+    w3.main(["--device", "cpu", "--quick", "--workload", "W3", "--batch-sizes", "64", "--profile-steps", "0",
+             "--lrs", "64=1e9,0.003", "--json", str(out)])  # fmt: skip
+    study = json.loads(out.read_text())["auc"]["64"]
+    assert "diverged" in study["runs"][0] and "train.lr" in study["runs"][0]["diverged"]
+    assert study["best_lr"] == 0.003
