@@ -5,9 +5,11 @@
 #     bash benchmarks/gpu_scale.sh                     # -> docs/results/scale-h200/*.json, *.log, summary.md
 #     bash benchmarks/gpu_scale.sh --cpu-quick DIR     # every path at tiny size on CPU (what the tests run)
 #
-# 0. the prefetched batches on the GPU == the CPU path's (checksums, order, mid-epoch start); the readers alone: rows/s by reader processes (1..16) and batches per item (1, 16), pinned;
+# 0. the prefetched batches on the GPU == the CPU path's (checksums, order, mid-epoch start); the readers
+#    alone: rows/s by reader processes (1..16) and batches per item (1, 16), pinned;
 # 1. files to the GPU: W2-layout Parquet (6M rows, 1,200 steps: reader start-up and graph capture amortised)
-#    vs the same model from GPU memory, 1/2/4/8 reader processes, new path (pinned groups + prefetcher + graphed step) and the old one (--baseline), bf16, batch 4,096;
+#    vs the same model from GPU memory, 1/2/4/8 reader processes, new path (pinned groups + prefetcher +
+#    graphed step) and the old one (--baseline: one batch per item, unpinned), bf16, batch 4,096;
 # 2. W2 in memory at batch 4,096 and 65,536: samples/s, MFU, profile, and test AUC at the best lr of a sweep;
 # 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 16k/32k/64k: samples/s, MFU, peak memory,
 #    profile by kernel family.
