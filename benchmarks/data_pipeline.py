@@ -8,6 +8,9 @@ Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
     python benchmarks/data_pipeline.py generate --rows 10000000        # writes /tmp/mtrank-w2/rows-10000000/
     python benchmarks/data_pipeline.py encode --rows 1000000 --passes 3  # encoding rows/s
     python benchmarks/data_pipeline.py train --rows 10000000 --steps 400 --repeats 3 --workers 1 --threads 1
+    python3 benchmarks/data_pipeline.py train --rows 2000000 --steps 300 --batch-size 4096 --workers 1 4 8 \
+        --precision bf16 --repeats 2 --baseline                      # on a GPU: files vs memory, graphed step
+    python benchmarks/data_pipeline.py read --rows 1000000 --workers 1 2 --groups 1 16  # readers alone, rows/s
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000 --with-training --threads 1
 
@@ -95,6 +98,14 @@ def generate_shard(rows: int, seed: int) -> pa.Table:
     columns["click"] = click.astype(np.int8)
     columns["conversion"] = conversion.astype(np.int8)
     return pa.table(columns)
+
+
+def generated(root: str, rows: int) -> Path:
+    """The data directory of ``rows`` rows under ``root``, generated first if it is not there."""
+    path = data_dir(root, rows)
+    if not path.is_dir():
+        cmd_generate(argparse.Namespace(data=root, rows=rows))
+    return path
 
 
 def cmd_generate(args) -> dict:
@@ -185,7 +196,9 @@ def cmd_encode(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    """Samples/s of one model and step count: the Trainer on in-memory TensorData vs streamed from Parquet."""
+    """Samples/s of one model and step count: the Trainer on in-memory TensorData (moved to the device once) vs
+    streamed from Parquet by 0..N reader processes (pinned groups of batches, prefetched to the device; with
+    ``--baseline`` also one batch per item, unpinned: the path before the prefetcher)."""
     import torch
 
     from mtrank.data.splits import encode_table
@@ -195,37 +208,110 @@ def cmd_train(args) -> dict:
     from mtrank.train import Trainer
     from mtrank.train.sources import StreamSource
 
-    path = data_dir(args.data, args.rows)
+    path = generated(args.data, args.rows)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {}
+    results, paths = {}, {}
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
     rows_needed = args.steps * args.batch_size
     memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
     del table
     train_cfg = cfg.train
     train_cfg.batch_size, train_cfg.steps, train_cfg.eval_every = args.batch_size, args.steps, 10**9
+    train_cfg.precision, train_cfg.device = args.precision, args.device
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
+    variants = [(w, args.group, None) for w in args.workers]
+    if args.baseline:
+        variants += [(w, 1, False) for w in args.workers]
     for repeat in range(args.repeats):
-        result = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg).fit(memory_data)
+        trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
+        result = trainer.fit(memory_data)
         results.setdefault("memory", []).append(result.samples_per_second)
-        for workers in args.workers:
+        paths["memory"] = trainer.step_path
+        for workers, group, pin in variants:
             cfg.data.workers = workers
             stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
             trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
-            result = trainer.fit(StreamSource(stream, workers, trainer.device, rows=stream.count_rows()))
-            results.setdefault(f"parquet_workers_{workers}", []).append(result.samples_per_second)
+            source = StreamSource(
+                stream, workers, trainer.device, stream.count_rows(), args.prefetch, group=group, pin_memory=pin
+            )
+            result = trainer.fit(source)
+            key = f"parquet_workers_{workers}" + ("_baseline" if pin is False else "")
+            results.setdefault(key, []).append(result.samples_per_second)
+            paths[key] = trainer.step_path
     summary = {k: float(np.median(v)) for k, v in results.items()}
     for key, value in summary.items():
         ratio = value / summary["memory"]
-        print(f"{key:>20}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory)  runs {np.round(results[key])}")
+        print(
+            f"{key:>29}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory, {paths[key]})  "
+            f"runs {np.round(results[key])}"
+        )
     return {
         "samples_per_s": summary,
+        "ratio_to_memory": {k: v / summary["memory"] for k, v in summary.items()},
+        "step_path": paths,
         "runs": results,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "precision": args.precision,
+        "device": str(trainer.device),
+        "group": args.group,
+        "prefetch": args.prefetch,
         "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
+
+
+def cmd_read(args) -> dict:
+    """Rows/s of the readers alone (no training): one epoch of the directory through ``stream_loader`` for each
+    number of reader processes and each group (batches per item sent between processes), pinned or not."""
+    from mtrank.data.streaming import EncodedStream, stream_loader
+
+    path = generated(args.data, args.rows)
+    cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
+    out = {}
+    for workers in args.workers:
+        for group in args.groups:
+            stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=0)
+            start, rows = time.perf_counter(), 0
+            for batch in stream_loader(stream, workers, pin_memory=args.pin, group=group):
+                rows += len(batch)
+            rate = rows / (time.perf_counter() - start)
+            out[f"workers_{workers}_group_{group}"] = rate
+            print(f"readers {workers:>2}, group {group:>3}: {rate:>12,.0f} rows/s ({rows:,} rows)")
+    return {"rows_per_s": out, "batch_size": args.batch_size, "pin_memory": args.pin, "rows": args.rows}
+
+
+def cmd_prefetch_check(args) -> dict:
+    """The batches a StreamSource delivers on ``--device`` (pinned, prefetched on a side stream while the
+    training stream is kept busy) equal the ones it delivers on CPU, batch by batch: per-batch checksums
+    computed on the training stream after a busy matmul, so a missing stream wait would read half-copied data."""
+    import torch
+
+    from mtrank.data.streaming import EncodedStream
+    from mtrank.train.sources import StreamSource
+
+    path = generated(args.data, args.rows)
+    cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
+    device = torch.device(args.device)
+    busy = torch.randn(2048, 2048, device=device)
+
+    def checksums(on: torch.device) -> list[float]:
+        source = StreamSource(EncodedStream(str(path), cfg, encoder, args.batch_size, seed=1), args.workers, on)
+        sums = []
+        for batch in source.keys(epoch=0, skip=args.skip):
+            if on.type == "cuda":
+                busy @ busy  # keep the training stream busy while the next batches are copied
+            total = batch.dense.double().sum() + batch.sparse.double().sum() + batch.labels.double().sum()
+            sums.append(total)
+        return [float(t) for t in sums]
+
+    expected, got = checksums(torch.device("cpu")), checksums(device)
+    same = len(expected) == len(got) and all(a == b for a, b in zip(expected, got))
+    print(f"prefetch check on {device}: {len(got)} batches, {'identical to CPU' if same else 'DIFFERENT from CPU'}")
+    if not same:
+        raise SystemExit(1)
+    return {"device": str(device), "batches": len(got), "identical": same, "workers": args.workers}
 
 
 def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> None:
@@ -269,9 +355,7 @@ def _stream_epoch(path: str, workers: int, train: bool, threads: int = 0) -> Non
 def cmd_memory(args) -> dict:
     out = {}
     for rows in args.rows_list:
-        path = data_dir(args.data, rows)
-        if not path.is_dir():
-            cmd_generate(argparse.Namespace(data=args.data, rows=rows))
+        path = generated(args.data, rows)
         cmd = [sys.executable, __file__, "_stream", str(path), "--stream-workers", str(args.stream_workers)]
         if args.with_training:
             cmd.append("--with-training")
@@ -313,6 +397,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="reader processes to try (0 = in-process)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)")
+    p.add_argument("--device", default="auto", help="the trainer's device (auto: CUDA when there)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--prefetch", type=int, default=2, help="batches in flight to the GPU")
+    p.add_argument("--group", type=int, default=None, help="batches per reader item (default 65,536 rows' worth)")
+    p.add_argument("--baseline", action="store_true", help="also: one batch per item, unpinned (the old path)")
+    p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--groups", type=int, nargs="+", default=[1, 16], help="batches per item between processes")
+    p.add_argument("--pin", action="store_true", help="pin the items (as for a GPU)")
+    p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip", type=int, default=3, help="start mid-epoch, as a resumed run does")
+    p.add_argument("--device", default="cuda")
     p = sub.add_parser("memory", help="peak RSS of a streaming epoch at two sizes")
     p.add_argument("--rows", dest="rows_list", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--stream-workers", type=int, default=1)
@@ -327,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
-    result = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "memory": cmd_memory}[args.command](
-        args
-    )
+    commands = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "read": cmd_read}
+    commands["prefetch-check"] = cmd_prefetch_check
+    result = {**commands, "memory": cmd_memory}[args.command](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,15 @@ A worker reads its pieces as record batches of ``read_batch_rows``, encodes them
     keep those (they mix with the next rows read); at the end, permute and emit what is left.
 
 Memory per worker is bounded by ``capacity + read_batch_rows`` encoded rows plus one record batch, whatever
-the size of the files; the DataLoader keeps ``prefetch_factor`` batches per worker in flight.
+the size of the files; the DataLoader keeps ``prefetch_factor`` items per worker in flight.
+
+Between processes (:func:`stream_loader`), a reader sends ``group`` consecutive batches as one item: each of
+its arrays concatenated, with the batch sizes (one shared-memory segment per array per group, not per
+batch: moving a tensor between processes costs a file descriptor and a mapping, whatever its size). The
+trainer's process splits the item back into batches (views, no copy). With ``pin_memory`` the DataLoader's
+pin thread copies each item into page-locked memory, so the copy to the GPU can be asynchronous
+(:class:`~mtrank.train.prefetch.Prefetcher`). Items arrive worker by worker in turn, so the batch order
+depends on the number of workers and on ``group`` (fixed for a given seed, epoch, workers and group).
 """
 
 from __future__ import annotations
@@ -127,10 +135,11 @@ class EncodedStream(IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
         buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed=self.seed * 7919 + self.epoch * 31 + worker)
         columns = self.config.input_columns()
-        for index in order[worker::workers]:
+        read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
+        for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
             piece = pieces[index]
             source = getattr(piece, "path", self.path)
-            for record_batch in piece.to_batches(columns=columns, batch_size=self.config.data.read_batch_rows):
+            for record_batch in piece.to_batches(**read):
                 if record_batch.num_rows == 0:
                     continue
                 arrays = self._encode(record_batch, source)
@@ -159,15 +168,59 @@ class EncodedStream(IterableDataset):
         )
 
 
-def stream_loader(stream: EncodedStream, workers: int) -> Iterator[TensorData]:
+GROUP_ROWS = 65_536  # rows a reader sends as one item by default (``group = GROUP_ROWS // batch_size``, >= 1)
+
+
+class GroupedStream(IterableDataset):
+    """``stream``'s batches, ``group`` at a time, as one item: ``(dense, sparse, labels, weights | None, sizes)``
+    with the arrays of the batches concatenated (what a reader process sends; see the module docstring)."""
+
+    def __init__(self, stream: EncodedStream, group: int) -> None:
+        super().__init__()
+        self.stream, self.group = stream, max(1, group)
+
+    def __iter__(self) -> Iterator[tuple]:
+        pending: list[TensorData] = []
+        for batch in self.stream:
+            pending.append(batch)
+            if len(pending) == self.group:
+                yield self.pack(pending)
+                pending = []
+        if pending:
+            yield self.pack(pending)
+
+    @staticmethod
+    def pack(batches: list[TensorData]) -> tuple:
+        whole = TensorData.concat(batches) if len(batches) > 1 else batches[0]
+        sizes = torch.tensor([len(b) for b in batches], dtype=torch.int64)
+        return whole.dense, whole.sparse, whole.labels, whole.weights, sizes
+
+    @staticmethod
+    def unpack(item: tuple) -> Iterator[TensorData]:
+        dense, sparse, labels, weights, sizes = item
+        start = 0
+        for size in sizes.tolist():
+            rows = slice(start, start + size)
+            yield TensorData(dense[rows], sparse[rows], labels[rows], None if weights is None else weights[rows])
+            start += size
+
+
+def stream_loader(
+    stream: EncodedStream, workers: int, pin_memory: bool = False, group: int | None = None
+) -> Iterator[TensorData]:
     """The batches of ``stream``, read by ``workers`` reader processes (a DataLoader; 0 = read in this process).
 
+    ``group`` batches travel between processes as one item (default ``GROUP_ROWS // batch_size``; 1 = one
+    batch per item); ``pin_memory`` puts them in page-locked memory (for an asynchronous copy to a GPU).
     A :class:`DataError` raised in a reader process arrives wrapped in that process's traceback; it is raised
     again here with its own one-line message."""
-    kwargs = {"num_workers": workers, "batch_size": None}
+    if group is None:
+        group = GROUP_ROWS // stream.batch_size
+    kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": pin_memory}
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     try:
-        yield from DataLoader(stream, **kwargs)
+        for item in DataLoader(GroupedStream(stream, group), **kwargs):
+            yield from GroupedStream.unpack(item)
     except DataError as err:
         raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None

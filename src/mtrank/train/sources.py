@@ -8,11 +8,14 @@ on (so a resumed run replays exactly the batches it had not trained on), and tur
   the batch is a gather (which a CUDA graph records too). Data-parallel ranks take their own ``batch_size``
   rows of each global batch of the same order.
 * :class:`StreamSource`: encoded batches streamed from files (:class:`~mtrank.data.streaming.EncodedStream`)
-  by reader processes; a key is the batch itself.
+  by reader processes; a key is the batch itself, already on the device: on CUDA the readers' batches are
+  pinned and a :class:`~mtrank.train.prefetch.Prefetcher` copies the next ones on a side stream while the
+  (graphed) step runs; the graphed step refills its static inputs from them in place.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ import torch
 
 from mtrank.data.tensors import TensorData
 from mtrank.train.cuda_graph import batch_tensors
+from mtrank.train.prefetch import Prefetcher
 
 
 class InMemorySource:
@@ -107,26 +111,42 @@ class StreamSource:
         stream: an :class:`~mtrank.data.streaming.EncodedStream` (its batch size and seed fix the batches).
         workers: reader processes; resuming with another number reads the epoch in another order (a warning
             says so).
-        device: the training device (each batch is moved there).
+        device: the training device (each batch is moved there; on CUDA from pinned memory, ``prefetch``
+            batches ahead on a side stream).
         rows: training rows (counted from the files when not given).
+        prefetch: batches in flight to the GPU (:class:`~mtrank.train.prefetch.Prefetcher`).
+        group: batches per item sent by a reader process (None: the default of
+            :func:`~mtrank.data.streaming.stream_loader`); resuming with another group, like another number of
+            workers, reads the epoch in another order.
+        pin_memory: readers' items in page-locked memory (None: on CUDA; False is only for comparisons).
     """
 
-    def __init__(self, stream: Any, workers: int, device: torch.device, rows: int | None = None) -> None:
-        from mtrank.data.streaming import stream_loader
+    def __init__(
+        self,
+        stream: Any,
+        workers: int,
+        device: torch.device,
+        rows: int | None = None,
+        prefetch: int = 2,
+        group: int | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        from mtrank.data.streaming import GROUP_ROWS, stream_loader
 
-        self.stream, self.workers, self.device = stream, workers, device
-        self.loader = lambda: stream_loader(stream, workers)
+        self.stream, self.workers, self.device, self.prefetch = stream, workers, device, prefetch
+        self.group = group if group is not None else max(1, GROUP_ROWS // stream.batch_size)
+        pin = device.type == "cuda" if pin_memory is None else pin_memory
+        self.loader = lambda: stream_loader(stream, workers, pin_memory=pin, group=self.group)
         self.rows = rows if rows is not None else stream.count_rows()
         self.batch_size = stream.batch_size
         self.steps_per_epoch = max(1, math.ceil(self.rows / self.batch_size))
         self.stacked = False
 
     def keys(self, epoch: int, skip: int = 0) -> Iterator[TensorData]:
-        """The encoded batches of ``epoch``, from batch ``skip`` on (skipped batches are read and dropped)."""
+        """The encoded batches of ``epoch`` on the device, from batch ``skip`` on (skipped batches are read and
+        dropped before any copy)."""
         self.stream.set_epoch(epoch)
-        for i, batch in enumerate(self.loader()):
-            if i >= skip:
-                yield batch.to(self.device)
+        yield from Prefetcher(itertools.islice(self.loader(), skip, None), self.device, self.prefetch)
 
     def batch(self, key: TensorData) -> TensorData:
         return key
@@ -144,12 +164,14 @@ class StreamSource:
         return {"rows": self.rows, "batch_size": self.batch_size, "seed": self.stream.seed}
 
     def position(self) -> dict:
-        return {"workers": self.workers}
+        return {"workers": self.workers, "group": self.group}
 
     def check_position(self, saved: dict) -> None:
-        if saved.get("workers", self.workers) != self.workers:
-            warnings.warn(
-                f"resuming a streaming run with {self.workers} reader processes; the checkpoint was written with "
-                f"{saved['workers']}: the rest of the epoch is read in a different batch order",
-                stacklevel=3,
-            )
+        for name, what in (("workers", "reader processes"), ("group", "batches per reader item")):
+            now = getattr(self, name)
+            if saved.get(name, now) != now:
+                warnings.warn(
+                    f"resuming a streaming run with {now} {what}; the checkpoint was written with {saved[name]}: "
+                    "the rest of the epoch is read in a different batch order",
+                    stacklevel=3,
+                )

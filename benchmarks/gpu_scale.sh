@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU measurement of "production scale on one GPU" (issue 11, throughput) in one go, ~5-8 minutes on an
+# H200, from the repo root, with only python3 + torch + numpy/pandas/pyarrow (+ mtrank's own deps) and no network:
+#
+#     bash benchmarks/gpu_scale.sh                     # -> docs/results/scale-h200/*.json, *.log, summary.md
+#     bash benchmarks/gpu_scale.sh --cpu-quick DIR     # every path at tiny size on CPU (what the tests run)
+#
+# 0. the prefetched batches on the GPU == the CPU path's (checksums, order, mid-epoch start); the readers
+#    alone: rows/s by reader processes (1..16) and batches per item (1, 16), pinned;
+# 1. files to the GPU: W2-layout Parquet (6M rows, 1,200 steps: reader start-up and graph capture amortised)
+#    vs the same model from GPU memory, 1/2/4/8 reader processes, new path (pinned groups + prefetcher +
+#    graphed step) and the old one (--baseline: one batch per item, unpinned), bf16, batch 4,096;
+# 2. W2 in memory at batch 4,096 and 65,536: samples/s, MFU, profile, and test AUC at the best lr of a sweep;
+# 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 16k/32k/64k: samples/s, MFU, peak memory,
+#    profile by kernel family.
+# Then a table of everything (python3 benchmarks/w3.py --summary DIR).
+set -euo pipefail
+PY=${PYTHON:-python3}
+if [[ "${1:-}" == "--cpu-quick" ]]; then
+    DEST=${2:?give a results folder}; DEV=cpu
+    DP=(--rows 20000 --steps 4 --batch-size 256 --workers 0 2 --repeats 1 --device cpu --threads 1)
+    RD=(--rows 20000 --batch-size 256 --workers 0 2 --groups 1 16)
+    PC=(--rows 20000 --batch-size 256 --workers 2 --device cpu)
+    COMMON=(--device cpu --quick --threads 1)
+    W2=(--batch-sizes 64 128 --lrs 64=0.002 128=0.004 --profile-steps 0)
+    W3=(--batch-sizes 128)
+    DATA=${DEST}/data
+else
+    DEST=${1:-docs/results/scale-h200}; DEV=cuda
+    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 1 2 4 8 --repeats 2 --precision bf16)
+    RD=(--rows 2000000 --batch-size 4096 --workers 1 2 4 8 16 --groups 1 16 --pin)
+    PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
+    COMMON=(--device cuda --threads 16)
+    W2=(--batch-sizes 4096 65536 --steps 200 --lrs 4096=0.001,0.002 65536=0.004,0.008,0.016 --epochs 4)
+    W3=(--batch-sizes 16384 32768 65536 --steps 50 --profile-steps 5)
+    DATA=/tmp/mtrank-w2
+fi
+mkdir -p "$DEST"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1
+$PY -c "import torch, mtrank.train; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
+    || { echo "gpu_scale.sh: cannot import torch and mtrank.train (run from the repo root)"; exit 1; }
+if [[ $DEV == cuda ]]; then
+    $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: use --cpu-quick DIR'"
+fi
+SECONDS=0
+$PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/prefetch_check.json" prefetch-check "${PC[@]}" 2>&1 \
+    | tee "$DEST/prefetch_check.log" || FAILED="the prefetch check (see $DEST/prefetch_check.log)"
+$PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/read.json" read "${RD[@]}" 2>&1 | tee "$DEST/read.log"
+echo "[$SECONDS s] readers alone done"
+$PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline.json" train "${DP[@]}" --baseline \
+    2>&1 | tee "$DEST/data_pipeline.log"
+echo "[$SECONDS s] files to GPU done"
+$PY benchmarks/w3.py --workload W2 "${COMMON[@]}" "${W2[@]}" --json "$DEST/w2_batch.json" 2>&1 | tee "$DEST/w2_batch.log"
+echo "[$SECONDS s] W2 batch study done"
+$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --json "$DEST/w3.json" 2>&1 | tee "$DEST/w3.log"
+echo "[$SECONDS s] W3 done"
+$PY benchmarks/w3.py --summary "$DEST" | tee "$DEST/summary.md"
+if [[ -n ${FAILED:-} ]]; then echo "FAILED: $FAILED"; exit 1; fi
