@@ -156,9 +156,12 @@ class GraphedStep:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         # capture on the warm-up stream: the BLAS handles and workspaces it created are reused, not created
-        # mid-capture; the gradients are set to None first, so the graph's backward allocates them in its pool
+        # mid-capture; the gradients are set to None first, so the graph's backward allocates them in its pool.
+        # thread_local: only this thread's unsafe calls are refused during the capture, so a streaming source's
+        # pin-memory thread may go on pinning the next items (under the default "global" mode its cudaHostAlloc
+        # invalidated the capture: found on the H200 with the Parquet readers running)
         self.free_gradients()
-        with torch.cuda.graph(graph, stream=self._side_stream()):
+        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
             static_out = self.step_fn(self.static_batch, None)
         self.graph, self.static_out = graph, static_out
 
