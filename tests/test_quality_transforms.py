@@ -333,7 +333,7 @@ def test_numeric_tokens_reach_the_zoos_blocks_and_export(tmp_path, zoo):
     model = zoo_numeric_model(ZOO_WITH_NUMERIC[zoo])
     torch.manual_seed(0)
     dense, sparse = torch.randn(6, 3), torch.stack([torch.randint(0, 7, (6,)), torch.randint(0, 5, (6,))], 1)
-    x, _ = model.block_input(dense, sparse)
+    x = model.block_input(dense, sparse)[0]
     tokens = model.embedding.tokens(dense, sparse)  # (B, 2 numeric + 2 categorical, tables * D)
     assert tokens.shape[1] == 4 and x.shape[-1] == 1 + 4 * 4  # the plain column 1, then 4 tokens of D = 4
     if zoo == "stem":  # task t's input: the plain column, then the t-th D-wide slice of every token

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrank.config import EXPERTS, GATES, ModelConfig, TaskConfig
+from mtrank.config import EXPERTS, GATES, ConfigError, ModelConfig, TaskConfig
 from mtrank.nn import ExtractionLevel, FeatureEmbedding, MultiTaskBlock, StackedMLP, block_layouts
 from mtrank.nn.bias import BiasTower
 from mtrank.nn.funnel import TaskFunnel
@@ -112,15 +112,30 @@ class MultiTaskModel(nn.Module):
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
         self.mixer = None
+        self.mixer_to_towers = config.mixer.layers > 0 and config.mixer.wiring == "experts"
+        side = 0  # width concatenated to the experts' output (the mixer's, in Closeup's wiring)
         # the plain dense columns and every token (embedded numeric columns first) at one table's width
         block_in = self.embedding.num_plain + self.embedding.num_tokens * inputs.embedding_dim
         if config.mixer.layers:
             mixer = config.mixer
+            count = self.embedding.num_tokens + (1 if self.embedding.num_plain else 0)
+            bad = [i for group in mixer.groups for i in group if not 0 <= i < count]
+            if bad:
+                raise ConfigError(f"model.mixer.groups: token indices {bad} out of range; the mixer has {count} tokens")
             self.mixer = FeatureMixer(
-                self.embedding.num_plain, self.embedding.num_tokens, inputs.embedding_dim, mixer.layers, mixer.heads
+                self.embedding.num_plain,
+                self.embedding.num_tokens,
+                inputs.embedding_dim,
+                mixer.layers,
+                mixer.heads,
+                [list(g) for g in mixer.groups],
+                mixer.summary,
             )
-            block_in += self.mixer.output_dim
-        self.block = build_block(config, block_in)
+            if self.mixer_to_towers:
+                side = self.mixer.output_dim
+            else:
+                block_in += self.mixer.output_dim
+        self.block = build_block(config, block_in, side)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
         # regression outputs back to the labels' scale; only when a task transforms its labels, so other models
@@ -165,27 +180,35 @@ class MultiTaskModel(nn.Module):
         self.reads_tokens = self.mixer is not None or pepnet.enabled
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> MultiTaskOutput:
-        x, tower_scales = self.block_input(dense, sparse)
-        task_logits, gate_weights, aux_loss = self.block(x, tower_scales)
+        x, tower_scales, side = self.block_input(dense, sparse)
+        task_logits, gate_weights, aux_loss = self.block(x, tower_scales, side)
         if self.bias_tower is not None and self.training:
             bias_logits = self.bias_tower(sparse.index_select(1, self.bias_features))  # (B, K)
             task_logits = task_logits + F.pad(bias_logits, (0, task_logits.shape[1] - bias_logits.shape[1]))
         return MultiTaskOutput(task_logits, gate_weights, aux_loss)
 
-    def block_input(self, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """The block's input ``[B, in]`` (STEM: ``[K+1, B, in]``, each task's and the shared embeddings) and
-        PPNet's tower scales (None without PPNet)."""
+    def block_input(
+        self, dense: torch.Tensor, sparse: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
+        """The block's input ``[B, in]`` (STEM: ``[K+1, B, in]``, each task's and the shared embeddings),
+        PPNet's tower scales (None without PPNet) and what the towers read beside the experts' output (the
+        mixer's ``[B, S]`` in Closeup's wiring, else None)."""
         main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
         if self.tables > 1:
-            return self.task_embeddings(dense, main_sparse), None
+            return self.task_embeddings(dense, main_sparse), None, None
         if not self.reads_tokens:
-            return self.embedding(dense, main_sparse), None  # (B, in): one lookup, one concatenation
+            return self.embedding(dense, main_sparse), None, None  # (B, in): one lookup, one concatenation
         tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
         plain = self.embedding.plain(dense).to(tokens.dtype)  # (B, F_plain)
         parts = [plain, tokens.flatten(1)]
+        side: torch.Tensor | None = None
         mixer = self.mixer
         if mixer is not None:
-            parts.append(mixer(plain, tokens))
+            mixed = mixer(plain, tokens)  # (B, S)
+            if self.mixer_to_towers:
+                side = mixed
+            else:
+                parts.append(mixed)
         x = torch.cat(parts, 1)  # (B, in)
         epnet = self.epnet
         if epnet is not None:
@@ -194,7 +217,7 @@ class MultiTaskModel(nn.Module):
         ppnet = self.ppnet
         if ppnet is not None:
             tower_scales = ppnet(tokens, x)
-        return x, tower_scales
+        return x, tower_scales, side
 
     def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """STEM's inputs: each task's (then the shared) embeddings of every token, after the plain dense
@@ -215,8 +238,8 @@ class MultiTaskModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x, tower_scales = self.block_input(dense, sparse)
-            return self.block.run(x, tower_scales, True)[3]
+            x, tower_scales, side = self.block_input(dense, sparse)
+            return self.block.run(x, tower_scales, True, side)[3]
         finally:
             self.train(was_training)
 
@@ -226,6 +249,20 @@ class MultiTaskModel(nn.Module):
         ``sign(y) expm1(|y|)`` for the log1p ones). ``[B, K] -> [B, K]``."""
         values = task_logits if self.label_inverse is None else self.label_inverse(task_logits)
         return torch.where(self.binary_mask, torch.sigmoid(task_logits), values)
+
+    @torch.no_grad()
+    def init_task_bias(self, labels: torch.Tensor) -> None:
+        """Start each binary task's tower output bias at the log-odds of its label rate in ``labels [N, K]``
+        (NaN: missing), so training need not learn the base rate through the towers' hidden ReLUs. A rare
+        positive class (a 6% click rate: a logit of -2.7) learnt from a random bias pushes every hidden unit of a
+        small tower negative in the first few dozen Adam steps, and a tower can die (study 2, seed 2).
+        Regression tasks keep their bias; AITM's towers end before the transfer, so they are refused."""
+        if self.config.funnel.type == "aitm":
+            raise ValueError("init_task_bias: AITM's towers end at a hidden layer; there is no output bias to set")
+        rate = torch.nanmean(labels.double(), 0).clamp(1e-6, 1 - 1e-6)  # (K,)
+        bias = self.block.towers.layers[-1].bias  # (K, 1, 1)
+        for k in torch.nonzero(self.binary_mask).flatten().tolist():
+            bias[k] = torch.logit(rate[k]).to(bias.dtype)
 
     @property
     def label_transformed(self) -> bool:
@@ -314,7 +351,7 @@ class MultiTaskModel(nn.Module):
         return sources
 
 
-def build_block(config: ModelConfig, in_features: int) -> MultiTaskBlock:
+def build_block(config: ModelConfig, in_features: int, side: int = 0) -> MultiTaskBlock:
     """The multi-task block of ``config``: shared hidden layer, levels of registered experts and gates (and
     each gate's residual on its own experts), towers."""
     block, experts = config.block, config.experts
@@ -349,7 +386,7 @@ def build_block(config: ModelConfig, in_features: int) -> MultiTaskBlock:
     aitm = funnel.type == "aitm"  # AITM's towers end at their last hidden layer; its output layer follows the transfer
     tower_bank = StackedMLP(
         config.num_tasks,
-        width,
+        width + side,
         towers.hidden if aitm else [*towers.hidden, 1],
         towers.activation,
         towers.dropout,

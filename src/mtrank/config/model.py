@@ -370,14 +370,36 @@ class TowerConfig(Config):
 
 @dataclass
 class MixerConfig(Config):
-    """A transformer feature mixer over the feature tokens (Pinterest Closeup); its output is concatenated to
-    the block input. ``layers = 0``: none."""
+    """A transformer feature mixer over the feature tokens (Pinterest Closeup). ``layers = 0``: none.
+
+    Args:
+        groups: Closeup's summarization layer: lists of mixer token indices (the dense-features token is 0 when
+            there are dense features, then the embedding tokens in order), each summarized into one token before
+            the mixer; empty: the mixer reads every token.
+        summary: how a group becomes one token: ``attention`` (pooling with a learned query) or ``mlp``.
+        wiring: ``input``: the mixer's output is concatenated to the block input (experts and gates read it);
+            ``experts``: Closeup's published wiring, concatenated to the experts' (mixed) output the towers read.
+    """
 
     layers: int = 0
     heads: int = 2
+    groups: list[list[int]] = field(default_factory=list)
+    summary: str = "attention"
+    wiring: str = "input"
 
     def check(self, path: str) -> None:
         check(self.layers >= 0, join(path, "layers"), f"must be >= 0, got {self.layers}")
+        check(
+            self.summary in ("attention", "mlp"),
+            join(path, "summary"),
+            f"must be attention or mlp, got {self.summary!r}",
+        )
+        check(
+            self.wiring in ("input", "experts"), join(path, "wiring"), f"must be input or experts, got {self.wiring!r}"
+        )
+        flat = [i for group in self.groups for i in group]
+        check(all(len(g) > 0 for g in self.groups), join(path, "groups"), "every group needs at least one token index")
+        check(len(flat) == len(set(flat)), join(path, "groups"), f"a token index is in two groups: {self.groups}")
 
 
 @dataclass
@@ -523,6 +545,11 @@ class ModelConfig(Config):
                 self.mixer.heads >= 1 and inputs.embedding_dim % self.mixer.heads == 0,
                 join(path, "mixer.heads"),
                 f"must divide inputs.embedding_dim={inputs.embedding_dim}, got {self.mixer.heads}",
+            )
+            check(
+                self.mixer.wiring == "input" or self.funnel.type == "none",
+                join(path, "mixer.wiring"),
+                f"experts wiring widens the towers' input; not with funnel.type={self.funnel.type!r}",
             )
         first_bag_column = len(inputs.vocab_sizes) - sum(inputs.bag_lengths)
         for i, index in enumerate(self.bias.features):

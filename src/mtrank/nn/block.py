@@ -108,7 +108,9 @@ class MultiTaskBlock(nn.Module):
     ``f_e(x)`` experts, ``g_k(x)`` task gates, ``h_k`` towers: ``logit_k = h_k( sum_e g_k(x)_e f_e(x) )``.
     With a shared hidden layer ``s`` (YouTube), experts and gates read ``s(x)`` instead of ``x``. PLE, AdaTT,
     HoME and STEM stack levels; a lower level's shared (and group) gates feed the next level's shared (and
-    group) experts. PEPNet's PPNet scales each tower layer's input (``tower_scales``).
+    group) experts. PEPNet's PPNet scales each tower layer's input (``tower_scales``). ``side [B, S]`` (Closeup's
+    wiring: the feature mixer's output) is concatenated to each task's experts output before its tower:
+    ``logit_k = h_k( [sum_e g_k(x)_e f_e(x), side] )``.
 
     Args:
         levels: the extraction levels, bottom first.
@@ -137,13 +139,17 @@ class MultiTaskBlock(nn.Module):
         self.num_experts = levels[-1].num_experts
 
     def forward(
-        self, x: torch.Tensor, tower_scales: list[torch.Tensor] | None = None
+        self, x: torch.Tensor, tower_scales: list[torch.Tensor] | None = None, side: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        task_logits, gate_weights, aux_loss, _ = self.run(x, tower_scales, False)
+        task_logits, gate_weights, aux_loss, _ = self.run(x, tower_scales, False, side)
         return task_logits, gate_weights, aux_loss
 
     def run(
-        self, x: torch.Tensor, tower_scales: list[torch.Tensor] | None, keep_levels: bool
+        self,
+        x: torch.Tensor,
+        tower_scales: list[torch.Tensor] | None,
+        keep_levels: bool,
+        side: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The forward pass; with ``keep_levels``, also every level's ``(expert_out [E, B, D], gate_weights
         [B, G, E])`` for analysis (:func:`mtrank.evaluate.gates.model_gate_report`)."""
@@ -157,8 +163,11 @@ class MultiTaskBlock(nn.Module):
             aux_loss = aux_loss + level_aux
             if keep_levels:
                 trace.append((expert_out, gate_weights))
-        tower_out = self.towers(x[: self.num_tasks], tower_scales)  # (K, B, 1)
+        tower_in = x[: self.num_tasks]  # (K, B, D)
+        if side is not None:
+            tower_in = torch.cat([tower_in, side.to(tower_in.dtype).expand(self.num_tasks, -1, -1)], 2)  # (K, B, D+S)
+        tower_out = self.towers(tower_in, tower_scales)  # (K, B, 1)
         funnel = self.funnel
         if funnel is not None:
-            return funnel(x[: self.num_tasks], tower_out), gate_weights, aux_loss, trace
+            return funnel(tower_in, tower_out), gate_weights, aux_loss, trace
         return tower_out.squeeze(-1).transpose(0, 1), gate_weights, aux_loss, trace

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtrank.nn.summarize import SUMMARIES
+
 
 class FeatureMixer(nn.Module):
     """Self-attention across the feature tokens of a row; the mixed tokens are flattened.
@@ -15,27 +17,46 @@ class FeatureMixer(nn.Module):
 
     Shapes: ``dense [B, F_dense]``, ``embeddings [B, F, D]`` -> ``[B, T * D]`` with ``T = F + (F_dense > 0)``.
 
+    With ``groups`` (lists of token indices, the dense token first when there is one), a summarization layer
+    (:mod:`mtrank.nn.summarize`, ``summary`` = ``attention`` or ``mlp``) first turns each group into one token,
+    so the encoder mixes ``G`` group tokens (cost ``O(G^2 D + G D^2)`` per row, not ``O(T^2 D + T D^2)``) and the
+    output is ``[B, G * D]``.
+
     Example:
         >>> mixer = FeatureMixer(num_dense=3, num_tokens=4, dim=8, layers=1, heads=2)
         >>> mixer(torch.randn(2, 3), torch.randn(2, 4, 8)).shape
         torch.Size([2, 40])
     """
 
-    def __init__(self, num_dense: int, num_tokens: int, dim: int, layers: int, heads: int) -> None:
+    def __init__(
+        self,
+        num_dense: int,
+        num_tokens: int,
+        dim: int,
+        layers: int,
+        heads: int,
+        groups: list[list[int]] | None = None,
+        summary: str = "attention",
+    ) -> None:
         super().__init__()
         self.dense_token = nn.Linear(num_dense, dim) if num_dense else None
         self.num_tokens = num_tokens + (1 if num_dense else 0)
-        self.position = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+        self.summary = SUMMARIES[summary](groups, dim) if groups else None
+        mixed_tokens = len(groups) if groups else self.num_tokens
+        self.position = nn.Parameter(torch.zeros(1, mixed_tokens, dim))
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.output_dim = self.num_tokens * dim
+        self.output_dim = mixed_tokens * dim
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         tokens = embeddings
         if self.dense_token is not None:
             dense_token = self.dense_token(dense.to(embeddings.dtype)).unsqueeze(1)  # (B, 1, D)
             tokens = torch.cat([dense_token, embeddings], dim=1)  # (B, T, D)
+        summary = self.summary
+        if summary is not None:
+            tokens = summary(tokens)  # (B, G, D)
         mixed = self.encoder(tokens + self.position)  # (B, T, D)
         return mixed.flatten(1)  # (B, T*D)
