@@ -8,12 +8,22 @@ the ensemble and the CUDA-graph step. The router balancing loss of top-k gates i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from mtrank.nn.gates import load_balance_loss
 
-__all__ = ["multitask_loss", "distillation_loss", "batch_losses", "load_balance_loss", "DISTILL_MODES"]
+__all__ = [
+    "multitask_loss",
+    "distillation_loss",
+    "batch_losses",
+    "task_presence",
+    "BatchLosses",
+    "load_balance_loss",
+    "DISTILL_MODES",
+]
 
 DISTILL_MODES = ("pointwise", "pairwise", "score_l2")
 
@@ -84,6 +94,30 @@ def distillation_loss(
     return torch.where(binary_mask, bce, mse).mean((-2, -1))
 
 
+class BatchLosses(NamedTuple):
+    """One batch's losses, as the step and the balancing methods (:mod:`mtrank.train.balancing`) need them.
+
+    Attributes:
+        total: ``[...]`` the fixed-weight objective ``sum_k w_k L_k + extra`` (what the history reports).
+        per_task: ``[..., K]`` each task's masked mean loss ``L_k`` (0 for a task with no label in the batch).
+        extra: ``[...]`` the terms outside the task losses: the gates' auxiliary loss + distillation.
+        present: ``[..., K]`` bool, the task has a labelled row of positive weight in the batch.
+    """
+
+    total: torch.Tensor
+    per_task: torch.Tensor
+    extra: torch.Tensor
+    present: torch.Tensor
+
+
+def task_presence(labels: torch.Tensor, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., B, K]`` labels -> ``[..., K]`` bool: the task has at least one labelled row of positive weight."""
+    mask = (~torch.isnan(labels)).float()
+    if sample_weights is not None:
+        mask = mask * sample_weights.float().unsqueeze(-1)
+    return mask.sum(-2) > 0
+
+
 def batch_losses(
     task_logits: torch.Tensor,
     aux_loss: torch.Tensor,
@@ -94,14 +128,19 @@ def batch_losses(
     teacher_logits: torch.Tensor | None = None,
     distill: str = "none",
     distill_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> BatchLosses:
     """The training objective of one batch: label loss + the gates' auxiliary loss (+ distillation).
 
-    ``total = multitask_loss + aux_loss + distill_weight * distillation_loss`` (the last with a teacher only).
-    Shapes: ``task_logits, labels, teacher [..., B, K]``, ``aux_loss [...]`` -> ``(total [...], per_task [..., K])``.
+    ``total = multitask_loss + aux_loss + distill_weight * distillation_loss`` (the last with a teacher only);
+    ``extra = aux_loss + distill_weight * distillation_loss``.
+    Shapes: ``task_logits, labels, teacher [..., B, K]``, ``aux_loss [...]`` -> :class:`BatchLosses`.
     """
     total, per_task = multitask_loss(task_logits, labels, binary_mask, task_weights, sample_weights)
-    total = total + aux_loss.float()
+    aux = aux_loss.float()
+    total = total + aux
+    extra = aux
     if distill != "none" and teacher_logits is not None:
-        total = total + distill_weight * distillation_loss(task_logits, teacher_logits, binary_mask, distill)
-    return total, per_task
+        term = distill_weight * distillation_loss(task_logits, teacher_logits, binary_mask, distill)
+        total = total + term
+        extra = extra + term
+    return BatchLosses(total, per_task, extra.expand_as(total), task_presence(labels, sample_weights))
