@@ -4,7 +4,7 @@ Each data set is one config in ``configs/``; its files are read, split and encod
 config's), then every (block, seed) trains a fresh model on the same encoded splits with
 :class:`mtrank.train.Trainer`, selecting the best validation step, and is scored on test.
 
-    python benchmarks/quality.py            # all data sets, 5 seeds, writes docs/benchmarks-quality.md
+    python benchmarks/quality.py   # all data sets, 5 seeds: docs/results/quality.json, docs/benchmarks-quality.md
     python benchmarks/quality.py --datasets clothing --seeds 5 --epochs 3
     python benchmarks/quality.py --movielens /path/to/ml-100k --movielens-format movielens-grouplens
 
@@ -14,6 +14,7 @@ MovieLens-100K is not shipped: give its folder (RecBole atomic files by default;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ from mtrank.data.splits import encode_table, load_splits
 from mtrank.evaluate.metrics import evaluate
 from mtrank.evaluate.report import fmt_mean_std, markdown_table, mean_std
 from mtrank.model import MultiTaskModel, count_parameters
+from mtrank.stats import MIN_PAIRS, paired_bootstrap, verdict
 from mtrank.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +48,8 @@ def load_config(name: str, args: argparse.Namespace) -> dict:
     shared = Path(args.shared_data)
     for key in ("train", "valid", "test"):
         value = raw["data"].get(key, "")
-        if value.startswith("../shared/data/"):
-            raw["data"][key] = str(shared / value[len("../shared/data/") :])
+        if "shared/data/" in value:  # the configs reach ../shared/data from their own folder
+            raw["data"][key] = str(shared / value.split("shared/data/", 1)[1])
     if name == "movielens":
         raw["data"]["train"] = args.movielens
         raw["data"]["format"] = args.movielens_format
@@ -55,6 +57,11 @@ def load_config(name: str, args: argparse.Namespace) -> dict:
     if args.epochs:
         raw["train"]["epochs"] = args.epochs
     return raw
+
+
+def with_block(model, block: str):
+    """The config's model with another block type (``single_task``, ``shared_bottom``, ``omoe``, ``mmoe``)."""
+    return dataclasses.replace(model, block=dataclasses.replace(model.block, type=block))
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> dict:
@@ -71,7 +78,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
     bar = tqdm(total=len(BLOCKS) * len(args.seeds), desc=name, unit="run")
     for block in BLOCKS:
         for seed in args.seeds:
-            config.model["block"] = block
+            config.model = with_block(config.model, block)
             config.train.seed = seed
             torch.manual_seed(seed)
             model = MultiTaskModel(config.model_config(encoder.num_dense, encoder.vocab_sizes))
@@ -98,7 +105,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
         "rows": {k: len(v) for k, v in data.items()},
         "prep_seconds": prep_seconds,
         "epochs": config.train.epochs,
-        "model": config.model,
+        "model": config.model.to_dict(),
         "runs": runs,
         "inputs": {"num_dense": encoder.num_dense, "vocab_sizes": encoder.vocab_sizes},
     }
@@ -115,7 +122,7 @@ def census_loader_runs(config, args: argparse.Namespace) -> dict[str, list[dict]
     data = load_census(Path(args.shared_data) / "census-income", group=1)
     runs = []
     for seed in tqdm(args.seeds, desc="census loader", unit="run"):
-        config.model["block"] = "mmoe"
+        config.model = with_block(config.model, "mmoe")
         config.train.seed = seed
         torch.manual_seed(seed)
         model = MultiTaskModel(config.model_config(data.num_dense, data.vocab_sizes))
@@ -132,6 +139,26 @@ def census_loader_runs(config, args: argparse.Namespace) -> dict[str, list[dict]
             }
         )
     return {"mmoe (dedicated loader)": runs}
+
+
+def comparisons(result: dict, n_boot: int = 10_000) -> str:
+    """MMoE minus each other model, per task: the mean test-AUC difference over the seeds, paired by seed (the
+    same splits), with its 95% paired-bootstrap interval and the verdict it supports (training randomness
+    only: every run is scored on the same test rows)."""
+    if "mmoe" not in result["runs"]:
+        return ""
+    rows = []
+    for task in result["tasks"]:
+        mine = [r["test"].get(f"auc/{task}", math.nan) for r in result["runs"]["mmoe"]]
+        for block, runs in result["runs"].items():
+            if block == "mmoe" or "dedicated loader" in block or len(runs) != len(mine):  # other test rows
+                continue
+            theirs = [r["test"].get(f"auc/{task}", math.nan) for r in runs]
+            ci = paired_bootstrap(mine, theirs, n_boot=n_boot)
+            interval = f"[{ci['low']:+.4f}, {ci['high']:+.4f}]"
+            decided = verdict(ci, "mmoe", block) if len(mine) >= MIN_PAIRS else f"too few seeds ({len(mine)})"
+            rows.append([task, f"mmoe − {block}", f"{ci['estimate']:+.4f}", interval, decided])
+    return markdown_table(["task", "comparison", "mean diff", "95% interval (paired bootstrap)", "verdict"], rows)
 
 
 def table(result: dict) -> str:
@@ -151,15 +178,19 @@ def write_markdown(results: dict, path: Path) -> None:
         "# Real-data quality: Single-task, Shared-Bottom, OMoE, MMoE",
         "",
         "Test AUC per task, mean ± std over seeds (sample std), best validation step (monitor `loss`) of "
-        "each "
-        "run. Every block has the same expert width (`expert_hidden`), towers and embeddings, so parameter "
-        "counts differ (Single-task: one bottom per task; Shared-Bottom: one; OMoE/MMoE: `num_experts`).",
+        "each run. Every block has the same expert width (`expert_hidden`), towers and embeddings, so parameter "
+        "counts differ (Single-task: one bottom per task; Shared-Bottom: one; OMoE/MMoE: `num_experts`). "
+        "These are the configs' defaults, not tuned per model: the tables compare the models as configured, "
+        "not at their best. Below each table, MMoE minus each other model, paired by seed, with a 95% "
+        "bootstrap interval over the seeds (training randomness only; every run is scored on the same test "
+        "rows) and the verdict it supports (`mtrank.stats`); with fewer than 10 seeds such an interval is too "
+        "narrow to decide anything, and none is decided: these tables show levels, not a ranking.",
         "",
         "Data: `census-income` and `womens-clothing-reviews` from `../shared/data`; MovieLens-100K from the "
         "RecBole atomic files in the recbole 1.2.1 wheel (`pip download --no-deps recbole==1.2.1`, not "
-        "committed), split by time. Runs are deterministic per seed (rerunning gives the same AUCs); "
-        "`s / run` is training wall time with one torch thread on a 2-core machine shared with other jobs. "
-        "`--markdown-only` rewrites this file from `runs/quality/results.json`.",
+        "committed), split by time. `s / run` is training wall time with one torch thread on a 2-core machine "
+        "shared with other jobs. Every number here is in `docs/results/quality.json`, written by the same "
+        "runs; `--markdown-only` rewrites this file from it.",
         "",
     ]
     for result in results.values():
@@ -175,6 +206,8 @@ def write_markdown(results: dict, path: Path) -> None:
             f"Produced by: `{result['command']}`",
             "",
             table(result),
+            "",
+            comparisons(result),
             "",
         ]
         if any("dedicated loader" in block for block in result["runs"]):
@@ -208,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown-only", action="store_true", help="rewrite --out from --json, train nothing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quality.md"))
-    parser.add_argument("--json", default=str(REPO / "runs" / "quality" / "results.json"))
+    parser.add_argument("--json", default=str(REPO / "docs" / "results" / "quality.json"))
     args = parser.parse_args(argv)
     args.seeds = list(range(args.seeds))
     if args.threads:

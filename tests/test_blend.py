@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mtrank.blend.learned import LearnedBlendConfig, train_learned_blend
-from mtrank.blend.rules import Blend, ranking
+from mtrank.blend.rules import Blend, ranking, transform
 from mtrank.blend.tuning import Objective, mean_top_k, simplex_grid, tune_blend
 from mtrank.experiments.preference import make_preference_logs
 
@@ -249,3 +249,114 @@ def test_fit_learned_from_a_logs_file_then_the_service_blends_per_request(tmp_pa
     assert group0["a"] - group0["b"] > group1["a"] - group1["b"]
     assert main([*argv[:6], "nope", *argv[7:]]) == 1
     assert "column 'nope' is missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ per-request transforms: tuning == serving
+
+
+def _shifted(requests=200, candidates=10, seed=0):
+    """Scores whose level shifts per request (and per task): comparable within a request, not across requests."""
+    rng = np.random.default_rng(seed)
+    request_ids = np.repeat(np.arange(requests), candidates)
+    logits = rng.normal(size=(len(request_ids), 2)) + rng.normal(0.0, 2.0, size=(requests, 2))[request_ids]
+    scores = 1 / (1 + np.exp(-logits))
+    return scores, (rng.uniform(size=scores.shape) < scores).astype(float), request_ids
+
+
+@pytest.mark.parametrize("kind", ["rank", "standardize"])
+def test_per_request_transforms_of_a_file_equal_each_request_transformed_alone(kind):
+    scores, _, request_ids = _shifted(requests=30, candidates=7)
+    blend = Blend("weighted_sum", {"click": 0.7, "like": 0.3}, {"click": kind, "like": kind})
+    on_file = blend.apply(scores, TASKS, request_ids)
+    for request in range(30):
+        rows = request_ids == request
+        np.testing.assert_allclose(on_file[rows], blend.apply(scores[rows], TASKS), atol=1e-12)
+
+
+def test_tied_scores_share_their_mean_rank_whatever_their_order():
+    values = np.array([0.5, 0.1, 0.5, 0.9])
+    np.testing.assert_allclose(transform(values, "rank"), [0.625, 0.25, 0.625, 1.0])
+    np.testing.assert_allclose(transform(values[::-1], "rank"), [1.0, 0.625, 0.25, 0.625])
+
+
+@pytest.mark.parametrize("kind", ["rank", "standardize"])
+def test_tuning_and_serving_pick_the_same_top_candidate_under_per_request_shifts(kind):
+    scores, labels, request_ids = _shifted()
+    transforms = {"click": kind, "like": kind}
+    objective = Objective("reward@k", request_ids=request_ids)
+    blend = tune_blend(scores, labels, TASKS, objective, transforms=transforms, step=0.25).blend
+    tuned = blend.apply(scores, TASKS, request_ids)  # what tuning scored
+    whole_file = blend.apply(scores, TASKS)  # the transform over every row of the file: mtrank before
+    same, before = 0, 0
+    for request in range(200):
+        rows = np.flatnonzero(request_ids == request)
+        served_top = np.argmax(blend.apply(scores[rows], TASKS))  # what the service computes for the request
+        same += int(np.argmax(tuned[rows]) == served_top)
+        before += int(np.argmax(whole_file[rows]) == served_top)
+    assert same == 200
+    assert before < 180  # without grouping, many requests get another top candidate (the failure this prevents)
+
+
+def test_the_service_blends_each_request_as_tuning_scores_it(tmp_path):
+    from mtrank import ModelConfig, MultiTaskModel
+    from mtrank.artifacts import save_model
+    from mtrank.config import TaskConfig
+    from mtrank.serve.schemas import ScoreRequest
+    from mtrank.serve.service import ScoringService
+
+    torch.manual_seed(0)
+    config = ModelConfig(inputs={"num_dense": 3}, tasks=[TaskConfig("click"), TaskConfig("like")])
+    service = ScoringService(save_model(MultiTaskModel(config, seed=0), tmp_path), "eager")
+    rng = np.random.default_rng(0)
+    requests = [rng.normal(size=(8, 3)) + rng.normal(0.0, 3.0, size=3) for _ in range(40)]  # per-request shifts
+    blend = Blend("weighted_sum", {"click": 0.6, "like": 0.4}, {"click": "rank", "like": "standardize"})
+    served, scores = [], []
+    for dense in requests:
+        request = ScoreRequest(candidates=[{"dense": row.tolist()} for row in dense], blend=blend.to_dict())
+        response = service.score(request)
+        served.append(response.blended)
+        scores.append([[row["click"], row["like"]] for row in response.scores])
+    request_ids = np.repeat(np.arange(40), 8)
+    tuned = blend.apply(np.concatenate(scores), TASKS, request_ids)  # the tuning file of the same requests
+    np.testing.assert_allclose(tuned, np.concatenate(served), atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["log", "logit", "standardize"])
+def test_weighted_product_refuses_transforms_that_give_negative_factors(kind):
+    with pytest.raises(ValueError, match=rf"blend.transforms.click: '{kind}' gives negative values.*weighted_sum"):
+        Blend.from_dict({"method": "weighted_product", "weights": {"click": 1}, "transforms": {"click": kind}}, TASKS)
+
+
+def test_weighted_product_of_a_negative_score_is_an_error_and_zero_ranks_last_by_the_other_factors():
+    blend = Blend("weighted_product", {"click": 1.0, "like": 1.0})
+    with pytest.raises(ValueError, match=r"task 'like' \(identity\) is -0.5 for candidate 1; use transform sigmoid"):
+        blend.apply(np.array([[0.5, 0.2], [0.5, -0.5]]), TASKS)
+    blended = blend.apply(np.array([[0.0, 0.9], [0.0, 0.1], [0.3, 0.2]]), TASKS)  # underflowed probabilities
+    assert ranking(blended) == [2, 0, 1]
+
+
+def test_tuning_a_per_request_transform_without_request_ids_is_refused(tmp_path, capsys):
+    import pandas as pd
+
+    from mtrank.cli import main
+
+    scores, labels, _ = _shifted(requests=20)
+    with pytest.raises(ValueError, match=r"transforms.click: 'rank' is computed over each request's candidates"):
+        tune_blend(scores, labels, TASKS, transforms={"click": "rank"})
+    path = tmp_path / "valid.csv"
+    pd.DataFrame({"p": scores[:, 0], "y": labels[:, 0]}).to_csv(path, index=False)
+    args = [
+        "blend",
+        "tune",
+        str(path),
+        "--tasks",
+        "click",
+        "--scores",
+        "p",
+        "--labels",
+        "y",
+        "--transform",
+        "click=rank",
+    ]
+    assert main(args) == 1
+    assert "give request_ids (the tuning file's request id column, --request-id)" in capsys.readouterr().err

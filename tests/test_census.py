@@ -99,3 +99,60 @@ def test_a_missing_file_says_where_it_looked_and_how_to_get_it(tmp_path):
 def test_an_unknown_group_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="group must be 1"):
         load_census(tmp_path, group=3)
+
+
+# ---------------------------------------------------------------------------------------------- the audit's data
+
+
+@pytest.fixture(scope="module")
+def audit1():
+    import os
+    from pathlib import Path
+
+    from mtrank.experiments.census_audit import AuditData
+
+    root = Path(os.environ.get("MTRANK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return AuditData.load(root / "census-income", group=1)
+
+
+def test_audit_splits_are_load_census_splits_of_the_whole_test_file(group1, audit1):
+    valid, test = audit1.split(0)
+    assert torch.equal(valid, group1.valid_rows) and torch.equal(test, group1.test_rows)
+    assert torch.equal(audit1.held[valid].sparse, group1.valid.sparse)
+    assert torch.equal(audit1.held[test].labels, group1.test.labels)
+    other = audit1.split(1)[0]
+    assert len(other) == len(valid) and not torch.equal(other, valid)
+
+
+def test_audit_view_keeps_one_task_and_drops_columns(audit1):
+    view = audit1.select(1, ["det_hh_fam_stat", "det_hh_summ"])
+    assert [t.name for t in view.tasks] == ["marital"]
+    assert view.train.labels.shape == (199_523, 1) and torch.equal(view.train.labels[:, 0], audit1.train.labels[:, 1])
+    assert view.held.sparse.shape[1] == len(view.vocab_sizes) == len(view.columns) == 29
+    assert "det_hh_summ" not in view.columns
+    kept = [audit1.columns.index(c) for c in view.columns]
+    assert torch.equal(view.held.sparse, audit1.held.sparse[:, kept])
+    with pytest.raises(ValueError, match="no categorical column"):
+        audit1.select(None, ["household"])
+
+
+def test_the_household_columns_predict_marital_status_on_their_own(audit1):
+    from mtrank.experiments.census_audit import LEAK_COLUMNS, leakage_table
+
+    rows = {r["column"]: r for r in leakage_table(audit1)}
+    assert rows["det_hh_fam_stat"]["marital"] > 0.97
+    assert all(rows[c]["marital"] > 0.94 for c in LEAK_COLUMNS)
+    others = [r["marital"] for c, r in rows.items() if c not in (*LEAK_COLUMNS, "age")]
+    assert max(others) < 0.91  # the next: tax filer status (joint returns are married couples)
+
+
+def test_stacked_auc_on_torch_equals_the_numpy_auc_with_ties_and_labels_per_row():
+    from mtrank.experiments.census_audit import stacked_auc
+    from mtrank.stats import auc
+
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(4, 300, generator=g) < 0.3).float()
+    scores = torch.randint(0, 12, (4, 300), generator=g).float()  # many ties
+    got = stacked_auc(labels, scores)
+    want = [auc(labels[r].numpy(), scores[r].numpy()) for r in range(4)]
+    assert got.tolist() == pytest.approx(want, abs=1e-12)

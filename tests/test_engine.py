@@ -1,8 +1,7 @@
-"""The one training loop: checkpoints that refuse another configuration, survive a kill between files, and
+"""The one training loop: checkpoints that refuse another configuration, set a damaged one aside, and
 resume ensembles; the history it logs (JSON lines, TensorBoard); the monitored metric checked."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -54,21 +53,29 @@ def test_more_epochs_with_a_constant_schedule_continue_the_same_run(tmp_path):
     assert longer.resumed_from == 14 and longer.steps == 21
 
 
-def test_a_kill_between_checkpoint_files_leaves_a_complete_checkpoint_to_resume(tmp_path):
-    """The set is written to last.new/ and swapped in: whatever moment a kill hits, one complete set remains."""
-    uninterrupted = fit(tmp_path / "a", epochs=3)
-    fit(tmp_path / "b", epochs=2)
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_complete_one_resumed(tmp_path):
+    """Each checkpoint is a folder sealed by its manifest: one whose files fail it is never loaded, even in part
+    (every kill moment of a write: tests/test_faults_checkpoint.py)."""
+    full = model()
+    uninterrupted = fit(tmp_path / "a", m=full, epochs=3)
     ckpt = tmp_path / "b"
-    # killed after last.new/ was complete but before the renames: last.new/ is the newest complete set
-    shutil.copytree(ckpt / "last", ckpt / "last.new")
-    (ckpt / "last").rename(ckpt / "last.old")
-    # and a half-written newer attempt elsewhere would be ignored: a set without trainer_state.json is incomplete
-    resumed_model = model(seed=99)
-    result = fit(ckpt, m=resumed_model, epochs=3)
-    assert result.resumed_from == 14
-    assert [h["valid/loss"] for h in result.history] == pytest.approx([h["valid/loss"] for h in uninterrupted.history])
-    (ckpt / "last" / "trainer_state.json").unlink()  # an incomplete set is not resumed
+    fit(ckpt, epochs=2)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000007", "step-000000014"]  # keep_checkpoints: 2
+    optimizer = ckpt / "step-000000014" / "optimizer.safetensors"
+    flipped = bytearray(optimizer.read_bytes())
+    flipped[-1] ^= 1  # one bit of the newest optimizer state
+    optimizer.write_bytes(bytes(flipped))
+    (ckpt / "step-000000021.partial").mkdir()  # and a write killed half-way
+    resumed = model(seed=99)
+    with pytest.warns(UserWarning, match=r"step-000000014/optimizer.safetensors: SHA-256 differs.*previous complete"):
+        result = fit(ckpt, m=resumed, epochs=3)
+    assert result.resumed_from == 7
+    assert [h["valid/loss"] for h in result.history] == [h["valid/loss"] for h in uninterrupted.history]
+    for name, weight in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], weight), name
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000014", "step-000000014.corrupt", "step-000000021"]
     assert fit(ckpt, epochs=3, resume="overwrite").resumed_from == 0
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000014", "step-000000021"]
 
 
 def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_ensembles_weights(tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mtrank.artifacts import ModelDirError, save_model
+from mtrank.artifacts import ModelDirError, save_model, seal_model_dir
 from mtrank.config import ModelConfig, TaskConfig
 from mtrank.export.common import random_inputs
 from mtrank.export.model_dir import export_model_dir
@@ -91,6 +91,7 @@ def test_export_refuses_a_model_dir_of_another_format_version(model_dir):
     meta = json.loads((model_dir / "config.json").read_text())
     meta["format_version"] = 99
     (model_dir / "config.json").write_text(json.dumps(meta))
+    seal_model_dir(model_dir)  # sealed as it is: the format check refuses it, not the checksum
     with pytest.raises(ModelDirError, match="format_version 99"):
         export_model_dir(model_dir, "onnx")
 

@@ -10,6 +10,7 @@ LAYERS = [
     "data",
     "nn",
     "model",
+    "stats",
     "evaluate",
     "artifacts",
     "train",

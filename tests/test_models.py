@@ -251,6 +251,15 @@ EXPORT_CONFIGS = {
         "bias": {"features": [1]},
     },
     "dense_only": {"inputs": {"vocab_sizes": []}},
+    # the zoo after PLE (tests/test_zoo_*.py check each against its paper or reference code)
+    "dselect_k_ple": {"block": {"type": "ple", "levels": 2}, "gate": {"type": "dselect_k", "k": 2}},
+    "adatt": {"block": {"type": "adatt", "levels": 2, "task_experts": 2}},
+    "home": {
+        "block": {"type": "home", "task_groups": [["click", "like"], ["watch"]]},
+        "experts": {"type": "home", "feature_gate_rank": 2},
+    },
+    "stem": {"block": {"type": "stem", "levels": 2}},
+    "pepnet": {"pepnet": {"epnet": [2], "ppnet": [0, 1], "hidden": 8}},
 }
 
 

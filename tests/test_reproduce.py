@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,12 @@ def test_correlation_quick_picks_a_learning_rate_per_setting_and_checks_the_clai
     assert run["lr"] == json.loads((out / "results.json").read_text())["lr_search"]["mmoe@1"]["lr"]
     assert set(run["stats"]) >= {"mean", "std", "min", "p90"}
     assert results["equivalence"]["abs_diff"] < 1e-4
+    # the final loss (weights after the last step) beside the best step's; equal where the best step is the last
+    assert len(run["final_test_loss"]) == len(run["label_var"]) == 3 and set(run["final_stats"]) >= {"median"}
+    last = [(f, b) for f, b, step in zip(run["final_test_loss"], run["test_loss"], run["best_step"]) if step == 60]
+    assert last and all(f == pytest.approx(b, rel=1e-6) for f, b in last)
+    assert set(run["tail"]) == {"final", "best", "label_var_rank_correlation"}
+    assert "**final**: the weights after the last step" in (tr / "results.md").read_text()
 
 
 def test_census_quick_writes_a_table_beside_the_papers(tmp_path, shared_data):
@@ -179,3 +186,102 @@ def test_census_can_add_ple_beyond_the_paper_with_the_same_expert_budget(tmp_pat
     assert set(results["table"]) == {"mmoe", "ple"}
     assert results["table"]["ple"]["paper"] is None and "| PLE |" in (out / "results.md").read_text()
     assert results["finals"]["ple"]["params"] > 0
+
+
+def test_census_audit_quick_writes_verdicts_per_claim_and_resumes_from_its_parts(tmp_path, shared_data, capsys):
+    out = tmp_path / "audit"
+    argv = ["reproduce", "census-audit", "--quick", "--no-progress", "--out", str(out)]
+    argv += ["--data", str(shared_data / "census-income")]
+    assert main([*argv, "--stop-after", "0"]) == 0  # a call whose time is up starts nothing and writes no report
+    assert "0 of 27 jobs finished" in capsys.readouterr().out and not (out / "results.json").exists()
+    assert main(argv) == 0
+    for name in ("results.json", "results.md", "census_auc.png", "intervals.png", "searches.png"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert {c["status"] for c in results["claims"]} <= {"reproduced", "not reproduced", "not resolvable"}
+    assert [c["claim"][:8] for c in results["claims"]] == ["Table 1:", "MMoE bea", "MMoE's m"]
+    primary = results["comparisons"]["primary"]
+    assert {(c["baseline"], c["variant"]) for c in primary} == {
+        ("single_task", "full"),
+        ("shared_bottom", "full"),
+        ("omoe", "full"),
+        ("shared_bottom", "matched"),
+        ("", "paper"),
+    }
+    for c in primary:
+        assert c["p_holm"] >= c["p"] and c["se"] >= max(c["se_runs"], c["se_rows"])
+        assert (c["low"] > 0 or c["high"] < 0) == (c["p_holm"] < 0.05)
+    # Single-task: one model per task, each searched on its own task; the other methods once, on income
+    searches = results["searches"]
+    assert {s["task"] for n, s in searches.items() if "single_task" in n} == {"income", "marital"}
+    for s in searches.values():
+        assert set(s["checks"]) == set(s["space"]) and s["trials"] >= 3
+        assert all(low <= s["best"]["params"][p] <= high for p, (low, high, _) in s["space"].items())
+    table = results["tables"]["1/full"]["income"]
+    assert set(table) == {"single_task", "shared_bottom", "omoe", "mmoe"} and table["mmoe"]["n"] == 2 * 2
+    assert results["tables"]["1/noleak"]["marital"]["mmoe"]["n"] == 2 * 1
+    assert "## The paper's claims" in (out / "results.md").read_text()
+
+    parts = sorted((out / "parts").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    assert main(argv) == 0  # every part is there: nothing trains again, the same numbers
+    assert [p.stat().st_mtime_ns for p in sorted((out / "parts").iterdir())] == stamps
+    again = json.loads((out / "results.json").read_text())
+    assert again["comparisons"] == results["comparisons"] and again["claims"] == results["claims"]
+
+    assert main([*argv, "--runs", "3"]) == 1  # parts of another config: refused, not mixed
+
+
+def test_census_audit_range_checks_and_widening():
+    from mtrank.experiments.census_audit import edge_check, widen
+
+    assert edge_check(0.029, 3e-4, 3e-2, True) == "upper edge"
+    assert edge_check(3.2e-4, 3e-4, 3e-2, True) == "lower edge"
+    assert edge_check(300, 32, 2048, True) == "inside"
+    assert widen("lr", "upper edge", 3e-4, 3e-2) == pytest.approx((3e-4, 0.12))
+    assert widen("lr", "lower edge", 3e-4, 3e-2) == pytest.approx((7.5e-5, 3e-2))
+    assert widen("width", "upper edge", 32, 2048) is None  # the paper's cap
+    assert widen("width", "upper edge", 32, 512) == (32, 2048)
+    assert widen("experts", "lower edge", 2, 16) is None and widen("experts", "upper edge", 2, 16) == (2, 32)
+
+
+def test_census_audit_single_task_is_one_model_per_task_with_its_own_embeddings(tmp_path, shared_data):
+    from mtrank.experiments.census_audit import AuditConfig, AuditData, audit_model
+    from mtrank.model import MultiTaskModel
+
+    cfg = AuditConfig.quick()
+    data = AuditData.load(shared_data / "census-income", 1, cfg.train_rows, cfg.held_rows)
+    models = [MultiTaskModel(audit_model("single_task", {"width": 16}, data.select(k), cfg)) for k in (0, 1)]
+    assert [m.tasks[0].name for m in models] == ["income", "marital"]
+    table = sum(data.vocab_sizes) * cfg.embedding_dim
+    assert [m.embedding.table.weight.numel() for m in models] == [table, table]  # each its own, of every column
+    shared = MultiTaskModel(audit_model("shared_bottom", {"width": 16}, data, cfg))
+    assert [t.name for t in shared.tasks] == ["income", "marital"]
+
+
+def test_claims_are_resolved_only_by_intervals_over_enough_seeds():
+    from mtrank.experiments.correlation import check_claims
+
+    rng = np.random.default_rng(0)
+    ps = [1.0, 0.5]
+
+    def runs(seeds, gap):
+        base = {p: rng.gamma(2.0, 0.04, seeds) for p in ps}  # a shared draw per (p, seed): runs pair up
+        out = {}
+        for b, extra in (("shared_bottom", 0.08), ("omoe", gap), ("mmoe", 0.0)):
+            for p in ps:
+                noise = rng.normal(0, 0.002, seeds)
+                out[f"{b}@{p:g}"] = {
+                    "test_loss": (base[p] + (extra if b != "omoe" or p == 0.5 else 0) + noise).tolist()
+                }
+        return out
+
+    big = {c["claim"]: c for c in check_claims(runs(40, 0.02), ["shared_bottom", "omoe", "mmoe"], ps)}
+    assert big["both MoE models beat Shared-Bottom on average"]["status"] == "holds"
+    assert big["OMoE worse than MMoE at correlation 0.5"]["status"] == "holds"
+    assert big["MMoE ~ OMoE at correlation 1 (within 10%)"]["status"] == "holds"
+    assert big["OMoE worse than MMoE at correlation 0.5"]["interval"][0] > 0
+    small = check_claims(runs(3, 0.02), ["shared_bottom", "omoe", "mmoe"], ps)
+    assert all(not c["resolved"] and c["status"].endswith("within noise") for c in small)
+    none = {c["claim"]: c for c in check_claims(runs(40, 0.0), ["shared_bottom", "omoe", "mmoe"], ps)}
+    assert not none["OMoE worse than MMoE at correlation 0.5"]["resolved"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mtrank.artifacts import load_model, save_model
+from mtrank.artifacts import load_model, save_model, seal_model_dir
 from mtrank.config import ModelConfig, TaskConfig
 from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, NumericFeature
 from mtrank.data.encoders import FeatureEncoder
@@ -49,8 +49,9 @@ def model_dir(tmp_path_factory):
         experts={"hidden": [8]},
         towers={"hidden": [4]},
     )
-    save_model(MultiTaskModel(config), directory)
+    save_model(MultiTaskModel(config), directory, seal=False)
     encoder.save(directory)
+    seal_model_dir(directory)  # last: every file of the directory in its manifest
     return directory
 
 
@@ -353,5 +354,8 @@ def test_a_learned_blend_in_the_model_dir_sets_each_requests_weights(model_dir, 
         assert body["blend"]["source"] == "request"
     assert ScoringService(directory, learned_blend=False).learned is None
     (directory / "learned_blend.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"learned_blend.json: .* manifest.json"):
+        ScoringService(directory)
+    seal_model_dir(directory)  # sealed as it is: the learned blend's own check refuses it
     with pytest.raises(ValueError, match="learned_blend.json: cannot load"):
         ScoringService(directory)

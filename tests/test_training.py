@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtrank.artifacts import ModelDirError, load_model, save_model
+from mtrank.artifacts import ModelDirError, load_model, save_model, seal_model_dir
 from mtrank.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
 from mtrank.data import make_synthetic
 from mtrank.model import MultiTaskModel
@@ -66,11 +66,15 @@ def test_save_then_load_gives_identical_predictions(tmp_path):
 def test_load_rejects_corrupt_or_wrong_version_model_dir(tmp_path):
     save_model(small_model(), tmp_path / "m")
     cfg = tmp_path / "m" / "config.json"
-    cfg.write_text(cfg.read_text().replace('"format_version": 2', '"format_version": 99'))
+    cfg.write_text(cfg.read_text().replace('"format_version": 3', '"format_version": 99'))
+    with pytest.raises(ModelDirError, match=r"config.json: .*manifest.json"):
+        load_model(tmp_path / "m")
+    seal_model_dir(tmp_path / "m")  # sealed as it is: the format check itself refuses it
     with pytest.raises(ModelDirError, match="format_version 99"):
         load_model(tmp_path / "m")
     save_model(small_model(), tmp_path / "n")
     (tmp_path / "n" / "model.safetensors").write_bytes(b"garbage")
+    seal_model_dir(tmp_path / "n")
     with pytest.raises(ModelDirError, match="cannot read weights"):
         load_model(tmp_path / "n")
 

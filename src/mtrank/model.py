@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from mtrank.config import EXPERTS, GATES, ModelConfig, TaskConfig
-from mtrank.nn import ExtractionLevel, FeatureEmbedding, MultiTaskBlock, StackedMLP, expert_layout
+from mtrank.nn import ExtractionLevel, FeatureEmbedding, MultiTaskBlock, StackedMLP, block_layouts
 from mtrank.nn.bias import BiasTower
 from mtrank.nn.mixer import FeatureMixer
+from mtrank.nn.pepnet import EPNet, PPNet
+from mtrank.nn.residual import NativeExpertWeights, SelfGates
 from mtrank.nn.stacked import MLP
 
 
@@ -37,7 +39,9 @@ class MultiTaskModel(nn.Module):
     """A multi-task ranker: input representation (-> feature mixer) -> multi-task block -> one output per task.
 
     Bias features (YouTube's position / device) skip the main model and feed a shallow tower whose logit is added
-    to the task logits in training only; evaluation and serving scores are debiased.
+    to the task logits in training only; evaluation and serving scores are debiased. With ``block: stem`` every
+    task (and the shared experts) reads its own embedding of the categorical features (one lookup in a table
+    ``K + 1`` times as wide); with ``pepnet`` sections, EPNet gates the block input and PPNet the towers.
 
     Shapes: ``dense [B, F_dense]`` float, ``sparse [B, F_cat]`` int64 -> :class:`MultiTaskOutput`.
 
@@ -67,17 +71,18 @@ class MultiTaskModel(nn.Module):
 
     def _build(self, config: ModelConfig) -> None:
         inputs, main = config.inputs, config.main_features
+        self.tables = config.num_tasks + 1 if config.block.type == "stem" else 1  # STEM: per-task + shared
         self.embedding = FeatureEmbedding(
             inputs.num_dense,
             [inputs.vocab_sizes[i] for i in main],
-            inputs.embedding_dim,
+            inputs.embedding_dim * self.tables,
             inputs.bag_lengths,
             inputs.bag_pooling,
         )
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
         self.mixer = None
-        block_in = self.embedding.output_dim
+        block_in = inputs.num_dense + self.embedding.num_tokens * inputs.embedding_dim
         if config.mixer.layers:
             mixer = config.mixer
             self.mixer = FeatureMixer(
@@ -100,18 +105,79 @@ class MultiTaskModel(nn.Module):
                 task_mask,
                 bias.dropout,
             )
+        self._build_pepnet(config, block_in)
+
+    def _build_pepnet(self, config: ModelConfig, block_in: int) -> None:
+        """EPNet and PPNet of ``config.pepnet`` (None without), and which embedding tokens each reads."""
+        pepnet, main = config.pepnet, config.main_features
+        tokens = {column: t for t, column in enumerate(main)}  # single columns come first among the tokens
+
+        def token_index(features: list) -> torch.Tensor:
+            columns = [config.pepnet_column(f, "model.pepnet") for f in features]
+            return torch.tensor([tokens[c] for c in columns], dtype=torch.long)
+
+        dim = config.inputs.embedding_dim
+        self.epnet = self.ppnet = None
+        if pepnet.epnet:
+            self.epnet = EPNet(token_index(pepnet.epnet), dim, block_in, pepnet.hidden, pepnet.scale)
+        if pepnet.ppnet:
+            layer_inputs = [layer.in_features for layer in self.block.towers.layers]
+            self.ppnet = PPNet(
+                token_index(pepnet.ppnet), dim, block_in, layer_inputs, config.num_tasks, pepnet.hidden, pepnet.scale
+            )
+        self.reads_tokens = self.mixer is not None or pepnet.enabled
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> MultiTaskOutput:
-        main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
-        if self.mixer is None:
-            x = self.embedding(dense, main_sparse)  # (B, in)
-        else:
-            tokens = self.embedding.embed(main_sparse)  # (B, F, D)
-            x = torch.cat([dense.to(tokens.dtype), tokens.flatten(1), self.mixer(dense, tokens)], 1)  # (B, in)
-        task_logits, gate_weights, aux_loss = self.block(x)
+        x, tower_scales = self.block_input(dense, sparse)
+        task_logits, gate_weights, aux_loss = self.block(x, tower_scales)
         if self.bias_tower is not None and self.training:
             task_logits = task_logits + self.bias_tower(sparse.index_select(1, self.bias_features))
         return MultiTaskOutput(task_logits, gate_weights, aux_loss)
+
+    def block_input(self, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The block's input ``[B, in]`` (STEM: ``[K+1, B, in]``, each task's and the shared embeddings) and
+        PPNet's tower scales (None without PPNet)."""
+        main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
+        if self.tables > 1:
+            return self.task_embeddings(dense, main_sparse), None
+        if not self.reads_tokens:
+            return self.embedding(dense, main_sparse), None  # (B, in): one lookup, one concatenation
+        tokens = self.embedding.embed(main_sparse)  # (B, F, D)
+        parts = [dense.to(tokens.dtype), tokens.flatten(1)]
+        mixer = self.mixer
+        if mixer is not None:
+            parts.append(mixer(dense, tokens))
+        x = torch.cat(parts, 1)  # (B, in)
+        epnet = self.epnet
+        if epnet is not None:
+            x = epnet(tokens, x)
+        tower_scales: list[torch.Tensor] | None = None
+        ppnet = self.ppnet
+        if ppnet is not None:
+            tower_scales = ppnet(tokens, x)
+        return x, tower_scales
+
+    def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """STEM's inputs: each task's (then the shared) embeddings of every feature, after the dense features,
+        from one lookup in the ``K + 1`` times wider table: ``-> [K+1, B, F_dense + F * D]``."""
+        tokens = self.embedding.embed(sparse)  # (B, F, (K+1) * D)
+        batch, features = tokens.shape[0], tokens.shape[1]
+        per_table = tokens.view(batch, features, self.tables, -1).permute(2, 0, 1, 3)  # (K+1, B, F, D)
+        per_table = per_table.reshape(self.tables, batch, -1)  # (K+1, B, F * D)
+        dense_part = dense.to(tokens.dtype).unsqueeze(0).expand(self.tables, -1, -1)  # (K+1, B, F_dense)
+        return torch.cat([dense_part, per_table], 2)
+
+    @torch.no_grad()
+    def expert_trace(self, dense: torch.Tensor, sparse: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every level's ``(expert_out [E, B, D], gate_weights [B, G, E])`` in evaluation mode, bottom level
+        first: what the expert-health metrics read (:func:`mtrank.evaluate.gates.model_gate_report`)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x, tower_scales = self.block_input(dense, sparse)
+            return self.block.run(x, tower_scales, True)[3]
+        finally:
+            self.train(was_training)
 
     def scores(self, task_logits: torch.Tensor) -> torch.Tensor:
         """Logits -> scores: sigmoid for binary tasks, identity for regression. ``[B, K] -> [B, K]``."""
@@ -160,14 +226,27 @@ class MultiTaskModel(nn.Module):
     def expert_banks(self) -> list[tuple[nn.ModuleList, bool]]:
         """The stacked linear layers of every level's experts (what reduced-precision inference rewrites), each
         with whether its first layer reads one ``[B, in]`` input shared by every expert: the first level's
-        experts do, unless their type puts something per expert before the layers (DCN's cross network);
-        PLE's upper levels read per-expert inputs."""
+        experts do, unless their type puts something per expert before the layers (DCN's cross network, HoME's
+        feature gate) or the block input has a row per task (STEM); upper levels read per-expert inputs."""
         banks = []
         for index, level in enumerate(self.block.levels):
             linear_banks = getattr(level.experts, "linear_banks", None)
             for layers, reads_input in linear_banks() if linear_banks is not None else []:
-                banks.append((layers, reads_input and index == 0))
+                banks.append((layers, reads_input and index == 0 and self.tables == 1))  # STEM: per-task rows
         return banks
+
+    def level_gate_names(self) -> list[list[str]]:
+        """The name of each gate (each output row) of every level, bottom first: task names, then HoME's
+        ``group <c>`` gates and the ``shared`` gate of a lower level."""
+        block, names = self.config.block, self.task_names
+        out = []
+        for index, level in enumerate(self.block.levels):
+            gates = len(names) if level.shared_gate else level.gates.num_gates  # OMoE's gate serves every task
+            if block.type == "home" and index == 0:
+                out.append([f"group {c}" for c in range(gates - 1)] + ["shared"])
+            else:
+                out.append(names[:gates] + ["shared"] * (gates - len(names)))
+        return out
 
     def shared_hidden_layer(self) -> nn.Module | None:
         """The shared hidden layer under the experts (YouTube's placement; plain ``nn.Linear`` layers), or None."""
@@ -187,21 +266,35 @@ class MultiTaskModel(nn.Module):
 
 
 def build_block(config: ModelConfig, in_features: int) -> MultiTaskBlock:
-    """The multi-task block of ``config``: shared hidden layer, levels of registered experts and gates, towers."""
+    """The multi-task block of ``config``: shared hidden layer, levels of registered experts and gates (and
+    each gate's residual on its own experts), towers."""
     block, experts = config.block, config.experts
     shared = MLP(in_features, block.shared_hidden, experts.activation) if block.shared_hidden else None
     width = shared.output_dim if shared is not None else in_features
     expert_type = EXPERTS.module(experts.type, "model.experts.type")
     gate_type = GATES.module(config.gate.type, "model.gate.type")
-    num_levels = block.levels if block.type == "ple" else 1
+    layouts = block_layouts(
+        block.type,
+        config.num_tasks,
+        block.num_experts,
+        block.task_experts,
+        block.num_levels,
+        config.task_group_index(),
+        block.group_experts,
+    )
+    residual_kind = block.residual_kind
+    # AdaTT's reference adds the native experts as they are when every module owns one, else learns weights
+    learned = block.task_experts != 1 or block.num_experts > 1
     levels = []
-    for level in range(num_levels):
-        owners, allowed, shared_gate = expert_layout(
-            block.type, config.num_tasks, block.num_experts, block.task_experts, last_level=level == num_levels - 1
-        )
-        expert_bank = expert_type.from_config(owners.numel(), width, experts)
-        gates = gate_type.from_config(width, allowed, config.gate)
-        levels.append(ExtractionLevel(expert_bank, gates, owners, config.num_tasks, shared_gate))
+    for layout in layouts:
+        expert_bank = expert_type.from_config(layout.owners.numel(), width, experts)
+        gates = gate_type.from_config(width, layout.allowed, config.gate)
+        residual: nn.Module | None = None
+        if residual_kind == "native" and bool(layout.own.any()):
+            residual = NativeExpertWeights(layout.own, learned)
+        elif residual_kind == "self_gate" and bool(layout.own.any()):
+            residual = SelfGates(width, layout.own)
+        levels.append(ExtractionLevel(expert_bank, gates, layout, config.num_tasks, residual))
         width = expert_bank.output_dim
     towers = config.towers
     tower_bank = StackedMLP(

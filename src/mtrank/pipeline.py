@@ -8,6 +8,8 @@ holds::
     encoders.json       the fitted FeatureEncoder          (mtrank.data.encoders)
     metrics.json        validation / test metrics per task, training history, rows, seconds
     report.md           the same as readable tables
+    history.jsonl       the training history, written live
+    manifest.json       written last: size and SHA-256 of every file (checked by everything that loads it)
 
 Training is :class:`mtrank.train.Trainer` on the encoded training split, or, with ``data.streaming``, on
 batches streamed from the training files (:class:`mtrank.train.sources.StreamSource`): the same loop, step,
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mtrank.artifacts import open_model_dir, save_model
+from mtrank.artifacts import open_model_dir, save_model, seal_model_dir
 from mtrank.config.experiment import ExperimentConfig, experiment_from_dict, load_experiment
 from mtrank.data.encoders import FeatureEncoder, as_table
 from mtrank.data.movielens import read_movielens
@@ -40,7 +42,13 @@ from mtrank.data.readers import (
     open_dataset,
     read_table,
 )
-from mtrank.data.splits import check_train_labels, encode_table, load_splits
+from mtrank.data.splits import (
+    check_train_labels,
+    encode_table,
+    load_splits,
+    warn_constant_labels,
+    warn_label_leaks,
+)
 from mtrank.data.streaming import EncodedStream
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.metrics import evaluate, predict_batches
@@ -98,6 +106,7 @@ def fit(
         ['test', 'valid']
     """
     config = as_experiment(config)
+    config.check_monitor()  # before any data is read
     train_config = config.train
     if progress is not None:
         train_config = dataclasses.replace(train_config, progress=progress)
@@ -105,6 +114,7 @@ def fit(
     if model_dir is not None and not train_config.log_dir:  # history.jsonl beside the model, written live
         train_config = dataclasses.replace(train_config, log_dir=str(model_dir))
     started = time.perf_counter()
+    warn_label_leaks(config)
     streaming = config.data.streaming and dataframe is None
     splits = load_splits(config, dataframe, include_train=not streaming)
     if streaming:
@@ -114,6 +124,9 @@ def fit(
         fit_table = train_table.slice(0, config.data.fit_rows) if config.data.fit_rows else train_table
         encoder = FeatureEncoder(config.features).fit(fit_table, train_source)
     data = {role: encode_table(encoder, table, config, source) for role, (table, source) in splits.items()}
+    for role in ("train", "valid"):
+        if role in data:
+            warn_constant_labels(data[role], config, splits[role][1], role)
     model = MultiTaskModel(
         config.model_config(encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs),
         seed=config.train.seed,
@@ -141,7 +154,8 @@ def _fit_encoder_on_stream(config: ExperimentConfig) -> FeatureEncoder:
 
 def _finish(config, model, encoder, metrics, train_result, rows, model_dir, started) -> FitResult:
     if model_dir is not None and rank_and_world()[0] == 0:  # data-parallel: one writer
-        save_model(model, model_dir, {"experiment": config.to_dict(), "encoders": "encoders.json"}, config.plugins)
+        extra = {"experiment": config.to_dict(), "encoders": "encoders.json"}
+        save_model(model, model_dir, extra, config.plugins, seal=False)
         encoder.save(model_dir)
         summary = {
             "metrics": metrics,
@@ -155,6 +169,7 @@ def _finish(config, model, encoder, metrics, train_result, rows, model_dir, star
         }
         write_json(model_dir / "metrics.json", summary)
         (model_dir / "report.md").write_text(report_markdown(config, encoder, metrics, rows, train_result))
+        seal_model_dir(model_dir)  # last: the manifest names every file above with its SHA-256
     return FitResult(model, encoder, metrics, train_result, model_dir, rows)
 
 
@@ -199,7 +214,10 @@ def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
     loaded = open_model_dir(model_dir)
     model, encoder, config = loaded.model, loaded.encoder, loaded.require_experiment()
     table, source = read_table(data, config)
-    return evaluate(model, encode_table(encoder, table, config, source))
+    encoded = encode_table(encoder, table, config, source)
+    encoder.warn_unseen(encoder.unseen_counts(encoded.sparse.numpy()), len(encoded), source)
+    warn_constant_labels(encoded, config, source, "evaluation")
+    return evaluate(model, encoded)
 
 
 def predict_model_dir(
@@ -235,10 +253,13 @@ def predict_model_dir(
             table = as_table(data)
         batches, total, source = table.to_batches(max_chunksize=batch_rows), table.num_rows, "dataframe"
     bar = tqdm(total=total, disable=not progress, desc="predict", unit="row", leave=False)
+    rows, unseen = 0, np.zeros(len(encoder.features.categorical), dtype=np.int64)
     for batch in batches:
         if batch.num_rows == 0:
             continue
         dense, sparse = encoder.transform(batch, source)
+        encoder.check_finite(dense, batch, source, first_row=rows)
+        rows, unseen = rows + batch.num_rows, unseen + encoder.unseen_counts(sparse)
         empty = torch.full((batch.num_rows, len(names)), math.nan)
         logits, _ = predict_batches(model, TensorData(torch.from_numpy(dense), torch.from_numpy(sparse), empty))
         scores = model.scores(logits).numpy()
@@ -254,6 +275,7 @@ def predict_model_dir(
             parts.append(out)
         bar.update(batch.num_rows)
     bar.close()
+    encoder.warn_unseen(unseen, rows, source)
     if writer is not None:
         writer.close()
         return Path(output)

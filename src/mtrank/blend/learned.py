@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mtrank.artifacts import add_to_manifest
 from mtrank.nn import MLP
 
 
@@ -184,6 +185,7 @@ class ServedLearnedBlend:
             "default_weights": self.model.default_weights.tolist(),
         }
         (directory / LEARNED_BLEND_FILE).write_text(json.dumps(meta, indent=2))
+        add_to_manifest(directory, [directory / LEARNED_BLEND_WEIGHTS, directory / LEARNED_BLEND_FILE])
         return directory / LEARNED_BLEND_FILE
 
     @classmethod

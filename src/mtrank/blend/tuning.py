@@ -8,6 +8,10 @@
 Only the weights' direction matters for the ranking (both blends of :mod:`mtrank.blend.rules` are invariant to
 scaling all ``w``), so the search runs over weights that sum to 1: a grid over the simplex, or optuna's TPE
 sampler.
+
+Transforms computed over a request's candidates (``rank``, ``standardize``) are computed within each request of
+the tuning rows, as the service computes them for each request it blends: tuning needs the rows' request ids
+then, and the blend it picks ranks every request as the service will.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from mtrank.blend.rules import Blend
+from mtrank.blend.rules import PER_REQUEST, Blend
 
 OBJECTIVES = ("auc", "reward@k")
 SEARCHES = ("grid", "optuna")
@@ -127,6 +131,7 @@ def tune_blend(
     step: float = 0.05,
     trials: int = 100,
     seed: int = 0,
+    request_ids: np.ndarray | None = None,
 ) -> TuneResult:
     """Search blend weights (summing to 1) that maximise ``objective`` on validation ``scores`` / ``labels``.
 
@@ -137,6 +142,8 @@ def tune_blend(
         method / transforms: of the blends tried (see :class:`~mtrank.blend.rules.Blend`).
         search: ``grid`` (every point of the simplex at ``step``) or ``optuna`` (``trials`` TPE trials,
             sampler seed ``seed``).
+        request_ids: ``[N]`` request of each row (default: the objective's); required with a ``rank`` or
+            ``standardize`` transform, which is computed within each request as the service computes it.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -148,12 +155,21 @@ def tune_blend(
     """
     objective = objective or Objective()
     transforms = dict(transforms or {})
+    request_ids = objective.request_ids if request_ids is None else request_ids
+    for name, kind in transforms.items():
+        if kind in PER_REQUEST and request_ids is None:
+            raise ValueError(
+                f"transforms.{name}: {kind!r} is computed over each request's candidates, as the service computes "
+                "it: give request_ids (the tuning file's request id column, --request-id)"
+            )
+    equal = Blend(method, dict.fromkeys(task_names, 1.0), transforms).validate(task_names)
+    transformed = equal.transformed(scores, task_names, request_ids)  # (N, K): the weights do not change it
 
     def blend_of(weights: np.ndarray) -> Blend:
         return Blend(method, dict(zip(task_names, weights.tolist())), transforms)
 
     def evaluate(weights: np.ndarray) -> float:
-        return objective(blend_of(weights).apply(scores, task_names), labels, task_names)
+        return objective(blend_of(weights).combine(transformed, task_names), labels, task_names)
 
     history: list[dict[str, Any]] = []
     if search == "grid":

@@ -7,6 +7,7 @@
 ``export``     TorchScript / ONNX files (:mod:`mtrank.cli.export`)
 ``serve``      the HTTP scoring service (:mod:`mtrank.cli.serve`)
 ``blend``      blend tuning and the learned blend (:mod:`mtrank.cli.blend`)
+``model``      verify a model directory against its manifest, or seal one (:mod:`mtrank.cli.model`)
 =============  ===========================================================================
 
 Options shared by several commands (``--threads``, ``--no-progress``, ``--device``, ``--set``) come from
@@ -20,7 +21,7 @@ import sys
 
 from mtrank import __version__
 
-COMMAND_GROUPS = ("run", "reproduce", "train", "export", "serve", "blend")
+COMMAND_GROUPS = ("run", "reproduce", "train", "export", "serve", "blend", "model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from mtrank.cli.common import one_line_warnings
     from mtrank.train.distributed import init_from_env, shutdown
 
     distributed = init_from_env()  # under torchrun: join the process group, so trainers train data-parallel
     try:
-        code = int(args.func(args) or 0)
+        with one_line_warnings(args.command):
+            code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"mtrank {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mtrank.cli.common import add_command
 
@@ -35,8 +36,11 @@ def _cmd_blend_tune(args: argparse.Namespace) -> int:
         f"  best weights  : {result.value:.4f}  " + "  ".join(f"{k}={v:.3f}" for k, v in result.blend.weights.items())
     )
     if args.out:
+        from mtrank.artifacts import add_to_manifest
+
         with open(args.out, "w") as handle:
             json.dump(result.blend.to_dict(), handle, indent=2)
+        add_to_manifest(Path(args.out).parent, [args.out])  # into a sealed model directory: recorded there
         print(f"wrote {args.out}")
     return 0
 
@@ -157,10 +161,17 @@ def register(subparsers) -> None:
     t.add_argument("--scores", nargs="+", required=True, help="score column of each task")
     t.add_argument("--labels", nargs="+", required=True, help="label column of each task")
     t.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "weighted_product"])
-    t.add_argument("--transform", nargs="*", help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p, rank)")
+    t.add_argument(
+        "--transform",
+        nargs="*",
+        help="TASK=TRANSFORM (identity, log, logit, sigmoid, log1p; rank and standardize are computed within each "
+        "request, as the service does, and need --request-id)",
+    )
     t.add_argument("--objective", default="auc", choices=["auc", "reward@k"])
     t.add_argument("--objective-weight", nargs="*", help="TASK=WEIGHT, a_k of the objective (default 1)")
-    t.add_argument("--request-id", help="request id column (reward@k)")
+    t.add_argument(
+        "--request-id", help="request id column: reward@k, and the rank / standardize transforms, group rows by it"
+    )
     t.add_argument("--top-k", type=int, default=1, help="candidates shown per request (reward@k)")
     t.add_argument("--search", default="grid", choices=["grid", "optuna"])
     t.add_argument("--step", type=float, default=0.05, help="grid step (default 0.05)")

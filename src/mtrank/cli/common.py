@@ -4,7 +4,10 @@ shape of a command (:func:`add_command`)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -81,3 +84,22 @@ def add_command(
     if func is not None:
         parser.set_defaults(func=func)
     return parser
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Inside: mtrank's data warnings (:class:`~mtrank.data.errors.DataWarning`) print as one line,
+    ``mtrank COMMAND: warning: ...``, on stderr; other warnings as Python prints them."""
+    from mtrank.data.errors import DataWarning
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                print(f"mtrank {command}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_one_line
+        yield

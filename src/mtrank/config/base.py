@@ -6,7 +6,9 @@ it and one checker, :meth:`Config.validate`, checks a Python-built one, so YAML 
 * an unknown key is an error with a did-you-mean hint (``train.lr_rate: unknown field; did you mean 'lr'?``);
 * every value is checked against its field's type annotation: ``int``, ``float`` (``1e-3``, which YAML reads
   as a string, is a number; ``epochs: ten`` is ``train.epochs: expected an integer, got 'ten'``), ``bool``,
-  ``str``, ``Literal[...]`` choices, ``list[...]``, ``X | None`` and nested config classes;
+  ``str``, ``Literal[...]`` choices, ``list[...]`` (a lone number where a list of numbers is expected is a
+  list of one: ``hidden: 32`` is ``[32]``; anything else that is not a list is an error), ``X | None`` and
+  nested config classes;
 * a nested section may be given as a mapping, or as a string naming its ``type`` (``experts: dcn``);
 * a section whose class has a :class:`Registry` (expert and gate types) is built as the config class
   registered for its ``type``, so a registered part's own options are typed and checked too;
@@ -198,11 +200,13 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: unknown {value!r}{did_you_mean(str(value), [str(a) for a in args])}")
         return value
     if origin is list:
+        (item,) = args or (Any,)
         if isinstance(value, tuple):
             value = list(value)
+        if item in (int, float) and not isinstance(value, (bool, list)) and _number(value) is not None:
+            value = [value]  # ``hidden: 32`` is one layer of 32: a lone number is a list of one
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}"[:300])
-        (item,) = args or (Any,)
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}{_list_hint(value)}"[:300])
         return [coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -232,6 +236,15 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return value
     return value
+
+
+def _list_hint(value: Any) -> str:
+    """How to write ``value`` as a YAML list (``"a, b"`` -> ``[a, b]``)."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")] if "," in value else [value]
+        shown = [v if _number(v) is not None else repr(v) for v in items]
+        return f"; write a YAML list, e.g. [{', '.join(shown)}]"
+    return ""
 
 
 def _number(value: Any) -> float | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -40,12 +41,12 @@ from mtrank.config.base import (
     read_yaml,
 )
 from mtrank.config.model import InputsConfig, ModelConfig, TaskConfig
-from mtrank.config.train import TrainConfig
+from mtrank.config.train import TrainConfig, check_monitor
 
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
 SECTIONS = ("data", "features", "tasks", "model", "train", "output", "name", "plugins")
-DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags")
+DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "names")
 
 
 @dataclass
@@ -216,7 +217,7 @@ class TaskSpec(Config):
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         self.column = self.column or self.name
-        check(self.weight >= 0, join(path, "weight"), "must be a number >= 0")
+        check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
         if self.positive:
             parse_comparison(self.positive, join(path, "positive"))
         check(
@@ -254,6 +255,7 @@ class SplitSpec(Config):
     valid_fraction: float = 0.5
 
     def check(self, path: str) -> None:
+        check(self.seed >= 0, join(path, "seed"), f"must be >= 0, got {self.seed}")
         if self.method in ("random", "time"):
             ok = len(self.fractions) == 3 and all(f >= 0 for f in self.fractions)
             check(
@@ -375,13 +377,26 @@ class ExperimentConfig:
     def task_configs(self) -> list[TaskConfig]:
         return [t.task_config() for t in self.tasks]
 
+    def check_monitor(self) -> None:
+        """``train.monitor`` names a validation metric of the tasks (:func:`~mtrank.config.train.check_monitor`).
+        Checked when training starts, not when a config is read, so a model directory written before the rule
+        still opens."""
+        try:
+            check_monitor(self.train.monitor, {t.name: t.type for t in self.tasks})
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {err}" if self.source else str(err)) from None
+
     def model_config(self, num_dense: int, vocab_sizes: list[int], bags: list[dict] | None = None) -> ModelConfig:
         """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks.
 
         ``bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` of each embedded multi-valued feature."""
         bags = list(bags or [])
         inputs = InputsConfig(
-            num_dense=num_dense, vocab_sizes=list(vocab_sizes), embedding_dim=self.model.inputs.embedding_dim, bags=bags
+            num_dense=num_dense,
+            vocab_sizes=list(vocab_sizes),
+            embedding_dim=self.model.inputs.embedding_dim,
+            bags=bags,
+            names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
         )
         model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs())
         return model.validate("model")
@@ -443,7 +458,7 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
         names = [t.name for t in tasks]
         for i, name in enumerate(names):
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
-        model = _model_section(raw.get("model"), tasks)
+        model = _model_section(raw.get("model"), tasks, features)
         train = build(TrainConfig, raw.get("train") or {}, "train")
         output = raw.get("output", "runs/model")
         check(isinstance(output, str), "output", f"expected a path, got {output!r}")
@@ -466,7 +481,7 @@ def build_plugins(raw: Any) -> list[str]:
     return list(raw)
 
 
-def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
+def _model_section(raw: Any, tasks: list[TaskSpec], features: FeaturesSpec) -> ModelConfig:
     raw = copy.deepcopy(raw) if raw is not None else {}
     check(isinstance(raw, dict), "model", "expected a mapping of model sections (block, experts, gate, towers, ...)")
     check("tasks" not in raw, "model.tasks", "derived from the tasks section; remove it from the model section")
@@ -477,9 +492,11 @@ def _model_section(raw: Any, tasks: list[TaskSpec]) -> ModelConfig:
         for key in DERIVED_INPUTS:
             check(key not in inputs, f"model.inputs.{key}", "derived from the features section; remove it")
     # built with a placeholder input, so that every model rule is checked now, before any data is read
-    placeholder = {**raw, "inputs": {**inputs, "num_dense": 1}, "tasks": [t.task_config().to_dict() for t in tasks]}
+    names = [f.name for f in features.categorical]  # single categorical columns: model sections may name them
+    placeholder_inputs = {**inputs, "num_dense": 1, "names": names, "vocab_sizes": [2] * len(names)}
+    placeholder = {**raw, "inputs": placeholder_inputs, "tasks": [t.task_config().to_dict() for t in tasks]}
     model = build(ModelConfig, placeholder, "model")
-    model.inputs.num_dense = 0
+    model.inputs.num_dense, model.inputs.vocab_sizes, model.inputs.names = 0, [], []
     return model
 
 

@@ -4,9 +4,10 @@
 ``inputs``      dense features, categorical vocabularies, embedding width, multi-valued bags
 ``tasks``       name, ``binary`` / ``regression``, loss weight
 ``block``       how experts are shared (below), how many, PLE levels, a shared hidden layer under them
-``experts``     the expert type (registered: ``mlp``, ``dcn``) and its options
-``gate``        the gate type (registered: ``softmax``, ``topk``) and its options
+``experts``     the expert type (registered: ``mlp``, ``dcn``, ``home``) and its options
+``gate``        the gate type (registered: ``softmax``, ``topk``, ``dselect_k``) and its options
 ``towers``      each task's tower
+``pepnet``      PEPNet's embedding (EPNet) and tower (PPNet) gates, conditioned on chosen features
 ``mixer``       a transformer over the feature tokens (Pinterest Closeup)
 ``bias``        YouTube's shallow tower for position / selection bias
 ==============  ==========================================================================================
@@ -20,6 +21,12 @@ Blocks (one mechanism, many configurations; see :mod:`mtrank.nn.routing`):
 ``mmoe``          one softmax gate per task over E shared experts (Ma et al., 2018)
 ``cgc``           per-task experts plus shared experts; task k's gate sees its own + shared (Tang et al., 2020)
 ``ple``           ``levels`` stacked CGC levels, with a shared gate feeding the next level's shared experts
+``adatt``         per-task + shared experts, every gate fuses all of them, plus each task's own experts as a
+                  residual; ``levels`` stacked (AdaTT-sp, Li et al., 2023)
+``home``          two levels: task-group (meta) experts, then task experts; group masks, self-gates
+                  (HoME, Wang et al., 2024; with ``experts: home`` for its normalised Swish experts)
+``stem``          per-task + shared embedding tables; task k's gate fuses every expert, other tasks' experts
+                  without gradient (STEM, Su et al., 2024)
 ================  =========================================================================
 
 Example:
@@ -30,13 +37,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mtrank.config.base import Config, Registry, check, join
+from mtrank.config.base import Config, Registry, check, did_you_mean, join
 
-BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple")
-BlockType = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"]
+BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem")
+BlockType = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem"]
+OWN_EXPERT_BLOCKS = ("cgc", "ple", "adatt", "home", "stem")  # blocks whose gates have experts of their own
 Activation = Literal["relu", "gelu", "silu"]
 
 # the flat fields of mtrank 0.1's ModelConfig and where each lives now (model directories of format 1 are read
@@ -81,7 +90,7 @@ class TaskConfig(Config):
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
-        check(self.weight >= 0, join(path, "weight"), f"must be >= 0, got {self.weight}")
+        check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
 
 
 @dataclass
@@ -110,12 +119,15 @@ class InputsConfig(Config):
         embedding_dim: embedding width of every categorical feature.
         bags: the multi-valued features, in the order of their columns (the last ``sum(length)`` columns of
             ``vocab_sizes``; all columns of a bag have its vocabulary size, whose last id is padding).
+        names: names of the single categorical columns, in order (filled from an experiment's features), so
+            that sections such as ``pepnet`` may name features; empty = refer to them by index.
     """
 
     num_dense: int = 0
     vocab_sizes: list[int] = field(default_factory=list)
     embedding_dim: int = 16
     bags: list[BagConfig] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
     @property
     def bag_lengths(self) -> list[int]:
@@ -147,6 +159,23 @@ class InputsConfig(Config):
                 f"padding), got {sorted(sizes)}",
             )
             start += bag.length
+        check(
+            len(self.names) <= len(self.vocab_sizes) and len(set(self.names)) == len(self.names),
+            join(path, "names"),
+            f"expected unique names of at most {len(self.vocab_sizes)} categorical columns, got {self.names}",
+        )
+
+    def column(self, feature: int | str, path: str) -> int:
+        """The column index of a categorical feature given by index or by name."""
+        if isinstance(feature, str):
+            check(
+                feature in self.names,
+                path,
+                f"unknown categorical feature {feature!r}{did_you_mean(feature, self.names)}",
+            )
+            return self.names.index(feature)
+        check(0 <= feature < len(self.vocab_sizes), path, f"index {feature} is not a categorical feature")
+        return feature
 
 
 @dataclass
@@ -155,10 +184,16 @@ class BlockConfig(Config):
 
     Args:
         type: one of :data:`BLOCKS`.
-        num_experts: shared experts (``omoe``, ``mmoe``, ``cgc``, ``ple``).
-        task_experts: experts owned by each task (``cgc``, ``ple``).
-        levels: extraction levels stacked by ``ple``.
+        num_experts: shared experts (all blocks but ``single_task`` and ``shared_bottom``).
+        task_experts: experts owned by each task (``cgc``, ``ple``, ``adatt``, ``home``, ``stem``).
+        levels: extraction levels stacked by ``ple``, ``adatt`` and ``stem`` (``home`` has two).
         shared_hidden: widths of a shared hidden layer under the experts (YouTube's placement); empty = none.
+        task_groups: ``home``: the task groups (lists of task names; every task in one); empty = one group.
+        group_experts: ``home``: experts of each task group, at each of its two levels.
+        residual: each gate's own experts added beside its mixture: ``native`` (AdaTT's native-expert
+            weights), ``self_gate`` (HoME's), ``none``; ``auto`` = native for ``adatt``, self_gate for
+            ``home``, none otherwise. For blocks whose gates own experts (``cgc``, ``ple``, ``adatt``,
+            ``home``, ``stem``).
     """
 
     shorthand: ClassVar[str] = "type"
@@ -167,15 +202,37 @@ class BlockConfig(Config):
     task_experts: int = 1
     levels: int = 2
     shared_hidden: list[int] = field(default_factory=list)
+    task_groups: list[list[str]] = field(default_factory=list)
+    group_experts: int = 1
+    residual: Literal["auto", "none", "native", "self_gate"] = "auto"
 
     def check(self, path: str) -> None:
         if self.type in ("omoe", "mmoe"):
             check(self.num_experts >= 1, join(path, "num_experts"), f"must be >= 1, got {self.num_experts}")
-        if self.type in ("cgc", "ple"):
+        if self.type in OWN_EXPERT_BLOCKS:
             check(self.levels >= 1, join(path, "levels"), f"must be >= 1, got {self.levels}")
             check(self.num_experts >= 0, join(path, "num_experts"), f"must be >= 0, got {self.num_experts}")
             check(self.task_experts >= 1, join(path, "task_experts"), f"must be >= 1, got {self.task_experts}")
+        if self.type == "home":
+            check(self.group_experts >= 1, join(path, "group_experts"), f"must be >= 1, got {self.group_experts}")
+        check(
+            self.residual in ("auto", "none") or self.type in OWN_EXPERT_BLOCKS,
+            join(path, "residual"),
+            f"block {self.type!r} has no experts of a gate's own; use one of {OWN_EXPERT_BLOCKS} or remove it",
+        )
+        check(not self.task_groups or self.type == "home", join(path, "task_groups"), "only for block type home")
         _widths(self.shared_hidden, join(path, "shared_hidden"))
+
+    @property
+    def residual_kind(self) -> str:
+        """The residual after ``auto``: ``native``, ``self_gate`` or ``none``."""
+        if self.residual != "auto":
+            return self.residual
+        return {"adatt": "native", "home": "self_gate"}.get(self.type, "none")
+
+    @property
+    def num_levels(self) -> int:
+        return {"ple": self.levels, "adatt": self.levels, "stem": self.levels, "home": 2}.get(self.type, 1)
 
 
 @dataclass
@@ -285,6 +342,31 @@ class BiasConfig(Config):
 
 
 @dataclass
+class PEPNetConfig(Config):
+    """PEPNet (Chang et al., KDD 2023): gates conditioned on chosen categorical features, by name (or index).
+
+    Args:
+        epnet: features of EPNet's embedding gate (e.g. scenario / domain ids); empty = no EPNet.
+        ppnet: features of PPNet's tower gates (e.g. user, item, author ids); empty = no PPNet.
+        hidden: hidden units of each gate network (Gate NU).
+        scale: gamma of ``gamma * sigmoid``, the gates' range ``(0, gamma)`` (the paper's 2).
+    """
+
+    epnet: list[str | int] = field(default_factory=list)
+    ppnet: list[str | int] = field(default_factory=list)
+    hidden: int = 64
+    scale: float = 2.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.epnet or self.ppnet)
+
+    def check(self, path: str) -> None:
+        check(self.hidden >= 1, join(path, "hidden"), f"must be >= 1, got {self.hidden}")
+        check(self.scale > 0, join(path, "scale"), f"must be > 0, got {self.scale}")
+
+
+@dataclass
 class ModelConfig(Config):
     """Architecture of a multi-task ranker (sections: see the module docstring)."""
 
@@ -298,6 +380,7 @@ class ModelConfig(Config):
     towers: TowerConfig = field(default_factory=TowerConfig)
     mixer: MixerConfig = field(default_factory=MixerConfig)
     bias: BiasConfig = field(default_factory=BiasConfig)
+    pepnet: PEPNetConfig = field(default_factory=PEPNetConfig)
 
     @property
     def num_tasks(self) -> int:
@@ -348,8 +431,47 @@ class ModelConfig(Config):
             check(index < first_bag_column, where, f"index {index} is a bag column; the bias tower reads single ones")
         for i, name in enumerate(self.bias.tasks):
             check(name in names, f"{join(path, 'bias.tasks')}[{i}]", f"unknown task {name!r}; tasks are {names}")
+        self._check_zoo(path)
         self.experts.check_in(self, join(path, "experts"))
         self.gate.check_in(self, join(path, "gate"))
+
+    def _check_zoo(self, path: str) -> None:
+        """Rules of the blocks and sections that need the whole model: HoME's groups, STEM, PEPNet."""
+        block, names = self.block, self.task_names
+        groups_path = join(path, "block.task_groups")
+        grouped = [name for group in block.task_groups for name in group]
+        for name in grouped:
+            check(name in names, groups_path, f"unknown task {name!r}; tasks are {names}")
+        if block.task_groups:
+            check(
+                sorted(grouped) == sorted(names),
+                groups_path,
+                f"every task must be in exactly one group; got {block.task_groups} for tasks {names}",
+            )
+        if block.type == "stem":
+            check(bool(self.main_features), join(path, "block.type"), "stem needs categorical features to embed")
+            check(
+                not block.shared_hidden, join(path, "block.shared_hidden"), "not with block stem (per-task embeddings)"
+            )
+            check(self.mixer.layers == 0, join(path, "mixer.layers"), "not with block stem (per-task embeddings)")
+            check(not self.pepnet.epnet, join(path, "pepnet.epnet"), "not with block stem (per-task embeddings)")
+        for section in ("epnet", "ppnet"):
+            where = join(path, f"pepnet.{section}")
+            for i, feature in enumerate(getattr(self.pepnet, section)):
+                self.pepnet_column(feature, f"{where}[{i}]")
+
+    def pepnet_column(self, feature: int | str, path: str) -> int:
+        """The column of a PEPNet feature: a single categorical column that the main model reads."""
+        column = self.inputs.column(feature, path)
+        first_bag_column = len(self.inputs.vocab_sizes) - sum(self.inputs.bag_lengths)
+        check(column < first_bag_column, path, f"{feature!r} is a bag column; PEPNet gates read single ones")
+        check(column not in self.bias.features, path, f"{feature!r} is a bias feature, which the main model never sees")
+        return column
+
+    def task_group_index(self) -> list[int]:
+        """HoME: the group of each task (all 0 without ``block.task_groups``)."""
+        index = {name: g for g, group in enumerate(self.block.task_groups) for name in group}
+        return [index.get(name, 0) for name in self.task_names]
 
     def experts_per_gate(self) -> int:
         """How many experts one task's gate chooses among at the last level."""
@@ -358,6 +480,10 @@ class ModelConfig(Config):
             return block.num_experts
         if block.type in ("cgc", "ple"):
             return block.num_experts + block.task_experts
+        if block.type in ("adatt", "stem"):
+            return block.num_experts + block.task_experts * self.num_tasks
+        if block.type == "home":
+            return block.num_experts + block.task_experts + block.group_experts
         return 1
 
 

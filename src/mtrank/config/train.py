@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -11,6 +13,8 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 DISTILL_MODES = ("none", "pointwise", "pairwise", "score_l2")
+TASK_METRICS = {"binary": ("auc", "logloss"), "regression": ("mse", "r2")}  # what validation reports per task
+SEED_END = 2**32  # train.seed: shuffles seed torch with seed * 1_000_003 + epoch, streams numpy with [seed, epoch]
 
 
 class MethodRegistry(Registry):
@@ -42,11 +46,22 @@ class BalancingConfig(Config):
     2018), ``gradnorm`` (Chen et al. 2018), ``dwa`` (Liu et al. 2019), ``famo`` (Liu et al. 2023) learn or adapt
     the weights; ``pcgrad`` (Yu et al. 2020) and ``cagrad`` (Liu et al. 2021) combine the tasks' gradients on the
     shared parameters. Every method sees the weighted losses ``w_k L_k`` (the configured task weights first).
+
+    Args:
+        conflict_every: every this many steps, measure the tasks' gradient cosines on the shared parameters
+            (:mod:`mtrank.evaluate.conflict`) on that step's batch; the last measurement joins each history
+            record (``conflict/...``). 0 = off. One forward and K backward passes per measurement.
     """
 
     registry: ClassVar[Registry] = BALANCERS
     shorthand: ClassVar[str] = "type"
     type: str = "fixed"
+    conflict_every: int = 0
+
+    def check(self, path: str) -> None:
+        check(
+            self.conflict_every >= 0, join(path, "conflict_every"), f"must be >= 0 (0 = off), got {self.conflict_every}"
+        )
 
 
 @dataclass
@@ -63,6 +78,7 @@ class UncertaintyConfig(BalancingConfig):
     init: float = 0.0
 
     def check(self, path: str) -> None:
+        super().check(path)
         check(self.lr >= 0, join(path, "lr"), f"must be >= 0 (0 = train.lr), got {self.lr}")
 
 
@@ -95,6 +111,7 @@ class GradNormConfig(GradientMethodConfig):
     lr: float = 0.0
 
     def check(self, path: str) -> None:
+        super().check(path)
         check(self.alpha >= 0, join(path, "alpha"), f"must be >= 0, got {self.alpha}")
         check(self.lr >= 0, join(path, "lr"), f"must be >= 0 (0 = train.lr), got {self.lr}")
 
@@ -113,6 +130,7 @@ class DWAConfig(BalancingConfig):
     every: int = 0
 
     def check(self, path: str) -> None:
+        super().check(path)
         check(self.temperature > 0, join(path, "temperature"), f"must be > 0, got {self.temperature}")
         check(self.every >= 0, join(path, "every"), f"must be >= 0 (0 = one epoch), got {self.every}")
 
@@ -131,6 +149,7 @@ class FAMOConfig(BalancingConfig):
     weight_decay: float = 0.001
 
     def check(self, path: str) -> None:
+        super().check(path)
         check(self.lr > 0, join(path, "lr"), f"must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, join(path, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
 
@@ -157,6 +176,7 @@ class CAGradConfig(GradientMethodConfig):
     iterations: int = 50
 
     def check(self, path: str) -> None:
+        super().check(path)
         check(self.c >= 0, join(path, "c"), f"must be >= 0, got {self.c}")
         check(self.iterations >= 1, join(path, "iterations"), f"must be >= 1, got {self.iterations}")
 
@@ -189,13 +209,16 @@ class TrainConfig(Config):
         eval_every: evaluate on validation every this many steps; 0 = once per epoch.
         early_stopping_patience: stop after this many evaluations without improvement; 0 = never.
         monitor: validation metric for early stopping and best-checkpoint selection, e.g. ``"loss"`` or
-            ``"auc/income"`` (``metric/task``); ``"loss"`` is minimised, AUC/R² maximised.
+            ``"auc/income"`` (``metric/task``); ``"loss"`` is minimised, AUC/R² maximised. A name that is not one
+            of the tasks' metrics (:func:`monitor_choices`) fails when training starts.
         precision: ``"fp32"`` or ``"bf16"`` (autocast where the hardware supports it).
-        seed: seed of initialisation, shuffling and dropout.
+        seed: seed of initialisation, shuffling and dropout, in ``[0, 2^32)``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         grad_clip: clip the global gradient norm to this value; 0 = no clipping.
         checkpoint_dir: write checkpoints here (and resume from the latest one); empty = none.
         checkpoint_every: steps between checkpoints (0 = at each evaluation).
+        keep_checkpoints: how many complete checkpoints to keep (>= 1; the resume falls back to an older one
+            when the newest fails its checksums).
         resume: with a checkpoint in ``checkpoint_dir``: ``"auto"`` resumes it when it was written by the same
             configuration and refuses a different one (naming what changed); ``"overwrite"`` discards it and
             starts afresh; ``"require"`` resumes it and fails if there is none.
@@ -227,6 +250,7 @@ class TrainConfig(Config):
     grad_clip: float = 0.0
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     resume: Literal["auto", "overwrite", "require"] = "auto"
     progress: bool = True
     log_dir: str = ""
@@ -236,8 +260,9 @@ class TrainConfig(Config):
     balancing: BalancingConfig = field(default_factory=BalancingConfig)
 
     def check(self, path: str) -> None:
-        check(self.lr > 0, join(path, "lr"), f"must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, join(path, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
+        check(0 < self.lr < math.inf, join(path, "lr"), f"must be > 0 and finite, got {self.lr}")
+        finite = 0 <= self.weight_decay < math.inf
+        check(finite, join(path, "weight_decay"), f"must be >= 0 and finite, got {self.weight_decay}")
         check(self.batch_size >= 1, join(path, "batch_size"), f"must be >= 1, got {self.batch_size}")
         check(self.epochs >= 1 or self.steps >= 1, join(path, "epochs"), "give epochs >= 1 or steps >= 1")
         check(self.steps >= 0, join(path, "steps"), f"must be >= 0, got {self.steps}")
@@ -246,4 +271,23 @@ class TrainConfig(Config):
         check(self.early_stopping_patience >= 0, join(path, "early_stopping_patience"), "must be >= 0")
         check(self.grad_clip >= 0, join(path, "grad_clip"), f"must be >= 0, got {self.grad_clip}")
         check(self.checkpoint_every >= 0, join(path, "checkpoint_every"), "must be >= 0")
-        check(self.distill_weight >= 0, join(path, "distill_weight"), f"must be >= 0, got {self.distill_weight}")
+        check(self.keep_checkpoints >= 1, join(path, "keep_checkpoints"), f"must be >= 1, got {self.keep_checkpoints}")
+        finite = 0 <= self.distill_weight < math.inf
+        check(finite, join(path, "distill_weight"), f"must be >= 0 and finite, got {self.distill_weight}")
+        check(0 <= self.seed < SEED_END, join(path, "seed"), f"must be in [0, 2^32), got {self.seed}")
+
+
+def monitor_choices(task_types: dict[str, str]) -> list[str]:
+    """The validation metrics ``train.monitor`` may name: ``loss`` and ``metric/task`` for each task
+    (``{"click": "binary"}`` -> ``["loss", "auc/click", "logloss/click"]``)."""
+    return ["loss", *(f"{metric}/{task}" for task, kind in task_types.items() for metric in TASK_METRICS[kind])]
+
+
+def check_monitor(monitor: str, task_types: dict[str, str], path: str = "train.monitor") -> None:
+    """A ``monitor`` that no validation metric has (a typo would make early stopping count evaluations, not
+    improvements) is a :class:`ConfigError` naming the choices."""
+    choices = monitor_choices(task_types)
+    if monitor not in choices:
+        close = difflib.get_close_matches(str(monitor), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}: {monitor!r} is not a validation metric{hint}; choose one of {choices}")

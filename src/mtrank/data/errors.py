@@ -1,7 +1,8 @@
-"""Errors about input data, written for the person who has to fix the file."""
+"""Errors and warnings about input data, written for the person who has to fix the file."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,16 @@ import pyarrow as pa
 
 class DataError(ValueError):
     """The data does not match the experiment; the message names file, column, an example row and a fix."""
+
+
+class DataWarning(UserWarning):
+    """The data is legal but suspicious (a label used as a feature, a constant label, many unseen categories);
+    the message names file and column and says what to check. ``mtrank`` commands print it on one line."""
+
+
+def warn(message: str) -> None:
+    """Emit a :class:`DataWarning`."""
+    warnings.warn(message, DataWarning, stacklevel=3)
 
 
 def example_row(
@@ -34,13 +45,15 @@ def data_error(
     fix: str,
     table: pa.Table | pa.RecordBatch | None = None,
     row: int | None = None,
+    first_row: int = 0,
 ) -> DataError:
-    """A :class:`DataError` reading ``SOURCE: column 'C': PROBLEM (data row R: {...}). FIX`` (0-based)."""
+    """A :class:`DataError` reading ``SOURCE: column 'C': PROBLEM (data row R: {...}). FIX`` (0-based; ``table``
+    may be a slice of the data that starts at row ``first_row``)."""
     where = f"{source}: " + (f"column {column!r}: " if column else "")
     example = ""
     if table is not None and table.num_rows > 0:
         index = 0 if row is None else int(row)
-        example = f" (data row {index}: {example_row(table, index, [column] if column else None)})"
+        example = f" (data row {first_row + index}: {example_row(table, index, [column] if column else None)})"
     return DataError(f"{where}{problem}{example}. {fix}")
 
 

@@ -23,7 +23,13 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
 from mtrank.config.experiment import DataSpec, ExperimentConfig, TaskSpec, parse_comparison
-from mtrank.data.encoders import _first_non_numeric, as_table, is_numeric_type, numeric_column
+from mtrank.data.encoders import (
+    _first_non_numeric,
+    as_table,
+    check_no_infinity,
+    is_numeric_type,
+    numeric_column,
+)
 from mtrank.data.errors import DataError, check_not_all_missing, data_error, example_row
 from mtrank.data.movielens import read_movielens
 
@@ -246,6 +252,8 @@ def encode_labels(table: pa.Table, tasks: list[TaskSpec], source: str, config_so
                 y = _OPS[op](x, threshold).astype(np.float32)
                 y[np.isnan(x)] = np.nan
             else:
+                if task.type == "regression":
+                    check_regression_label(x, task, where, source, table)
                 y = x.astype(np.float32)
                 if task.type == "binary":
                     bad = np.flatnonzero(~np.isnan(y) & (y != 0) & (y != 1))
@@ -263,6 +271,36 @@ def encode_labels(table: pa.Table, tasks: list[TaskSpec], source: str, config_so
             y[mask.to_numpy(zero_copy_only=False) == 0] = np.nan
         labels[:, k] = y
     return labels
+
+
+LABEL_LIMIT = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: the MSE of a larger label overflows float32
+
+
+def check_regression_label(x: np.ndarray, task: TaskSpec, where: str, source: str, table: pa.Table) -> None:
+    """A regression label is missing (NaN: the row has no label for the task) or finite with ``|y|`` below
+    :data:`LABEL_LIMIT`; anything else fails naming the file, column and row (not an epoch later as a NaN)."""
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(np.isinf(x) | (np.abs(x) >= LABEL_LIMIT))
+    if bad.size:
+        value = float(x[bad[0]])
+        problem = "is not a finite number" if np.isinf(value) else f"is too large (|y| must be < {LABEL_LIMIT:.2g})"
+        raise data_error(
+            source,
+            task.column,
+            f"regression label {value!r} of {where} {problem} ({bad.size} such rows)",
+            "Fix or drop those rows, leave them empty (no label), or rescale the column (e.g. log or divide)",
+            table,
+            int(bad[0]),
+        )
+
+
+def check_numeric_features(table: pa.Table, config: ExperimentConfig, source: str) -> None:
+    """Numeric features hold numbers, are not all missing, and hold no ``+-inf`` unless ``clip`` bounds them (the
+    policy of :mod:`mtrank.data.encoders`), checked on a whole file so that errors give its row numbers."""
+    for position, feat in enumerate(config.features.numeric):
+        x = numeric_column(table, feat.column, source)
+        check_not_all_missing(x, source, feat.column, table)
+        check_no_infinity(x, feat, position, source, table)
 
 
 def _label_type_error(table: pa.Table, task: TaskSpec, where: str, source: str) -> DataError:
@@ -299,9 +337,7 @@ def encode_weights(table: pa.Table, column: str, source: str) -> np.ndarray | No
 
 def validate_table(table: pa.Table, config: ExperimentConfig, source: str) -> None:
     """Check a whole file before it is split, so errors give the row number in the file: numeric features hold
-    numbers and are not all missing, labels are valid, weights are present and >= 0."""
-    for feat in config.features.numeric:
-        x = numeric_column(table, feat.column, source)
-        check_not_all_missing(x, source, feat.column, table)
+    finite numbers (or nothing) and are not all missing, labels are valid, weights are present and >= 0."""
+    check_numeric_features(table, config, source)
     encode_labels(table, config.tasks, source)
     encode_weights(table, config.data.weight_column, source)

@@ -11,7 +11,7 @@ import torch
 from mtrank.config import ConfigError
 from mtrank.config.experiment import ExperimentConfig
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.errors import DataError
+from mtrank.data.errors import DataError, warn
 from mtrank.data.readers import encode_labels, encode_weights, read_table, validate_table
 from mtrank.data.tensors import TensorData
 
@@ -66,8 +66,10 @@ def load_splits(
 def encode_table(
     encoder: FeatureEncoder, table: pa.Table, config: ExperimentConfig, source: str, with_labels: bool = True
 ) -> TensorData:
-    """Rows -> :class:`TensorData` (labels NaN-filled when ``with_labels`` is False)."""
+    """Rows -> :class:`TensorData` (labels NaN-filled when ``with_labels`` is False); a numeric value that does
+    not encode to a finite number fails naming the column and row."""
     dense, sparse = encoder.transform(table, source)
+    encoder.check_finite(dense, table, source)
     if with_labels:
         labels = encode_labels(table, config.tasks, source)
         weights = encode_weights(table, config.data.weight_column, source)
@@ -91,3 +93,33 @@ def check_train_labels(data: TensorData, config: ExperimentConfig, source: str) 
                 f"split (all missing or masked by {task.mask_column or 'nothing'}); fix the column or "
                 "drop the task"
             )
+
+
+def warn_label_leaks(config: ExperimentConfig) -> None:
+    """Warn when a task's label column is also read as a feature: the model sees the answer, and its validation
+    metrics (AUC 1.0) say nothing about new rows."""
+    features = {f.column: f.name for f in config.features.all()}
+    for k, task in enumerate(config.tasks):
+        if task.column in features:
+            warn(
+                f"{config.source or 'config'}: tasks[{k}] ({task.name!r}) reads its label from column "
+                f"{task.column!r}, which feature {features[task.column]!r} also reads: the model sees the label; "
+                "remove the feature (or the task)"
+            )
+
+
+def warn_constant_labels(data: TensorData, config: ExperimentConfig, source: str, split: str) -> None:
+    """Warn about a binary task whose labels in this split are all 0 or all 1: its AUC is undefined (nan), and
+    on the training split the task can only learn a constant."""
+    for k, task in enumerate(config.tasks):
+        labels = data.labels[:, k]
+        labels = labels[~torch.isnan(labels)]
+        if task.type != "binary" or labels.numel() == 0 or bool((labels != labels[0]).any()):
+            continue
+        monitor = config.train.monitor
+        monitored = f", and so is train.monitor {monitor!r}" if monitor == f"auc/{task.name}" else ""
+        warn(
+            f"{source}: column {task.column!r}: every label of task {task.name!r} in the {split} split is "
+            f"{labels[0].item():g} ({labels.numel():,} rows), so its AUC is undefined (nan){monitored}; check the "
+            "column, its positive / positive_values, mask_column and the split"
+        )

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtrank.config.experiment import ExperimentConfig
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.errors import DataError
 from mtrank.data.readers import check_columns, encode_labels, encode_weights, open_dataset
 from mtrank.data.tensors import TensorData
 
@@ -133,6 +134,7 @@ class EncodedStream(IterableDataset):
 
     def _encode(self, record_batch, source: str) -> list[np.ndarray]:
         dense, sparse = self.encoder.transform(record_batch, source)
+        self.encoder.check_finite(dense, record_batch, source)
         labels = encode_labels(record_batch, self.config.tasks, source)
         arrays = [dense, sparse, labels]
         weights = encode_weights(record_batch, self.config.data.weight_column, source)
@@ -148,9 +150,15 @@ class EncodedStream(IterableDataset):
         )
 
 
-def stream_loader(stream: EncodedStream, workers: int) -> DataLoader:
-    """A DataLoader over ``stream`` with ``workers`` reader processes (0 = read in this process)."""
+def stream_loader(stream: EncodedStream, workers: int) -> Iterator[TensorData]:
+    """The batches of ``stream``, read by ``workers`` reader processes (a DataLoader; 0 = read in this process).
+
+    A :class:`DataError` raised in a reader process arrives wrapped in that process's traceback; it is raised
+    again here with its own one-line message."""
     kwargs = {"num_workers": workers, "batch_size": None}
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
-    return DataLoader(stream, **kwargs)
+    try:
+        yield from DataLoader(stream, **kwargs)
+    except DataError as err:
+        raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None

@@ -10,10 +10,9 @@ For tasks ``i, j`` with gradients ``g_i, g_j`` on the parameters both depend on 
 * per layer (each shared module: the embedding table, the shared hidden layer, each expert layer) and overall
   (all shared parameters as one vector: ``G_overall = sum_layers G_layer`` of the Gram matrices ``G_ij = g_i.g_j``).
 
-Which parameters are shared follows from the model config alone (:func:`shared_parameter_masks`): the
-embedding, the feature mixer and the shared hidden layer serve every task; an expert serves the tasks whose gates
-may use it (:func:`mtrank.nn.routing.expert_layout`, through PLE's levels); towers serve one task each. The same
-masks tell gradient surgery (:mod:`mtrank.train.balancing`) where to operate.
+Which parameter entries are shared is read off the tasks' gradients (:func:`shared_parameter_masks`): the
+embedding and the shared hidden layer serve every task, an expert the tasks whose gates use it, a tower one task.
+The same masks tell gradient surgery (:mod:`mtrank.train.balancing`) where to operate.
 
 The gradients themselves come from :func:`task_gradients` (K backward passes through one retained graph, or one
 pass vmapped over the tasks); :func:`gram_matrices` reduces them to ``[K, K]`` per layer (``[R, K, K]`` for R
@@ -23,7 +22,7 @@ stacked runs), and :func:`conflict_stats` turns one run's Gram matrices into the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -31,93 +30,43 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtrank.config import ModelConfig
-from mtrank.nn.routing import expert_layout
-
 TASK_GRADIENT_MODES = ("loop", "batched")
 
 
 # ------------------------------------------------------------------------------------------ shared parameters
 
 
-def _task_usage(config: ModelConfig) -> tuple[list[list[set[int]]], list[list[set[int]]]]:
-    """Per level: the tasks each expert serves, and the tasks each gate (row of the level's output) serves."""
-    block, k = config.block, config.num_tasks
-    levels = block.levels if block.type == "ple" else 1
-    layouts = [
-        expert_layout(block.type, k, block.num_experts, block.task_experts, last_level=level == levels - 1)
-        for level in range(levels)
-    ]
-    expert_tasks: list[list[set[int]]] = [[] for _ in range(levels)]
-    gate_tasks: list[list[set[int]]] = [[] for _ in range(levels)]
-    row_tasks: dict[int, set[int]] = {}  # input row of the level above -> the tasks that read it
-    for level in reversed(range(levels)):
-        owners, allowed, shared_gate = layouts[level]
-        gates, experts = allowed.shape
-        if level == levels - 1:
-            gate = [set(range(k))] if shared_gate else [{g} for g in range(gates)]
-        else:  # gate g's output is row g of the next level's input
-            gate = [set(row_tasks.get(g, set())) for g in range(gates)]
-        served = [set().union(*(gate[g] for g in range(gates) if allowed[g, e])) for e in range(experts)]
-        row_tasks = {}
-        for e in range(experts):  # at upper levels expert e reads row owners[e], gate g reads row g
-            row_tasks.setdefault(int(owners[e]), set()).update(served[e])
-        for g in range(gates):
-            row_tasks.setdefault(g, set()).update(gate[g])
-        expert_tasks[level], gate_tasks[level] = served, gate
-    return expert_tasks, gate_tasks
+def shared_parameter_masks(grads: dict[str, torch.Tensor], run_dims: int = 0) -> dict[str, torch.Tensor]:
+    """Which entries of each parameter two or more tasks reach, read off the tasks' own gradients.
 
+    ``grads[name]``: ``[K, *runs, *shape]`` (from :func:`task_gradients` on one batch, ``run_dims`` leading run
+    dimensions after K). A parameter stacked over parts (``[G, ...]`` with three or more dimensions per run: an
+    expert bank, the gates, the towers) is judged per part, anything else (embedding table, shared hidden layer)
+    as a whole; a task reaches a part when its gradient there is not all zero (in any run). Returns
+    ``name -> bool mask`` broadcastable to one run's parameter (``[G, 1, 1]`` or ``[1, ...]``), for the
+    parameters with a shared entry: towers and per-task gates drop out, an expert is shared when two gates use it
+    (MMoE's every expert, CGC's and PLE's shared ones; STEM's detached experts are not).
 
-def _slice_mask(shape: torch.Size, served: list[set[int]]) -> torch.Tensor:
-    """``[S, 1, ...]`` (one entry per slice of the leading dimension) when the tensor is stacked over the
-    ``S = len(served)`` parts, else one value for the whole tensor (shared when any part is)."""
-    shared = torch.tensor([len(tasks) >= 2 for tasks in served])
-    if len(shape) >= 1 and shape[0] == len(served):
-        return shared.view(-1, *([1] * (len(shape) - 1)))
-    return shared.any().view(*([1] * len(shape)))
-
-
-def shared_parameter_masks(
-    config: ModelConfig, named_shapes: Iterable[tuple[str, torch.Size]]
-) -> dict[str, torch.Tensor]:
-    """Which entries of each parameter are shared by two or more tasks, from the model config alone.
-
-    Returns ``name -> bool mask`` broadcastable to the parameter (``[E, 1, 1]`` for an expert bank of which some
-    experts are shared, a single value otherwise), for the parameters with at least one shared entry; the
-    others (towers, per-task gates) are left out. Stacked runs (``[R, ...]`` parameters of an ensemble): give the
-    shapes of one run; a mask broadcasts from the right.
-
-    The embedding, feature mixer and shared hidden layer serve every task; an expert (a gate) serves the tasks
-    whose gates may use it (read its output); towers and the bias tower's output rows one task each. A registered
-    expert type whose parameters are not stacked on the first dimension is shared as a whole when any of its
-    experts is.
+    Read from gradients rather than from the config, this holds for every block type, including registered
+    ones. A part no row of the batch routed to a second task (top-k gates) counts as unshared for that batch.
 
     Example:
-        >>> from mtrank.model import MultiTaskModel
-        >>> config = ModelConfig(inputs={"num_dense": 4}, block={"type": "cgc", "num_experts": 1})
-        >>> model = MultiTaskModel(config)
-        >>> masks = shared_parameter_masks(config, [(n, p.shape) for n, p in model.named_parameters()])
-        >>> masks["block.levels.0.experts.layers.0.weight"].flatten().tolist()  # task 1's, task 2's, shared
-        [False, False, True]
+        >>> g = torch.zeros(2, 3, 4, 5)  # K = 2 tasks, an expert bank of 3
+        >>> g[0, :2], g[1, 1:] = 1.0, 1.0  # task 0 uses experts 0 and 1, task 1 experts 1 and 2
+        >>> shared_parameter_masks({"experts.weight": g})["experts.weight"].flatten().tolist()
+        [False, True, False]
     """
-    if config.num_tasks < 2:
-        return {}
-    expert_tasks, gate_tasks = _task_usage(config)
-    all_tasks = [set(range(config.num_tasks))]
-    bias_tasks = len(config.bias.tasks or [t.name for t in config.tasks if t.type == "binary"])
     masks = {}
-    for name, shape in named_shapes:
-        parts = name.split(".")
-        if name.startswith("block.towers.") or name.startswith("bias_tower.out."):
-            continue  # one slice per task
-        if name.startswith("block.levels.") and parts[3] in ("experts", "gates"):
-            level = int(parts[2])
-            served = (expert_tasks if parts[3] == "experts" else gate_tasks)[level]
-            mask = _slice_mask(shape, served)
-        elif name.startswith("bias_tower."):
-            mask = torch.tensor(bias_tasks >= 2).view(*([1] * len(shape)))
-        else:  # embedding, mixer, shared hidden layer, anything a future part adds under the block
-            mask = _slice_mask(shape, all_tasks)
+    for name, grad in grads.items():
+        shape = grad.shape[1 + run_dims :]
+        reached = grad.detach().ne(0).movedim(0, -1)  # (*runs, *shape, K)
+        reached = reached.flatten(0, run_dims - 1).any(0) if run_dims else reached  # (*shape, K)
+        if len(shape) >= 3:
+            used = reached.flatten(1, -2).any(1)  # (G, K)
+            mask = (used.sum(-1) >= 2).view(-1, *([1] * (len(shape) - 1)))
+        else:
+            used = reached.reshape(-1, reached.shape[-1]).any(0)  # (K,)
+            mask = (used.sum() >= 2).view(*([1] * len(shape)))
         if bool(mask.any()):
             masks[name] = mask
     return masks
@@ -157,14 +106,15 @@ def task_gradients(
         grads = torch.autograd.grad(
             losses, params, cotangents, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
         )
-        return [torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if g is None else g for g, p in zip(grads, params)]
+        return [
+            torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if g is None else g for g, p in zip(grads, params)
+        ]
     rows = []
     for task in range(k):
         keep = retain_graph or task < k - 1
         rows.append(torch.autograd.grad(losses[..., task].sum(), params, retain_graph=keep, allow_unused=True))
     return [
-        torch.stack([torch.zeros_like(p) if row[i] is None else row[i] for row in rows])
-        for i, p in enumerate(params)
+        torch.stack([torch.zeros_like(p) if row[i] is None else row[i] for row in rows]) for i, p in enumerate(params)
     ]
 
 

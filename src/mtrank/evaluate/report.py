@@ -110,18 +110,25 @@ def plot_gate_heatmaps(path: str | Path, heatmaps: dict[str, tuple[np.ndarray, l
     plt.close(fig)
 
 
-def plot_histograms(path: str | Path, panels: dict[str, dict[str, list[float]]], xlabel: str = "test loss") -> None:
-    """One panel per key; overlaid histograms of values per series (e.g. final loss over repeated runs)."""
+def plot_histograms(
+    path: str | Path, panels: dict[str, dict[str, list[float]]], xlabel: str = "test loss", columns: int = 0
+) -> None:
+    """One panel per key (``columns`` per row; 0: all in one row); overlaid histograms of values per series
+    (e.g. final loss over repeated runs)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels.items()):
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, series) in zip(axes.flat, panels.items()):
         values = np.concatenate([np.asarray(v, dtype=float) for v in series.values()])
         bins = np.linspace(np.nanmin(values), np.nanpercentile(values, 99), 30)
         for name, v in series.items():
             ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, alpha=0.5, label=name)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-    axes[0][-1].legend()
+    axes.flat[min(columns, len(panels)) - 1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

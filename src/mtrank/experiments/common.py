@@ -35,20 +35,21 @@ def paper_model(block: str, num_dense: int = 100) -> ModelConfig:
 
 
 def run_stats(values: list[float]) -> dict:
-    """Mean, sample std, min, 90th percentile, max and count of one value per run."""
+    """Mean, sample std, min, median, 90th percentile, max and count of one value per run."""
     arr = np.asarray(values, dtype=float)
     return {
         "mean": float(arr.mean()),
         "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
         "min": float(arr.min()),
+        "median": float(np.median(arr)),
         "p90": float(np.percentile(arr, 90)),
         "max": float(arr.max()),
         "n": arr.size,
     }
 
 
-def write_results(out: Path, summary: dict, markdown: str) -> dict:
-    """``out/results.json`` (the numbers) and ``out/results.md`` (the report); ``summary`` with the report added."""
-    write_json(out / "results.json", summary)
-    (out / "results.md").write_text(markdown)
+def write_results(out: Path, summary: dict, markdown: str, stem: str = "results") -> dict:
+    """``out/<stem>.json`` (the numbers) and ``out/<stem>.md`` (the report); ``summary`` with the report added."""
+    write_json(out / f"{stem}.json", summary)
+    (out / f"{stem}.md").write_text(markdown)
     return {**summary, "markdown": markdown}

@@ -42,6 +42,7 @@ from mtrank.evaluate.metrics import predict_batches
 from mtrank.evaluate.report import fmt_mean_std, markdown_table, plot_curves, plot_gate_heatmaps
 from mtrank.experiments.common import MODEL_LABELS, SYNTHETIC_TASKS, paper_model, write_results
 from mtrank.model import MultiTaskModel, count_parameters
+from mtrank.stats import MIN_PAIRS, paired_bootstrap
 from mtrank.train.callbacks import Callback
 from mtrank.train.ensemble import Ensemble, EnsembleData
 from mtrank.train.trainer import resolve_device
@@ -239,6 +240,23 @@ class AtEvaluation(Callback):
         self.report(step)
 
 
+class FinalTest(Callback):
+    """Scores ``test`` with the weights of the last step, at the loop's last evaluation (before it restores each
+    run's best weights): the final loss the paper's Fig. 5 plots."""
+
+    def __init__(self, ensemble: Ensemble, test: EnsembleData) -> None:
+        self.ensemble, self.test = ensemble, test
+        self.total_steps = 0
+        self.metrics: list[dict] | None = None
+
+    def on_train_begin(self, info: dict) -> None:
+        self.total_steps = info["total_steps"]
+
+    def on_evaluate(self, step: int, records: list[dict | None]) -> None:
+        if step == self.total_steps:
+            self.metrics = self.ensemble.evaluate(self.test)
+
+
 def train_ensemble(
     block: str,
     lr: float,
@@ -250,9 +268,11 @@ def train_ensemble(
     """One ensemble: member r trains on run ``members[r] = (correlation, seed)``; per-member results."""
     train, valid, test = synthetic_splits(members, study)
     ensemble = Ensemble(paper_model(block), [seed for _, seed in members], study.device)
-    callbacks = [] if on_eval is None else [AtEvaluation(on_eval)]
+    final = FinalTest(ensemble, test)
+    callbacks = [final] + ([] if on_eval is None else [AtEvaluation(on_eval)])
     result = ensemble.fit(train, valid, train_config(study, lr), callbacks=callbacks)
     test_metrics = ensemble.evaluate(test)
+    label_var = train.labels.var(dim=1).mean(-1).tolist()  # (R,) the draw's label variance, mean of the tasks
     gates = {}
     for r, (p, seed) in enumerate(members):
         if seed == gate_seed and block in GATED:
@@ -266,7 +286,9 @@ def train_ensemble(
                 "curves": [h["valid/loss"] for h in result.history[r]],
                 "valid_loss": result.best_metrics[r].get("loss", float("nan")),
                 "test": test_metrics[r],
-                "test_loss": test_metrics[r]["loss"],
+                "test_loss": test_metrics[r]["loss"],  # weights of the best validation step
+                "final_test_loss": final.metrics[r]["loss"],  # weights after the last step
+                "label_var": label_var[r],
                 "best_step": result.best_step[r],
             }
             for r, (_, seed) in enumerate(members)
@@ -298,40 +320,103 @@ def choose_learning_rates(study: CorrelationStudy, progress: bool = True) -> tup
     return search, {key: entry["lr"] for key, entry in search.items()}
 
 
-def check_claims(table: dict, blocks: list[str], correlations: list[float]) -> list[dict]:
-    """The paper's Fig. 4 claims that the study can decide, with their numbers; ``table[block][p]`` = mean test loss."""
+def check_claims(runs: dict, blocks: list[str], correlations: list[float], n_boot: int = 10_000) -> list[dict]:
+    """The paper's Fig. 4 claims that the study can decide. ``runs["block@p"]["test_loss"]``: one test loss per
+    seed; run r of every model and correlation has seed r, so models pair up run by run (the same data draw).
+
+    Each claim: ``holds`` (on the means), ``resolved`` (its 95% paired-bootstrap interval over the seeds
+    excludes no-difference, or for the "~" claim lies within the 10% band; never with fewer than
+    ``MIN_PAIRS`` seeds) and ``status``: ``holds``, ``holds on the means, within noise``, ``does not
+    hold on the means, within noise`` or ``does not hold``.
+    """
+    losses = {b: np.array([runs[f"{b}@{p:g}"]["test_loss"] for p in correlations]) for b in blocks}  # [P, seeds]
+    strata = np.repeat(np.arange(len(correlations)), losses[blocks[0]].shape[1])
     claims = []
 
-    def claim(text: str, holds: bool, numbers: str) -> None:
-        claims.append({"claim": text, "holds": bool(holds), "numbers": numbers})
+    enough = losses[blocks[0]].shape[1] >= MIN_PAIRS
+
+    def claim(text: str, holds: bool, resolved: bool, numbers: str, interval: tuple[float, float]) -> None:
+        resolved = resolved and enough
+        status = ("holds" if holds else "does not hold") + ("" if resolved else " on the means, within noise")
+        claims.append(
+            {
+                "claim": text,
+                "holds": bool(holds),
+                "resolved": bool(resolved),
+                "status": status,
+                "numbers": numbers,
+                "interval": [float(interval[0]), float(interval[1])],
+            }
+        )
+
+    def paired(a: np.ndarray, b: np.ndarray) -> dict:
+        return paired_bootstrap(a.ravel(), b.ravel(), strata=strata, n_boot=n_boot)
 
     three = {"mmoe", "omoe", "shared_bottom"} <= set(blocks)
-    spread = {b: max(table[b].values()) - min(table[b].values()) for b in blocks}
-    avg = {b: float(np.mean(list(table[b].values()))) for b in blocks}
     if three and len(correlations) > 1:
-        numbers = ", ".join(f"{MODEL_LABELS[b]} {spread[b]:.4f}" for b in blocks)
-        holds = spread["mmoe"] <= min(spread["omoe"], spread["shared_bottom"])
+        seeds = losses["mmoe"].shape[1]
+        draws = np.random.default_rng(0).integers(0, seeds, size=(n_boot, seeds))  # seeds resampled jointly
+        point = {b: float(np.ptp(losses[b].mean(-1))) for b in blocks}  # max - min of the mean over correlations
+        low, high = np.quantile(_spread_boot(losses, draws), [0.025, 0.975])
+        numbers = ", ".join(f"{MODEL_LABELS[b]} {point[b]:.4f}" for b in blocks)
         claim(
             "MMoE's loss changes least across correlations",
-            holds,
-            f"max-min of mean test loss over correlations: {numbers}",
+            point["mmoe"] <= min(point["omoe"], point["shared_bottom"]),
+            high < 0 or low > 0,
+            f"max-min of mean test loss over correlations: {numbers}; MMoE minus the smaller other: 95% interval "
+            f"[{low:+.4f}, {high:+.4f}]",
+            (low, high),
         )
     if three:
-        numbers = ", ".join(f"{MODEL_LABELS[b]} {avg[b]:.4f}" for b in blocks)
-        holds = max(avg["mmoe"], avg["omoe"]) < avg["shared_bottom"]
-        claim("both MoE models beat Shared-Bottom on average", holds, f"mean test loss over correlations: {numbers}")
+        numbers = ", ".join(f"{MODEL_LABELS[b]} {losses[b].mean():.4f}" for b in blocks)
+        tests = [paired(losses["shared_bottom"], losses[m]) for m in ("omoe", "mmoe")]
+        text = "; ".join(
+            f"Shared-Bottom − {MODEL_LABELS[m]} [{t['low']:+.4f}, {t['high']:+.4f}]"
+            for m, t in zip(("omoe", "mmoe"), tests)
+        )
+        claim(
+            "both MoE models beat Shared-Bottom on average",
+            all(t["estimate"] > 0 for t in tests),
+            all(t["low"] > 0 or t["high"] < 0 for t in tests),
+            f"mean test loss over correlations: {numbers}; {text}",
+            (min(t["low"] for t in tests), max(t["high"] for t in tests)),
+        )
     if {"mmoe", "omoe"} <= set(blocks):
-        if 1.0 in correlations:
-            m, o = table["mmoe"][1.0], table["omoe"][1.0]
+        at = {p: i for i, p in enumerate(correlations)}
+        if 1.0 in at:
+            m, o = losses["mmoe"][at[1.0]], losses["omoe"][at[1.0]]
+            t = paired_bootstrap(m, o, n_boot=n_boot)
+            band = 0.1 * max(m.mean(), o.mean())
             claim(
                 "MMoE ~ OMoE at correlation 1 (within 10%)",
-                abs(m - o) <= 0.1 * max(m, o),
-                f"MMoE {m:.4f}, OMoE {o:.4f}",
+                abs(t["estimate"]) <= band,
+                (-band <= t["low"] and t["high"] <= band) or t["low"] > band or t["high"] < -band,
+                f"MMoE {m.mean():.4f}, OMoE {o.mean():.4f}; MMoE − OMoE [{t['low']:+.4f}, {t['high']:+.4f}], "
+                f"band ±{band:.4f}",
+                (t["low"], t["high"]),
             )
-        if 0.5 in correlations:
-            m, o = table["mmoe"][0.5], table["omoe"][0.5]
-            claim("OMoE worse than MMoE at correlation 0.5", o > m, f"MMoE {m:.4f}, OMoE {o:.4f}")
+        if 0.5 in at:
+            m, o = losses["mmoe"][at[0.5]], losses["omoe"][at[0.5]]
+            t = paired_bootstrap(o, m, n_boot=n_boot)
+            claim(
+                "OMoE worse than MMoE at correlation 0.5",
+                t["estimate"] > 0,
+                t["low"] > 0 or t["high"] < 0,
+                f"MMoE {m.mean():.4f}, OMoE {o.mean():.4f}; OMoE − MMoE [{t['low']:+.4f}, {t['high']:+.4f}]",
+                (t["low"], t["high"]),
+            )
     return claims
+
+
+def _spread_boot(losses: dict, draws: np.ndarray) -> np.ndarray:
+    """Bootstrap of (MMoE's spread of mean loss over correlations) minus the smaller of the others', the seeds
+    resampled jointly (``draws [B, seeds]``) so every model and correlation keeps its pairs."""
+
+    def spread(block: str) -> np.ndarray:
+        means = losses[block][:, draws].mean(-1)  # [P, B]
+        return means.max(0) - means.min(0)
+
+    return spread("mmoe") - np.minimum(spread("omoe"), spread("shared_bottom"))
 
 
 def plot_correlation_curves(runs: dict, path: Path) -> None:
@@ -344,6 +429,26 @@ def plot_correlation_curves(runs: dict, path: Path) -> None:
         panel = curves.setdefault(f"correlation {run['correlation']:g}", {})
         panel[MODEL_LABELS[run["block"]]] = (run["steps"], run["curves"])
     plot_curves(path, curves, ylabel="validation MSE (mean of 2 tasks)", band="ci95")
+
+
+def recheck_claims(out: Path) -> list[dict]:
+    """The claims of an earlier study (``out/results.json``) checked again by :func:`check_claims`; written to
+    ``out/claims.json`` and ``out/claims.md`` (a study's own report has them since the check has intervals)."""
+    runs = json.loads((Path(out) / "results.json").read_text())["runs"]
+    blocks = [b for b in MODEL_LABELS if any(r["block"] == b for r in runs.values())]
+    correlations = sorted({r["correlation"] for r in runs.values()}, reverse=True)
+    claims = check_claims(runs, blocks, correlations)
+    seeds = len(next(iter(runs.values()))["test_loss"])
+    write_results(
+        Path(out),
+        {"claims": claims},
+        f"# The paper's claims, rechecked with intervals ({seeds} runs per setting)\n\n"
+        + "\n".join(f"- {c['status']}: {c['claim']} ({c['numbers']})" for c in claims)
+        + "\n\n95% paired bootstrap intervals over the seeds (run r of every model has seed r's data draw), "
+        "by `mtrank.experiments.correlation.recheck_claims`.\n",
+        stem="claims",
+    )
+    return claims
 
 
 def replot_correlation(out: Path) -> None:
@@ -373,7 +478,7 @@ def run_correlation(study: CorrelationStudy, out: Path, progress: bool = True) -
         "lr_search": search,
         "runs": runs,
         "table": table,
-        "claims": check_claims(table, study.blocks, study.correlations),
+        "claims": check_claims(runs, study.blocks, study.correlations),
         "gate_reports": gate_reports,
         "ensembles": trained["ensembles"],
         "seconds": time.perf_counter() - started,
@@ -412,10 +517,13 @@ def correlation_report(summary: dict) -> str:
     if summary["lr_search"]:
         text += _search_section(summary["lr_search"], study)
     if summary["claims"]:
-        claims = "\n".join(
-            f"- {'holds' if c['holds'] else 'does NOT hold'}: {c['claim']} ({c['numbers']})" for c in summary["claims"]
+        claims = "\n".join(f"- {c['status']}: {c['claim']} ({c['numbers']})" for c in summary["claims"])
+        text += (
+            f"## The paper's claims\n\n{claims}\n\nEach claim is checked on the means and by a 95% paired "
+            f"bootstrap interval over the {study.seeds} seeds (run r of every model has seed r's data draw); "
+            "'within noise': the means point that way but the interval does not exclude the opposite (with fewer "
+            f"than {MIN_PAIRS} seeds every claim is within noise: such an interval is too narrow).\n\n"
         )
-        text += f"## The paper's claims\n\n{claims}\n\n"
     text += (
         "![loss curves](loss_curves.png)\n\nCurves: mean validation MSE over the runs; band: 95% confidence "
         "interval of that mean.\n"

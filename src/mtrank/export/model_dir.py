@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mtrank.artifacts import load_model
+from mtrank.artifacts import add_to_manifest, open_model_dir
 from mtrank.export.common import EXPORT_TOLERANCE, max_difference
 from mtrank.export.onnx import OnnxScorer, export_onnx, quantize_onnx_int8
 from mtrank.export.torchscript import export_torchscript, load_torchscript
@@ -65,7 +65,7 @@ def export_model_dir(
     if int8 and fmt != "onnx":
         raise ValueError("--int8: int8 export is for --format onnx (for PyTorch use precision='int8')")
     filename, export, load = FORMATS[fmt]
-    model = load_model(model_dir)
+    model = open_model_dir(model_dir).model  # every file verified, encoders and experiment included
     out_dir = Path(out) if out else Path(model_dir) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = export(model, out_dir / filename)
@@ -87,5 +87,7 @@ def export_model_dir(
         record["int8_file"] = int8_path.name
         record["int8_max_abs_diff_vs_eager"] = max_difference(model, OnnxScorer(int8_path))
     (out_dir / "export.json").write_text(json.dumps(record, indent=2))
+    if out_dir.resolve().is_relative_to(Path(model_dir).resolve()):  # MODEL_DIR/export: recorded in its manifest
+        add_to_manifest(model_dir, [p for p in out_dir.rglob("*") if p.is_file()])
     record["path"] = str(path)
     return record

@@ -13,20 +13,22 @@ and for any registered from outside the package with ``@EXPERTS.register(name, c
 * optional ``random_sources() -> [str]``: what it draws at random in training (beyond ``nn.Dropout``).
 
 ``mlp``: :class:`MLPExperts`. ``dcn``: :class:`DCNExperts`, DCNv2 cross layers then an MLP (Wang et al.
-2021), Pinterest's experts inside MMoE.
+2021), Pinterest's experts inside MMoE. ``home``: :class:`HoMEExperts`, HoME's normalised Swish experts with
+an optional feature gate (Wang et al. 2024).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from mtrank.config.base import check, join
-from mtrank.config.model import EXPERTS, ExpertConfig
-from mtrank.nn.stacked import StackedMLP
+from mtrank.config.model import EXPERTS, Activation, ExpertConfig
+from mtrank.nn.stacked import StackedLinear, StackedMLP, StackedNorm, activation
 
 
 @EXPERTS.register("mlp", ExpertConfig)
@@ -136,3 +138,100 @@ class DCNExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.deep(self.cross(x))  # (G, B, d) -> (G, B, D)
+
+
+@dataclass
+class HoMEExpertConfig(ExpertConfig):
+    """``home`` experts: every layer linear -> normalisation -> Swish (HoME's expert normalisation), and an
+    optional feature gate per expert.
+
+    Args:
+        norm: ``batch`` (the paper's BatchNorm) or ``layer`` (LayerNorm: no batch statistics, for tiny batches).
+        feature_gate_rank: rank r of each expert's feature gate ``2 sigmoid(x B_e A_e)`` on its input; 0 = none.
+    """
+
+    type: str = "home"
+    activation: Activation = "silu"
+    norm: Literal["batch", "layer"] = "batch"
+    feature_gate_rank: int = 0
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        rank = self.feature_gate_rank
+        check(rank >= 0, join(path, "feature_gate_rank"), f"must be >= 0, got {rank}")
+
+
+@EXPERTS.register("home", HoMEExpertConfig)
+class HoMEExperts(nn.Module):
+    """HoME's experts (Wang et al., "HoME: Hierarchy of Multi-Gate Experts for Multi-Task Learning at
+    Kuaishou", 2024): ``E_e(x) = Swish(Norm_e(W_e x_e + b_e))`` per layer, so every expert's output has the
+    same scale (against expert collapse: ReLU experts with 90% zeros and far smaller outputs than the rest).
+
+    Feature gate (the paper's Fea_Gate, LoRA-shaped): each expert reads its own view of the input,
+    ``x_e = x * 2 sigmoid(x B_e A_e)`` with ``B_e [in, r]``, ``A_e [r, in]``; ``A_e`` starts at zero, so every
+    gate starts at 1 (the plain input).
+
+    Shapes: ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, D]``.
+
+    Example:
+        >>> experts = HoMEExperts.from_config(4, 10, HoMEExpertConfig(hidden=[8], feature_gate_rank=2))
+        >>> experts(torch.randn(16, 10)).shape
+        torch.Size([4, 16, 8])
+    """
+
+    def __init__(
+        self,
+        groups: int,
+        in_features: int,
+        hidden: list[int],
+        norm: str = "batch",
+        activation_name: str = "silu",
+        dropout: float = 0.0,
+        feature_gate_rank: int = 0,
+    ) -> None:
+        super().__init__()
+        widths = [in_features, *hidden]
+        self.layers = nn.ModuleList(StackedLinear(groups, a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(StackedNorm(groups, width, norm) for width in hidden)
+        self.act = activation(activation_name)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.groups, self.in_features, self.output_dim = groups, in_features, widths[-1]
+        self.gate_down = self.gate_up = None
+        if feature_gate_rank:
+            bound = 1.0 / math.sqrt(in_features)
+            self.gate_down = nn.Parameter(torch.empty(groups, in_features, feature_gate_rank).uniform_(-bound, bound))
+            self.gate_up = nn.Parameter(torch.zeros(groups, feature_gate_rank, in_features))
+
+    @classmethod
+    def from_config(cls, groups: int, in_features: int, config: HoMEExpertConfig) -> HoMEExperts:
+        return cls(
+            groups,
+            in_features,
+            config.hidden,
+            config.norm,
+            config.activation,
+            config.dropout,
+            config.feature_gate_rank,
+        )
+
+    def linear_banks(self) -> list[tuple[nn.ModuleList, bool]]:
+        return [(self.layers, self.gate_down is None)]  # with feature gates, each expert reads its own input
+
+    def feature_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert's gated view of the input: ``[B, in]`` or ``[G, B, in]`` -> ``[G, B, in]``."""
+        down, up = self.gate_down, self.gate_up
+        assert down is not None and up is not None  # TorchScript: called only with feature gates
+        if x.dim() == 2:
+            low = (x @ down.permute(1, 0, 2).reshape(self.in_features, -1)).view(x.shape[0], self.groups, -1)
+            low = low.transpose(0, 1)  # (G, B, r): one GEMM for every expert's B_e
+            x = x.unsqueeze(0)  # (1, B, in)
+        else:
+            low = torch.bmm(x, down.to(x.dtype))  # (G, B, r)
+        return x * (2.0 * torch.sigmoid(torch.bmm(low, up.to(low.dtype))))  # (G, B, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_down is not None:
+            x = self.feature_gate(x)
+        for layer, norm in zip(self.layers, self.norms):
+            x = self.dropout(self.act(norm(layer(x))))
+        return x

@@ -49,7 +49,13 @@ class SoftmaxGates(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, allowed: torch.Tensor, temperature: float = 1.0, dropout: float = 0.0, hidden: int = 0
+        self,
+        in_features: int,
+        allowed: torch.Tensor,
+        temperature: float = 1.0,
+        dropout: float = 0.0,
+        hidden: int = 0,
+        proj_out: int = 0,
     ) -> None:
         super().__init__()
         self.num_gates, self.num_experts = allowed.shape
@@ -62,7 +68,8 @@ class SoftmaxGates(nn.Module):
         # a fixed gate (one allowed expert per gate) has no parameters at all
         self.hidden = StackedMLP(g, in_features, [hidden]) if hidden and not self.fixed else None
         self.proj_in = hidden or in_features
-        self.proj = None if self.fixed else StackedLinear(g, self.proj_in, self.num_experts)
+        # the projection's width: E logits, or what a subclass's gate computes from (DSelect-k's selectors)
+        self.proj = None if self.fixed else StackedLinear(g, self.proj_in, proj_out or self.num_experts)
         if self.proj is not None:  # near-uniform gates at init: small weights, zero bias
             nn.init.normal_(self.proj.weight, std=0.01)
             nn.init.zeros_(self.proj.bias)

@@ -84,9 +84,12 @@ class StackedMLP(nn.Module):
         self.groups = groups
         self.output_dim = widths[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``scales``: optional ``[G, B, in_l]`` factors on each layer's input (PEPNet's PPNet gates)."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            if scales is not None:
+                x = x * scales[i].to(x.dtype)
             x = layer(x)
             if i < last or self.final_activation:
                 x = self.dropout(self.act(x))
@@ -109,3 +112,45 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class StackedNorm(nn.Module):
+    """G independent normalisations of ``[G, B, D]`` activations, each expert with its own affine ``[D]``.
+
+    ``batch``: BatchNorm per expert and unit over the rows of the batch (``nn.BatchNorm1d`` per expert:
+    momentum 0.1, eps 1e-5, running mean and unbiased running variance used in evaluation). ``layer``:
+    LayerNorm over each expert's D units. Statistics in float32 (also under bf16 autocast); running
+    statistics are updated in place on the device, so a CUDA-graphed step replays them.
+
+    Example:
+        >>> norm = StackedNorm(groups=3, width=4, kind="batch")
+        >>> y = norm(torch.randn(3, 32, 4) * 5 + 2)
+        >>> bool(y.mean(1).abs().max() < 1e-5), y.shape
+        (True, torch.Size([3, 32, 4]))
+    """
+
+    def __init__(self, groups: int, width: int, kind: str = "batch", momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        if kind not in ("batch", "layer"):
+            raise ValueError(f"norm kind must be 'batch' or 'layer', got {kind!r}")
+        self.batch, self.momentum, self.eps = kind == "batch", momentum, eps
+        self.weight = nn.Parameter(torch.ones(groups, 1, width))
+        self.bias = nn.Parameter(torch.zeros(groups, 1, width))
+        self.register_buffer("running_mean", torch.zeros(groups, 1, width))
+        self.register_buffer("running_var", torch.ones(groups, 1, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        if not self.batch:
+            mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)  # (G, B, 1)
+        elif self.training:
+            mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)  # (G, 1, D)
+            with torch.no_grad():
+                rows = h.shape[1]
+                unbiased = var * (rows / max(rows - 1, 1))
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased)
+        else:
+            mean, var = self.running_mean, self.running_var
+        y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return y.to(x.dtype)

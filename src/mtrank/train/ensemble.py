@@ -201,6 +201,9 @@ class Ensemble:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
 
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.params.items())
+
     def train(self, mode: bool = True) -> None:
         self.base.train(mode)
 

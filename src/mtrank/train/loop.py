@@ -9,6 +9,12 @@ end. The loop stops when every run has stopped or the step budget is spent.
 
 What it needs from the runs is the :class:`Runs` protocol; from the data, a source
 (:mod:`mtrank.train.sources`).
+
+Before the first step the monitored metric is checked against the runs' tasks (a typo would otherwise turn
+early stopping into "stop after ``patience`` evaluations"). Every :data:`DIVERGENCE_CHECK_EVERY` steps, and
+before every evaluation, the training loss of each run and task is checked (:class:`DivergenceGuard`): a
+non-finite loss, or one :data:`DIVERGENCE_FACTOR` times its first step's, stops training with
+:class:`TrainingDiverged` naming the run, task and steps, so no diverged model is evaluated or saved.
 """
 
 from __future__ import annotations
@@ -21,13 +27,82 @@ from typing import Any, Protocol
 import torch
 
 from mtrank.config import TrainConfig
+from mtrank.config.train import check_monitor
+from mtrank.evaluate.conflict import flat_record
 from mtrank.evaluate.metrics import higher_is_better
+from mtrank.train.balancing import make_balancer, measure_conflict
 from mtrank.train.callbacks import Callback, default_callbacks
 from mtrank.train.checkpoint import Checkpoints, fingerprint_data, optimizer_from_tensors, restore_rng
 from mtrank.train.cuda_graph import cuda_graph_plan
 from mtrank.train.distributed import barrier, rank_and_world
+from mtrank.train.losses import batch_losses
 from mtrank.train.optim import make_optimizer, make_scheduler
 from mtrank.train.step import TrainStep
+
+DIVERGENCE_CHECK_EVERY = 50  # steps between divergence checks (each one reads the running loss: one device sync)
+BALANCER_KEY = "balancer/"  # the task-balancing state's tensors in a checkpoint's weights file
+DIVERGENCE_FACTOR = 1e4  # a task's mean training loss above this times max(its first step's loss, 1) has diverged
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became non-finite or exploded; the message names the run, the task, the steps and what
+    to change."""
+
+
+class DivergenceGuard:
+    """Checks the running training loss of every run and task for divergence.
+
+    A task has diverged when its mean loss over the steps since the last evaluation is not finite, or is more
+    than :data:`DIVERGENCE_FACTOR` times ``max(loss at the first step, 1)`` (the floor keeps tasks whose loss
+    starts near 0 from tripping on noise). A non-finite total with finite task losses is the auxiliary (gate)
+    or distillation loss. Under data-parallel training the sums are added over ranks first, so every rank
+    stops at the same check.
+
+    Args:
+        task_names: the tasks, in the order of the step's per-task losses.
+        config: the training config (its ``lr`` and ``grad_clip`` are named in the advice).
+    """
+
+    def __init__(self, task_names: list[str], config: TrainConfig) -> None:
+        self.task_names, self.config = task_names, config
+        self.first: torch.Tensor | None = None  # [R, K] losses of the first step of this fit
+
+    def observe_first(self, per_task: torch.Tensor) -> None:
+        if self.first is None:
+            self.first = per_task.detach().clone()
+
+    def check(
+        self, step: int, since: int, total: torch.Tensor, per_task: torch.Tensor, steps: int, active: list[bool]
+    ) -> None:
+        """Raise :class:`TrainingDiverged` if an active run diverged: ``total [R]`` and ``per_task [R, K]`` are
+        the loss sums over the ``steps`` steps ``since + 1 .. step``."""
+        sums = torch.cat([total.reshape(-1, 1), per_task], 1).double()  # (R, 1 + K)
+        if rank_and_world()[1] > 1:
+            torch.distributed.all_reduce(sums)
+            steps *= rank_and_world()[1]
+        means = (sums / max(steps, 1)).cpu()
+        first = self.first.reshape(means.shape[0], -1).double().cpu()  # (R, K)
+        limit = DIVERGENCE_FACTOR * first.clamp_min(1.0)
+        diverged = ~torch.isfinite(means[:, 1:]) | (means[:, 1:] > limit)
+        for r in (r for r in range(means.shape[0]) if active[r]):
+            run = f"run {r}, " if means.shape[0] > 1 else ""
+            where = f"steps {since + 1}-{step}" if step > since + 1 else f"step {step}"
+            if diverged[r].any():
+                k = int(torch.nonzero(diverged[r])[0])
+                value, start = float(means[r, 1 + k]), float(first[r, k])
+                problem = f"loss {value:.3g}" if math.isfinite(value) else f"a non-finite loss ({value})"
+                problem += f" over {where} (it was {start:.3g} at the first step)"
+                self._fail(step, f"{run}task {self.task_names[k]!r} has {problem}")
+            if not math.isfinite(float(means[r, 0])):
+                self._fail(step, f"{run}the auxiliary (gate) or distillation loss is not finite over {where}")
+
+    def _fail(self, step: int, what: str) -> None:
+        cfg = self.config
+        clip = f"lower train.grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "set train.grad_clip (e.g. 1.0)"
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}; lower train.lr (now {cfg.lr:g}) or {clip}, and check the "
+            "labels' scale"
+        )
 
 
 class Runs(Protocol):
@@ -114,6 +189,10 @@ class TrainingLoop:
         possible, reason = cuda_graph_plan(runs.random_sources(), runs.parameters(), config, runs.device)
         if possible and self.world > 1:
             possible, reason = False, "data-parallel (DDP) training"
+        self.balancer = make_balancer(self.config, runs)
+        if possible and self.balancer.eager_reason:
+            possible, reason = False, f"train.balancing.type={config.balancing.type!r} {self.balancer.eager_reason}"
+        self.conflict_series: list[dict] = []  # every conflict measurement of the last fit: {"step", "runs": [...]}
         self.cuda_graphs = possible and cuda_graphs is not False
         self.step_path = "cuda_graph" if self.cuda_graphs else "eager"
         self.step_path_reason = reason if cuda_graphs is not False or not possible else "disabled by cuda_graphs=False"
@@ -133,7 +212,13 @@ class TrainingLoop:
         same = same and all((a is b) if not isinstance(a, int) else (a == b) for a, b in zip(old, key))
         if self.step is None or not same:
             self.step = TrainStep(
-                self.runs, self.optimizer, self.config, source.batch, source.is_full, graphed=self.cuda_graphs
+                self.runs,
+                self.optimizer,
+                self.config,
+                source.batch,
+                source.is_full,
+                graphed=self.cuda_graphs,
+                balancer=self.balancer,
             )
             self._step_for = key
         return self.step
@@ -144,6 +229,9 @@ class TrainingLoop:
         cfg, runs, num = self.config, self.runs, self.runs.num_runs
         if source.rows == 0:
             raise ValueError("the training split is empty")
+        kinds = runs.binary_mask.reshape(-1).tolist()
+        check_monitor(cfg.monitor, {t: "binary" if b else "regression" for t, b in zip(runs.task_names, kinds)})
+        guard = DivergenceGuard(runs.task_names, cfg)
         steps_per_epoch = source.steps_per_epoch
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
         eval_every = cfg.eval_every or steps_per_epoch
@@ -155,11 +243,15 @@ class TrainingLoop:
         checkpoints = None
         if cfg.checkpoint_dir:
             identity = fingerprint_data(runs.describe(), cfg, source.describe(), total_steps)
-            checkpoints = Checkpoints(cfg.checkpoint_dir, identity, cfg.resume if self.rank == 0 else "auto")
+            resume, writer = (cfg.resume, True) if self.rank == 0 else ("auto", False)
+            checkpoints = Checkpoints(cfg.checkpoint_dir, identity, resume, cfg.keep_checkpoints, writer)
             best = self._resume(checkpoints, scheduler, results, state, source)
         if all(state.stopped):
             total_steps = state.step
         step_fn = self.train_step(source)
+        self.balancer.begin(steps_per_epoch)
+        self.conflict_series = []
+        conflict_every = cfg.balancing.conflict_every
         runs.train(True)
         start_step, start_samples = state.step, state.samples
         info = {"total_steps": total_steps, "start_step": start_step, "runs": num, "tasks": runs.task_names}
@@ -184,9 +276,17 @@ class TrainingLoop:
                 running += per_run.reshape(num)
                 running_tasks += per_task.reshape(num, -1)
                 running_steps += 1
+                guard.observe_first(per_task.reshape(num, -1))
+                if conflict_every and state.step % conflict_every == 0:
+                    self._measure_conflict(source, key, state.step)
                 for callback in self.callbacks:
                     callback.on_step(state.step, mean_loss)
-                if state.step % eval_every == 0 or state.step == total_steps:
+                evaluating = state.step % eval_every == 0 or state.step == total_steps
+                if evaluating or state.step % DIVERGENCE_CHECK_EVERY == 0:
+                    since = state.step - running_steps
+                    active = [not stopped for stopped in state.stopped]
+                    guard.check(state.step, since, running, running_tasks, running_steps, active)
+                if evaluating:
                     eval_start = time.perf_counter()
                     train_losses = (running / running_steps).tolist()
                     task_losses = (running_tasks / running_steps).tolist()
@@ -214,6 +314,19 @@ class TrainingLoop:
             callback.on_train_end(results)
         return results
 
+    def _measure_conflict(self, source: Any, key: Any, step: int) -> None:
+        """The task-gradient cosines of this step's batch after the update (eval mode: no dropout, no RNG
+        drawn, so the trajectory is the one without measurements)."""
+        batch = source.batch(key)
+        self.runs.train(False)
+        with torch.autocast(self.runs.device.type, dtype=torch.bfloat16, enabled=self.step.use_bf16):
+            task_logits, aux_loss = self.runs.forward(batch)
+        losses = batch_losses(
+            task_logits, aux_loss, batch.labels, self.runs.binary_mask, self.runs.task_weights, batch.weights
+        )
+        self.runs.train(True)
+        self.conflict_series.append({"step": step, "runs": measure_conflict(self.runs, losses)})
+
     def _evaluate(
         self,
         state: LoopState,
@@ -236,6 +349,7 @@ class TrainingLoop:
         lr = float(self.optimizer.param_groups[0]["lr"])
         records: list[dict | None] = []
         improved = []
+        balance = self.balancer.record()
         for r, result in enumerate(results):
             if state.stopped[r]:  # stopped early: this run's training is over
                 records.append(None)
@@ -247,7 +361,10 @@ class TrainingLoop:
                 "lr": lr,
                 "train_loss": train_losses[r],
                 **{f"train_loss/{t}": v for t, v in zip(runs.task_names, task_losses[r])},
+                **balance[r],
             }
+            if self.conflict_series:
+                record.update(flat_record(self.conflict_series[-1]["runs"][r]))
             if metrics is not None:
                 record.update({f"valid/{k}": v for k, v in metrics[r].items()})
                 value, old = metrics[r].get(cfg.monitor, math.nan), result.best_value
@@ -286,7 +403,7 @@ class TrainingLoop:
                         for r in results
                     ],
                 },
-                self.runs.state_dict(),
+                {**self.runs.state_dict(), **{BALANCER_KEY + k: v for k, v in self.balancer.state_dict().items()}},
                 best,
                 self.optimizer,
             )
@@ -301,6 +418,8 @@ class TrainingLoop:
         if loaded is None:
             return None
         saved, weights, best, optimizer_tensors = loaded
+        balancer = {k[len(BALANCER_KEY) :]: weights.pop(k) for k in list(weights) if k.startswith(BALANCER_KEY)}
+        self.balancer.load_state_dict(balancer)
         self.runs.load_state_dict(weights)
         restore_rng(optimizer_tensors)
         optimizer_from_tensors(self.optimizer, optimizer_tensors, saved["optimizer"])

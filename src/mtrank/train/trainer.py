@@ -39,6 +39,9 @@ class SingleRun:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
 
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.named_parameters())
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
