@@ -145,39 +145,43 @@ def pcgrad(grads: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return total
 
 
-def cagrad(grads: torch.Tensor, c: float, iterations: int = 50) -> torch.Tensor:
+def cagrad(grads: torch.Tensor, c: float, iterations: int = 50, present: torch.Tensor | None = None) -> torch.Tensor:
     """CAGrad (Liu et al. 2021): ``grads [..., K, N]`` -> ``[..., N]``.
 
     With ``g_0`` the mean gradient and ``phi = c^2 |g_0|^2``, the task mixture ``w`` on the simplex minimises
     ``g_w . g_0 + sqrt(phi) |g_w|`` (``g_w = sum_k w_k g_k``; solved on the ``[K, K]`` Gram matrix by
     ``iterations`` Adam steps on ``w = softmax(theta)``, batched over runs); the update is
     ``d = (g_0 + sqrt(phi) / |g_w| g_w) / (1 + c^2)`` (the authors' rescaled form), returned times K so that
-    ``c = 0`` gives the plain sum of the task gradients, as fixed weights do.
+    ``c = 0`` gives the plain sum of the task gradients, as fixed weights do. ``present [..., K]``: the tasks
+    with a label in the batch; the others (zero gradients) are left out of ``g_0``, ``w`` and K.
 
     Example:
         >>> cagrad(torch.eye(2), c=0.5).tolist()  # g_0 = (.5, .5), w = (.5, .5): 2 * 1.5 g_0 / 1.25
         [1.2000000476837158, 1.2000000476837158]
     """
-    k = grads.shape[-2]
+    if present is None:
+        present = torch.ones(grads.shape[:-1], dtype=torch.bool, device=grads.device)
+    k = present.sum(-1, keepdim=True).clamp_min(1).double()  # (..., 1)
     g = grads.double()
     gram = g @ g.transpose(-1, -2)  # (..., K, K)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
-    gram = gram / scale  # scale-free for the solver; undone below through the gradients themselves
-    mean_gram = gram.mean(-1)  # (..., K): g_i . g_0
-    root_phi = c * gram.mean((-2, -1)).clamp_min(0).sqrt()  # (...): c |g_0|
-    theta = torch.zeros(gram.shape[:-1], dtype=gram.dtype, requires_grad=True)
+    scale = (gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) / k).unsqueeze(-1).clamp_min(1e-30)
+    gram = gram / scale  # scale-free for the solver; the update below uses the gradients themselves
+    mean_gram = gram.sum(-1) / k  # (..., K): g_i . g_0
+    root_phi = c * (gram.sum((-2, -1)).unsqueeze(-1) / k**2).clamp_min(0).sqrt().squeeze(-1)  # (...): c |g_0|
+    theta = torch.zeros(gram.shape[:-1], dtype=gram.dtype, device=gram.device, requires_grad=True)
     solver = torch.optim.Adam([theta], lr=0.25)
+    absent = torch.where(present, 0.0, -math.inf).to(gram.dtype)  # an absent task gets no share of w
     with torch.enable_grad():
         for _ in range(iterations):
-            w = torch.softmax(theta, -1)
+            w = torch.softmax(theta + absent, -1)
             quad = (w.unsqueeze(-2) @ gram @ w.unsqueeze(-1)).squeeze(-1).squeeze(-1)  # (...): |g_w|^2
             objective = (w * mean_gram).sum(-1) + root_phi * (quad + 1e-12).sqrt()
             solver.zero_grad()
             objective.sum().backward()
             solver.step()
-    w = torch.softmax(theta.detach(), -1)  # (..., K)
+    w = torch.softmax(theta.detach() + absent, -1)  # (..., K)
     g_w = (w.unsqueeze(-1) * g).sum(-2)  # (..., N)
-    g_0 = g.mean(-2)
+    g_0 = g.sum(-2) / k
     norm_w = g_w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     lam = c * g_0.norm(dim=-1, keepdim=True) / norm_w
     return (k * (g_0 + lam * g_w) / (1 + c * c)).to(grads.dtype)
@@ -419,9 +423,13 @@ class GradientBalancer(Balancer):
         self.masks: dict[str, torch.Tensor] = {}
         self.shared: list[tuple[str, torch.Tensor]] = []
 
-    def find_shared(self, weighted: torch.Tensor) -> None:
+    def find_shared(self, weighted: torch.Tensor, present: torch.Tensor) -> bool:
+        """Read the shared entries off the first batch in which every task has a label; False until then (the
+        step then trains the plain weighted sum)."""
         if self.masks:
-            return
+            return True
+        if not bool(_mean_over_ranks(present.float()).gt(0).all()):
+            return False
         self.masks = shared_masks(self.runs, weighted)
         if not self.masks:
             raise ValueError(
@@ -430,6 +438,7 @@ class GradientBalancer(Balancer):
             )
         params = dict(self.runs.named_parameters())
         self.shared = [(name, params[name]) for name in self.masks]
+        return True
 
     def task_grads(self, weighted: torch.Tensor, shared: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """``[..., K, N]``: each task's gradient on the shared entries of ``shared``, flattened (ranks averaged)."""
@@ -456,12 +465,14 @@ class GradNorm(GradientBalancer):
 
     last_layer: list[tuple[str, torch.Tensor]] = []
 
-    def find_shared(self, weighted: torch.Tensor) -> None:
-        super().find_shared(weighted)
+    def find_shared(self, weighted: torch.Tensor, present: torch.Tensor) -> bool:
+        if self.last_layer or not super().find_shared(weighted, present):
+            return bool(self.last_layer)
         layers = shared_layers(self.masks)
         experts = [name for name in layers if ".experts." in name]
         self.layer = (experts or list(layers))[-1]
         self.last_layer = [(name, p) for name, p in self.shared if name in layers[self.layer]]
+        return True
 
     def init_state(self, ones: torch.Tensor) -> None:
         self.initial = torch.full_like(ones, math.nan)
@@ -470,7 +481,8 @@ class GradNorm(GradientBalancer):
     def backward(self, losses: BatchLosses) -> None:
         weighted = self.weighted(losses.per_task)
         self._ensure_state(weighted)
-        self.find_shared(weighted)
+        if not self.find_shared(weighted, losses.present):
+            return super().backward(losses)
         norms = self.task_grads(weighted, self.last_layer).norm(dim=-1)  # (..., K) |grad_W L'_k|
         (self.weights * weighted).sum(-1).add(losses.extra).sum().backward()
         present = losses.present
@@ -486,17 +498,19 @@ class GradNorm(GradientBalancer):
 class Surgery(GradientBalancer):
     """Gradient surgery: the shared entries' gradient becomes ``combine(g_1..g_K)`` (+ ``extra``'s own)."""
 
-    def combine(self, grads: torch.Tensor) -> torch.Tensor:
+    def combine(self, grads: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``grads [..., K, N]`` (zero for a task absent from the batch), ``present [..., K]`` -> ``[..., N]``."""
         raise NotImplementedError
 
     def backward(self, losses: BatchLosses) -> None:
         weighted = self.weighted(losses.per_task)
         self._ensure_state(weighted)
-        self.find_shared(weighted)
+        if not self.find_shared(weighted, losses.present):
+            return super().backward(losses)
         run_dims = weighted.dim() - 1
         grads = self.task_grads(weighted, self.shared)  # (*runs, K, N)
         (weighted.sum(-1) + losses.extra).sum().backward()  # every parameter: sum_k g_k + extra
-        change = self.combine(grads) - grads.sum(-2)  # (*runs, N)
+        change = self.combine(grads, losses.present) - grads.sum(-2)  # (*runs, N)
         offset = 0
         for name, p in self.shared:
             mask = self.masks[name]
@@ -524,16 +538,16 @@ class PCGrad(Surgery):
     def generator_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state.cpu())
 
-    def combine(self, grads: torch.Tensor) -> torch.Tensor:
-        return pcgrad(grads, self.generator)
+    def combine(self, grads: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return pcgrad(grads, self.generator)  # an absent task's zero gradient conflicts with nothing
 
 
 @BALANCERS.register("cagrad", CAGradConfig)
 class CAGrad(Surgery):
     """Liu et al. 2021: :func:`cagrad` on the shared parameters."""
 
-    def combine(self, grads: torch.Tensor) -> torch.Tensor:
-        return cagrad(grads, self.config.c, self.config.iterations)
+    def combine(self, grads: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return cagrad(grads, self.config.c, self.config.iterations, _mean_over_ranks(present.float()) > 0)
 
 
 def make_balancer(config: TrainConfig, runs: Any) -> Balancer:
