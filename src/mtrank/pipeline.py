@@ -51,6 +51,7 @@ from mtrank.data.splits import (
 )
 from mtrank.data.streaming import EncodedStream
 from mtrank.data.tensors import TensorData
+from mtrank.evaluate.conflict import report_section as conflict_report_section
 from mtrank.evaluate.metrics import evaluate, predict_batches
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.model import MultiTaskModel
@@ -168,7 +169,9 @@ def _finish(config, model, encoder, metrics, train_result, rows, model_dir, star
             "history": train_result.history,
         }
         write_json(model_dir / "metrics.json", summary)
-        (model_dir / "report.md").write_text(report_markdown(config, encoder, metrics, rows, train_result))
+        report = report_markdown(config, encoder, metrics, rows, train_result)
+        conflict = conflict_report_section(train_result.history, model_dir)  # "" without conflict measurements
+        (model_dir / "report.md").write_text(report + (f"\n{conflict}" if conflict else ""))
         seal_model_dir(model_dir)  # last: the manifest names every file above with its SHA-256
     return FitResult(model, encoder, metrics, train_result, model_dir, rows)
 
@@ -212,12 +215,18 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
     """Metrics per task of a saved model on a labelled file / directory / DataFrame."""
     loaded = open_model_dir(model_dir)
-    model, encoder, config = loaded.model, loaded.encoder, loaded.require_experiment()
+    return evaluate(loaded.model, encode_for_model_dir(loaded, data, "evaluation"))
+
+
+def encode_for_model_dir(loaded: Any, data: Any, purpose: str) -> TensorData:
+    """A labelled file / directory / DataFrame encoded by a loaded model directory's encoders (warnings for
+    unseen categories and constant labels name the source and ``purpose``)."""
+    encoder, config = loaded.encoder, loaded.require_experiment()
     table, source = read_table(data, config)
     encoded = encode_table(encoder, table, config, source)
     encoder.warn_unseen(encoder.unseen_counts(encoded.sparse.numpy()), len(encoded), source)
-    warn_constant_labels(encoded, config, source, "evaluation")
-    return evaluate(model, encoded)
+    warn_constant_labels(encoded, config, source, purpose)
+    return encoded
 
 
 def predict_model_dir(

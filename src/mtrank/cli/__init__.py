@@ -8,6 +8,7 @@
 ``serve``      the HTTP scoring service (:mod:`mtrank.cli.serve`)
 ``blend``      blend tuning and the learned blend (:mod:`mtrank.cli.blend`)
 ``model``      verify a model directory against its manifest, or seal one (:mod:`mtrank.cli.model`)
+``diagnose``   task conflict and gate statistics of a model on labelled data (:mod:`mtrank.cli.diagnose`)
 =============  ===========================================================================
 
 Options shared by several commands (``--threads``, ``--no-progress``, ``--device``, ``--set``) come from
@@ -21,7 +22,7 @@ import sys
 
 from mtrank import __version__
 
-COMMAND_GROUPS = ("run", "reproduce", "train", "export", "serve", "blend", "model")
+COMMAND_GROUPS = ("run", "reproduce", "train", "export", "serve", "blend", "model", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:

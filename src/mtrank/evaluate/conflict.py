@@ -219,6 +219,39 @@ def series_trends(series: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def series_from_history(history: list[dict]) -> list[dict[str, Any]]:
+    """The overall cosine and magnitude ratio per pair at each history record that has them (training with
+    ``train.balancing.conflict_every``), as ``[{"step", "pairs": {pair: {"cosine", "norm_ratio"}}}]``."""
+    series = []
+    for record in history:
+        pairs = {
+            key.split("/", 2)[2]: {
+                "cosine": value,
+                "norm_ratio": record.get(f"conflict/norm_ratio/{key.split('/', 2)[2]}"),
+            }
+            for key, value in record.items()
+            if key.startswith("conflict/cosine/") and key.count("/") == 2
+        }
+        if pairs:
+            series.append({"step": record["step"], "pairs": pairs})
+    return series
+
+
+def trend_table(series: list[dict[str, Any]]) -> str:
+    """Markdown: per pair, the overall cosine and magnitude ratio first / last / mean and slope per 1k steps."""
+    rows = [
+        "| pair | cosine first | last | mean | slope /1k steps | abs(g_a)/abs(g_b) first | last |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pair, values in series_trends(series).items():
+        c, r = values["cosine"], values["norm_ratio"]
+        rows.append(
+            f"| {pair} | {c['first']:.3f} | {c['last']:.3f} | {c['mean']:.3f} | {c['slope_per_1k_steps']:+.3f} "
+            f"| {r['first']:.3g} | {r['last']:.3g} |"
+        )
+    return "\n".join(rows)
+
+
 def format_conflict_table(stats: dict[str, Any]) -> str:
     """The report as a plain-text table: one row per pair of tasks, a column per shared layer."""
     layers = stats["layers"]
@@ -231,40 +264,58 @@ def format_conflict_table(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_conflict(path: str | Path, stats: dict[str, Any], series: list[dict[str, Any]] | None = None) -> None:
-    """A figure: per pair, the cosine of each shared layer and overall (bars); with a training series, the
-    overall cosine and magnitude ratio over steps beside it."""
+def plot_conflict(path: str | Path, stats: dict[str, Any] | None, series: list[dict[str, Any]] | None = None) -> None:
+    """A figure: per pair, the cosine of each shared layer and overall (bars, from ``stats``); with a training
+    series, the overall cosine and magnitude ratio over steps beside it (either may be None)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = list(stats["pairs"])
-    panels = 3 if series else 1
+    pairs = list(stats["pairs"] if stats else series[0]["pairs"])
+    panels = (1 if stats else 0) + (2 if series else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels, 3.6), squeeze=False)
-    axes = axes[0]
-    labels = [*stats["layers"], "overall"]
-    width = 0.8 / max(1, len(pairs))
-    for p, pair in enumerate(pairs):
-        values = [*stats["pairs"][pair]["layers"].values(), stats["pairs"][pair]["cosine"]]
-        axes[0].bar(np.arange(len(labels)) + p * width, values, width, label=pair)
-    axes[0].axhline(0, color="black", linewidth=0.8)
-    axes[0].set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
-    axes[0].set_xticklabels([label.replace("block.levels.", "L") for label in labels], rotation=30, ha="right")
-    axes[0].set_ylabel("gradient cosine")
-    axes[0].set_ylim(-1.05, 1.05)
-    axes[0].legend(fontsize=7)
+    axes = list(axes[0])
+    if stats:
+        bars = axes.pop(0)
+        labels = [*stats["layers"], "overall"]
+        width = 0.8 / max(1, len(pairs))
+        for p, pair in enumerate(pairs):
+            values = [*stats["pairs"][pair]["layers"].values(), stats["pairs"][pair]["cosine"]]
+            bars.bar(np.arange(len(labels)) + p * width, values, width, label=pair)
+        bars.axhline(0, color="black", linewidth=0.8)
+        bars.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
+        bars.set_xticklabels([label.replace("block.levels.", "L") for label in labels], rotation=30, ha="right")
+        bars.set_ylabel("gradient cosine")
+        bars.set_ylim(-1.05, 1.05)
+        bars.legend(fontsize=7)
     if series:
         steps = [m["step"] for m in series]
         for pair in pairs:
-            axes[1].plot(steps, [m["pairs"][pair]["cosine"] for m in series], label=pair)
-            axes[2].plot(steps, [m["pairs"][pair]["norm_ratio"] for m in series], label=pair)
-        axes[1].axhline(0, color="black", linewidth=0.8)
-        axes[1].set_ylabel("overall cosine")
-        axes[2].set_ylabel("|g_a| / |g_b|")
-        axes[2].set_yscale("log")
-        for ax in axes[1:]:
+            axes[0].plot(steps, [m["pairs"][pair]["cosine"] for m in series], label=pair)
+            axes[1].plot(steps, [m["pairs"][pair]["norm_ratio"] for m in series], label=pair)
+        axes[0].axhline(0, color="black", linewidth=0.8)
+        axes[0].set_ylabel("overall gradient cosine")
+        axes[0].set_ylim(-1.05, 1.05)
+        axes[1].set_ylabel("|g_a| / |g_b|")
+        axes[1].set_yscale("log")
+        axes[0].legend(fontsize=7)
+        for ax in axes:
             ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report_section(history: list[dict], directory: str | Path, figure: str = "conflict.png") -> str:
+    """The training report's "Task conflict" section (markdown, with ``directory/figure`` drawn), or "" when
+    the history holds no conflict measurements."""
+    series = series_from_history(history)
+    if not series:
+        return ""
+    plot_conflict(Path(directory) / figure, None, series)
+    return (
+        "## Task conflict\n\nCosine of the tasks' gradients on the shared parameters and their magnitude ratio, "
+        "measured every `train.balancing.conflict_every` steps on that step's batch (last measurement before each "
+        f"evaluation):\n\n{trend_table(series)}\n\n![task conflict]({figure})\n"
+    )

@@ -61,7 +61,7 @@ from mtrank.evaluate.conflict import (
     task_gradients,
 )
 from mtrank.train.distributed import rank_and_world
-from mtrank.train.losses import BatchLosses
+from mtrank.train.losses import BatchLosses, batch_losses
 
 __all__ = [
     "Balancer",
@@ -577,4 +577,59 @@ def measure_conflict(runs: Any, losses: BatchLosses) -> list[dict]:
     ]
 
 
-__all__ += ["measure_conflict", "flat_record", "shared_masks"]
+def diagnose(model: Any, data: Any, batches: int = 8, batch_size: int = 1024, seed: int = 0) -> dict[str, Any]:
+    """Task conflict and gates of a trained model on labelled rows: what ``mtrank diagnose`` reports.
+
+    ``batches`` random batches of ``batch_size`` rows (seeded): on each, the weighted tasks' gradients on the
+    shared parameters (evaluation mode: no dropout); the Gram matrices are averaged over the batches, so the
+    cosine is that of minibatch gradients as training sees them (not of the full-data gradient, which is
+    closer to 1 when the batches' noise averages out). Beside it, each pair's cosine on every batch (its
+    spread says how noisy one measurement is) and the gate report of
+    :func:`~mtrank.evaluate.gates.model_gate_report` on the same rows.
+    """
+    from mtrank.evaluate.gates import model_gate_report
+
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: batches * batch_size]
+    named = list(model.named_parameters())
+    task_weights = torch.tensor([t.weight for t in model.tasks], device=model.device)
+    was_training = model.training
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    per_batch = []
+    try:
+        for index in order.split(batch_size):
+            part = data.take(index)
+            out = model(part.dense.to(model.device), part.sparse.to(model.device))
+            losses = batch_losses(
+                out.task_logits,
+                out.aux_loss,
+                part.labels.to(model.device),
+                model.binary_mask,
+                task_weights,
+                None if part.weights is None else part.weights.to(model.device),
+            )
+            weighted = losses.per_task * task_weights
+            grads = {n: g for (n, _), g in zip(named, task_gradients(weighted, [p for _, p in named]))}
+            masks = masks or shared_parameter_masks(grads)
+            grams = gram_matrices(grads, masks, shared_layers(masks))
+            per_batch.append(conflict_stats(grams, model.task_names))
+            totals = {k: totals.get(k, 0) + v for k, v in grams.items()}
+    finally:
+        model.train(was_training)
+    if not per_batch:
+        raise ValueError("diagnose needs at least one labelled row")
+    stats = conflict_stats({k: v / len(per_batch) for k, v in totals.items()}, model.task_names)
+    spread = {pair: [b["pairs"][pair]["cosine"] for b in per_batch] for pair in stats["pairs"]}
+    gates = model_gate_report(model, data.take(order))
+    return {
+        "rows": len(order),
+        "batches": len(per_batch),
+        "batch_size": batch_size,
+        "conflict": stats,
+        "batch_cosines": spread,
+        "gates": gates,
+    }
+
+
+__all__ += ["measure_conflict", "flat_record", "shared_masks", "diagnose"]
