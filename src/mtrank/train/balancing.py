@@ -168,17 +168,15 @@ def cagrad(grads: torch.Tensor, c: float, iterations: int = 50, present: torch.T
     gram = gram / scale  # scale-free for the solver; the update below uses the gradients themselves
     mean_gram = gram.sum(-1) / k  # (..., K): g_i . g_0
     root_phi = c * (gram.sum((-2, -1)).unsqueeze(-1) / k**2).clamp_min(0).sqrt().squeeze(-1)  # (...): c |g_0|
-    theta = torch.zeros(gram.shape[:-1], dtype=gram.dtype, device=gram.device, requires_grad=True)
-    solver = torch.optim.Adam([theta], lr=0.25)
     absent = torch.where(present, 0.0, -math.inf).to(gram.dtype)  # an absent task gets no share of w
-    with torch.enable_grad():
-        for _ in range(iterations):
-            w = torch.softmax(theta + absent, -1)
-            quad = (w.unsqueeze(-2) @ gram @ w.unsqueeze(-1)).squeeze(-1).squeeze(-1)  # (...): |g_w|^2
-            objective = (w * mean_gram).sum(-1) + root_phi * (quad + 1e-12).sqrt()
-            solver.zero_grad()
-            objective.sum().backward()
-            solver.step()
+    theta = torch.zeros(gram.shape[:-1], dtype=gram.dtype, device=gram.device)  # (..., K)
+    adam = _adam_state(theta)
+    for _ in range(iterations):  # Adam on theta, the gradient by hand (no autograd graph per iteration)
+        w = torch.softmax(theta + absent, -1)
+        gram_w = (gram @ w.unsqueeze(-1)).squeeze(-1)  # (..., K)
+        norm = ((w * gram_w).sum(-1, keepdim=True) + 1e-12).sqrt()  # |g_w|
+        grad_w = mean_gram + root_phi.unsqueeze(-1) * gram_w / norm  # dF/dw
+        _adam(theta, w * (grad_w - (w * grad_w).sum(-1, keepdim=True)), adam, 0.25)  # through the softmax
     w = torch.softmax(theta.detach() + absent, -1)  # (..., K)
     g_w = (w.unsqueeze(-1) * g).sum(-2)  # (..., N)
     g_0 = g.sum(-2) / k
@@ -188,7 +186,7 @@ def cagrad(grads: torch.Tensor, c: float, iterations: int = 50, present: torch.T
 
 
 def _adam(param: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, weight_decay: float = 0.0) -> None:
-    """One masked-free Adam step on a small state tensor, in place (betas 0.9, 0.999). Written here rather than
+    """One Adam step on a small state tensor, in place (betas 0.9, 0.999). Written here rather than
     a torch.optim.Adam so that the state is three plain tensors in the checkpoint and a step per run."""
     grad = grad + weight_decay * param
     state["step"] += 1
