@@ -62,7 +62,7 @@ def model_for(snippet: dict, inputs: dict, embedding_dim: int) -> MultiTaskModel
     pepnet = section.get("pepnet")
     if pepnet and inputs["names"][0] == "c0":  # the large setting has no census names: the first columns
         pepnet.update(epnet=[0], ppnet=[1, 2])
-    section["tasks"] = CENSUS_TASKS
+    section.setdefault("tasks", CENSUS_TASKS)  # a funnel check names its own (a dependent task)
     if section["block"].get("task_groups"):
         section["block"]["task_groups"] = [[t["name"]] for t in CENSUS_TASKS]
     return MultiTaskModel(ModelConfig.from_dict(section))

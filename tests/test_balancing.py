@@ -371,3 +371,46 @@ def test_two_rank_ddp_balances_like_one_process_with_twice_the_batch(method, tmp
         if value.dtype.is_floating_point:
             for state in ranks:
                 torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ funnel tasks
+
+
+@pytest.mark.parametrize("funnel", [{"type": "esmm"}, {"type": "escm2", "counterfactual_weight": 0.3}])
+def test_a_funnel_task_is_balanced_on_its_entire_space_loss_and_the_regulariser_is_not(funnel):
+    """ESMM's CTCVR loss is task cvr's ``L_k`` (what a method weights); ESCM2's counterfactual risk joins
+    ``extra`` with its own weight; the fixed-weight total is unchanged: label losses of the roots + funnel_loss."""
+    from mtrank.train.losses import FunnelSpec, funnel_loss, funnel_terms, multitask_loss
+
+    config = ModelConfig.from_dict(
+        {
+            "inputs": {"num_dense": 3, "vocab_sizes": [5], "embedding_dim": 2},
+            "tasks": [{"name": "ctr"}, {"name": "cvr", "depends_on": "ctr", "weight": 2.0}],
+            "block": "shared_bottom",
+            "experts": {"hidden": [6]},
+            "towers": {"hidden": [4]},
+            "funnel": funnel,
+        }
+    )
+    model = MultiTaskModel(config, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    dense, sparse = torch.randn(16, 3, generator=gen), torch.randint(0, 5, (16, 1), generator=gen)
+    click = (torch.arange(16) % 2).float()
+    buy = torch.where(click == 1, (torch.arange(16) % 4 == 1).float(), torch.full((16,), math.nan))
+    labels = torch.stack([click, buy], 1)
+    out = model(dense, sparse)
+    spec = FunnelSpec.from_config(config)
+    weights = torch.tensor([1.0, 2.0])
+    losses = batch_losses(out.task_logits, out.aux_loss, labels, model.binary_mask, weights, funnel=spec)
+    terms = funnel_terms(out.task_logits, labels, spec)
+    torch.testing.assert_close(losses.per_task[1], terms.per_task[1])  # the entire-space loss, not clicked rows
+    assert losses.present.tolist() == [True, True]
+    base, _ = multitask_loss(out.task_logits, labels, model.binary_mask, torch.tensor(spec.label_weights()))
+    torch.testing.assert_close(losses.total, base + funnel_loss(out.task_logits, labels, spec) + out.aux_loss)
+    regulariser = losses.extra - out.aux_loss
+    assert (regulariser.abs() > 1e-4) == (funnel["type"] == "escm2")
+    balancer = make_balancer(TrainConfig(balancing="uncertainty"), _FakeRuns(torch.tensor([True, True])))
+    balancer.runs.task_weights = weights
+    balancer._ensure_state(torch.ones(2))
+    balancer.observe(losses.per_task.detach(), losses.present)
+    assert (balancer.log_variance != 0).all()  # both tasks, the funnel task included, are weighted

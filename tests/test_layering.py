@@ -15,6 +15,7 @@ LAYERS = [
     "artifacts",
     "train",
     "pipeline",
+    "tune",
     "export",
     "blend",
     "serve",

@@ -285,3 +285,12 @@ def test_claims_are_resolved_only_by_intervals_over_enough_seeds():
     assert all(not c["resolved"] and c["status"].endswith("within noise") for c in small)
     none = {c["claim"]: c for c in check_claims(runs(40, 0.0), ["shared_bottom", "omoe", "mmoe"], ps)}
     assert not none["OMoE worse than MMoE at correlation 0.5"]["resolved"]
+
+
+def test_census_audit_estimate_times_a_few_steps_and_trains_nothing_else(tmp_path, shared_data, capsys):
+    out = tmp_path / "audit"
+    argv = ["reproduce", "census-audit", "--quick", "--estimate", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--data", str(shared_data / "census-income")]) == 0
+    printed = capsys.readouterr().out
+    assert "census audit (quick) on cpu: at most" in printed and "trials of" in printed
+    assert not (out / "parts").exists() or not any((out / "parts").iterdir())

@@ -62,3 +62,21 @@ def test_zoo_memory_quick_mode_puts_stem_above_ple(tmp_path):
     # STEM: 3 embedding tables (2 tasks + shared) of 26 x 1,000 ids x 8
     assert models["stem"]["params"] - models["ple"]["params"] > 2 * 26 * 1000 * 8 - 5000
     assert models["stem"]["saved_activation_bytes"] > models["ple"]["saved_activation_bytes"]
+
+
+def test_zoo_study_quick_mode_matches_the_parameter_budget_and_pairs_with_mmoe(tmp_path, shared_data):
+    import zoo_study
+
+    out = tmp_path / "study"
+    args = ["--quick", "--datasets", "census2", "--models", "mmoe", "adatt", "pepnet"]
+    assert zoo_study.main([*args, "--shared-data", str(shared_data), "--out", str(out)]) == 0
+    census = json.loads(out.with_suffix(".json").read_text())["datasets"]["census2"]
+    assert census["tasks"] == ["education", "never_married"] and census["rows"]["train"] == 3000
+    models = census["models"]
+    for name in ("adatt", "pepnet"):  # within 10% of MMoE's count, by the knob that was sized
+        assert abs(models[name]["params"] - census["target_params"]) < 0.1 * census["target_params"]
+    assert models["pepnet"]["sized"].startswith("pepnet.hidden")
+    assert len(models["adatt"]["runs"]) == 2 and set(census["paired_vs_mmoe"]) == {"adatt", "pepnet"}
+    interval = census["paired_vs_mmoe"]["adatt"]["education"]
+    assert interval["low"] <= interval["estimate"] <= interval["high"]
+    assert "| adatt |" in out.with_suffix(".md").read_text()

@@ -24,6 +24,17 @@ ZOO = {
     },
     "stem": {"block": {"type": "stem", "levels": 2, "num_experts": 1}},
     "pepnet": {"block": {"type": "mmoe", "num_experts": 3}, "pepnet": {"epnet": ["scenario"], "ppnet": ["user"]}},
+    # task dependencies (like after click): ESCM2-DR's imputation tower, AITM's transfer (tests/test_zoo_funnel.py)
+    "escm2_dr": {
+        "tasks": [*TASKS[:2], {"name": "like", "depends_on": "click"}],
+        "block": {"type": "ple", "levels": 2},
+        "funnel": {"type": "escm2", "counterfactual": "dr"},
+    },
+    "aitm": {
+        "tasks": [*TASKS[:2], {"name": "like", "depends_on": "click"}],
+        "block": {"type": "mmoe", "num_experts": 3},
+        "funnel": {"type": "aitm"},
+    },
 }
 
 

@@ -455,4 +455,14 @@ def _load_encoder(path: Path, model: MultiTaskModel) -> FeatureEncoder:
             f"{file}: encoders give {encoded[0]} dense features and vocabularies {encoded[1]}; "
             f"the model expects {model.num_dense} and {model.vocab_sizes}"
         )
+    embedded = [(n.column, n.type, n.edges) for n in model.config.inputs.numeric]
+    try:
+        fitted = [(n["column"], n["type"], n.get("edges", [])) for n in encoder.numeric_inputs]
+    except (TypeError, KeyError, AttributeError) as err:
+        raise ModelDirError(f"{file}: not a valid encoder description ({err!r})") from None
+    if embedded != fitted:
+        raise ModelDirError(
+            f"{file}: the encoders' embedded numeric features (column, type, bin edges) {fitted} are not the "
+            f"model's {embedded}; the two files come from different trainings"
+        )
     return encoder

@@ -10,11 +10,13 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtrank.config import EXPERTS, GATES, ModelConfig, TaskConfig
 from mtrank.nn import ExtractionLevel, FeatureEmbedding, MultiTaskBlock, StackedMLP, block_layouts
 from mtrank.nn.bias import BiasTower
+from mtrank.nn.funnel import TaskFunnel
 from mtrank.nn.mixer import FeatureMixer
 from mtrank.nn.pepnet import EPNet, PPNet
 from mtrank.nn.residual import NativeExpertWeights, SelfGates
@@ -35,13 +37,38 @@ class MultiTaskOutput(NamedTuple):
     aux_loss: torch.Tensor
 
 
+class LabelInverse(nn.Module):
+    """Outputs of regression tasks learned on a transformed scale -> the labels' own scale:
+    ``y = z * label_std + label_mean``, then ``sign(y) (exp(|y|) - 1)`` for the ``log1p`` transforms (each
+    task's :class:`~mtrank.config.TaskConfig`; the identity for the others). ``[B, K] -> [B, K]``.
+
+    Example:
+        >>> inverse = LabelInverse([TaskConfig("y", "regression", 1.0, "log1p_standardize", 2.0, 0.5)])
+        >>> round(inverse(torch.tensor([[0.0]])).item(), 4)  # exp(2) - 1
+        6.3891
+    """
+
+    def __init__(self, tasks: list[TaskConfig]) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([t.label_std for t in tasks], dtype=torch.float32))
+        self.register_buffer("shift", torch.tensor([t.label_mean for t in tasks], dtype=torch.float32))
+        self.register_buffer("log1p", torch.tensor([t.label_transform.startswith("log1p") for t in tasks]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+        # exp(|y|) - 1, not expm1: ONNX has no expm1 (the difference is float32 rounding near 0)
+        return torch.where(self.log1p, torch.sign(y) * (torch.exp(y.abs()) - 1), y)
+
+
 class MultiTaskModel(nn.Module):
     """A multi-task ranker: input representation (-> feature mixer) -> multi-task block -> one output per task.
 
     Bias features (YouTube's position / device) skip the main model and feed a shallow tower whose logit is added
     to the task logits in training only; evaluation and serving scores are debiased. With ``block: stem`` every
     task (and the shared experts) reads its own embedding of the categorical features (one lookup in a table
-    ``K + 1`` times as wide); with ``pepnet`` sections, EPNet gates the block input and PPNet the towers.
+    ``K + 1`` times as wide); with ``pepnet`` sections, EPNet gates the block input and PPNet the towers. Tasks
+    with ``depends_on`` output their conditional logit (pCVR); with ``funnel: escm2`` (DR) or ``aitm`` a training
+    forward appends one column per dependent task for the loss (:mod:`mtrank.nn.funnel`).
 
     Shapes: ``dense [B, F_dense]`` float, ``sparse [B, F_cat]`` int64 -> :class:`MultiTaskOutput`.
 
@@ -57,7 +84,9 @@ class MultiTaskModel(nn.Module):
         (torch.Size([4, 2]), torch.Size([4, 2, 8]))
     """
 
-    __jit_unused_properties__ = ["tasks", "task_names", "num_dense", "vocab_sizes", "dtype", "device"]
+    __jit_unused_properties__ = [
+        "tasks", "task_names", "num_dense", "vocab_sizes", "dtype", "device", "label_transformed",
+    ]  # fmt: skip
 
     def __init__(self, config: ModelConfig, seed: int | None = 0) -> None:
         super().__init__()
@@ -78,20 +107,26 @@ class MultiTaskModel(nn.Module):
             inputs.embedding_dim * self.tables,
             inputs.bag_lengths,
             inputs.bag_pooling,
+            inputs.numeric,
         )
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
         self.mixer = None
-        block_in = inputs.num_dense + self.embedding.num_tokens * inputs.embedding_dim
+        # the plain dense columns and every token (embedded numeric columns first) at one table's width
+        block_in = self.embedding.num_plain + self.embedding.num_tokens * inputs.embedding_dim
         if config.mixer.layers:
             mixer = config.mixer
             self.mixer = FeatureMixer(
-                inputs.num_dense, self.embedding.num_tokens, inputs.embedding_dim, mixer.layers, mixer.heads
+                self.embedding.num_plain, self.embedding.num_tokens, inputs.embedding_dim, mixer.layers, mixer.heads
             )
             block_in += self.mixer.output_dim
         self.block = build_block(config, block_in)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
+        # regression outputs back to the labels' scale; only when a task transforms its labels, so other models
+        # keep the weights they always had
+        transformed = any(t.label_transform != "none" for t in config.tasks)
+        self.label_inverse = LabelInverse(config.tasks) if transformed else None
         self.bias_tower = None
         bias = config.bias
         self.register_buffer("bias_features", torch.tensor(bias.features, dtype=torch.long))
@@ -110,7 +145,9 @@ class MultiTaskModel(nn.Module):
     def _build_pepnet(self, config: ModelConfig, block_in: int) -> None:
         """EPNet and PPNet of ``config.pepnet`` (None without), and which embedding tokens each reads."""
         pepnet, main = config.pepnet, config.main_features
-        tokens = {column: t for t, column in enumerate(main)}  # single columns come first among the tokens
+        # single columns come first among the categorical tokens, after the embedded numeric columns
+        first = self.embedding.num_numeric_tokens
+        tokens = {column: first + t for t, column in enumerate(main)}
 
         def token_index(features: list) -> torch.Tensor:
             columns = [config.pepnet_column(f, "model.pepnet") for f in features]
@@ -131,7 +168,8 @@ class MultiTaskModel(nn.Module):
         x, tower_scales = self.block_input(dense, sparse)
         task_logits, gate_weights, aux_loss = self.block(x, tower_scales)
         if self.bias_tower is not None and self.training:
-            task_logits = task_logits + self.bias_tower(sparse.index_select(1, self.bias_features))
+            bias_logits = self.bias_tower(sparse.index_select(1, self.bias_features))  # (B, K)
+            task_logits = task_logits + F.pad(bias_logits, (0, task_logits.shape[1] - bias_logits.shape[1]))
         return MultiTaskOutput(task_logits, gate_weights, aux_loss)
 
     def block_input(self, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -142,11 +180,12 @@ class MultiTaskModel(nn.Module):
             return self.task_embeddings(dense, main_sparse), None
         if not self.reads_tokens:
             return self.embedding(dense, main_sparse), None  # (B, in): one lookup, one concatenation
-        tokens = self.embedding.embed(main_sparse)  # (B, F, D)
-        parts = [dense.to(tokens.dtype), tokens.flatten(1)]
+        tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+        plain = self.embedding.plain(dense).to(tokens.dtype)  # (B, F_plain)
+        parts = [plain, tokens.flatten(1)]
         mixer = self.mixer
         if mixer is not None:
-            parts.append(mixer(dense, tokens))
+            parts.append(mixer(plain, tokens))
         x = torch.cat(parts, 1)  # (B, in)
         epnet = self.epnet
         if epnet is not None:
@@ -158,13 +197,15 @@ class MultiTaskModel(nn.Module):
         return x, tower_scales
 
     def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """STEM's inputs: each task's (then the shared) embeddings of every feature, after the dense features,
-        from one lookup in the ``K + 1`` times wider table: ``-> [K+1, B, F_dense + F * D]``."""
-        tokens = self.embedding.embed(sparse)  # (B, F, (K+1) * D)
+        """STEM's inputs: each task's (then the shared) embeddings of every token, after the plain dense
+        features, from one lookup in the ``K + 1`` times wider table (embedded numeric columns: ``K + 1`` times
+        wider output layers on shared bins / frequencies): ``-> [K+1, B, F_plain + T * D]``."""
+        tokens = self.embedding.tokens(dense, sparse)  # (B, T, (K+1) * D)
         batch, features = tokens.shape[0], tokens.shape[1]
-        per_table = tokens.view(batch, features, self.tables, -1).permute(2, 0, 1, 3)  # (K+1, B, F, D)
-        per_table = per_table.reshape(self.tables, batch, -1)  # (K+1, B, F * D)
-        dense_part = dense.to(tokens.dtype).unsqueeze(0).expand(self.tables, -1, -1)  # (K+1, B, F_dense)
+        per_table = tokens.view(batch, features, self.tables, -1).permute(2, 0, 1, 3)  # (K+1, B, T, D)
+        per_table = per_table.reshape(self.tables, batch, -1)  # (K+1, B, T * D)
+        plain = self.embedding.plain(dense).to(tokens.dtype)  # (B, F_plain)
+        dense_part = plain.unsqueeze(0).expand(self.tables, -1, -1)  # (K+1, B, F_plain)
         return torch.cat([dense_part, per_table], 2)
 
     @torch.no_grad()
@@ -180,8 +221,16 @@ class MultiTaskModel(nn.Module):
             self.train(was_training)
 
     def scores(self, task_logits: torch.Tensor) -> torch.Tensor:
-        """Logits -> scores: sigmoid for binary tasks, identity for regression. ``[B, K] -> [B, K]``."""
-        return torch.where(self.binary_mask, torch.sigmoid(task_logits), task_logits)
+        """Logits -> scores: sigmoid for binary tasks; for regression the prediction on the labels' own scale
+        (the identity unless a task has a ``label_transform``: ``y = z * label_std + label_mean``, then
+        ``sign(y) expm1(|y|)`` for the log1p ones). ``[B, K] -> [B, K]``."""
+        values = task_logits if self.label_inverse is None else self.label_inverse(task_logits)
+        return torch.where(self.binary_mask, torch.sigmoid(task_logits), values)
+
+    @property
+    def label_transformed(self) -> bool:
+        """Whether a regression task learns its labels on a transformed scale (``TaskConfig.label_transform``)."""
+        return self.label_inverse is not None
 
     @torch.no_grad()
     def predict(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
@@ -296,11 +345,22 @@ def build_block(config: ModelConfig, in_features: int) -> MultiTaskBlock:
             residual = SelfGates(width, layout.own)
         levels.append(ExtractionLevel(expert_bank, gates, layout, config.num_tasks, residual))
         width = expert_bank.output_dim
-    towers = config.towers
+    towers, funnel = config.towers, config.funnel
+    aitm = funnel.type == "aitm"  # AITM's towers end at their last hidden layer; its output layer follows the transfer
     tower_bank = StackedMLP(
-        config.num_tasks, width, [*towers.hidden, 1], towers.activation, towers.dropout, final_activation=False
+        config.num_tasks,
+        width,
+        towers.hidden if aitm else [*towers.hidden, 1],
+        towers.activation,
+        towers.dropout,
+        final_activation=aitm,
     )
-    return MultiTaskBlock(levels, tower_bank, shared)
+    task_funnel = None
+    if config.funnel_columns:
+        task_funnel = TaskFunnel(
+            config.parents, funnel.type, funnel.counterfactual == "dr", width, list(towers.hidden), towers.activation
+        )
+    return MultiTaskBlock(levels, tower_bank, shared, task_funnel)
 
 
 class ScoringModule(nn.Module):

@@ -4,10 +4,12 @@
 ``run``        the main job (:mod:`mtrank.cli.run`)
 ``reproduce``  the MMoE paper's experiments (:mod:`mtrank.cli.reproduce`)
 ``train``      train / evaluate / predict from a YAML experiment config (:mod:`mtrank.cli.train`)
+``tune``       hyper-parameter search on the validation split (:mod:`mtrank.cli.tune`)
 ``export``     TorchScript / ONNX files (:mod:`mtrank.cli.export`)
 ``serve``      the HTTP scoring service (:mod:`mtrank.cli.serve`)
 ``blend``      blend tuning and the learned blend (:mod:`mtrank.cli.blend`)
 ``model``      verify a model directory against its manifest, or seal one (:mod:`mtrank.cli.model`)
+``study``      the production studies of issue 12 (:mod:`mtrank.cli.study`)
 ``diagnose``   task conflict and gate statistics of a model on labelled data (:mod:`mtrank.cli.diagnose`)
 =============  ===========================================================================
 
@@ -22,7 +24,7 @@ import sys
 
 from mtrank import __version__
 
-COMMAND_GROUPS = ("run", "reproduce", "train", "export", "serve", "blend", "model", "diagnose")
+COMMAND_GROUPS = ("run", "reproduce", "train", "tune", "export", "serve", "blend", "model", "study", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from mtrank.cli.common import add_command, add_overrides, add_progress, add_thre
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtrank.config.experiment import load_experiment
-    from mtrank.pipeline import fit, metrics_table
+    from mtrank.pipeline import baseline_section, fit, metrics_table
 
     apply_threads(args)
     settings = overrides(args.set)
@@ -20,8 +20,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_experiment(args.config, settings)
     if args.no_progress:
         config.train.progress = False
-    result = fit(config, output=args.out or config.output)
+    result = fit(config, output=args.out or config.output, baseline=False if args.no_baseline else None)
     print(metrics_table(result.metrics))
+    if result.baseline is not None:
+        print("\n" + baseline_section(result.metrics, result.baseline).split("\n", 2)[2])
     rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
     print(
         f"\nrows: {rows}; {result.train_result.steps} steps in {result.train_result.seconds:.1f} s "
@@ -63,7 +65,8 @@ def register(subparsers) -> None:
         "train a model from a YAML experiment config on CSV / Parquet files",
         "Read the files named in CONFIG (CSV, Parquet, a directory of shards, or MovieLens folders; paths are\n"
         "relative to CONFIG's folder), split them, fit the feature encoders on the training split, train the\n"
-        "model, evaluate every task on validation and test, and write a model directory:\n"
+        "model and a gradient-boosting baseline per task, evaluate every task on validation and test, and\n"
+        "write a model directory:\n"
         "  model.safetensors  config.json  encoders.json  metrics.json  report.md  history.jsonl\n"
         "With data.streaming the training files are streamed from disk in record batches (bounded\n"
         "memory). Example configs: configs/*.yaml; every config key: docs/data.md.",
@@ -71,6 +74,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="YAML experiment config (sections data, features, tasks, model, train)")
     p.add_argument("--out", help="model directory (default: the config's output)")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the gradient-boosting baseline of the report (default: the config's baseline.enabled, true)",
+    )
     add_overrides(p)
     resume = p.add_mutually_exclusive_group()
     resume.add_argument(

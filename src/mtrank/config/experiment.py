@@ -8,12 +8,14 @@ field (``features.numeric[2].clip: ...``). Relative data paths resolve against t
 Sections::
 
     data:      where the rows are (train / valid / test paths, format, CSV options, split, streaming)
-    features:  categorical (vocabulary or hashing), numeric (fill, clip, log1p, standardise),
-               multi_categorical (list columns, mean or sum pooled)
+    features:  categorical (vocabulary or hashing), numeric (fill, clip, log1p, standardise or quantile
+               normalisation, PLE / periodic embeddings), multi_categorical (list columns, mean or sum pooled)
     tasks:     label column, binary / regression, loss weight, optional mask column, derived binary labels
     model:     :class:`mtrank.config.ModelConfig` sections; ``inputs`` (but ``embedding_dim``) and ``tasks``
                are derived from the features and tasks above
     train:     :class:`mtrank.config.TrainConfig`
+    baseline:  the gradient-boosting baseline of every training report (:class:`BaselineSpec`)
+    tune:      ``mtrank tune``'s search space, objective and study (:class:`TuneSpec`)
     plugins:   modules to import first (they register expert or gate types), e.g. ``[my_experts]``; a module
                next to the YAML file is found there
 """
@@ -40,13 +42,13 @@ from mtrank.config.base import (
     join,
     read_yaml,
 )
-from mtrank.config.model import InputsConfig, ModelConfig, TaskConfig
+from mtrank.config.model import InputsConfig, LabelTransform, ModelConfig, TaskConfig
 from mtrank.config.train import TrainConfig, check_monitor
 
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
-SECTIONS = ("data", "features", "tasks", "model", "train", "output", "name", "plugins")
-DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "names")
+SECTIONS = ("data", "features", "tasks", "model", "train", "baseline", "tune", "output", "name", "plugins")
+DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "numeric", "names")
 
 
 @dataclass
@@ -101,8 +103,38 @@ class CategoricalFeature(VocabularyFeature):
 
 
 @dataclass
+class NumericEmbeddingSpec(Config):
+    """How the model embeds a numeric feature (Gorishniy et al., NeurIPS 2022): ``none`` (the value enters the
+    block as it is), ``ple`` (piecewise-linear encoding over ``bins`` bins, then linear + ReLU to an
+    ``embedding_dim`` token) or ``periodic`` (``sin`` / ``cos`` of ``frequencies`` learned frequencies, then
+    linear + ReLU). ``embedding: ple`` is short for ``embedding: {type: ple}``.
+
+    Args:
+        type: ``none``, ``ple`` or ``periodic``.
+        bins: ``ple``: at most this many bins (fewer when the training values have fewer distinct quantiles).
+        bin_method: ``ple``: ``quantile`` (equal-frequency bins of the training values) or ``target`` (the
+            thresholds of a regression tree of at most ``bins`` leaves fitted to the tasks' training labels).
+        frequencies / sigma: ``periodic``: how many frequencies, their initial standard deviation (the paper
+            tunes sigma in [0.01, 100]; the encoded value is standardised or quantile-normalised).
+    """
+
+    shorthand: ClassVar[str] = "type"
+    type: Literal["none", "ple", "periodic"] = "none"
+    bins: int = 16
+    bin_method: Literal["quantile", "target"] = "quantile"
+    frequencies: int = 16
+    sigma: float = 1.0
+
+    def check(self, path: str) -> None:
+        check(self.bins >= 2, join(path, "bins"), f"must be >= 2, got {self.bins}")
+        check(self.frequencies >= 1, join(path, "frequencies"), f"must be >= 1, got {self.frequencies}")
+        check(0 < self.sigma < math.inf, join(path, "sigma"), f"must be > 0 and finite, got {self.sigma}")
+
+
+@dataclass
 class NumericFeature(ColumnFeature):
-    """A numeric column -> one float32 value per row: ``fill -> clip -> log1p -> standardise``.
+    """A numeric column -> one float32 value per row: ``fill -> clip -> log1p -> standardise`` (or ``quantile``
+    normalisation), optionally embedded by the model (``embedding``).
 
     ``log1p`` is signed, ``sign(x) log(1 + |x|)``, so it is defined for every value; standardising uses the
     mean and standard deviation of the transformed training values.
@@ -114,15 +146,24 @@ class NumericFeature(ColumnFeature):
         clip: ``[low, high]`` bounds applied before ``log1p``; null = none.
         log1p: apply the signed ``log1p``.
         standardize: subtract the training mean and divide by the training std (std 0 -> 1).
+        quantile: instead of standardising, map the value through the training split's quantiles to a standard
+            normal (scikit-learn's ``QuantileTransformer(output_distribution="normal")``, at most
+            ``quantiles`` reference points): heavy tails and skew are gone, ties keep one value.
+        quantiles: reference points of ``quantile``.
+        embedding: see :class:`NumericEmbeddingSpec`; bins are fitted on the encoded training values.
     """
 
     fill: float | Literal["mean", "median", "zero"] = "mean"
     clip: list[float] | None = None
     log1p: bool = False
     standardize: bool = True
+    quantile: bool = False
+    quantiles: int = 1000
+    embedding: NumericEmbeddingSpec = field(default_factory=NumericEmbeddingSpec)
 
     def check(self, path: str) -> None:
         super().check(path)
+        check(self.quantiles >= 2, join(path, "quantiles"), f"must be >= 2, got {self.quantiles}")
         if self.clip is not None:
             check(
                 len(self.clip) == 2 and self.clip[0] <= self.clip[1],
@@ -203,6 +244,13 @@ class TaskSpec(Config):
         positive: derive a binary label by comparing the column with a number: ``">= 4"``, ``"== 5"``.
         positive_values: derive a binary label: 1 where the value is one of these (e.g. ``" 50000+."``).
         mask_column: rows where this column is 0, false or missing have no label for this task.
+        depends_on: the task this one follows in a funnel (``cvr`` after ``ctr``); its label then exists only
+            where the parent's column is 1 (``mask_column`` defaults to the parent's column). See
+            :class:`~mtrank.config.model.FunnelConfig`.
+        label_transform: regression only: the scale the model learns (and its loss is computed) on, fitted on
+            the training split and inverted in every prediction: ``none``, ``standardize`` (``(y - mean) /
+            std``), ``log1p`` (signed, ``sign(y) log(1 + |y|)``) or ``log1p_standardize`` (both). Metrics are
+            reported on the labels' own scale.
     """
 
     shorthand: ClassVar[str] = "name"
@@ -213,11 +261,18 @@ class TaskSpec(Config):
     positive: str = ""
     positive_values: list[Any] = field(default_factory=list)
     mask_column: str = ""
+    depends_on: str = ""
+    label_transform: LabelTransform = "none"
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         self.column = self.column or self.name
         check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
+        check(
+            self.type == "regression" or self.label_transform == "none",
+            join(path, "label_transform"),
+            f"{self.label_transform!r} is for regression tasks (this one is {self.type}); remove it",
+        )
         if self.positive:
             parse_comparison(self.positive, join(path, "positive"))
         check(
@@ -228,8 +283,19 @@ class TaskSpec(Config):
         if (self.positive or self.positive_values) and self.type != "binary":
             raise ConfigError(f"{join(path, 'type')}: a label derived with positive/positive_values must be binary")
 
-    def task_config(self) -> TaskConfig:
-        return TaskConfig(self.name, self.type, self.weight)
+    def task_config(self, label_stats: dict[str, float] | None = None) -> TaskConfig:
+        """The model's task; ``label_stats`` (``{"mean", "std"}`` of the transformed training labels) from the
+        fitted label transform."""
+        stats = label_stats or {}
+        return TaskConfig(
+            self.name,
+            self.type,
+            self.weight,
+            depends_on=self.depends_on,
+            label_transform=self.label_transform,
+            label_mean=stats.get("mean", 0.0),
+            label_std=stats.get("std", 1.0),
+        )
 
 
 @dataclass
@@ -342,6 +408,135 @@ class DataSpec(Config):
         check(self.fit_rows >= 0, join(path, "fit_rows"), f"must be >= 0, got {self.fit_rows}")
 
 
+BASELINE_LIBRARIES = ("sklearn", "lightgbm", "xgboost")
+
+
+@dataclass
+class BaselineSpec(Config):
+    """The gradient-boosting baseline trained beside the network in every training report (one model per task,
+    the same split and encoded features; :mod:`mtrank.evaluate.baseline`).
+
+    Args:
+        enabled: train it (``mtrank train --no-baseline`` turns it off for one run).
+        library: ``sklearn`` (``HistGradientBoostingClassifier`` / ``Regressor``), ``lightgbm`` or ``xgboost``
+            (their scikit-learn estimators; the package must be installed).
+        params: estimator arguments for every task (``{learning_rate: 0.05, max_leaf_nodes: 63}``).
+        task_params: per task name, arguments over ``params`` (what ``mtrank tune --baseline`` writes).
+        max_iter: boosting rounds at most; rounds stop early when the validation split's loss has not improved
+            for ``patience`` rounds (the network selects its best step on the same split).
+        patience: see ``max_iter``.
+    """
+
+    enabled: bool = True
+    library: Literal["sklearn", "lightgbm", "xgboost"] = "sklearn"
+    params: dict[str, Any] = field(default_factory=dict)
+    task_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_iter: int = 1000
+    patience: int = 20
+
+    def check(self, path: str) -> None:
+        check(self.max_iter >= 1, join(path, "max_iter"), f"must be >= 1, got {self.max_iter}")
+        check(self.patience >= 1, join(path, "patience"), f"must be >= 1, got {self.patience}")
+
+
+@dataclass
+class SearchParam(Config):
+    """One searched value of ``tune.space``: a range (``low``, ``high``; ``log``, ``step``) or ``choices``.
+
+    ``type: auto`` is ``categorical`` with ``choices``, ``int`` when ``low`` and ``high`` are written as integers
+    (``2``, not ``2.0``), else ``float``. Choices are numbers, strings, booleans or lists (``[[32], [64, 32]]``
+    for layer widths).
+    """
+
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    step: Any = None
+    choices: list[Any] = field(default_factory=list)
+    type: Literal["auto", "float", "int", "categorical"] = "auto"
+
+    def check(self, path: str) -> None:
+        if self.choices or self.type == "categorical":
+            check(bool(self.choices), join(path, "choices"), "give at least one choice")
+            check(self.low is None and self.high is None, join(path, "low"), "give choices or low/high, not both")
+            self.type = "categorical"
+            return
+        for name in ("low", "high", "step"):
+            value = getattr(self, name)
+            if value is None and name == "step":
+                continue
+            number = _search_number(value)
+            check(number is not None, join(path, name), f"expected a number, got {value!r}")
+            setattr(self, name, number)
+        if self.type == "auto":
+            integral = all(isinstance(v, int) for v in (self.low, self.high))
+            self.type = "int" if integral else "float"
+        if self.type == "int":
+            check(self.low == int(self.low), join(path, "low"), f"expected an integer, got {self.low!r}")
+            check(self.high == int(self.high), join(path, "high"), f"expected an integer, got {self.high!r}")
+            self.low, self.high = int(self.low), int(self.high)
+        check(self.low < self.high, join(path, "high"), f"must be > low ({self.low}), got {self.high}")
+        check(not self.log or self.low > 0, join(path, "low"), f"must be > 0 on a log scale, got {self.low}")
+        check(not (self.log and self.step is not None), join(path, "step"), "a log scale takes no step; remove one")
+
+
+def _search_number(value: Any) -> int | float | None:
+    """``value`` as written (an int stays an int), or a number written as text (YAML reads ``1e-3`` as text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+@dataclass
+class TuneSpec(Config):
+    """``mtrank tune``: a hyper-parameter search on the validation split (:mod:`mtrank.tune`).
+
+    Args:
+        trials: finished (complete or pruned) trials the study should hold; a rerun goes on to this many.
+        space: dotted config keys -> :class:`SearchParam` (``train.lr: {low: 1e-4, high: 1e-2, log: true}``);
+            ``tasks.<name>.weight`` sets a task's loss weight, ``features.numeric.<name>.<key>`` a feature's
+            option; ``data.*`` cannot be searched (every trial reads the same split).
+        objective: a validation metric (``auc/click``), a weighted sum of several (``{auc/click: 1.0,
+            auc/buy: 0.5}``, all maximised or all minimised), or empty: the mean over the tasks of AUC
+            (binary) and R² (regression).
+        storage: optuna storage URL; empty: ``sqlite:///<output>/tune/study.db`` (a rerun resumes the study).
+        study: study name; empty: the config's ``name``, else its file name.
+        seed: the sampler's seed (TPE).
+        pruning: stop a trial whose intermediate validation objective is below the median of earlier trials at
+            the same step (optuna's ``MedianPruner``), after ``startup_trials`` trials.
+        startup_trials: trials before pruning (and TPE) start; random sampling until then.
+        baseline_space: the gradient-boosting baseline's search (``mtrank tune --baseline``): estimator
+            argument -> :class:`SearchParam`; empty: a default space for the baseline's library.
+    """
+
+    trials: int = 20
+    space: dict[str, SearchParam] = field(default_factory=dict)
+    objective: str | dict[str, float] = ""
+    storage: str = ""
+    study: str = ""
+    seed: int = 0
+    pruning: bool = True
+    startup_trials: int = 5
+    baseline_space: dict[str, SearchParam] = field(default_factory=dict)
+
+    def check(self, path: str) -> None:
+        check(self.trials >= 1, join(path, "trials"), f"must be >= 1, got {self.trials}")
+        check(self.startup_trials >= 0, join(path, "startup_trials"), f"must be >= 0, got {self.startup_trials}")
+        for key in self.space:
+            check(not key.startswith("data."), f"{join(path, 'space')}.{key}", "every trial reads the same data: "
+                  "the data section cannot be searched")  # fmt: skip
+        if isinstance(self.objective, dict):
+            check(bool(self.objective), join(path, "objective"), "give at least one metric and its weight")
+
+
 @dataclass
 class ExperimentConfig:
     """A whole experiment: data, features, tasks, model and training. ``output`` is the model directory.
@@ -356,6 +551,8 @@ class ExperimentConfig:
     tasks: list[TaskSpec]
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: BaselineSpec = field(default_factory=BaselineSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)
     output: str = "runs/model"
     name: str = ""
     plugins: list[str] = field(default_factory=list)
@@ -374,8 +571,9 @@ class ExperimentConfig:
             cols.append(self.data.split.time_column)
         return list(dict.fromkeys(cols))
 
-    def task_configs(self) -> list[TaskConfig]:
-        return [t.task_config() for t in self.tasks]
+    def task_configs(self, label_stats: dict[str, dict[str, float]] | None = None) -> list[TaskConfig]:
+        """The model's tasks; ``label_stats``: per task name, the fitted label transform's ``mean`` and ``std``."""
+        return [t.task_config((label_stats or {}).get(t.name)) for t in self.tasks]
 
     def check_monitor(self) -> None:
         """``train.monitor`` names a validation metric of the tasks (:func:`~mtrank.config.train.check_monitor`).
@@ -386,19 +584,28 @@ class ExperimentConfig:
         except ConfigError as err:
             raise ConfigError(f"{self.source}: {err}" if self.source else str(err)) from None
 
-    def model_config(self, num_dense: int, vocab_sizes: list[int], bags: list[dict] | None = None) -> ModelConfig:
+    def model_config(
+        self,
+        num_dense: int,
+        vocab_sizes: list[int],
+        bags: list[dict] | None = None,
+        numeric: list[dict] | None = None,
+        label_stats: dict[str, dict[str, float]] | None = None,
+    ) -> ModelConfig:
         """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks.
 
-        ``bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` of each embedded multi-valued feature."""
-        bags = list(bags or [])
+        ``bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` of each embedded multi-valued feature;
+        ``numeric``: the embedded numeric columns (:class:`~mtrank.config.model.NumericEmbeddingConfig` fields);
+        ``label_stats``: per task, the fitted label transform (``{"mean", "std"}``)."""
         inputs = InputsConfig(
             num_dense=num_dense,
             vocab_sizes=list(vocab_sizes),
             embedding_dim=self.model.inputs.embedding_dim,
-            bags=bags,
+            bags=list(bags or []),
+            numeric=list(numeric or []),
             names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
         )
-        model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs())
+        model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs(label_stats))
         return model.validate("model")
 
     def to_dict(self) -> dict[str, Any]:
@@ -458,8 +665,13 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
         names = [t.name for t in tasks]
         for i, name in enumerate(names):
             check(name not in names[:i], f"tasks[{i}].name", f"task name {name!r} is used twice")
+        for task in tasks:  # a dependent task's label exists where its parent's is 1 (unknown parents: model check)
+            if task.depends_on in names and not task.mask_column:
+                task.mask_column = tasks[names.index(task.depends_on)].column
         model = _model_section(raw.get("model"), tasks, features)
         train = build(TrainConfig, raw.get("train") or {}, "train")
+        baseline = build(BaselineSpec, raw.get("baseline") or {}, "baseline")
+        tune = build(TuneSpec, raw.get("tune") or {}, "tune")
         output = raw.get("output", "runs/model")
         check(isinstance(output, str), "output", f"expected a path, got {output!r}")
         name = raw.get("name", "")
@@ -471,7 +683,7 @@ def experiment_from_dict(raw: Any, source: str = "", base_dir: str | Path | None
             value = getattr(data, key)
             if value and not Path(value).is_absolute():
                 setattr(data, key, str(Path(base_dir) / value))
-    return ExperimentConfig(data, features, tasks, model, train, output, name, plugins, source)
+    return ExperimentConfig(data, features, tasks, model, train, baseline, tune, output, name, plugins, source)
 
 
 def build_plugins(raw: Any) -> list[str]:

@@ -10,6 +10,7 @@
 ``pepnet``      PEPNet's embedding (EPNet) and tower (PPNet) gates, conditioned on chosen features
 ``mixer``       a transformer over the feature tokens (Pinterest Closeup)
 ``bias``        YouTube's shallow tower for position / selection bias
+``funnel``      how tasks that depend on another (click -> conversion) are trained: ESMM, ESCM2, AITM
 ==============  ==========================================================================================
 
 Blocks (one mechanism, many configurations; see :mod:`mtrank.nn.routing`):
@@ -43,6 +44,8 @@ from typing import ClassVar, Literal
 
 from mtrank.config.base import Config, Registry, check, did_you_mean, join
 
+LABEL_TRANSFORMS = ("none", "standardize", "log1p", "log1p_standardize")
+LabelTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 BLOCKS = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem")
 BlockType = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "home", "stem"]
 OWN_EXPERT_BLOCKS = ("cgc", "ple", "adatt", "home", "stem")  # blocks whose gates have experts of their own
@@ -80,17 +83,38 @@ class TaskConfig(Config):
     Args:
         name: task name, used in metrics, reports and exports.
         type: ``"binary"`` (logits, BCE-with-logits) or ``"regression"`` (MSE).
+        weight: weight of this task's loss in the total loss (with ``depends_on`` and a ``funnel``: of its
+            entire-space loss, e.g. ESMM's CTCVR loss).
+        depends_on: the task this one follows in a funnel (``cvr`` depends on ``ctr``): its label exists only
+            where the parent's label is 1 and its score is the conditional probability (pCVR); the product of
+            the chain's scores is the entire-space probability (pCTCVR). See :class:`FunnelConfig`.
         weight: weight of this task's loss in the total loss.
+        label_transform: a regression task's labels as the model learns them (:data:`LABEL_TRANSFORMS`); its
+            output ``z`` is mapped back to the labels' own scale in the model's scores (and so in every export):
+            ``y = z * label_std + label_mean``, then ``sign(y) expm1(|y|)`` for the ``log1p`` transforms.
+        label_mean / label_std: the fitted statistics of the transformed training labels (``standardize``).
     """
 
     shorthand: ClassVar[str] = "name"
     name: str
     type: Literal["binary", "regression"] = "binary"
     weight: float = 1.0
+    label_transform: LabelTransform = "none"
+    label_mean: float = 0.0
+    label_std: float = 1.0
+    depends_on: str = ""
 
     def check(self, path: str) -> None:
         check(self.name != "", join(path, "name"), "must be a non-empty string")
         check(0 <= self.weight < math.inf, join(path, "weight"), f"must be >= 0 and finite, got {self.weight}")
+        check(self.depends_on != self.name, join(path, "depends_on"), f"task {self.name!r} cannot depend on itself")
+        check(
+            self.type == "regression" or self.label_transform == "none",
+            join(path, "label_transform"),
+            f"{self.label_transform!r} is for regression tasks; a binary task's labels stay 0/1",
+        )
+        check(math.isfinite(self.label_mean), join(path, "label_mean"), f"must be finite, got {self.label_mean}")
+        check(0 < self.label_std < math.inf, join(path, "label_std"), f"must be > 0 and finite, got {self.label_std}")
 
 
 @dataclass
@@ -110,6 +134,37 @@ class BagConfig(Config):
 
 
 @dataclass
+class NumericEmbeddingConfig(Config):
+    """One dense column embedded as a ``D``-wide token (Gorishniy et al., NeurIPS 2022, "On Embeddings for
+    Numerical Features in Tabular Deep Learning"), derived from the feature's ``embedding`` and fitted encoder.
+
+    Args:
+        column: index of the column in the dense input.
+        type: ``ple``: piecewise-linear encoding over the bins ``edges`` (T bins, T + 1 ascending edges in the
+            encoded scale), then a linear layer and ReLU; ``periodic``: ``[sin(2 pi c x), cos(2 pi c x)]`` for
+            ``frequencies`` learned ``c`` (initialised from N(0, sigma^2)), then a linear layer and ReLU.
+        edges: ``ple``: the bin edges.
+        frequencies / sigma: ``periodic``: how many frequencies, their initial standard deviation.
+    """
+
+    column: int
+    type: Literal["ple", "periodic"] = "ple"
+    edges: list[float] = field(default_factory=list)
+    frequencies: int = 16
+    sigma: float = 1.0
+
+    def check(self, path: str) -> None:
+        check(self.column >= 0, join(path, "column"), f"must be >= 0, got {self.column}")
+        if self.type == "ple":
+            edges = self.edges
+            ok = len(edges) >= 2 and all(math.isfinite(e) for e in edges)
+            ok = ok and all(a < b for a, b in zip(edges, edges[1:]))
+            check(ok, join(path, "edges"), f"expected >= 2 finite, strictly ascending bin edges, got {edges[:8]!r}")
+        check(self.frequencies >= 1, join(path, "frequencies"), f"must be >= 1, got {self.frequencies}")
+        check(0 < self.sigma < math.inf, join(path, "sigma"), f"must be > 0 and finite, got {self.sigma}")
+
+
+@dataclass
 class InputsConfig(Config):
     """What the model reads.
 
@@ -119,6 +174,7 @@ class InputsConfig(Config):
         embedding_dim: embedding width of every categorical feature.
         bags: the multi-valued features, in the order of their columns (the last ``sum(length)`` columns of
             ``vocab_sizes``; all columns of a bag have its vocabulary size, whose last id is padding).
+        numeric: dense columns embedded as tokens of ``embedding_dim`` (the rest enter the block as they are).
         names: names of the single categorical columns, in order (filled from an experiment's features), so
             that sections such as ``pepnet`` may name features; empty = refer to them by index.
     """
@@ -127,6 +183,7 @@ class InputsConfig(Config):
     vocab_sizes: list[int] = field(default_factory=list)
     embedding_dim: int = 16
     bags: list[BagConfig] = field(default_factory=list)
+    numeric: list[NumericEmbeddingConfig] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
     @property
@@ -141,7 +198,12 @@ class InputsConfig(Config):
         check(self.num_dense >= 0, join(path, "num_dense"), f"must be >= 0, got {self.num_dense}")
         for i, size in enumerate(self.vocab_sizes):
             check(size >= 1, f"{join(path, 'vocab_sizes')}[{i}]", f"must be >= 1, got {size}")
-        if self.vocab_sizes:
+        columns = [n.column for n in self.numeric]
+        for i, column in enumerate(columns):
+            where = f"{join(path, 'numeric')}[{i}].column"
+            check(column < self.num_dense, where, f"dense column {column} does not exist (num_dense={self.num_dense})")
+            check(column not in columns[:i], where, f"dense column {column} is embedded twice")
+        if self.vocab_sizes or self.numeric:
             check(self.embedding_dim >= 1, join(path, "embedding_dim"), f"must be >= 1, got {self.embedding_dim}")
         first = len(self.vocab_sizes) - sum(self.bag_lengths)
         check(
@@ -367,6 +429,45 @@ class PEPNetConfig(Config):
 
 
 @dataclass
+class FunnelConfig(Config):
+    """How the tasks with ``depends_on`` (a click -> conversion funnel) are trained.
+
+    ``none`` trains a dependent task on the rows where its parent's label is 1 only (the naive CVR model, with
+    its sample-selection bias). The others train it over the whole impression space, its score staying the
+    conditional probability (pCVR) and ``pCTCVR = pCTR x pCVR`` (:func:`mtrank.train.losses.funnel_loss`):
+
+    * ``esmm`` (Ma et al., SIGIR 2018): ``L = L_CTR + w L_CTCVR``, no direct CVR loss.
+    * ``escm2`` (Wang et al., SIGIR 2022): ESMM plus ``counterfactual_weight`` x the counterfactual CVR risk,
+      ``counterfactual: ips`` (inverse propensity) or ``dr`` (doubly robust, with an imputation tower).
+    * ``aitm`` (Xi et al., KDD 2021): the dependent tower reads its parent's tower through an attention transfer
+      and predicts the entire-space probability; ``calibrator_weight`` x ``max(p_child - p_parent, 0)``.
+
+    Args:
+        type: ``none``, ``esmm``, ``escm2`` or ``aitm``.
+        counterfactual: ESCM2's risk, ``ips`` or ``dr``.
+        counterfactual_weight: ESCM2's lambda_c (PaddleRec's ``counterfactual_w``).
+        ips_clip: the largest inverse propensity ``1 / pCTR`` (PaddleRec's 15); 0 = no clip.
+        calibrator_weight: AITM's alpha (0.6 in the paper and the authors' code).
+    """
+
+    type: Literal["none", "esmm", "escm2", "aitm"] = "none"
+    counterfactual: Literal["ips", "dr"] = "ips"
+    counterfactual_weight: float = 0.1
+    ips_clip: float = 15.0
+    calibrator_weight: float = 0.6
+
+    def check(self, path: str) -> None:
+        for name in ("counterfactual_weight", "ips_clip", "calibrator_weight"):
+            value = getattr(self, name)
+            check(0 <= value < math.inf, join(path, name), f"must be >= 0 and finite, got {value}")
+        check(
+            self.ips_clip == 0 or self.ips_clip >= 1,
+            join(path, "ips_clip"),
+            f"an inverse propensity is >= 1: give a clip >= 1 or 0 (none), got {self.ips_clip}",
+        )
+
+
+@dataclass
 class ModelConfig(Config):
     """Architecture of a multi-task ranker (sections: see the module docstring)."""
 
@@ -381,6 +482,7 @@ class ModelConfig(Config):
     mixer: MixerConfig = field(default_factory=MixerConfig)
     bias: BiasConfig = field(default_factory=BiasConfig)
     pepnet: PEPNetConfig = field(default_factory=PEPNetConfig)
+    funnel: FunnelConfig = field(default_factory=FunnelConfig)
 
     @property
     def num_tasks(self) -> int:
@@ -398,13 +500,15 @@ class ModelConfig(Config):
 
     @property
     def num_tokens(self) -> int:
-        """Embedded features the main model reads: single categoricals (not bias) plus one per bag."""
+        """Embedded features the main model reads: embedded numeric columns, single categoricals (not bias) and
+        one per bag."""
         bags = self.inputs.bag_lengths
-        return len(self.main_features) - sum(bags) + len(bags)
+        return len(self.inputs.numeric) + len(self.main_features) - sum(bags) + len(bags)
 
     @property
     def input_dim(self) -> int:
-        return self.inputs.num_dense + self.num_tokens * self.inputs.embedding_dim
+        plain = self.inputs.num_dense - len(self.inputs.numeric)  # dense columns that enter as they are
+        return plain + self.num_tokens * self.inputs.embedding_dim
 
     def check(self, path: str) -> None:
         tasks = join(path, "tasks")
@@ -432,6 +536,7 @@ class ModelConfig(Config):
         for i, name in enumerate(self.bias.tasks):
             check(name in names, f"{join(path, 'bias.tasks')}[{i}]", f"unknown task {name!r}; tasks are {names}")
         self._check_zoo(path)
+        self._check_funnel(path)
         self.experts.check_in(self, join(path, "experts"))
         self.gate.check_in(self, join(path, "gate"))
 
@@ -459,6 +564,52 @@ class ModelConfig(Config):
             where = join(path, f"pepnet.{section}")
             for i, feature in enumerate(getattr(self.pepnet, section)):
                 self.pepnet_column(feature, f"{where}[{i}]")
+
+    def _check_funnel(self, path: str) -> None:
+        """Task dependencies: each names an earlier binary task; a funnel type needs one; AITM needs towers."""
+        names, funnel = self.task_names, self.funnel
+        for i, task in enumerate(self.tasks):
+            if not task.depends_on:
+                continue
+            where = f"{join(path, 'tasks')}[{i}].depends_on"
+            check(
+                task.depends_on in names[:i],
+                where,
+                f"{task.depends_on!r} is not a task declared before {task.name!r}; tasks are {names}"
+                f"{did_you_mean(task.depends_on, names)}",
+            )
+            parent = self.tasks[names.index(task.depends_on)]
+            check(
+                task.type == "binary" and parent.type == "binary",
+                where,
+                f"a funnel links binary tasks; {task.name!r} is {task.type} and {parent.name!r} is {parent.type}",
+            )
+        if funnel.type == "none":
+            return
+        where = join(path, "funnel.type")
+        check(bool(self.dependents), where, f"{funnel.type} needs a task with depends_on (e.g. cvr depends_on ctr)")
+        if funnel.type == "aitm":
+            check(bool(self.towers.hidden), join(path, "towers.hidden"), "aitm transfers a tower's last hidden layer")
+            check(not self.pepnet.ppnet, join(path, "pepnet.ppnet"), "not with funnel aitm (its output layer)")
+
+    @property
+    def parents(self) -> list[int]:
+        """The index of each task's ``depends_on`` task, -1 for none."""
+        names = self.task_names
+        return [names.index(t.depends_on) if t.depends_on in names else -1 for t in self.tasks]
+
+    @property
+    def dependents(self) -> list[int]:
+        """The tasks with a parent, in order."""
+        return [k for k, parent in enumerate(self.parents) if parent >= 0]
+
+    @property
+    def funnel_columns(self) -> int:
+        """Columns a training forward adds after the K task logits: ESCM2-DR's imputed errors, AITM's
+        entire-space logits, one per dependent task (0 otherwise)."""
+        funnel = self.funnel
+        adds = funnel.type == "aitm" or (funnel.type == "escm2" and funnel.counterfactual == "dr")
+        return len(self.dependents) if adds else 0
 
     def pepnet_column(self, feature: int | str, path: str) -> int:
         """The column of a PEPNet feature: a single categorical column that the main model reads."""

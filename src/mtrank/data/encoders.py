@@ -22,6 +22,13 @@ Numeric values: a missing value (null, NaN) is filled; anything else must stay f
 ``fill -> clip -> log1p -> standardise -> float32``: ``inf`` (unless ``clip`` bounds it) or a value too large
 to standardise is a :class:`DataError` naming the file, column and row, at fit time, and at encode time through
 :meth:`FeatureEncoder.check_finite` (the pipeline's files; a service answers 422 for a non-finite input).
+``quantile: true`` replaces standardising by quantile normalisation (:func:`quantile_normal`). A feature the
+model embeds (``embedding: ple``) keeps its one dense column; its bin edges are fitted here, on the encoded
+training values (:func:`quantile_edges`, :func:`target_edges`), and become the model's ``inputs.numeric``
+(:attr:`FeatureEncoder.numeric_inputs`). Each numeric feature's training range is kept for the shift shares
+(:meth:`FeatureEncoder.shift_counts`).
+
+Regression labels: :class:`LabelTransforms` (``label_transform`` of a task) fitted on the training labels.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from mtrank.config.experiment import (
     FeaturesSpec,
     MultiCategoricalFeature,
     NumericFeature,
+    TaskSpec,
 )
 from mtrank.data.errors import DataError, check_not_all_missing, data_error, warn
 
@@ -54,6 +62,26 @@ NA_TOKEN = "<NA>"
 OOV_TOKEN = "<oov>"
 CHUNK_ROWS = 65_536  # rows encoded at a time inside transform
 UNSEEN_SHARE_WARNING = 0.2  # warn when this much more of a column's rows are unseen than in the training split
+OUT_OF_RANGE_WARNING = 0.01  # warn when more of a numeric column's rows than this lie outside the training range
+OUT_OF_RANGE_MIN_ROWS = 10  # ... and at least this many (a few rows of a small split are chance, not shift)
+
+
+@dataclasses.dataclass
+class ShiftCounts:
+    """Rows of evaluation or scoring data unlike the training split, per column (summed over batches with ``+``).
+
+    Attributes:
+        rows: rows counted.
+        out_of_range: ``[F_numeric]`` rows whose value lies outside the training split's ``[min, max]``.
+        unseen: ``[F_categorical]`` rows whose value is not in the training vocabulary (OOV id 0).
+    """
+
+    rows: int
+    out_of_range: np.ndarray
+    unseen: np.ndarray
+
+    def __add__(self, other: ShiftCounts) -> ShiftCounts:
+        return ShiftCounts(self.rows + other.rows, self.out_of_range + other.out_of_range, self.unseen + other.unseen)
 
 
 def as_table(data: Any) -> pa.Table:
@@ -304,9 +332,136 @@ def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tup
     return string_column(flat, strip), parents, lengths
 
 
+# ---------------------------------------------------------------------------------------- labels
+
+
+class LabelTransforms:
+    """Regression labels -> the scale the model learns on (``label_transform`` of each task), and back.
+
+    Fitted on the training split's labels: ``log1p`` is the signed ``sign(y) log(1 + |y|)``, ``standardize``
+    subtracts the mean and divides by the standard deviation of the (transformed) present labels. The fitted
+    ``{"mean", "std"}`` of each task become its :class:`~mtrank.config.model.TaskConfig`'s ``label_mean`` and
+    ``label_std``, so the model itself maps its outputs back (:meth:`mtrank.model.MultiTaskModel.scores`), and
+    with it every export and the service; :meth:`inverse` is the same map in numpy (tested against the model).
+
+    Shapes: ``labels [N, K]`` (NaN = missing) -> ``[N, K]``; binary tasks and ``none`` pass through.
+
+    Example:
+        >>> from mtrank.config.experiment import TaskSpec
+        >>> tasks = [TaskSpec("click"), TaskSpec("spend", type="regression", label_transform="log1p_standardize")]
+        >>> t = LabelTransforms(tasks).fit(np.array([[0, 9.0], [1, 99.0], [0, float("nan")]]))
+        >>> z = t.transform(np.array([[1, 99.0]]))
+        >>> z.round(3).tolist(), t.inverse(z).round(6).tolist()
+        ([[1.0, 1.0]], [[1.0, 99.0]])
+    """
+
+    def __init__(self, tasks: list[TaskSpec]) -> None:
+        self.kinds = [t.label_transform for t in tasks]
+        self.names = [t.name for t in tasks]
+        self.stats: list[dict[str, float]] = [{"mean": 0.0, "std": 1.0} for _ in tasks]
+
+    @property
+    def active(self) -> bool:
+        return any(kind != "none" for kind in self.kinds)
+
+    def fit(self, labels: np.ndarray) -> LabelTransforms:
+        labels = np.asarray(labels, dtype=np.float64)
+        for k, kind in enumerate(self.kinds):
+            if kind.endswith("standardize"):
+                z = self._log1p(labels[:, k], kind)
+                z = z[~np.isnan(z)]
+                mean, std = (float(z.mean()), float(z.std())) if z.size else (0.0, 1.0)
+                self.stats[k] = {"mean": mean, "std": std if std > 0 else 1.0}
+        return self
+
+    @staticmethod
+    def _log1p(y: np.ndarray, kind: str) -> np.ndarray:
+        return np.sign(y) * np.log1p(np.abs(y)) if kind.startswith("log1p") else y
+
+    def transform(self, labels: np.ndarray) -> np.ndarray:
+        """Labels on the model's scale (float32, a new array)."""
+        out = np.array(labels, dtype=np.float64, copy=True)
+        for k, kind in enumerate(self.kinds):
+            if kind != "none":
+                out[:, k] = (self._log1p(out[:, k], kind) - self.stats[k]["mean"]) / self.stats[k]["std"]
+        return out.astype(np.float32)
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        """Values on the model's scale -> the labels' own scale (float64)."""
+        out = np.array(values, dtype=np.float64, copy=True)
+        for k, kind in enumerate(self.kinds):
+            if kind != "none":
+                y = out[:, k] * self.stats[k]["std"] + self.stats[k]["mean"]
+                out[:, k] = np.sign(y) * np.expm1(np.abs(y)) if kind.startswith("log1p") else y
+        return out
+
+    def task_stats(self) -> dict[str, dict[str, float]]:
+        """``{task: {"mean", "std"}}`` of the transformed tasks (:meth:`ExperimentConfig.model_config`)."""
+        return {name: dict(s) for name, kind, s in zip(self.names, self.kinds, self.stats) if kind != "none"}
+
+
+# ---------------------------------------------------------------------------------------- numeric transforms
+
+QUANTILE_BOUND = 1e-7  # quantile normalisation maps into [ndtri(1e-7), ndtri(1 - 1e-7)] = [-5.2, 5.2]
+
+
+def fit_quantiles(z: np.ndarray, quantiles: int) -> list[float]:
+    """``min(quantiles, N)`` reference values of the training values ``z`` at equally spaced probabilities
+    (scikit-learn's ``QuantileTransformer`` fit, on every row)."""
+    references = np.linspace(0.0, 1.0, min(quantiles, z.size))
+    return np.maximum.accumulate(np.quantile(z, references)).tolist()
+
+
+def quantile_normal(z: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Values ``z`` mapped through the fitted ``quantiles`` to a standard normal, as scikit-learn's
+    ``QuantileTransformer(output_distribution="normal")`` transforms them (tested against it): the empirical
+    CDF, interpolated forwards and backwards and averaged (so tied reference values map to their middle),
+    bounded away from 0 and 1, then the normal quantile function."""
+    from scipy.special import ndtri
+
+    references = np.linspace(0.0, 1.0, quantiles.size)
+    with np.errstate(invalid="ignore"):
+        p = 0.5 * (np.interp(z, quantiles, references) - np.interp(-z, -quantiles[::-1], -references[::-1]))
+    p[z - QUANTILE_BOUND < quantiles[0]] = 0.0
+    p[z + QUANTILE_BOUND > quantiles[-1]] = 1.0
+    return ndtri(np.clip(p, QUANTILE_BOUND, 1 - QUANTILE_BOUND))
+
+
+def _edges(values: np.ndarray, z: np.ndarray) -> list[float]:
+    """Sorted distinct bin edges: ``values`` with the training minimum and maximum; one bin of width 1 around a
+    constant column."""
+    edges = np.unique(np.concatenate([values, [z.min(), z.max()]]))
+    edges = edges[(edges >= z.min()) & (edges <= z.max())]
+    if edges.size < 2:
+        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    return edges.tolist()
+
+
+def quantile_edges(z: np.ndarray, bins: int) -> list[float]:
+    """Edges of at most ``bins`` equal-frequency bins of the encoded training values ``z`` (Gorishniy et al.
+    2022, section 3.2; fewer where quantiles coincide)."""
+    return _edges(np.quantile(z, np.linspace(0.0, 1.0, bins + 1)), z)
+
+
+def target_edges(z: np.ndarray, labels: np.ndarray, bins: int, min_leaf: int = 64) -> list[float]:
+    """Edges of at most ``bins`` target-aware bins (Gorishniy et al. 2022, section 3.2): the thresholds of a
+    regression tree on ``z`` alone with at most ``bins`` leaves of at least ``min(min_leaf, N / bins)`` rows,
+    fitted to every task's label at once (each standardised, a missing label set to its task's mean)."""
+    from sklearn.tree import DecisionTreeRegressor
+
+    y = np.asarray(labels, dtype=np.float64).reshape(len(z), -1)
+    with np.errstate(invalid="ignore"):
+        mean, std = np.nanmean(y, 0), np.nanstd(y, 0)
+    y = np.where(np.isnan(y), 0.0, (y - np.nan_to_num(mean)) / np.where(std > 0, std, 1.0))
+    leaf = max(1, min(min_leaf, len(z) // bins))
+    tree = DecisionTreeRegressor(max_leaf_nodes=bins, min_samples_leaf=leaf, random_state=0).fit(z[:, None], y)
+    inner = tree.tree_.children_left >= 0
+    return _edges(tree.tree_.threshold[inner], z)
+
+
 class FeatureEncoder:
-    """Fitted feature transforms: numeric fill/clip/log1p/standardise, categorical vocabularies or hashing,
-    multi-categorical pooled multi-hot.
+    """Fitted feature transforms: numeric fill/clip/log1p/standardise or quantile normalisation (and the bins of
+    embedded numeric features), categorical vocabularies or hashing, multi-categorical pooled multi-hot.
 
     Shapes: ``transform(table [N rows]) -> (dense float32 [N, num_dense], sparse int64 [N, F_cat])``.
 
@@ -380,17 +535,33 @@ class FeatureEncoder:
         """The raw columns (record keys) the encoder reads."""
         return [f.column for f in self.features.all()]
 
+    @property
+    def numeric_inputs(self) -> list[dict[str, Any]]:
+        """The model's ``inputs.numeric``: each embedded numeric feature's dense column, type and fitted bin
+        edges (:class:`~mtrank.config.model.NumericEmbeddingConfig`)."""
+        out = []
+        for column, feat in enumerate(self.features.numeric):  # numeric features are the first dense columns
+            spec = feat.embedding
+            if spec.type == "ple":
+                out.append({"column": column, "type": "ple", "edges": list(self.state[feat.name]["edges"])})
+            elif spec.type == "periodic":
+                out.append({"column": column, "type": "periodic", "frequencies": spec.frequencies, "sigma": spec.sigma})
+        return out
+
     # ----------------------------------------------------------------------------------- fitting
 
-    def fit(self, data: Any, source: str = "training data") -> FeatureEncoder:
-        """Fit every feature's statistics / vocabulary on ``data`` (the training split)."""
+    def fit(self, data: Any, source: str = "training data", labels: np.ndarray | None = None) -> FeatureEncoder:
+        """Fit every feature's statistics / vocabulary on ``data`` (the training split).
+
+        ``labels``: the tasks' training labels ``[N, K]`` (NaN where missing), on the scale the model learns;
+        needed only by target-aware bins (``embedding: {type: ple, bin_method: target}``)."""
         table = as_table(data)
         self._check_columns(table, source)
         if table.num_rows == 0:
             raise data_error(source, None, "no rows to fit the encoders on", "Give a non-empty training split")
         state: dict[str, dict[str, Any]] = {}
         for feat in self.features.numeric:
-            state[feat.name] = self._fit_numeric(feat, table, source)
+            state[feat.name] = self._fit_numeric(feat, table, source, labels)
         for feat in self.features.multi_categorical:
             flat, _, _ = _flat_strings(_list_column(table, feat, source), strip=True)
             vocab = _vocabulary(_value_counts(flat), feat.min_count, feat.max_vocab)
@@ -400,7 +571,9 @@ class FeatureEncoder:
         self.state = state
         return self
 
-    def _fit_numeric(self, feat: NumericFeature, table: pa.Table, source: str) -> dict[str, Any]:
+    def _fit_numeric(
+        self, feat: NumericFeature, table: pa.Table, source: str, labels: np.ndarray | None = None
+    ) -> dict[str, Any]:
         x = numeric_column(table, feat.column, source)
         check_not_all_missing(x, source, feat.column, table)
         present = np.isfinite(x)  # the fill statistics ignore values that clip bounds
@@ -412,11 +585,14 @@ class FeatureEncoder:
             fill = 0.0
         else:
             fill = float(feat.fill)
-        state = {"fill": fill, "mean": 0.0, "std": 1.0}
+        state: dict[str, Any] = {"fill": fill, "mean": 0.0, "std": 1.0}
+        state["min"], state["max"] = float(x[present].min()), float(x[present].max())  # the training range
         position = self.features.numeric.index(feat)
         check_no_infinity(x, feat, position, source, table)
         z = self._numeric_transform(feat, state, x)
-        if feat.standardize:
+        if feat.quantile:
+            state["quantiles"] = fit_quantiles(z, feat.quantiles)
+        elif feat.standardize:
             with np.errstate(over="ignore", invalid="ignore"):
                 mean, std = float(z.mean()), float(z.std())
             if not (math.isfinite(mean) and math.isfinite(std)):
@@ -424,6 +600,19 @@ class FeatureEncoder:
                 problem = "is too large to standardise (its square overflows float64)"
                 raise numeric_error(feat, position, float(x[row]), problem, source, table, row)
             state["mean"], state["std"] = mean, std if std > 0 else 1.0
+        embedding = feat.embedding
+        if embedding.type == "ple":
+            encoded = self._numeric_transform(feat, state, x, standardize=True)
+            if embedding.bin_method == "quantile":
+                state["edges"] = quantile_edges(encoded, embedding.bins)
+            else:
+                if labels is None:
+                    raise DataError(
+                        f"{source}: features.numeric[{position}].embedding.bin_method: 'target' bins need the "
+                        "training split's task labels (FeatureEncoder.fit(..., labels=...)); pass them, or use "
+                        "'quantile'"
+                    )
+                state["edges"] = target_edges(encoded, labels, embedding.bins)
         return state
 
     def _fit_categorical(self, feat: CategoricalFeature, table: pa.Table) -> dict[str, Any]:
@@ -484,7 +673,8 @@ class FeatureEncoder:
             j += feat.max_values
 
     def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
-        """``fill -> clip -> signed log1p -> standardise`` (float64, in place on a copy of ``x``)."""
+        """``fill -> clip -> signed log1p -> standardise`` (or quantile normalisation, when the state has
+        quantiles) (float64, in place on a copy of ``x``)."""
         z = np.array(x, dtype=np.float64, copy=True)
         z[np.isnan(z)] = state["fill"]  # missing; +-inf is not missing: clip bounds it, else check_finite fails
         if feat.clip is not None:
@@ -494,6 +684,8 @@ class FeatureEncoder:
             np.abs(z, out=z)
             np.log1p(z, out=z)
             z *= sign
+        if standardize and "quantiles" in state:
+            return quantile_normal(z, np.asarray(state["quantiles"]))
         if standardize:
             z -= state["mean"]
             z /= state["std"]
@@ -587,20 +779,64 @@ class FeatureEncoder:
         hashed = [bool(self.state[f.name].get("hash")) for f in self.features.categorical]
         return np.where(hashed, 0, counts)
 
-    def warn_unseen(self, unseen: np.ndarray, rows: int, source: str) -> None:
-        """Warn (:class:`~mtrank.data.errors.DataWarning`, one line) about the categorical features whose share of
-        unseen values in ``rows`` rows (``unseen`` from :meth:`unseen_counts`) is :data:`UNSEEN_SHARE_WARNING`
-        above the training split's."""
+    def out_of_range_counts(self, data: Any, source: str = "data") -> np.ndarray:
+        """Rows per numeric feature (``[F]``, features.numeric order) whose value lies outside the training split's
+        ``[min, max]`` (missing values are not counted; encoders fitted before the range was kept count 0)."""
+        table = as_table(data)
+        counts = np.zeros(len(self.features.numeric), dtype=np.int64)
+        for i, feat in enumerate(self.features.numeric):
+            state = self.state[feat.name]
+            if "min" in state:
+                x = numeric_column(table, feat.column, source)
+                counts[i] = int(((x < state["min"]) | (x > state["max"])).sum())
+        return counts
+
+    def shift_counts(self, data: Any, sparse: np.ndarray, source: str = "data") -> ShiftCounts:
+        """How many rows of ``data`` (encoded as ``sparse`` by :meth:`transform`) fall outside what the training
+        split held, per column (:class:`ShiftCounts`; add the counts of several batches with ``+``)."""
+        return ShiftCounts(len(sparse), self.out_of_range_counts(data, source), self.unseen_counts(sparse))
+
+    def shift(self, counts: ShiftCounts) -> dict[str, dict[str, float]]:
+        """Per column, the share of rows outside the training range (numeric features) and of values unseen in
+        training (categorical features, beside the training split's own share, which the OOV bucket holds)."""
+        rows = max(counts.rows, 1)
+        numeric = self.features.numeric
+        categorical = self.features.categorical
+        return {
+            "numeric_out_of_range": {f.column: float(c / rows) for f, c in zip(numeric, counts.out_of_range)},
+            "categorical_unseen": {f.column: float(c / rows) for f, c in zip(categorical, counts.unseen)},
+            "categorical_unseen_training": {f.column: self.state[f.name].get("unseen", 0.0) for f in categorical},
+        }
+
+    def warn_shift(self, counts: ShiftCounts, source: str) -> None:
+        """Warn (:class:`~mtrank.data.errors.DataWarning`, one line) about the columns of ``source`` unlike the
+        training split: numeric features with more than :data:`OUT_OF_RANGE_WARNING` of their rows (and at least
+        :data:`OUT_OF_RANGE_MIN_ROWS`) outside the training range, categorical features whose share of unseen
+        values is :data:`UNSEEN_SHARE_WARNING` above the training split's."""
+        shares = self.shift(counts)
         high = []
-        for feat, count in zip(self.features.categorical, unseen):
-            share, trained = count / max(rows, 1), self.state[feat.name].get("unseen", 0.0)
+        for column, share in shares["categorical_unseen"].items():
+            trained = shares["categorical_unseen_training"][column]
             if share - trained > UNSEEN_SHARE_WARNING:
-                high.append(f"{feat.column!r} {share:.0%} of rows (training: {trained:.0%})")
+                high.append(f"{column!r} {share:.0%} of rows (training: {trained:.0%})")
+        outside = [
+            f"{feat.column!r} {count / max(counts.rows, 1):.1%}"
+            for feat, count in zip(self.features.numeric, counts.out_of_range)
+            if count / max(counts.rows, 1) > OUT_OF_RANGE_WARNING and count >= OUT_OF_RANGE_MIN_ROWS
+        ]
+        parts = []
         if high:
-            warn(
-                f"{source}: categorical values the training split did not have: {', '.join(high)}; check for changed "
+            parts.append(
+                f"categorical values the training split did not have: {', '.join(high)}; check for changed "
                 "spellings, case or ids (surrounding spaces are ignored); the model treats them as one unknown value"
             )
+        if outside:
+            parts.append(
+                f"numeric values outside the training split's range: {', '.join(outside)} of rows; the model "
+                "extrapolates there (a later period, a changed unit or a bug upstream?)"
+            )
+        if parts:
+            warn(f"{source}: {'; '.join(parts)}")
 
     def _check_columns(self, table: pa.Table, source: str) -> None:
         present = set(table.column_names)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtrank.config.experiment import ExperimentConfig
-from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.encoders import FeatureEncoder, LabelTransforms
 from mtrank.data.errors import DataError
 from mtrank.data.readers import check_columns, encode_labels, encode_weights, open_dataset
 from mtrank.data.tensors import TensorData
@@ -85,14 +85,21 @@ class EncodedStream(IterableDataset):
     """Batches of encoded rows streamed from the training files (see the module docstring).
 
     Yields :class:`mtrank.data.tensors.TensorData` batches of ``batch_size`` rows (the last one of an epoch
-    may be smaller). Call :meth:`set_epoch` before each epoch to reshuffle.
+    may be smaller), labels on the model's scale when ``labels`` transforms them. Call :meth:`set_epoch` before
+    each epoch to reshuffle.
     """
 
     def __init__(
-        self, path: str, config: ExperimentConfig, encoder: FeatureEncoder, batch_size: int, seed: int = 0
+        self,
+        path: str,
+        config: ExperimentConfig,
+        encoder: FeatureEncoder,
+        batch_size: int,
+        seed: int = 0,
+        labels: LabelTransforms | None = None,
     ) -> None:
         super().__init__()
-        self.path, self.config, self.encoder = str(path), config, encoder
+        self.path, self.config, self.encoder, self.labels = str(path), config, encoder, labels
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         dataset = open_dataset(self.path, config.data, config)
         check_columns(dataset.schema.names, config, self.path)
@@ -136,6 +143,8 @@ class EncodedStream(IterableDataset):
         dense, sparse = self.encoder.transform(record_batch, source)
         self.encoder.check_finite(dense, record_batch, source)
         labels = encode_labels(record_batch, self.config.tasks, source)
+        if self.labels is not None and self.labels.active:  # on the scale the model learns
+            labels = self.labels.transform(labels)
         arrays = [dense, sparse, labels]
         weights = encode_weights(record_batch, self.config.data.weight_column, source)
         if weights is not None:

@@ -1,4 +1,5 @@
-"""The synthetic two-task data of Ma et al. (KDD 2018, section 3.2), with controlled task correlation.
+"""The synthetic two-task data of Ma et al. (KDD 2018, section 3.2), with controlled task correlation; and a
+click -> conversion funnel with a known CVR on every impression (:func:`make_funnel`).
 
 1. Orthonormal ``u1, u2`` in R^d; ``w1 = c u1``, ``w2 = c (p u1 + sqrt(1 - p^2) u2)``, so ``cos(w1, w2) = p``.
 2. ``x ~ N(0, I_d)``; ``y_t = w_t . x + sum_{i=1..m} sin(alpha_i w_t . x + beta_i) + e_t``, ``e_t ~ N(0, noise^2)``;
@@ -71,3 +72,60 @@ def make_synthetic(config: SyntheticConfig | None = None, **overrides) -> Tensor
         sparse=torch.zeros(config.n, 0, dtype=torch.long),
         labels=torch.stack(labels, 1).float(),
     )
+
+
+@dataclass
+class SyntheticFunnelConfig:
+    """A click -> conversion funnel with a known conversion probability on every impression.
+
+    ``x ~ N(0, I_d)``; unit vectors ``u_c, u_v`` with ``cos = correlation``; ``s_c = x . u_c``, ``s_v = x . u_v``:
+
+    * click: ``o ~ Bernoulli(sigmoid(click_scale s_c + click_bias))`` (``click_bias`` sets the CTR);
+    * conversion had the item been clicked (every impression): ``r ~ Bernoulli(cvr)``, with the true CVR
+      ``cvr = sigmoid(s_v + curvature (s_c^2 - 1) + cvr_bias)``;
+    * observed: the click, and the conversion on clicked rows only (NaN elsewhere).
+
+    Clicks are drawn from ``x`` alone (missing at random given x), so ``cvr`` is the CVR over every impression
+    and the one a model trained on clicked rows should also learn; with ``correlation > 0`` and a curvature in
+    ``s_c``, clicked rows cover the impression space unevenly (sample selection bias).
+    """
+
+    n: int = 20_000
+    d: int = 16
+    correlation: float = 0.5
+    click_scale: float = 2.0
+    click_bias: float = -2.0
+    curvature: float = 0.5
+    cvr_bias: float = -1.0
+    seed: int = 0
+
+
+def make_funnel(config: SyntheticFunnelConfig | None = None, **overrides) -> tuple[TensorData, torch.Tensor]:
+    """``n`` impressions of :class:`SyntheticFunnelConfig`: ``dense = x [n, d]``, ``labels = [click, conversion]
+    [n, 2]`` (conversion NaN where not clicked), and the true CVR of every impression ``[n]`` (float32).
+
+    Example:
+        >>> data, true_cvr = make_funnel(n=2000, seed=1)
+        >>> data.labels.shape, true_cvr.shape, bool(data.labels[:, 1].isnan().any())
+        (torch.Size([2000, 2]), torch.Size([2000]), True)
+    """
+    config = config or SyntheticFunnelConfig()
+    if overrides:
+        config = SyntheticFunnelConfig(**{**config.__dict__, **overrides})
+    if not -1.0 <= config.correlation <= 1.0:
+        raise ValueError(f"correlation must be in [-1, 1], got {config.correlation}")
+    gen = torch.Generator().manual_seed(config.seed)
+    u_click, u_cvr = task_weights(SyntheticConfig(d=config.d, correlation=config.correlation, c=1.0), gen)
+    x = torch.randn(config.n, config.d, generator=gen, dtype=torch.float64)
+    s_click, s_cvr = x @ u_click, x @ u_cvr  # (n,)
+    ctr = torch.sigmoid(config.click_scale * s_click + config.click_bias)
+    cvr = torch.sigmoid(s_cvr + config.curvature * (s_click**2 - 1) + config.cvr_bias)
+    click = torch.bernoulli(ctr, generator=gen)
+    conversion = torch.bernoulli(cvr, generator=gen)
+    conversion = torch.where(click == 1, conversion, torch.full_like(conversion, math.nan))
+    data = TensorData(
+        dense=x.float(),
+        sparse=torch.zeros(config.n, 0, dtype=torch.long),
+        labels=torch.stack([click, conversion], 1).float(),
+    )
+    return data, cvr.float()

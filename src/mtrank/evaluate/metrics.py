@@ -66,6 +66,39 @@ def task_metrics(
             out[f"r2/{task.name}"] = float(r2_score(y, z, sample_weight=w)) if y.size > 1 else math.nan
             losses.append(out[f"mse/{task.name}"])
     out["loss"] = float(np.mean(losses)) if losses else math.nan
+    out.update(entire_space_metrics(tasks, logits_np, labels_np, weights_np))
+    return out
+
+
+def entire_space_metrics(
+    tasks: list[TaskConfig], logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+) -> dict[str, float]:
+    """For each task with ``depends_on`` (cvr after ctr): ``auc/<task>_entire`` and ``logloss/<task>_entire``
+    of the entire-space probability ``prod`` of the chain's scores (pCTCVR = pCTR x pCVR) against the
+    entire-space label (the task's label where the parent's is 1, 0 where it is 0), over every row with a
+    parent label: ESMM's CTCVR metrics. (The task's own metrics cover the rows where its parent's label is 1.)
+    """
+    names = [t.name for t in tasks]
+    prob: list[np.ndarray] = []
+    label: list[np.ndarray] = []
+    out: dict[str, float] = {}
+    for k, task in enumerate(tasks):
+        p = 1.0 / (1.0 + np.exp(-logits[:, k]))
+        if task.depends_on not in names:
+            prob.append(p)
+            label.append(labels[:, k])
+            continue
+        parent = names.index(task.depends_on)
+        prob.append(p * prob[parent])
+        label.append(np.where(label[parent] == 0, 0.0, labels[:, k]))
+        present = ~np.isnan(label[k])
+        y, q = label[k][present], prob[k][present]
+        w = None if weights is None else weights[present]
+        if y.size == 0:
+            continue
+        single_class = np.unique(y).size < 2
+        out[f"auc/{task.name}_entire"] = math.nan if single_class else float(roc_auc_score(y, q, sample_weight=w))
+        out[f"logloss/{task.name}_entire"] = float(log_loss(y, q, sample_weight=w, labels=[0, 1]))
     return out
 
 

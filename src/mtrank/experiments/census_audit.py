@@ -756,7 +756,9 @@ def worst_case_seconds(cfg: AuditConfig, data_path: Path) -> dict:
         ensemble = SplitEnsemble(config, list(range(members)), cfg.device)
         held = data.held.to(device)
         rows = HeldOutRows(held, torch.stack([data.split(0)[0]] * members).to(device))
-        short = dataclasses.replace(train_config(cfg, 1e-3, len(data.train), "auc/x"), steps=20, eval_every=20)
+        short = dataclasses.replace(
+            train_config(cfg, 1e-3, len(data.train), f"auc/{data.tasks[0].name}"), steps=20, eval_every=20
+        )
         warm = dataclasses.replace(short, steps=2, eval_every=2)
         ensemble.fit(EnsembleData.shared(data.train), None, warm)
         result = ensemble.fit(EnsembleData.shared(data.train), None, short)

@@ -54,8 +54,10 @@ def max_difference(
     batch: int = 64,
     seed: int = 1,
 ) -> float:
-    """``max |scorer(x) - scores of eager model(x)|`` over random inputs ``x`` of ``batch`` rows (by default a
-    batch size other than the one exports are traced with).
+    """``max |scorer(x) - scores of eager model(x)| / max(1, |scores|)`` over random inputs ``x`` of ``batch``
+    rows (by default a batch size other than the one exports are traced with): the absolute difference for
+    probabilities and small values, the relative one for regression values on their labels' own scale (a
+    ``label_transform`` maps outputs to thousands, where float32 itself rounds at 1e-4).
 
     Args:
         model: the float32 model.
@@ -73,4 +75,4 @@ def max_difference(
         expected = scoring_module(model)(dense, sparse).numpy()
         got = scorer(dense, sparse)
     got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-    return float(np.abs(got - expected).max())
+    return float((np.abs(got - expected) / np.maximum(np.abs(expected), 1.0)).max())

@@ -9,9 +9,9 @@ Files written (``MODEL_DIR/export/`` unless told otherwise):
 ``export.json``      what was exported: format, tasks, inputs, the measured difference to eager
 ===================  =====================================================================
 
-An export is kept only if its scores are within ``max |diff| <= 1e-5`` of eager PyTorch on random inputs of
-another batch size (:func:`mtrank.export.common.max_difference`); ONNX files are checked by running them in
-onnxruntime.
+An export is kept only if its scores are within ``max |diff| / max(1, |score|) <= 1e-5`` of eager PyTorch on
+random inputs of another batch size (:func:`mtrank.export.common.max_difference`: absolute for probabilities,
+relative for regression values beyond 1); ONNX files are checked by running them in onnxruntime.
 """
 
 from __future__ import annotations

@@ -114,14 +114,23 @@ class MultiTaskBlock(nn.Module):
         levels: the extraction levels, bottom first.
         towers: K towers (:class:`~mtrank.nn.stacked.StackedMLP` ending in one unit), reading ``[K, B, D]``.
         shared: the shared hidden layer under the experts, or None.
+        funnel: ``(tower inputs [K, B, D], tower outputs) -> task logits`` for tasks that depend on others
+            (:class:`~mtrank.nn.funnel.TaskFunnel`: AITM's transfer, ESCM2-DR's imputation towers), or None.
 
     Shapes: ``x [B, in]`` (or ``[K+1, B, in]``, STEM) -> ``task_logits [B, K]``, ``gate_weights [B, K, E]``
     (float32, of the last level), ``aux_loss []``.
     """
 
-    def __init__(self, levels: list[ExtractionLevel], towers: StackedMLP, shared: MLP | None = None) -> None:
+    def __init__(
+        self,
+        levels: list[ExtractionLevel],
+        towers: StackedMLP,
+        shared: MLP | None = None,
+        funnel: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.shared = shared
+        self.funnel = funnel
         self.levels = nn.ModuleList(levels)
         self.towers = towers
         self.num_tasks = towers.groups
@@ -149,4 +158,7 @@ class MultiTaskBlock(nn.Module):
             if keep_levels:
                 trace.append((expert_out, gate_weights))
         tower_out = self.towers(x[: self.num_tasks], tower_scales)  # (K, B, 1)
+        funnel = self.funnel
+        if funnel is not None:
+            return funnel(x[: self.num_tasks], tower_out), gate_weights, aux_loss, trace
         return tower_out.squeeze(-1).transpose(0, 1), gate_weights, aux_loss, trace

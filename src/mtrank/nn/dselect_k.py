@@ -137,7 +137,12 @@ class DSelectKGates(SoftmaxGates):
         step = smooth_step(out[..., :z_width], self.gamma).reshape(batch, gates, self.k, 1, self.bits)  # (B,G,k,1,M)
         factors = torch.where(self.codes, step, 1.0 - step)  # (B, G, k, E, M)
         factors = torch.where(self.used_bits, factors, torch.ones_like(factors))
-        selectors = factors.prod(-1) * self.allowed_weights  # (B, G, k, E)
+        # a product of the M factors by multiplication: prod()'s backward looks for zeros on the host (a sync
+        # that a CUDA graph capture cannot hold), and a selector's factors are exactly 0 once it has converged
+        selectors = factors[..., 0]
+        for bit in range(1, self.bits):
+            selectors = selectors * factors[..., bit]
+        selectors = selectors * self.allowed_weights  # (B, G, k, E)
         selector_weights = softmax(out[..., z_width:])  # (B, G, k)
         weights = (selector_weights.unsqueeze(-1) * selectors).sum(2)  # (B, G, E)
         return weights, selectors

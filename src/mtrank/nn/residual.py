@@ -7,8 +7,6 @@ group's for a HoME group gate, the shared ones for a shared gate).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -68,13 +66,16 @@ class SelfGates(nn.Module):
         counts = own.sum(1)
         self.register_buffer("own", own.clone())
         self.register_buffer("single", (counts == 1).unsqueeze(1).expand_as(own).clone())  # (G, E)
-        self.register_buffer("fill", torch.where(counts > 0, -math.inf, 0.0).unsqueeze(1))  # (G, 1)
+        # the lowest float32, not -inf (softmax gives it weight 0 just the same): a saved model directory refuses
+        # non-finite tensors
+        lowest = torch.finfo(torch.float32).min
+        self.register_buffer("fill", torch.where(counts > 0, lowest, 0.0).unsqueeze(1))  # (G, 1)
         self.proj = StackedLinear(own.shape[0], in_features, own.shape[1])
         nn.init.normal_(self.proj.weight, std=0.01)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.proj(x).float().transpose(0, 1)  # (G, B, E) -> (B, G, E)
-        masked = torch.where(self.own, logits, self.fill)  # -inf outside own experts (0 if a gate has none)
+        masked = torch.where(self.own, logits, self.fill)  # lowest outside own experts (0 if a gate has none)
         weights = torch.where(self.single, torch.sigmoid(logits), softmax(masked))
         return weights * self.own

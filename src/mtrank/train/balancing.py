@@ -61,7 +61,7 @@ from mtrank.evaluate.conflict import (
     task_gradients,
 )
 from mtrank.train.distributed import rank_and_world
-from mtrank.train.losses import BatchLosses, batch_losses
+from mtrank.train.losses import BatchLosses, FunnelSpec, batch_losses
 
 __all__ = [
     "Balancer",
@@ -590,6 +590,7 @@ def diagnose(model: Any, data: Any, batches: int = 8, batch_size: int = 1024, se
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: batches * batch_size]
     named = list(model.named_parameters())
     task_weights = torch.tensor([t.weight for t in model.tasks], device=model.device)
+    funnel = FunnelSpec.from_config(model.config)
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
@@ -606,6 +607,7 @@ def diagnose(model: Any, data: Any, batches: int = 8, batch_size: int = 1024, se
                 model.binary_mask,
                 task_weights,
                 None if part.weights is None else part.weights.to(model.device),
+                funnel=funnel and funnel.in_eval(out.task_logits, len(model.tasks)),
             )
             weighted = losses.per_task * task_weights
             grads = {n: g for (n, _), g in zip(named, task_gradients(weighted, [p for _, p in named]))}

@@ -18,12 +18,16 @@ static input buffers, and the graph runs the step that :class:`~mtrank.train.ste
 Warm-up: the first ``warmup_steps`` full batches run eagerly on a side stream (cuBLAS / allocator
 initialisation must not happen during capture, as the PyTorch CUDA-graph notes require); the next one is
 captured and every later full batch replays it. If capture fails, the exception is recorded in
-:attr:`GraphedStep.failure` and training goes on eagerly.
+:attr:`GraphedStep.failure`, a warning says so, and training goes on eagerly (the trainer's ``step_path``
+then reads ``eager`` with the failure as its reason). A failed capture leaves the CUDA generator marked as
+capturing, so every later random draw outside a graph would raise "Offset increment outside graph capture";
+:func:`release_generator` gives it back its seed and offset in a fresh state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +128,8 @@ class GraphedStep:
                 self.graph, self.static_out = None, None
                 self.failure = f"{type(err).__name__}: {err}"
                 torch.cuda.synchronize(self.device)
+                release_generator(self.device)
+                warnings.warn(f"CUDA graph capture failed, training goes on eagerly: {self.failure}", stacklevel=2)
         if self.graph is None:
             self.eager_steps += 1
             return self.step_fn(self.static_batch, True)
@@ -155,3 +161,11 @@ class GraphedStep:
         with torch.cuda.graph(graph, stream=self._side_stream()):
             static_out = self.step_fn(self.static_batch, None)
         self.graph, self.static_out = graph, static_out
+
+
+def release_generator(device: torch.device) -> None:
+    """After a failed capture: the device's default CUDA generator keeps its seed and Philox offset in a fresh
+    state object, no longer marked as capturing (``clone_state`` copies seed and offset, not the capture flag)."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if hasattr(generator, "clone_state"):
+        generator.graphsafe_set_state(generator.clone_state())

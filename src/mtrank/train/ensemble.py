@@ -32,6 +32,7 @@ from mtrank.train.callbacks import Callback
 from mtrank.train.cuda_graph import GraphedStep
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.loop import TrainingLoop, TrainResult
+from mtrank.train.losses import FunnelSpec
 from mtrank.train.optim import clip_gradients_per_run
 from mtrank.train.sources import InMemorySource
 from mtrank.train.step import resolve_device
@@ -177,7 +178,8 @@ class Ensemble:
         self.params = {k: v.detach().to(self.device).requires_grad_(True) for k, v in params.items()}
         self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
         self.binary_mask = models[0].binary_mask.to(self.device)
-        self.task_weights = torch.tensor([t.weight for t in config.tasks], device=self.device)
+        self.funnel = FunnelSpec.from_config(self.config)
+        self.task_weights = torch.tensor([t.weight for t in self.config.tasks], device=self.device)
         self.task_names = config.task_names
         self._random_sources = models[0].random_sources()
         self.loop: TrainingLoop | None = None

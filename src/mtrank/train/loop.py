@@ -117,6 +117,7 @@ class Runs(Protocol):
     device: torch.device
     binary_mask: torch.Tensor
     task_weights: torch.Tensor
+    funnel: Any  # a FunnelSpec (mtrank.train.losses) when tasks depend on others, else None
     task_names: list[str]
 
     def parameters(self) -> list[torch.Tensor]: ...
@@ -303,6 +304,9 @@ class TrainingLoop:
             else:  # the epoch is over
                 state.epoch, state.batch = state.epoch + 1, 0
         seconds = time.perf_counter() - start
+        graph = step_fn.graph
+        if graph is not None and graph.failure:  # the path it ran, not the plan
+            self.step_path, self.step_path_reason = "eager", f"CUDA graph capture failed: {graph.failure}"
         restore = [r for r in range(num) if results[r].best_step > 0]
         if best is not None and restore:
             runs.restore(best, restore)
@@ -321,8 +325,10 @@ class TrainingLoop:
         self.runs.train(False)
         with torch.autocast(self.runs.device.type, dtype=torch.bfloat16, enabled=self.step.use_bf16):
             task_logits, aux_loss = self.runs.forward(batch)
+        funnel = self.runs.funnel and self.runs.funnel.in_eval(task_logits, batch.labels.shape[-1])
+        runs = self.runs
         losses = batch_losses(
-            task_logits, aux_loss, batch.labels, self.runs.binary_mask, self.runs.task_weights, batch.weights
+            task_logits, aux_loss, batch.labels, runs.binary_mask, runs.task_weights, batch.weights, funnel=funnel
         )
         self.runs.train(True)
         self.conflict_series.append({"step": step, "runs": measure_conflict(self.runs, losses)})

@@ -40,7 +40,8 @@ class TrainStep:
 
     Args:
         runs: what is trained (:class:`~mtrank.train.loop.Runs`): ``forward(batch) -> (task logits, aux loss)``,
-            ``binary_mask``, ``task_weights``, ``clip_gradients(max_norm)``.
+            ``binary_mask``, ``task_weights``, ``funnel`` (a :class:`~mtrank.train.losses.FunnelSpec` or None),
+            ``clip_gradients(max_norm)``.
         optimizer: over ``runs.parameters()`` (capturable when graphed).
         config: precision, gradient clipping and distillation settings.
         batch_of: batch key -> :class:`TensorData` (e.g. ``data.take(index)``, a gather the graph records too).
@@ -80,7 +81,7 @@ class TrainStep:
         ):
             task_logits, aux_loss = self.runs.forward(batch)
         losses = batch_losses(
-            task_logits,
+            task_logits,  # with a funnel's training columns after the K task logits
             aux_loss,
             batch.labels,
             self.runs.binary_mask,
@@ -89,8 +90,9 @@ class TrainStep:
             batch.teacher,
             cfg.distill,
             cfg.distill_weight,
+            self.runs.funnel,  # dependent tasks: entire-space losses (ESMM, ESCM2, AITM)
         )
-        self.balancer.backward(losses)
+        self.balancer.backward(losses)  # runs are independent: each run's gradient is its own loss's
         if cfg.grad_clip > 0:
             self.runs.clip_gradients(cfg.grad_clip)
         self.optimizer.step()

@@ -14,6 +14,7 @@ from mtrank.model import MultiTaskModel
 from mtrank.train.callbacks import Callback
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.loop import TrainingLoop, TrainResult
+from mtrank.train.losses import FunnelSpec
 from mtrank.train.optim import clip_gradients
 from mtrank.train.sources import InMemorySource
 from mtrank.train.step import resolve_device
@@ -30,7 +31,8 @@ class SingleRun:
         self.model = model.to(device)
         self.task_names = model.task_names
         self.binary_mask = model.binary_mask
-        self.task_weights = torch.tensor([t.weight for t in model.tasks], device=device)
+        self.funnel = FunnelSpec.from_config(model.config)
+        self.task_weights = torch.tensor([t.weight for t in model.config.tasks], device=device)
         self.module: torch.nn.Module = self.model
         if rank_and_world()[1] > 1:
             device_ids = [device.index or torch.cuda.current_device()] if device.type == "cuda" else None
