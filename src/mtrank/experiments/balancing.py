@@ -52,6 +52,7 @@ class BalancingStudy:
     n_test: int = 2_000  # test (the table)
     steps: int = 1_500  # synthetic: Adam steps of batch 128
     census_rows: int = 50_000  # census / clothing: training rows kept (0 = all), the same subset for every seed
+    valid_rows: int = 5_000  # census / clothing: validation rows kept for the best-step rule (0 = all)
     epochs: int = 3  # census / clothing
     lr: float = 1e-3
     batch_size: int = 128
@@ -120,6 +121,7 @@ def _subset(data: TensorData, rows: int) -> TensorData:
 
 def _shared(train, valid, test, tasks, inputs, study: BalancingStudy) -> Dataset:
     steps = study.epochs * -(-len(train) // study.batch_size)
+    valid = _subset(valid, study.valid_rows)  # evaluated `evals` times per run: the cost of a setting
     return Dataset(*(EnsembleData.shared(d) for d in (train, valid, test)), list(tasks), inputs, steps)
 
 
@@ -317,7 +319,11 @@ def _describe(study: BalancingStudy) -> str:
         f"seed), second label x{study.scale:g}, {study.steps:,} steps of batch {study.batch_size}"
     )
     kept = f"{study.census_rows:,}" if study.census_rows else "all"
-    real = f"census / clothing: {kept} training rows, {study.epochs} epochs of batch {study.batch_size}"
+    valid = f"{study.valid_rows:,}" if study.valid_rows else "all"
+    real = (
+        f"census / clothing: {kept} training rows (one random subset shared by every seed), {valid} validation "
+        f"rows, the whole test split, {study.epochs} epochs of batch {study.batch_size}"
+    )
     return (
         f"{study.seeds} seeds per setting (paired: seed s shares data, initialisation and batch order); "
         f"{synthetic}; {real}; Adam lr {study.lr:g}, best step on validation loss ({study.evals} evaluations); "

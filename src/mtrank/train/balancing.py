@@ -7,8 +7,9 @@ The step (:mod:`mtrank.train.step`) asks its :class:`Balancer` for two things an
 * ``observe(per_task, present)`` after the step, outside any CUDA graph: update the method's state from the
   step's detached losses (DWA's loss history, FAMO's logits, uncertainty's log-variances).
 
-With ``L_k`` the masked mean loss of task k (:func:`~mtrank.train.losses.multitask_loss`), ``c_k`` its
-configured weight, ``L'_k = c_k L_k`` and ``extra`` the gates' auxiliary loss + distillation, every weighting
+With ``L_k`` the masked mean loss of task k (:func:`~mtrank.train.losses.batch_losses`; a funnel task's
+entire-space loss, e.g. ESMM's CTCVR loss), ``c_k`` its configured weight, ``L'_k = c_k L_k`` and ``extra`` the
+gates' auxiliary loss + distillation + a funnel's regularisers (ESCM2, AITM; never reweighted), every weighting
 method trains ``sum_k m_k L'_k + extra`` with multipliers ``m_k`` it keeps in :attr:`Balancer.weights` (``[K]``,
 ``[R, K]`` for R stacked runs; every run has its own state). Formulas and references: docs/balancing.md.
 
