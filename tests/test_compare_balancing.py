@@ -9,7 +9,7 @@ import torch
 
 from mtrank.cli import main
 from mtrank.config import TaskConfig
-from mtrank.experiments.balancing import BalancingStudy, load_dataset, paired_rows, single_task
+from mtrank.experiments.balancing import BalancingStudy, compact_table, load_dataset, paired_rows, single_task
 from tabular_helpers import one_torch_thread  # noqa: F401
 
 TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "binary")]
@@ -30,6 +30,9 @@ def test_quick_balancing_writes_every_method_against_fixed_and_the_conflict_tabl
     assert report.count("| pcgrad | r2/y2_x100 |") == 2
     assert "## Task conflict under fixed weights" in report and "| synthetic:0.5, mmoe | y1~y2_x100 |" in report
     assert "not resolvable" in report or "better" in report or "worse" in report
+    table = compact_table(summary, n_boot=200).splitlines()
+    assert table[0].startswith("| setting | metric | fixed: mean ± std | uncertainty |") and len(table) == 2 + 2 * 2
+    assert table[2].startswith("| synthetic:0.5/mmoe | r2/y1 |") and table[2].count("[") == 6
 
 
 def test_quick_mtl_help_pairs_every_multi_task_model_with_each_task_alone(tmp_path):

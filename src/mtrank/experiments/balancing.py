@@ -329,3 +329,28 @@ def _describe(study: BalancingStudy) -> str:
         f"{synthetic}; {real}; Adam lr {study.lr:g}, best step on validation loss ({study.evals} evaluations); "
         "test AUC (binary) or R² (regression)."
     )
+
+
+def compact_table(summary: dict, n_boot: int = 10_000) -> str:
+    """One row per setting and task, one column per method: the paired difference to fixed weights and its 95%
+    interval, from a :func:`run_balancing` ``results.json`` (the table of docs/balancing.md)."""
+    methods = [m for m in summary["study"]["methods"] if m != "fixed"]
+    rows = []
+    for setting, runs in summary["results"].items():
+        metrics = [k for k in runs["fixed"][0] if k.startswith(("auc/", "r2/"))]
+        for metric in metrics:
+            base = np.array([r[metric] for r in runs["fixed"]])
+            cells = [setting, metric, f"{base.mean():.4f} ± {base.std(ddof=1):.4f}"]
+            for method in methods:
+                diff = paired_bootstrap(np.array([r[metric] for r in runs[method]]), base, n_boot=n_boot, seed=0)
+                mark = {"A better": " **+**", "B better": " **−**"}.get(verdict(diff), "")
+                cells.append(f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]{mark}")
+            rows.append(cells)
+    return markdown_table(["setting", "metric", "fixed: mean ± std", *methods], rows)
+
+
+if __name__ == "__main__":  # python -m mtrank.experiments.balancing RESULTS_JSON: the compact table
+    import json
+    import sys
+
+    print(compact_table(json.loads(Path(sys.argv[1]).read_text())))
