@@ -27,6 +27,7 @@ def _study(args: argparse.Namespace):
         "steps": args.steps,
         "epochs": args.epochs,
         "census_rows": args.train_rows,
+        "valid_rows": args.valid_rows,
         "lr": args.lr,
         "scale": args.scale,
     }
@@ -84,6 +85,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="synthetic: Adam steps (default 1500)")
     p.add_argument("--epochs", type=int, help="census / clothing: epochs (default 3)")
     p.add_argument("--train-rows", type=int, help="census / clothing: training rows kept (default 50000; 0 = all)")
+    p.add_argument("--valid-rows", type=int, help="census / clothing: validation rows kept (default 5000; 0 = all)")
     p.add_argument("--lr", type=float, help="learning rate of every setting (default 1e-3)")
     p.add_argument("--scale", type=float, help="synthetic: factor on the second label (default 100)")
     p.add_argument("--data", metavar="DIR", help="folder holding census-income/ (default $MTRANK_SHARED_DATA)")

@@ -324,10 +324,12 @@ def _describe(study: BalancingStudy) -> str:
         f"census / clothing: {kept} training rows (one random subset shared by every seed), {valid} validation "
         f"rows, the whole test split, {study.epochs} epochs of batch {study.batch_size}"
     )
+    has_synthetic = [d.startswith("synthetic:") for d in study.datasets]
+    sizes = ([synthetic] if any(has_synthetic) else []) + ([real] if not all(has_synthetic) else [])
     return (
         f"{study.seeds} seeds per setting (paired: seed s shares data, initialisation and batch order); "
-        f"{synthetic}; {real}; Adam lr {study.lr:g}, best step on validation loss ({study.evals} evaluations); "
-        "test AUC (binary) or R² (regression)."
+        f"{'; '.join(sizes)}; Adam lr {study.lr:g} for every method, best step on validation loss "
+        f"({study.evals} evaluations); test AUC (binary) or R² (regression)."
     )
 
 
