@@ -46,6 +46,8 @@ def test_quick_mtl_help_pairs_every_multi_task_model_with_each_task_alone(tmp_pa
     report = (out / "results.md").read_text()
     assert "| synthetic:0.5: mmoe, uncertainty | r2/y1 |" in report
     assert ("Negative transfer" in report) == bool(summary["negative_transfer"])
+    table = compact_table(summary, n_boot=200).splitlines()
+    assert table[0] == "| setting | metric | alone: mean ± std | fixed | uncertainty |" and len(table) == 2 + 2 * 2
 
 
 def test_paired_rows_flag_a_consistent_loss_as_worse_and_a_noisy_one_as_not_resolvable():

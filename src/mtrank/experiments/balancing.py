@@ -334,21 +334,32 @@ def _describe(study: BalancingStudy) -> str:
 
 
 def compact_table(summary: dict, n_boot: int = 10_000) -> str:
-    """One row per setting and task, one column per method: the paired difference to fixed weights and its 95%
-    interval, from a :func:`run_balancing` ``results.json`` (the table of docs/balancing.md)."""
-    methods = [m for m in summary["study"]["methods"] if m != "fixed"]
+    """One row per setting and task, one column per method: the paired difference to the reference and its 95%
+    interval, from a ``results.json`` of :func:`run_balancing` (reference: fixed weights) or of
+    :func:`run_mtl_help` (reference: each task alone). The tables of docs/balancing.md."""
+    methods = list(summary["study"]["methods"])
+    results = summary["results"]
+    if "negative_transfer" in summary:  # mtl-help: "<data>/single_task" and "<data>/<block>/<method>"
+        settings = {
+            f"{data}/{block}": ({m: results[f"{data}/{block}/{m}"] for m in methods}, results[f"{data}/single_task"])
+            for data in summary["study"]["datasets"]
+            for block in summary["study"]["blocks"]
+        }
+        reference, shown = "alone", methods
+    else:
+        settings = {name: (runs, runs["fixed"]) for name, runs in results.items()}
+        reference, shown = "fixed", [m for m in methods if m != "fixed"]
     rows = []
-    for setting, runs in summary["results"].items():
-        metrics = [k for k in runs["fixed"][0] if k.startswith(("auc/", "r2/"))]
-        for metric in metrics:
-            base = np.array([r[metric] for r in runs["fixed"]])
+    for setting, (runs, base_runs) in settings.items():
+        for metric in [k for k in base_runs[0] if k.startswith(("auc/", "r2/"))]:
+            base = np.array([r[metric] for r in base_runs])
             cells = [setting, metric, f"{base.mean():.4f} ± {base.std(ddof=1):.4f}"]
-            for method in methods:
+            for method in shown:
                 diff = paired_bootstrap(np.array([r[metric] for r in runs[method]]), base, n_boot=n_boot, seed=0)
                 mark = {"A better": " **+**", "B better": " **−**"}.get(verdict(diff), "")
                 cells.append(f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]{mark}")
             rows.append(cells)
-    return markdown_table(["setting", "metric", "fixed: mean ± std", *methods], rows)
+    return markdown_table(["setting", "metric", f"{reference}: mean ± std", *shown], rows)
 
 
 if __name__ == "__main__":  # python -m mtrank.experiments.balancing RESULTS_JSON: the compact table
