@@ -48,6 +48,7 @@ from mtrank.data.splits import (
 from mtrank.data.streaming import EncodedStream
 from mtrank.data.tensors import TensorData
 from mtrank.evaluate.baseline import baseline_differences, fit_baseline
+from mtrank.evaluate.conflict import report_section as conflict_report_section
 from mtrank.evaluate.metrics import evaluate, predict_batches, task_metrics
 from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.model import MultiTaskModel
@@ -240,7 +241,9 @@ def _write_model_dir(config: ExperimentConfig, result: FitResult, started: float
         "history": train_result.history,
     }
     write_json(model_dir / "metrics.json", summary)
-    (model_dir / "report.md").write_text(report_markdown(config, result))
+    report = report_markdown(config, result)
+    conflict = conflict_report_section(train_result.history, model_dir)  # "" without conflict measurements
+    (model_dir / "report.md").write_text(report + (f"\n{conflict}" if conflict else ""))
     seal_model_dir(model_dir)  # last: the manifest names every file above with its SHA-256
 
 
@@ -329,12 +332,18 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 def evaluate_model_dir(model_dir: str | Path, data: Any) -> dict[str, float]:
     """Metrics per task of a saved model on a labelled file / directory / DataFrame."""
     loaded = open_model_dir(model_dir)
-    model, encoder, config = loaded.model, loaded.encoder, loaded.require_experiment()
+    return evaluate_on_label_scale(loaded.model, encode_for_model_dir(loaded, data, "evaluation"))
+
+
+def encode_for_model_dir(loaded: Any, data: Any, purpose: str) -> TensorData:
+    """A labelled file / directory / DataFrame encoded by a loaded model directory's encoders (warnings for
+    unseen categories and constant labels name the source and ``purpose``)."""
+    encoder, config = loaded.encoder, loaded.require_experiment()
     table, source = read_table(data, config)
     encoded = encode_table(encoder, table, config, source)
     encoder.warn_shift(encoder.shift_counts(table, encoded.sparse.numpy(), source), source)
-    warn_constant_labels(encoded, config, source, "evaluation")
-    return evaluate_on_label_scale(model, encoded)
+    warn_constant_labels(encoded, config, source, purpose)
+    return encoded
 
 
 def predict_model_dir(

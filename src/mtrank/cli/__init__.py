@@ -10,6 +10,8 @@
 ``blend``      blend tuning and the learned blend (:mod:`mtrank.cli.blend`)
 ``model``      verify a model directory against its manifest, or seal one (:mod:`mtrank.cli.model`)
 ``study``      the production studies of issue 12 (:mod:`mtrank.cli.study`)
+``diagnose``   task conflict and gate statistics of a model on labelled data (:mod:`mtrank.cli.diagnose`)
+``compare``    balancing methods vs fixed weights, multi-task vs single-task (:mod:`mtrank.cli.compare`)
 =============  ===========================================================================
 
 Options shared by several commands (``--threads``, ``--no-progress``, ``--device``, ``--set``) come from
@@ -23,7 +25,19 @@ import sys
 
 from mtrank import __version__
 
-COMMAND_GROUPS = ("run", "reproduce", "train", "tune", "export", "serve", "blend", "model", "study")
+COMMAND_GROUPS = (
+    "run",
+    "reproduce",
+    "train",
+    "tune",
+    "export",
+    "serve",
+    "blend",
+    "model",
+    "study",
+    "diagnose",
+    "compare",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 * :mod:`mtrank.config.base`: :class:`Config`, the builder (types checked, did-you-mean hints), registries.
 * :mod:`mtrank.config.model`: :class:`ModelConfig` and its sections (inputs, tasks, block, experts, gate,
   towers, mixer, bias).
-* :mod:`mtrank.config.train`: :class:`TrainConfig`.
+* :mod:`mtrank.config.train`: :class:`TrainConfig` and its ``balancing`` section (registered methods).
 * :mod:`mtrank.config.experiment`: :class:`ExperimentConfig` (data, features, tasks, model, train) from YAML.
 """
 
@@ -24,13 +24,15 @@ from mtrank.config.model import (
     TaskConfig,
     TowerConfig,
 )
-from mtrank.config.train import TrainConfig
+from mtrank.config.train import BALANCERS, BalancingConfig, TrainConfig
 
 __all__ = [
+    "BALANCERS",
     "BLOCKS",
     "EXPERTS",
     "GATES",
     "BagConfig",
+    "BalancingConfig",
     "BiasConfig",
     "BlockConfig",
     "Config",

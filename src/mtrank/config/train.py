@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mtrank.config.base import Config, ConfigError, check, join
+from mtrank.config.base import Config, ConfigError, Registry, check, join
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -15,6 +15,182 @@ PRECISIONS = ("fp32", "bf16")
 DISTILL_MODES = ("none", "pointwise", "pairwise", "score_l2")
 TASK_METRICS = {"binary": ("auc", "logloss"), "regression": ("mse", "r2")}  # what validation reports per task
 SEED_END = 2**32  # train.seed: shuffles seed torch with seed * 1_000_003 + epoch, streams numpy with [seed, epoch]
+
+
+class MethodRegistry(Registry):
+    """A :class:`Registry` whose built-in names are declared here, in the config layer, with their config classes,
+    so that a saved experiment (``config.json``) builds without importing the training code; their modules are
+    registered by :mod:`mtrank.train.balancing` (``@BALANCERS.register(name, config)``, as a plugin does)."""
+
+    def declare(self, name: str, config: type) -> type:
+        self._configs[name] = config
+        self._modules.setdefault(name, None)  # type: ignore[arg-type]
+        return config
+
+    def module(self, name: str, path: str = "type") -> type:
+        found = super().module(name, path)
+        if found is None:
+            raise ConfigError(f"{path}: {self.kind} {name!r} has no implementation; import mtrank.train.balancing")
+        return found
+
+
+BALANCERS = MethodRegistry("balancing method")
+
+
+@dataclass
+class BalancingConfig(Config):
+    """How the task losses become one update of the shared parameters (see :mod:`mtrank.train.balancing` and
+    docs/balancing.md). ``type`` selects a registered method; each has its own options.
+
+    ``fixed`` (default): ``sum_k w_k L_k`` with the tasks' configured weights; ``uncertainty`` (Kendall et al.
+    2018), ``gradnorm`` (Chen et al. 2018), ``dwa`` (Liu et al. 2019), ``famo`` (Liu et al. 2023) learn or adapt
+    the weights; ``pcgrad`` (Yu et al. 2020) and ``cagrad`` (Liu et al. 2021) combine the tasks' gradients on the
+    shared parameters. Every method sees the weighted losses ``w_k L_k`` (the configured task weights first).
+
+    Args:
+        conflict_every: every this many steps, measure the tasks' gradient cosines on the shared parameters
+            (:mod:`mtrank.evaluate.conflict`) on that step's batch; the last measurement joins each history
+            record (``conflict/...``). 0 = off. One forward and K backward passes per measurement.
+    """
+
+    registry: ClassVar[Registry] = BALANCERS
+    shorthand: ClassVar[str] = "type"
+    type: str = "fixed"
+    conflict_every: int = 0
+
+    def check(self, path: str) -> None:
+        check(
+            self.conflict_every >= 0, join(path, "conflict_every"), f"must be >= 0 (0 = off), got {self.conflict_every}"
+        )
+
+
+@dataclass
+class UncertaintyConfig(BalancingConfig):
+    """Uncertainty weighting: learned log-variances ``s_k = log sigma_k^2``.
+
+    Args:
+        lr: learning rate of the log-variances (their own Adam, no weight decay); 0 = ``train.lr``.
+        init: initial ``s_k`` (0: sigma = 1).
+    """
+
+    type: str = "uncertainty"
+    lr: float = 0.0
+    init: float = 0.0
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.lr >= 0, join(path, "lr"), f"must be >= 0 (0 = train.lr), got {self.lr}")
+
+
+@dataclass
+class GradientMethodConfig(BalancingConfig):
+    """Options of the methods that need each task's gradient on the shared parameters.
+
+    Args:
+        task_gradients: how the K per-task gradients are computed: ``loop`` (K backward passes through the
+            retained graph), ``batched`` (one backward pass vmapped over the K tasks,
+            ``autograd.grad(..., is_grads_batched=True)``), or ``auto`` (the faster of the two on the device,
+            as measured by benchmarks/balancing_cost.py).
+    """
+
+    task_gradients: Literal["auto", "loop", "batched"] = "auto"
+
+
+@dataclass
+class GradNormConfig(GradientMethodConfig):
+    """GradNorm: task weights trained so that each task's gradient norm on the last shared layer follows its
+    relative training rate.
+
+    Args:
+        alpha: restoring force (0: equal gradient norms; larger pulls slow tasks harder).
+        lr: learning rate of the task weights (their own Adam); 0 = ``train.lr``.
+    """
+
+    type: str = "gradnorm"
+    alpha: float = 1.5
+    lr: float = 0.0
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.alpha >= 0, join(path, "alpha"), f"must be >= 0, got {self.alpha}")
+        check(self.lr >= 0, join(path, "lr"), f"must be >= 0 (0 = train.lr), got {self.lr}")
+
+
+@dataclass
+class DWAConfig(BalancingConfig):
+    """Dynamic Weight Average: weights from the ratio of each task's last two epoch-mean losses.
+
+    Args:
+        temperature: softmax temperature T (large: weights near 1).
+        every: steps per period over which losses are averaged; 0 = one epoch (the paper's).
+    """
+
+    type: str = "dwa"
+    temperature: float = 2.0
+    every: int = 0
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.temperature > 0, join(path, "temperature"), f"must be > 0, got {self.temperature}")
+        check(self.every >= 0, join(path, "every"), f"must be >= 0 (0 = one epoch), got {self.every}")
+
+
+@dataclass
+class FAMOConfig(BalancingConfig):
+    """FAMO: task logits updated so that every task's log loss decreases at an equal rate.
+
+    Args:
+        lr: learning rate of the task logits (their own Adam; the paper's 0.025).
+        weight_decay: the logits' weight decay gamma (the paper's 0.001).
+    """
+
+    type: str = "famo"
+    lr: float = 0.025
+    weight_decay: float = 0.001
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.lr > 0, join(path, "lr"), f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, join(path, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class PCGradConfig(GradientMethodConfig):
+    """PCGrad: each task's shared gradient loses its component along any other task's gradient it conflicts with
+    (negative inner product), tasks taken in a random order."""
+
+    type: str = "pcgrad"
+
+
+@dataclass
+class CAGradConfig(GradientMethodConfig):
+    """CAGrad: the update that maximises the worst task's improvement within a ball around the mean gradient.
+
+    Args:
+        c: radius of the ball relative to the mean gradient's norm (0: the mean gradient; the paper's 0.4).
+        iterations: steps of the K-dimensional simplex solver (run on the device, batched over runs).
+    """
+
+    type: str = "cagrad"
+    c: float = 0.4
+    iterations: int = 50
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.c >= 0, join(path, "c"), f"must be >= 0, got {self.c}")
+        check(self.iterations >= 1, join(path, "iterations"), f"must be >= 1, got {self.iterations}")
+
+
+for _name, _config in [
+    ("fixed", BalancingConfig),
+    ("uncertainty", UncertaintyConfig),
+    ("gradnorm", GradNormConfig),
+    ("dwa", DWAConfig),
+    ("famo", FAMOConfig),
+    ("pcgrad", PCGradConfig),
+    ("cagrad", CAGradConfig),
+]:
+    BALANCERS.declare(_name, _config)
 
 
 @dataclass
@@ -52,6 +228,8 @@ class TrainConfig(Config):
         distill: distillation from teacher logits attached to the data (``TensorData.teacher``): ``"none"``,
             ``"pointwise"``, ``"pairwise"`` or ``"score_l2"`` (see :func:`mtrank.train.losses.distillation_loss`).
         distill_weight: weight of the distillation term added to the label loss.
+        balancing: how the task losses are weighted or their gradients combined (:class:`BalancingConfig`,
+            e.g. ``balancing: pcgrad`` or ``balancing: {type: dwa, temperature: 2}``); default ``fixed``.
     """
 
     section: ClassVar[str] = "train"
@@ -79,6 +257,7 @@ class TrainConfig(Config):
     tensorboard: bool = False
     distill: Literal["none", "pointwise", "pairwise", "score_l2"] = "none"
     distill_weight: float = 1.0
+    balancing: BalancingConfig = field(default_factory=BalancingConfig)
 
     def check(self, path: str) -> None:
         check(0 < self.lr < math.inf, join(path, "lr"), f"must be > 0 and finite, got {self.lr}")

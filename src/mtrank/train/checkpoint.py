@@ -33,10 +33,11 @@ the previous complete checkpoint resumed: the files of two checkpoints are never
 weights of an uninterrupted run.
 
 The fingerprint is a hash of what fixes the run's trajectory: the model config, the optimiser and its
-settings, batch size, seeds, precision, clipping, distillation, the monitored metric, the data's size (and the
-total steps when a schedule depends on them). A checkpoint of another configuration is refused with a
-message naming what changed; ``train.resume: overwrite`` (``--overwrite``) starts afresh, ``require``
-(``--resume``) insists on resuming. More epochs or steps with a constant schedule continue the same run.
+settings, batch size, seeds, precision, clipping, distillation, the task-balancing method and its options, the
+monitored metric, the data's size (and the total steps when a schedule depends on them). A checkpoint of another
+configuration is refused with a message naming what changed; ``train.resume: overwrite`` (``--overwrite``) starts
+afresh, ``require`` (``--resume``) insists on resuming. More epochs or steps with a constant schedule continue the
+same run.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def fingerprint_data(runs: dict, config: TrainConfig, source: dict, total_steps:
     train = {name: getattr(config, name) for name in TRAJECTORY_FIELDS}
     if config.schedule != "constant":
         train["total_steps"] = total_steps  # a decaying schedule depends on the run's length
+    if config.balancing.type != "fixed":  # (absent for fixed weights: older checkpoints keep their fingerprint)
+        balancing = config.balancing.to_dict()
+        balancing.pop("conflict_every", None)  # a measurement, not the trajectory
+        train["balancing"] = balancing
     return {"runs": runs, "train": train, "data": source}
 
 

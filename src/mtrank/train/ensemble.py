@@ -32,7 +32,7 @@ from mtrank.train.callbacks import Callback
 from mtrank.train.cuda_graph import GraphedStep
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.loop import TrainingLoop, TrainResult
-from mtrank.train.losses import FunnelSpec, label_loss_weights
+from mtrank.train.losses import FunnelSpec
 from mtrank.train.optim import clip_gradients_per_run
 from mtrank.train.sources import InMemorySource
 from mtrank.train.step import resolve_device
@@ -179,7 +179,7 @@ class Ensemble:
         self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
         self.binary_mask = models[0].binary_mask.to(self.device)
         self.funnel = FunnelSpec.from_config(self.config)
-        self.task_weights = torch.tensor(label_loss_weights(self.config), device=self.device)
+        self.task_weights = torch.tensor([t.weight for t in self.config.tasks], device=self.device)
         self.task_names = config.task_names
         self._random_sources = models[0].random_sources()
         self.loop: TrainingLoop | None = None
@@ -202,6 +202,9 @@ class Ensemble:
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.params.items())
 
     def train(self, mode: bool = True) -> None:
         self.base.train(mode)

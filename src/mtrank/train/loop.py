@@ -28,15 +28,19 @@ import torch
 
 from mtrank.config import TrainConfig
 from mtrank.config.train import check_monitor
+from mtrank.evaluate.conflict import flat_record
 from mtrank.evaluate.metrics import higher_is_better
+from mtrank.train.balancing import make_balancer, measure_conflict
 from mtrank.train.callbacks import Callback, default_callbacks
 from mtrank.train.checkpoint import Checkpoints, fingerprint_data, optimizer_from_tensors, restore_rng
 from mtrank.train.cuda_graph import cuda_graph_plan
 from mtrank.train.distributed import barrier, rank_and_world
+from mtrank.train.losses import batch_losses
 from mtrank.train.optim import make_optimizer, make_scheduler
 from mtrank.train.step import TrainStep
 
 DIVERGENCE_CHECK_EVERY = 50  # steps between divergence checks (each one reads the running loss: one device sync)
+BALANCER_KEY = "balancer/"  # the task-balancing state's tensors in a checkpoint's weights file
 DIVERGENCE_FACTOR = 1e4  # a task's mean training loss above this times max(its first step's loss, 1) has diverged
 
 
@@ -186,6 +190,10 @@ class TrainingLoop:
         possible, reason = cuda_graph_plan(runs.random_sources(), runs.parameters(), config, runs.device)
         if possible and self.world > 1:
             possible, reason = False, "data-parallel (DDP) training"
+        self.balancer = make_balancer(self.config, runs)
+        if possible and self.balancer.eager_reason:
+            possible, reason = False, f"train.balancing.type={config.balancing.type!r} {self.balancer.eager_reason}"
+        self.conflict_series: list[dict] = []  # every conflict measurement of the last fit: {"step", "runs": [...]}
         self.cuda_graphs = possible and cuda_graphs is not False
         self.step_path = "cuda_graph" if self.cuda_graphs else "eager"
         self.step_path_reason = reason if cuda_graphs is not False or not possible else "disabled by cuda_graphs=False"
@@ -205,7 +213,13 @@ class TrainingLoop:
         same = same and all((a is b) if not isinstance(a, int) else (a == b) for a, b in zip(old, key))
         if self.step is None or not same:
             self.step = TrainStep(
-                self.runs, self.optimizer, self.config, source.batch, source.is_full, graphed=self.cuda_graphs
+                self.runs,
+                self.optimizer,
+                self.config,
+                source.batch,
+                source.is_full,
+                graphed=self.cuda_graphs,
+                balancer=self.balancer,
             )
             self._step_for = key
         return self.step
@@ -236,6 +250,9 @@ class TrainingLoop:
         if all(state.stopped):
             total_steps = state.step
         step_fn = self.train_step(source)
+        self.balancer.begin(steps_per_epoch)
+        self.conflict_series = []
+        conflict_every = cfg.balancing.conflict_every
         runs.train(True)
         start_step, start_samples = state.step, state.samples
         info = {"total_steps": total_steps, "start_step": start_step, "runs": num, "tasks": runs.task_names}
@@ -261,6 +278,8 @@ class TrainingLoop:
                 running_tasks += per_task.reshape(num, -1)
                 running_steps += 1
                 guard.observe_first(per_task.reshape(num, -1))
+                if conflict_every and state.step % conflict_every == 0:
+                    self._measure_conflict(source, key, state.step)
                 for callback in self.callbacks:
                     callback.on_step(state.step, mean_loss)
                 evaluating = state.step % eval_every == 0 or state.step == total_steps
@@ -299,6 +318,21 @@ class TrainingLoop:
             callback.on_train_end(results)
         return results
 
+    def _measure_conflict(self, source: Any, key: Any, step: int) -> None:
+        """The task-gradient cosines of this step's batch after the update (eval mode: no dropout, no RNG
+        drawn, so the trajectory is the one without measurements)."""
+        batch = source.batch(key)
+        self.runs.train(False)
+        with torch.autocast(self.runs.device.type, dtype=torch.bfloat16, enabled=self.step.use_bf16):
+            task_logits, aux_loss = self.runs.forward(batch)
+        funnel = self.runs.funnel and self.runs.funnel.in_eval(task_logits, batch.labels.shape[-1])
+        runs = self.runs
+        losses = batch_losses(
+            task_logits, aux_loss, batch.labels, runs.binary_mask, runs.task_weights, batch.weights, funnel=funnel
+        )
+        self.runs.train(True)
+        self.conflict_series.append({"step": step, "runs": measure_conflict(self.runs, losses)})
+
     def _evaluate(
         self,
         state: LoopState,
@@ -321,6 +355,7 @@ class TrainingLoop:
         lr = float(self.optimizer.param_groups[0]["lr"])
         records: list[dict | None] = []
         improved = []
+        balance = self.balancer.record()
         for r, result in enumerate(results):
             if state.stopped[r]:  # stopped early: this run's training is over
                 records.append(None)
@@ -332,7 +367,10 @@ class TrainingLoop:
                 "lr": lr,
                 "train_loss": train_losses[r],
                 **{f"train_loss/{t}": v for t, v in zip(runs.task_names, task_losses[r])},
+                **balance[r],
             }
+            if self.conflict_series:
+                record.update(flat_record(self.conflict_series[-1]["runs"][r]))
             if metrics is not None:
                 record.update({f"valid/{k}": v for k, v in metrics[r].items()})
                 value, old = metrics[r].get(cfg.monitor, math.nan), result.best_value
@@ -371,7 +409,7 @@ class TrainingLoop:
                         for r in results
                     ],
                 },
-                self.runs.state_dict(),
+                {**self.runs.state_dict(), **{BALANCER_KEY + k: v for k, v in self.balancer.state_dict().items()}},
                 best,
                 self.optimizer,
             )
@@ -386,6 +424,8 @@ class TrainingLoop:
         if loaded is None:
             return None
         saved, weights, best, optimizer_tensors = loaded
+        balancer = {k[len(BALANCER_KEY) :]: weights.pop(k) for k in list(weights) if k.startswith(BALANCER_KEY)}
+        self.balancer.load_state_dict(balancer)
         self.runs.load_state_dict(weights)
         restore_rng(optimizer_tensors)
         optimizer_from_tensors(self.optimizer, optimizer_tensors, saved["optimizer"])

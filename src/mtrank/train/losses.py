@@ -21,8 +21,12 @@ __all__ = [
     "multitask_loss",
     "distillation_loss",
     "batch_losses",
+    "task_presence",
+    "BatchLosses",
     "funnel_loss",
+    "funnel_terms",
     "FunnelSpec",
+    "FunnelLosses",
     "label_loss_weights",
     "load_balance_loss",
     "DISTILL_MODES",
@@ -97,6 +101,30 @@ def distillation_loss(
     return torch.where(binary_mask, bce, mse).mean((-2, -1))
 
 
+class BatchLosses(NamedTuple):
+    """One batch's losses, as the step and the balancing methods (:mod:`mtrank.train.balancing`) need them.
+
+    Attributes:
+        total: ``[...]`` the fixed-weight objective ``sum_k w_k L_k + extra`` (what the history reports).
+        per_task: ``[..., K]`` each task's masked mean loss ``L_k`` (0 for a task with no label in the batch).
+        extra: ``[...]`` the terms outside the task losses: the gates' auxiliary loss + distillation.
+        present: ``[..., K]`` bool, the task has a labelled row of positive weight in the batch.
+    """
+
+    total: torch.Tensor
+    per_task: torch.Tensor
+    extra: torch.Tensor
+    present: torch.Tensor
+
+
+def task_presence(labels: torch.Tensor, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., B, K]`` labels -> ``[..., K]`` bool: the task has at least one labelled row of positive weight."""
+    mask = (~torch.isnan(labels)).float()
+    if sample_weights is not None:
+        mask = mask * sample_weights.float().unsqueeze(-1)
+    return mask.sum(-2) > 0
+
+
 def batch_losses(
     task_logits: torch.Tensor,
     aux_loss: torch.Tensor,
@@ -107,17 +135,34 @@ def batch_losses(
     teacher_logits: torch.Tensor | None = None,
     distill: str = "none",
     distill_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training objective of one batch: label loss + the gates' auxiliary loss (+ distillation).
+    funnel: FunnelSpec | None = None,
+) -> BatchLosses:
+    """The training objective of one batch: task losses + the gates' auxiliary loss (+ distillation, + a funnel's
+    regularisers).
 
-    ``total = multitask_loss + aux_loss + distill_weight * distillation_loss`` (the last with a teacher only).
-    Shapes: ``task_logits, labels, teacher [..., B, K]``, ``aux_loss [...]`` -> ``(total [...], per_task [..., K])``.
+    ``L_k`` is task k's masked mean label loss (:func:`multitask_loss`); with a ``funnel``, a dependent task's
+    ``L_k`` is its entire-space loss instead (ESMM's CTCVR loss, :func:`funnel_terms`) and the funnel's
+    regularisers (ESCM2's counterfactual risk, AITM's calibrator) join ``extra`` with their own weights.
+    ``total = sum_k w_k L_k + extra``, ``extra = aux_loss + distill_weight * distillation_loss + regularisers``;
+    ``task_weights`` are the tasks' configured weights ``w_k``.
+    Shapes: ``task_logits [..., B, K (+ J funnel training columns)]``, ``labels, teacher [..., B, K]``,
+    ``aux_loss [...]`` -> :class:`BatchLosses`.
     """
-    total, per_task = multitask_loss(task_logits, labels, binary_mask, task_weights, sample_weights)
-    total = total + aux_loss.float()
+    num_tasks = labels.shape[-1]
+    logits = task_logits[..., :num_tasks]
+    _, per_task = multitask_loss(logits, labels, binary_mask, task_weights, sample_weights)
+    present = task_presence(labels, sample_weights)
+    extra = aux_loss.float().expand(per_task.shape[:-1])
+    if funnel is not None:
+        terms = funnel_terms(task_logits, labels, funnel, sample_weights)
+        dependent = torch.tensor([parent >= 0 for parent in funnel.parents], device=per_task.device)
+        per_task = torch.where(dependent, terms.per_task, per_task)
+        present = torch.where(dependent, terms.present, present)
+        extra = extra + terms.extra
     if distill != "none" and teacher_logits is not None:
-        total = total + distill_weight * distillation_loss(task_logits, teacher_logits, binary_mask, distill)
-    return total, per_task
+        extra = extra + distill_weight * distillation_loss(logits, teacher_logits, binary_mask, distill)
+    total = (per_task * task_weights).sum(-1) + extra
+    return BatchLosses(total, per_task, extra, present)
 
 
 class FunnelSpec(NamedTuple):
@@ -149,10 +194,27 @@ class FunnelSpec(NamedTuple):
             funnel.calibrator_weight,
         )
 
+    def in_eval(self, task_logits: torch.Tensor, num_tasks: int) -> FunnelSpec | None:
+        """The spec for an evaluation forward's logits (conflict measurements): itself, or None when the funnel
+        needs training columns the evaluation forward lacks (AITM, ESCM2-DR), so the dependent tasks' own
+        clicked-rows losses are measured instead (docs/balancing.md says so)."""
+        needs_columns = self.kind == "aitm" or (self.kind == "escm2" and self.doubly_robust)
+        return None if needs_columns and task_logits.shape[-1] == num_tasks else self
+
     def label_weights(self) -> list[float]:
         """The weights of :func:`multitask_loss` beside the funnel: a dependent task's own (clicked-rows) loss
         is replaced by its entire-space loss, so it gets weight 0 there."""
         return [0.0 if parent >= 0 else weight for parent, weight in zip(self.parents, self.weights)]
+
+
+class FunnelLosses(NamedTuple):
+    """:func:`funnel_terms`: ``per_task [..., K]`` entire-space losses of the dependent tasks (0 for a root),
+    ``extra [...]`` the weighted regularisers, ``present [..., K]`` bool (the dependent task has a row with a
+    parent label)."""
+
+    per_task: torch.Tensor
+    extra: torch.Tensor
+    present: torch.Tensor
 
 
 def label_loss_weights(config: ModelConfig) -> list[float]:
@@ -169,12 +231,12 @@ def _masked_mean(values: torch.Tensor, present: torch.Tensor, sample_weights: to
     return (total * mask).sum(-1) / mask.sum(-1).clamp_min(1e-12)
 
 
-def funnel_loss(
+def funnel_terms(
     task_logits: torch.Tensor,
     labels: torch.Tensor,
     spec: FunnelSpec,
     sample_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> FunnelLosses:
     """The entire-space losses of the tasks that depend on others (added to :func:`multitask_loss` run with
     :meth:`FunnelSpec.label_weights`, so the parents' own losses, e.g. L_CTR, stay there).
 
@@ -191,16 +253,21 @@ def funnel_loss(
     * ``aitm``: ``P_t`` is the tower's own entire-space output (the training columns after K); ``w_t BCE(P_t, o
       y_t) + alpha mean_rows max(P_t - P_parent, 0)`` (Xi et al. 2021, eq. 9-11).
 
+    Returns :class:`FunnelLosses`: ``per_task`` holds each dependent task's entire-space loss ``L_t`` (the
+    ``BCE`` above, unweighted; 0 for a root), ``extra`` the regularisers with their own weights (ESCM2's
+    ``lambda_c R_t``, AITM's calibrator), which a balancing method does not reweight.
     Shapes: ``task_logits [..., B, K + J]`` (a training forward), ``labels [..., B, K]``, ``sample_weights
-    [..., B]`` -> ``[...]``, float32. Rows without a parent label add nothing.
+    [..., B]`` -> ``per_task [..., K]``, ``extra [...]``, float32. Rows without a parent label add nothing.
     """
     num_tasks = labels.shape[-1]
     logits = task_logits.float()
-    extra = logits[..., num_tasks:]  # (..., B, J)
+    columns = logits[..., num_tasks:]  # (..., B, J) a funnel's training columns
     ys = [labels[..., k].float() for k in range(num_tasks)]  # (..., B) each
     log_p: list[torch.Tensor] = []  # log of each task's entire-space probability
     joint_y: list[torch.Tensor] = []  # each task's entire-space label (NaN: none)
-    total = logits.new_zeros(logits.shape[:-2])
+    per_task = [logits.new_zeros(logits.shape[:-2]) for _ in spec.parents]
+    present = [torch.zeros(logits.shape[:-2], dtype=torch.bool, device=logits.device) for _ in spec.parents]
+    extra = logits.new_zeros(logits.shape[:-2])
     j = 0
     for k, parent in enumerate(spec.parents):
         if parent < 0:
@@ -210,25 +277,46 @@ def funnel_loss(
         o = joint_y[parent]
         y = torch.where(o == 0, torch.zeros_like(ys[k]), ys[k])  # 0 where the parent event did not happen
         if spec.kind == "aitm":
-            log_p.append(F.logsigmoid(extra[..., j]))
+            log_p.append(F.logsigmoid(columns[..., j]))
         else:
             log_p.append(F.logsigmoid(logits[..., k]) + log_p[parent])
         joint_y.append(y)
-        present = ~torch.isnan(y)
+        has_label = ~torch.isnan(y)
         target = torch.nan_to_num(y)
         log_not = log1mexp(log_p[k].clamp_max(-1e-7))
         bce = -(target * log_p[k] + (1 - target) * log_not)
-        total = total + spec.weights[k] * _masked_mean(bce, present, sample_weights)
+        per_task[k] = _masked_mean(bce, has_label, sample_weights)
+        present[k] = _any_weighted(has_label, sample_weights)
         if spec.kind == "aitm":
             violation = torch.relu(log_p[k].exp() - log_p[parent].exp())
-            total = total + spec.calibrator_weight * violation.mean(-1)
+            extra = extra + spec.calibrator_weight * violation.mean(-1)
         elif spec.kind == "escm2":
-            total = total + spec.counterfactual_weight * _counterfactual_risk(
-                logits[..., k], ys[k], o, log_p[parent], extra[..., j] if spec.doubly_robust else None, spec.ips_clip,
+            extra = extra + spec.counterfactual_weight * _counterfactual_risk(
+                logits[..., k], ys[k], o, log_p[parent], columns[..., j] if spec.doubly_robust else None, spec.ips_clip,
                 sample_weights,
             )  # fmt: skip
         j += 1
-    return total
+    return FunnelLosses(torch.stack(per_task, -1), extra, torch.stack(present, -1))
+
+
+def funnel_loss(
+    task_logits: torch.Tensor,
+    labels: torch.Tensor,
+    spec: FunnelSpec,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The funnel's part of the fixed-weight objective: ``sum_t w_t L_t + regularisers`` over the dependent
+    tasks (:func:`funnel_terms`), added to :func:`multitask_loss` run with :meth:`FunnelSpec.label_weights`.
+    ``[..., B, K + J]`` -> ``[...]``."""
+    terms = funnel_terms(task_logits, labels, spec, sample_weights)
+    weights = terms.per_task.new_tensor(spec.weights)
+    return (terms.per_task * weights).sum(-1) + terms.extra
+
+
+def _any_weighted(present: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:
+    """``[..., B]`` -> ``[...]``: a row is present with positive weight."""
+    mask = present.float() if sample_weights is None else present.float() * sample_weights.float()
+    return mask.sum(-1) > 0
 
 
 def _counterfactual_risk(

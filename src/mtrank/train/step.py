@@ -15,8 +15,9 @@ import torch
 
 from mtrank.config import TrainConfig
 from mtrank.data.tensors import TensorData
+from mtrank.train.balancing import Balancer, make_balancer
 from mtrank.train.cuda_graph import GraphedStep
-from mtrank.train.losses import batch_losses, funnel_loss
+from mtrank.train.losses import batch_losses
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +47,8 @@ class TrainStep:
         batch_of: batch key -> :class:`TensorData` (e.g. ``data.take(index)``, a gather the graph records too).
         is_full: which keys are full batches (only those are replayed from the graph).
         graphed: capture the step in a CUDA graph.
+        balancer: how the task losses become the update (:mod:`mtrank.train.balancing`); default from
+            ``config.balancing``.
     """
 
     def __init__(
@@ -56,15 +59,17 @@ class TrainStep:
         batch_of: Callable[[Any], TensorData],
         is_full: Callable[[Any], bool],
         graphed: bool = False,
+        balancer: Balancer | None = None,
     ) -> None:
         self.runs, self.optimizer, self.config, self.batch_of = runs, optimizer, config, batch_of
+        self.balancer = balancer if balancer is not None else make_balancer(config, runs)
         self.device = runs.device
         self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
         self.graph: GraphedStep | None = None
         if graphed:
             self.graph = GraphedStep(self.eager, is_full, lambda: optimizer.zero_grad(set_to_none=True), self.device)
 
-    def eager(self, key: Any, set_to_none: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, key: Any, set_to_none: bool | None = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step itself. ``set_to_none=None`` leaves the gradients alone (what a graph capture records)."""
         if set_to_none is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -75,10 +80,8 @@ class TrainStep:
             self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16, cache_enabled=self.graph is None
         ):
             task_logits, aux_loss = self.runs.forward(batch)
-        funnel = self.runs.funnel
-        num_tasks = batch.labels.shape[-1]
-        total, per_task = batch_losses(
-            task_logits[..., :num_tasks],  # a funnel's training columns follow the K task logits
+        losses = batch_losses(
+            task_logits,  # with a funnel's training columns after the K task logits
             aux_loss,
             batch.labels,
             self.runs.binary_mask,
@@ -87,16 +90,16 @@ class TrainStep:
             batch.teacher,
             cfg.distill,
             cfg.distill_weight,
+            self.runs.funnel,  # dependent tasks: entire-space losses (ESMM, ESCM2, AITM)
         )
-        if funnel is not None:  # dependent tasks: entire-space losses (ESMM, ESCM2, AITM)
-            total = total + funnel_loss(task_logits, batch.labels, funnel, batch.weights)
-        total.sum().backward()  # runs are independent: each run's gradient is its own loss's
+        self.balancer.backward(losses)  # runs are independent: each run's gradient is its own loss's
         if cfg.grad_clip > 0:
             self.runs.clip_gradients(cfg.grad_clip)
         self.optimizer.step()
-        return total.detach(), per_task.detach()
+        return losses.total.detach(), losses.per_task.detach(), losses.present
 
     def __call__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is not None:
-            return self.graph(key)
-        return self.eager(key)
+        """One step; returns the fixed-weight loss and the per-task losses (what the history reports)."""
+        total, per_task, present = self.graph(key) if self.graph is not None else self.eager(key)
+        self.balancer.observe(per_task, present)  # outside the graph: the methods' state updates
+        return total, per_task

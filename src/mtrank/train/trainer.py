@@ -14,7 +14,7 @@ from mtrank.model import MultiTaskModel
 from mtrank.train.callbacks import Callback
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.loop import TrainingLoop, TrainResult
-from mtrank.train.losses import FunnelSpec, label_loss_weights
+from mtrank.train.losses import FunnelSpec
 from mtrank.train.optim import clip_gradients
 from mtrank.train.sources import InMemorySource
 from mtrank.train.step import resolve_device
@@ -32,7 +32,7 @@ class SingleRun:
         self.task_names = model.task_names
         self.binary_mask = model.binary_mask
         self.funnel = FunnelSpec.from_config(model.config)
-        self.task_weights = torch.tensor(label_loss_weights(model.config), device=device)
+        self.task_weights = torch.tensor([t.weight for t in model.config.tasks], device=device)
         self.module: torch.nn.Module = self.model
         if rank_and_world()[1] > 1:
             device_ids = [device.index or torch.cuda.current_device()] if device.type == "cuda" else None
@@ -40,6 +40,9 @@ class SingleRun:
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.named_parameters())
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
