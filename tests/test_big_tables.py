@@ -52,3 +52,22 @@ def test_planner_counts_bf16_storage_and_rejects_unknown_names():
         plan_memory(tables, "sgd", 10, 10**9)
     with pytest.raises(ValueError, match="table user_id: dtype 'int8' unknown"):
         plan_memory([TableSpec("user_id", 10, 4, dtype="int8")], "adam", 10, 10**9)
+
+
+def test_benchmark_quick_refuses_dense_adam_and_trains_rowwise(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "big_tables.json"
+    command = [sys.executable, str(repo / "benchmarks" / "big_tables.py"), "--device", "cpu", "--quick"]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "--out", str(out)], check=True, env=env, capture_output=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert result["plan"]["adam"]["refusal"].startswith("table item_id: 0.2M x 16 x float32 + adam state")
+    assert result["plan"]["rowwise_adagrad"]["refusal"] is None
+    assert result["train"]["loss_last"] < result["train"]["loss_first"] - 0.1
+    assert set(result["step"]) == {"adam", "lazy_adam", "rowwise_adagrad"}

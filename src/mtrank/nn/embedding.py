@@ -302,6 +302,7 @@ class EmbeddingTable(nn.Module):
         hashed: ids are raw values of an unbounded space, mapped by :func:`hash_ids`; otherwise ids must lie in
             ``[0, rows)``.
         sparse: the gradient is a sparse tensor holding only the rows of the batch.
+        device: where the table is created and initialised (a 50 GB table is not built on the host first).
 
     Example:
         >>> t = EmbeddingTable(1000, 8, hashed=True)
@@ -310,11 +311,17 @@ class EmbeddingTable(nn.Module):
     """
 
     def __init__(
-        self, rows: int, dim: int, dtype: torch.dtype = torch.float32, hashed: bool = False, sparse: bool = True
+        self,
+        rows: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        hashed: bool = False,
+        sparse: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.rows, self.dim, self.hashed, self.sparse = rows, dim, hashed, sparse
-        weight = torch.empty(rows, dim, dtype=dtype)
+        weight = torch.empty(rows, dim, dtype=dtype, device=device)
         nn.init.normal_(weight, std=1.0 / math.sqrt(dim))
         self.weight = nn.Parameter(weight)
 

@@ -104,7 +104,7 @@ def refusal(plan: MemoryPlan, tables: list[TableSpec], optimizer: str) -> str | 
     fixes.append(f"fewer rows for table {big.name} (embedding.hash_buckets)")
     return (
         f"table {big.name}: {big.rows / 1e6:g}M x {big.dim} x {big.dtype} + {optimizer} state: "
-        f"plan {plan.total / GB:.1f} GB > {plan.free_bytes / GB:.1f} GB free: use " + " or ".join(fixes)
+        f"plan {plan.total / GB:.3g} GB > {plan.free_bytes / GB:.3g} GB free: use " + " or ".join(fixes)
     )
 
 
