@@ -71,3 +71,39 @@ def test_benchmark_quick_refuses_dense_adam_and_trains_rowwise(tmp_path):
     assert result["plan"]["rowwise_adagrad"]["refusal"] is None
     assert result["train"]["loss_last"] < result["train"]["loss_first"] - 0.1
     assert set(result["step"]) == {"adam", "lazy_adam", "rowwise_adagrad"}
+
+
+class _Scorer(torch.nn.Module):
+    """A hashed bf16 table (trained with row-wise Adagrad) and a linear head: ids ``[B, 2]`` -> scores ``[B]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = EmbeddingTable(64, 8, dtype=torch.bfloat16, hashed=True)
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.table(ids).float().flatten(1))).squeeze(-1)
+
+
+def test_torchscript_and_torch_export_of_hashed_bf16_table_give_identical_scores(tmp_path):
+    from mtrank.train.optim import RowwiseAdagrad
+
+    torch.manual_seed(0)
+    model = _Scorer()
+    opts = [RowwiseAdagrad([model.table.weight], lr=0.1), torch.optim.Adam(model.head.parameters(), lr=0.01)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(-(10**12), 10**12, (32, 2), generator=g)  # raw ids of an unbounded space
+        for opt in opts:
+            opt.zero_grad()
+        model(ids).mean().backward()
+        for opt in opts:
+            opt.step()
+    model.eval()
+    ids = torch.randint(-(10**12), 10**12, (7, 2), generator=g)
+    with torch.no_grad():
+        eager = model(ids)
+        torch.jit.save(torch.jit.script(model), tmp_path / "model.pt")
+        assert torch.equal(torch.jit.load(tmp_path / "model.pt")(ids), eager)
+        exported = torch.export.export(model, (ids,))
+        assert torch.equal(exported.module()(ids), eager)

@@ -260,19 +260,16 @@ class FeatureEmbedding(nn.Module):
 
 # --- Big tables: hashed ids, reduced-precision storage, sparse gradients --------------------------------------------
 
-_HASH_MUL_1 = -7046029254386353131  # 0x9E3779B97F4A7C15 (splitmix64) as a signed int64
-_HASH_MUL_2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_LOW_35_BITS = (1 << 35) - 1
-_LOW_32_BITS = (1 << 32) - 1
-
 
 def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
     """Raw int64 ids (any value, an unbounded id space) -> bucket in ``[0, buckets)``: a splitmix64-style mix
     (int64 products wrap) then modulo, so consecutive ids spread over the table."""
-    x = ids.long() * _HASH_MUL_1
-    x = x ^ ((x >> 29) & _LOW_35_BITS)
-    x = x * _HASH_MUL_2
-    x = x ^ ((x >> 32) & _LOW_32_BITS)
+    # literals, not module constants, so that TorchScript compiles it: splitmix64's multipliers 0x9E3779B97F4A7C15
+    # and 0xBF58476D1CE4E5B9 as signed int64; the masks make the right shifts logical (2**35 - 1, 2**32 - 1)
+    x = ids.long() * -7046029254386353131
+    x = x ^ ((x >> 29) & 34359738367)
+    x = x * -4658895280553007687
+    x = x ^ ((x >> 32) & 4294967295)
     return x.remainder(buckets)
 
 
