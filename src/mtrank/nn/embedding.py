@@ -256,3 +256,72 @@ class FeatureEmbedding(nn.Module):
                 pooled = pooled / keep.sum(1, keepdim=True).clamp_min(1.0)
             tokens.append(pooled)
         return torch.cat(tokens, 1)
+
+
+# --- Big tables: hashed ids, reduced-precision storage, sparse gradients --------------------------------------------
+
+
+def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Raw int64 ids (any value, an unbounded id space) -> bucket in ``[0, buckets)``: a splitmix64-style mix
+    (int64 products wrap) then modulo, so consecutive ids spread over the table."""
+    # literals, not module constants, so that TorchScript compiles it: splitmix64's multipliers 0x9E3779B97F4A7C15
+    # and 0xBF58476D1CE4E5B9 as signed int64; the masks make the right shifts logical (2**35 - 1, 2**32 - 1)
+    x = ids.long() * -7046029254386353131
+    x = x ^ ((x >> 29) & 34359738367)
+    x = x * -4658895280553007687
+    x = x ^ ((x >> 32) & 4294967295)
+    return x.remainder(buckets)
+
+
+def expected_collision_rate(distinct_ids: int, buckets: int) -> float:
+    """Fraction of ``n`` distinct ids that share their bucket with at least one other id, for a uniform hash into
+    ``m`` buckets: ``1 - (1 - 1/m) ** (n - 1)`` (~ ``1 - exp(-n/m)``; ~ ``n/m`` when n << m)."""
+    return 1.0 - math.exp((distinct_ids - 1) * math.log1p(-1.0 / buckets))
+
+
+def measured_collision_rate(ids: torch.Tensor, buckets: int) -> float:
+    """The fraction of the distinct ``ids`` whose bucket (:func:`hash_ids`) holds another of them."""
+    distinct = torch.unique(ids.long())
+    _, inverse, counts = torch.unique(hash_ids(distinct, buckets), return_inverse=True, return_counts=True)
+    return float((counts[inverse] > 1).float().mean())
+
+
+class EmbeddingTable(nn.Module):
+    """One big embedding table ``[rows, dim]``: optionally hashed ids, bfloat16/float16 storage and sparse
+    gradients (for :class:`~mtrank.train.optim.RowwiseAdagrad` / :class:`~mtrank.train.optim.LazyAdam`).
+
+    Shapes: ``ids [...]`` (int64) -> ``[..., dim]`` in the table's dtype.
+
+    Args:
+        rows: rows of the table (with ``hashed``, the number of buckets).
+        dim: embedding width.
+        dtype: storage dtype (the optimisers compute in float32 and write back in this dtype).
+        hashed: ids are raw values of an unbounded space, mapped by :func:`hash_ids`; otherwise ids must lie in
+            ``[0, rows)``.
+        sparse: the gradient is a sparse tensor holding only the rows of the batch.
+        device: where the table is created and initialised (a 50 GB table is not built on the host first).
+
+    Example:
+        >>> t = EmbeddingTable(1000, 8, hashed=True)
+        >>> t(torch.tensor([[3, 10**15]])).shape
+        torch.Size([1, 2, 8])
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        hashed: bool = False,
+        sparse: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.rows, self.dim, self.hashed, self.sparse = rows, dim, hashed, sparse
+        weight = torch.empty(rows, dim, dtype=dtype, device=device)
+        nn.init.normal_(weight, std=1.0 / math.sqrt(dim))
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = hash_ids(ids, self.rows) if self.hashed else ids
+        return nn.functional.embedding(rows, self.weight, sparse=self.sparse)

@@ -71,3 +71,118 @@ def clip_gradients_per_run(params: list[torch.Tensor], max_norm: float) -> None:
     scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (R,)
     for g in grads:
         g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+
+
+# --- Sparse row-wise optimisers for big embedding tables -----------------------------------------------------------
+
+
+def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 -> bfloat16, rounding up or down with probability proportional to the distance (unbiased: the
+    expected stored value equals ``x``), so that updates smaller than half a bf16 ulp are not all lost."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: mask off the low 16 bits
+
+
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """Base of the row-wise sparse optimisers: each parameter is a table ``[N, D]`` whose gradient is a sparse
+    COO tensor (``nn.Embedding(..., sparse=True)`` / ``F.embedding(..., sparse=True)``). A step coalesces the
+    gradient (duplicate ids in a batch are summed, as dense autograd sums them), reads the touched rows in
+    float32, applies :meth:`_update` and writes them back; rows absent from the batch are not read or written.
+
+    Tables stored in bfloat16 / float16: the arithmetic is float32; the result is written back with
+    round-to-nearest, or, with ``stochastic_rounding=True`` and a bfloat16 table, with stochastic rounding.
+    """
+
+    def __init__(self, params, defaults: dict, stochastic_rounding: bool = False) -> None:
+        super().__init__(params, defaults)
+        self.stochastic_rounding = stochastic_rounding
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has a dense gradient: build the "
+                        "table with sparse=True (EmbeddingTable(..., sparse=True)) or use optimizer: adam for it"
+                    )
+                grad = p.grad.coalesce()
+                rows, values = grad.indices()[0], grad.values().float()
+                if rows.numel() == 0:
+                    continue
+                new = self._update(p, self.state[p], group, rows, values, p.index_select(0, rows).float())
+                if self.stochastic_rounding and p.dtype == torch.bfloat16:
+                    new = _stochastic_round_bf16(new)
+                p.index_copy_(0, rows, new.to(p.dtype))
+        return loss
+
+    def _update(self, p, state, group, rows, grad, weight):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RowwiseAdagrad(_RowSparseOptimizer):
+    """Row-wise Adagrad (as FBGEMM's ``EXACT_ROWWISE_ADAGRAD``): one float32 accumulator per row, not per
+    element, so the state is ``N x 4`` bytes next to a table of ``N x D x 2|4`` bytes.
+
+    For every row r in the batch with summed gradient ``g_r`` (``[D]``)::
+
+        G_r <- G_r + mean(g_r ** 2)
+        w_r <- w_r - lr * g_r / (sqrt(G_r) + eps)
+
+    Rows absent from the batch: ``w_r`` and ``G_r`` unchanged (as dense Adagrad, whose update is 0 for a zero
+    gradient: no difference from the dense method except the row-wise accumulator).
+    """
+
+    def __init__(self, params, lr: float = 0.01, eps: float = 1e-8, stochastic_rounding: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps}, stochastic_rounding)
+
+    def _update(self, p, state, group, rows, grad, weight):
+        if "sum" not in state:
+            state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        accum = state["sum"].index_select(0, rows) + grad.pow(2).mean(1)
+        state["sum"].index_copy_(0, rows, accum)
+        return weight - group["lr"] * grad / (accum.sqrt() + group["eps"]).unsqueeze(1)
+
+
+class LazyAdam(_RowSparseOptimizer):
+    """Sparse ("lazy") Adam: the moments of a row are updated only when the row is in the batch.
+
+    With one step counter ``t`` per table (incremented at every step that has a gradient), for every row r in
+    the batch with summed gradient ``g_r``::
+
+        m_r <- b1 m_r + (1 - b1) g_r;   v_r <- b2 v_r + (1 - b2) g_r ** 2
+        w_r <- w_r - lr * (m_r / (1 - b1 ** t)) / (sqrt(v_r / (1 - b2 ** t)) + eps)
+
+    Rows absent from the batch: ``w_r``, ``m_r``, ``v_r`` unchanged. Dense Adam differs there: it decays
+    ``m_r`` and ``v_r`` at every step and keeps moving an absent row by its momentum; lazy Adam equals dense
+    Adam only when every row is in every batch. (This is ``torch.optim.SparseAdam``'s rule, without its
+    per-element dense state layout restriction.) The state is two float32 tables ``[N, D]``: lazy Adam saves the
+    compute of dense Adam, not its memory — use :class:`RowwiseAdagrad` when the state must not triple the table.
+    """
+
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, stochastic_rounding: bool = False
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, stochastic_rounding)
+
+    def _update(self, p, state, group, rows, grad, weight):
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        t = float(state["step"])
+        b1, b2 = group["betas"]
+        m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+        return weight - group["lr"] * (m / (1 - b1**t)) / denom
+
+
+SPARSE_OPTIMIZERS = {"rowwise_adagrad": RowwiseAdagrad, "lazy_adam": LazyAdam}

@@ -1,0 +1,127 @@
+"""The sparse row-wise optimisers against hand-written references; bf16 storage; checkpoint/resume."""
+
+import pytest
+import torch
+
+from mtrank.nn.embedding import EmbeddingTable
+from mtrank.train.optim import LazyAdam, RowwiseAdagrad
+
+
+def _batches(rows: int, steps: int, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, rows, (batch,), generator=g), torch.randn(batch, 4, generator=g)) for _ in range(steps)]
+
+
+def _grad_step(table: EmbeddingTable, optimizer, ids, target) -> None:
+    optimizer.zero_grad()
+    ((table(ids).float() - target) ** 2).sum().backward()
+    optimizer.step()
+
+
+def _reference_rowwise_adagrad(w, ids, target, accum, lr, eps):
+    g = torch.zeros_like(w).index_add_(0, ids, 2 * (w[ids] - target))
+    touched = torch.unique(ids)
+    accum[touched] += g[touched].pow(2).mean(1)
+    w[touched] -= lr * g[touched] / (accum[touched].sqrt() + eps).unsqueeze(1)
+
+
+def _reference_lazy_adam(w, ids, target, m, v, t, lr, b1, b2, eps):
+    g = torch.zeros_like(w).index_add_(0, ids, 2 * (w[ids] - target))
+    r = torch.unique(ids)
+    m[r] = b1 * m[r] + (1 - b1) * g[r]
+    v[r] = b2 * v[r] + (1 - b2) * g[r] ** 2
+    w[r] -= lr * (m[r] / (1 - b1**t)) / ((v[r] / (1 - b2**t)).sqrt() + eps)
+
+
+def test_rowwise_adagrad_equals_reference_and_leaves_other_rows():
+    torch.manual_seed(0)
+    table = EmbeddingTable(50, 4)
+    w = table.weight.detach().clone().double()
+    accum = torch.zeros(50, dtype=torch.float64)
+    opt = RowwiseAdagrad(table.parameters(), lr=0.1)
+    seen = torch.zeros(50, dtype=torch.bool)
+    for ids, target in _batches(50, 5, 8):  # duplicates in a batch: their gradients are summed
+        _grad_step(table, opt, ids, target)
+        _reference_rowwise_adagrad(w, ids, target.double(), accum, 0.1, 1e-8)
+        seen[ids] = True
+    torch.testing.assert_close(table.weight.double(), w, rtol=1e-5, atol=1e-6)
+    assert (~seen).any()
+    assert torch.equal(opt.state[table.weight]["sum"][~seen], torch.zeros(int((~seen).sum())))
+
+
+def test_lazy_adam_equals_reference_and_differs_from_dense_adam():
+    torch.manual_seed(0)
+    table = EmbeddingTable(40, 4)
+    start = table.weight.detach().clone()
+    w, m, v = start.double(), torch.zeros(40, 4, dtype=torch.float64), torch.zeros(40, 4, dtype=torch.float64)
+    opt = LazyAdam(table.parameters(), lr=0.05)
+    for t, (ids, target) in enumerate(_batches(40, 6, 6), start=1):
+        _grad_step(table, opt, ids, target)
+        _reference_lazy_adam(w, ids, target.double(), m, v, t, 0.05, 0.9, 0.999, 1e-8)
+    torch.testing.assert_close(table.weight.double(), w, rtol=1e-5, atol=1e-6)
+    dense = EmbeddingTable(40, 4, sparse=False)
+    dense.weight.data.copy_(start)
+    adam = torch.optim.Adam(dense.parameters(), lr=0.05)
+    for ids, target in _batches(40, 6, 6):
+        _grad_step(dense, adam, ids, target)
+    assert not torch.allclose(dense.weight, table.weight)  # dense Adam moves absent rows by momentum
+
+
+def test_dense_gradient_is_refused_in_one_line():
+    table = EmbeddingTable(10, 4, sparse=False)
+    opt = RowwiseAdagrad(table.parameters())
+    table(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="dense gradient: build the table with sparse=True"):
+        opt.step()
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_bf16_table_tracks_the_float32_table(stochastic):
+    torch.manual_seed(0)
+    full = EmbeddingTable(30, 4)
+    half = EmbeddingTable(30, 4, dtype=torch.bfloat16)
+    half.weight.data.copy_(full.weight.detach())
+    opts = [RowwiseAdagrad(t.parameters(), lr=0.5, stochastic_rounding=stochastic) for t in (full, half)]
+    goal = torch.randn(30, 4, generator=torch.Generator().manual_seed(5))
+    error = float((full.weight.detach() - goal).pow(2).mean())
+    for ids, _ in _batches(30, 40, 16):
+        for table, opt in zip((full, half), opts):
+            _grad_step(table, opt, ids, goal[ids])
+    assert half.weight.dtype == torch.bfloat16
+    assert float((full.weight.detach() - goal).pow(2).mean()) < 0.1 * error  # it learned
+    torch.testing.assert_close(half.weight.float(), full.weight.detach(), atol=0.05, rtol=0.0)
+
+
+def test_stochastic_rounding_is_unbiased():
+    from mtrank.train.optim import _stochastic_round_bf16
+
+    x = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way between two bf16 values (ulp 2**-7 at 1.0)
+    torch.manual_seed(0)
+    rounded = _stochastic_round_bf16(x).float()
+    assert rounded.unique().numel() == 2
+    assert abs(float(rounded.mean()) - (1.0 + 2**-10)) < 2e-5
+    assert float(x.to(torch.bfloat16).float().mean()) == 1.0  # round-to-nearest loses the update
+
+
+@pytest.mark.parametrize("cls", [RowwiseAdagrad, LazyAdam])
+def test_checkpoint_resume_is_exact(cls, tmp_path):
+    batches = _batches(25, 8, 6, seed=3)
+    torch.manual_seed(1)
+    straight = EmbeddingTable(25, 4)
+    first = EmbeddingTable(25, 4)
+    first.load_state_dict(straight.state_dict())
+    opt = cls(straight.parameters(), lr=0.05)
+    for ids, target in batches:
+        _grad_step(straight, opt, ids, target)
+    opt1 = cls(first.parameters(), lr=0.05)
+    for ids, target in batches[:4]:
+        _grad_step(first, opt1, ids, target)
+    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed = EmbeddingTable(25, 4)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = cls(resumed.parameters(), lr=0.05)
+    opt2.load_state_dict(ckpt["optim"])
+    for ids, target in batches[4:]:
+        _grad_step(resumed, opt2, ids, target)
+    assert torch.equal(resumed.weight, straight.weight)
