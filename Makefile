@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@$(PY) -m pip install -q -c constraints.txt -e '.[torchrec]' && $(PY) -m pip install -q -c constraints.txt torchrec==1.8.0 --no-deps \
+	  || echo "mtrank[torchrec] did not install (fbgemm-gpu-cpu/torchrec 1.8.0): the TorchRec tests will skip with the reason"
 	@touch $(STAMP)
 	@echo "mtrank is installed in $(VENV): call $(VENV)/bin/mtrank, or 'source $(VENV)/bin/activate' then mtrank"
 
