@@ -29,7 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.blend:
         service.blend = Blend.from_dict(json.loads(Path(args.blend).read_text()), service.task_names)
-    app = create_app(service, max_body_bytes=args.max_body_bytes)
+    app = create_app(service, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
     print(
         f"mtrank serve: {args.model_dir} ({service.scorer.name}, tasks {service.task_names}) "
         f"on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)",
@@ -41,7 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``mtrank serve``."""
-    from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
+    from mtrank.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CANDIDATES
 
     p = add_command(
         subparsers,
@@ -95,6 +95,12 @@ def register(subparsers) -> None:
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help=f"seconds to receive a request body before answering 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
     )
     p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])

@@ -12,55 +12,59 @@ Inputs that would make non-finite scores are refused (422) rather than answered 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtrank import __version__
-from mtrank.serve.limits import DEFAULT_MAX_BODY_BYTES
+from mtrank.serve.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, MAX_ERROR_CHARS, MAX_ERROR_DETAILS
 from mtrank.serve.requests import RequestError
-from mtrank.serve.schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from mtrank.serve.schemas import BlendSpec, ErrorResponse, ScoreRequest, ScoreResponse
 from mtrank.serve.service import ScoringService
+
+UNMATCHED = "unmatched"  # the metrics label of every path no route serves (one series, whatever the paths)
 
 
 class BodyLimitMiddleware:
-    """Answers 413 to a request body over ``max_bytes``: at once by Content-Length, else (a chunked body) by
-    reading it up to the limit before the app sees it."""
+    """Reads a request's whole body before the app sees it, bounded in size and time: 413 for a body over
+    ``max_bytes`` (at once by Content-Length, else as soon as the streamed chunks pass it), 408 when the body
+    has not arrived within ``timeout_s`` (a client that promises more body than it sends is cut off)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.max_bytes:
-                await _too_large(self.max_bytes, send)
-                return
-            await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _refuse(
+                send, 413, f"request body: larger than the limit of {self.max_bytes} bytes (--max-body-bytes)"
+            )
             return
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                await _too_large(self.max_bytes, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except TimeoutError:
+            await _refuse(send, 408, f"request body: not received within {self.timeout_s:g} s (--body-timeout)")
+            return
+        if body is None:
+            await _refuse(
+                send, 413, f"request body: larger than the limit of {self.max_bytes} bytes (--max-body-bytes)"
+            )
+            return
+        replayed = False
 
         async def replay():
             nonlocal replayed
@@ -71,17 +75,27 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _read(self, receive) -> bytes | None:
+        """The body's bytes, or None once they pass ``max_bytes``."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
 
-async def _too_large(max_bytes: int, send) -> None:
-    body = json.dumps({"error": f"request body: larger than the limit of {max_bytes} bytes (--max-body-bytes)"})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message, "detail": []}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + [(b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ServiceMetrics:
@@ -108,6 +122,12 @@ class ServiceMetrics:
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
         )
         self.candidates_total = Counter("mtrank_candidates_scored_total", "candidates scored", registry=registry)
+        self.unseen = Counter(
+            "mtrank_unseen_categorical_values_total",
+            "candidate values of a categorical feature not in its training vocabulary",
+            ["feature"],
+            registry=registry,
+        )
 
     def scored(self, endpoint: str, seconds: float, candidates: int) -> None:
         """Count a request answered 200 after ``seconds`` of scoring ``candidates`` candidates."""
@@ -115,6 +135,11 @@ class ServiceMetrics:
         self.candidates.observe(candidates)
         self.candidates_total.inc(candidates)
         self.requests.labels(endpoint, "200").inc()
+
+    def unseen_values(self, counts: dict[str, int]) -> None:
+        """Count a request's unseen categorical values, by feature."""
+        for feature, count in counts.items():
+            self.unseen.labels(feature).inc(count)
 
 
 def _location(loc: tuple) -> str:
@@ -126,13 +151,57 @@ def _location(loc: tuple) -> str:
     return text or "body"
 
 
-def create_app(service: ScoringService, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, warm_up: bool = True) -> FastAPI:
+def _route(request: Request) -> str:
+    """The metrics label of a request: its route's template, or one label for every unknown path."""
+    route = request.scope.get("route")
+    return getattr(route, "path", UNMATCHED) if route is not None else UNMATCHED
+
+
+def _bounded(message: str) -> str:
+    """A 4xx message cut to :data:`MAX_ERROR_CHARS` (no echo of a huge value)."""
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def parse_score_request(body: bytes, max_candidates: int) -> ScoreRequest:
+    """A ``/v1/score`` body -> :class:`ScoreRequest`, the cheap limits first: bytes that are not UTF-8 (400),
+    JSON too deep to parse (400), malformed JSON (422), then the candidate count (422) before any candidate
+    is validated, so a request of a million tiny candidates is refused for the price of one JSON decode."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(
+            f"request body: not UTF-8 text (byte {err.start}); send JSON encoded as UTF-8", 400
+        ) from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise RequestError(
+            "request body: JSON cannot be parsed: nested too deeply; send a flatter request", 400
+        ) from None
+    except json.JSONDecodeError as err:
+        raise RequestError(f"body: malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    candidates = data.get("candidates") if isinstance(data, dict) else None
+    if isinstance(candidates, list) and len(candidates) > max_candidates:
+        raise RequestError(
+            f"candidates: {len(candidates)} candidates; at most {max_candidates} per request "
+            "(split the request, or start the service with a larger --max-candidates)"
+        )
+    return ScoreRequest.model_validate(data)
+
+
+def create_app(
+    service: ScoringService,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    warm_up: bool = True,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> FastAPI:
     """The FastAPI app of ``service``. It is ready (``/readyz`` 200) once the warm-up pass has run.
 
     Args:
         service: the loaded model directory.
         max_body_bytes: larger request bodies are answered 413.
         warm_up: run :meth:`ScoringService.warm_up` when the app starts (else call it yourself).
+        body_timeout_s: a request body not received within this many seconds is answered 408.
 
     Example:
         >>> import tempfile
@@ -154,7 +223,7 @@ def create_app(service: ScoringService, max_body_bytes: int = DEFAULT_MAX_BODY_B
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if warm_up:
-            service.warm_up()
+            await run_in_threadpool(service.warm_up)
         yield
 
     app = FastAPI(
@@ -166,57 +235,97 @@ def create_app(service: ScoringService, max_body_bytes: int = DEFAULT_MAX_BODY_B
     app.state.service = service
 
     def error(request: Request, status: int, message: str, detail=(), headers=None) -> JSONResponse:
-        """A 4xx answer ``{"error": one line, "detail": [...]}``, counted in ``mtrank_requests_total``."""
-        metrics.requests.labels(request.url.path, str(status)).inc()
-        return JSONResponse({"error": message, "detail": list(detail)}, status_code=status, headers=headers)
+        """A 4xx answer ``{"error": one line, "detail": [...]}``, both bounded, counted in ``mtrank_requests_total``."""
+        metrics.requests.labels(_route(request), str(status)).inc()
+        detail = [{k: _bounded(str(v)) for k, v in d.items()} for d in list(detail)[:MAX_ERROR_DETAILS]]
+        return JSONResponse({"error": _bounded(message), "detail": detail}, status_code=status, headers=headers)
+
+    def validation_error(request: Request, errors: list[dict[str, Any]]) -> JSONResponse:
+        details = [{"loc": _location(tuple(e.get("loc", ()))), "msg": e.get("msg", "")} for e in errors]
+        first = details[0] if details else {"loc": "body", "msg": "invalid request"}
+        return error(request, 422, f"{first['loc']}: {first['msg']}", details)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"loc": _location(tuple(e.get("loc", ()))), "msg": e.get("msg", "")} for e in exc.errors()]
-        first = details[0] if details else {"loc": "body", "msg": "invalid request"}
-        if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            first = {
-                "loc": "body",
-                "msg": "malformed JSON: " + str(exc.errors()[0].get("ctx", {}).get("error", "")),
-            }
-        return error(request, 422, f"{first['loc']}: {first['msg']}", details)
+        return validation_error(request, list(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _model_validation_error(request: Request, exc: ValidationError) -> JSONResponse:
+        return validation_error(request, exc.errors(include_url=False, include_input=False))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if exc.status_code == 400 and "parsing the body" in message:
-            message = "request body: cannot be parsed as JSON (too deeply nested?)"
-        return error(request, exc.status_code, message, headers=exc.headers)
+        return error(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return error(request, exc.status, str(exc))
 
+    def score_body(body: bytes) -> tuple[ScoreResponse, int]:
+        parsed = parse_score_request(body, service.max_candidates)
+        return service.score(parsed), len(parsed.candidates)
+
     @app.post(
         "/v1/score",
         response_model=ScoreResponse,
-        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        responses={
+            400: {"model": ErrorResponse, "description": "the body is not UTF-8, or JSON too deeply nested"},
+            408: {"model": ErrorResponse, "description": "the body did not arrive within the body timeout"},
+            413: {"model": ErrorResponse, "description": "the body is over the size limit"},
+            422: {"model": ErrorResponse, "description": "malformed JSON or a bad feature, count or value"},
+        },
         summary="Score candidates: per-task scores, blended score and ranking",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/ScoreRequest"},
+                        "example": service.example_request(),
+                    }
+                },
+            }
+        },
     )
-    def score(body: ScoreRequest) -> ScoreResponse:
+    async def score(request: Request) -> ScoreResponse:
         started = time.perf_counter()
-        response = service.score(body)
-        metrics.scored("/v1/score", time.perf_counter() - started, len(body.candidates))
+        response, candidates = await run_in_threadpool(score_body, await request.body())
+        metrics.scored("/v1/score", time.perf_counter() - started, candidates)
+        metrics.unseen_values(response.unseen)
         return response
 
     @app.get("/healthz", summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the model is loaded and warmed up", responses={503: {}})
+    @app.get(
+        "/readyz",
+        summary="Readiness: the model is loaded and a warm-up request gave finite scores",
+        responses={503: {}},
+    )
     def readyz() -> JSONResponse:
         if not service.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "loading", "problem": service.not_ready}, status_code=503)
         return JSONResponse({"status": "ready", **service.describe()})
+
+    for path, endpoint in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: the GET's status, no body
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the request body's models (the score route reads its body itself)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            models = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ScoreRequest, BlendSpec):
+                models[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                models[model.__name__].pop("$defs", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     return app

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from mtrank.data.encoders import FeatureEncoder
+from mtrank.data.errors import DataError
+from mtrank.serve.limits import MAX_STRING_CHARS
 
 INT64_MIN, INT64_END = -(2**63), 2**63
 
@@ -47,17 +49,26 @@ def _is_int64(value: Any) -> bool:
 
 
 def _is_number_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, float) or _is_int64(value))
+    """A finite number or null: NaN, +-Infinity and literals that overflow (1e400 parses as inf) are refused."""
+    return value is None or (isinstance(value, float) and math.isfinite(value)) or _is_int64(value)
+
+
+def _is_short_str(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_STRING_CHARS
 
 
 def _is_id_or_none(value: Any) -> bool:
-    return value is None or isinstance(value, str) or _is_int64(value)
+    return value is None or _is_short_str(value) or _is_int64(value)
 
 
 def _is_id_list_or_none(value: Any) -> bool:
-    if value is None or isinstance(value, str):
+    if value is None or _is_short_str(value):
         return True
-    return isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_STRING_CHARS
+        and all(_is_short_str(v) or _is_int64(v) for v in value)
+    )
 
 
 CHECKS = {"numeric": _is_number_or_none, "categorical": _is_id_or_none, "multi": _is_id_list_or_none}
@@ -76,6 +87,18 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def value_error(where: str, feature: str, kind: str, value: Any) -> RequestError:
     """The error for a value that failed ``CHECKS[kind]``: an integer outside int64, or a wrong type."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return RequestError(
+            f"{where}: feature {feature!r} is {value!r}, not a finite number; send a finite number, or null for a "
+            "missing value"
+        )
+    if isinstance(value, (str, list)) and len(value) > MAX_STRING_CHARS:
+        return RequestError(
+            f"{where}: feature {feature!r} has a {type(value).__name__} of length {len(value)}; at most "
+            f"{MAX_STRING_CHARS}"
+        )
+    if kind == "multi" and isinstance(value, list):
+        return RequestError(f"{where}: feature {feature!r} has {_short(value)}; expected {EXPECTED[kind]}")
     if kind != "multi" and isinstance(value, int) and not isinstance(value, bool):  # numbers and ids: out of range
         fix = "send it as a float" if kind == "numeric" else "send the id as a string"
         return RequestError(f"{where}: feature {feature!r} is an integer outside the 64-bit range; {fix}")
@@ -122,7 +145,38 @@ class FeatureRequests:
         self.separators = {f.column: f.separator for f in features.multi_categorical}
 
     def __call__(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        return self.encoder.transform(self.table(context, candidates), source="request")
+        table = self.table(context, candidates)
+        dense, sparse = self.encoder.transform(table, source="request")
+        try:  # a finite value that overflows once standardised (1e308): the same 422, naming the feature
+            self.encoder.check_finite(dense, table, "request")
+        except DataError as err:
+            numeric = self.encoder.features.numeric
+            bad = ~np.isfinite(dense[:, : len(numeric)])
+            row = int(np.flatnonzero(bad.any(1))[0])
+            column = numeric[int(np.flatnonzero(bad[row])[0])].column
+            problem = str(err).split(": value ", 1)[-1].split(" (", 1)[0].split(". ", 1)[0]
+            raise RequestError(
+                f"candidates[{row}]: feature {column!r}: value {problem}; send a value near the training range"
+            ) from None
+        return dense, sparse
+
+    def unseen(self, sparse: np.ndarray) -> dict[str, int]:
+        """Candidates per categorical feature whose value was not in the training vocabulary (non-zero only)."""
+        counts = self.encoder.unseen_counts(sparse)
+        return {f.column: int(c) for f, c in zip(self.encoder.features.categorical, counts) if c}
+
+    def example(self) -> dict[str, Any]:
+        """A valid request of two candidates: each numeric feature at its training mean, each categorical one
+        at a value of its training vocabulary (what the OpenAPI schema shows)."""
+        values: dict[str, Any] = {}
+        for feat in self.encoder.features.all():
+            state = self.encoder.state.get(feat.name, {})
+            if self.kinds[feat.column] == "numeric":
+                values[feat.column] = round(float(state.get("mean", 0.0)), 4)
+                continue
+            vocab = state.get("vocab") or ["a"]
+            values[feat.column] = [vocab[0]] if self.kinds[feat.column] == "multi" else vocab[0]
+        return {"context": {}, "candidates": [values, dict(values)]}
 
     def table(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pa.Table:
         """The request as a table of the encoder's input columns, one row per candidate (context repeated)."""
@@ -214,6 +268,15 @@ class RawRequests:
 
     def __init__(self, num_dense: int, vocab_sizes: list[int]) -> None:
         self.num_dense, self.vocab_sizes = num_dense, list(vocab_sizes)
+
+    def unseen(self, sparse: np.ndarray) -> dict[str, int]:
+        """No vocabulary without encoders: nothing is counted unseen."""
+        return {}
+
+    def example(self) -> dict[str, Any]:
+        """A valid request of two candidates (zeros and the first ids), what the OpenAPI schema shows."""
+        candidate = {"dense": [0.0] * self.num_dense, "sparse": [0] * len(self.vocab_sizes)}
+        return {"context": {}, "candidates": [candidate, dict(candidate)]}
 
     def __call__(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         if context:

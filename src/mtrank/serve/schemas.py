@@ -6,6 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+NUMERIC_POLICY = (
+    "Numeric features must be finite JSON numbers (or null for a missing value, which is filled as in training): "
+    "NaN, Infinity, -Infinity, an overflowing literal such as 1e400, and a value that overflows once standardised "
+    "(such as 1e308) are all refused with 422 naming the candidate and the feature."
+)
+
 
 class BlendSpec(BaseModel):
     """A per-request blend (overrides the model's ``blend.json``)."""
@@ -15,7 +21,8 @@ class BlendSpec(BaseModel):
     method: str = Field("weighted_sum", description="weighted_sum or weighted_product")
     weights: dict[str, float] = Field(..., description="weight of each task, by task name")
     transforms: dict[str, str] = Field(
-        default_factory=dict, description="identity, log, logit, sigmoid, log1p or rank, by task name"
+        default_factory=dict,
+        description="identity, log, logit, sigmoid, log1p, rank or standardize, by task name (per request)",
     )
 
 
@@ -30,17 +37,7 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "context": {"user_country": "fr", "hour": 21},
-                    "candidates": [
-                        {"item_category": "shoes", "price": 35.0},
-                        {"item_category": "hats", "price": 12.5},
-                    ],
-                }
-            ]
-        },
+        json_schema_extra={"description": "Candidates to score for one request. " + NUMERIC_POLICY},
     )
 
     context: dict[str, Any] = Field(default_factory=dict, description="features shared by every candidate")
@@ -57,6 +54,10 @@ class ScoreResponse(BaseModel):
     blended: list[float] = Field(..., description="the blended ranking score of each candidate")
     ranking: list[int] = Field(..., description="candidate indices by blended score, best first")
     blend: dict[str, Any] = Field(..., description="the blend that was applied")
+    unseen: dict[str, int] = Field(
+        default_factory=dict,
+        description="candidates per categorical feature whose value was not in the training vocabulary (non-zero only)",
+    )
 
 
 class ErrorResponse(BaseModel):

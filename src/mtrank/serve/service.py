@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from mtrank.serve.batching import CoalescingScorer
 from mtrank.serve.limits import DEFAULT_MAX_CANDIDATES
 from mtrank.serve.requests import FeatureRequests, RawRequests, RequestError
 from mtrank.serve.schemas import ScoreRequest, ScoreResponse
+
+log = logging.getLogger(__name__)
+UNSEEN_WARN_SHARE = 0.5  # a request whose candidates are mostly unseen in a categorical feature is logged
 
 
 class ScoringService:
@@ -85,16 +89,31 @@ class ScoringService:
         # one forward pass at a time (the model already uses every core); concurrent requests share a pass
         self.batcher = CoalescingScorer(self.scorer, max_rows=max(4096, max_candidates))
         self.ready = False
+        self.not_ready = "warming up"  # why /readyz is 503
+
+    def example_request(self) -> dict[str, Any]:
+        """A valid request for this model (the OpenAPI example and the warm-up request)."""
+        return self.requests.example()
 
     def warm_up(self) -> None:
-        """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches) and the
-        encoders' lookup tables, so the first real requests pay no set-up cost."""
+        """Forward passes of a one-candidate and a full request (compilation, allocator, kernel caches), the
+        encoders' lookup tables, then :meth:`example_request` scored end to end; ready only if every warm-up
+        score is finite (a model with a non-finite weight never reports ready)."""
         if self.encoder is not None:
             self.encoder.prepare_lookups()
         for batch in (1, min(self.max_candidates, 1000)):
             dense, sparse = random_inputs(self.model, batch)
-            self.batcher(dense.numpy(), sparse.numpy())
-        self.ready = True
+            if not np.isfinite(self.batcher(dense.numpy(), sparse.numpy())).all():
+                self.not_ready = f"warm-up: {batch} random candidates gave non-finite scores; check the model weights"
+                log.error("%s: %s", self.model_dir, self.not_ready)
+                return
+        try:
+            self.score(ScoreRequest.model_validate(self.example_request()))
+        except RequestError as err:
+            self.not_ready = f"warm-up request refused: {err}"
+            log.error("%s: %s", self.model_dir, self.not_ready)
+            return
+        self.ready, self.not_ready = True, ""
 
     def describe(self) -> dict[str, Any]:
         """What ``/readyz`` reports: tasks, backend, the request features, limits, batching and the blend."""
@@ -144,12 +163,25 @@ class ScoringService:
             row = int(np.flatnonzero(~np.isfinite(dense).all(1))[0])
             raise RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
         scores = self.batcher(dense, sparse)  # (N, K)
-        blended = blend.apply(scores, self.task_names)  # (N,)
+        try:
+            blended = blend.apply(scores, self.task_names)  # (N,)
+        except ValueError as err:  # e.g. weighted_product of negative transformed scores
+            raise RequestError(str(err)) from None
         if not (np.isfinite(scores).all() and np.isfinite(blended).all()):
             bad = int(np.flatnonzero(~(np.isfinite(scores).all(1) & np.isfinite(blended)))[0])
             raise RequestError(
                 f"candidates[{bad}]: the scores are not finite (numeric features far outside the training range?)"
             )
+        unseen = self.requests.unseen(sparse)
+        for feature, count in unseen.items():
+            if count >= UNSEEN_WARN_SHARE * len(request.candidates):
+                log.warning(
+                    "request: %d of %d candidates have a value of %r unseen in training (scored as unknown); "
+                    "check the feature's spelling and spacing against the training data",
+                    count,
+                    len(request.candidates),
+                    feature,
+                )
         order = ranking(blended)
         if request.top_k is not None:
             order = order[: request.top_k]
@@ -159,4 +191,5 @@ class ScoringService:
             blended=blended.tolist(),
             ranking=order,
             blend={**blend.to_dict(), "source": source},
+            unseen=unseen,
         )
