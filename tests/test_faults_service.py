@@ -40,6 +40,22 @@ def test_parse_refuses_the_count_before_validation():
         parse_score_request(json.dumps({"candidates": [1, 2, 3, 4]}).encode(), max_candidates=3)
 
 
+def test_a_large_body_is_counted_fast_and_otherwise_decoded_as_a_small_one(monkeypatch):
+    from mtrank.serve import app as app_module
+
+    huge = json.dumps({"candidates": [1] * 100_000}).encode()
+    assert len(huge) > app_module.FAST_COUNT_BYTES
+    strict = []
+    monkeypatch.setattr(app_module, "_decode_strict", lambda body: strict.append(body) or json.loads(body))
+    with pytest.raises(RequestError, match="100000 candidates; at most 1000"):
+        parse_score_request(huge, max_candidates=1000)
+    assert strict == [] or app_module.orjson is None  # refused on the fast count, before the strict decode
+    # under the limit, the answer is the strict decode's: a 90-digit integer stays an integer (orjson: a float)
+    padded = {"context": {"pad": "x" * 70_000}, "candidates": [{"country": 10**90}]}
+    request = parse_score_request(json.dumps(padded).encode(), max_candidates=1000)
+    assert request.candidates[0]["country"] == 10**90 and len(strict) == 1
+
+
 def test_error_bodies_are_bounded_and_do_not_echo_huge_values(client):
     huge = "x" * 1_500_000
     response = client.post("/v1/score", json={"context": CONTEXT, "candidates": [{"category": huge, "price": 1.0}]})
