@@ -16,11 +16,12 @@ MODE=${1:-run}
 STOP=${STOP:-420}           # no job or search trial starts later than this (s); running ones finish
 LIMIT=${LIMIT:-560}         # a hard stop inside the tool's 600 s, should a job run long
 WORKERS=${WORKERS:-8}       # jobs side by side on the one GPU
+EXTRA=${EXTRA:-}            # more census-audit options, the same in every call (the parts are keyed on them)
 AUDIT=runs/census-audit-h200
 PY=${PYTHON:-python3}
 $PY -c "import optuna" 2>/dev/null || $PY -m pip install -q --no-index --no-deps --target /tmp/site runs/whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-ARGS=(reproduce census-audit --device cuda --workers "$WORKERS" --data runs/data/census-income --out "$AUDIT" --no-progress)
+ARGS=(reproduce census-audit --device cuda --workers "$WORKERS" --data runs/data/census-income --out "$AUDIT" --no-progress $EXTRA)
 if [ "$MODE" = estimate ]; then
     $PY -m mtrank.cli "${ARGS[@]}" --estimate
     exit $?
