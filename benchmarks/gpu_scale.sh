@@ -12,7 +12,8 @@
 #    graphed step) and the old one (--baseline: one batch per item, unpinned), bf16, batch 4,096;
 # 2. W2 in memory at batch 4,096 and 65,536: samples/s, MFU, profile, and test AUC at the best lr of a sweep;
 # 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 16k/32k/64k: samples/s, MFU, peak memory,
-#    profile by kernel family.
+#    profile by kernel family; then again with model.inputs.pad_to 64 (the odd 3,341-column input padded to
+#    3,392, aligned for tensor-core GEMMs).
 # Then a table of everything (python3 benchmarks/w3.py --summary DIR).
 set -euo pipefail
 PY=${PYTHON:-python3}
@@ -54,5 +55,9 @@ $PY benchmarks/w3.py --workload W2 "${COMMON[@]}" "${W2[@]}" --json "$DEST/w2_ba
 echo "[$SECONDS s] W2 batch study done"
 $PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --json "$DEST/w3.json" 2>&1 | tee "$DEST/w3.log"
 echo "[$SECONDS s] W3 done"
+# the same with the block input padded from 3,341 to 3,392 columns (model.inputs.pad_to 64: aligned GEMMs)
+$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --pad-to 64 --json "$DEST/w3_pad64.json" 2>&1 \
+    | tee "$DEST/w3_pad64.log"
+echo "[$SECONDS s] W3 padded done"
 $PY benchmarks/w3.py --summary "$DEST" | tee "$DEST/summary.md"
 if [[ -n ${FAILED:-} ]]; then echo "FAILED: $FAILED"; exit 1; fi

@@ -135,7 +135,8 @@ class MultiTaskModel(nn.Module):
                 side = self.mixer.output_dim
             else:
                 block_in += self.mixer.output_dim
-        self.block = build_block(config, block_in, side)
+        self.input_pad = -block_in % inputs.pad_to  # zero columns after the block input (tensor-core alignment)
+        self.block = build_block(config, block_in + self.input_pad, side)
         binary = [task.type == "binary" for task in config.tasks]
         self.register_buffer("binary_mask", torch.tensor(binary, dtype=torch.bool))
         # regression outputs back to the labels' scale; only when a task transforms its labels, so other models
@@ -192,7 +193,15 @@ class MultiTaskModel(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
         """The block's input ``[B, in]`` (STEM: ``[K+1, B, in]``, each task's and the shared embeddings),
         PPNet's tower scales (None without PPNet) and what the towers read beside the experts' output (the
-        mixer's ``[B, S]`` in Closeup's wiring, else None)."""
+        mixer's ``[B, S]`` in Closeup's wiring, else None). ``inputs.pad_to`` appends zero columns to ``in``."""
+        x, tower_scales, side = self._block_input(dense, sparse)
+        if self.input_pad:
+            x = nn.functional.pad(x, (0, self.input_pad))
+        return x, tower_scales, side
+
+    def _block_input(
+        self, dense: torch.Tensor, sparse: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
         main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
         if self.tables > 1:
             return self.task_embeddings(dense, main_sparse), None, None

@@ -604,6 +604,7 @@ class ExperimentConfig:
             bags=list(bags or []),
             numeric=list(numeric or []),
             names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
+            pad_to=self.model.inputs.pad_to,
         )
         model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs(label_stats))
         return model.validate("model")
@@ -614,6 +615,8 @@ class ExperimentConfig:
         data.pop("source")
         data["model"].pop("tasks")
         data["model"]["inputs"] = {"embedding_dim": self.model.inputs.embedding_dim}
+        if self.model.inputs.pad_to != 1:
+            data["model"]["inputs"]["pad_to"] = self.model.inputs.pad_to
         return data
 
 
