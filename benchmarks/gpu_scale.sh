@@ -8,7 +8,7 @@
 # 0. the prefetched batches on the GPU == the CPU path's (checksums, order, mid-epoch start); the readers
 #    alone: rows/s by reader processes (1..16) and batches per item (1, 16), pinned;
 # 1. files to the GPU: W2-layout Parquet (6M rows, 1,200 steps: reader start-up and graph capture amortised)
-#    vs the same model from GPU memory, 1/2/4/8 reader processes, new path (pinned groups + prefetcher +
+#    vs the same model from GPU memory, 1/4/8/12/16 reader processes, new path (pinned groups + prefetcher +
 #    graphed step) and the old one (--baseline: one batch per item, unpinned), bf16, batch 4,096;
 # 2. W2 in memory at batch 4,096 and 65,536: samples/s, MFU, profile, and test AUC at the best lr of a sweep;
 # 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 16k/32k/64k: samples/s, MFU, peak memory,
@@ -28,7 +28,7 @@ if [[ "${1:-}" == "--cpu-quick" ]]; then
     DATA=${DEST}/data
 else
     DEST=${1:-docs/results/scale-h200}; DEV=cuda
-    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 1 2 4 8 --repeats 2 --precision bf16)
+    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 1 4 8 12 16 --repeats 2 --precision bf16)
     RD=(--rows 2000000 --batch-size 4096 --workers 1 2 4 8 16 --groups 1 16 --pin)
     PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
     COMMON=(--device cuda --threads 16)
