@@ -107,6 +107,7 @@ class Split:
     data: PreferenceData  # the requests of this share; ``scores`` = true task probabilities r [R, C, K]
     served: np.ndarray  # [R, C, K] the ranker's scores
     labels: np.ndarray  # [R, C, K] per-task labels drawn from r (every candidate)
+    request_index: np.ndarray  # [R] the requests' numbers among the seed's requests
 
     @property
     def requests(self) -> int:
@@ -165,7 +166,11 @@ def simulate(s: BlendingSetting, seed: int) -> dict[str, Split]:
     tune = int(round(s.tune_fraction * s.requests))
     valid = int(round(s.valid_fraction * tune))
     parts = {"train": order[valid:tune], "valid": order[:valid], "tuning": order[:tune], "held_out": order[tune:]}
-    return {name: Split(_take(data, np.sort(p)), served[np.sort(p)], labels[np.sort(p)]) for name, p in parts.items()}
+    splits = {}
+    for name, index in parts.items():
+        index = np.sort(index)
+        splits[name] = Split(_take(data, index), served[index], labels[index], index)
+    return splits
 
 
 def tuned_blend(arm: str, tuning: Split, s: BlendingSetting) -> Blend:
