@@ -92,14 +92,15 @@ def test_quick_study_reports_every_blend_held_out_and_in_sample(tmp_path):
     out = tmp_path / "blending"
     assert main(["study", "blending", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert "tuned product (YouTube)" in results["arms"] and "learned blend (Closeup)" in results["arms"]
+    assert "tuned product (YouTube)" in results["arms"] and "learned blend (pull 2, Closeup's)" in results["arms"]
     for runs in results["runs"].values():
         for run in runs:
             assert 0 < run["metrics"]["ndcg"] <= 1 and 0 < run["metrics"]["ndcg_in_sample"] <= 1
             assert all(0 <= run["metrics"][f"auc_{t}"] <= 1 for t in TASKS)
     tuned = results["runs"]["tuned product (YouTube)"][0]["weights"]
     assert sorted(tuned) == sorted(TASKS) and sum(tuned.values()) == pytest.approx(1.0)
-    assert results["runs"]["learned blend (Closeup)"][0]["l2_pull"] in (0.0, 2.0)
+    assert results["runs"]["learned blend (pull chosen)"][0]["l2_pull"] in (0.0, 2.0)
+    assert results["runs"]["learned blend (pull 2, Closeup's)"][0]["l2_pull"] == 2.0
     # the oracle knows each request's true weights: it beats every blend that does not
     oracle = results["summary"]["oracle: true group weights"]["ndcg"]["mean"]
     assert all(oracle > results["summary"][a]["ndcg"]["mean"] for a in results["arms"] if a.startswith("equal"))

@@ -18,7 +18,8 @@ weighted sum, as ``ScoringService`` does.
 Arms: each single task; equal-weight sum and product; weights tuned on the tuning logs' reward@1 (grid over the
 simplex, :func:`mtrank.blend.tuning.tune_blend`) for a weighted sum, a weighted product (YouTube's) and a weighted
 sum of per-request ranks; a weighted sum tuned on the sum of task AUCs (``mtrank blend tune``'s default
-objective); the learned blend (its L2 pull chosen on a validation share of the tuning requests); the true
+objective); the learned blend, pulled toward the production weights (the tuned sum's) with Closeup's L2 pull 2 and
+with the pull chosen on a validation share of the tuning requests; the true
 per-group weights on the ranker's scores (an oracle that knows ``a_g``).
 
 Metrics on the held-out requests: NDCG@k of the blended order (gains: true utility, all candidates), expected
@@ -48,8 +49,21 @@ SINGLE = tuple(f"single task: {t}" for t in TASKS)
 EQUAL_SUM, EQUAL_PRODUCT = "equal-weight sum", "equal-weight product"
 TUNED_SUM, TUNED_PRODUCT = "tuned sum", "tuned product (YouTube)"
 TUNED_RANK, TUNED_AUC = "tuned sum of ranks", "tuned sum, AUC objective"
-LEARNED, ORACLE = "learned blend (Closeup)", "oracle: true group weights"
-ARMS = (*SINGLE, EQUAL_SUM, EQUAL_PRODUCT, TUNED_SUM, TUNED_PRODUCT, TUNED_RANK, TUNED_AUC, LEARNED, ORACLE)
+LEARNED, LEARNED_CLOSEUP = "learned blend (pull chosen)", "learned blend (pull 2, Closeup's)"
+ORACLE = "oracle: true group weights"
+ARMS = (
+    *SINGLE,
+    EQUAL_SUM,
+    EQUAL_PRODUCT,
+    TUNED_SUM,
+    TUNED_PRODUCT,
+    TUNED_RANK,
+    TUNED_AUC,
+    LEARNED_CLOSEUP,
+    LEARNED,
+    ORACLE,
+)
+CLOSEUP_PULL = 2.0  # lambda of Closeup's L2 prior toward the production weights
 # arm -> (method, transform, objective) of the global blends tuned on the tuning logs
 TUNED = {
     TUNED_SUM: ("weighted_sum", "identity", "reward@1"),
@@ -94,8 +108,9 @@ def comparisons(s: BlendingSetting) -> list[tuple[str, str]]:
         (TUNED_PRODUCT, EQUAL_PRODUCT),
         (TUNED_PRODUCT, TUNED_SUM),
         (TUNED_SUM, TUNED_AUC),
-        (LEARNED, TUNED_PRODUCT),
+        (LEARNED_CLOSEUP, TUNED_SUM),
         (LEARNED, TUNED_SUM),
+        (LEARNED, TUNED_PRODUCT),
         (ORACLE, LEARNED),
     ]
 
@@ -188,18 +203,23 @@ def tuned_blend(arm: str, tuning: Split, s: BlendingSetting) -> Blend:
     return result.blend
 
 
-def learned_blend(train: Split, valid: Split, s: BlendingSetting, seed: int) -> tuple[ServedLearnedBlend, float]:
-    """Closeup's learned blend trained on the tuning logs, its L2 pull chosen by the validation logs' reward@1
-    (ranked through the served path); returns the served blend and the pull."""
+def learned_blend(
+    splits: dict[str, Split], s: BlendingSetting, seed: int, pulls: tuple[float, ...]
+) -> tuple[ServedLearnedBlend, float]:
+    """Closeup's learned blend trained on the ``train`` logs, pulled toward the production weights (the tuned sum's,
+    tuned on all tuning logs), its L2 pull among ``pulls`` chosen by the ``valid`` logs' reward@1 (ranked through
+    the served path); returns the served blend and the pull."""
+    production = tuned_blend(TUNED_SUM, splits["tuning"], s).weights
+    train, valid = splits["train"], splits["valid"]
     context, scores, _, engaged, reward, _ = train.logs()
     features = [f"x{i}" for i in range(context.shape[1])]
     v_context, v_scores, v_labels, _, v_reward, v_request = valid.logs()
     objective = Objective("reward@k", request_ids=v_request, top_k=1, row_value=v_reward)
     candidates = []
-    for pull in s.l2_pulls:
+    for pull in pulls:
         model, _ = train_learned_blend(
             *(torch.from_numpy(a).float() for a in (context, scores, engaged, reward)),
-            [1.0 / len(TASKS)] * len(TASKS),
+            [production[task] for task in TASKS],
             LearnedBlendConfig(l2_pull=pull, epochs=s.epochs, seed=seed),
         )
         served = ServedLearnedBlend(model, features, list(TASKS))
@@ -263,8 +283,9 @@ def run(s: BlendingSetting, arm: str, seed: int) -> dict:
     if arm in TUNED:
         blend = tuned_blend(arm, tuning, s)
         extra["weights"] = blend.weights
-    elif arm == LEARNED:
-        blend, extra["l2_pull"] = learned_blend(splits["train"], splits["valid"], s, seed)
+    elif arm in (LEARNED, LEARNED_CLOSEUP):
+        pulls = s.l2_pulls if arm == LEARNED else (CLOSEUP_PULL,)
+        blend, extra["l2_pull"] = learned_blend(splits, s, seed, pulls)
     metrics = quality(arm_scores(arm, held_out, s, blend), held_out, s)
     metrics["ndcg_in_sample"] = quality(arm_scores(arm, tuning, s, blend), tuning, s)["ndcg"]
     return {"metrics": metrics, **extra}
@@ -307,7 +328,8 @@ def notes(s: BlendingSetting) -> str:
         f"under random Dirichlet(1) blend weights. Split by request: {s.requests - held:,} tuning requests "
         f"({s.valid_fraction:.0%} of them validate the learned blend's L2 pull among {list(s.l2_pulls)}), "
         f"{held:,} held-out requests. Tuned blends: grid step {s.grid_step:g} over the simplex on the tuning logs' "
-        f"reward@1 (or the sum of task AUCs). Learned blend: {s.epochs} epochs. Metrics on the held-out requests "
+        f"reward@1 (or the sum of task AUCs). Learned blend: {s.epochs} epochs, pulled toward the tuned sum's "
+        "weights (the production blend). Metrics on the held-out requests "
         f"(every candidate): NDCG@{s.ndcg_at} against the true utility (engagement probability), expected reward "
         "of the top candidate, per-task AUC of the blended score against labels drawn from the true task "
         f"probabilities; `NDCG@{s.ndcg_at} in-sample`: the same on the tuning requests. Rankings computed with the "
