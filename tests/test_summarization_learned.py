@@ -120,3 +120,21 @@ def test_bad_learned_grouping_values_are_refused_in_one_line_naming_the_field():
         spec = experiment("auto", num_groups=4)
         spec["features"]["categorical"] = ["user_id", "item_id", "hour"]
         mtrank.fit(spec, frame, output=None)
+
+
+def test_the_grouping_benchmark_quick_mode_compares_the_four_arms(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import learned_groups
+    from mtrank.experiments.studies.runner import run_study
+
+    if not (learned_groups.CONFIG.parent / "../../shared/data/census-income").is_dir():
+        pytest.skip("census-income data not here")
+    results = run_study(learned_groups.STUDY, tmp_path, quick=True, seeds=2, progress=False)
+    assert results["arms"] == list(learned_groups.ARMS)
+    learned = results["runs"]["mixer, learned groups"][0]["groups"]
+    assert len(learned) == len(learned_groups.CONFIGURED) and sorted(sum(learned, [])) == list(range(32))
+    assert all(0.5 < run["metrics"]["auc_never_married"] <= 1 for runs in results["runs"].values() for run in runs)
+    assert (tmp_path / "learned-groups.png").exists()
