@@ -133,7 +133,7 @@ class Split:
         r, c, k = self.served.shape
         return self.served.reshape(r * c, k), np.repeat(np.arange(r), c)
 
-    def logs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def logs(self) -> tuple[np.ndarray, ...]:
         """The shown impressions: context ``[N, F]``, ranker scores ``[N, K]``, per-task labels ``[N, K]``,
         engaged ``[N]``, reward ``[N]``, request id ``[N]`` (``N = R * shown``), in request order."""
         shown = self.data.shown.numpy()  # (R, S)
