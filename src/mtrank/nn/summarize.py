@@ -98,8 +98,9 @@ def token_similarity(tokens: torch.Tensor) -> torch.Tensor:
     constant over the rows carries nothing: its similarity to every other token is 0.
 
     Example:
-        >>> x = torch.randn(500, 4)
-        >>> sim = token_similarity(torch.stack([x, x @ torch.randn(4, 4), torch.randn(500, 4)], 1))
+        >>> _ = torch.manual_seed(0)
+        >>> x, rotation = torch.randn(500, 4), torch.linalg.qr(torch.randn(4, 4))[0]
+        >>> sim = token_similarity(torch.stack([x, 3 * x @ rotation, torch.randn(500, 4)], 1))
         >>> (sim[0, 1] > 0.9).item(), (sim[0, 2] < 0.1).item()
         (True, True)
     """
