@@ -105,3 +105,16 @@ def test_quick_study_reports_every_blend_held_out_and_in_sample(tmp_path):
     oracle = results["summary"]["oracle: true group weights"]["ndcg"]["mean"]
     assert all(oracle > results["summary"][a]["ndcg"]["mean"] for a in results["arms"] if a.startswith("equal"))
     assert (out / "blending.png").exists() and "held-out" in (out / "results.md").read_text()
+
+
+def test_reward_at_k_on_a_logged_row_value_scores_the_top_row_of_each_request():
+    from mtrank.blend.tuning import Objective
+
+    blended, request = np.array([0.9, 0.1, 0.2, 0.8]), np.array([0, 0, 1, 1])
+    labels = np.zeros((4, 3))  # the task labels are not what this objective values
+    objective = Objective("reward@k", request_ids=request, row_value=np.array([2.0, 5.0, 1.0, 3.0]))
+    assert objective(blended, labels, list(TASKS)) == pytest.approx((2.0 + 3.0) / 2)
+    with pytest.raises(ValueError, match=r"row_value has shape \(3,\), expected \(4,\)"):
+        Objective("reward@k", request_ids=request, row_value=np.ones(3))(blended, labels, list(TASKS))
+    with pytest.raises(ValueError, match="row_value is only for reward@k"):
+        Objective("auc", row_value=np.ones(4))
