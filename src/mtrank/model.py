@@ -119,6 +119,11 @@ class MultiTaskModel(nn.Module):
         if config.mixer.layers:
             mixer = config.mixer
             count = self.embedding.num_tokens + (1 if self.embedding.num_plain else 0)
+            if isinstance(mixer.groups, str):
+                raise ConfigError(
+                    "model.mixer.groups: 'auto' is learned by a warm-up before the model is built (mtrank train does "
+                    "it; in Python: mtrank.train.grouping.resolve_mixer_groups)"
+                )
             bad = [i for group in mixer.groups for i in group if not 0 <= i < count]
             if bad:
                 raise ConfigError(f"model.mixer.groups: token indices {bad} out of range; the mixer has {count} tokens")
@@ -227,6 +232,14 @@ class MultiTaskModel(nn.Module):
         if ppnet is not None:
             tower_scales = ppnet(tokens, x)
         return x, tower_scales, side
+
+    def mixer_tokens(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """The tokens the mixer reads ``[B, T, D]``, before any summary (what learned grouping clusters)."""
+        if self.mixer is None:
+            raise ValueError("mixer_tokens: the model has no mixer (model.mixer.layers is 0)")
+        main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
+        tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+        return self.mixer.tokens(self.embedding.plain(dense).to(tokens.dtype), tokens)
 
     def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """STEM's inputs: each task's (then the shared) embeddings of every token, after the plain dense

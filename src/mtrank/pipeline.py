@@ -54,6 +54,7 @@ from mtrank.evaluate.report import markdown_table, write_json
 from mtrank.model import MultiTaskModel
 from mtrank.train.callbacks import default_callbacks
 from mtrank.train.distributed import rank_and_world
+from mtrank.train.grouping import resolve_mixer_groups
 from mtrank.train.sources import StreamSource
 from mtrank.train.trainer import Trainer, TrainResult
 
@@ -158,6 +159,11 @@ def fit_splits(
     model_config = config.model_config(
         encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs, encoder.numeric_inputs, labels.task_stats()
     )
+    if model_config.mixer.layers and model_config.mixer.groups == "auto":  # learned groups, fixed before the build
+        warmup = data["train"] if not streaming else encode_table(encoder, fit_table, config, fit_source)
+        model_config = resolve_mixer_groups(
+            model_config, on_model_scale(warmup, labels), train_config, config.train.seed
+        )
     model = MultiTaskModel(model_config, seed=config.train.seed)
     if callbacks:  # beside the progress bar and history the config asks for
         callbacks = default_callbacks(train_config) + list(callbacks)

@@ -3,7 +3,8 @@
 * ``auc``: ``sum_k a_k AUC(s, y_k)``, how well the one blended score ``s`` ranks for each task (``a_k`` =
   the objective's task weights, default 1 per task);
 * ``reward@k``: mean over requests of ``sum_k a_k y_k`` summed over the ``k`` best-blended candidates of each
-  request (needs request ids): the value of what the ranking would show.
+  request (needs request ids): the value of what the ranking would show. ``row_value`` replaces ``sum_k a_k y_k``
+  by a value logged per row (e.g. the engagement reward of an impression) where that is what the blend serves.
 
 Only the weights' direction matters for the ranking (both blends of :mod:`mtrank.blend.rules` are invariant to
 scaling all ``w``), so the search runs over weights that sum to 1: a grid over the simplex, or optuna's TPE
@@ -38,6 +39,7 @@ class Objective:
         weights: ``a_k`` by task name (default 1 for every task).
         request_ids: ``[N]`` request of each row (``reward@k``).
         top_k: candidates shown per request (``reward@k``).
+        row_value: ``[N]`` value of each row for ``reward@k`` (e.g. the logged reward); default ``labels @ a``.
 
     Example:
         >>> labels = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # (N, K): click, like
@@ -51,6 +53,7 @@ class Objective:
     weights: dict[str, float] | None = None
     request_ids: np.ndarray | None = None
     top_k: int = 1
+    row_value: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -59,6 +62,8 @@ class Objective:
             raise ValueError("objective reward@k: request_ids are required (which request each row belongs to)")
         if self.top_k < 1:
             raise ValueError(f"objective top_k: must be >= 1, got {self.top_k}")
+        if self.row_value is not None and self.name != "reward@k":
+            raise ValueError(f"objective {self.name}: row_value is only for reward@k")
 
     def __call__(self, blended: np.ndarray, labels: np.ndarray, task_names: list[str]) -> float:
         """The value of ``blended [N]`` on ``labels [N, K]`` (NaN = missing; those rows are left out of that
@@ -66,7 +71,9 @@ class Objective:
         task_weights = np.array([(self.weights or {}).get(n, 1.0) for n in task_names], dtype=np.float64)
         labels = np.asarray(labels, dtype=np.float64)
         if self.name == "reward@k":
-            value = np.nan_to_num(labels) @ task_weights  # (N,) reward of each row
+            value = np.nan_to_num(labels) @ task_weights if self.row_value is None else np.asarray(self.row_value)
+            if value.shape != blended.shape:
+                raise ValueError(f"objective reward@k: row_value has shape {value.shape}, expected {blended.shape}")
             return mean_top_k(blended, value, np.asarray(self.request_ids), self.top_k)
         total = 0.0
         for k, name in enumerate(task_names):

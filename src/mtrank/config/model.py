@@ -381,7 +381,12 @@ class MixerConfig(Config):
     Args:
         groups: Closeup's summarization layer: lists of mixer token indices (the dense-features token is 0 when
             there are dense features, then the embedding tokens in order), each summarized into one token before
-            the mixer; empty: the mixer reads every token.
+            the mixer; empty: the mixer reads every token; ``auto``: ``num_groups`` groups learned by clustering
+            the tokens by the similarity of their embeddings after a warm-up (:mod:`mtrank.train.grouping`),
+            then fixed: the trained model's config holds the lists.
+        num_groups: with ``groups: auto``, how many groups to learn (>= 2).
+        group_warmup_epochs: with ``groups: auto``, epochs of the warm-up model (a mixer over every token)
+            whose embeddings are clustered.
         summary: how a group becomes one token: ``attention`` (pooling with a learned query) or ``mlp``.
         wiring: ``input``: the mixer's output is concatenated to the block input (experts and gates read it);
             ``experts``: Closeup's published wiring, concatenated to the experts' (mixed) output the towers read.
@@ -389,7 +394,9 @@ class MixerConfig(Config):
 
     layers: int = 0
     heads: int = 2
-    groups: list[list[int]] = field(default_factory=list)
+    groups: list[list[int]] | str = field(default_factory=list)
+    num_groups: int = 0
+    group_warmup_epochs: int = 1
     summary: str = "attention"
     wiring: str = "input"
 
@@ -402,6 +409,24 @@ class MixerConfig(Config):
         )
         check(
             self.wiring in ("input", "experts"), join(path, "wiring"), f"must be input or experts, got {self.wiring!r}"
+        )
+        if isinstance(self.groups, str):
+            check(
+                self.groups == "auto",
+                join(path, "groups"),
+                f"write lists of token indices or auto, got {self.groups!r}",
+            )
+            check(
+                self.num_groups >= 2,
+                join(path, "num_groups"),
+                f"groups: auto needs num_groups >= 2, got {self.num_groups}",
+            )
+            check(self.group_warmup_epochs >= 1, join(path, "group_warmup_epochs"), "must be >= 1")
+            return
+        check(
+            self.num_groups == 0,
+            join(path, "num_groups"),
+            "only with groups: auto (the configured groups set the count)",
         )
         flat = [i for group in self.groups for i in group]
         check(all(len(g) > 0 for g in self.groups), join(path, "groups"), "every group needs at least one token index")

@@ -50,11 +50,16 @@ class FeatureMixer(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.output_dim = mixed_tokens * dim
 
+    def tokens(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """The tokens the mixer reads, before any summary: the dense-features token (when there are dense
+        features), then the embeddings, ``[B, T, D]``."""
+        if self.dense_token is None:
+            return embeddings
+        dense_token = self.dense_token(dense.to(embeddings.dtype)).unsqueeze(1)  # (B, 1, D)
+        return torch.cat([dense_token, embeddings], dim=1)  # (B, T, D)
+
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        tokens = embeddings
-        if self.dense_token is not None:
-            dense_token = self.dense_token(dense.to(embeddings.dtype)).unsqueeze(1)  # (B, 1, D)
-            tokens = torch.cat([dense_token, embeddings], dim=1)  # (B, T, D)
+        tokens = self.tokens(dense, embeddings)  # (B, T, D)
         summary = self.summary
         if summary is not None:
             tokens = summary(tokens)  # (B, G, D)

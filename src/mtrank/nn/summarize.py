@@ -1,4 +1,6 @@
-"""Summarization layer (Pinterest Closeup): each group of feature tokens summarized into one token."""
+"""Summarization layer (Pinterest Closeup): each group of feature tokens summarized into one token; the groups
+configured, or learned by clustering the tokens by the similarity of their embeddings (:func:`token_similarity`,
+:func:`cluster_tokens`)."""
 
 from __future__ import annotations
 
@@ -81,3 +83,59 @@ class MLPSummary(GroupSummary):
 
 
 SUMMARIES = {"attention": AttentionSummary, "mlp": MLPSummary}
+
+
+def token_similarity(tokens: torch.Tensor) -> torch.Tensor:
+    """Linear CKA between every two tokens over a sample of rows, ``[B, T, D] -> [T, T]`` in ``[0, 1]``.
+
+    Token ``t`` over the rows is ``X_t [B, D]`` (centred over the rows); then
+
+        CKA(s, t) = ||X_s^T X_t||_F^2 / (||X_s^T X_s||_F ||X_t^T X_t||_F)
+
+    (Kornblith et al. 2019). It is invariant to rotations and scales of either token's space, so two features
+    embedded in different tables, in different directions, score high when they carry the same information about
+    the row (e.g. a user id and the user's age bucket), and near 0 when they vary independently. A token
+    constant over the rows carries nothing: its similarity to every other token is 0.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> x, rotation = torch.randn(500, 4), torch.linalg.qr(torch.randn(4, 4))[0]
+        >>> sim = token_similarity(torch.stack([x, 3 * x @ rotation, torch.randn(500, 4)], 1))
+        >>> (sim[0, 1] > 0.9).item(), (sim[0, 2] < 0.1).item()
+        (True, True)
+    """
+    x = tokens.double()
+    x = x - x.mean(0, keepdim=True)  # (B, T, D) centred over the rows
+    cross = torch.einsum("bsd,bte->stde", x, x)  # (T, T, D, D) = X_s^T X_t
+    hsic = (cross**2).sum((-2, -1))  # (T, T)
+    norm = hsic.diagonal().sqrt()  # (T,)
+    scale = torch.outer(norm, norm)
+    return torch.where(scale > 0, hsic / scale.clamp_min(1e-300), torch.zeros_like(hsic)).float()
+
+
+def cluster_tokens(similarity: torch.Tensor, num_groups: int) -> list[list[int]]:
+    """Average-linkage agglomerative clustering of the tokens on ``1 - similarity`` (scipy), cut into
+    ``num_groups`` groups: lists of token indices, each sorted, ordered by their first token (deterministic).
+
+    Example:
+        >>> sim = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
+        >>> cluster_tokens(sim, 2)
+        [[0, 1], [2]]
+    """
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import squareform
+
+    count = similarity.shape[0]
+    if not 2 <= num_groups <= count:
+        raise ValueError(
+            f"model.mixer.num_groups: must be in [2, {count}] (the mixer has {count} tokens), got {num_groups}"
+        )
+    distance = (1.0 - similarity.double()).clamp_min(0.0).numpy()
+    distance = (distance + distance.T) / 2  # symmetric, 0 on the diagonal
+    distance[range(count), range(count)] = 0.0
+    tree = linkage(squareform(distance, checks=False), method="average")  # monotone: cut_tree gives exactly K
+    labels = cut_tree(tree, n_clusters=num_groups)[:, 0]
+    groups: dict[int, list[int]] = {}
+    for token, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(token)
+    return sorted(groups.values(), key=lambda members: members[0])
