@@ -177,6 +177,8 @@ class InputsConfig(Config):
         numeric: dense columns embedded as tokens of ``embedding_dim`` (the rest enter the block as they are).
         names: names of the single categorical columns, in order (filled from an experiment's features), so
             that sections such as ``pepnet`` may name features; empty = refer to them by index.
+        table_dtype: storage dtype of the categorical embedding table: ``fp32``, ``bf16`` or ``fp16`` (half the
+            bytes; lookups are computed in the model's dtype, updates in float32: see ``train.sparse``).
     """
 
     num_dense: int = 0
@@ -185,6 +187,7 @@ class InputsConfig(Config):
     bags: list[BagConfig] = field(default_factory=list)
     numeric: list[NumericEmbeddingConfig] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    table_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @property
     def bag_lengths(self) -> list[int]:
