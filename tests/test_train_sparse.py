@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -15,12 +17,12 @@ from safetensors.torch import load_file
 from mtrank.artifacts import open_model_dir
 from mtrank.cli import main
 from mtrank.config import ConfigError, ModelConfig, TaskConfig, TrainConfig
-from mtrank.config.experiment import experiment_from_dict
-from mtrank.data.encoders import stable_hash
+from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, experiment_from_dict
+from mtrank.data.encoders import FeatureEncoder, stable_hash
 from mtrank.data.tensors import TensorData
-from mtrank.export.common import random_inputs
 from mtrank.export.model_dir import export_model_dir
 from mtrank.model import MultiTaskModel
+from mtrank.nn.embedding import expected_collision_rate
 from mtrank.pipeline import fit
 from mtrank.serve.schemas import ScoreRequest
 from mtrank.serve.service import ScoringService
@@ -109,7 +111,17 @@ def test_a_bf16_table_trains_in_bf16_and_ends_near_the_fp32_table():
     assert abs(finals["bf16"][1] - finals["fp32"][1]) < 0.02
 
 
-def test_global_hash_buckets_hash_every_feature_without_its_own_and_the_collision_rate_is_reported(
+def test_the_encoder_measures_the_collision_rate_of_the_distinct_training_values():
+    values = pa.table({"item": [f"item-{i}" for i in range(2000)] * 2})  # 2,000 distinct values, each twice
+    encoder = FeatureEncoder(FeaturesSpec(categorical=[CategoricalFeature("item", hash_buckets=2000)])).fit(values)
+    ids = stable_hash(pa.array([f"item-{i}" for i in range(2000)]), 2000)
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    hashing = encoder.hashing()["item"]
+    assert hashing == {"distinct": 2000, "buckets": 2000, "collision_rate": float((counts[inverse] > 1).mean())}
+    assert abs(hashing["collision_rate"] - expected_collision_rate(2000, 2000)) < 0.03  # ~0.63 for n = m
+
+
+def test_global_hash_buckets_hash_every_feature_without_its_own_and_mtrank_train_reports_the_collisions(
     tmp_path, capsys
 ):
     features = config()["features"]
@@ -117,26 +129,25 @@ def test_global_hash_buckets_hash_every_feature_without_its_own_and_the_collisio
     path = write_experiment(tmp_path, features={**features, "hash_buckets": 16}, train={"epochs": 1})
     code, out, err = train_cli(capsys, path, tmp_path / "m")
     assert code == 0, err
-    loaded = open_model_dir(tmp_path / "m")
-    assert loaded.model.vocab_sizes == [16, 5]  # user hashed into 16 ids; city: 4 values + OOV
-    frame = make_frame(n=400)
-    users = frame["user"].astype(str).unique()
-    ids = stable_hash(__import__("pyarrow").array(users), 16)
-    shared = sum(int((ids == i).sum()) for i in set(ids.tolist()) if (ids == i).sum() > 1)
-    fitted_rows = int(0.7 * 400)
+    assert open_model_dir(tmp_path / "m").model.vocab_sizes == [16, 5]  # user: 16 hashed ids; city: 4 + OOV
     hashing = json.loads((tmp_path / "m" / "metrics.json").read_text())["hashing"]
-    assert set(hashing) == {"user"} and hashing["user"]["buckets"] == 16
-    assert hashing["user"]["distinct"] <= len(users) and fitted_rows > hashing["user"]["distinct"] > 40
-    assert hashing["user"]["collision_rate"] > 0.9 and shared / len(users) > 0.9  # 50 users into 16 ids
-    assert "hashed features: user: 16 buckets" in out and "share their id with another" in out
-    assert "Hashed features: user: 16 buckets" in (tmp_path / "m" / "report.md").read_text()
+    assert set(hashing) == {"user"} and hashing["user"]["buckets"] == 16 and hashing["user"]["distinct"] == 50
+    assert hashing["user"]["collision_rate"] > 0.9  # 50 users in 16 ids
+    share = f"{100 * hashing['user']['collision_rate']:.1f}% share their id with another"
+    assert f"hashed features: user: 16 buckets, 50 distinct training values, {share}" in out
+    assert (
+        f"Hashed features: user: 16 buckets, 50 distinct training values, {share}"
+        in (tmp_path / "m" / "report.md").read_text()
+    )
 
 
 def test_a_table_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys):
     path = write_experiment(tmp_path, features={"hash_buckets": 10**11}, train={"epochs": 1})
     code, out, err = train_cli(capsys, path, tmp_path / "m")
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert re.search(r"table (city|user): 100000M x 4 x float32 \+ adam state: plan [0-9.e+]+ GB > [0-9.]+ GB free", err)
+    assert re.search(
+        r"table (city|user): 100000M x 4 x float32 \+ adam state: plan [0-9.e+]+ GB > [0-9.]+ GB free", err
+    )
     assert "train.sparse: rowwise_adagrad" in err and "model.inputs.table_dtype: bf16" in err
     assert not (tmp_path / "m").exists()
 
@@ -244,7 +255,9 @@ def test_sparse_keys_are_type_checked_with_one_line_errors():
         experiment_from_dict(config(train={"sparse": "adagrad"}))
     with pytest.raises(ConfigError, match=r"train.sparse.lr: must be >= 0"):
         experiment_from_dict(config(train={"sparse": {"optimizer": "lazy_adam", "lr": -1}}))
-    with pytest.raises(ConfigError, match=r"model.inputs.table_dtype: unknown 'int8'; expected one of \['fp32', 'bf16', 'fp16'\]"):
+    with pytest.raises(
+        ConfigError, match=r"model.inputs.table_dtype: unknown 'int8'; expected one of \['fp32', 'bf16', 'fp16'\]"
+    ):
         experiment_from_dict(config(model={"inputs": {"table_dtype": "int8"}}))
     with pytest.raises(ConfigError, match=r"features.hash_buckets: must be >= 0, got -3"):
         experiment_from_dict(config(features={**config()["features"], "hash_buckets": -3}))
