@@ -21,7 +21,7 @@ from mtrank.config.experiment import CategoricalFeature, FeaturesSpec, experimen
 from mtrank.data.encoders import FeatureEncoder, stable_hash
 from mtrank.data.tensors import TensorData
 from mtrank.export.model_dir import export_model_dir
-from mtrank.model import MultiTaskModel
+from mtrank.model import TABLE_DTYPES, MultiTaskModel
 from mtrank.nn.embedding import expected_collision_rate
 from mtrank.pipeline import fit
 from mtrank.serve.schemas import ScoreRequest
@@ -97,18 +97,19 @@ def test_a_sparse_step_gives_the_table_a_gradient_of_the_batch_rows_only():
     assert torch.equal(accumulator.nonzero().flatten(), batch_rows)
 
 
-def test_a_bf16_table_trains_in_bf16_and_ends_near_the_fp32_table():
+@pytest.mark.parametrize("table_dtype", ["bf16", "fp16"])
+def test_a_half_precision_table_trains_in_its_dtype_and_ends_near_the_fp32_table(table_dtype):
     data = tiny_data(n=256)
     finals = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", table_dtype):
         model = tiny_model(table_dtype=dtype)
         cfg = TrainConfig(epochs=3, batch_size=64, lr=0.01, progress=False, sparse=SPARSE)
         result = Trainer(model, cfg).fit(data, data)
         finals[dtype] = (model.embedding.table.weight.detach().float(), result.history[-1]["train_loss"])
-        assert model.embedding.table.weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        assert model.embedding.table.weight.dtype == TABLE_DTYPES[dtype]
         assert model.dtype == torch.float32  # the table is storage; the model computes in float32
-    assert (finals["bf16"][0] - finals["fp32"][0]).abs().max() < 0.05
-    assert abs(finals["bf16"][1] - finals["fp32"][1]) < 0.02
+    assert (finals[table_dtype][0] - finals["fp32"][0]).abs().max() < 0.05
+    assert abs(finals[table_dtype][1] - finals["fp32"][1]) < 0.02
 
 
 def test_the_encoder_measures_the_collision_rate_of_the_distinct_training_values():
