@@ -30,6 +30,7 @@ from mtrank.train import Ensemble, Trainer
 from mtrank.train.cuda_graph import cuda_graph_plan
 from mtrank.train.optim import DenseAndSparse, RowwiseAdagrad, clip_gradients
 from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
+from test_tabular_streaming import stream_config, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SPARSE = {"optimizer": "rowwise_adagrad", "lr": 0.05}
@@ -177,6 +178,26 @@ def test_a_resumed_sparse_run_writes_the_bytes_of_an_uninterrupted_one(tmp_path,
     assert any(k.endswith(".sum" if sparse == "rowwise_adagrad" else ".exp_avg") for k in state)
     resumed = json.loads((tmp_path / "resumed" / "step-000000008" / "trainer_state.json").read_text())
     assert resumed["identity"]["train"]["sparse"]["optimizer"] == sparse
+
+
+def test_a_streamed_sparse_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    frame = make_frame(n=300)
+    train = write_shards(tmp_path / "train", frame.iloc[:240])
+    frame.iloc[240:].to_csv(tmp_path / "valid.csv", index=False)
+
+    def run(steps, ckpt=None, out="m"):
+        extra = {"checkpoint_dir": str(ckpt)} if ckpt else {}
+        cfg = stream_config(train, tmp_path / "valid.csv", steps=steps, batch_size=32, eval_every=4, **extra)
+        cfg.train.sparse.optimizer, cfg.model.inputs.table_dtype = "rowwise_adagrad", "bf16"  # + stochastic rounding
+        return fit(cfg, output=tmp_path / out, baseline=False)
+
+    full = run(20, out="full")
+    run(11, tmp_path / "ckpt", out="part")  # stops in epoch 1, after its 3rd batch
+    resumed = run(20, tmp_path / "ckpt", out="resumed")
+    assert resumed.train_result.resumed_from == 11 and resumed.step.startswith("eager")
+    assert resumed.model.embedding.table.weight.dtype == torch.bfloat16
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 @pytest.fixture(scope="module")
