@@ -627,8 +627,9 @@ class ExperimentConfig:
         data = dataclasses.asdict(self)
         data.pop("source")
         data["model"].pop("tasks")
-        inputs = self.model.inputs
-        data["model"]["inputs"] = {"embedding_dim": inputs.embedding_dim, "table_dtype": inputs.table_dtype}
+        data["model"]["inputs"] = {"embedding_dim": self.model.inputs.embedding_dim}
+        if self.model.inputs.table_dtype != "fp32":  # (absent at the default: saved configs stay as they were)
+            data["model"]["inputs"]["table_dtype"] = self.model.inputs.table_dtype
         return data
 
 
