@@ -69,16 +69,21 @@ def train_cli(capsys, path: Path, out: Path, *extra: str) -> tuple[int, str, str
 # --- mtrank train -------------------------------------------------------------------------------------------------
 
 
-def test_mtrank_train_with_rowwise_adagrad_lowers_the_loss_and_reports_an_eager_step(tmp_path, capsys):
-    path = write_experiment(tmp_path, train={"epochs": 8, "eval_every": 10, "sparse": SPARSE})
+def test_mtrank_train_with_rowwise_adagrad_lowers_the_loss_and_touches_only_the_rows_of_its_ids(tmp_path, capsys):
+    features = config()["features"]
+    features["categorical"] = ["city", {"name": "user", "hash_buckets": 1000}]  # 50 users in 1,000 rows
+    path = write_experiment(tmp_path, features=features, train={"epochs": 8, "eval_every": 10, "sparse": SPARSE})
     code, out, err = train_cli(capsys, path, tmp_path / "m")
     assert code == 0, err
     history = json.loads((tmp_path / "m" / "metrics.json").read_text())["history"]
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
     assert "training step: eager (device is cpu" in out
-    loaded = open_model_dir(tmp_path / "m")
-    assert loaded.model.embedding.table.weight.dtype == torch.float32
-    assert not loaded.model.embedding.table.sparse  # a loaded model has a plain table; training sets it
+    trained = open_model_dir(tmp_path / "m").model
+    assert trained.embedding.table.weight.dtype == torch.float32 and not trained.embedding.table.sparse
+    initial = MultiTaskModel(trained.config, seed=0).embedding.table.weight  # train.seed 0 built it
+    changed = (trained.embedding.table.weight != initial).any(1).nonzero().flatten()
+    users = stable_hash(pa.array(make_frame(n=400)["user"].astype(str).unique()), 1000) + 5  # after city's 5 rows
+    assert 0 < len(changed) <= 5 + 50 and set(changed.tolist()) <= set(range(5)) | set(users.tolist())
 
 
 def test_a_sparse_step_gives_the_table_a_gradient_of_the_batch_rows_only():
