@@ -35,7 +35,7 @@ def test_planner_refuses_dense_adam_and_accepts_rowwise_at_50m_rows():
     dense = plan_memory(tables, "adam", 65536, free, dense_params=10**6)
     line = refusal(dense, tables, "adam")
     assert line.startswith("table item_id: 50M x 64 x float32 + adam state")
-    assert "use optimizer.sparse: rowwise_adagrad or embedding.dtype: bf16" in line and "\n" not in line
+    assert "use train.sparse: rowwise_adagrad or model.inputs.table_dtype: bf16" in line and "\n" not in line
     with pytest.raises(MemoryPlanError, match="item_id"):
         check_fits(dense, tables, "adam")
     rowwise = plan_memory(tables, "rowwise_adagrad", 65536, free, dense_params=10**6)

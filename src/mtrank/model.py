@@ -22,6 +22,8 @@ from mtrank.nn.pepnet import EPNet, PPNet
 from mtrank.nn.residual import NativeExpertWeights, SelfGates
 from mtrank.nn.stacked import MLP
 
+TABLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # inputs.table_dtype
+
 
 class MultiTaskOutput(NamedTuple):
     """What a forward pass returns, so analysis and regularisers need no hooks.
@@ -108,6 +110,7 @@ class MultiTaskModel(nn.Module):
             inputs.bag_lengths,
             inputs.bag_pooling,
             inputs.numeric,
+            TABLE_DTYPES[inputs.table_dtype],
         )
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
@@ -324,8 +327,22 @@ class MultiTaskModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the model computes its input representation in (float32, or bf16 / fp16 after a cast);
-        a dense input is cast to it."""
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+        a dense input is cast to it. A bf16 / fp16 embedding table (``inputs.table_dtype``) is storage: not
+        counted."""
+        tables = {id(p) for p in self.embedding_tables()}
+        computed = [p.dtype for p in self.parameters() if p.is_floating_point() and id(p) not in tables]
+        return computed[0] if computed else next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """The categorical embedding table's weight (``[sum(vocab_sizes), D]``; none without categorical
+        features): what ``train.sparse`` trains with a row-wise optimiser."""
+        table = self.embedding.table
+        return [] if table is None else [table.weight]
+
+    def sparse_gradients(self, enabled: bool = True) -> None:
+        """Make the embedding table's gradient a sparse tensor of the batch's rows (for ``train.sparse``)."""
+        if self.embedding.table is not None:
+            self.embedding.table.sparse = enabled
 
     @property
     def device(self) -> torch.device:

@@ -55,7 +55,9 @@ from mtrank.model import MultiTaskModel
 from mtrank.train.callbacks import default_callbacks
 from mtrank.train.distributed import rank_and_world
 from mtrank.train.grouping import resolve_mixer_groups
+from mtrank.train.memory_plan import check_training_fits
 from mtrank.train.sources import StreamSource
+from mtrank.train.step import resolve_device
 from mtrank.train.trainer import Trainer, TrainResult
 
 
@@ -64,7 +66,9 @@ class FitResult:
     """What :func:`fit` returns: the trained model, its encoder, metrics per split (regression metrics on the
     labels' own scale) and the model directory; ``baseline``: the gradient-boosting baseline
     (:func:`mtrank.evaluate.baseline.fit_baseline`) when it was trained; ``shift``: per split, the share of rows
-    per column outside what the training split held (:meth:`FeatureEncoder.shift`)."""
+    per column outside what the training split held (:meth:`FeatureEncoder.shift`); ``hashing``: per hashed
+    feature, its buckets, distinct training values and collision rate (:meth:`FeatureEncoder.hashing`);
+    ``step``: the training step's path and why (``eager``, ``cuda_graph``)."""
 
     model: MultiTaskModel
     encoder: FeatureEncoder
@@ -74,6 +78,8 @@ class FitResult:
     rows: dict[str, int] = field(default_factory=dict)
     baseline: dict[str, Any] | None = None
     shift: dict[str, dict] = field(default_factory=dict)
+    hashing: dict[str, dict] = field(default_factory=dict)
+    step: str = ""
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -164,6 +170,7 @@ def fit_splits(
         model_config = resolve_mixer_groups(
             model_config, on_model_scale(warmup, labels), train_config, config.train.seed
         )
+    check_training_fits(model_config, train_config, resolve_device(train_config.device))  # before any allocation
     model = MultiTaskModel(model_config, seed=config.train.seed)
     if callbacks:  # beside the progress bar and history the config asks for
         callbacks = default_callbacks(train_config) + list(callbacks)
@@ -195,7 +202,10 @@ def fit_splits(
         seed = config.train.seed
         baseline_result = fit_baseline(config.baseline, config.tasks, encoder, labels, train, evaluated, seed, note)
         baseline_result["difference"] = baseline_differences(metrics, baseline_result)
-    result = FitResult(model, encoder, metrics, train_result, model_dir, rows, baseline_result, shift)
+    step = f"{trainer.step_path} ({trainer.step_path_reason})"
+    result = FitResult(
+        model, encoder, metrics, train_result, model_dir, rows, baseline_result, shift, encoder.hashing(), step
+    )
     if model_dir is not None and rank_and_world()[0] == 0:  # data-parallel: one writer
         _write_model_dir(config, result, started)
     return result
@@ -243,6 +253,8 @@ def _write_model_dir(config: ExperimentConfig, result: FitResult, started: float
         "steps": train_result.steps,
         "train_seconds": train_result.seconds,
         "samples_per_second": train_result.samples_per_second,
+        "step": result.step,
+        "hashing": result.hashing,
         "total_seconds": time.perf_counter() - started,
         "history": train_result.history,
     }
@@ -264,6 +276,8 @@ def report_markdown(config: ExperimentConfig, result: FitResult) -> str:
         f"Block `{config.model.block.type}`; {train_result.steps} steps, best at "
         f"{train_result.best_step}, {train_result.seconds:.1f} s."
     )
+    if result.hashing:
+        lines.append(f"Hashed features: {hashing_summary(result.hashing)}.")
     transformed = [f"`{t.name}` ({t.label_transform})" for t in config.tasks if t.label_transform != "none"]
     if transformed:
         lines.append(
@@ -276,6 +290,15 @@ def report_markdown(config: ExperimentConfig, result: FitResult) -> str:
     if result.shift:
         lines += ["", shift_section(result.shift)]
     return "\n".join(lines) + "\n"
+
+
+def hashing_summary(hashing: dict[str, dict]) -> str:
+    """``user: 1,000 buckets, 812 distinct training values, 33.1% share their id with another``, per feature."""
+    return "; ".join(
+        f"{name}: {h['buckets']:,} buckets, {h['distinct']:,} distinct training values, "
+        f"{100 * h['collision_rate']:.1f}% share their id with another"
+        for name, h in hashing.items()
+    )
 
 
 def baseline_section(metrics: dict, baseline: dict) -> str:

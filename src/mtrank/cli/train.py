@@ -11,7 +11,7 @@ from mtrank.cli.common import add_command, add_overrides, add_progress, add_thre
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtrank.config.experiment import load_experiment
-    from mtrank.pipeline import baseline_section, fit, metrics_table
+    from mtrank.pipeline import baseline_section, fit, hashing_summary, metrics_table
 
     apply_threads(args)
     settings = overrides(args.set)
@@ -29,6 +29,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"\nrows: {rows}; {result.train_result.steps} steps in {result.train_result.seconds:.1f} s "
         f"({result.train_result.samples_per_second:,.0f} samples/s)"
     )
+    if result.hashing:
+        print(f"hashed features: {hashing_summary(result.hashing)}")
+    print(f"training step: {result.step}")
     print(f"wrote {result.model_dir}/ (model.safetensors, config.json, encoders.json, metrics.json, report.md)")
     return 0
 

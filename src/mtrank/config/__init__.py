@@ -24,7 +24,7 @@ from mtrank.config.model import (
     TaskConfig,
     TowerConfig,
 )
-from mtrank.config.train import BALANCERS, BalancingConfig, TrainConfig
+from mtrank.config.train import BALANCERS, BalancingConfig, SparseConfig, TrainConfig
 
 __all__ = [
     "BALANCERS",
@@ -44,6 +44,7 @@ __all__ = [
     "MixerConfig",
     "ModelConfig",
     "Registry",
+    "SparseConfig",
     "TaskConfig",
     "TowerConfig",
     "TrainConfig",

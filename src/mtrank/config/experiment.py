@@ -85,21 +85,24 @@ class CategoricalFeature(VocabularyFeature):
     Ids: ``0`` is the out-of-vocabulary bucket (unseen values, values rarer than ``min_count``, beyond
     ``max_vocab``); ``1..V`` the vocabulary fitted on the training split, most frequent first. Missing values
     are a category of their own (``<NA>``). With ``hash_buckets = N > 0`` there is no vocabulary: a value's id
-    is ``stable_hash(str(value)) mod N`` (vocab size N; collisions share an id).
+    is ``stable_hash(str(value)) mod N`` (vocab size N; collisions share an id; the share of the training
+    split's distinct values that share their id is measured at fit time and reported).
 
     Args:
         name: feature name (in ``feature_names`` and serving requests).
         column: input column; defaults to ``name``.
         min_count: values seen fewer times in the training split go to the OOV bucket.
         max_vocab: keep at most this many values (most frequent); 0 = no cap.
-        hash_buckets: hash into this many buckets instead of fitting a vocabulary; 0 = vocabulary.
+        hash_buckets: hash into this many buckets instead of fitting a vocabulary; 0 = vocabulary; unset = the
+            features section's ``hash_buckets``.
     """
 
-    hash_buckets: int = 0
+    hash_buckets: int | None = None
 
     def check(self, path: str) -> None:
         super().check(path)
-        check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
+        if self.hash_buckets is not None:
+            check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
 
 
 @dataclass
@@ -210,16 +213,26 @@ class MultiCategoricalFeature(VocabularyFeature):
 
 @dataclass
 class FeaturesSpec(Config):
-    """All input features, in this order: numeric, multi-categorical (both dense), categorical (ids)."""
+    """All input features, in this order: numeric, multi-categorical (both dense), categorical (ids).
+
+    Args:
+        hash_buckets: the categorical features' ``hash_buckets`` where a feature does not set its own (0: fit
+            vocabularies; a feature's ``hash_buckets: 0`` keeps its vocabulary under a global N).
+    """
 
     categorical: list[CategoricalFeature] = field(default_factory=list)
     numeric: list[NumericFeature] = field(default_factory=list)
     multi_categorical: list[MultiCategoricalFeature] = field(default_factory=list)
+    hash_buckets: int = 0
 
     def all(self) -> list[CategoricalFeature | NumericFeature | MultiCategoricalFeature]:
         return [*self.numeric, *self.multi_categorical, *self.categorical]
 
     def check(self, path: str) -> None:
+        check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
+        for feat in self.categorical:
+            if feat.hash_buckets is None:
+                feat.hash_buckets = self.hash_buckets
         names: dict[str, str] = {}
         for kind in ("numeric", "multi_categorical", "categorical"):
             for i, feat in enumerate(getattr(self, kind)):
@@ -605,6 +618,7 @@ class ExperimentConfig:
             numeric=list(numeric or []),
             names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
             pad_to=self.model.inputs.pad_to,
+            table_dtype=self.model.inputs.table_dtype,
         )
         model = dataclasses.replace(self.model, inputs=inputs, tasks=self.task_configs(label_stats))
         return model.validate("model")
@@ -617,6 +631,8 @@ class ExperimentConfig:
         data["model"]["inputs"] = {"embedding_dim": self.model.inputs.embedding_dim}
         if self.model.inputs.pad_to != 1:
             data["model"]["inputs"]["pad_to"] = self.model.inputs.pad_to
+        if self.model.inputs.table_dtype != "fp32":  # (absent at the default: saved configs stay as they were)
+            data["model"]["inputs"]["table_dtype"] = self.model.inputs.table_dtype
         return data
 
 

@@ -181,6 +181,8 @@ class InputsConfig(Config):
             GPU a width that is a multiple of 8 (bf16) or 64 lets the first GEMMs use aligned tensor-core
             kernels; the model computes the same function (the zero columns only meet weights whose gradient
             is zero).
+        table_dtype: storage dtype of the categorical embedding table: ``fp32``, ``bf16`` or ``fp16`` (half the
+            bytes; lookups are computed in the model's dtype, updates in float32: see ``train.sparse``).
     """
 
     num_dense: int = 0
@@ -190,6 +192,7 @@ class InputsConfig(Config):
     numeric: list[NumericEmbeddingConfig] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     pad_to: int = 1
+    table_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @property
     def bag_lengths(self) -> list[int]:

@@ -193,6 +193,39 @@ for _name, _config in [
     BALANCERS.declare(_name, _config)
 
 
+SPARSE_OPTIMIZERS = ("dense", "rowwise_adagrad", "lazy_adam")
+
+
+@dataclass
+class SparseConfig(Config):
+    """How the categorical embedding table is updated (:mod:`mtrank.train.optim`; docs/benchmarks.md, "Big
+    embedding tables"). ``sparse: rowwise_adagrad`` is short for ``sparse: {optimizer: rowwise_adagrad}``.
+
+    Args:
+        optimizer: ``dense``: the table is one more parameter of ``train.optimizer`` (a dense gradient and two
+            moments the size of the table); ``rowwise_adagrad``: sparse gradients, one float32 accumulator per
+            row, only the batch's rows read and written; ``lazy_adam``: sparse gradients, Adam moments updated
+            only for the batch's rows (two float32 tables of state). The rest of the model keeps
+            ``train.optimizer``; ``train.weight_decay`` does not apply to a sparse table.
+        lr: the table's learning rate; 0 = ``train.lr`` (row-wise Adagrad usually wants 10-100x Adam's). The
+            learning-rate schedule scales it as it scales ``train.lr``.
+        stochastic_rounding: a ``bf16`` table is written back with stochastic rounding (unbiased, so updates
+            below half a bf16 step are not lost); false = round to nearest.
+    """
+
+    shorthand: ClassVar[str] = "optimizer"
+    optimizer: Literal["dense", "rowwise_adagrad", "lazy_adam"] = "dense"
+    lr: float = 0.0
+    stochastic_rounding: bool = True
+
+    def check(self, path: str) -> None:
+        check(0 <= self.lr < math.inf, join(path, "lr"), f"must be >= 0 and finite (0 = train.lr), got {self.lr}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer != "dense"
+
+
 @dataclass
 class TrainConfig(Config):
     """How a model is trained.
@@ -230,6 +263,8 @@ class TrainConfig(Config):
         distill_weight: weight of the distillation term added to the label loss.
         balancing: how the task losses are weighted or their gradients combined (:class:`BalancingConfig`,
             e.g. ``balancing: pcgrad`` or ``balancing: {type: dwa, temperature: 2}``); default ``fixed``.
+        sparse: the categorical embedding table's optimizer (:class:`SparseConfig`, e.g. ``sparse:
+            rowwise_adagrad`` or ``sparse: {optimizer: rowwise_adagrad, lr: 0.05}``); default ``dense``.
     """
 
     section: ClassVar[str] = "train"
@@ -258,6 +293,7 @@ class TrainConfig(Config):
     distill: Literal["none", "pointwise", "pairwise", "score_l2"] = "none"
     distill_weight: float = 1.0
     balancing: BalancingConfig = field(default_factory=BalancingConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
 
     def check(self, path: str) -> None:
         check(0 < self.lr < math.inf, join(path, "lr"), f"must be > 0 and finite, got {self.lr}")
@@ -275,6 +311,13 @@ class TrainConfig(Config):
         finite = 0 <= self.distill_weight < math.inf
         check(finite, join(path, "distill_weight"), f"must be >= 0 and finite, got {self.distill_weight}")
         check(0 <= self.seed < SEED_END, join(path, "seed"), f"must be in [0, 2^32), got {self.seed}")
+        per_task = isinstance(self.balancing, GradientMethodConfig) or self.balancing.conflict_every
+        check(
+            not (self.sparse.enabled and per_task),
+            join(path, "sparse"),
+            f"{self.sparse.optimizer!r} gives the table sparse gradients, which train.balancing's per-task gradients "
+            f"({self.balancing.type!r}, conflict_every) do not handle: use train.sparse: dense or another balancing",
+        )
 
 
 def monitor_choices(task_types: dict[str, str]) -> list[str]:

@@ -617,7 +617,12 @@ class FeatureEncoder:
 
     def _fit_categorical(self, feat: CategoricalFeature, table: pa.Table) -> dict[str, Any]:
         if feat.hash_buckets:
-            return {"size": int(feat.hash_buckets), "hash": True, "strip": True}
+            buckets = int(feat.hash_buckets)
+            distinct = pc.unique(string_column(table.column(feat.column), strip=True))
+            _, per_bucket = np.unique(stable_hash(distinct, buckets), return_counts=True)
+            shared = int(per_bucket[per_bucket > 1].sum())  # distinct training values whose id another one has
+            rate = shared / max(len(distinct), 1)
+            return {"size": buckets, "hash": True, "strip": True, "distinct": len(distinct), "collision_rate": rate}
         col = table.column(feat.column)
         if pa.types.is_dictionary(col.type):
             col = pc.cast(col, col.type.value_type)
@@ -771,6 +776,17 @@ class FeatureEncoder:
             problem = "is not a finite number"
         position = self.features.numeric.index(feat)
         raise numeric_error(feat, position, value, problem, source, table, row, first_row)
+
+    def hashing(self) -> dict[str, dict[str, float]]:
+        """Per hashed categorical feature: ``buckets``, the training split's ``distinct`` values (of the rows the
+        encoder was fitted on) and the ``collision_rate``, the share of them whose id another value has (for a
+        uniform hash ``~ 1 - exp(-distinct / buckets)``)."""
+        out = {}
+        for feat in self.features.categorical:
+            state = self.state[feat.name]
+            if state.get("hash") and "distinct" in state:  # (encoders fitted before the count was kept: none)
+                out[feat.name] = {k: state[k] for k in ("distinct", "collision_rate")} | {"buckets": state["size"]}
+        return out
 
     def unseen_counts(self, sparse: np.ndarray) -> np.ndarray:
         """Rows per categorical feature (``[F]``, features.categorical order) whose value was not in the training

@@ -216,7 +216,10 @@ def stream_loader(
     again here with its own one-line message."""
     if group is None:
         group = GROUP_ROWS // stream.batch_size
-    kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": pin_memory}
+    # the workers' base seed from a generator of the loader's own: the DataLoader would draw it from torch's global
+    # generator, so a run resumed mid-epoch (one more iterator) would draw other dropout / rounding noise
+    loader_seeds = torch.Generator().manual_seed(0)
+    kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": pin_memory, "generator": loader_seeds}
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     try:

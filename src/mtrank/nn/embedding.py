@@ -143,6 +143,8 @@ class FeatureEmbedding(nn.Module):
         embedding_dim: D, the embedding width.
         bag_lengths / bag_pooling: columns and ``"mean"`` / ``"sum"`` of each bag (see ``ModelConfig``).
         numeric: the embedded dense columns (:class:`~mtrank.config.model.NumericEmbeddingConfig`).
+        table_dtype: storage dtype of the table (:class:`EmbeddingTable`; a bf16 / fp16 table is initialised as
+            the float32 one, then rounded); lookups are cast to the dense input's dtype.
 
     Example:
         >>> emb = FeatureEmbedding(num_dense=2, vocab_sizes=[10, 5], embedding_dim=4)
@@ -164,6 +166,7 @@ class FeatureEmbedding(nn.Module):
         bag_lengths: list[int] | None = None,
         bag_pooling: list[str] | None = None,
         numeric: list[NumericEmbeddingConfig] | None = None,
+        table_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         bag_lengths, bag_pooling, numeric = list(bag_lengths or []), list(bag_pooling or []), list(numeric or [])
@@ -212,9 +215,9 @@ class FeatureEmbedding(nn.Module):
             start += length
         self.bags = tuple(bags)
         self.register_buffer("offsets", torch.tensor(column_offsets, dtype=torch.long))
-        self.table = nn.Embedding(rows, embedding_dim) if vocab_sizes else None
-        if self.table is not None:
-            nn.init.normal_(self.table.weight, std=0.05)
+        self.table = None
+        if vocab_sizes:
+            self.table = EmbeddingTable(rows, embedding_dim, sparse=False, init_std=0.05).to(table_dtype)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         if self.num_tokens == 0:
@@ -233,19 +236,20 @@ class FeatureEmbedding(nn.Module):
     def tokens(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """Every token, ``[B, T, D]``: the embedded numeric columns, then the categorical features and bags."""
         if self.num_numeric_tokens == 0:
-            return self.embed(sparse)  # (B, F, D)
+            return self.embed(sparse, dense.dtype)  # (B, F, D)
         parts = [module(dense) for module in self.numeric_embeddings]  # (B, F_kind, D) each
         if self.table is not None:
-            emb = self.embed(sparse)
+            emb = self.embed(sparse, dense.dtype)
             parts = [part.to(emb.dtype) for part in parts] + [emb]
         return torch.cat(parts, 1)  # (B, T, D)
 
-    def embed(self, sparse: torch.Tensor) -> torch.Tensor:
-        """Per-feature embeddings ``[B, F] -> [B, tokens, D]`` (one lookup for all features; bags pooled)."""
+    def embed(self, sparse: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Per-feature embeddings ``[B, F] -> [B, tokens, D]`` (one lookup for all features; bags pooled), in
+        ``dtype`` (the dense input's: a bf16 / fp16 table is storage, not the model's compute dtype)."""
         table = self.table
         if table is None:
-            return torch.zeros(sparse.shape[0], 0, self.embedding_dim, device=sparse.device)
-        emb = table(sparse + self.offsets)  # (B, F, D)
+            return torch.zeros(sparse.shape[0], 0, self.embedding_dim, device=sparse.device, dtype=dtype)
+        emb = table(sparse + self.offsets).to(dtype)  # (B, F, D)
         if len(self.bags) == 0:
             return emb
         tokens = [emb[:, : self.num_single]]
@@ -286,9 +290,12 @@ def measured_collision_rate(ids: torch.Tensor, buckets: int) -> float:
     return float((counts[inverse] > 1).float().mean())
 
 
-class EmbeddingTable(nn.Module):
+class EmbeddingTable(nn.Embedding):
     """One big embedding table ``[rows, dim]``: optionally hashed ids, bfloat16/float16 storage and sparse
     gradients (for :class:`~mtrank.train.optim.RowwiseAdagrad` / :class:`~mtrank.train.optim.LazyAdam`).
+
+    An ``nn.Embedding`` (same ``weight``, ``num_embeddings``, ``sparse`` attribute and state dict) whose ids may
+    be raw values of an unbounded space and whose initialisation is ``N(0, init_std^2)``.
 
     Shapes: ``ids [...]`` (int64) -> ``[..., dim]`` in the table's dtype.
 
@@ -298,8 +305,10 @@ class EmbeddingTable(nn.Module):
         dtype: storage dtype (the optimisers compute in float32 and write back in this dtype).
         hashed: ids are raw values of an unbounded space, mapped by :func:`hash_ids`; otherwise ids must lie in
             ``[0, rows)``.
-        sparse: the gradient is a sparse tensor holding only the rows of the batch.
+        sparse: the gradient is a sparse tensor holding only the rows of the batch (the trainer sets it when
+            ``train.sparse`` names a row-wise optimiser).
         device: where the table is created and initialised (a 50 GB table is not built on the host first).
+        init_std: standard deviation of the initial weights; default ``1 / sqrt(dim)``.
 
     Example:
         >>> t = EmbeddingTable(1000, 8, hashed=True)
@@ -315,12 +324,12 @@ class EmbeddingTable(nn.Module):
         hashed: bool = False,
         sparse: bool = True,
         device: torch.device | str | None = None,
+        init_std: float | None = None,
     ) -> None:
-        super().__init__()
-        self.rows, self.dim, self.hashed, self.sparse = rows, dim, hashed, sparse
-        weight = torch.empty(rows, dim, dtype=dtype, device=device)
-        nn.init.normal_(weight, std=1.0 / math.sqrt(dim))
-        self.weight = nn.Parameter(weight)
+        # nn.Embedding draws N(0, 1) first: kept, so that a model's later modules draw what they always drew
+        super().__init__(rows, dim, sparse=sparse, device=device, dtype=dtype)
+        self.rows, self.dim, self.hashed = rows, dim, hashed
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim) if init_std is None else init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = hash_ids(ids, self.rows) if self.hashed else ids

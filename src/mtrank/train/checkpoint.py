@@ -91,6 +91,8 @@ def fingerprint_data(runs: dict, config: TrainConfig, source: dict, total_steps:
         balancing = config.balancing.to_dict()
         balancing.pop("conflict_every", None)  # a measurement, not the trajectory
         train["balancing"] = balancing
+    if config.sparse.enabled:  # (absent for a dense table: older checkpoints keep their fingerprint)
+        train["sparse"] = config.sparse.to_dict()
     return {"runs": runs, "train": train, "data": source}
 
 

@@ -56,6 +56,11 @@ def cuda_graph_plan(
     """
     if device.type != "cuda":
         return False, f"device is {device.type}, CUDA graphs need a CUDA device"
+    if config.sparse.enabled:
+        return False, (
+            f"train.sparse.optimizer={config.sparse.optimizer!r}: the sparse gradient has as many rows as the batch "
+            "has distinct ids, a shape a CUDA graph cannot capture (eager step)"
+        )
     if random_sources and not allow_randomness:
         return False, f"{random_sources[0]} (random numbers inside the step)"
     scheduled = config.schedule != "constant" or config.warmup_steps

@@ -203,6 +203,9 @@ class Ensemble:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
 
+    def tables(self) -> list[torch.Tensor]:
+        return []  # no sparse tables: fit refuses train.sparse
+
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.params.items())
 
@@ -311,6 +314,11 @@ class Ensemble:
             raise ValueError(f"shuffle_seeds has {len(shuffle_seeds)} entries, the ensemble {self.num_runs} members")
         if cfg.distill != "none" and train.teacher is None:
             raise ValueError(f"train.distill={cfg.distill!r} needs teacher logits in the ensemble's training data")
+        if cfg.sparse.enabled:
+            raise ValueError(
+                f"train.sparse.optimizer={cfg.sparse.optimizer!r}: an ensemble's R stacked tables are vmapped, which "
+                "sparse gradients do not support; use train.sparse: dense, or train the runs one by one (Trainer)"
+            )
         graphs = None if self.cuda_graphs else False
         loop = self.loop = TrainingLoop(self, cfg, callbacks, graphs, f"ensemble x{self.num_runs}")
         source = InMemorySource(train, cfg.batch_size, shuffle_seeds, self.device)

@@ -121,6 +121,7 @@ class Runs(Protocol):
     task_names: list[str]
 
     def parameters(self) -> list[torch.Tensor]: ...
+    def tables(self) -> list[torch.Tensor]: ...  # parameters with sparse gradients (train.sparse), among parameters()
     def train(self, mode: bool = True) -> None: ...
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
     def clip_gradients(self, max_norm: float) -> None: ...
@@ -197,7 +198,7 @@ class TrainingLoop:
         self.cuda_graphs = possible and cuda_graphs is not False
         self.step_path = "cuda_graph" if self.cuda_graphs else "eager"
         self.step_path_reason = reason if cuda_graphs is not False or not possible else "disabled by cuda_graphs=False"
-        self.optimizer = make_optimizer(runs.parameters(), config, runs.device, capturable=self.cuda_graphs)
+        self.optimizer = make_optimizer(runs.parameters(), config, runs.device, self.cuda_graphs, runs.tables())
         self.callbacks = default_callbacks(config, description) if callbacks is None else list(callbacks)
         if self.rank != 0:
             self.callbacks = []

@@ -17,9 +17,13 @@ rowwise_adagrad    ``N x 4``           as lazy_adam
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+
+from mtrank.config import ModelConfig, TrainConfig
+from mtrank.model import MultiTaskModel
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adam", "lazy_adam", "rowwise_adagrad")
@@ -98,10 +102,10 @@ def refusal(plan: MemoryPlan, tables: list[TableSpec], optimizer: str) -> str | 
     big = max(tables, key=lambda t: t.rows * t.dim)
     fixes = []
     if optimizer != "rowwise_adagrad":
-        fixes.append("optimizer.sparse: rowwise_adagrad")
+        fixes.append("train.sparse: rowwise_adagrad")
     if big.dtype == "float32":
-        fixes.append("embedding.dtype: bf16")
-    fixes.append(f"fewer rows for table {big.name} (embedding.hash_buckets)")
+        fixes.append("model.inputs.table_dtype: bf16")
+    fixes.append(f"fewer rows for table {big.name} (its hash_buckets / max_vocab)")
     return (
         f"table {big.name}: {big.rows / 1e6:g}M x {big.dim} x {big.dtype} + {optimizer} state: "
         f"plan {plan.total / GB:.3g} GB > {plan.free_bytes / GB:.3g} GB free: use " + " or ".join(fixes)
@@ -125,3 +129,55 @@ def check_fits(plan: MemoryPlan, tables: list[TableSpec], optimizer: str) -> Non
     line = refusal(plan, tables, optimizer)
     if line is not None:
         raise MemoryPlanError(line)
+
+
+TABLE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # inputs.table_dtype -> BYTES
+
+
+def model_tables(config: ModelConfig) -> list[TableSpec]:
+    """The categorical table of a model as one :class:`TableSpec` per feature (its slice of the one table):
+    a single column's vocabulary, looked up once per sample; a bag's vocabulary, looked up ``length`` times.
+    STEM's table is ``K + 1`` embeddings wide."""
+    inputs, main = config.inputs, config.main_features
+    sizes = [inputs.vocab_sizes[i] for i in main]
+    singles = len(sizes) - sum(inputs.bag_lengths)
+    width = inputs.embedding_dim * (config.num_tasks + 1 if config.block.type == "stem" else 1)
+    dtype = TABLE_DTYPE_NAMES[inputs.table_dtype]
+    names = [inputs.names[i] if i < len(inputs.names) else f"column {i}" for i in main[:singles]]
+    tables = [TableSpec(name, int(size), width, dtype) for name, size in zip(names, sizes[:singles])]
+    start = singles
+    for b, length in enumerate(inputs.bag_lengths):
+        tables.append(TableSpec(f"bag {b}", int(sizes[start]), width, dtype, lookups=length))
+        start += length
+    return tables
+
+
+def plan_training(config: ModelConfig, train: TrainConfig, free_bytes: int) -> tuple[MemoryPlan, str]:
+    """The plan of training a model of ``config`` with ``train``: its tables (:func:`model_tables`) under
+    ``train.sparse`` (dense: Adam), the rest of its parameters with Adam (counted on the same model built with
+    2-row vocabularies, which allocates nothing big), and per sample the block input and its gradient
+    (float32); returns the plan and the optimizer name it used."""
+    inputs, main = config.inputs, set(config.main_features)
+    small_sizes = [2 if i in main else size for i, size in enumerate(inputs.vocab_sizes)]
+    small = MultiTaskModel(dataclasses.replace(config, inputs=dataclasses.replace(inputs, vocab_sizes=small_sizes)))
+    table_ids = {id(p) for p in small.embedding_tables()}
+    dense_params = sum(p.numel() for p in small.parameters() if id(p) not in table_ids)
+    optimizer = train.sparse.optimizer if train.sparse.enabled else "adam"
+    activation = 2 * 4 * config.input_dim
+    plan = plan_memory(model_tables(config), optimizer, train.batch_size, free_bytes, dense_params, activation)
+    return plan, optimizer
+
+
+def check_training_fits(config: ModelConfig, train: TrainConfig, device: torch.device) -> MemoryPlan:
+    """Before the model is built: plan its training on ``device`` (:func:`plan_training`) and raise
+    :class:`MemoryPlanError` (one line: the largest table, the sizes, what to change) when it does not fit in
+    the device's free memory."""
+    plan, optimizer = plan_training(config, train, free_device_bytes(device))
+    tables = model_tables(config)
+    if tables:
+        check_fits(plan, tables, optimizer)
+    elif not plan.fits:
+        raise MemoryPlanError(
+            f"the model's parameters: plan {plan.total / GB:.3g} GB > {plan.free_bytes / GB:.3g} GB free"
+        )
+    return plan

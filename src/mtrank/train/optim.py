@@ -11,10 +11,15 @@ from mtrank.config import TrainConfig
 
 
 def make_optimizer(
-    params: Iterable[torch.Tensor], config: TrainConfig, device: torch.device, capturable: bool = False
+    params: Iterable[torch.Tensor],
+    config: TrainConfig,
+    device: torch.device,
+    capturable: bool = False,
+    tables: Iterable[torch.Tensor] = (),
 ) -> torch.optim.Optimizer:
     """Adam / AdamW over ``params``, fused on CPU and CUDA: the same update arithmetic in single runs,
-    ensembles, eager and graphed steps.
+    ensembles, eager and graphed steps. With ``train.sparse`` naming a row-wise optimiser, the embedding
+    ``tables`` (among ``params``, with sparse gradients) get it and the rest Adam: a :class:`DenseAndSparse`.
 
     ``capturable``: the step can be recorded in a CUDA graph (step counters on the device). On CUDA with float32
     parameters the learning rate is a float32 GPU tensor that a schedule updates in place, so a captured graph,
@@ -22,7 +27,14 @@ def make_optimizer(
     parameters only; other dtypes keep a float lr, and :func:`~mtrank.train.cuda_graph.cuda_graph_plan` then
     refuses schedules).
     """
-    params = list(params)
+    params, tables = list(params), list(tables)
+    if config.sparse.enabled and tables:
+        table_ids = {id(t) for t in tables}
+        dense = make_optimizer([p for p in params if id(p) not in table_ids], config, device, capturable)
+        sparse = SPARSE_OPTIMIZERS[config.sparse.optimizer](
+            tables, lr=config.sparse.lr or config.lr, stochastic_rounding=config.sparse.stochastic_rounding
+        )
+        return DenseAndSparse(dense, sparse)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if capturable:
@@ -56,8 +68,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
-    """Scale the gradients of ``params`` to global L2 norm <= ``max_norm`` (no host sync: capturable)."""
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    """Scale the gradients of ``params`` to global L2 norm <= ``max_norm`` (no host sync: capturable).
+
+    Sparse gradients (a table under ``train.sparse``) are coalesced first (duplicate ids summed, as the dense
+    gradient sums them) and their values enter the norm and are scaled with the rest: the same clipping as the
+    dense gradient would get (``clip_grad_norm_`` itself refuses sparse tensors)."""
+    if not any(p.grad is not None and p.grad.is_sparse for p in params):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = []
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad._values())  # the values themselves (a view): scaled in place below
+        elif p.grad is not None:
+            grads.append(p.grad)
+    total = torch.nn.utils.get_total_norm(grads)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
 
 
 def clip_gradients_per_run(params: list[torch.Tensor], max_norm: float) -> None:
@@ -119,6 +148,18 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                     new = _stochastic_round_bf16(new)
                 p.index_copy_(0, rows, new.to(p.dtype))
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``Optimizer.load_state_dict``, but the state stays float32: the base class casts floating state to
+        the parameter's dtype, which would round a bf16 table's accumulators and moments to bf16."""
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = dict(zip(ids, (p for group in self.param_groups for p in group["params"])))
+        for idx, entry in state_dict["state"].items():
+            p = params[int(idx)]
+            for key, value in entry.items():
+                if torch.is_tensor(value):  # LazyAdam's step counter stays on the host
+                    self.state[p][key] = value.clone() if key == "step" else value.to(p.device, copy=True)
 
     def _update(self, p, state, group, rows, grad, weight):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -186,3 +227,53 @@ class LazyAdam(_RowSparseOptimizer):
 
 
 SPARSE_OPTIMIZERS = {"rowwise_adagrad": RowwiseAdagrad, "lazy_adam": LazyAdam}
+
+
+class DenseAndSparse(torch.optim.Optimizer):
+    """Two optimisers as one: ``dense`` (fused Adam over the model but its embedding table) and ``sparse`` (a
+    row-wise optimiser over the table), so that the step, the learning-rate schedule and the checkpoints see
+    one optimizer.
+
+    ``param_groups`` are the two optimisers' own groups (the dense ones first), so a schedule scales both
+    learning rates; ``step`` and ``zero_grad`` run both; ``state_dict`` numbers the parameters on, the dense
+    optimizer's first, and ``load_state_dict`` splits such a dict back (a checkpoint holds both states).
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer) -> None:
+        self.dense, self.sparse = dense, sparse
+        params = [p for o in (dense, sparse) for g in o.param_groups for p in g["params"]]
+        super().__init__(params, {})
+        self.param_groups = dense.param_groups + sparse.param_groups  # the same dicts: a schedule reaches both
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.dense.step()
+        self.sparse.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none)
+        self.sparse.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        dense, sparse = self.dense.state_dict(), self.sparse.state_dict()
+        offset = sum(len(g["params"]) for g in dense["param_groups"])
+        groups = dense["param_groups"] + [
+            {**g, "params": [i + offset for i in g["params"]]} for g in sparse["param_groups"]
+        ]
+        state = {**dense["state"], **{i + offset: v for i, v in sparse["state"].items()}}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        count = len(self.dense.param_groups)
+        groups = state_dict["param_groups"]
+        offset = sum(len(g["params"]) for g in groups[:count])
+        state = {int(i): v for i, v in state_dict["state"].items()}
+        self.dense.load_state_dict(
+            {"state": {i: v for i, v in state.items() if i < offset}, "param_groups": groups[:count]}
+        )
+        sparse_groups = [{**g, "params": [i - offset for i in g["params"]]} for g in groups[count:]]
+        sparse_state = {i - offset: v for i, v in state.items() if i >= offset}
+        self.sparse.load_state_dict({"state": sparse_state, "param_groups": sparse_groups})
+        self.param_groups = self.dense.param_groups + self.sparse.param_groups

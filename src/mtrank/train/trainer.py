@@ -22,12 +22,20 @@ from mtrank.train.step import resolve_device
 
 class SingleRun:
     """One model as the loop's :class:`~mtrank.train.loop.Runs` (R = 1); wrapped in
-    ``DistributedDataParallel`` when the process is one rank of several."""
+    ``DistributedDataParallel`` when the process is one rank of several. With ``train.sparse`` naming a row-wise
+    optimiser, the embedding table's gradient is sparse (:meth:`tables` are what that optimiser trains)."""
 
     num_runs = 1
 
-    def __init__(self, model: MultiTaskModel, device: torch.device) -> None:
+    def __init__(self, model: MultiTaskModel, device: torch.device, config: TrainConfig | None = None) -> None:
         self.device = device
+        self.sparse = config is not None and config.sparse.enabled and bool(model.embedding_tables())
+        if self.sparse and rank_and_world()[1] > 1:
+            raise ValueError(
+                f"train.sparse.optimizer={config.sparse.optimizer!r} trains the table on one device; data-parallel "
+                "(DDP) training needs train.sparse: dense (or shard the tables with TorchRec, docs/benchmarks.md)"
+            )
+        model.sparse_gradients(self.sparse)
         self.model = model.to(device)
         self.task_names = model.task_names
         self.binary_mask = model.binary_mask
@@ -40,6 +48,10 @@ class SingleRun:
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
+
+    def tables(self) -> list[torch.Tensor]:
+        """The parameters with sparse gradients, for the row-wise optimiser (none unless ``train.sparse``)."""
+        return self.model.embedding_tables() if self.sparse else []
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters())
@@ -114,7 +126,7 @@ class Trainer:
         self.config = config.validate()
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        self.runs = SingleRun(self.model, self.device)
+        self.runs = SingleRun(self.model, self.device, self.config)
         self.loop = TrainingLoop(self.runs, self.config, callbacks, cuda_graphs)
 
     @property
