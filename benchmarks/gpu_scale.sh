@@ -59,5 +59,9 @@ echo "[$SECONDS s] W3 done"
 $PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --pad-to 64 --json "$DEST/w3_pad64.json" 2>&1 \
     | tee "$DEST/w3_pad64.log"
 echo "[$SECONDS s] W3 padded done"
+# and with the tables on row-wise Adagrad (sparse rows, no dense Adam over 10.2M x 128; the step runs eager)
+$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --pad-to 64 --sparse rowwise_adagrad \
+    --json "$DEST/w3_pad64_rowwise.json" 2>&1 | tee "$DEST/w3_pad64_rowwise.log"
+echo "[$SECONDS s] W3 padded, row-wise Adagrad done"
 $PY benchmarks/w3.py --summary "$DEST" | tee "$DEST/summary.md"
 if [[ -n ${FAILED:-} ]]; then echo "FAILED: $FAILED"; exit 1; fi

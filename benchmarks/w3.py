@@ -220,6 +220,7 @@ def train_config(args, batch_size: int, lr: float, **extra) -> TrainConfig:
         batch_size=batch_size,
         lr=lr,
         optimizer=args.optimizer,
+        sparse=args.sparse,
         precision=args.precision,
         device=args.device,
         progress=False,
@@ -341,13 +342,14 @@ def summary(folder: Path) -> str:
             lines.append(f"| {key} | {rate:,.0f} | {ratio:.2f} | {pipeline['step_path'][key]} |")
         best = max(v for k, v in pipeline["ratio_to_memory"].items() if k != "memory" and "baseline" not in k)
         lines += ["", f"target: files >= 0.8x memory: best {best:.2f}x -> {'met' if best >= 0.8 else 'NOT met'}", ""]
-    for name, target in (("w2_batch.json", 10e6), ("w3.json", 2.1e6), ("w3_pad64.json", 2.1e6)):
+    w3_runs = ("w3.json", "w3_pad64.json", "w3_pad64_rowwise.json")
+    for name, target in (("w2_batch.json", 10e6), *((name, 2.1e6) for name in w3_runs)):
         result = load(name)
         if result is None:
             continue
         lines += [
             f"{result['workload']} in device memory ({result['device']}, {result['precision']}, "
-            f"{result['optimizer']}, inputs.pad_to {result.get('pad_to', 1)}; "
+            f"{result['optimizer']}, table {result.get('sparse', 'dense')}, inputs.pad_to {result.get('pad_to', 1)}; "
             f"measured bf16 matmul {result['measured_bf16_matmul_tflops']:.1f} TFLOP/s)",
             "",
             "| batch | samples/s | TFLOP/s | MFU | peak GB | step | profile (share of step time) |",
@@ -394,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--cross-rank", type=int, default=256)
     parser.add_argument(
+        "--sparse",
+        choices=["dense", "rowwise_adagrad", "lazy_adam"],
+        default="dense",
+        help="train.sparse: the embedding table's optimizer (a sparse one runs the step eager)",
+    )
+    parser.add_argument(
         "--pad-to",
         type=int,
         default=1,
@@ -429,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "optimizer": args.optimizer,
         "pad_to": args.pad_to,
+        "sparse": args.sparse,
         "measured_bf16_matmul_tflops": peak,
         "quick": args.quick,
         "batches": {},

@@ -37,8 +37,9 @@ def test_gpu_scale_runs_every_path_on_cpu_and_prints_the_table(tmp_path):
     w3 = json.loads((out / "w3.json").read_text())
     assert w3["workload"] == "W3" and "profile" in w3["batches"]["128"] and w3["pad_to"] == 1
     assert json.loads((out / "w3_pad64.json").read_text())["pad_to"] == 64
+    assert json.loads((out / "w3_pad64_rowwise.json").read_text())["sparse"] == "rowwise_adagrad"
     table = (out / "summary.md").read_text()
-    assert table.count("target:") == 5  # files/memory, W2 10M, W2 AUC, W3 2.1M unpadded and padded
+    assert table.count("target:") == 6  # files/memory, W2 10M, W2 AUC, W3 2.1M: as it is, padded, + row-wise
     assert "| parquet_workers_2 |" in table and "| 128 |" in table and "| workers_2_group_16 |" in table
     read = json.loads((out / "read.json").read_text())["rows_per_s"]
     assert "check: 76 batches prefetched to cpu: identical to the CPU path" in table  # 79 - 3 skipped
