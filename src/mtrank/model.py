@@ -20,6 +20,7 @@ from mtrank.nn.funnel import TaskFunnel
 from mtrank.nn.mixer import FeatureMixer
 from mtrank.nn.pepnet import EPNet, PPNet
 from mtrank.nn.residual import NativeExpertWeights, SelfGates
+from mtrank.nn.sequence import sequence_encoders
 from mtrank.nn.stacked import MLP
 
 
@@ -111,20 +112,24 @@ class MultiTaskModel(nn.Module):
         )
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
+        # user action sequences: one token each, after the embedding's tokens
+        first_sequence_column = len(inputs.vocab_sizes) - inputs.sequence_columns
+        self.sequences = sequence_encoders(inputs.sequences, first_sequence_column, inputs.embedding_dim)
         self.mixer = None
         self.mixer_to_towers = config.mixer.layers > 0 and config.mixer.wiring == "experts"
         side = 0  # width concatenated to the experts' output (the mixer's, in Closeup's wiring)
-        # the plain dense columns and every token (embedded numeric columns first) at one table's width
-        block_in = self.embedding.num_plain + self.embedding.num_tokens * inputs.embedding_dim
+        # the plain dense columns and every token (embedded numeric columns first, sequences last) at one width
+        num_tokens = self.embedding.num_tokens + len(self.sequences)
+        block_in = self.embedding.num_plain + num_tokens * inputs.embedding_dim
         if config.mixer.layers:
             mixer = config.mixer
-            count = self.embedding.num_tokens + (1 if self.embedding.num_plain else 0)
+            count = num_tokens + (1 if self.embedding.num_plain else 0)
             bad = [i for group in mixer.groups for i in group if not 0 <= i < count]
             if bad:
                 raise ConfigError(f"model.mixer.groups: token indices {bad} out of range; the mixer has {count} tokens")
             self.mixer = FeatureMixer(
                 self.embedding.num_plain,
-                self.embedding.num_tokens,
+                num_tokens,
                 inputs.embedding_dim,
                 mixer.layers,
                 mixer.heads,
@@ -197,8 +202,13 @@ class MultiTaskModel(nn.Module):
         if self.tables > 1:
             return self.task_embeddings(dense, main_sparse), None, None
         if not self.reads_tokens:
-            return self.embedding(dense, main_sparse), None, None  # (B, in): one lookup, one concatenation
+            x = self.embedding(dense, main_sparse)  # (B, in): one lookup, one concatenation
+            if len(self.sequences) == 0:
+                return x, None, None
+            return torch.cat([x, self.sequence_tokens(sparse, x.dtype).flatten(1)], 1), None, None
         tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+        if len(self.sequences) > 0:
+            tokens = torch.cat([tokens, self.sequence_tokens(sparse, tokens.dtype)], 1)  # (B, T + S, D)
         plain = self.embedding.plain(dense).to(tokens.dtype)  # (B, F_plain)
         parts = [plain, tokens.flatten(1)]
         side: torch.Tensor | None = None
@@ -218,6 +228,13 @@ class MultiTaskModel(nn.Module):
         if ppnet is not None:
             tower_scales = ppnet(tokens, x)
         return x, tower_scales, side
+
+    def sequence_tokens(self, sparse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each user action sequence's token: ``sparse [B, F_cat] -> [B, S, D]``."""
+        tokens: list[torch.Tensor] = []
+        for encoder in self.sequences:  # a loop, not a comprehension: TorchScript unrolls it over the ModuleList
+            tokens.append(encoder(sparse).to(dtype))
+        return torch.stack(tokens, 1)
 
     def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """STEM's inputs: each task's (then the shared) embeddings of every token, after the plain dense

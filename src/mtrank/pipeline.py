@@ -156,7 +156,12 @@ def fit_splits(
             warn_constant_labels(data[role], config, splits[role][1], role)
     shift = {role: _shift(encoder, *splits[role], data[role]) for role in roles}
     model_config = config.model_config(
-        encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs, encoder.numeric_inputs, labels.task_stats()
+        encoder.num_dense,
+        encoder.vocab_sizes,
+        encoder.bag_inputs,
+        encoder.numeric_inputs,
+        labels.task_stats(),
+        encoder.sequence_inputs,
     )
     model = MultiTaskModel(model_config, seed=config.train.seed)
     if callbacks:  # beside the progress bar and history the config asks for

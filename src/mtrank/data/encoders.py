@@ -8,7 +8,12 @@ so they cannot drift apart.
 
 Column order:
     dense  = ``[numeric features (1 column each), multi-categorical features (V + 1 columns each)]``
-    sparse = ``[categorical features (1 id each)]``
+    sparse = ``[categorical features (1 id each), bags (max_values ids each), sequences (max_length item ids,
+              then max_length action ids when there are actions)]``
+
+A sequence (a list of item ids per row, oldest first) keeps its ``max_length`` most recent items, left-padded
+with the id ``V + 1``; its items share the vocabulary of its ``target`` feature (else one fitted on the listed
+values), so a history item and the candidate have the same id; unseen items are 0.
 
 Every transform is vectorised over the column (pyarrow compute + numpy): no Python loop over rows.
 Categorical ids: 0 = out-of-vocabulary bucket, ``1..V`` = vocabulary (most frequent first); missing values are
@@ -51,6 +56,7 @@ from mtrank.config.experiment import (
     FeaturesSpec,
     MultiCategoricalFeature,
     NumericFeature,
+    SequenceFeature,
     TaskSpec,
 )
 from mtrank.data.errors import DataError, check_not_all_missing, data_error, warn
@@ -305,15 +311,19 @@ def _value_counts(col: pa.ChunkedArray | pa.Array) -> dict:
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
-def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) -> pa.ChunkedArray | pa.Array:
-    col = table.column(feat.column)
+def _list_column(
+    table: pa.Table, feat: MultiCategoricalFeature | SequenceFeature, source: str, column: str = ""
+) -> pa.ChunkedArray | pa.Array:
+    """The list column ``column`` (default the feature's), a separated string column split into lists."""
+    column = column or feat.column
+    col = table.column(column)
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         return col
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_dictionary(col.type):
         return pc.split_pattern(string_column(col) if pa.types.is_dictionary(col.type) else col, feat.separator)
     raise data_error(
         source,
-        feat.column,
+        column,
         f"expected a list column or a {feat.separator!r}-separated string, got type {col.type}",
         "Declare it under features.categorical or features.numeric",
         table,
@@ -321,15 +331,21 @@ def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) ->
     )
 
 
-def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """Flattened values (as strings, stripped with ``strip``), the row of each value, and each row's length (0 for
-    missing lists)."""
+def _flat_values(lists: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Flattened values (their own type), the row of each value, and each row's length (0 for missing lists)."""
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     flat = pc.list_flatten(lists)
     parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.float32)
-    return string_column(flat, strip), parents, lengths
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, parents, lengths
+
+
+def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Flattened values (as strings, stripped with ``strip``), the row of each value, and each row's length (0 for
+    missing lists)."""
+    flat, parents, lengths = _flat_values(lists)
+    return string_column(flat, strip), parents, lengths.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -502,7 +518,29 @@ class FeatureEncoder:
         sizes = [int(self.state[f.name]["size"]) for f in self.features.categorical]
         for feat in self.bags:
             sizes += [len(self.state[feat.name]["vocab"]) + 2] * feat.max_values
+        for feat in self.features.sequence:
+            state = self.state[feat.name]
+            sizes += [state["size"] + 1] * feat.max_length
+            if feat.actions_column:
+                sizes += [len(state["actions"]) + 2] * feat.max_length
         return sizes
+
+    @property
+    def sequence_inputs(self) -> list[dict[str, Any]]:
+        """The model's ``inputs.sequences`` (:class:`~mtrank.config.model.SequenceConfig` fields)."""
+        single = [f.name for f in self.features.categorical]
+        return [
+            {
+                "length": f.max_length,
+                "vocab_size": self.state[f.name]["size"] + 1,
+                "actions": len(self.state[f.name]["actions"]) + 2 if f.actions_column else 0,
+                "target": single.index(f.target) if f.target else -1,
+                "layers": f.layers,
+                "heads": f.heads,
+                "pooling": f.pooling,
+            }
+            for f in self.features.sequence
+        ]
 
     @property
     def bag_inputs(self) -> list[dict[str, Any]]:
@@ -523,6 +561,10 @@ class FeatureEncoder:
         names = [f.name for f in self.features.categorical]
         for feat in self.bags:
             names += [f"{feat.name}[{i}]" for i in range(feat.max_values)]
+        for feat in self.features.sequence:
+            names += [f"{feat.name}[{i}]" for i in range(feat.max_length)]
+            if feat.actions_column:
+                names += [f"{feat.name}.action[{i}]" for i in range(feat.max_length)]
         return names
 
     @property
@@ -533,7 +575,8 @@ class FeatureEncoder:
     @property
     def input_columns(self) -> list[str]:
         """The raw columns (record keys) the encoder reads."""
-        return [f.column for f in self.features.all()]
+        actions = [f.actions_column for f in self.features.sequence if f.actions_column]
+        return [f.column for f in self.features.all()] + actions
 
     @property
     def numeric_inputs(self) -> list[dict[str, Any]]:
@@ -569,7 +612,22 @@ class FeatureEncoder:
         for feat in self.features.categorical:
             state[feat.name] = self._fit_categorical(feat, table)
         self.state = state
+        for feat in self.features.sequence:
+            state[feat.name] = self._fit_sequence(feat, table, source)
         return self
+
+    def _fit_sequence(self, feat: SequenceFeature, table: pa.Table, source: str) -> dict[str, Any]:
+        """The items' vocabulary (the target's, or fitted on the listed values) and the actions' vocabulary."""
+        if feat.target:
+            state: dict[str, Any] = {"target": feat.target, "size": self.state[feat.target]["size"]}
+        else:
+            flat, _, _ = _flat_values(_list_column(table, feat, source))
+            values = CategoricalFeature(feat.name, "values", min_count=feat.min_count, max_vocab=feat.max_vocab)
+            state = self._fit_categorical(values, pa.table({"values": flat}))
+        if feat.actions_column:
+            flat, _, _ = _flat_strings(_list_column(table, feat, source, feat.actions_column), strip=True)
+            state["actions"] = [str(v) for v in _vocabulary(_value_counts(flat), 1, 0)]
+        return state
 
     def _fit_numeric(
         self, feat: NumericFeature, table: pa.Table, source: str, labels: np.ndarray | None = None
@@ -671,6 +729,47 @@ class FeatureEncoder:
         for feat in self.bags:
             sparse[:, j : j + feat.max_values] = self._bag_ids(feat, table, source)
             j += feat.max_values
+        for feat in self.features.sequence:
+            width = feat.max_length * (2 if feat.actions_column else 1)
+            sparse[:, j : j + width] = self._sequence_ids(feat, table, source)
+            j += width
+
+    def _sequence_ids(self, feat: SequenceFeature, table: pa.Table, source: str) -> np.ndarray:
+        """``[N, L]`` item ids (then ``[N, L]`` action ids) of each row's ``L = max_length`` most recent items,
+        right-aligned: 0 unseen, 1..V the vocabulary, V + 1 padding (actions: their own vocabulary and padding)."""
+        state, length = self.state[feat.name], feat.max_length
+        flat, parents, lengths = _flat_values(_list_column(table, feat, source))
+        # a row's k-th of n values is (n - 1 - k) from its end; the last L land in columns L - n .. L - 1
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        from_end = lengths[parents] - 1 - (np.arange(len(flat)) - starts[parents])
+        keep = from_end < length
+        rows, columns = parents[keep], length - 1 - from_end[keep]
+        items = np.full((table.num_rows, length), state["size"], dtype=np.int64)
+        targets = {f.name: f for f in self.features.categorical}
+        lookup = targets[feat.target] if feat.target else CategoricalFeature(feat.name)  # whose state maps ids
+        if len(flat):
+            items[rows, columns] = self._categorical_ids(lookup, pc.filter(flat, pa.array(keep)))
+        if not feat.actions_column:
+            return items
+        actions_flat, _, action_lengths = _flat_strings(_list_column(table, feat, source, feat.actions_column))
+        bad = np.flatnonzero(action_lengths != lengths)
+        if bad.size:
+            raise data_error(
+                source,
+                feat.actions_column,
+                f"{int(action_lengths[bad[0]])} actions for {int(lengths[bad[0]])} items of {feat.column!r}",
+                "Give one action per item",
+                table,
+                int(bad[0]),
+            )
+        vocab = state["actions"]
+        actions = np.full((table.num_rows, length), len(vocab) + 1, dtype=np.int64)
+        lookup_actions = state.get("_actions_lookup")
+        if lookup_actions is None:
+            lookup_actions = state["_actions_lookup"] = StringLookup(vocab)
+        if len(actions_flat):
+            actions[rows, columns] = lookup_actions(pc.filter(actions_flat, pa.array(keep)), True)
+        return np.concatenate([items, actions], 1)
 
     def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
         """``fill -> clip -> signed log1p -> standardise`` (or quantile normalisation, when the state has
@@ -840,13 +939,15 @@ class FeatureEncoder:
 
     def _check_columns(self, table: pa.Table, source: str) -> None:
         present = set(table.column_names)
-        for feat in self.features.all():
-            if feat.column not in present:
-                close = difflib.get_close_matches(feat.column, table.column_names, n=1)
+        read = [(f, f.column) for f in self.features.all()]
+        read += [(f, f.actions_column) for f in self.features.sequence if f.actions_column]
+        for feat, column in read:
+            if column not in present:
+                close = difflib.get_close_matches(column, table.column_names, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise data_error(
                     source,
-                    feat.column,
+                    column,
                     f"feature {feat.name!r} reads this column, which is missing (columns: {table.column_names[:20]})",
                     f"{hint}Fix the column name in the config's features section",
                     table,
@@ -867,6 +968,7 @@ class FeatureEncoder:
                 "categorical": [dataclasses.asdict(f) for f in self.features.categorical],
                 "numeric": [dataclasses.asdict(f) for f in self.features.numeric],
                 "multi_categorical": [dataclasses.asdict(f) for f in self.features.multi_categorical],
+                "sequence": [dataclasses.asdict(f) for f in self.features.sequence],
             },
             "state": state,
             "feature_names": self.feature_names,

@@ -79,6 +79,8 @@ def column_types(config: ExperimentConfig | None) -> dict[str, pa.DataType]:
         return {}
     types: dict[str, pa.DataType] = {f.column: pa.string() for f in config.features.categorical}
     types.update({f.column: pa.string() for f in config.features.multi_categorical})
+    for feat in config.features.sequence:  # a CSV holds a sequence as a separated string
+        types.update({column: pa.string() for column in (feat.column, feat.actions_column) if column})
     types.update({f.column: pa.float64() for f in config.features.numeric})
     return types
 
@@ -142,9 +144,12 @@ def check_columns(
 ) -> None:
     """Every column the config names exists; the error names the config field and suggests a close name."""
     wanted: list[tuple[str, str]] = []
-    for kind in ("numeric", "multi_categorical", "categorical"):
+    for kind in ("numeric", "multi_categorical", "categorical", "sequence"):
         for i, feat in enumerate(getattr(config.features, kind)):
             wanted.append((f"features.{kind}[{i}]", feat.column))
+    for i, feat in enumerate(config.features.sequence):
+        if feat.actions_column:
+            wanted.append((f"features.sequence[{i}].actions_column", feat.actions_column))
     for i, task in enumerate(config.tasks):
         wanted.append((f"tasks[{i}].column", task.column))
         if task.mask_column:
@@ -194,7 +199,7 @@ def read_table(
         table = as_table(data)
         name = source or "dataframe"
     elif spec.format in ("movielens-grouplens", "movielens-recbole"):
-        table = read_movielens(data, spec.format.split("-")[1])
+        table = read_movielens(data, spec.format.split("-")[1], spec.history)
         name = str(data)
     else:
         dataset = open_dataset(data, spec, config)
