@@ -14,6 +14,7 @@ STUDIES = {
     "infra-cost": "infra_cost",
     "score-stability": "score_stability",
     "distill-retention": "distill_retention",
+    "summarization": "summarization",
 }
 
 
