@@ -101,12 +101,31 @@ def test_a_sequence_without_target_fits_its_own_vocabulary_and_bad_rows_are_name
     encoder = FeatureEncoder(spec).fit(table)
     assert encoder.state["hist"]["vocab"] == [5]  # 6 and 7 are rarer than min_count: unseen, id 0
     assert encoder.transform(table)[1][:, 1:].tolist() == [[1, 1, 0], [2, 2, 0]]
-    with pytest.raises(DataError, match=r"acts.*1 actions for 3 items of 'hist'.*one action per item"):
+    with pytest.raises(DataError, match=r"acts.*1 values for 3 items of 'hist'.*one value per item"):
         FeatureEncoder(sequence_spec()).fit(table).transform(table)
     with pytest.raises(ConfigError, match=r"features.sequence\[0\].target: 'itm' is not a categorical feature"):
         sequence_spec(target="itm")
     with pytest.raises(ConfigError, match=r"features.sequence\[0\].pooling: 'target' attends from the candidate"):
         sequence_spec(target="", pooling="target")
+
+
+def test_item_times_become_log2_age_buckets_of_the_kept_items():
+    table = pa.table(
+        {
+            "item": [1, 2],
+            "hist": [[5, 6, 7], [8]],
+            "when": [[0.0, 1000.0, 1023.0], [None]],  # a missing time: the unknown bucket
+            "now": [1024.0, 50.0],
+        }
+    )
+    spec = sequence_spec(target="", actions_column="", times_column="when", time_column="now", max_length=2)
+    encoder = FeatureEncoder(spec).fit(table)
+    _, sparse = encoder.transform(table)
+    # ages of the kept (last two) items: 24 s -> floor(log2 25) = 4, 1 s -> 1; row 1: one unknown, one padding
+    assert sparse[:, 3:].tolist() == [[4, 1], [32, 32]]
+    assert encoder.sequence_inputs[0]["times"] == 33 and encoder.categorical_names[-1] == "hist.age[1]"
+    with pytest.raises(ConfigError, match=r"features.sequence\[0\].time_column: times_column needs the row's own time"):
+        sequence_spec(times_column="when")
 
 
 def test_the_movielens_history_holds_only_the_users_strictly_earlier_ratings():
@@ -127,6 +146,7 @@ def test_the_movielens_history_holds_only_the_users_strictly_earlier_ratings():
         earlier = frame[(frame.user_id == user) & (frame.timestamp < time)].sort_values(["timestamp", "item_id"])
         assert list(out.history_items[row]) == earlier.item_id.tolist()[-4:]
         assert list(out.history_ratings[row]) == earlier.rating.astype(int).tolist()[-4:]
+        assert list(out.history_times[row]) == earlier.timestamp.tolist()[-4:]
     times = dict(zip(zip(frame.user_id, frame.item_id), frame.timestamp))
     leaks = [
         row
@@ -157,6 +177,8 @@ def trained(tmp_path_factory):
             "device": rng.choice(["ios", "web"], n),
             "hist": histories,
             "acts": [[str(a) for a in rng.integers(0, 3, len(h))] for h in histories],
+            "ago": [sorted(rng.integers(0, 10_000, len(h)).tolist()) for h in histories],
+            "now": rng.integers(10_000, 20_000, n),
             "click": click,
             "like": click * (rng.random(n) < 0.5),
         }
@@ -168,7 +190,15 @@ def trained(tmp_path_factory):
         "features": {
             "categorical": [{"name": "item"}, {"name": "device"}],
             "sequence": [
-                {"name": "hist", "target": "item", "actions_column": "acts", "max_length": 6, "pooling": "target"}
+                {
+                    "name": "hist",
+                    "target": "item",
+                    "actions_column": "acts",
+                    "times_column": "ago",
+                    "time_column": "now",
+                    "max_length": 6,
+                    "pooling": "target",
+                }
             ],
         },
         "tasks": [{"name": "click"}, {"name": "like"}],
@@ -204,14 +234,21 @@ def test_a_sequence_model_scores_alike_eager_torchscript_onnx_and_the_service(tr
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
     service = ScoringService(folder / "model")
     candidates = [
-        {"item": int(r.item), "device": r.device, "hist": [int(i) for i in r.hist], "acts": list(r.acts)}
+        {
+            "item": int(r.item),
+            "device": r.device,
+            "hist": [int(i) for i in r.hist],
+            "acts": list(r.acts),
+            "ago": [int(t) for t in r.ago],
+            "now": int(r.now),
+        }
         for r in rows.itertuples()
     ]
     context_free = service.score(ScoreRequest(candidates=candidates))
     served = np.array([[s["click"], s["like"]] for s in context_free.scores])
     np.testing.assert_allclose(served, expected, rtol=2e-5, atol=2e-5)
     # the history as context (one user, many candidates): the same as repeating it in each candidate
-    context = {"hist": candidates[0]["hist"], "acts": candidates[0]["acts"]}
+    context = {key: candidates[0][key] for key in ("hist", "acts", "ago", "now")}
     shared = service.score(
         ScoreRequest(context=context, candidates=[{"item": c["item"], "device": c["device"]} for c in candidates])
     )
@@ -227,7 +264,7 @@ def test_the_movielens_sequence_config_trains_on_tiny_ratings(tmp_path):
     assert config.data.history == 20 and config.features.sequence[0].target == "item_id"
     result = mtrank.fit(raw, output=tmp_path / "model", baseline=False)
     assert result.rows == {"train": 320, "valid": 40, "test": 40}
-    assert result.encoder.categorical_names[-1] == "history.action[19]"
+    assert result.encoder.categorical_names[-1] == "history.age[19]"
     assert np.isfinite(result.metrics["test"]["auc/liked"])
 
 

@@ -226,6 +226,9 @@ class SequenceFeature(VocabularyFeature):
         target: the categorical feature whose vocabulary the items use and which ``pooling: target`` attends
             from; empty = the sequence's own vocabulary.
         actions_column: a list column of the same lengths (one action per item); empty = none.
+        times_column: a list column of the same lengths: each item's event time (numbers, e.g. Unix seconds);
+            the model reads the age ``time_column - time`` in log2 buckets (0..31); empty = none.
+        time_column: the row's own time (a number on the same scale), needed by ``times_column``.
         separator: separator of a string column.
         layers / heads: transformer layers over the sequence (0 = none) and their attention heads.
         pooling: ``mean`` (over the encoded items) or ``target`` (DIN: attention from the candidate's embedding).
@@ -234,16 +237,28 @@ class SequenceFeature(VocabularyFeature):
     max_length: int = 20
     target: str = ""
     actions_column: str = ""
+    times_column: str = ""
+    time_column: str = ""
     separator: str = "|"
     layers: int = 1
     heads: int = 2
     pooling: Literal["mean", "target"] = "mean"
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """The columns read besides the items' (actions, item times, the row's time)."""
+        return [c for c in (self.actions_column, self.times_column, self.time_column) if c]
 
     def check(self, path: str) -> None:
         super().check(path)
         check(self.max_length >= 1, join(path, "max_length"), f"must be >= 1, got {self.max_length}")
         check(self.layers >= 0, join(path, "layers"), f"must be >= 0, got {self.layers}")
         check(self.heads >= 1, join(path, "heads"), f"must be >= 1, got {self.heads}")
+        check(
+            not self.times_column or bool(self.time_column),
+            join(path, "time_column"),
+            "times_column needs the row's own time to age the items: name its column",
+        )
         check(
             self.pooling != "target" or bool(self.target),
             join(path, "pooling"),
@@ -629,7 +644,7 @@ class ExperimentConfig:
     def input_columns(self) -> list[str]:
         """Every column the experiment reads, feature columns first."""
         cols = [f.column for f in self.features.all()]
-        cols += [f.actions_column for f in self.features.sequence if f.actions_column]
+        cols += [c for f in self.features.sequence for c in f.extra_columns]
         cols += [t.column for t in self.tasks] + [t.mask_column for t in self.tasks if t.mask_column]
         if self.data.weight_column:
             cols.append(self.data.weight_column)

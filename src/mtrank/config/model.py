@@ -137,12 +137,14 @@ class BagConfig(Config):
 class SequenceConfig(Config):
     """A user action sequence (:class:`mtrank.nn.sequence.SequenceEncoder`), derived from the feature's spec
     and fitted encoder: ``length`` item-id columns (left-padded with ``vocab_size - 1``), then ``length`` action-id
-    columns when ``actions`` > 0 (padded with ``actions - 1``), after the bags' columns.
+    columns when ``actions`` > 0 (padded with ``actions - 1``), then ``length`` age-bucket columns when ``times`` >
+    0 (padded with ``times - 1``), after the bags' columns.
 
     Args:
         length: items per row (the most recent kept).
         vocab_size: item ids ``[0, vocab_size)``, the last one padding (0 = unseen).
         actions: action ids ``[0, actions)``, the last one padding; 0 = no actions.
+        times: age buckets ``[0, times)``, the last one padding (or unknown); 0 = no times.
         target: the categorical column (index) of the candidate item, in the same id space; -1 = none.
         layers / heads: transformer layers over the sequence (0 = none), attention heads.
         pooling: ``mean`` over the encoded items or ``target`` (attention from the candidate, DIN).
@@ -151,19 +153,26 @@ class SequenceConfig(Config):
     length: int
     vocab_size: int
     actions: int = 0
+    times: int = 0
     target: int = -1
     layers: int = 1
     heads: int = 2
     pooling: Literal["mean", "target"] = "mean"
 
     @property
+    def column_sizes(self) -> list[int]:
+        """The vocabulary of each of its columns: items, then actions and age buckets when present."""
+        return [size for size in (self.vocab_size, self.actions, self.times) if size for _ in range(self.length)]
+
+    @property
     def columns(self) -> int:
-        return self.length * (2 if self.actions else 1)
+        return len(self.column_sizes)
 
     def check(self, path: str) -> None:
         check(self.length >= 1, join(path, "length"), f"must be >= 1, got {self.length}")
         check(self.vocab_size >= 2, join(path, "vocab_size"), f"must be >= 2 (ids + padding), got {self.vocab_size}")
         check(self.actions == 0 or self.actions >= 2, join(path, "actions"), f"must be 0 or >= 2, got {self.actions}")
+        check(self.times == 0 or self.times >= 2, join(path, "times"), f"must be 0 or >= 2, got {self.times}")
         check(self.layers >= 0, join(path, "layers"), f"must be >= 0, got {self.layers}")
         check(self.heads >= 1, join(path, "heads"), f"must be >= 1, got {self.heads}")
         check(self.pooling != "target" or self.target >= 0, join(path, "target"), "pooling 'target' needs a column")
@@ -271,9 +280,8 @@ class InputsConfig(Config):
             start += bag.length
         for q, seq in enumerate(self.sequences):
             where = f"{join(path, 'sequences')}[{q}]"
-            sizes = [seq.vocab_size] * seq.length + [seq.actions] * (seq.columns - seq.length)
             check(
-                self.vocab_sizes[start : start + seq.columns] == sizes,
+                self.vocab_sizes[start : start + seq.columns] == seq.column_sizes,
                 where,
                 f"columns {start}..{start + seq.columns - 1} of vocab_sizes do not match the sequence's sizes",
             )

@@ -59,9 +59,11 @@ from mtrank.config.experiment import (
     SequenceFeature,
     TaskSpec,
 )
+from mtrank.config.model import SequenceConfig
 from mtrank.data.errors import DataError, check_not_all_missing, data_error, warn
 
 ENCODERS_FILE = "encoders.json"
+AGE_BUCKETS = 32  # a sequence item's age (row time - item time) -> floor(log2(1 + age)) clipped to 0..31
 FORMAT = "mtrank-encoders"
 FORMAT_VERSION = 1
 NA_TOKEN = "<NA>"
@@ -348,6 +350,14 @@ def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tup
     return string_column(flat, strip), parents, lengths.astype(np.float32)
 
 
+def age_buckets(age: np.ndarray) -> np.ndarray:
+    """Ages (row time - item time, e.g. seconds) -> ``floor(log2(1 + age))`` in ``[0, AGE_BUCKETS)``; a negative
+    age (an item after the row: clock skew) is 0, a missing one the unknown bucket ``AGE_BUCKETS``."""
+    with np.errstate(invalid="ignore"):
+        buckets = np.floor(np.log2(1.0 + np.clip(age, 0.0, None)))
+    return np.where(np.isnan(buckets), AGE_BUCKETS, np.clip(buckets, 0, AGE_BUCKETS - 1)).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------- labels
 
 
@@ -519,28 +529,26 @@ class FeatureEncoder:
         for feat in self.bags:
             sizes += [len(self.state[feat.name]["vocab"]) + 2] * feat.max_values
         for feat in self.features.sequence:
-            state = self.state[feat.name]
-            sizes += [state["size"] + 1] * feat.max_length
-            if feat.actions_column:
-                sizes += [len(state["actions"]) + 2] * feat.max_length
+            sizes += self._sequence_config(feat).column_sizes
         return sizes
+
+    def _sequence_config(self, feat: SequenceFeature) -> SequenceConfig:
+        state, single = self.state[feat.name], [f.name for f in self.features.categorical]
+        return SequenceConfig(
+            length=feat.max_length,
+            vocab_size=state["size"] + 1,
+            actions=len(state["actions"]) + 2 if feat.actions_column else 0,
+            times=AGE_BUCKETS + 1 if feat.times_column else 0,
+            target=single.index(feat.target) if feat.target else -1,
+            layers=feat.layers,
+            heads=feat.heads,
+            pooling=feat.pooling,
+        )
 
     @property
     def sequence_inputs(self) -> list[dict[str, Any]]:
         """The model's ``inputs.sequences`` (:class:`~mtrank.config.model.SequenceConfig` fields)."""
-        single = [f.name for f in self.features.categorical]
-        return [
-            {
-                "length": f.max_length,
-                "vocab_size": self.state[f.name]["size"] + 1,
-                "actions": len(self.state[f.name]["actions"]) + 2 if f.actions_column else 0,
-                "target": single.index(f.target) if f.target else -1,
-                "layers": f.layers,
-                "heads": f.heads,
-                "pooling": f.pooling,
-            }
-            for f in self.features.sequence
-        ]
+        return [dataclasses.asdict(self._sequence_config(f)) for f in self.features.sequence]
 
     @property
     def bag_inputs(self) -> list[dict[str, Any]]:
@@ -563,8 +571,9 @@ class FeatureEncoder:
             names += [f"{feat.name}[{i}]" for i in range(feat.max_values)]
         for feat in self.features.sequence:
             names += [f"{feat.name}[{i}]" for i in range(feat.max_length)]
-            if feat.actions_column:
-                names += [f"{feat.name}.action[{i}]" for i in range(feat.max_length)]
+            for kind, column in (("action", feat.actions_column), ("age", feat.times_column)):
+                if column:
+                    names += [f"{feat.name}.{kind}[{i}]" for i in range(feat.max_length)]
         return names
 
     @property
@@ -575,8 +584,8 @@ class FeatureEncoder:
     @property
     def input_columns(self) -> list[str]:
         """The raw columns (record keys) the encoder reads."""
-        actions = [f.actions_column for f in self.features.sequence if f.actions_column]
-        return [f.column for f in self.features.all()] + actions
+        extra = [c for f in self.features.sequence for c in f.extra_columns]
+        return list(dict.fromkeys([f.column for f in self.features.all()] + extra))
 
     @property
     def numeric_inputs(self) -> list[dict[str, Any]]:
@@ -730,13 +739,14 @@ class FeatureEncoder:
             sparse[:, j : j + feat.max_values] = self._bag_ids(feat, table, source)
             j += feat.max_values
         for feat in self.features.sequence:
-            width = feat.max_length * (2 if feat.actions_column else 1)
+            width = self._sequence_config(feat).columns
             sparse[:, j : j + width] = self._sequence_ids(feat, table, source)
             j += width
 
     def _sequence_ids(self, feat: SequenceFeature, table: pa.Table, source: str) -> np.ndarray:
-        """``[N, L]`` item ids (then ``[N, L]`` action ids) of each row's ``L = max_length`` most recent items,
-        right-aligned: 0 unseen, 1..V the vocabulary, V + 1 padding (actions: their own vocabulary and padding)."""
+        """``[N, L]`` item ids (then ``[N, L]`` action ids, then ``[N, L]`` age buckets, when the sequence has them)
+        of each row's ``L = max_length`` most recent items, right-aligned: 0 unseen, 1..V the vocabulary, V + 1
+        padding (actions: their own vocabulary and padding; ages: :func:`age_buckets`, padding 32)."""
         state, length = self.state[feat.name], feat.max_length
         flat, parents, lengths = _flat_values(_list_column(table, feat, source))
         # a row's k-th of n values is (n - 1 - k) from its end; the last L land in columns L - n .. L - 1
@@ -749,27 +759,45 @@ class FeatureEncoder:
         lookup = targets[feat.target] if feat.target else CategoricalFeature(feat.name)  # whose state maps ids
         if len(flat):
             items[rows, columns] = self._categorical_ids(lookup, pc.filter(flat, pa.array(keep)))
-        if not feat.actions_column:
-            return items
-        actions_flat, _, action_lengths = _flat_strings(_list_column(table, feat, source, feat.actions_column))
-        bad = np.flatnonzero(action_lengths != lengths)
+        parts = [items]
+        if feat.actions_column:
+            flat_actions = self._per_item(feat, feat.actions_column, lengths, table, source)
+            action_lookup = state.get("_actions_lookup")
+            if action_lookup is None:
+                action_lookup = state["_actions_lookup"] = StringLookup(state["actions"])
+            actions = np.full((table.num_rows, length), len(state["actions"]) + 1, dtype=np.int64)
+            kept = string_column(pc.filter(flat_actions, pa.array(keep)), True)
+            actions[rows, columns] = action_lookup(kept, True)
+            parts.append(actions)
+        if feat.times_column:
+            flat_times = self._per_item(feat, feat.times_column, lengths, table, source)
+            if pa.types.is_string(flat_times.type):  # a CSV's or a request's separated / listed text
+                try:
+                    flat_times = pc.cast(flat_times, pa.float64())
+                except pa.ArrowInvalid as err:
+                    raise DataError(f"{source}: column {feat.times_column!r}: {err}; give numbers") from None
+            when = numeric_column(pa.table({feat.times_column: flat_times}), feat.times_column, source)
+            now = numeric_column(table, feat.time_column, source)
+            ages = np.full((table.num_rows, length), AGE_BUCKETS, dtype=np.int64)  # padding / unknown
+            ages[rows, columns] = age_buckets(now[parents] - when)[keep]
+            parts.append(ages)
+        return np.concatenate(parts, 1)
+
+    @staticmethod
+    def _per_item(feat: SequenceFeature, column: str, lengths: np.ndarray, table: pa.Table, source: str) -> pa.Array:
+        """The flat values of list ``column``, which must hold one value per item of the sequence in each row."""
+        flat, _, counts = _flat_values(_list_column(table, feat, source, column))
+        bad = np.flatnonzero(counts != lengths)
         if bad.size:
             raise data_error(
                 source,
-                feat.actions_column,
-                f"{int(action_lengths[bad[0]])} actions for {int(lengths[bad[0]])} items of {feat.column!r}",
-                "Give one action per item",
+                column,
+                f"{int(counts[bad[0]])} values for {int(lengths[bad[0]])} items of {feat.column!r}",
+                "Give one value per item",
                 table,
                 int(bad[0]),
             )
-        vocab = state["actions"]
-        actions = np.full((table.num_rows, length), len(vocab) + 1, dtype=np.int64)
-        lookup_actions = state.get("_actions_lookup")
-        if lookup_actions is None:
-            lookup_actions = state["_actions_lookup"] = StringLookup(vocab)
-        if len(actions_flat):
-            actions[rows, columns] = lookup_actions(pc.filter(actions_flat, pa.array(keep)), True)
-        return np.concatenate([items, actions], 1)
+        return flat
 
     def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
         """``fill -> clip -> signed log1p -> standardise`` (or quantile normalisation, when the state has
@@ -940,7 +968,7 @@ class FeatureEncoder:
     def _check_columns(self, table: pa.Table, source: str) -> None:
         present = set(table.column_names)
         read = [(f, f.column) for f in self.features.all()]
-        read += [(f, f.actions_column) for f in self.features.sequence if f.actions_column]
+        read += [(f, c) for f in self.features.sequence for c in f.extra_columns]
         for feat, column in read:
             if column not in present:
                 close = difflib.get_close_matches(column, table.column_names, n=1)

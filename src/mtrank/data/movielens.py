@@ -174,9 +174,9 @@ def add_history(
     time: str = "timestamp",
     action: str = "rating",
 ) -> pa.Table:
-    """Each row's preceding history of its user: ``history_items`` (list<int64>) and ``history_ratings``
-    (list<int64>), the items that user rated strictly before the row's timestamp and the ratings given, oldest
-    first, at most the ``max_length`` most recent.
+    """Each row's preceding history of its user: ``history_items``, ``history_ratings`` and ``history_times``
+    (list<int64> each), the items that user rated strictly before the row's timestamp, the ratings given and
+    when, oldest first, at most the ``max_length`` most recent.
 
     Strictly before: ratings of the same user at the same timestamp are not in each other's history (their order
     within the second is unknown, so one would leak the other's label), and no row sees its own item. Ties among
@@ -209,7 +209,8 @@ def add_history(
     sorted_items = items[order]
     sorted_actions = table.column(action).to_numpy().astype(np.int64)[order]
     out = {}
-    for name, values in (("history_items", sorted_items), ("history_ratings", sorted_actions)):
+    columns = (("history_items", sorted_items), ("history_ratings", sorted_actions), ("history_times", t))
+    for name, values in columns:
         lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[flat]))
         out[name] = lists.take(pa.array(np.argsort(order)))  # back to the table's row order
     for name, lists in out.items():

@@ -80,7 +80,11 @@ def column_types(config: ExperimentConfig | None) -> dict[str, pa.DataType]:
     types: dict[str, pa.DataType] = {f.column: pa.string() for f in config.features.categorical}
     types.update({f.column: pa.string() for f in config.features.multi_categorical})
     for feat in config.features.sequence:  # a CSV holds a sequence as a separated string
-        types.update({column: pa.string() for column in (feat.column, feat.actions_column) if column})
+        types.update(
+            {column: pa.string() for column in (feat.column, feat.actions_column, feat.times_column) if column}
+        )
+        if feat.time_column:
+            types[feat.time_column] = pa.float64()
     types.update({f.column: pa.float64() for f in config.features.numeric})
     return types
 
@@ -148,8 +152,9 @@ def check_columns(
         for i, feat in enumerate(getattr(config.features, kind)):
             wanted.append((f"features.{kind}[{i}]", feat.column))
     for i, feat in enumerate(config.features.sequence):
-        if feat.actions_column:
-            wanted.append((f"features.sequence[{i}].actions_column", feat.actions_column))
+        for key in ("actions_column", "times_column", "time_column"):
+            if getattr(feat, key):
+                wanted.append((f"features.sequence[{i}].{key}", getattr(feat, key)))
     for i, task in enumerate(config.tasks):
         wanted.append((f"tasks[{i}].column", task.column))
         if task.mask_column:

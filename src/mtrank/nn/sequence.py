@@ -49,8 +49,9 @@ class SequenceLayer(nn.Module):
 class SequenceEncoder(nn.Module):
     """A user action sequence -> one ``D``-wide token.
 
-    Item ``i`` of the row (ids left-padded, the most recent last) is ``e_i = E[item_i] + A[action_i] + P[r_i]``
-    with ``r_i`` its recency (0 = most recent). A learned null token ``n`` is put first and is always valid,
+    Item ``i`` of the row (ids left-padded, the most recent last) is ``e_i = E[item_i] + A[action_i] +
+    T[age_i] + P[r_i]`` with ``r_i`` its recency (0 = most recent) and ``age_i`` the log2 bucket of its age (the
+    action and age terms when the sequence has them). A learned null token ``n`` is put first and is always valid,
     so an empty history is defined and no softmax runs over nothing. ``layers`` transformer layers
     (:class:`SequenceLayer`) encode ``[n, e_1..e_L]``; padded positions are masked as keys and never pooled.
     Pooling:
@@ -83,9 +84,11 @@ class SequenceEncoder(nn.Module):
         self.pad = config.vocab_size - 1
         self.items = nn.Embedding(config.vocab_size, dim)
         nn.init.normal_(self.items.weight, std=0.05)
-        self.with_actions = config.actions > 0
+        self.with_actions, self.with_times = config.actions > 0, config.times > 0
         self.actions = nn.Embedding(max(config.actions, 1), dim)
+        self.times = nn.Embedding(max(config.times, 1), dim)
         nn.init.normal_(self.actions.weight, std=0.05)
+        nn.init.normal_(self.times.weight, std=0.05)
         self.recency = nn.Parameter(torch.zeros(config.length, dim))
         self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.05)
         self.layers = nn.ModuleList(SequenceLayer(dim, config.heads) for _ in range(config.layers))
@@ -96,8 +99,12 @@ class SequenceEncoder(nn.Module):
         length = self.length
         items = sparse[:, self.start : self.start + length]  # (B, L)
         x = self.items(items)  # (B, L, D)
+        column = self.start + length
         if self.with_actions:
-            x = x + self.actions(sparse[:, self.start + length : self.start + 2 * length])
+            x = x + self.actions(sparse[:, column : column + length])
+            column += length
+        if self.with_times:
+            x = x + self.times(sparse[:, column : column + length])
         x = x + self.recency.flip(0).to(x.dtype)  # column j has recency L - 1 - j
         return self.pool(x, items != self.pad, sparse)
 
