@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from mtrank.cli import main
 from mtrank.config import ModelConfig
-from mtrank.experiments.studies.summarization import VARIANTS, SummarizationSetting, variant_config
+from mtrank.experiments.studies.summarization import VARIANTS, SummarizationSetting, forward_flops, variant_config
 from mtrank.model import MultiTaskModel, count_parameters
 from test_pipeline_configs import write_movielens
 
@@ -20,6 +21,12 @@ def test_the_summary_mixes_groups_not_tokens_and_the_wiring_moves_its_output():
     assert models["summary, input"].mixer.output_dim == 3 * 8  # one token per group
     assert models["summary, experts"].mixer_to_towers and not models["summary, input"].mixer_to_towers
     assert count_parameters(models["summary, input"]) < count_parameters(models["mixer all, input"])
+    dense, sparse = torch.randn(16, 3), torch.zeros(16, 12, dtype=torch.long)
+    flops = {v: forward_flops(m.eval(), dense, sparse) for v, m in models.items()}
+    # the mixer's attention is counted (evaluation mode's fused kernel is not), and it grows with tokens
+    assert flops["mixer all, input"] > flops["summary, input"] > flops["no mixer"]
+    assert flops["mixer all, input"] - flops["no mixer"] > 2 * 13 * 13 * 8 * 2  # at least QK^T and AV
+    assert not models["no mixer"].training  # the mode is restored
 
 
 @pytest.mark.parametrize("with_movielens", [False, True])
