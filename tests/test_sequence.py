@@ -63,6 +63,7 @@ def test_target_attention_depends_on_the_candidate():
     a, b = encoder(torch.cat([torch.tensor([[1]]), history], 1)), encoder(torch.cat([torch.tensor([[9]]), history], 1))
     assert not torch.allclose(a, b)
     mean = SequenceEncoder(SequenceConfig(length=4, vocab_size=11, target=0, layers=0, pooling="mean"), 1, 8)
+    assert mean.actions is None and mean.times is None  # no tables (parameters) for what the sequence lacks
     torch.testing.assert_close(
         mean(torch.cat([torch.tensor([[1]]), history], 1)), mean(torch.cat([torch.tensor([[9]]), history], 1))
     )

@@ -84,11 +84,13 @@ class SequenceEncoder(nn.Module):
         self.pad = config.vocab_size - 1
         self.items = nn.Embedding(config.vocab_size, dim)
         nn.init.normal_(self.items.weight, std=0.05)
-        self.with_actions, self.with_times = config.actions > 0, config.times > 0
-        self.actions = nn.Embedding(max(config.actions, 1), dim)
-        self.times = nn.Embedding(max(config.times, 1), dim)
-        nn.init.normal_(self.actions.weight, std=0.05)
-        nn.init.normal_(self.times.weight, std=0.05)
+        self.actions = self.times = None  # tables only for what the sequence has
+        if config.actions:
+            self.actions = nn.Embedding(config.actions, dim)
+            nn.init.normal_(self.actions.weight, std=0.05)
+        if config.times:
+            self.times = nn.Embedding(config.times, dim)
+            nn.init.normal_(self.times.weight, std=0.05)
         self.recency = nn.Parameter(torch.zeros(config.length, dim))
         self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.05)
         self.layers = nn.ModuleList(SequenceLayer(dim, config.heads) for _ in range(config.layers))
@@ -100,11 +102,12 @@ class SequenceEncoder(nn.Module):
         items = sparse[:, self.start : self.start + length]  # (B, L)
         x = self.items(items)  # (B, L, D)
         column = self.start + length
-        if self.with_actions:
-            x = x + self.actions(sparse[:, column : column + length])
+        actions, times = self.actions, self.times
+        if actions is not None:
+            x = x + actions(sparse[:, column : column + length])
             column += length
-        if self.with_times:
-            x = x + self.times(sparse[:, column : column + length])
+        if times is not None:
+            x = x + times(sparse[:, column : column + length])
         x = x + self.recency.flip(0).to(x.dtype)  # column j has recency L - 1 - j
         return self.pool(x, items != self.pad, sparse)
 
