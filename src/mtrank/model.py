@@ -20,6 +20,7 @@ from mtrank.nn.funnel import TaskFunnel
 from mtrank.nn.mixer import FeatureMixer
 from mtrank.nn.pepnet import EPNet, PPNet
 from mtrank.nn.residual import NativeExpertWeights, SelfGates
+from mtrank.nn.sequence import sequence_encoders
 from mtrank.nn.stacked import MLP
 
 TABLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # inputs.table_dtype
@@ -114,14 +115,18 @@ class MultiTaskModel(nn.Module):
         )
         self.select_main = len(main) != len(inputs.vocab_sizes)
         self.register_buffer("main_features", torch.tensor(main, dtype=torch.long))
+        # user action sequences: one token each, after the embedding's tokens
+        first_sequence_column = len(inputs.vocab_sizes) - inputs.sequence_columns
+        self.sequences = sequence_encoders(inputs.sequences, first_sequence_column, inputs.embedding_dim)
         self.mixer = None
         self.mixer_to_towers = config.mixer.layers > 0 and config.mixer.wiring == "experts"
         side = 0  # width concatenated to the experts' output (the mixer's, in Closeup's wiring)
-        # the plain dense columns and every token (embedded numeric columns first) at one table's width
-        block_in = self.embedding.num_plain + self.embedding.num_tokens * inputs.embedding_dim
+        # the plain dense columns and every token (embedded numeric columns first, sequences last) at one width
+        num_tokens = self.embedding.num_tokens + len(self.sequences)
+        block_in = self.embedding.num_plain + num_tokens * inputs.embedding_dim
         if config.mixer.layers:
             mixer = config.mixer
-            count = self.embedding.num_tokens + (1 if self.embedding.num_plain else 0)
+            count = num_tokens + (1 if self.embedding.num_plain else 0)
             if isinstance(mixer.groups, str):
                 raise ConfigError(
                     "model.mixer.groups: 'auto' is learned by a warm-up before the model is built (mtrank train does "
@@ -132,7 +137,7 @@ class MultiTaskModel(nn.Module):
                 raise ConfigError(f"model.mixer.groups: token indices {bad} out of range; the mixer has {count} tokens")
             self.mixer = FeatureMixer(
                 self.embedding.num_plain,
-                self.embedding.num_tokens,
+                num_tokens,
                 inputs.embedding_dim,
                 mixer.layers,
                 mixer.heads,
@@ -214,8 +219,11 @@ class MultiTaskModel(nn.Module):
         if self.tables > 1:
             return self.task_embeddings(dense, main_sparse), None, None
         if not self.reads_tokens:
-            return self.embedding(dense, main_sparse), None, None  # (B, in): one lookup, one concatenation
-        tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+            x = self.embedding(dense, main_sparse)  # (B, in): one lookup, one concatenation
+            if len(self.sequences) == 0:
+                return x, None, None
+            return torch.cat([x, self.sequence_tokens(sparse, x.dtype).flatten(1)], 1), None, None
+        tokens = self.feature_tokens(dense, sparse, main_sparse)  # (B, T + S, D)
         plain = self.embedding.plain(dense).to(tokens.dtype)  # (B, F_plain)
         parts = [plain, tokens.flatten(1)]
         side: torch.Tensor | None = None
@@ -241,8 +249,23 @@ class MultiTaskModel(nn.Module):
         if self.mixer is None:
             raise ValueError("mixer_tokens: the model has no mixer (model.mixer.layers is 0)")
         main_sparse = sparse.index_select(1, self.main_features) if self.select_main else sparse
-        tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+        tokens = self.feature_tokens(dense, sparse, main_sparse)  # (B, T + S, D)
         return self.mixer.tokens(self.embedding.plain(dense).to(tokens.dtype), tokens)
+
+    def feature_tokens(self, dense: torch.Tensor, sparse: torch.Tensor, main_sparse: torch.Tensor) -> torch.Tensor:
+        """Every token ``[B, T + S, D]``: the embedded numeric columns and categorical features, then each user
+        action sequence's."""
+        tokens = self.embedding.tokens(dense, main_sparse)  # (B, T, D)
+        if len(self.sequences) > 0:
+            tokens = torch.cat([tokens, self.sequence_tokens(sparse, tokens.dtype)], 1)
+        return tokens
+
+    def sequence_tokens(self, sparse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each user action sequence's token: ``sparse [B, F_cat] -> [B, S, D]``."""
+        tokens: list[torch.Tensor] = []
+        for encoder in self.sequences:  # a loop, not a comprehension: TorchScript unrolls it over the ModuleList
+            tokens.append(encoder(sparse).to(dtype))
+        return torch.stack(tokens, 1)
 
     def task_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """STEM's inputs: each task's (then the shared) embeddings of every token, after the plain dense

@@ -163,7 +163,12 @@ def fit_splits(
             warn_constant_labels(data[role], config, splits[role][1], role)
     shift = {role: _shift(encoder, *splits[role], data[role]) for role in roles}
     model_config = config.model_config(
-        encoder.num_dense, encoder.vocab_sizes, encoder.bag_inputs, encoder.numeric_inputs, labels.task_stats()
+        encoder.num_dense,
+        encoder.vocab_sizes,
+        encoder.bag_inputs,
+        encoder.numeric_inputs,
+        labels.task_stats(),
+        encoder.sequence_inputs,
     )
     if model_config.mixer.layers and model_config.mixer.groups == "auto":  # learned groups, fixed before the build
         warmup = data["train"] if not streaming else encode_table(encoder, fit_table, config, fit_source)

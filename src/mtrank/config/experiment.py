@@ -48,7 +48,7 @@ from mtrank.config.train import TrainConfig, check_monitor
 FORMATS = ("auto", "csv", "parquet", "movielens-grouplens", "movielens-recbole")
 _COMPARISON = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.eE+-]+)\s*$")
 SECTIONS = ("data", "features", "tasks", "model", "train", "baseline", "tune", "output", "name", "plugins")
-DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "numeric", "names")
+DERIVED_INPUTS = ("num_dense", "vocab_sizes", "bags", "numeric", "sequences", "names")
 
 
 @dataclass
@@ -212,8 +212,67 @@ class MultiCategoricalFeature(VocabularyFeature):
 
 
 @dataclass
+class SequenceFeature(VocabularyFeature):
+    """A user action sequence: a list of item ids per row, oldest first (a list column, or a string split on
+    ``separator``), optionally with one action per item (``actions_column``, e.g. the rating given), encoded by
+    the model into one token (:class:`mtrank.nn.sequence.SequenceEncoder`).
+
+    The ``max_length`` most recent items are kept (the list's last values), left-padded. Item ids: with
+    ``target`` (a single categorical feature, e.g. the candidate ``item_id``), the target's fitted vocabulary,
+    so a history item and the candidate share ids and embeddings (needed by ``pooling: target``); without, a
+    vocabulary of the list values (``min_count``, ``max_vocab``). Unseen ids are 0, as for every categorical
+    feature; actions get their own vocabulary.
+
+    Args:
+        name: feature name; column: the list column (default ``name``).
+        max_length: items kept per row (the most recent).
+        target: the categorical feature whose vocabulary the items use and which ``pooling: target`` attends
+            from; empty = the sequence's own vocabulary.
+        actions_column: a list column of the same lengths (one action per item); empty = none.
+        times_column: a list column of the same lengths: each item's event time (numbers, e.g. Unix seconds);
+            the model reads the age ``time_column - time`` in log2 buckets (0..31); empty = none.
+        time_column: the row's own time (a number on the same scale), needed by ``times_column``.
+        separator: separator of a string column.
+        layers / heads: transformer layers over the sequence (0 = none) and their attention heads.
+        pooling: ``mean`` (over the encoded items) or ``target`` (DIN: attention from the candidate's embedding).
+    """
+
+    max_length: int = 20
+    target: str = ""
+    actions_column: str = ""
+    times_column: str = ""
+    time_column: str = ""
+    separator: str = "|"
+    layers: int = 1
+    heads: int = 2
+    pooling: Literal["mean", "target"] = "mean"
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """The columns read besides the items' (actions, item times, the row's time)."""
+        return [c for c in (self.actions_column, self.times_column, self.time_column) if c]
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        check(self.max_length >= 1, join(path, "max_length"), f"must be >= 1, got {self.max_length}")
+        check(self.layers >= 0, join(path, "layers"), f"must be >= 0, got {self.layers}")
+        check(self.heads >= 1, join(path, "heads"), f"must be >= 1, got {self.heads}")
+        check(
+            not self.times_column or bool(self.time_column),
+            join(path, "time_column"),
+            "times_column needs the row's own time to age the items: name its column",
+        )
+        check(
+            self.pooling != "target" or bool(self.target),
+            join(path, "pooling"),
+            "'target' attends from the candidate: name it in target (a categorical feature, e.g. item_id)",
+        )
+
+
+@dataclass
 class FeaturesSpec(Config):
-    """All input features, in this order: numeric, multi-categorical (both dense), categorical (ids).
+    """All input features, in this order: numeric, multi-categorical (both dense), categorical (ids), sequences
+    (ids, after the categorical ones).
 
     Args:
         hash_buckets: the categorical features' ``hash_buckets`` where a feature does not set its own (0: fit
@@ -224,9 +283,10 @@ class FeaturesSpec(Config):
     numeric: list[NumericFeature] = field(default_factory=list)
     multi_categorical: list[MultiCategoricalFeature] = field(default_factory=list)
     hash_buckets: int = 0
+    sequence: list[SequenceFeature] = field(default_factory=list)
 
-    def all(self) -> list[CategoricalFeature | NumericFeature | MultiCategoricalFeature]:
-        return [*self.numeric, *self.multi_categorical, *self.categorical]
+    def all(self) -> list[CategoricalFeature | NumericFeature | MultiCategoricalFeature | SequenceFeature]:
+        return [*self.numeric, *self.multi_categorical, *self.categorical, *self.sequence]
 
     def check(self, path: str) -> None:
         check(self.hash_buckets >= 0, join(path, "hash_buckets"), f"must be >= 0, got {self.hash_buckets}")
@@ -234,7 +294,17 @@ class FeaturesSpec(Config):
             if feat.hash_buckets is None:
                 feat.hash_buckets = self.hash_buckets
         names: dict[str, str] = {}
-        for kind in ("numeric", "multi_categorical", "categorical"):
+        single = {f.name: f for f in self.categorical}
+        for i, feat in enumerate(self.sequence):
+            where = f"{join(path, 'sequence')}[{i}].target"
+            target = single.get(feat.target)
+            check(
+                not feat.target or target is not None,
+                where,
+                f"{feat.target!r} is not a categorical feature; name one of {sorted(single)}",
+            )
+            check(target is None or not target.hash_buckets, where, f"{feat.target!r} is hashed; it needs a vocabulary")
+        for kind in ("numeric", "multi_categorical", "categorical", "sequence"):
             for i, feat in enumerate(getattr(self, kind)):
                 where = f"{join(path, kind)}[{i}]"
                 check(feat.name != "", f"{where}.name", "must be a non-empty string")
@@ -374,6 +444,9 @@ class DataSpec(Config):
         workers: streaming reader processes (0 = read in the training process).
         read_batch_rows: rows per record batch read from disk.
         fit_rows: fit encoders on the first this-many training rows; 0 = all.
+        history: with a MovieLens format, add each rating's preceding history of that user, at most this many
+            most recent items (``history_items``, ``history_ratings``; :func:`mtrank.data.movielens.add_history`);
+            0 = none.
     """
 
     train: str = ""
@@ -391,9 +464,16 @@ class DataSpec(Config):
     workers: int = 1
     read_batch_rows: int = 65_536
     fit_rows: int = 0
+    history: int = 0
 
     def check(self, path: str) -> None:
         s = self.split
+        check(self.history >= 0, join(path, "history"), f"must be >= 0, got {self.history}")
+        check(
+            not self.history or self.format.startswith("movielens"),
+            join(path, "history"),
+            f"built from MovieLens ratings only; format is {self.format!r}",
+        )
         if s.method == "files":
             check(
                 bool(self.valid) or bool(s.valid_from),
@@ -577,6 +657,7 @@ class ExperimentConfig:
     def input_columns(self) -> list[str]:
         """Every column the experiment reads, feature columns first."""
         cols = [f.column for f in self.features.all()]
+        cols += [c for f in self.features.sequence for c in f.extra_columns]
         cols += [t.column for t in self.tasks] + [t.mask_column for t in self.tasks if t.mask_column]
         if self.data.weight_column:
             cols.append(self.data.weight_column)
@@ -604,18 +685,21 @@ class ExperimentConfig:
         bags: list[dict] | None = None,
         numeric: list[dict] | None = None,
         label_stats: dict[str, dict[str, float]] | None = None,
+        sequences: list[dict] | None = None,
     ) -> ModelConfig:
         """The :class:`ModelConfig` for fitted encoders: the ``model`` section + derived inputs and tasks.
 
         ``bags``: ``{"length": columns, "pooling": "mean" | "sum"}`` of each embedded multi-valued feature;
         ``numeric``: the embedded numeric columns (:class:`~mtrank.config.model.NumericEmbeddingConfig` fields);
-        ``label_stats``: per task, the fitted label transform (``{"mean", "std"}``)."""
+        ``label_stats``: per task, the fitted label transform (``{"mean", "std"}``); ``sequences``: the action
+        sequences (:class:`~mtrank.config.model.SequenceConfig` fields, :attr:`FeatureEncoder.sequence_inputs`)."""
         inputs = InputsConfig(
             num_dense=num_dense,
             vocab_sizes=list(vocab_sizes),
             embedding_dim=self.model.inputs.embedding_dim,
             bags=list(bags or []),
             numeric=list(numeric or []),
+            sequences=list(sequences or []),
             names=[f.name for f in self.features.categorical],  # the single columns, in order: pepnet names them
             pad_to=self.model.inputs.pad_to,
             table_dtype=self.model.inputs.table_dtype,

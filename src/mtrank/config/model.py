@@ -134,6 +134,51 @@ class BagConfig(Config):
 
 
 @dataclass
+class SequenceConfig(Config):
+    """A user action sequence (:class:`mtrank.nn.sequence.SequenceEncoder`), derived from the feature's spec
+    and fitted encoder: ``length`` item-id columns (left-padded with ``vocab_size - 1``), then ``length`` action-id
+    columns when ``actions`` > 0 (padded with ``actions - 1``), then ``length`` age-bucket columns when ``times`` >
+    0 (padded with ``times - 1``), after the bags' columns.
+
+    Args:
+        length: items per row (the most recent kept).
+        vocab_size: item ids ``[0, vocab_size)``, the last one padding (0 = unseen).
+        actions: action ids ``[0, actions)``, the last one padding; 0 = no actions.
+        times: age buckets ``[0, times)``, the last one padding (or unknown); 0 = no times.
+        target: the categorical column (index) of the candidate item, in the same id space; -1 = none.
+        layers / heads: transformer layers over the sequence (0 = none), attention heads.
+        pooling: ``mean`` over the encoded items or ``target`` (attention from the candidate, DIN).
+    """
+
+    length: int
+    vocab_size: int
+    actions: int = 0
+    times: int = 0
+    target: int = -1
+    layers: int = 1
+    heads: int = 2
+    pooling: Literal["mean", "target"] = "mean"
+
+    @property
+    def column_sizes(self) -> list[int]:
+        """The vocabulary of each of its columns: items, then actions and age buckets when present."""
+        return [size for size in (self.vocab_size, self.actions, self.times) if size for _ in range(self.length)]
+
+    @property
+    def columns(self) -> int:
+        return len(self.column_sizes)
+
+    def check(self, path: str) -> None:
+        check(self.length >= 1, join(path, "length"), f"must be >= 1, got {self.length}")
+        check(self.vocab_size >= 2, join(path, "vocab_size"), f"must be >= 2 (ids + padding), got {self.vocab_size}")
+        check(self.actions == 0 or self.actions >= 2, join(path, "actions"), f"must be 0 or >= 2, got {self.actions}")
+        check(self.times == 0 or self.times >= 2, join(path, "times"), f"must be 0 or >= 2, got {self.times}")
+        check(self.layers >= 0, join(path, "layers"), f"must be >= 0, got {self.layers}")
+        check(self.heads >= 1, join(path, "heads"), f"must be >= 1, got {self.heads}")
+        check(self.pooling != "target" or self.target >= 0, join(path, "target"), "pooling 'target' needs a column")
+
+
+@dataclass
 class NumericEmbeddingConfig(Config):
     """One dense column embedded as a ``D``-wide token (Gorishniy et al., NeurIPS 2022, "On Embeddings for
     Numerical Features in Tabular Deep Learning"), derived from the feature's ``embedding`` and fitted encoder.
@@ -183,6 +228,7 @@ class InputsConfig(Config):
             is zero).
         table_dtype: storage dtype of the categorical embedding table: ``fp32``, ``bf16`` or ``fp16`` (half the
             bytes; lookups are computed in the model's dtype, updates in float32: see ``train.sparse``).
+        sequences: user action sequences, each one token (their columns last, after the bags').
     """
 
     num_dense: int = 0
@@ -193,6 +239,16 @@ class InputsConfig(Config):
     names: list[str] = field(default_factory=list)
     pad_to: int = 1
     table_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    sequences: list[SequenceConfig] = field(default_factory=list)
+
+    @property
+    def sequence_columns(self) -> int:
+        """The sequences' columns, the last ones of ``vocab_sizes``."""
+        return sum(seq.columns for seq in self.sequences)
+
+    @property
+    def first_bag_column(self) -> int:
+        return len(self.vocab_sizes) - sum(self.bag_lengths) - self.sequence_columns
 
     @property
     def bag_lengths(self) -> list[int]:
@@ -214,11 +270,12 @@ class InputsConfig(Config):
             check(column not in columns[:i], where, f"dense column {column} is embedded twice")
         if self.vocab_sizes or self.numeric:
             check(self.embedding_dim >= 1, join(path, "embedding_dim"), f"must be >= 1, got {self.embedding_dim}")
-        first = len(self.vocab_sizes) - sum(self.bag_lengths)
+        first = self.first_bag_column
         check(
             first >= 0,
             join(path, "bags"),
-            f"the bags take {sum(self.bag_lengths)} columns; vocab_sizes has {len(self.vocab_sizes)}",
+            f"the bags and sequences take {sum(self.bag_lengths) + self.sequence_columns} columns; vocab_sizes "
+            f"has {len(self.vocab_sizes)}",
         )
         start = first
         for b, bag in enumerate(self.bags):
@@ -230,6 +287,29 @@ class InputsConfig(Config):
                 f"padding), got {sorted(sizes)}",
             )
             start += bag.length
+        for q, seq in enumerate(self.sequences):
+            where = f"{join(path, 'sequences')}[{q}]"
+            check(
+                self.vocab_sizes[start : start + seq.columns] == seq.column_sizes,
+                where,
+                f"columns {start}..{start + seq.columns - 1} of vocab_sizes do not match the sequence's sizes",
+            )
+            check(
+                seq.target < self.first_bag_column,
+                f"{where}.target",
+                f"column {seq.target} is not a single categorical column",
+            )
+            check(
+                seq.target < 0 or self.vocab_sizes[seq.target] <= seq.vocab_size - 1,
+                f"{where}.target",
+                f"the target's ids [0, {self.vocab_sizes[seq.target]}) must be item ids of the sequence",
+            )
+            check(
+                self.embedding_dim % seq.heads == 0,
+                f"{where}.heads",
+                f"must divide embedding_dim={self.embedding_dim}, got {seq.heads}",
+            )
+            start += seq.columns
         check(
             len(self.names) <= len(self.vocab_sizes) and len(set(self.names)) == len(self.names),
             join(path, "names"),
@@ -552,14 +632,15 @@ class ModelConfig(Config):
     def main_features(self) -> list[int]:
         """Indices of the categorical columns the main model reads (all but the bias features)."""
         bias = set(self.bias.features)
-        return [i for i in range(len(self.inputs.vocab_sizes)) if i not in bias]
+        columns = len(self.inputs.vocab_sizes) - self.inputs.sequence_columns  # sequences: their own encoders
+        return [i for i in range(columns) if i not in bias]
 
     @property
     def num_tokens(self) -> int:
-        """Embedded features the main model reads: embedded numeric columns, single categoricals (not bias) and
-        one per bag."""
+        """Embedded features the main model reads: embedded numeric columns, single categoricals (not bias), one
+        per bag and one per sequence."""
         bags = self.inputs.bag_lengths
-        return len(self.inputs.numeric) + len(self.main_features) - sum(bags) + len(bags)
+        return len(self.inputs.numeric) + len(self.main_features) - sum(bags) + len(bags) + len(self.inputs.sequences)
 
     @property
     def input_dim(self) -> int:
@@ -585,7 +666,7 @@ class ModelConfig(Config):
                 join(path, "mixer.wiring"),
                 f"experts wiring widens the towers' input; not with funnel.type={self.funnel.type!r}",
             )
-        first_bag_column = len(inputs.vocab_sizes) - sum(inputs.bag_lengths)
+        first_bag_column = inputs.first_bag_column
         for i, index in enumerate(self.bias.features):
             where = f"{join(path, 'bias.features')}[{i}]"
             check(
@@ -620,6 +701,9 @@ class ModelConfig(Config):
                 not block.shared_hidden, join(path, "block.shared_hidden"), "not with block stem (per-task embeddings)"
             )
             check(self.mixer.layers == 0, join(path, "mixer.layers"), "not with block stem (per-task embeddings)")
+            check(
+                not self.inputs.sequences, join(path, "inputs.sequences"), "not with block stem (per-task embeddings)"
+            )
             check(not self.pepnet.epnet, join(path, "pepnet.epnet"), "not with block stem (per-task embeddings)")
         for section in ("epnet", "ppnet"):
             where = join(path, f"pepnet.{section}")
@@ -675,7 +759,7 @@ class ModelConfig(Config):
     def pepnet_column(self, feature: int | str, path: str) -> int:
         """The column of a PEPNet feature: a single categorical column that the main model reads."""
         column = self.inputs.column(feature, path)
-        first_bag_column = len(self.inputs.vocab_sizes) - sum(self.inputs.bag_lengths)
+        first_bag_column = self.inputs.first_bag_column
         check(column < first_bag_column, path, f"{feature!r} is a bag column; PEPNet gates read single ones")
         check(column not in self.bias.features, path, f"{feature!r} is a bias feature, which the main model never sees")
         return column

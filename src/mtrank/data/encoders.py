@@ -8,7 +8,12 @@ so they cannot drift apart.
 
 Column order:
     dense  = ``[numeric features (1 column each), multi-categorical features (V + 1 columns each)]``
-    sparse = ``[categorical features (1 id each)]``
+    sparse = ``[categorical features (1 id each), bags (max_values ids each), sequences (max_length item ids,
+              then max_length action ids when there are actions)]``
+
+A sequence (a list of item ids per row, oldest first) keeps its ``max_length`` most recent items, left-padded
+with the id ``V + 1``; its items share the vocabulary of its ``target`` feature (else one fitted on the listed
+values), so a history item and the candidate have the same id; unseen items are 0.
 
 Every transform is vectorised over the column (pyarrow compute + numpy): no Python loop over rows.
 Categorical ids: 0 = out-of-vocabulary bucket, ``1..V`` = vocabulary (most frequent first); missing values are
@@ -51,11 +56,14 @@ from mtrank.config.experiment import (
     FeaturesSpec,
     MultiCategoricalFeature,
     NumericFeature,
+    SequenceFeature,
     TaskSpec,
 )
+from mtrank.config.model import SequenceConfig
 from mtrank.data.errors import DataError, check_not_all_missing, data_error, warn
 
 ENCODERS_FILE = "encoders.json"
+AGE_BUCKETS = 32  # a sequence item's age (row time - item time) -> floor(log2(1 + age)) clipped to 0..31
 FORMAT = "mtrank-encoders"
 FORMAT_VERSION = 1
 NA_TOKEN = "<NA>"
@@ -305,15 +313,19 @@ def _value_counts(col: pa.ChunkedArray | pa.Array) -> dict:
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
-def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) -> pa.ChunkedArray | pa.Array:
-    col = table.column(feat.column)
+def _list_column(
+    table: pa.Table, feat: MultiCategoricalFeature | SequenceFeature, source: str, column: str = ""
+) -> pa.ChunkedArray | pa.Array:
+    """The list column ``column`` (default the feature's), a separated string column split into lists."""
+    column = column or feat.column
+    col = table.column(column)
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         return col
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_dictionary(col.type):
         return pc.split_pattern(string_column(col) if pa.types.is_dictionary(col.type) else col, feat.separator)
     raise data_error(
         source,
-        feat.column,
+        column,
         f"expected a list column or a {feat.separator!r}-separated string, got type {col.type}",
         "Declare it under features.categorical or features.numeric",
         table,
@@ -321,15 +333,29 @@ def _list_column(table: pa.Table, feat: MultiCategoricalFeature, source: str) ->
     )
 
 
-def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """Flattened values (as strings, stripped with ``strip``), the row of each value, and each row's length (0 for
-    missing lists)."""
+def _flat_values(lists: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Flattened values (their own type), the row of each value, and each row's length (0 for missing lists)."""
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     flat = pc.list_flatten(lists)
     parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.float32)
-    return string_column(flat, strip), parents, lengths
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return flat, parents, lengths
+
+
+def _flat_strings(lists: pa.ChunkedArray | pa.Array, strip: bool = False) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Flattened values (as strings, stripped with ``strip``), the row of each value, and each row's length (0 for
+    missing lists)."""
+    flat, parents, lengths = _flat_values(lists)
+    return string_column(flat, strip), parents, lengths.astype(np.float32)
+
+
+def age_buckets(age: np.ndarray) -> np.ndarray:
+    """Ages (row time - item time, e.g. seconds) -> ``floor(log2(1 + age))`` in ``[0, AGE_BUCKETS)``; a negative
+    age (an item after the row: clock skew) is 0, a missing one the unknown bucket ``AGE_BUCKETS``."""
+    with np.errstate(invalid="ignore"):
+        buckets = np.floor(np.log2(1.0 + np.clip(age, 0.0, None)))
+    return np.where(np.isnan(buckets), AGE_BUCKETS, np.clip(buckets, 0, AGE_BUCKETS - 1)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -502,7 +528,27 @@ class FeatureEncoder:
         sizes = [int(self.state[f.name]["size"]) for f in self.features.categorical]
         for feat in self.bags:
             sizes += [len(self.state[feat.name]["vocab"]) + 2] * feat.max_values
+        for feat in self.features.sequence:
+            sizes += self._sequence_config(feat).column_sizes
         return sizes
+
+    def _sequence_config(self, feat: SequenceFeature) -> SequenceConfig:
+        state, single = self.state[feat.name], [f.name for f in self.features.categorical]
+        return SequenceConfig(
+            length=feat.max_length,
+            vocab_size=state["size"] + 1,
+            actions=len(state["actions"]) + 2 if feat.actions_column else 0,
+            times=AGE_BUCKETS + 1 if feat.times_column else 0,
+            target=single.index(feat.target) if feat.target else -1,
+            layers=feat.layers,
+            heads=feat.heads,
+            pooling=feat.pooling,
+        )
+
+    @property
+    def sequence_inputs(self) -> list[dict[str, Any]]:
+        """The model's ``inputs.sequences`` (:class:`~mtrank.config.model.SequenceConfig` fields)."""
+        return [dataclasses.asdict(self._sequence_config(f)) for f in self.features.sequence]
 
     @property
     def bag_inputs(self) -> list[dict[str, Any]]:
@@ -523,6 +569,11 @@ class FeatureEncoder:
         names = [f.name for f in self.features.categorical]
         for feat in self.bags:
             names += [f"{feat.name}[{i}]" for i in range(feat.max_values)]
+        for feat in self.features.sequence:
+            names += [f"{feat.name}[{i}]" for i in range(feat.max_length)]
+            for kind, column in (("action", feat.actions_column), ("age", feat.times_column)):
+                if column:
+                    names += [f"{feat.name}.{kind}[{i}]" for i in range(feat.max_length)]
         return names
 
     @property
@@ -533,7 +584,8 @@ class FeatureEncoder:
     @property
     def input_columns(self) -> list[str]:
         """The raw columns (record keys) the encoder reads."""
-        return [f.column for f in self.features.all()]
+        extra = [c for f in self.features.sequence for c in f.extra_columns]
+        return list(dict.fromkeys([f.column for f in self.features.all()] + extra))
 
     @property
     def numeric_inputs(self) -> list[dict[str, Any]]:
@@ -569,7 +621,22 @@ class FeatureEncoder:
         for feat in self.features.categorical:
             state[feat.name] = self._fit_categorical(feat, table)
         self.state = state
+        for feat in self.features.sequence:
+            state[feat.name] = self._fit_sequence(feat, table, source)
         return self
+
+    def _fit_sequence(self, feat: SequenceFeature, table: pa.Table, source: str) -> dict[str, Any]:
+        """The items' vocabulary (the target's, or fitted on the listed values) and the actions' vocabulary."""
+        if feat.target:
+            state: dict[str, Any] = {"target": feat.target, "size": self.state[feat.target]["size"]}
+        else:
+            flat, _, _ = _flat_values(_list_column(table, feat, source))
+            values = CategoricalFeature(feat.name, "values", min_count=feat.min_count, max_vocab=feat.max_vocab)
+            state = self._fit_categorical(values, pa.table({"values": flat}))
+        if feat.actions_column:
+            flat, _, _ = _flat_strings(_list_column(table, feat, source, feat.actions_column), strip=True)
+            state["actions"] = [str(v) for v in _vocabulary(_value_counts(flat), 1, 0)]
+        return state
 
     def _fit_numeric(
         self, feat: NumericFeature, table: pa.Table, source: str, labels: np.ndarray | None = None
@@ -676,6 +743,66 @@ class FeatureEncoder:
         for feat in self.bags:
             sparse[:, j : j + feat.max_values] = self._bag_ids(feat, table, source)
             j += feat.max_values
+        for feat in self.features.sequence:
+            width = self._sequence_config(feat).columns
+            sparse[:, j : j + width] = self._sequence_ids(feat, table, source)
+            j += width
+
+    def _sequence_ids(self, feat: SequenceFeature, table: pa.Table, source: str) -> np.ndarray:
+        """``[N, L]`` item ids (then ``[N, L]`` action ids, then ``[N, L]`` age buckets, when the sequence has them)
+        of each row's ``L = max_length`` most recent items, right-aligned: 0 unseen, 1..V the vocabulary, V + 1
+        padding (actions: their own vocabulary and padding; ages: :func:`age_buckets`, padding 32)."""
+        state, length = self.state[feat.name], feat.max_length
+        flat, parents, lengths = _flat_values(_list_column(table, feat, source))
+        # a row's k-th of n values is (n - 1 - k) from its end; the last L land in columns L - n .. L - 1
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        from_end = lengths[parents] - 1 - (np.arange(len(flat)) - starts[parents])
+        keep = from_end < length
+        rows, columns = parents[keep], length - 1 - from_end[keep]
+        items = np.full((table.num_rows, length), state["size"], dtype=np.int64)
+        targets = {f.name: f for f in self.features.categorical}
+        lookup = targets[feat.target] if feat.target else CategoricalFeature(feat.name)  # whose state maps ids
+        if len(flat):
+            items[rows, columns] = self._categorical_ids(lookup, pc.filter(flat, pa.array(keep)))
+        parts = [items]
+        if feat.actions_column:
+            flat_actions = self._per_item(feat, feat.actions_column, lengths, table, source)
+            action_lookup = state.get("_actions_lookup")
+            if action_lookup is None:
+                action_lookup = state["_actions_lookup"] = StringLookup(state["actions"])
+            actions = np.full((table.num_rows, length), len(state["actions"]) + 1, dtype=np.int64)
+            kept = string_column(pc.filter(flat_actions, pa.array(keep)), True)
+            actions[rows, columns] = action_lookup(kept, True)
+            parts.append(actions)
+        if feat.times_column:
+            flat_times = self._per_item(feat, feat.times_column, lengths, table, source)
+            if pa.types.is_string(flat_times.type):  # a CSV's or a request's separated / listed text
+                try:
+                    flat_times = pc.cast(flat_times, pa.float64())
+                except pa.ArrowInvalid as err:
+                    raise DataError(f"{source}: column {feat.times_column!r}: {err}; give numbers") from None
+            when = numeric_column(pa.table({feat.times_column: flat_times}), feat.times_column, source)
+            now = numeric_column(table, feat.time_column, source)
+            ages = np.full((table.num_rows, length), AGE_BUCKETS, dtype=np.int64)  # padding / unknown
+            ages[rows, columns] = age_buckets(now[parents] - when)[keep]
+            parts.append(ages)
+        return np.concatenate(parts, 1)
+
+    @staticmethod
+    def _per_item(feat: SequenceFeature, column: str, lengths: np.ndarray, table: pa.Table, source: str) -> pa.Array:
+        """The flat values of list ``column``, which must hold one value per item of the sequence in each row."""
+        flat, _, counts = _flat_values(_list_column(table, feat, source, column))
+        bad = np.flatnonzero(counts != lengths)
+        if bad.size:
+            raise data_error(
+                source,
+                column,
+                f"{int(counts[bad[0]])} values for {int(lengths[bad[0]])} items of {feat.column!r}",
+                "Give one value per item",
+                table,
+                int(bad[0]),
+            )
+        return flat
 
     def _numeric_transform(self, feat: NumericFeature, state: dict, x: np.ndarray, standardize: bool = False):
         """``fill -> clip -> signed log1p -> standardise`` (or quantile normalisation, when the state has
@@ -856,13 +983,15 @@ class FeatureEncoder:
 
     def _check_columns(self, table: pa.Table, source: str) -> None:
         present = set(table.column_names)
-        for feat in self.features.all():
-            if feat.column not in present:
-                close = difflib.get_close_matches(feat.column, table.column_names, n=1)
+        read = [(f, f.column) for f in self.features.all()]
+        read += [(f, c) for f in self.features.sequence for c in f.extra_columns]
+        for feat, column in read:
+            if column not in present:
+                close = difflib.get_close_matches(column, table.column_names, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise data_error(
                     source,
-                    feat.column,
+                    column,
                     f"feature {feat.name!r} reads this column, which is missing (columns: {table.column_names[:20]})",
                     f"{hint}Fix the column name in the config's features section",
                     table,
@@ -883,6 +1012,7 @@ class FeatureEncoder:
                 "categorical": [dataclasses.asdict(f) for f in self.features.categorical],
                 "numeric": [dataclasses.asdict(f) for f in self.features.numeric],
                 "multi_categorical": [dataclasses.asdict(f) for f in self.features.multi_categorical],
+                "sequence": [dataclasses.asdict(f) for f in self.features.sequence],
             },
             "state": state,
             "feature_names": self.feature_names,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -165,10 +166,65 @@ def _join(inter: pa.Table, users: pa.Table, items: pa.Table) -> pa.Table:
     )
 
 
-def read_movielens(folder: str | Path, flavour: str) -> pa.Table:
-    """``flavour`` = ``grouplens`` or ``recbole``."""
+def add_history(
+    table: pa.Table,
+    max_length: int,
+    user: str = "user_id",
+    item: str = "item_id",
+    time: str = "timestamp",
+    action: str = "rating",
+) -> pa.Table:
+    """Each row's preceding history of its user: ``history_items``, ``history_ratings`` and ``history_times``
+    (list<int64> each), the items that user rated strictly before the row's timestamp, the ratings given and
+    when, oldest first, at most the ``max_length`` most recent.
+
+    Strictly before: ratings of the same user at the same timestamp are not in each other's history (their order
+    within the second is unknown, so one would leak the other's label), and no row sees its own item. Ties among
+    the earlier ratings are ordered by item id. Vectorised: rows sorted by (user, time, item); a row's history is
+    the slice of its user's rows from ``max(user start, tie start - max_length)`` to the first row of its
+    timestamp (``tie start``), gathered as one flat index.
+
+    Example:
+        >>> t = pa.table({"user_id": [1, 1, 1, 2], "item_id": [10, 11, 12, 10], "timestamp": [5, 7, 7, 1],
+        ...               "rating": [4.0, 3.0, 5.0, 1.0]})
+        >>> add_history(t, 5).column("history_items").to_pylist()
+        [[], [10], [10], []]
+    """
+    users = table.column(user).to_numpy().astype(np.int64)
+    times = table.column(time).to_numpy().astype(np.int64)
+    items = table.column(item).to_numpy().astype(np.int64)
+    order = np.lexsort((items, times, users))  # by user, then time, then item
+    u, t = users[order], times[order]
+    n = len(order)
+    first = np.ones(n, dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    user_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    tie = first.copy()
+    tie[1:] |= t[1:] != t[:-1]
+    tie_start = np.maximum.accumulate(np.where(tie, np.arange(n), 0))  # first row of (user, time)
+    start = np.maximum(user_start, tie_start - max_length)
+    lengths = tie_start - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - start, lengths)  # sorted positions of each history
+    sorted_items = items[order]
+    sorted_actions = table.column(action).to_numpy().astype(np.int64)[order]
+    out = {}
+    columns = (("history_items", sorted_items), ("history_ratings", sorted_actions), ("history_times", t))
+    for name, values in columns:
+        lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[flat]))
+        out[name] = lists.take(pa.array(np.argsort(order)))  # back to the table's row order
+    for name, lists in out.items():
+        table = table.append_column(name, lists)
+    return table
+
+
+def read_movielens(folder: str | Path, flavour: str, history: int = 0) -> pa.Table:
+    """``flavour`` = ``grouplens`` or ``recbole``; ``history > 0`` adds each rating's preceding history
+    (:func:`add_history`, at most ``history`` items)."""
     if flavour == "grouplens":
-        return read_grouplens(folder)
-    if flavour == "recbole":
-        return read_recbole(folder)
-    raise DataError(f"unknown MovieLens flavour {flavour!r}; expected grouplens or recbole")
+        table = read_grouplens(folder)
+    elif flavour == "recbole":
+        table = read_recbole(folder)
+    else:
+        raise DataError(f"unknown MovieLens flavour {flavour!r}; expected grouplens or recbole")
+    return add_history(table, history) if history else table

@@ -79,6 +79,12 @@ def column_types(config: ExperimentConfig | None) -> dict[str, pa.DataType]:
         return {}
     types: dict[str, pa.DataType] = {f.column: pa.string() for f in config.features.categorical}
     types.update({f.column: pa.string() for f in config.features.multi_categorical})
+    for feat in config.features.sequence:  # a CSV holds a sequence as a separated string
+        types.update(
+            {column: pa.string() for column in (feat.column, feat.actions_column, feat.times_column) if column}
+        )
+        if feat.time_column:
+            types[feat.time_column] = pa.float64()
     types.update({f.column: pa.float64() for f in config.features.numeric})
     return types
 
@@ -142,9 +148,13 @@ def check_columns(
 ) -> None:
     """Every column the config names exists; the error names the config field and suggests a close name."""
     wanted: list[tuple[str, str]] = []
-    for kind in ("numeric", "multi_categorical", "categorical"):
+    for kind in ("numeric", "multi_categorical", "categorical", "sequence"):
         for i, feat in enumerate(getattr(config.features, kind)):
             wanted.append((f"features.{kind}[{i}]", feat.column))
+    for i, feat in enumerate(config.features.sequence):
+        for key in ("actions_column", "times_column", "time_column"):
+            if getattr(feat, key):
+                wanted.append((f"features.sequence[{i}].{key}", getattr(feat, key)))
     for i, task in enumerate(config.tasks):
         wanted.append((f"tasks[{i}].column", task.column))
         if task.mask_column:
@@ -194,7 +204,7 @@ def read_table(
         table = as_table(data)
         name = source or "dataframe"
     elif spec.format in ("movielens-grouplens", "movielens-recbole"):
-        table = read_movielens(data, spec.format.split("-")[1])
+        table = read_movielens(data, spec.format.split("-")[1], spec.history)
         name = str(data)
     else:
         dataset = open_dataset(data, spec, config)

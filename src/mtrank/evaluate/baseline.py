@@ -61,7 +61,7 @@ def baseline_features(encoder: FeatureEncoder, data: TensorData) -> tuple[np.nda
         else:
             columns.append(np.where(ids[:, j : j + 1] < MAX_CATEGORIES - 1, ids[:, j : j + 1], 0).astype(np.float64))
             categorical.append(True)
-    left_out = [feat.name for feat in encoder.bags]
+    left_out = [feat.name for feat in [*encoder.bags, *encoder.features.sequence]]
     return np.concatenate(columns, 1), [False] * dense.shape[1] + categorical, left_out
 
 

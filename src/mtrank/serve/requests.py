@@ -143,6 +143,11 @@ class FeatureRequests:
         self.kinds.update({f.column: "multi" for f in features.multi_categorical})
         self.kinds.update({f.column: "categorical" for f in features.categorical})
         self.separators = {f.column: f.separator for f in features.multi_categorical}
+        for feat in features.sequence:  # lists of item ids, actions, times (as a multi-categorical value is)
+            for column in filter(None, (feat.column, feat.actions_column, feat.times_column)):
+                self.kinds[column], self.separators[column] = "multi", feat.separator
+            if feat.time_column:
+                self.kinds.setdefault(feat.time_column, "numeric")
 
     def __call__(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         table = self.table(context, candidates)
@@ -174,8 +179,12 @@ class FeatureRequests:
             if self.kinds[feat.column] == "numeric":
                 values[feat.column] = round(float(state.get("mean", 0.0)), 4)
                 continue
-            vocab = state.get("vocab") or ["a"]
+            vocab = state.get("vocab") or self.encoder.state.get(state.get("target"), {}).get("vocab") or ["a"]
             values[feat.column] = [vocab[0]] if self.kinds[feat.column] == "multi" else vocab[0]
+            if getattr(feat, "actions_column", ""):  # a sequence's actions and times: one per item
+                values[feat.actions_column] = state["actions"][:1] or ["a"]
+            if getattr(feat, "times_column", ""):
+                values[feat.times_column], values[feat.time_column] = [0], 0
         return {"context": {}, "candidates": [values, dict(values)]}
 
     def table(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> pa.Table:

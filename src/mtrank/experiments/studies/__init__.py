@@ -15,6 +15,7 @@ STUDIES = {
     "score-stability": "score_stability",
     "distill-retention": "distill_retention",
     "blending": "blending",
+    "summarization": "summarization",
 }
 
 
