@@ -123,8 +123,7 @@ def test_a_model_with_a_nan_weight_never_reports_ready(tmp_path):
     service = ScoringService(save_model(model, tmp_path), "eager")
     with torch.no_grad():  # a weight corrupted after load: the warm-up request must catch it
         next(service.model.parameters()).fill_(float("nan"))
-    service.scorer = type(service.scorer)(service.model, "eager")
-    service.batcher.scorer = service.scorer
+    service.start()  # a scorer of the corrupted weights
     with TestClient(create_app(service)) as test_client:
         response = test_client.get("/readyz")
         assert response.status_code == 503 and "non-finite" in response.json()["problem"]
