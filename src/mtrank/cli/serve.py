@@ -31,6 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_candidates=args.max_candidates,
         learned_blend=not (args.no_learned_blend or args.blend),  # an explicit --blend wins over a learned one
         start=False,
+        batch_encoding=not args.legacy_path,
     )
     if args.blend:
         service.blend = Blend.from_dict(json.loads(Path(args.blend).read_text()), service.task_names)
@@ -139,7 +140,7 @@ def register(subparsers) -> None:
         "--legacy-path",
         action="store_true",
         help="the request path before the throughput work (stdlib JSON, pydantic response validation, h11 + "
-        "asyncio, one process), kept to measure against; overrides --codec and --workers",
+        "asyncio, one process, each request encoded alone), kept to measure against; overrides --codec and --workers",
     )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")

@@ -45,6 +45,9 @@ class ScoringService:
         start: build the scorer now; ``False`` leaves it to :meth:`start` (a server that forks worker processes
             loads the directory once, then each worker starts its own scorer: onnxruntime sessions and OpenMP
             thread pools do not survive a fork).
+        batch_encoding: concurrent requests are encoded together, then scored together (default); ``False``: each
+            request is encoded in its own thread and only the forward pass is shared (the old path, measured
+            against in docs/serving.md).
 
     Example:
         >>> import tempfile
@@ -67,6 +70,7 @@ class ScoringService:
         blend: Blend | None = None,
         learned_blend: bool = True,
         start: bool = True,
+        batch_encoding: bool = True,
     ) -> None:
         loaded = open_model_dir(model_dir)
         self.model_dir, self.model, self.meta, self.encoder = loaded.path, loaded.model, loaded.meta, loaded.encoder
@@ -89,7 +93,7 @@ class ScoringService:
             blend = Blend.from_dict(json.loads((self.model_dir / BLEND_FILE).read_text()), self.task_names)
         self.blend = (blend or Blend.default(self.task_names)).validate(self.task_names)
         self.backend, self.precision, self.threads = check_backend(backend, precision), precision, threads
-        self.max_candidates = max_candidates
+        self.max_candidates, self.batch_encoding = max_candidates, batch_encoding
         self.scorer: Scorer | None = None
         self.batcher: CoalescingScorer | None = None
         self.coalescer: Coalescer | None = None
@@ -147,8 +151,9 @@ class ScoringService:
             "backend": f"{self.backend}/{self.precision}",
             "features": features,
             "max_candidates": self.max_candidates,
-            "forward_passes": self.coalescer.batches,
-            "requests_per_pass": self.coalescer.calls / max(self.coalescer.batches, 1),
+            "forward_passes": self.coalescer.batches + self.batcher.batches,
+            "requests_per_pass": (self.coalescer.calls + self.batcher.calls)
+            / max(self.coalescer.batches + self.batcher.batches, 1),
             "blend": blend,
         }
 
@@ -165,14 +170,20 @@ class ScoringService:
                 "(split the request, or start the service with a larger --max-candidates)"
             )
 
-    def _encode_and_score(self, prepared: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RequestError]:
-        """Prepared requests (:meth:`FeatureRequests.prepare`) -> ``(sparse [n_i, F_cat], scores [n_i, K])`` each,
-        or the :class:`RequestError` of that request alone: one encoding pass, one forward pass for all of them."""
+    def _encode_many(self, prepared: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RequestError]:
+        """Prepared requests (``self.requests.prepare``) -> ``(dense, sparse)`` each in one encoding pass, or the
+        :class:`RequestError` of that request alone."""
         results: list[Any] = self.requests.encode_many(prepared)
         for i, encoded in enumerate(results):
             if not isinstance(encoded, RequestError) and not np.isfinite(encoded[0]).all():
                 row = int(np.flatnonzero(~np.isfinite(encoded[0]).all(1))[0])
                 results[i] = RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
+        return results
+
+    def _encode_and_score(self, prepared: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RequestError]:
+        """Prepared requests -> ``(sparse [n_i, F_cat], scores [n_i, K])`` each, or the request's error: one
+        encoding pass, one forward pass for all of them."""
+        results: list[Any] = self._encode_many(prepared)
         good = [i for i, encoded in enumerate(results) if not isinstance(encoded, RequestError)]
         for i, scores in zip(good, forward_many(self.scorer, [results[i] for i in good])):
             results[i] = (results[i][1], scores)
@@ -196,7 +207,14 @@ class ScoringService:
         if self.learned_only:
             context = {k: v for k, v in context.items() if k not in self.learned_only}
         self._check_count(request.candidates)
-        sparse, scores = self.coalescer(self.requests.prepare(context, request.candidates))  # (N, F_cat), (N, K)
+        prepared = self.requests.prepare(context, request.candidates)
+        if self.batch_encoding:
+            sparse, scores = self.coalescer(prepared)  # (N, F_cat), (N, K)
+        else:  # the old path: encoded in the request's own thread, only the forward pass shared
+            encoded = self._encode_many([prepared])[0]
+            if isinstance(encoded, RequestError):
+                raise encoded
+            sparse, scores = encoded[1], self.batcher(*encoded)
         try:
             blended = blend.apply(scores, self.task_names)  # (N,)
         except ValueError as err:  # e.g. weighted_product of negative transformed scores
