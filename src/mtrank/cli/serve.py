@@ -78,9 +78,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "eager", "compile", "torchscript", "onnx"],
+        choices=["auto", "eager", "compile", "torchscript", "onnx", "aoti"],
         help="inference path; auto (default): onnxruntime for fp32/int8 on CPU (the fastest exact path "
-        "measured in docs/serving.md), TorchScript for bf16/mixed",
+        "measured in docs/serving.md), TorchScript for bf16/mixed; aoti: torch.export + AOTInductor, "
+        "MODEL_DIR/export/model.pt2 from 'mtrank export --format aoti' (else compiled at start)",
     )
     p.add_argument(
         "--precision",

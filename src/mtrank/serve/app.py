@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -167,7 +166,21 @@ def _route(request: Request) -> str:
 FAST_COUNT_BYTES = 1 << 16  # bodies above this are counted by orjson before the strict decode
 CODECS = ("orjson", "json")  # request/response JSON: orjson (default), or the standard library (the old path)
 # an integer literal of 19+ digits may be outside int64, which orjson reads as a float where json keeps an int
-LONG_NUMBER = re.compile(rb"(?<![0-9.eE])-?[0-9]{19}")  # not digits of a fraction or exponent
+DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+LONG_RUN = b"0" * 19
+
+
+def _may_hold_a_long_integer(body: bytes) -> bool:
+    """Whether ``body`` has a run of 19+ digits that is not the fraction or exponent of a number (it does not
+    follow ``.``, ``e`` or ``E``). One C pass and a substring search: 0.1 ms for a 51 kB request, where a regular
+    expression with a look-behind took 2.2 ms, more than decoding the body."""
+    digits = body.translate(DIGITS_TO_ZERO)
+    start = digits.find(LONG_RUN)
+    while start >= 0:
+        if start == 0 or digits[start - 1] not in b".eE":
+            return True
+        start = digits.find(LONG_RUN, start + len(LONG_RUN))
+    return False
 
 
 def _bounded(message: str) -> str:
@@ -196,7 +209,7 @@ def parse_score_request(body: bytes, max_candidates: int, codec: str = "json") -
 
 
 def _decode(body: bytes, max_candidates: int, codec: str) -> object:
-    if orjson is not None and codec == "orjson" and not LONG_NUMBER.search(body):
+    if orjson is not None and codec == "orjson" and not _may_hold_a_long_integer(body):
         with contextlib.suppress(orjson.JSONDecodeError):  # the strict decode says what is wrong
             return orjson.loads(body)
     elif orjson is not None and len(body) > FAST_COUNT_BYTES:
@@ -231,6 +244,15 @@ def _decode_strict(body: bytes) -> object:
         ) from None
     except json.JSONDecodeError as err:
         raise RequestError(f"body: malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if b"\\u" in body:  # an escape such as \ud800 decodes to a lone surrogate, which is not text (nor UTF-8)
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(
+                "request body: a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid "
+                "Unicode text",
+                400,
+            ) from None
     return data
 
 

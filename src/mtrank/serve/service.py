@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mtrank.artifacts import open_model_dir
 from mtrank.blend.learned import LEARNED_BLEND_FILE, ServedLearnedBlend
 from mtrank.blend.rules import BLEND_FILE, Blend, ranking
 from mtrank.export.common import random_inputs
+from mtrank.export.model_dir import AOTI_FILE
 from mtrank.serve.backends import Scorer, check_backend
 from mtrank.serve.batching import Coalescer, CoalescingScorer, forward_many
 from mtrank.serve.limits import DEFAULT_MAX_CANDIDATES
@@ -106,7 +108,9 @@ class ScoringService:
         """Build the scorer (``threads``: onnxruntime intra-op threads, default the constructor's) and the batcher:
         one forward pass at a time (the model already uses every core), concurrent requests share a pass."""
         self.threads = self.threads if threads is None else threads
-        self.scorer = Scorer(self.model, self.backend, self.precision, threads=self.threads)
+        package = self.model_dir / "export" / AOTI_FILE  # from `mtrank export --format aoti`, verified at load
+        package = package if self.backend == "aoti" and package.is_file() else None
+        self.scorer = Scorer(self.model, self.backend, self.precision, threads=self.threads, package=package)
         max_rows = max(4096, self.max_candidates)
         self.batcher = CoalescingScorer(self.scorer, max_rows=max_rows)  # (dense, sparse) -> scores
         # requests: checked one by one, then encoded and scored together (one encoding pass, one forward pass)
@@ -137,7 +141,8 @@ class ScoringService:
         self.ready, self.not_ready = True, ""
 
     def describe(self) -> dict[str, Any]:
-        """What ``/readyz`` reports: tasks, backend, the request features, limits, batching and the blend."""
+        """What ``/readyz`` reports: tasks, backend, the request features, limits, the process, batching and the
+        blend."""
         if self.encoder is not None:
             features: Any = self.encoder.input_columns
         else:
@@ -151,6 +156,7 @@ class ScoringService:
             "backend": f"{self.backend}/{self.precision}",
             "features": features,
             "max_candidates": self.max_candidates,
+            "pid": os.getpid(),  # which worker answered (mtrank serve --workers N)
             "forward_passes": self.coalescer.batches + self.batcher.batches,
             "requests_per_pass": (self.coalescer.calls + self.batcher.calls)
             / max(self.coalescer.batches + self.batcher.batches, 1),
