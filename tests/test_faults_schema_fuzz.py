@@ -1,9 +1,9 @@
 """A bounded hypothesis run over the service's OpenAPI schema: requests generated from the ``ScoreRequest`` schema
-that ``/openapi.json`` serves (valid shapes, with every value and key sometimes replaced by arbitrary JSON, and
-the served model's feature names as keys), posted to the app in-process. No answer is a 5xx; every 4xx body is
+that ``/openapi.json`` serves and its example request (valid shapes and values, each value and key sometimes
+replaced by arbitrary JSON, keys dropped or added), posted to the app in-process. No answer is a 5xx; every 4xx body is
 bounded and its ``error`` names where the problem is (issue 10, the fault-injection suite).
 
-The number of examples is bounded (``MTRANK_FUZZ_EXAMPLES``, default 250, ~10 s here) and the run is
+The number of examples is bounded (``MTRANK_FUZZ_EXAMPLES``, default 400, ~6 s here) and the run is
 derandomised: the same requests every time.
 """
 
@@ -21,7 +21,7 @@ from mtrank.serve.service import ScoringService
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the dev extra: pip install -e '.[dev]'")
 st = hypothesis.strategies
 
-EXAMPLES = int(os.environ.get("MTRANK_FUZZ_EXAMPLES", "250"))
+EXAMPLES = int(os.environ.get("MTRANK_FUZZ_EXAMPLES", "400"))
 FEATURES = ["country", "category", "hour", "price"]  # the served model's (tests/test_serve.py)
 FIELDS = ("body", "request body", "context", "candidates", "blend", "top_k")  # where an error may point
 
@@ -37,25 +37,45 @@ ANY_JSON = st.recursive(
 KEYS = st.sampled_from(FEATURES) | st.text(max_size=8)
 
 
-def from_schema(schema: dict, components: dict) -> st.SearchStrategy:
-    """A strategy for values of a JSON schema (the subset pydantic writes), sometimes any JSON instead."""
+def from_example(example):
+    """The example value (the OpenAPI example, a valid request for the served model), each part of it sometimes
+    replaced by arbitrary JSON, with keys sometimes dropped or added."""
+    if isinstance(example, dict):
+        base = st.fixed_dictionaries({k: from_example(v) for k, v in example.items()})
+        drop = st.just(set()) | st.sets(st.sampled_from(sorted(example) or [""]), max_size=2)
+        extra = st.just({}) | st.dictionaries(KEYS, ANY_JSON, max_size=2)
+        return st.builds(
+            lambda d, gone, more: {**{k: v for k, v in d.items() if k not in gone}, **more}, base, drop, extra
+        )
+    if isinstance(example, list):
+        return st.lists(from_example(example[0]), min_size=0, max_size=8) if example else st.just([])
+    return st.one_of(st.just(example), st.just(example), st.just(example), ANY_JSON)
+
+
+def from_schema(schema: dict, components: dict, example=None) -> st.SearchStrategy:
+    """A strategy for values of a JSON schema (the subset pydantic writes): the schema's shapes, the example's
+    values mutated (:func:`from_example`), and sometimes any JSON at all."""
     if "$ref" in schema:
-        return from_schema(components[schema["$ref"].rsplit("/", 1)[1]], components)
+        return from_schema(components[schema["$ref"].rsplit("/", 1)[1]], components, example)
     if "anyOf" in schema:
         shaped = st.one_of([from_schema(s, components) for s in schema["anyOf"]])
     elif schema.get("type") == "object":
         properties = schema.get("properties", {})
         required = set(schema.get("required", []))
+        examples = example if isinstance(example, dict) else {}
         shaped = st.fixed_dictionaries(
-            {k: from_schema(v, components) for k, v in properties.items() if k in required},
-            optional={k: from_schema(v, components) for k, v in properties.items() if k not in required},
+            {k: from_schema(v, components, examples.get(k)) for k, v in properties.items() if k in required},
+            optional={
+                k: from_schema(v, components, examples.get(k)) for k, v in properties.items() if k not in required
+            },
         )
         if schema.get("additionalProperties", True) is not False:
             extra = schema["additionalProperties"] if isinstance(schema.get("additionalProperties"), dict) else {}
             values = from_schema(extra, components) if extra else ANY_JSON
             shaped = st.builds(lambda a, b: {**b, **a}, shaped, st.dictionaries(KEYS, values, max_size=6))
     elif schema.get("type") == "array":
-        shaped = st.lists(from_schema(schema.get("items", {}), components), min_size=0, max_size=8)
+        item = example[0] if isinstance(example, list) and example else None
+        shaped = st.lists(from_schema(schema.get("items", {}), components, item), min_size=0, max_size=8)
     elif schema.get("type") == "integer":
         shaped = st.integers(min_value=schema.get("minimum", -(2**70)) - 1, max_value=2**70)
     elif schema.get("type") == "number":
@@ -66,7 +86,9 @@ def from_schema(schema: dict, components: dict) -> st.SearchStrategy:
         shaped = st.none()
     else:
         shaped = ANY_JSON
-    return st.one_of(shaped, shaped, shaped, ANY_JSON)  # mostly the schema's shape
+    if example is not None:  # mostly the example's values, as a client of this model would send
+        return st.one_of(from_example(example), from_example(example), shaped, ANY_JSON)
+    return st.one_of(shaped, shaped, shaped, ANY_JSON)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +102,8 @@ def client(model_dir):  # noqa: F811
 def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_bounded_errors_naming_a_field(client):
     schema = client.get("/openapi.json").json()
     components = schema["components"]["schemas"]
-    request_schema = schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    content = schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]
+    request_schema, example = content["schema"], content["example"]  # the example: valid for the served model
     statuses: dict[int, int] = {}
 
     @hypothesis.settings(
@@ -90,7 +113,7 @@ def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_bounded_error
         database=None,
         suppress_health_check=list(hypothesis.HealthCheck),
     )
-    @hypothesis.given(from_schema(request_schema, components))
+    @hypothesis.given(from_schema(request_schema, components, example))
     def check(payload):
         body = json.dumps(payload, allow_nan=True).encode()
         response = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
@@ -104,4 +127,5 @@ def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_bounded_error
             assert answer["error"].startswith(named), answer["error"]  # where: a field, or an unknown key
 
     check()
+    print(f"{EXAMPLES} generated requests: statuses {statuses}")  # shown with pytest -s
     assert statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if 400 <= k < 500) > 0, statuses

@@ -53,7 +53,8 @@ class Coalescer:
     def __call__(self, item: Any) -> Any:
         call = _Call(item, self.rows(item))
         with self.condition:
-            self.pending.append(call)  # no one to wake: waiters wait for the running batch to end
+            self.pending.append(call)
+            self.condition.notify_all()
         while True:
             with self.condition:
                 while not call.done and self.busy:
