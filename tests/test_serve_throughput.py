@@ -92,15 +92,12 @@ def _held_requests(service, requests):
         except RequestError as err:
             results[i] = err
 
-    with coalescer.condition:
-        coalescer.busy = True  # as if a batch were running
     threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    with coalescer.condition:
-        assert coalescer.condition.wait_for(lambda: len(coalescer.pending) == len(requests), timeout=30)
-        coalescer.busy = False  # the batch ends: one waiting caller leads the next, with everything queued
-        coalescer.condition.notify_all()
+    with coalescer.held():  # as if a batch were running: every request queues, then they run as one batch
+        for thread in threads:
+            thread.start()
+        with coalescer.condition:
+            assert coalescer.condition.wait_for(lambda: len(coalescer.pending) == len(requests), timeout=30)
     for thread in threads:
         thread.join(timeout=30)
     return results
@@ -188,3 +185,34 @@ def test_mtrank_serve_with_two_workers_answers_from_both_and_stops_on_sigterm(mo
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_the_coalescer_gives_each_of_many_concurrent_callers_its_own_result():
+    from mtrank.serve.batching import Coalescer
+
+    runs = []
+
+    def run(items):  # a batch: each item's own answer, or its own error
+        runs.append(len(items))
+        return [ValueError(f"bad {x}") if x % 7 == 0 else x * x for x in items]
+
+    coalescer = Coalescer(run, rows=lambda x: 1, max_rows=5)
+    results = {}
+
+    def caller(k):
+        for x in range(k * 100, k * 100 + 20):
+            try:
+                results[x] = coalescer(x)
+            except ValueError as err:
+                results[x] = str(err)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == {
+        x: (f"bad {x}" if x % 7 == 0 else x * x) for k in range(32) for x in range(k * 100, k * 100 + 20)
+    }
+    assert sum(runs) == 640 and max(runs) <= 5 and not coalescer.busy and not coalescer.pending
