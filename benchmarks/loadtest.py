@@ -264,6 +264,22 @@ async def run_clients(port: int, bodies: list[bytes], clients: int, seconds: flo
     return summary, answers
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` and its live children (the workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def start_server(model_dir: Path, options: list[str], max_body: int, candidates: int, log: Path):
     port = free_port()
     command = [sys.executable, "-m", "mtrank.cli", "serve", str(model_dir), "--port", str(port)]
@@ -318,14 +334,20 @@ def main() -> int:
             for k, (clients, _) in enumerate(settings):
                 order = args.paths[k % len(args.paths) :] + args.paths[: k % len(args.paths)]  # rotating
                 for name in order:
+                    cpu_before = cpu_seconds(servers[name][1].pid)
                     summary, answers = asyncio.run(run_clients(servers[name][0], bodies, clients, args.seconds))
+                    # server CPU per answered request: what a request costs whatever else the machine runs
+                    summary["server_cpu_ms_per_request"] = (
+                        1e3 * (cpu_seconds(servers[name][1].pid) - cpu_before) / max(summary["ok"], 1)
+                    )
                     for i, answer in answers.items():
                         got = _score_matrix(json.loads(answer))
                         differences[name] = max(differences[name], float(np.abs(got - reference[i]).max()))
                     runs.append({"path": name, **summary})
                     print(
                         f"{name:>9} {clients:>3} clients: {summary['requests_per_s']:7.1f} req/s, p50 "
-                        f"{summary['p50_ms']:6.1f} ms, p99 {summary['p99_ms']:6.1f} ms, errors {summary['errors']}",
+                        f"{summary['p50_ms']:6.1f} ms, p99 {summary['p99_ms']:6.1f} ms, errors {summary['errors']}, "
+                        f"server CPU {summary['server_cpu_ms_per_request']:.2f} ms/request",
                         flush=True,
                     )
             readiness = {
