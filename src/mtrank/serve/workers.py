@@ -19,6 +19,7 @@ parent stops the others and exits 1, so the process supervisor sees the failure 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -54,6 +55,7 @@ def run_workers(
     listener.bind((host, port))
     listener.listen(2048)
     listener.set_inheritable(True)
+    gc.freeze()  # objects made so far are never collected: the GC does not write to (and so copy) shared pages
     children: list[int] = []
     for _ in range(workers):
         pid = os.fork()
