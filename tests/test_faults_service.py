@@ -144,3 +144,8 @@ def test_a_body_that_never_arrives_is_cut_off_with_408():
     scope = {"type": "http", "headers": [(b"content-length", b"100")]}
     asyncio.run(BodyLimitMiddleware(app, max_bytes=1_000, timeout_s=0.05)(scope, receive, send))
     assert sent[0]["status"] == 408 and b"not received within" in sent[1]["body"]
+
+
+def test_a_key_made_of_digits_is_named_as_a_key_not_as_a_list_index(client):
+    response = client.post("/v1/score", json={"candidates": [{"category": "hats", "price": 1.0}], "0": 1})
+    assert response.status_code == 422 and response.json()["error"].startswith("0: ")  # found by the schema fuzz

@@ -150,10 +150,9 @@ class ServiceMetrics:
 
 def _location(loc: tuple) -> str:
     """A pydantic error location (``("body", "candidates", 0)``) as the request's path (``candidates[0]``)."""
-    parts = [str(p) for p in loc if p != "body"]
     text = ""
-    for part in parts:
-        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    for part in (p for p in loc if p != "body"):  # ints index lists; strings (even "0") are keys
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "body"
 
 
