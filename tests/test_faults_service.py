@@ -123,8 +123,7 @@ def test_a_model_with_a_nan_weight_never_reports_ready(tmp_path):
     service = ScoringService(save_model(model, tmp_path), "eager")
     with torch.no_grad():  # a weight corrupted after load: the warm-up request must catch it
         next(service.model.parameters()).fill_(float("nan"))
-    service.scorer = type(service.scorer)(service.model, "eager")
-    service.batcher.scorer = service.scorer
+    service.start()  # a scorer of the corrupted weights
     with TestClient(create_app(service)) as test_client:
         response = test_client.get("/readyz")
         assert response.status_code == 503 and "non-finite" in response.json()["problem"]
@@ -145,3 +144,8 @@ def test_a_body_that_never_arrives_is_cut_off_with_408():
     scope = {"type": "http", "headers": [(b"content-length", b"100")]}
     asyncio.run(BodyLimitMiddleware(app, max_bytes=1_000, timeout_s=0.05)(scope, receive, send))
     assert sent[0]["status"] == 408 and b"not received within" in sent[1]["body"]
+
+
+def test_a_key_made_of_digits_is_named_as_a_key_not_as_a_list_index(client):
+    response = client.post("/v1/score", json={"candidates": [{"category": "hats", "price": 1.0}], "0": 1})
+    assert response.status_code == 422 and response.json()["error"].startswith("0: ")  # found by the schema fuzz

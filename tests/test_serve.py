@@ -294,18 +294,15 @@ def test_concurrent_calls_share_one_forward_pass_and_get_their_own_rows(model_di
     batcher = CoalescingScorer(scorer)
     inputs = [random_inputs(model, rows, seed=rows) for rows in range(1, 9)]
     results = {}
-    with batcher.condition:
-        batcher.busy = True  # as if a forward pass were running
     threads = [
         threading.Thread(target=lambda i=i: results.__setitem__(i, batcher(*map(np.asarray, inputs[i]))))
         for i in range(8)
     ]
-    for thread in threads:
-        thread.start()
-    with batcher.condition:
-        assert batcher.condition.wait_for(lambda: len(batcher.pending) == 8, timeout=30)
-        batcher.busy = False  # the pass ends: one waiting caller leads the next, with everything queued
-        batcher.condition.notify_all()
+    with batcher.held():  # as if a forward pass were running: the eight calls queue, then run as one batch
+        for thread in threads:
+            thread.start()
+        with batcher.condition:
+            assert batcher.condition.wait_for(lambda: len(batcher.pending) == 8, timeout=30)
     for thread in threads:
         thread.join(timeout=30)
     assert passes == [sum(range(1, 9))]

@@ -1,4 +1,4 @@
-"""``mtrank export``: TorchScript / ONNX files of a model directory, checked against eager PyTorch."""
+"""``mtrank export``: AOTInductor / TorchScript / ONNX files of a model directory, checked against eager PyTorch."""
 
 from __future__ import annotations
 
@@ -26,16 +26,18 @@ def register(subparsers) -> None:
         subparsers,
         "export",
         _cmd_export,
-        help="export a model directory to TorchScript or ONNX, checked against eager PyTorch",
+        help="export a model directory to AOTInductor, ONNX or TorchScript, checked against eager PyTorch",
         description=(
             "Export MODEL_DIR (model.safetensors + config.json) as (dense, sparse) -> scores [B, K] with a dynamic "
-            "batch size: TorchScript (model.pt, torch.jit.load) or ONNX (model.onnx, inputs 'dense' float32 "
+            "batch size: torch.export + AOTInductor (model.pt2, needs a C++ compiler; `mtrank serve --backend aoti` "
+            "loads MODEL_DIR/export/model.pt2), TorchScript (model.pt, torch.jit.load; deprecated in torch 2.13, "
+            "kept as a legacy option) or ONNX (model.onnx, inputs 'dense' float32 "
             "[B, F_dense] and 'sparse' int64 [B, F_cat], output 'scores'). The export is compared with eager "
             "PyTorch on random inputs and refused if any score differs by more than 1e-5. Writes export.json."
         ),
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory written by mtrank")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="export format")
+    p.add_argument("--format", required=True, choices=["aoti", "onnx", "torchscript"], help="export format")
     p.add_argument("--out", help="output folder (default: MODEL_DIR/export)")
     p.add_argument(
         "--int8",

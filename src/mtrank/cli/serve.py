@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from mtrank.cli.common import add_command
@@ -11,32 +12,46 @@ from mtrank.cli.common import add_command
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from mtrank.blend.rules import Blend
     from mtrank.serve.app import create_app
     from mtrank.serve.service import ScoringService
+    from mtrank.serve.workers import run_workers
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    if args.legacy_path:  # the request path before issue 10, kept to measure against (docs/serving.md)
+        args.codec, args.workers, http, loop = "json", 1, "h11", "asyncio"
+    else:
+        http, loop = "auto", "auto"  # httptools and uvloop where installed (the serve extra)
+    threads = args.torch_threads or (max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else 0)
     service = ScoringService(
         args.model_dir,
         args.backend,
         args.precision,
-        threads=args.torch_threads,
+        threads=threads,
         max_candidates=args.max_candidates,
         learned_blend=not (args.no_learned_blend or args.blend),  # an explicit --blend wins over a learned one
+        start=False,
+        batch_encoding=not args.legacy_path,
     )
     if args.blend:
         service.blend = Blend.from_dict(json.loads(Path(args.blend).read_text()), service.task_names)
-    app = create_app(service, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
+
+    def build_app():  # in each worker process (after the fork when --workers > 1)
+        if threads:
+            torch.set_num_threads(threads)
+        service.start()
+        return create_app(
+            service, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, codec=args.codec
+        )
+
     print(
-        f"mtrank serve: {args.model_dir} ({service.scorer.name}, tasks {service.task_names}) "
-        f"on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)",
+        f"mtrank serve: {args.model_dir} ({service.backend}/{service.precision}, tasks {service.task_names}, "
+        f"{args.workers} worker(s), codec {args.codec}) on http://{args.host}:{args.port}  "
+        "(docs: /docs, metrics: /metrics)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-    return 0
+    options = {"log_level": args.log_level, "access_log": args.access_log, "http": http, "loop": loop}
+    return run_workers(build_app, args.host, args.port, args.workers, **options)
 
 
 def register(subparsers) -> None:
@@ -63,9 +78,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "eager", "compile", "torchscript", "onnx"],
+        choices=["auto", "eager", "compile", "torchscript", "onnx", "aoti"],
         help="inference path; auto (default): onnxruntime for fp32/int8 on CPU (the fastest exact path "
-        "measured in docs/serving.md), TorchScript for bf16/mixed",
+        "measured in docs/serving.md), TorchScript for bf16/mixed; aoti: torch.export + AOTInductor, "
+        "MODEL_DIR/export/model.pt2 from 'mtrank export --format aoti' (else compiled at start)",
     )
     p.add_argument(
         "--precision",
@@ -102,6 +118,30 @@ def register(subparsers) -> None:
         default=DEFAULT_BODY_TIMEOUT_S,
         help=f"seconds to receive a request body before answering 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
     )
-    p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (default: the library default)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="intra-op threads of each worker (default: the library default; with --workers N, cores / N)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on one socket, forked after the model directory is loaded (default 1); "
+        "a request's Python work (JSON, validation, encoding) holds one core, so N workers use N cores",
+    )
+    p.add_argument(
+        "--codec",
+        default="orjson",
+        choices=["orjson", "json"],
+        help="request/response JSON: orjson (default, same answers) or the standard library",
+    )
+    p.add_argument(
+        "--legacy-path",
+        action="store_true",
+        help="the request path before the throughput work (stdlib JSON, pydantic response validation, h11 + "
+        "asyncio, one process, each request encoded alone), kept to measure against; overrides --codec and --workers",
+    )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")

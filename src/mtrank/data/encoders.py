@@ -42,6 +42,7 @@ import dataclasses
 import difflib
 import json
 import math
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,7 @@ class StringLookup:
             return ids
         get = self.build().get
         values = col.to_pylist()
-        ids = np.fromiter((get(v, 0) for v in values), dtype=np.int64, count=len(values))
+        ids = np.fromiter(map(get, values, repeat(0)), dtype=np.int64, count=len(values))  # no Python frame a value
         if strip:
             for i in np.flatnonzero(ids == 0).tolist():
                 ids[i] = get(values[i].strip(), 0)

@@ -1,9 +1,10 @@
-"""``mtrank export``: a model directory exported to TorchScript or ONNX, checked, described in ``export.json``.
+"""``mtrank export``: a model directory exported to AOTInductor, TorchScript or ONNX, checked, in ``export.json``.
 
 Files written (``MODEL_DIR/export/`` unless told otherwise):
 
 ===================  =====================================================================
-``model.pt``         TorchScript (:mod:`mtrank.export.torchscript`), load with ``torch.jit.load``
+``model.pt2``        torch.export + AOTInductor package (:mod:`mtrank.export.aoti`), the compiled path
+``model.pt``         TorchScript (:mod:`mtrank.export.torchscript`, legacy), load with ``torch.jit.load``
 ``model.onnx``       ONNX (:mod:`mtrank.export.onnx`), inputs ``dense``, ``sparse``, output ``scores``
 ``model.int8.onnx``  the ONNX model with int8 dynamic quantisation of its MatMuls (optional)
 ``export.json``      what was exported: format, tasks, inputs, the measured difference to eager
@@ -21,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from mtrank.artifacts import add_to_manifest, open_model_dir
+from mtrank.export.aoti import AotiScorer, export_aoti
 from mtrank.export.common import EXPORT_TOLERANCE, max_difference
 from mtrank.export.onnx import OnnxScorer, export_onnx, quantize_onnx_int8
 from mtrank.export.torchscript import export_torchscript, load_torchscript
 
+AOTI_FILE = "model.pt2"  # MODEL_DIR/export/model.pt2: what `mtrank serve --backend aoti` loads when present
 # format -> (file name, write the model to a path, load a path as a scorer)
 FORMATS = {
+    "aoti": (AOTI_FILE, export_aoti, AotiScorer),
     "torchscript": ("model.pt", export_torchscript, load_torchscript),
     "onnx": ("model.onnx", export_onnx, OnnxScorer),
 }
@@ -43,7 +47,7 @@ def export_model_dir(
 
     Args:
         model_dir: a model directory written by mtrank.
-        fmt: ``torchscript`` or ``onnx``.
+        fmt: ``aoti``, ``torchscript`` or ``onnx``.
         out: the output folder (default ``MODEL_DIR/export``).
         int8: with ``onnx``, also write ``model.int8.onnx``.
         tolerance: the largest accepted score difference to eager PyTorch.

@@ -7,7 +7,10 @@ backend         precisions                     what runs
 ``compile``     fp32, bf16, fp16               ``torch.compile`` of the same (Inductor; first call compiles)
 ``torchscript`` fp32, bf16, mixed, fp16        ``torch.jit.trace`` + ``freeze``
 ``onnx``        fp32, int8                     onnxruntime on CPU (int8: its dynamic quantisation)
+``aoti``        fp32                           torch.export + AOTInductor, compiled ahead of time (CPU)
 ==============  =============================  =========================================================
+
+TorchScript is deprecated in torch 2.13 and kept as a legacy option; ``aoti`` is the compiled PyTorch path.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtrank.export.aoti import AotiScorer, export_aoti
 from mtrank.export.common import random_inputs
 from mtrank.export.onnx import OnnxScorer, export_onnx, quantize_onnx_int8
 from mtrank.export.precision import PrecisionScoring, check_precision, inference_model
 from mtrank.export.torchscript import trace
 from mtrank.model import MultiTaskModel
 
-BACKENDS = ("auto", "eager", "compile", "torchscript", "onnx")
+BACKENDS = ("auto", "eager", "compile", "torchscript", "onnx", "aoti")
 
 
 def resolve_backend(backend: str, precision: str, device: str | torch.device) -> str:
@@ -60,6 +64,8 @@ def check_backend(backend: str, precision: str, device: str | torch.device = "cp
             "backend compile: Inductor folds the bf16 round trip that splits the input (x - bf16(x)), "
             "which undoes 'mixed'; use eager or torchscript for mixed"
         )
+    if backend == "aoti" and (precision != "fp32" or torch.device(device).type != "cpu"):
+        raise ValueError("backend aoti: runs fp32 on CPU here; use eager/compile/torchscript for other precisions")
     if precision == "int8" and backend not in ("eager", "onnx"):
         raise ValueError(f"backend {backend}: int8 runs with backend eager (PyTorch) or onnx (onnxruntime)")
     return backend
@@ -76,6 +82,8 @@ class Scorer:
             backend takes).
         device: ``cpu`` or ``cuda`` (the ``onnx`` backend is CPU only).
         threads: onnxruntime intra-op threads (0 = its default); PyTorch uses ``torch.set_num_threads``.
+        package: with backend ``aoti``, a package from ``mtrank export --format aoti`` (else the model is
+            compiled now, which takes tens of seconds).
 
     Example:
         >>> from mtrank.config import ModelConfig
@@ -97,12 +105,19 @@ class Scorer:
         precision: str = "fp32",
         device: str = "cpu",
         threads: int = 0,
+        package: str | Path | None = None,
     ) -> None:
         self.backend = check_backend(backend, precision, device)
         self.precision, self.device = precision, torch.device(device)
         self.task_names = model.task_names
         self._onnx: OnnxScorer | None = None
-        self._module: torch.nn.Module | None = None
+        self._module: torch.nn.Module | AotiScorer | None = None
+        if self.backend == "aoti":
+            if package is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="mtrank-aoti-")
+                package = export_aoti(model, Path(self._tmp.name) / "model.pt2")
+            self._module = AotiScorer(package)
+            return
         if self.backend == "onnx":
             self._tmp = tempfile.TemporaryDirectory(prefix="mtrank-onnx-")
             path = export_onnx(model, Path(self._tmp.name) / "model.onnx")

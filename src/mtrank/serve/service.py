@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from mtrank.artifacts import open_model_dir
 from mtrank.blend.learned import LEARNED_BLEND_FILE, ServedLearnedBlend
 from mtrank.blend.rules import BLEND_FILE, Blend, ranking
 from mtrank.export.common import random_inputs
-from mtrank.serve.backends import Scorer
-from mtrank.serve.batching import CoalescingScorer
+from mtrank.export.model_dir import AOTI_FILE
+from mtrank.serve.backends import Scorer, check_backend
+from mtrank.serve.batching import Coalescer, CoalescingScorer, forward_many
 from mtrank.serve.limits import DEFAULT_MAX_CANDIDATES
 from mtrank.serve.requests import FeatureRequests, RawRequests, RequestError
 from mtrank.serve.schemas import ScoreRequest, ScoreResponse
@@ -42,6 +44,12 @@ class ScoringService:
             computed per request from context fields, :mod:`mtrank.blend.learned`) unless
             ``learned_blend=False``; else ``MODEL_DIR/blend.json``; else equal weights. A request's own
             ``blend`` overrides all of them.
+        start: build the scorer now; ``False`` leaves it to :meth:`start` (a server that forks worker processes
+            loads the directory once, then each worker starts its own scorer: onnxruntime sessions and OpenMP
+            thread pools do not survive a fork).
+        batch_encoding: concurrent requests are encoded together, then scored together (default); ``False``: each
+            request is encoded in its own thread and only the forward pass is shared (the old path, measured
+            against in docs/serving.md).
 
     Example:
         >>> import tempfile
@@ -63,6 +71,8 @@ class ScoringService:
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
         blend: Blend | None = None,
         learned_blend: bool = True,
+        start: bool = True,
+        batch_encoding: bool = True,
     ) -> None:
         loaded = open_model_dir(model_dir)
         self.model_dir, self.model, self.meta, self.encoder = loaded.path, loaded.model, loaded.meta, loaded.encoder
@@ -84,12 +94,27 @@ class ScoringService:
         if blend is None and (self.model_dir / BLEND_FILE).is_file():
             blend = Blend.from_dict(json.loads((self.model_dir / BLEND_FILE).read_text()), self.task_names)
         self.blend = (blend or Blend.default(self.task_names)).validate(self.task_names)
-        self.scorer = Scorer(self.model, backend, precision, threads=threads)
-        self.max_candidates = max_candidates
-        # one forward pass at a time (the model already uses every core); concurrent requests share a pass
-        self.batcher = CoalescingScorer(self.scorer, max_rows=max(4096, max_candidates))
+        self.backend, self.precision, self.threads = check_backend(backend, precision), precision, threads
+        self.max_candidates, self.batch_encoding = max_candidates, batch_encoding
+        self.scorer: Scorer | None = None
+        self.batcher: CoalescingScorer | None = None
+        self.coalescer: Coalescer | None = None
+        if start:
+            self.start()
         self.ready = False
         self.not_ready = "warming up"  # why /readyz is 503
+
+    def start(self, threads: int | None = None) -> None:
+        """Build the scorer (``threads``: onnxruntime intra-op threads, default the constructor's) and the batcher:
+        one forward pass at a time (the model already uses every core), concurrent requests share a pass."""
+        self.threads = self.threads if threads is None else threads
+        package = self.model_dir / "export" / AOTI_FILE  # from `mtrank export --format aoti`, verified at load
+        package = package if self.backend == "aoti" and package.is_file() else None
+        self.scorer = Scorer(self.model, self.backend, self.precision, threads=self.threads, package=package)
+        max_rows = max(4096, self.max_candidates)
+        self.batcher = CoalescingScorer(self.scorer, max_rows=max_rows)  # (dense, sparse) -> scores
+        # requests: checked one by one, then encoded and scored together (one encoding pass, one forward pass)
+        self.coalescer = Coalescer(self._encode_and_score, rows=self.requests.rows, max_rows=max_rows)
 
     def example_request(self) -> dict[str, Any]:
         """A valid request for this model (the OpenAPI example and the warm-up request)."""
@@ -116,7 +141,8 @@ class ScoringService:
         self.ready, self.not_ready = True, ""
 
     def describe(self) -> dict[str, Any]:
-        """What ``/readyz`` reports: tasks, backend, the request features, limits, batching and the blend."""
+        """What ``/readyz`` reports: tasks, backend, the request features, limits, the process, batching and the
+        blend."""
         if self.encoder is not None:
             features: Any = self.encoder.input_columns
         else:
@@ -127,26 +153,54 @@ class ScoringService:
             blend = {"learned": True, "context_features": self.learned.context_features, "tasks": self.learned.tasks}
         return {
             "tasks": self.task_names,
-            "backend": self.scorer.name,
+            "backend": f"{self.backend}/{self.precision}",
             "features": features,
             "max_candidates": self.max_candidates,
-            "forward_passes": self.batcher.batches,
-            "requests_per_pass": self.batcher.calls / max(self.batcher.batches, 1),
+            "pid": os.getpid(),  # which worker answered (mtrank serve --workers N)
+            "forward_passes": self.coalescer.batches + self.batcher.batches,
+            "requests_per_pass": (self.coalescer.calls + self.batcher.calls)
+            / max(self.coalescer.batches + self.batcher.batches, 1),
             "blend": blend,
         }
 
     def encode(self, context: dict[str, Any], candidates: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """A request's features -> ``(dense float32 [N, F_dense], sparse int64 [N, F_cat])``; a
         :class:`RequestError` names what is wrong."""
+        self._check_count(candidates)
+        return self.requests(context, candidates)
+
+    def _check_count(self, candidates: list[Any]) -> None:
         if len(candidates) > self.max_candidates:
             raise RequestError(
                 f"candidates: {len(candidates)} candidates; at most {self.max_candidates} per request "
                 "(split the request, or start the service with a larger --max-candidates)"
             )
-        return self.requests(context, candidates)
+
+    def _encode_many(self, prepared: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RequestError]:
+        """Prepared requests (``self.requests.prepare``) -> ``(dense, sparse)`` each in one encoding pass, or the
+        :class:`RequestError` of that request alone."""
+        results: list[Any] = self.requests.encode_many(prepared)
+        for i, encoded in enumerate(results):
+            if not isinstance(encoded, RequestError) and not np.isfinite(encoded[0]).all():
+                row = int(np.flatnonzero(~np.isfinite(encoded[0]).all(1))[0])
+                results[i] = RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
+        return results
+
+    def _encode_and_score(self, prepared: list[Any]) -> list[tuple[np.ndarray, np.ndarray] | RequestError]:
+        """Prepared requests -> ``(sparse [n_i, F_cat], scores [n_i, K])`` each, or the request's error: one
+        encoding pass, one forward pass for all of them."""
+        results: list[Any] = self._encode_many(prepared)
+        good = [i for i, encoded in enumerate(results) if not isinstance(encoded, RequestError)]
+        for i, scores in zip(good, forward_many(self.scorer, [results[i] for i in good])):
+            results[i] = (results[i][1], scores)
+        return results
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
         """Per-task scores ``[N, K]``, the blended score ``[N]`` and the ranking of a request's candidates."""
+        return ScoreResponse(**self.answer(request))
+
+    def answer(self, request: ScoreRequest) -> dict[str, Any]:
+        """:meth:`score` as plain lists and dicts (the fields of :class:`ScoreResponse`), for a fast encoder."""
         blend, source = self.blend, "service"
         context = request.context
         try:
@@ -158,11 +212,15 @@ class ScoringService:
             raise RequestError(str(err)) from None
         if self.learned_only:
             context = {k: v for k, v in context.items() if k not in self.learned_only}
-        dense, sparse = self.encode(context, request.candidates)
-        if not np.isfinite(dense).all():
-            row = int(np.flatnonzero(~np.isfinite(dense).all(1))[0])
-            raise RequestError(f"candidates[{row}]: a numeric feature is not finite after encoding")
-        scores = self.batcher(dense, sparse)  # (N, K)
+        self._check_count(request.candidates)
+        prepared = self.requests.prepare(context, request.candidates)
+        if self.batch_encoding:
+            sparse, scores = self.coalescer(prepared)  # (N, F_cat), (N, K)
+        else:  # the old path: encoded in the request's own thread, only the forward pass shared
+            encoded = self._encode_many([prepared])[0]
+            if isinstance(encoded, RequestError):
+                raise encoded
+            sparse, scores = encoded[1], self.batcher(*encoded)
         try:
             blended = blend.apply(scores, self.task_names)  # (N,)
         except ValueError as err:  # e.g. weighted_product of negative transformed scores
@@ -185,11 +243,11 @@ class ScoringService:
         order = ranking(blended)
         if request.top_k is not None:
             order = order[: request.top_k]
-        return ScoreResponse(
-            tasks=self.task_names,
-            scores=[dict(zip(self.task_names, row)) for row in scores.tolist()],
-            blended=blended.tolist(),
-            ranking=order,
-            blend={**blend.to_dict(), "source": source},
-            unseen=unseen,
-        )
+        return {
+            "tasks": self.task_names,
+            "scores": [dict(zip(self.task_names, row)) for row in scores.tolist()],
+            "blended": blended.tolist(),
+            "ranking": order,
+            "blend": {**blend.to_dict(), "source": source},
+            "unseen": unseen,
+        }
