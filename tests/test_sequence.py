@@ -277,3 +277,19 @@ def test_sequences_are_refused_where_they_cannot_go():
         ModelConfig.from_dict({"inputs": {**inputs, "vocab_sizes": [6, 5, 5]}}).validate("model")
     with pytest.raises(ConfigError, match=r"inputs.sequences: not with block stem"):
         ModelConfig.from_dict({"inputs": inputs, "block": {"type": "stem"}}).validate("model")
+
+
+def test_a_sequence_trains_beside_a_sparse_bf16_table_and_a_padded_input(trained, tmp_path):
+    """The features of three engineers at once: a sequence sharing the target's ids, the table in bf16 trained by
+    row-wise Adagrad (sparse rows), the block input padded to a multiple of 64."""
+    _, _, _, raw = trained
+    raw = {
+        **raw,
+        "model": {**raw["model"], "inputs": {"embedding_dim": 8, "table_dtype": "bf16", "pad_to": 64}},
+        "train": {**raw["train"], "epochs": 2, "sparse": "rowwise_adagrad"},
+    }
+    result = mtrank.fit(raw, output=tmp_path / "model", baseline=False)
+    model = result.model
+    width = model.block.levels[0].experts.linear_banks()[0][0][0].in_features  # the first expert layer's input
+    assert model.input_pad > 0 and width % 64 == 0 and model.embedding.table.weight.dtype == torch.bfloat16
+    assert result.metrics["valid"]["auc/click"] > 0.75  # the history carries the click (0.8 vs 0.1)
