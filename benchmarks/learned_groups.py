@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,19 @@ class GroupingSetting:
         return cls(train_rows=1_000, eval_rows=1_000, epochs=1)
 
 
+def census_config():
+    """configs/census_income.yaml, its data read from ``$MTRANK_SHARED_DATA/census-income`` when that is set."""
+    root = os.environ.get("MTRANK_SHARED_DATA")
+    if not root:
+        return load_experiment(CONFIG)
+    folder = Path(root) / "census-income"
+    files = {"data.train": "census-income.data.gz", "data.test": "census-income.test.gz"}
+    return load_experiment(CONFIG, {key: str(folder / name) for key, name in files.items()})
+
+
 @functools.lru_cache(maxsize=1)
 def census_splits() -> dict:
-    return load_splits(load_experiment(CONFIG))
+    return load_splits(census_config())
 
 
 def run(s: GroupingSetting, arm: str, seed: int) -> dict:
@@ -79,7 +90,7 @@ def run(s: GroupingSetting, arm: str, seed: int) -> dict:
     for role, rows in (("train", s.train_rows), ("valid", s.eval_rows), ("test", s.eval_rows)):
         table, source = splits[role]
         sample[role] = (table.take(np.sort(rng.choice(table.num_rows, rows, replace=False))), source)
-    base = load_experiment(CONFIG)
+    base = census_config()
     mixer = dataclasses.replace(base.model.mixer, heads=2, **ARMS[arm])
     config = dataclasses.replace(
         base,

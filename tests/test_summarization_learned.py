@@ -122,7 +122,7 @@ def test_bad_learned_grouping_values_are_refused_in_one_line_naming_the_field():
         mtrank.fit(spec, frame, output=None)
 
 
-def test_the_grouping_benchmark_quick_mode_compares_the_four_arms(tmp_path):
+def test_the_grouping_benchmark_quick_mode_compares_the_four_arms(tmp_path, shared_data, monkeypatch):
     import sys
     from pathlib import Path
 
@@ -130,8 +130,7 @@ def test_the_grouping_benchmark_quick_mode_compares_the_four_arms(tmp_path):
     import learned_groups
     from mtrank.experiments.studies.runner import run_study
 
-    if not (learned_groups.CONFIG.parent / "../../shared/data/census-income").is_dir():
-        pytest.skip("census-income data not here")
+    monkeypatch.setenv("MTRANK_SHARED_DATA", str(shared_data))
     results = run_study(learned_groups.STUDY, tmp_path, quick=True, seeds=2, progress=False)
     assert results["arms"] == list(learned_groups.ARMS)
     learned = results["runs"]["mixer, learned groups"][0]["groups"]
