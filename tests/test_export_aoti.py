@@ -37,7 +37,12 @@ def exported(tmp_path_factory):
     )
     save_model(MultiTaskModel(config), directory)
     record = export_model_dir(directory, "aoti")
-    return directory, record
+    yield directory, record
+    # the compile's worker threads and processes end here: a thread that outlives the module can hold a lock
+    # (the loader's, libffi's) when a later test forks, and the forked child then waits on it forever
+    from torch._inductor import async_compile
+
+    async_compile.shutdown_compile_workers()
 
 
 def test_the_aoti_package_scores_within_1e_5_of_eager_at_batch_sizes_it_never_saw(exported):

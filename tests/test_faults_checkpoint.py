@@ -32,6 +32,10 @@ from mtrank.train.callbacks import Callback
 from tabular_helpers import config as experiment_config
 from tabular_helpers import make_frame, one_torch_thread  # noqa: F401
 
+# the first save_file builds numpy's ctypes types (a dlopen): once here, not in every forked child, where a lock
+# held by another thread at the fork would block it
+save_file({"warm": torch.zeros(1)}, os.devnull)
+
 TASKS = [TaskConfig("y1", "regression"), TaskConfig("y2", "regression")]
 # 10 steps an epoch, an evaluation and a checkpoint every 3 steps and at the end (7 writes in 20 steps), dropout:
 # the resume must restore the random generator too
