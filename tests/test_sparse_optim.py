@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from mtrank.config import TrainConfig
 from mtrank.nn.embedding import EmbeddingTable
-from mtrank.train.optim import LazyAdam, RowwiseAdagrad
+from mtrank.train.optim import LazyAdam, RowwiseAdagrad, make_optimizer, make_scheduler, summed_rows
 
 
 def _batches(rows: int, steps: int, batch: int, seed: int = 0):
@@ -125,3 +126,43 @@ def test_checkpoint_resume_is_exact(cls, tmp_path):
     for ids, target in batches[4:]:
         _grad_step(resumed, opt2, ids, target)
     assert torch.equal(resumed.weight, straight.weight)
+
+
+@pytest.mark.parametrize("ids", [[3, 3, 3, 3], [0, 1, 2, 3], [7, 0, 7, 2, 0, 9], [5]])
+def test_summed_rows_equal_coalesce_in_fixed_length_arrays(ids):
+    values = torch.randn(len(ids), 3)
+    grad = torch.sparse_coo_tensor(torch.tensor([ids]), values, (10, 3), check_invariants=True)
+    rows, sums, last = summed_rows(grad)
+    ref = grad.coalesce()
+    distinct = ref.indices().shape[1]
+    assert rows.shape == (len(ids),) and sums.shape == (len(ids), 3) and last.shape == (len(ids),)
+    assert torch.equal(rows[:distinct], ref.indices()[0])
+    torch.testing.assert_close(sums[:distinct], ref.values())
+    assert torch.equal(sums[distinct:], torch.zeros(len(ids) - distinct, 3))
+    assert last.tolist() == [min(j, distinct - 1) for j in range(len(ids))]
+
+
+def test_a_capturable_rowwise_adagrad_keeps_a_tensor_lr_that_the_schedule_moves_in_place(tmp_path):
+    table = EmbeddingTable(20, 4)
+    dense = torch.nn.Linear(2, 1)
+    config = TrainConfig(sparse="rowwise_adagrad", lr=0.1, schedule="cosine").validate()
+    opt = make_optimizer([*dense.parameters(), table.weight], config, torch.device("cpu"), True, [table.weight])
+    lr = opt.sparse.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and float(lr) == pytest.approx(0.1)
+    scheduler = make_scheduler(opt, config, total_steps=10)
+    for ids, target in _batches(20, 3, 5):
+        _grad_step(table, opt, ids, target)
+        scheduler.step()
+    assert opt.sparse.param_groups[0]["lr"] is lr  # the same tensor, moved in place (what a graph reads)
+    assert float(lr) < 0.1
+    state = opt.state_dict()
+    again = make_optimizer([*dense.parameters(), table.weight], config, torch.device("cpu"), True, [table.weight])
+    again.load_state_dict(state)
+    assert torch.is_tensor(again.sparse.param_groups[0]["lr"]) and float(again.sparse.param_groups[0]["lr"]) == float(
+        lr
+    )
+
+
+def test_lazy_adam_refuses_to_be_captured():
+    with pytest.raises(ValueError, match="LazyAdam cannot be captured"):
+        LazyAdam([torch.nn.Parameter(torch.zeros(3, 2))], capturable=True)

@@ -333,4 +333,13 @@ class EmbeddingTable(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = hash_ids(ids, self.rows) if self.hashed else ids
+        if self.sparse and not torch.jit.is_scripting():
+            return _sparse_lookup(rows, self.weight)
         return nn.functional.embedding(rows, self.weight, sparse=self.sparse)
+
+
+@torch.compiler.disable
+def _sparse_lookup(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The lookup with a sparse gradient, left out of ``torch.compile`` (``train.compile``): inductor cannot
+    trace a sparse tensor; the model around it is compiled, with a graph break here."""
+    return nn.functional.embedding(rows, weight, sparse=True)

@@ -13,7 +13,9 @@ static input buffers, and the graph runs the step that :class:`~mtrank.train.ste
   stream (graphed == eager, bit for bit, on an H100);
 * learning-rate schedules are fine: the lr is a GPU tensor that the scheduler updates in place and the
   captured Adam kernel reads at every replay; so is gradient clipping (computed on the GPU, no host sync);
-* full batches only: a shorter batch (the last of an epoch) runs eagerly.
+* full batches only: a shorter batch (the last of an epoch) runs eagerly;
+* ``train.sparse: rowwise_adagrad`` is fine: its step has fixed shapes (the batch's lookups, not its distinct
+  rows: :func:`~mtrank.train.optim.summed_rows`) and a tensor lr; ``lazy_adam`` is not (host step counter).
 
 Warm-up: the first ``warmup_steps`` full batches run eagerly on a side stream (cuBLAS / allocator
 initialisation must not happen during capture, as the PyTorch CUDA-graph notes require); the next one is
@@ -56,15 +58,12 @@ def cuda_graph_plan(
     """
     if device.type != "cuda":
         return False, f"device is {device.type}, CUDA graphs need a CUDA device"
-    if config.sparse.enabled:
-        return False, (
-            f"train.sparse.optimizer={config.sparse.optimizer!r}: the sparse gradient has as many rows as the batch "
-            "has distinct ids, a shape a CUDA graph cannot capture (eager step)"
-        )
+    if config.sparse.optimizer == "lazy_adam":
+        return False, "train.sparse.optimizer='lazy_adam' keeps its step counter on the host (eager step)"
     if random_sources and not allow_randomness:
         return False, f"{random_sources[0]} (random numbers inside the step)"
     scheduled = config.schedule != "constant" or config.warmup_steps
-    if scheduled and any(p.dtype != torch.float32 for p in parameters):
+    if scheduled and any(p.dtype != torch.float32 for p in parameters):  # (a bf16 table under train.sparse too)
         return False, "a learning-rate schedule with non-float32 parameters (the graph can follow only a float32 lr)"
     return True, "CUDA graph of the whole step (gather, forward, backward, fused capturable Adam)"
 

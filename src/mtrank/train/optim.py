@@ -31,8 +31,12 @@ def make_optimizer(
     if config.sparse.enabled and tables:
         table_ids = {id(t) for t in tables}
         dense = make_optimizer([p for p in params if id(p) not in table_ids], config, device, capturable)
-        sparse = SPARSE_OPTIMIZERS[config.sparse.optimizer](
-            tables, lr=config.sparse.lr or config.lr, stochastic_rounding=config.sparse.stochastic_rounding
+        kind = SPARSE_OPTIMIZERS[config.sparse.optimizer]
+        sparse = kind(
+            tables,
+            lr=config.sparse.lr or config.lr,
+            stochastic_rounding=config.sparse.stochastic_rounding,
+            **({"capturable": True} if capturable else {}),
         )
         return DenseAndSparse(dense, sparse)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -70,22 +74,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
     """Scale the gradients of ``params`` to global L2 norm <= ``max_norm`` (no host sync: capturable).
 
-    Sparse gradients (a table under ``train.sparse``) are coalesced first (duplicate ids summed, as the dense
-    gradient sums them) and their values enter the norm and are scaled with the rest: the same clipping as the
-    dense gradient would get (``clip_grad_norm_`` itself refuses sparse tensors)."""
+    Sparse gradients (a table under ``train.sparse``): the norm is that of their rows with duplicate ids summed,
+    as the dense gradient sums them (:func:`summed_rows`, fixed shapes, so a CUDA graph can capture it), and their
+    values are scaled with the rest: the same clipping as the dense gradient would get (``clip_grad_norm_``
+    itself refuses sparse tensors)."""
     if not any(p.grad is not None and p.grad.is_sparse for p in params):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
-    grads = []
+    norms, scaled = [], []
     for p in params:
         if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            grads.append(p.grad._values())  # the values themselves (a view): scaled in place below
+            _, sums, _ = summed_rows(p.grad)  # duplicate ids summed (as the dense gradient sums them); 0 past them
+            norms.append(sums)
+            scaled.append(p.grad._values())  # scaling the uncoalesced values scales their sums alike
         elif p.grad is not None:
-            grads.append(p.grad)
-    total = torch.nn.utils.get_total_norm(grads)
+            norms.append(p.grad)
+            scaled.append(p.grad)
+    total = torch.nn.utils.get_total_norm(norms)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
-    for g in grads:
+    for g in scaled:
         g.mul_(scale.to(g.dtype))
 
 
@@ -113,19 +120,62 @@ def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = 
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: mask off the low 16 bits
 
 
+def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of an uncoalesced sparse row gradient with duplicate ids summed, in arrays of fixed length.
+
+    ``grad`` holds N ``(row, values [D])`` pairs (one per lookup, as ``F.embedding(..., sparse=True)`` makes
+    them; a row may repeat). Returns ``rows [N]``, ``sums [N, D]`` (float32) and ``last [N]``: slot ``j < U``
+    (U distinct rows) holds the j-th distinct row in ascending order and the sum of its values; slots ``j >= U``
+    hold row 0 and zeros; ``last[j] = min(j, U - 1)``. Every shape depends on N only (``coalesce`` returns U
+    rows, a number known only after a device-to-host copy), so a CUDA graph can capture it; gathering with
+    ``last`` turns the padding slots into exact copies of the last distinct row (what the optimisers update).
+
+    Example:
+        >>> ids, values = torch.tensor([[5, 2, 5]]), torch.tensor([[1.0], [2.0], [3.0]])
+        >>> g = torch.sparse_coo_tensor(ids, values, (9, 1), check_invariants=True)
+        >>> rows, sums, last = summed_rows(g)
+        >>> rows.tolist(), sums.flatten().tolist(), last.tolist()
+        ([2, 5, 0], [2.0, 4.0, 0.0], [0, 1, 1])
+    """
+    ids, values = grad._indices()[0], grad._values()
+    n = ids.numel()
+    ordered, order = torch.sort(ids)
+    first = torch.ones(n, dtype=torch.bool, device=ids.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    segment = first.cumsum(0) - 1  # (N,) the slot of each lookup: its row's rank among the distinct rows
+    sums = torch.zeros(n, values.shape[1], dtype=torch.float32, device=ids.device)
+    sums.index_add_(0, segment, values.index_select(0, order).float())
+    rows = torch.zeros_like(ids).scatter_(0, segment, ordered)  # every lookup of a row writes the same id
+    last = torch.minimum(torch.arange(n, device=ids.device), segment[-1:])
+    return rows, sums, last
+
+
 class _RowSparseOptimizer(torch.optim.Optimizer):
     """Base of the row-wise sparse optimisers: each parameter is a table ``[N, D]`` whose gradient is a sparse
-    COO tensor (``nn.Embedding(..., sparse=True)`` / ``F.embedding(..., sparse=True)``). A step coalesces the
-    gradient (duplicate ids in a batch are summed, as dense autograd sums them), reads the touched rows in
-    float32, applies :meth:`_update` and writes them back; rows absent from the batch are not read or written.
+    COO tensor (``nn.Embedding(..., sparse=True)`` / ``F.embedding(..., sparse=True)``). A step sums the values
+    of duplicate ids (as dense autograd sums them; :func:`summed_rows`), reads the touched rows in float32,
+    applies :meth:`_update` and writes them back; rows absent from the batch are not read or written.
+
+    Every array of a step has the batch's number of lookups as its length (not the number of distinct rows),
+    so the step has no device-to-host copy and, with ``capturable=True`` (the learning rate a float32 tensor on
+    the table's device that a schedule updates in place), a CUDA graph can record it. The lookups past the
+    distinct rows are exact copies of the last distinct row: they write the same values to the same row, so
+    the result does not depend on the order of the writes.
 
     Tables stored in bfloat16 / float16: the arithmetic is float32; the result is written back with
     round-to-nearest, or, with ``stochastic_rounding=True`` and a bfloat16 table, with stochastic rounding.
     """
 
-    def __init__(self, params, defaults: dict, stochastic_rounding: bool = False) -> None:
+    graph_safe = True  # whether the update may be captured (LazyAdam keeps its step counter on the host)
+
+    def __init__(self, params, defaults: dict, stochastic_rounding: bool = False, capturable: bool = False) -> None:
+        params = list(params)
+        if capturable and not self.graph_safe:
+            raise ValueError(f"{type(self).__name__} cannot be captured in a CUDA graph (host-side step counter)")
+        if capturable and params:
+            defaults = {**defaults, "lr": torch.tensor(float(defaults["lr"]), device=params[0].device)}
         super().__init__(params, defaults)
-        self.stochastic_rounding = stochastic_rounding
+        self.stochastic_rounding, self.capturable = stochastic_rounding, capturable and bool(params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -139,13 +189,13 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has a dense gradient: build the "
                         "table with sparse=True (EmbeddingTable(..., sparse=True)) or use optimizer: adam for it"
                     )
-                grad = p.grad.coalesce()
-                rows, values = grad.indices()[0], grad.values().float()
-                if rows.numel() == 0:
+                if p.grad._nnz() == 0:
                     continue
-                new = self._update(p, self.state[p], group, rows, values, p.index_select(0, rows).float())
+                rows, sums, last = summed_rows(p.grad)
+                rows, sums = rows.index_select(0, last), sums.index_select(0, last)
+                new = self._update(p, self.state[p], group, rows, sums, p.index_select(0, rows).float())
                 if self.stochastic_rounding and p.dtype == torch.bfloat16:
-                    new = _stochastic_round_bf16(new)
+                    new = _stochastic_round_bf16(new).index_select(0, last)  # the copies get the same rounding
                 p.index_copy_(0, rows, new.to(p.dtype))
         return loss
 
@@ -160,6 +210,11 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             for key, value in entry.items():
                 if torch.is_tensor(value):  # LazyAdam's step counter stays on the host
                     self.state[p][key] = value.clone() if key == "step" else value.to(p.device, copy=True)
+        for group in self.param_groups:  # a captured step reads the lr from its tensor: keep it one
+            if self.capturable and not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
+            elif self.capturable:
+                group["lr"] = group["lr"].to(group["params"][0].device)
 
     def _update(self, p, state, group, rows, grad, weight):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -178,8 +233,10 @@ class RowwiseAdagrad(_RowSparseOptimizer):
     gradient: no difference from the dense method except the row-wise accumulator).
     """
 
-    def __init__(self, params, lr: float = 0.01, eps: float = 1e-8, stochastic_rounding: bool = False) -> None:
-        super().__init__(params, {"lr": lr, "eps": eps}, stochastic_rounding)
+    def __init__(
+        self, params, lr: float = 0.01, eps: float = 1e-8, stochastic_rounding: bool = False, capturable: bool = False
+    ) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps}, stochastic_rounding, capturable)
 
     def _update(self, p, state, group, rows, grad, weight):
         if "sum" not in state:
@@ -203,12 +260,21 @@ class LazyAdam(_RowSparseOptimizer):
     Adam only when every row is in every batch. (This is ``torch.optim.SparseAdam``'s rule, without its
     per-element dense state layout restriction.) The state is two float32 tables ``[N, D]``: lazy Adam saves the
     compute of dense Adam, not its memory — use :class:`RowwiseAdagrad` when the state must not triple the table.
+    Its step counter lives on the host, so a step with lazy Adam is not captured in a CUDA graph (eager step).
     """
 
+    graph_safe = False
+
     def __init__(
-        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, stochastic_rounding: bool = False
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        stochastic_rounding: bool = False,
+        capturable: bool = False,
     ) -> None:
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, stochastic_rounding)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, stochastic_rounding, capturable)
 
     def _update(self, p, state, group, rows, grad, weight):
         if "step" not in state:
