@@ -58,6 +58,7 @@ MLPERF_CARDINALITIES = [
 TEACHER_BUCKETS = 1 << 16  # hashed per-id teacher effects per feature (the teacher, not the model, is hashed)
 # kernel families of the step profile: the first family whose any pattern is in a kernel's (lower-case) name
 FAMILIES = [
+    ("compiled", ("triton_poi", "triton_red", "triton_per")),  # torch.compile's fused elementwise/reduction kernels
     ("embedding_bwd", ("embedding_backward", "embedding_dense_backward", "compute_grad_weight", "sum_and_scatter",
                        "krn_partial", "segment_offsets", "radixsort", "radix_sort", "index_put", "scatter")),
     ("embedding_fwd", ("embedding", "indexselect", "index_select", "gather")),

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from mtrank.config import TrainConfig
+from mtrank.config import ModelConfig, TaskConfig, TrainConfig
+from mtrank.data.tensors import TensorData
+from mtrank.model import MultiTaskModel
 from mtrank.nn.embedding import EmbeddingTable
+from mtrank.train import Trainer
 from mtrank.train.optim import LazyAdam, RowwiseAdagrad, make_optimizer, make_scheduler, summed_rows
 
 
@@ -158,11 +161,41 @@ def test_a_capturable_rowwise_adagrad_keeps_a_tensor_lr_that_the_schedule_moves_
     state = opt.state_dict()
     again = make_optimizer([*dense.parameters(), table.weight], config, torch.device("cpu"), True, [table.weight])
     again.load_state_dict(state)
-    assert torch.is_tensor(again.sparse.param_groups[0]["lr"]) and float(again.sparse.param_groups[0]["lr"]) == float(
-        lr
-    )
+    restored = again.sparse.param_groups[0]["lr"]
+    assert torch.is_tensor(restored) and float(restored) == float(lr)
 
 
 def test_lazy_adam_refuses_to_be_captured():
     with pytest.raises(ValueError, match="LazyAdam cannot be captured"):
         LazyAdam([torch.nn.Parameter(torch.zeros(3, 2))], capturable=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU (run on the GPU machine)")
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_graphed_rowwise_adagrad_steps_equal_eager_ones(clip):
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.stack([torch.randint(0, 40, (512,), generator=g), torch.randint(0, 12, (512,), generator=g)], 1)
+    labels = torch.stack([(sparse[:, 0] % 2 == 0).float(), (sparse[:, 1] % 3 == 0).float()], 1)
+    data = TensorData(torch.randn(512, 3, generator=g), sparse, labels)
+    weights = {}
+    for graphs in (True, False):
+        sparse = {"optimizer": "rowwise_adagrad", "lr": 0.05}
+        cfg = TrainConfig(
+            steps=12, batch_size=64, lr=0.01, device="cuda", progress=False, sparse=sparse, grad_clip=clip,
+            schedule="cosine", warmup_steps=3,
+        )  # fmt: skip
+        model = MultiTaskModel(
+            ModelConfig(
+                inputs={"num_dense": 3, "vocab_sizes": [40, 12], "embedding_dim": 4},
+                tasks=[TaskConfig("click", "binary"), TaskConfig("buy", "binary")],
+                experts={"hidden": [8]},
+            ),
+            seed=0,
+        )
+        trainer = Trainer(model, cfg, cuda_graphs=graphs)
+        trainer.fit(data)
+        assert trainer.step_path == ("cuda_graph" if graphs else "eager")
+        assert (trainer.graphed_step.replays > 0) if graphs else trainer.graphed_step is None
+        weights[graphs] = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-5, msg=name)

@@ -265,25 +265,6 @@ def test_the_cuda_graph_plan_graphs_rowwise_adagrad_and_names_lazy_adam_as_why_t
     assert not possible and reason.startswith("train.sparse.optimizer='lazy_adam'")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU (run on the GPU machine)")
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_graphed_rowwise_adagrad_steps_equal_eager_ones(clip):
-    data = tiny_data(n=512)
-    weights = {}
-    for graphs in (True, False):
-        cfg = TrainConfig(
-            steps=12, batch_size=64, lr=0.01, device="cuda", progress=False, sparse=SPARSE, grad_clip=clip,
-            schedule="cosine", warmup_steps=3,
-        )  # fmt: skip
-        trainer = Trainer(tiny_model(), cfg, cuda_graphs=graphs)
-        trainer.fit(data)
-        assert trainer.step_path == ("cuda_graph" if graphs else "eager")
-        assert (trainer.graphed_step.replays > 0) if graphs else trainer.graphed_step is None
-        weights[graphs] = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
-    for name, value in weights[True].items():
-        torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-5, msg=name)
-
-
 def test_an_ensemble_refuses_sparse_tables_in_one_line():
     ensemble = Ensemble(tiny_model().config, [0, 1])
     with pytest.raises(ValueError, match=r"^train.sparse.optimizer='lazy_adam': an ensemble's R stacked tables"):

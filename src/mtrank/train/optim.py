@@ -126,26 +126,29 @@ def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     ``grad`` holds N ``(row, values [D])`` pairs (one per lookup, as ``F.embedding(..., sparse=True)`` makes
     them; a row may repeat). Returns ``rows [N]``, ``sums [N, D]`` (float32) and ``last [N]``: slot ``j < U``
     (U distinct rows) holds the j-th distinct row in ascending order and the sum of its values; slots ``j >= U``
-    hold row 0 and zeros; ``last[j] = min(j, U - 1)``. Every shape depends on N only (``coalesce`` returns U
-    rows, a number known only after a device-to-host copy), so a CUDA graph can capture it; gathering with
-    ``last`` turns the padding slots into exact copies of the last distinct row (what the optimisers update).
+    hold zeros and row ``j mod rows`` (spread over the table, so that adding their zeros does not make every
+    padding slot wait on one row's atomics); ``last[j] = min(j, U - 1)``. Every shape depends on N only
+    (``coalesce`` returns U rows, a number known only after a device-to-host copy), so a CUDA graph can capture
+    it; gathering with ``last`` turns the padding slots into exact copies of the last distinct row.
 
     Example:
         >>> ids, values = torch.tensor([[5, 2, 5]]), torch.tensor([[1.0], [2.0], [3.0]])
         >>> g = torch.sparse_coo_tensor(ids, values, (9, 1), check_invariants=True)
         >>> rows, sums, last = summed_rows(g)
         >>> rows.tolist(), sums.flatten().tolist(), last.tolist()
-        ([2, 5, 0], [2.0, 4.0, 0.0], [0, 1, 1])
+        ([2, 5, 2], [2.0, 4.0, 0.0], [0, 1, 1])
     """
     ids, values = grad._indices()[0], grad._values()
     n = ids.numel()
     ordered, order = torch.sort(ids)
     first = torch.ones(n, dtype=torch.bool, device=ids.device)
     first[1:] = ordered[1:] != ordered[:-1]
-    segment = first.cumsum(0) - 1  # (N,) the slot of each lookup: its row's rank among the distinct rows
+    segment = first.cumsum(0) - 1  # (N,) slot of the i-th smallest id: its row's rank among the distinct rows
+    slot = torch.empty_like(segment).scatter_(0, order, segment)  # the slot of each lookup, in the batch's order
     sums = torch.zeros(n, values.shape[1], dtype=torch.float32, device=ids.device)
-    sums.index_add_(0, segment, values.index_select(0, order).float())
-    rows = torch.zeros_like(ids).scatter_(0, segment, ordered)  # every lookup of a row writes the same id
+    sums.index_add_(0, slot, values.float())
+    rows = torch.arange(n, device=ids.device).remainder_(grad.shape[0])
+    rows.scatter_(0, segment, ordered)  # every lookup of a row writes the same id
     last = torch.minimum(torch.arange(n, device=ids.device), segment[-1:])
     return rows, sums, last
 
@@ -191,13 +194,17 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                     )
                 if p.grad._nnz() == 0:
                     continue
-                rows, sums, last = summed_rows(p.grad)
-                rows, sums = rows.index_select(0, last), sums.index_select(0, last)
-                new = self._update(p, self.state[p], group, rows, sums, p.index_select(0, rows).float())
-                if self.stochastic_rounding and p.dtype == torch.bfloat16:
-                    new = _stochastic_round_bf16(new).index_select(0, last)  # the copies get the same rounding
-                p.index_copy_(0, rows, new.to(p.dtype))
+                self._apply(p, self.state[p], group, *summed_rows(p.grad))
         return loss
+
+    def _apply(self, p, state, group, rows, sums, last) -> None:
+        """Update the rows of ``p`` from :func:`summed_rows`: the padding slots become copies of the last distinct
+        row, :meth:`_update` gives the new rows (float32), written back in ``p``'s dtype."""
+        rows, sums = rows.index_select(0, last), sums.index_select(0, last)
+        new = self._update(p, state, group, rows, sums, p.index_select(0, rows).float())
+        if self.stochastic_rounding and p.dtype == torch.bfloat16:
+            new = _stochastic_round_bf16(new).index_select(0, last)  # the copies get the same rounding
+        p.index_copy_(0, rows, new.to(p.dtype))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``Optimizer.load_state_dict``, but the state stays float32: the base class casts floating state to
@@ -237,6 +244,19 @@ class RowwiseAdagrad(_RowSparseOptimizer):
         self, params, lr: float = 0.01, eps: float = 1e-8, stochastic_rounding: bool = False, capturable: bool = False
     ) -> None:
         super().__init__(params, {"lr": lr, "eps": eps}, stochastic_rounding, capturable)
+
+    def _apply(self, p, state, group, rows, sums, last) -> None:
+        """A float32 table: the update is added (``index_add_``; the padding slots add 0), the same arithmetic as
+        reading, updating and writing back the rows up to float rounding, with fewer bytes moved and no copy of
+        the last row; other dtypes round the new rows (the base class)."""
+        if p.dtype != torch.float32:
+            return super()._apply(p, state, group, rows, sums, last)
+        if "sum" not in state:
+            state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        state["sum"].index_add_(0, rows, sums.pow(2).mean(1))
+        scale = group["lr"] / (state["sum"].index_select(0, rows).sqrt() + group["eps"])
+        p.index_add_(0, rows, sums * -scale.unsqueeze(1))
+        return None
 
     def _update(self, p, state, group, rows, grad, weight):
         if "sum" not in state:
