@@ -198,7 +198,7 @@ def profile_families(trainer: Trainer, data: TensorData, steps: int) -> dict:
     shares: dict[str, float] = {}
     for name, value in times.items():
         shares[family(name)] = shares.get(family(name), 0.0) + value / total
-    top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:30]
     return {
         "unit": unit,
         "source": f"{trainer.step_path} steps",
