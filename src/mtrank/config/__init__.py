@@ -24,7 +24,7 @@ from mtrank.config.model import (
     TaskConfig,
     TowerConfig,
 )
-from mtrank.config.train import BALANCERS, BalancingConfig, SparseConfig, TrainConfig
+from mtrank.config.train import BALANCERS, BalancingConfig, CompileConfig, SparseConfig, TrainConfig
 
 __all__ = [
     "BALANCERS",
@@ -34,6 +34,7 @@ __all__ = [
     "BagConfig",
     "BalancingConfig",
     "BiasConfig",
+    "CompileConfig",
     "BlockConfig",
     "Config",
     "ConfigError",

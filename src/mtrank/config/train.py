@@ -226,6 +226,49 @@ class SparseConfig(Config):
         return self.optimizer != "dense"
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileConfig(Config):
+    """``torch.compile`` of the step's forward + loss (:mod:`mtrank.train.step`; docs/architecture.md, "The
+    compiled step"). ``compile: true`` is ``compile: {backend: inductor}``; ``compile: aot_eager`` names a backend.
+
+    Args:
+        backend: ``inductor`` (generated fused kernels: Triton on CUDA, C++ on CPU), ``aot_eager`` (the traced
+            forward and AOTAutograd backward run by eager kernels: checks tracing, no fusion) or ``eager`` (Dynamo
+            only).
+        mode: inductor's mode: ``default`` or ``max-autotune-no-cudagraphs`` (autotuned GEMM and Triton
+            configurations, a longer compile). The modes that use inductor's own CUDA graphs
+            (``reduce-overhead``, ``max-autotune``) are refused: mtrank captures the whole step in its own graph.
+        dynamic: compile for symbolic batch sizes (``torch.compile(dynamic=True)``); false (default) specialises
+            on the full batch's shapes. Either way a short batch (an epoch's last) runs the step eagerly.
+    """
+
+    shorthand: ClassVar[str] = "backend"
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    mode: str = "default"
+    dynamic: bool = False
+
+    def check(self, path: str) -> None:
+        graphs = self.mode in ("reduce-overhead", "max-autotune")
+        check(
+            not graphs,
+            join(path, "mode"),
+            f"{self.mode!r} uses inductor's own CUDA graphs, but mtrank captures the whole step in one CUDA graph; "
+            f"use one of {list(COMPILE_MODES)}",
+        )
+        check(
+            self.mode in COMPILE_MODES, join(path, "mode"), f"unknown {self.mode!r}; use one of {list(COMPILE_MODES)}"
+        )
+        check(
+            self.mode == "default" or self.backend == "inductor",
+            join(path, "mode"),
+            f"{self.mode!r} is an inductor mode, but backend is {self.backend!r}; use mode: default or backend: inductor",
+        )
+
+
 @dataclass
 class TrainConfig(Config):
     """How a model is trained.
@@ -265,6 +308,9 @@ class TrainConfig(Config):
             e.g. ``balancing: pcgrad`` or ``balancing: {type: dwa, temperature: 2}``); default ``fixed``.
         sparse: the categorical embedding table's optimizer (:class:`SparseConfig`, e.g. ``sparse:
             rowwise_adagrad`` or ``sparse: {optimizer: rowwise_adagrad, lr: 0.05}``); default ``dense``.
+        compile: ``torch.compile`` the step's forward + loss: ``false`` (default), ``true`` (inductor), a backend
+            name, or a :class:`CompileConfig` mapping (``compile: {backend: inductor, mode:
+            max-autotune-no-cudagraphs}``).
     """
 
     section: ClassVar[str] = "train"
@@ -294,6 +340,7 @@ class TrainConfig(Config):
     distill_weight: float = 1.0
     balancing: BalancingConfig = field(default_factory=BalancingConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    compile: CompileConfig | bool = False  # (CompileConfig first: its messages name a bad mode or backend)
 
     def check(self, path: str) -> None:
         check(0 < self.lr < math.inf, join(path, "lr"), f"must be > 0 and finite, got {self.lr}")
@@ -318,6 +365,13 @@ class TrainConfig(Config):
             f"{self.sparse.optimizer!r} gives the table sparse gradients, which train.balancing's per-task gradients "
             f"({self.balancing.type!r}, conflict_every) do not handle: use train.sparse: dense or another balancing",
         )
+
+    @property
+    def compile_options(self) -> CompileConfig | None:
+        """The ``compile`` section as a :class:`CompileConfig` (``true`` = inductor's defaults); None when off."""
+        if isinstance(self.compile, CompileConfig):
+            return self.compile
+        return CompileConfig() if self.compile else None
 
 
 def monitor_choices(task_types: dict[str, str]) -> list[str]:

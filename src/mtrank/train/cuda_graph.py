@@ -19,7 +19,9 @@ static input buffers, and the graph runs the step that :class:`~mtrank.train.ste
 
 Warm-up: the first ``warmup_steps`` full batches run eagerly on a side stream (cuBLAS / allocator
 initialisation must not happen during capture, as the PyTorch CUDA-graph notes require); the next one is
-captured and every later full batch replays it. If capture fails, the exception is recorded in
+captured and every later full batch replays it. With ``train.compile`` the first warm-up step compiles the
+step's forward + loss (and, in its backward, AOTAutograd's backward), so the capture records the compiled
+kernels and nothing is compiled during the capture; inductor's own CUDA graphs stay off. If capture fails, the exception is recorded in
 :attr:`GraphedStep.failure`, a warning says so, and training goes on eagerly (the trainer's ``step_path``
 then reads ``eager`` with the failure as its reason). A failed capture leaves the CUDA generator marked as
 capturing, so every later random draw outside a graph would raise "Offset increment outside graph capture";

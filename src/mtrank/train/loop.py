@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mtrank.config import TrainConfig
+from mtrank.config import CompileConfig, TrainConfig
 from mtrank.config.train import check_monitor
 from mtrank.evaluate.conflict import flat_record
 from mtrank.evaluate.metrics import higher_is_better
@@ -103,6 +103,15 @@ class DivergenceGuard:
             f"training diverged at step {step}: {what}; lower train.lr (now {cfg.lr:g}) or {clip}, and check the "
             "labels' scale"
         )
+
+
+def compiled_reason(options: CompileConfig) -> str:
+    """What ``train.compile`` does to the step, for ``step_path_reason``."""
+    mode = f", mode {options.mode}" if options.backend == "inductor" else ""
+    return (
+        f"forward + loss torch.compile'd (train.compile: backend {options.backend}{mode}, dynamic "
+        f"{str(options.dynamic).lower()}) for full batches; a short batch runs them eagerly"
+    )
 
 
 class Runs(Protocol):
@@ -198,6 +207,9 @@ class TrainingLoop:
         self.cuda_graphs = possible and cuda_graphs is not False
         self.step_path = "cuda_graph" if self.cuda_graphs else "eager"
         self.step_path_reason = reason if cuda_graphs is not False or not possible else "disabled by cuda_graphs=False"
+        if (options := self.config.compile_options) is not None:  # "cuda_graph+compiled" or "compiled"
+            self.step_path = "cuda_graph+compiled" if self.cuda_graphs else "compiled"
+            self.step_path_reason += f"; {compiled_reason(options)}"
         self.optimizer = make_optimizer(runs.parameters(), config, runs.device, self.cuda_graphs, runs.tables())
         self.callbacks = default_callbacks(config, description) if callbacks is None else list(callbacks)
         if self.rank != 0:
@@ -307,7 +319,11 @@ class TrainingLoop:
         seconds = time.perf_counter() - start
         graph = step_fn.graph
         if graph is not None and graph.failure:  # the path it ran, not the plan
-            self.step_path, self.step_path_reason = "eager", f"CUDA graph capture failed: {graph.failure}"
+            compiled = self.step_path.endswith("compiled")
+            self.step_path = "compiled" if compiled else "eager"
+            self.step_path_reason = f"CUDA graph capture failed: {graph.failure}"
+            if compiled:
+                self.step_path_reason += f"; {compiled_reason(self.config.compile_options)}"
         restore = [r for r in range(num) if results[r].best_step > 0]
         if best is not None and restore:
             runs.restore(best, restore)

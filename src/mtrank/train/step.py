@@ -4,20 +4,27 @@ Eager, or recorded once in a CUDA graph and replayed (:mod:`mtrank.train.cuda_gr
 very function, so the two paths cannot drift apart. Whatever the loop trains (one model, a data-parallel
 model, an ensemble of R stacked runs) it gives the step a :class:`~mtrank.train.loop.Runs` and a way to turn
 a batch key (row indices, or a streamed batch) into tensors.
+
+With ``train.compile`` the forward and the loss (autocast casts, the towers' and the loss's elementwise work)
+are one ``torch.compile``d function (:meth:`TrainStep.forward_losses`); AOTAutograd compiles its backward. Only
+full batches take it: the compiled code is specialised to their shapes, and a short batch (an epoch's last)
+runs the same function eagerly instead of recompiling. In the CUDA-graph step the compilation happens in the
+eager warm-up steps on the side stream, so the capture records the compiled kernels.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from mtrank.config import TrainConfig
+from mtrank.config import CompileConfig, TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.train.balancing import Balancer, make_balancer
 from mtrank.train.cuda_graph import GraphedStep
-from mtrank.train.losses import batch_losses
+from mtrank.train.losses import BatchLosses, batch_losses
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,11 +68,16 @@ class TrainStep:
         graphed: bool = False,
         balancer: Balancer | None = None,
     ) -> None:
-        self.runs, self.optimizer, self.config, self.batch_of = runs, optimizer, config, batch_of
+        self.runs, self.optimizer, self.config, self.batch_of, self.is_full = runs, optimizer, config, batch_of, is_full
         self.balancer = balancer if balancer is not None else make_balancer(config, runs)
         self.device = runs.device
         self.use_bf16 = config.precision == "bf16" and bf16_supported(self.device)
         self.graph: GraphedStep | None = None
+        options = config.compile_options
+        # a balancer that takes each task's gradient backpropagates through the compiled graph more than once
+        retains = bool(self.balancer.eager_reason)
+        self.compiled = compile_step(self.forward_losses, options, retains) if options is not None else None
+        self.compiled_steps = 0  # steps whose forward + loss ran compiled (a graph replay is not counted)
         if graphed:
             self.graph = GraphedStep(self.eager, is_full, lambda: optimizer.zero_grad(set_to_none=True), self.device)
 
@@ -74,13 +86,26 @@ class TrainStep:
         if set_to_none is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
         batch = self.batch_of(key)
+        if self.compiled is not None and self.is_full(key):
+            self.compiled_steps += 1
+            losses = self.compiled(batch)
+        else:
+            losses = self.forward_losses(batch)
+        self.balancer.backward(losses)  # runs are independent: each run's gradient is its own loss's
+        if self.config.grad_clip > 0:
+            self.runs.clip_gradients(self.config.grad_clip)
+        self.optimizer.step()
+        return losses.total.detach(), losses.per_task.detach(), losses.present
+
+    def forward_losses(self, batch: TensorData) -> BatchLosses:
+        """Forward under autocast, then the batch's losses: what ``train.compile`` compiles."""
         cfg = self.config
         # autocast's weight-cast cache must be off while a CUDA graph is captured (PyTorch CUDA-graph notes)
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16, cache_enabled=self.graph is None
         ):
             task_logits, aux_loss = self.runs.forward(batch)
-        losses = batch_losses(
+        return batch_losses(
             task_logits,  # with a funnel's training columns after the K task logits
             aux_loss,
             batch.labels,
@@ -92,14 +117,37 @@ class TrainStep:
             cfg.distill_weight,
             self.runs.funnel,  # dependent tasks: entire-space losses (ESMM, ESCM2, AITM)
         )
-        self.balancer.backward(losses)  # runs are independent: each run's gradient is its own loss's
-        if cfg.grad_clip > 0:
-            self.runs.clip_gradients(cfg.grad_clip)
-        self.optimizer.step()
-        return losses.total.detach(), losses.per_task.detach(), losses.present
 
     def __call__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One step; returns the fixed-weight loss and the per-task losses (what the history reports)."""
         total, per_task, present = self.graph(key) if self.graph is not None else self.eager(key)
         self.balancer.observe(per_task, present)  # outside the graph: the methods' state updates
         return total, per_task
+
+
+def compile_step(method: Callable, options: CompileConfig, retain_graph: bool = False) -> Callable:
+    """``torch.compile`` of a bound method of one step, as ``options`` say, never with inductor's own CUDA graphs
+    (the step's graph is ours; the mode is inductor's only).
+
+    Dynamo keeps its compiled versions per code object, at most ``torch._dynamo.config.recompile_limit`` (8) of
+    them, then silently runs the code eagerly; a process that builds many models (a tuning run, a study) would
+    reach that limit. So each step compiles its own copy of the method's code object: its one version (the full
+    batch's shapes) cannot crowd out another step's, and it is freed with the step. Inductor's FX-graph cache
+    still serves a graph compiled before, so a rebuilt step of the same architecture compiles faster.
+    ``retain_graph``: the backward may run several times (per-task gradients), which AOTAutograd's donated
+    buffers forbid: they are turned off for this function.
+    """
+    function = method.__func__
+    own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+    mode = options.mode if options.backend == "inductor" and options.mode != "default" else None
+    compiled = torch.compile(
+        types.MethodType(own, method.__self__), backend=options.backend, mode=mode, dynamic=options.dynamic
+    )
+    if not retain_graph:
+        return compiled
+
+    def without_donated_buffers(*args: Any) -> Any:
+        with torch._functorch.config.patch(donated_buffer=False):
+            return compiled(*args)
+
+    return without_donated_buffers

@@ -98,6 +98,8 @@ class Trainer:
     * With ``checkpoint_dir`` set, a checkpoint is written at every evaluation and an interrupted run resumes
       from it, continuing exactly where it stopped; a checkpoint of another configuration is refused.
     * On CUDA the whole step is one CUDA graph where that is exact (:mod:`mtrank.train.cuda_graph`).
+    * With ``train.compile`` the step's forward + loss is ``torch.compile``d (:mod:`mtrank.train.step`); the
+      model itself is not wrapped, so its ``state_dict``, evaluation, export and checkpoints are unchanged.
 
     Args:
         model: the model (its initialisation is seeded by ``MultiTaskModel(config, seed=...)``).
@@ -139,7 +141,8 @@ class Trainer:
 
     @property
     def step_path(self) -> str:
-        """``"cuda_graph"`` or ``"eager"``; :attr:`step_path_reason` says why."""
+        """``"cuda_graph"`` or ``"eager"``, or with ``train.compile`` ``"cuda_graph+compiled"`` or ``"compiled"``;
+        :attr:`step_path_reason` says why."""
         return self.loop.step_path
 
     @property
