@@ -21,10 +21,11 @@ Warm-up: the first ``warmup_steps`` full batches run eagerly on a side stream (c
 initialisation must not happen during capture, as the PyTorch CUDA-graph notes require); the next one is
 captured and every later full batch replays it. With ``train.compile`` the first warm-up step compiles the
 step's forward + loss (and, in its backward, AOTAutograd's backward), so the capture records the compiled
-kernels and nothing is compiled during the capture; inductor's own CUDA graphs stay off. If capture fails, the exception is recorded in
-:attr:`GraphedStep.failure`, a warning says so, and training goes on eagerly (the trainer's ``step_path``
-then reads ``eager`` with the failure as its reason). A failed capture leaves the CUDA generator marked as
-capturing, so every later random draw outside a graph would raise "Offset increment outside graph capture";
+kernels and nothing is compiled during the capture; inductor's own CUDA graphs stay off.
+If capture fails, the exception is recorded in :attr:`GraphedStep.failure`, a warning says so, and training
+goes on eagerly (the trainer's ``step_path`` then reads ``eager``, or ``compiled``, with the failure as its
+reason). A failed capture leaves the CUDA generator marked as capturing, so every later random draw outside a
+graph would raise "Offset increment outside graph capture";
 :func:`release_generator` gives it back its seed and offset in a fresh state.
 """
 
