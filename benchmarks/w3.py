@@ -20,6 +20,7 @@ W2 (``benchmarks/_peers/workloads.py``): 26 x 10,000-row tables (dim 16), 8 MLP 
     python3 benchmarks/w3.py --workload W2 --batch-sizes 4096 65536 --lrs 4096=0.001,0.002 \\
         65536=0.004,0.008,0.016 --epochs 4 --json docs/results/scale-h200/w2_batch.json
     python3 benchmarks/w3.py --device cpu --quick --workload W3      # every code path, tiny, on CPU
+    python3 benchmarks/w3.py --workload W2 --batch-sizes 65536 --compile     # train.compile: true (inductor)
     python3 benchmarks/w3.py --summary docs/results/scale-h200            # the table of a gpu_scale.sh run
 
 ``--quick`` shrinks tables, widths, rows and steps so that every path runs in seconds on CPU (what the tests run).
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -226,6 +228,7 @@ def train_config(args, batch_size: int, lr: float, **extra) -> TrainConfig:
         device=args.device,
         progress=False,
         eval_every=10**9,
+        compile=args.compile,
         **extra,
     )
 
@@ -409,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         help="model.inputs.pad_to: the block input's width rounded up to a multiple of this (W3's is 13 + 26 x 128 "
         "= 3,341, odd: 64 makes it 3,392 for aligned tensor-core GEMMs)",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        type=yaml.safe_load,
+        help="train.compile (YAML): bare = inductor; e.g. aot_eager or '{mode: max-autotune-no-cudagraphs}'",
+    )
     parser.add_argument("--lrs", nargs="*", default=[], help="AUC study: BATCH=LR[,LR...] per batch size")
     parser.add_argument("--epochs", type=int, default=4, help="AUC study: epochs per run")
     parser.add_argument("--auc-rows", type=int, default=4_000_000, help="AUC study: training rows")
@@ -439,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": args.optimizer,
         "pad_to": args.pad_to,
         "sparse": args.sparse,
+        "compile": args.compile,
         "measured_bf16_matmul_tflops": peak,
         "quick": args.quick,
         "batches": {},
