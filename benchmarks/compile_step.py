@@ -10,7 +10,7 @@
    the median samples/s of each, and their ratio.
 
     python3 benchmarks/compile_step.py --device cpu --workload W2 --batch-sizes 4096 --steps 20 \\
-        --warmup-steps 3 --threads 1 --rounds 3 --json docs/results/compile-cpu.json
+        --warmup-steps 3 --threads 1 --matmul-size 1024 --rounds 3 --json docs/results/compile-cpu.json
     python3 benchmarks/compile_step.py --device cuda --workload W2 --batch-sizes 65536 --steps 200 \\
         --threads 16 --rounds 3 --json docs/results/compile-h200-w2.json
 
