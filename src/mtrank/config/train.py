@@ -265,7 +265,8 @@ class CompileConfig(Config):
         check(
             self.mode == "default" or self.backend == "inductor",
             join(path, "mode"),
-            f"{self.mode!r} is an inductor mode, but backend is {self.backend!r}; use mode: default or backend: inductor",
+            f"{self.mode!r} is an inductor mode, but backend is {self.backend!r}; use mode: default or "
+            "backend: inductor",
         )
 
 
