@@ -282,13 +282,14 @@ def cmd_read(args) -> dict:
             for group in args.groups:
                 for name, src in sources.items():
                     cmd = [sys.executable, __file__, "_read", str(path), str(workers), str(group), str(args.batch_size)]
-                    if args.pin:
-                        cmd.append("--pin")
+                    cmd += ["--pin"] if args.pin else []
+                    cmd += ["--copy"] if args.copy else []
                     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
                     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                     run = json.loads(done.stdout.strip().splitlines()[-1])
                     runs[name].setdefault(f"workers_{workers}_group_{group}", []).append(run)
-    out: dict = {"batch_size": args.batch_size, "pin_memory": args.pin, "rows": args.rows, "repeats": args.repeats}
+    out: dict = {"batch_size": args.batch_size, "pin_memory": args.pin, "copy": args.copy, "rows": args.rows}
+    out["repeats"] = args.repeats
     out["sources"] = sources
     for name, by_key in runs.items():
         median = {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in by_key.items()}
@@ -310,19 +311,29 @@ def cmd_read(args) -> dict:
     return out
 
 
-def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool) -> None:
+def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool, copy: bool) -> None:
     """One epoch through ``stream_loader`` (child process of ``read``); prints JSON: rows/s and CPU seconds per
-    million rows of this process (the trainer's) and of its reader processes (0 readers: all in this one)."""
+    million rows of this process (the trainer's) and of its reader processes (0 readers: all in this one).
+    ``copy``: this process copies what it receives, as the pin thread does on CUDA (into pageable memory here);
+    with ``stream_items`` (the new code) item by item, releasing each to its reader, else batch by batch."""
     import torch
 
     torch.set_num_threads(1)
-    from mtrank.data.streaming import EncodedStream, stream_loader
+    from mtrank.data import streaming
 
     cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
-    stream = EncodedStream(path, cfg, encoder, batch_size, seed=0)
+    stream = streaming.EncodedStream(path, cfg, encoder, batch_size, seed=0)
+    if copy and hasattr(streaming, "stream_items"):
+        batches = (b for item in _copied_items(stream, workers, group) for b in item.batches())
+    else:
+        batches = streaming.stream_loader(stream, workers, pin_memory=pin, group=group)
+        if copy:
+            from mtrank.train.prefetch import map_tensors
+
+            batches = (map_tensors(b, torch.clone) for b in batches)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start, rows = time.perf_counter(), 0
-    for batch in stream_loader(stream, workers, pin_memory=pin, group=group):
+    for batch in batches:
         rows += len(batch)
     seconds = time.perf_counter() - start
     own, readers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -335,6 +346,18 @@ def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool)
         "reader_cpu_s_per_m": reader_cpu / rows * 1e6,
     }
     print(json.dumps(result))
+
+
+def _copied_items(stream, workers: int, group: int):
+    """The items of ``stream``, each copied on arrival and released to its reader (what ``Group.pin_memory``
+    does, without a GPU)."""
+    from mtrank.data.streaming import Group, stream_items
+
+    for item in stream_items(stream, workers, group=group, recycle=True):
+        weights = None if item.weights is None else item.weights.clone()
+        copied = Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), weights, item.sizes)
+        item.release()
+        yield copied
 
 
 def cmd_prefetch_check(args) -> dict:
@@ -464,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, nargs="+", default=[1, 16], help="batches per item between processes")
     p.add_argument("--pin", action="store_true", help="pin the items (as for a GPU)")
     p.add_argument("--repeats", type=int, default=1, help="epochs per setting (median kept)")
+    p.add_argument("--copy", action="store_true", help="the trainer's process copies what it receives (as pinning)")
     p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
     p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -482,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("group", type=int)
     p.add_argument("batch_size", type=int)
     p.add_argument("--pin", action="store_true")
+    p.add_argument("--copy", action="store_true")
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
@@ -489,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "_read":
-        _read_epoch(args.path, args.read_workers, args.group, args.batch_size, args.pin)
+        _read_epoch(args.path, args.read_workers, args.group, args.batch_size, args.pin, args.copy)
         return 0
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)

@@ -221,3 +221,34 @@ def test_a_reader_process_sends_each_item_as_one_shared_memory_segment(shards):
     batches = [b for item in items for b in item.batches()]
     ids = np.sort(np.concatenate([b.labels[:, 1].numpy() for b in batches]))
     np.testing.assert_array_equal(ids, np.sort(frame.ts.iloc[:240].to_numpy()).astype(np.float32))
+
+
+def test_a_writer_rewrites_only_the_buffers_whose_lease_was_released():
+    storage = [np.arange(60, dtype=np.float32).reshape(20, 3), np.arange(20, dtype=np.int32), np.zeros((20, 1))]
+    writer = streaming.GroupWriter(batch_size=2, group=2, shared=False, recycle=True)
+    first, second = list(writer.write(storage, np.arange(8)))
+    assert first.lease.item() == 1 and second.lease.item() == 1
+    first.release()
+    (third,) = writer.write(storage, np.arange(8, 12))
+    assert third.dense.data_ptr() == first.dense.data_ptr()  # the released buffer, rewritten
+    np.testing.assert_array_equal(second.sparse.numpy(), [4, 5, 6, 7])  # the held one, untouched
+    np.testing.assert_array_equal(third.sparse.numpy(), [8, 9, 10, 11])
+    unpooled = streaming.GroupWriter(batch_size=2, group=2, shared=False)
+    assert all(item.lease is None for item in unpooled.write(storage, np.arange(8)))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_items_copied_and_released_on_arrival_equal_the_unrecycled_ones(shards, workers):
+    """What the pin thread does on CUDA (copy each item, then release it), with readers rewriting buffers."""
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=8)
+    expected = [b for item in stream_items(stream, workers, group=1) for b in item.batches()]
+    copies = []
+    for item in stream_items(stream, workers, group=1, recycle=True):
+        copies.append(streaming.Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), None, item.sizes))
+        item.release()
+    got = [b for item in copies for b in item.batches()]
+    assert len(got) == len(expected) == 30 > streaming.RECYCLED_ITEMS  # buffers were rewritten
+    for a, b in zip(got, expected):
+        assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)

@@ -19,9 +19,11 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    are exactly the old concatenate-permute-index buffer's, in the same order.
 2. **Item.** A :class:`GroupWriter` gathers the emitted rows straight into the item's arrays with one
    ``np.take`` per array per run of rows (not per batch); in a reader process those arrays are views of one
-   shared-memory segment allocated per item, so sending the item moves no data and costs one file descriptor
-   (a tensor that is not already in shared memory is copied into a fresh segment when it is sent, and each
-   segment costs a descriptor, a connection to pass it, and a mapping).
+   shared-memory segment per item, so sending the item moves no data and costs one file descriptor (a tensor
+   that is not already in shared memory is copied into a fresh segment when it is sent, and each segment costs
+   a descriptor, a connection to pass it, and a mapping). When the items are pinned (on CUDA), the pin thread
+   copies each one on arrival and releases it (:meth:`Group.pin_memory`), and the reader rewrites released
+   segments instead of faulting in fresh ones; unpinned items are never rewritten (the batches are their views).
 3. **Ids as int32.** When every sparse column's vocabulary fits (``max(encoder.vocab_sizes) <= 2**31``), the
    buffer and the items hold the ids as int32: 26 ids are 104 bytes a row, not 208, for every copy on the way
    (buffer, item, pinning, host-to-device). :meth:`Group.batches` widens them to the int64 the model takes,
@@ -62,6 +64,8 @@ from mtrank.data.tensors import TensorData
 
 GROUP_ROWS = 65_536  # rows a reader sends as one item by default (``group = GROUP_ROWS // batch_size``, >= 1)
 INT32_IDS = 2**31  # ids travel as int32 when every vocabulary has at most this many ids
+RECYCLED_ITEMS = 8  # items' buffers a reader keeps for reuse (in flight: its prefetch_factor 4, and the pin thread's)
+HEADER = 64  # bytes before an item's arrays in its buffer: its lease (int32), then alignment
 
 
 @dataclass
@@ -162,13 +166,18 @@ class ShuffleBuffer:
 class Group(NamedTuple):
     """What a reader process sends: ``len(sizes)`` consecutive batches, each array's rows concatenated
     (``dense [R, F_dense]``, ``sparse [R, F_cat]`` int32 or int64, ``labels [R, K]``, ``weights [R] | None``)
-    and ``sizes``, the rows of each batch (a numpy array: it stays on the host when the arrays move)."""
+    and ``sizes``, the rows of each batch (a numpy array: it stays on the host when the arrays move).
+
+    ``lease`` (``[1]`` int32, in the item's buffer) is set while the trainer's process may read the buffer; a
+    reader rewrites a buffer of its pool only once the lease is 0 (:meth:`release`: after the pin copy).
+    """
 
     dense: torch.Tensor
     sparse: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor | None
     sizes: np.ndarray
+    lease: torch.Tensor | None = None
 
     def batches(self) -> Iterator[TensorData]:
         """The batches, as views of the arrays, ids widened to int64 (once per item, where the item is)."""
@@ -183,19 +192,39 @@ class Group(NamedTuple):
         """The item without its first ``batches`` batches (views)."""
         rows = slice(int(self.sizes[:batches].sum()), None)
         weights = None if self.weights is None else self.weights[rows]
-        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, self.sizes[batches:])
+        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, self.sizes[batches:], self.lease)
+
+    def pin_memory(self) -> Group:
+        """A copy in page-locked memory (what the DataLoader's pin thread calls); the reader may then reuse this
+        item's buffer."""
+        weights = None if self.weights is None else self.weights.pin_memory()
+        pinned = Group(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), weights, self.sizes)
+        self.release()
+        return pinned
+
+    def release(self) -> None:
+        """Tell the reader that this process reads the item's buffer no more (call it after copying the item)."""
+        if self.lease is not None:
+            self.lease.fill_(0)
 
 
 class GroupWriter:
     """Emitted rows -> :class:`Group` items of ``group`` batches of ``batch_size`` rows (module docstring, 2.).
 
     The rows go straight from the shuffle buffer's storage into the item's arrays (one ``np.take`` per array per
-    call); with ``shared`` the arrays are views of one shared-memory segment per item.
+    call); with ``shared`` the arrays are views of one shared-memory segment per item. With ``recycle`` (the
+    trainer's process copies each item on arrival: the pin thread) the writer keeps up to :data:`RECYCLED_ITEMS`
+    buffers and rewrites one whose lease was released (:meth:`Group.release`); while none is, it takes a new one.
+    A fresh shared-memory segment costs a page fault per 4 KiB page on first write: ~10 ms for a 65,536-row item
+    on the benchmark machine, ~6x the gather itself.
     """
 
-    def __init__(self, batch_size: int, group: int, shared: bool) -> None:
+    def __init__(self, batch_size: int, group: int, shared: bool, recycle: bool = False) -> None:
         self.batch_size, self.rows_per_item, self.shared = batch_size, batch_size * group, shared
+        self.recycle = recycle
+        self.pool: list[torch.Tensor] = []  # buffers that may be rewritten once their lease is released
         self.arrays: list[torch.Tensor] = []  # the open item's arrays
+        self.lease: torch.Tensor | None = None  # and its lease, when its buffer is one of the pool's
         self.filled = 0  # rows written to them
 
     def write(self, storage: list[np.ndarray], positions: np.ndarray) -> Iterator[Group]:
@@ -222,8 +251,10 @@ class GroupWriter:
         full, rest = divmod(self.filled, self.batch_size)
         sizes = np.array([self.batch_size] * full + ([rest] if rest else []), dtype=np.int64)
         arrays = [a[: self.filled] for a in self.arrays]
-        self.arrays, self.filled = [], 0
-        return Group(arrays[0], arrays[1], arrays[2], arrays[3] if len(arrays) > 3 else None, sizes)
+        weights = arrays[3] if len(arrays) > 3 else None
+        item = Group(arrays[0], arrays[1], arrays[2], weights, sizes, self.lease)
+        self.arrays, self.lease, self.filled = [], None, 0
+        return item
 
     def _allocate(self, storage: list[np.ndarray]) -> list[torch.Tensor]:
         """The item's arrays, carved from one buffer (64-byte aligned), in shared memory with ``shared``."""
@@ -231,15 +262,28 @@ class GroupWriter:
         dtypes = [torch.from_numpy(s[:0]).dtype for s in storage]
         shapes = [(rows, *s.shape[1:]) for s in storage]
         sizes = [int(np.prod(shape)) * s.itemsize for shape, s in zip(shapes, storage)]
-        offsets = np.cumsum([0] + [-(-b // 64) * 64 for b in sizes])
-        if self.shared:  # allocated in shared memory (share_memory_() would copy a tensor into a new segment)
-            raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(offsets[-1])))
-        else:
-            raw = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+        offsets = np.cumsum([HEADER] + [-(-b // 64) * 64 for b in sizes])
+        raw, self.lease = self._buffer(int(offsets[-1]))
         return [
             raw[int(o) : int(o) + b].view(dtype).view(shape)
             for o, b, dtype, shape in zip(offsets, sizes, dtypes, shapes)
         ]
+
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An item's buffer (uint8) and its lease: a released one of the pool, else a new one (pooled while the
+        pool has room)."""
+        for raw in self.pool:
+            lease = raw[:4].view(torch.int32)
+            if len(raw) == nbytes and lease.item() == 0:
+                return raw, lease.fill_(1)
+        if self.shared:  # allocated in shared memory (share_memory_() would copy a tensor into a new segment)
+            raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+        else:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+        if not self.recycle or len(self.pool) == RECYCLED_ITEMS:
+            return raw, None
+        self.pool.append(raw)
+        return raw, raw[:4].view(torch.int32).fill_(1)
 
 
 class EncodedStream(IterableDataset):
@@ -288,8 +332,9 @@ class EncodedStream(IterableDataset):
         for item in self.groups(max(1, GROUP_ROWS // self.batch_size)):
             yield from item.batches()
 
-    def groups(self, group: int) -> Iterator[Group]:
-        """This worker's batches (every worker's, in one process), ``group`` per :class:`Group`."""
+    def groups(self, group: int, recycle: bool = False) -> Iterator[Group]:
+        """This worker's batches (every worker's, in one process), ``group`` per :class:`Group`; ``recycle``:
+        the consumer copies each item and releases it (:class:`GroupWriter`)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
@@ -297,7 +342,7 @@ class EncodedStream(IterableDataset):
         pieces = self.pieces()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
         seed = self.seed * 7919 + self.epoch * 31 + worker
-        buffer, writer = None, GroupWriter(self.batch_size, group, shared=info is not None)
+        buffer, writer = None, GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
@@ -339,14 +384,15 @@ def use_reader_memory_pool() -> None:
 
 
 class GroupedStream(IterableDataset):
-    """``stream``'s batches, ``group`` at a time, as :class:`Group` items (what a reader process sends)."""
+    """``stream``'s batches, ``group`` at a time, as :class:`Group` items (what a reader process sends);
+    ``recycle``: see :meth:`EncodedStream.groups`."""
 
-    def __init__(self, stream: EncodedStream, group: int) -> None:
+    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False) -> None:
         super().__init__()
-        self.stream, self.group = stream, max(1, group)
+        self.stream, self.group, self.recycle = stream, max(1, group), recycle
 
     def __iter__(self) -> Iterator[Group]:
-        return self.stream.groups(self.group)
+        return self.stream.groups(self.group, self.recycle)
 
     @staticmethod
     def pack(batches: list[TensorData]) -> Group:
@@ -365,13 +411,19 @@ def _as_is(item: Group) -> Group:
 
 
 def stream_items(
-    stream: EncodedStream, workers: int, pin_memory: bool = False, group: int | None = None
+    stream: EncodedStream,
+    workers: int,
+    pin_memory: bool = False,
+    group: int | None = None,
+    recycle: bool | None = None,
 ) -> Iterator[Group]:
     """The items of ``stream`` (:class:`Group`), read by ``workers`` reader processes (a DataLoader; 0 = read in
     this process).
 
     ``group`` batches travel between processes as one item (default ``GROUP_ROWS // batch_size``; 1 = one
     batch per item); ``pin_memory`` puts them in page-locked memory (for an asynchronous copy to a GPU).
+    ``recycle`` (default: ``pin_memory``): readers may rewrite an item's buffer once it is released
+    (:meth:`Group.release`; the pin copy does it), so a consumer that keeps views of an item must not release it.
     A :class:`DataError` raised in a reader process arrives wrapped in that process's traceback; it is raised
     again here with its own one-line message."""
     if group is None:
@@ -384,7 +436,8 @@ def stream_items(
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     try:
-        yield from DataLoader(GroupedStream(stream, group), **kwargs)
+        recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
+        yield from DataLoader(GroupedStream(stream, group, recycle=recycle), **kwargs)
     except DataError as err:
         raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
 
