@@ -81,9 +81,10 @@ class Batch:
 class ShuffleBuffer:
     """Rows in, shuffled rows out, holding at most ``capacity + one input chunk`` rows (module docstring, 1.).
 
-    :meth:`add` and :meth:`drain` return the *positions* (in :attr:`storage`) of the rows to emit, in emission
-    order; they stay valid until the next :meth:`add`. :meth:`push` and :meth:`flush` return copies, batch by
-    batch. The rows of a buffer are stored with ``dtypes`` (default: the first chunk's).
+    :meth:`add` (or :meth:`reserve`, write the rows in place, :meth:`commit`) and :meth:`drain` return the
+    *positions* (in :attr:`storage`) of the rows to emit, in emission order; they stay valid until the next
+    :meth:`add` or :meth:`reserve`. :meth:`push` and :meth:`flush` return copies, batch by batch. The rows of a
+    buffer are stored with ``dtypes`` (default: the first chunk's).
 
     Example:
         >>> buf = ShuffleBuffer(capacity=4, seed=0)
@@ -104,12 +105,22 @@ class ShuffleBuffer:
 
     def add(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
         """Append a chunk of rows; the positions of the rows to emit now (full batches, or none)."""
+        rows = len(arrays[0])
+        for view, chunk in zip(self.reserve(rows, [(a.shape[1:], a.dtype) for a in arrays]), arrays):
+            view[:] = chunk
+        return self.commit(rows, batch_size)
+
+    def reserve(self, rows: int, columns: list[tuple[tuple, np.dtype]]) -> list[np.ndarray]:
+        """Views of the next ``rows`` rows of the storage (``columns``: each array's row shape and dtype), to
+        write a chunk into in place; :meth:`commit` adds them."""
         self._compact()
-        n = len(arrays[0])
-        self._reserve(arrays, self.rows + n)
-        for store, chunk in zip(self.storage, arrays):
-            store[self.rows : self.rows + n] = chunk
-        self.rows += n
+        self._allocate(columns, self.rows + rows)
+        return [store[self.rows : self.rows + rows] for store in self.storage]
+
+    def commit(self, rows: int, batch_size: int) -> np.ndarray:
+        """Add the ``rows`` rows written after the last :meth:`reserve`; the positions of the rows to emit now
+        (full batches, or none)."""
+        self.rows += rows
         if self.rows < self.capacity:
             return np.empty(0, dtype=np.int64)
         return self._emit(batch_size, keep=self.capacity // 2)
@@ -151,13 +162,13 @@ class ShuffleBuffer:
             store[:k] = scratch[:k]
         self.kept = None
 
-    def _reserve(self, arrays: list[np.ndarray], rows: int) -> None:
+    def _allocate(self, columns: list[tuple[tuple, np.dtype]], rows: int) -> None:
         """Storage for ``rows`` rows (allocated at the first chunk: ``capacity`` + its rows; grown if needed)."""
         if self.storage and rows <= len(self.storage[0]):
             return
-        size = max(rows, self.capacity + len(arrays[0]))
-        dtypes = self.dtypes or [a.dtype for a in arrays]
-        storage = [np.empty((size, *a.shape[1:]), dtype=d) for a, d in zip(arrays, dtypes)]
+        size = max(rows, self.capacity + rows - self.rows)
+        dtypes = self.dtypes or [dtype for _, dtype in columns]
+        storage = [np.empty((size, *shape), dtype=d) for (shape, _), d in zip(columns, dtypes)]
         for new, old in zip(storage, self.storage):
             new[: self.rows] = old[: self.rows]
         self.storage = storage
@@ -342,7 +353,8 @@ class EncodedStream(IterableDataset):
         pieces = self.pieces()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
         seed = self.seed * 7919 + self.epoch * 31 + worker
-        buffer, writer = None, GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle)
+        buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed)
+        writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
@@ -351,30 +363,30 @@ class EncodedStream(IterableDataset):
             for record_batch in piece.to_batches(**read):
                 if record_batch.num_rows == 0:
                     continue
-                arrays = self._encode(record_batch, source)
-                if buffer is None:
-                    dtypes = [a.dtype for a in arrays]
-                    buffer = ShuffleBuffer(
-                        self.config.data.shuffle_buffer, seed, [dtypes[0], self.id_dtype, *dtypes[2:]]
-                    )
-                emitted = buffer.add(arrays, self.batch_size)  # (may reallocate the storage)
+                rows = buffer.reserve(record_batch.num_rows, self.columns)  # encoded in place, no copy
+                self._encode_into(record_batch, source, rows)
+                emitted = buffer.commit(record_batch.num_rows, self.batch_size)
                 yield from writer.write(buffer.storage, emitted)
-        if buffer is not None:
-            emitted = buffer.drain()
-            yield from writer.write(buffer.storage, emitted)
+        emitted = buffer.drain()
+        yield from writer.write(buffer.storage, emitted)
         yield from writer.close()
 
-    def _encode(self, record_batch, source: str) -> list[np.ndarray]:
-        dense, sparse = self.encoder.transform(record_batch, source)
+    @property
+    def columns(self) -> list[tuple[tuple, np.dtype]]:
+        """Row shape and dtype of each array of a row: dense, sparse ids, labels (and weights)."""
+        columns = [((self.encoder.num_dense,), np.dtype(np.float32))]
+        columns += [((len(self.encoder.categorical_names),), np.dtype(self.id_dtype))]
+        columns += [((len(self.config.tasks),), np.dtype(np.float32))]
+        return columns + ([((), np.dtype(np.float32))] if self.config.data.weight_column else [])
+
+    def _encode_into(self, record_batch, source: str, rows: list[np.ndarray]) -> None:
+        """Encode ``record_batch`` into ``rows`` (views of the shuffle buffer: :attr:`columns`)."""
+        dense, sparse = self.encoder.transform(record_batch, source, out=(rows[0], rows[1]))
         self.encoder.check_finite(dense, record_batch, source)
         labels = encode_labels(record_batch, self.config.tasks, source)
-        if self.labels is not None and self.labels.active:  # on the scale the model learns
-            labels = self.labels.transform(labels)
-        arrays = [dense, sparse, labels]
-        weights = encode_weights(record_batch, self.config.data.weight_column, source)
-        if weights is not None:
-            arrays.append(weights)
-        return arrays
+        rows[2][:] = self.labels.transform(labels) if self.labels is not None and self.labels.active else labels
+        if len(rows) > 3:
+            rows[3][:] = encode_weights(record_batch, self.config.data.weight_column, source)
 
 
 def use_reader_memory_pool() -> None:
