@@ -252,3 +252,19 @@ def test_items_copied_and_released_on_arrival_equal_the_unrecycled_ones(shards, 
     assert len(got) == len(expected) == 30 > streaming.RECYCLED_ITEMS  # buffers were rewritten
     for a, b in zip(got, expected):
         assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_sample_weights_arrive_with_their_rows(tmp_path, workers):
+    frame = make_frame(n=120)
+    frame["w"] = (frame.ts % 7 + 1).astype(float)
+    train = write_shards(tmp_path / "train", frame)
+    frame.to_csv(tmp_path / "valid.csv", index=False)
+    cfg = stream_config(train, tmp_path / "valid.csv")
+    cfg.data.weight_column = "w"
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame), batch_size=16)
+    batches = list(stream_loader(stream, workers, group=3))
+    ts = np.concatenate([b.labels[:, 1].numpy() for b in batches]).astype(int)
+    weights = np.concatenate([b.weights.numpy() for b in batches])
+    np.testing.assert_array_equal(np.sort(ts), np.sort(frame.ts.to_numpy()))
+    np.testing.assert_array_equal(weights, frame.set_index("ts").loc[ts, "w"].to_numpy(np.float32))
