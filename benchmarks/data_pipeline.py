@@ -11,6 +11,7 @@ Nothing is committed: data goes under ``--data`` (default /tmp/mtrank-w2).
     python3 benchmarks/data_pipeline.py train --rows 2000000 --steps 300 --batch-size 4096 --workers 1 4 8 \
         --precision bf16 --repeats 2 --baseline                      # on a GPU: files vs memory, graphed step
     python benchmarks/data_pipeline.py read --rows 1000000 --workers 1 2 --groups 1 16  # readers alone, rows/s
+    python benchmarks/data_pipeline.py read --rows 1000000 --workers 0 1 --before-src /tmp/main-src --repeats 3
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000     # peak RSS of a streaming epoch
     python benchmarks/data_pipeline.py memory --rows 1000000 10000000 --with-training --threads 1
 
@@ -263,23 +264,115 @@ def cmd_train(args) -> dict:
 
 
 def cmd_read(args) -> dict:
-    """Rows/s of the readers alone (no training): one epoch of the directory through ``stream_loader`` for each
-    number of reader processes and each group (batches per item sent between processes), pinned or not."""
-    from mtrank.data.streaming import EncodedStream, stream_loader
+    """Rows/s of the readers alone (no training): one epoch of the directory through ``stream_loader`` (what the
+    trainer's process receives: batches, ids int64) for each number of reader processes and each group (batches
+    per item sent between processes), pinned or not. Each epoch runs in a fresh process (``_read``), which also
+    reports the CPU seconds of the trainer's process and of its readers (steadier than rows/s on a shared
+    machine). With ``--before-src DIR`` the same epochs run with the ``mtrank`` package under DIR (e.g. the
+    ``src`` of ``git archive main``), interleaved with this checkout's, repeat by repeat."""
+    import mtrank
 
     path = generated(args.data, args.rows)
-    cfg, encoder, _ = fitted_encoder(path, min(args.rows, 200_000))
-    out = {}
-    for workers in args.workers:
-        for group in args.groups:
-            stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=0)
-            start, rows = time.perf_counter(), 0
-            for batch in stream_loader(stream, workers, pin_memory=args.pin, group=group):
-                rows += len(batch)
-            rate = rows / (time.perf_counter() - start)
-            out[f"workers_{workers}_group_{group}"] = rate
-            print(f"readers {workers:>2}, group {group:>3}: {rate:>12,.0f} rows/s ({rows:,} rows)")
-    return {"rows_per_s": out, "batch_size": args.batch_size, "pin_memory": args.pin, "rows": args.rows}
+    sources = {"after": str(Path(mtrank.__file__).resolve().parents[1])}
+    if args.before_src:
+        sources = {"before": str(Path(args.before_src).resolve()), **sources}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in sources}
+    for _ in range(args.repeats):
+        for workers in args.workers:
+            for group in args.groups:
+                for name, src in sources.items():
+                    cmd = [sys.executable, __file__, "_read", str(path), str(workers), str(group), str(args.batch_size)]
+                    cmd += ["--pin"] if args.pin else []
+                    cmd += ["--copy"] if args.copy else []
+                    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+                    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                    run = json.loads(done.stdout.strip().splitlines()[-1])
+                    runs[name].setdefault(f"workers_{workers}_group_{group}", []).append(run)
+    out: dict = {"batch_size": args.batch_size, "pin_memory": args.pin, "copy": args.copy, "rows": args.rows}
+    out["repeats"] = args.repeats
+    out["sources"] = sources
+    for name, by_key in runs.items():
+        median = {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in by_key.items()}
+        best = {  # the least disturbed epoch: on a shared machine the others only ever slow one down
+            k: {m: float(max(r[m] for r in v) if m == "rows_per_s" else min(r[m] for r in v)) for m in v[0]}
+            for k, v in by_key.items()
+        }
+        out[name] = {"rows_per_s": {k: m["rows_per_s"] for k, m in median.items()}, "median": median, "best": best}
+        out[name]["runs"] = by_key
+    out["rows_per_s"] = out["after"]["rows_per_s"]
+    print(f"{'median (best) of ' + str(args.repeats):>30} {'rows/s':>22} {'reader CPU s/1M rows':>22} {'trainer':>14}")
+    for key in runs["after"]:
+        for name in sources:
+            m, b = out[name]["median"][key], out[name]["best"][key]
+            print(
+                f"{name:>6} {key:>23} {m['rows_per_s']:>10,.0f} ({b['rows_per_s']:>9,.0f}) "
+                f"{m['reader_cpu_s_per_m']:>13.3f} ({b['reader_cpu_s_per_m']:.3f}) "
+                f"{m['trainer_cpu_s_per_m']:>6.3f} ({b['trainer_cpu_s_per_m']:.3f})"
+            )
+        if "before" in out:
+            speedup = {}
+            for stat in ("median", "best"):
+                after, before = out["after"][stat][key], out["before"][stat][key]
+                speedup[stat] = {
+                    "rows_per_s": after["rows_per_s"] / before["rows_per_s"],
+                    "reader_cpu": before["reader_cpu_s_per_m"] / after["reader_cpu_s_per_m"],
+                }
+            out.setdefault("speedup", {})[key] = speedup
+            m, b = speedup["median"], speedup["best"]
+            print(
+                f"{'':>6} {key:>23} after / before: {m['rows_per_s']:.2f}x rows/s ({b['rows_per_s']:.2f}x best), "
+                f"{m['reader_cpu']:.2f}x less reader CPU per row ({b['reader_cpu']:.2f}x best)"
+            )
+    return out
+
+
+def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool, copy: bool) -> None:
+    """One epoch through ``stream_loader`` (child process of ``read``); prints JSON: rows/s and CPU seconds per
+    million rows of this process (the trainer's) and of its reader processes (0 readers: all in this one).
+    ``copy``: this process copies what it receives, as the pin thread does on CUDA (into pageable memory here);
+    with ``stream_items`` (the new code) item by item, releasing each to its reader, else batch by batch."""
+    import torch
+
+    torch.set_num_threads(1)
+    from mtrank.data import streaming
+
+    cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
+    stream = streaming.EncodedStream(path, cfg, encoder, batch_size, seed=0)
+    if copy and hasattr(streaming, "stream_items"):
+        batches = (b for item in _copied_items(stream, workers, group) for b in item.batches())
+    else:
+        batches = streaming.stream_loader(stream, workers, pin_memory=pin, group=group)
+        if copy:
+            from mtrank.train.prefetch import map_tensors
+
+            batches = (map_tensors(b, torch.clone) for b in batches)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start, rows = time.perf_counter(), 0
+    for batch in batches:
+        rows += len(batch)
+    seconds = time.perf_counter() - start
+    own, readers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    trainer_cpu = own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime
+    reader_cpu = readers.ru_utime + readers.ru_stime if workers else trainer_cpu
+    result = {
+        "rows": rows,
+        "rows_per_s": rows / seconds,
+        "trainer_cpu_s_per_m": trainer_cpu / rows * 1e6,
+        "reader_cpu_s_per_m": reader_cpu / rows * 1e6,
+    }
+    print(json.dumps(result))
+
+
+def _copied_items(stream, workers: int, group: int):
+    """The items of ``stream``, each copied on arrival and released to its reader (what ``Group.pin_memory``
+    does, without a GPU)."""
+    from mtrank.data.streaming import Group, stream_items
+
+    for item in stream_items(stream, workers, group=group, recycle=True):
+        weights = None if item.weights is None else item.weights.clone()
+        copied = Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), weights, item.sizes)
+        item.release()
+        yield copied
 
 
 def cmd_prefetch_check(args) -> dict:
@@ -408,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[1, 16], help="batches per item between processes")
     p.add_argument("--pin", action="store_true", help="pin the items (as for a GPU)")
+    p.add_argument("--repeats", type=int, default=1, help="epochs per setting (median kept)")
+    p.add_argument("--copy", action="store_true", help="the trainer's process copies what it receives (as pinning)")
+    p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
     p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
@@ -419,12 +515,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-workers", type=int, default=1)
     p.add_argument("--with-training", action="store_true", help="also take an optimiser step on every batch")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0 = torch's default)")
+    p = sub.add_parser("_read", help=argparse.SUPPRESS)
+    p.add_argument("path")
+    p.add_argument("read_workers", type=int)
+    p.add_argument("group", type=int)
+    p.add_argument("batch_size", type=int)
+    p.add_argument("--pin", action="store_true")
+    p.add_argument("--copy", action="store_true")
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
     p.add_argument("--with-training", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "_read":
+        _read_epoch(args.path, args.read_workers, args.group, args.batch_size, args.pin, args.copy)
+        return 0
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0

@@ -81,6 +81,7 @@ def test_stream_source_yields_the_loaders_batches_from_the_skipped_one_on(shards
         everything = list(stream_loader(stream, workers, group=group))
         assert_same_batches(list(source.keys(epoch)), everything)
         assert_same_batches(list(source.keys(epoch, skip=6)), everything[6:])
+        assert_same_batches(list(source.keys(epoch, skip=7)), everything[7:])  # inside an item too
     rows = np.sort(np.concatenate([b.labels[:, 1].numpy() for b in everything]))
     np.testing.assert_array_equal(rows, np.sort(shards[2].ts.iloc[:240].to_numpy()).astype(np.float32))
 
@@ -93,3 +94,12 @@ def test_resuming_with_another_reader_grouping_warns_that_the_order_changes(shar
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         source.check_position({"workers": 0})  # a checkpoint from before groups: nothing to say
+
+
+def test_a_prefetched_item_moves_its_tensors_and_keeps_its_batch_sizes_on_the_host():
+    data = make_synthetic(n=12, seed=2)
+    item = GroupedStream.pack([data[slice(0, 8)], data[slice(8, 12)]])
+    moved = map_tensors(item, lambda t: t.clone())
+    assert type(moved) is type(item) and moved.sizes is item.sizes and moved.weights is None
+    assert moved.dense is not item.dense and torch.equal(moved.dense, item.dense)
+    assert_same_batches(list(GroupedStream.unpack(moved)), [data[slice(0, 8)], data[slice(8, 12)]])

@@ -2,11 +2,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import mtrank
 from mtrank.config.experiment import experiment_from_dict
+from mtrank.data import streaming
 from mtrank.data.encoders import FeatureEncoder
-from mtrank.data.streaming import EncodedStream, ShuffleBuffer, stream_loader
+from mtrank.data.streaming import EncodedStream, ShuffleBuffer, stream_items, stream_loader
 from tabular_helpers import config, make_frame, one_torch_thread  # noqa: F401
 
 
@@ -143,3 +145,126 @@ def test_streaming_takes_its_validation_rows_from_the_test_file_when_asked(shard
     assert result.rows == {"train": 240, "valid": 30, "test": 30}
     assert result.train_result.best_step > 0
     assert all("valid/loss" in h for h in result.train_result.history)
+
+
+class ReferenceShuffleBuffer:
+    """The shuffle buffer as first written (concatenate, permute, index each batch): the rule the fast one keeps."""
+
+    def __init__(self, capacity, seed):
+        self.capacity, self.rng, self.parts, self.rows = max(1, capacity), np.random.default_rng(seed), [], 0
+
+    def push(self, arrays, batch_size):
+        self.parts.append(arrays)
+        self.rows += len(arrays[0])
+        if self.rows >= self.capacity:
+            yield from self.emit(batch_size, keep=self.capacity // 2)
+
+    def emit(self, batch_size, keep):
+        if not self.parts:
+            return
+        columns = [np.concatenate(col) for col in zip(*self.parts)]
+        order = self.rng.permutation(self.rows)
+        emit = self.rows - keep
+        emit = emit - emit % batch_size if keep else emit
+        for start in range(0, emit, batch_size):
+            yield [c[order[start : min(start + batch_size, emit)]] for c in columns]
+        rest = order[emit:]
+        self.parts = [[c[rest] for c in columns]] if rest.size else []
+        self.rows = int(rest.size)
+
+
+@pytest.mark.parametrize("capacity,batch_size", [(100, 16), (64, 240), (7, 1), (1000, 32)])
+def test_shuffle_buffer_emits_the_reference_buffers_batches_in_the_same_order(capacity, batch_size):
+    rng = np.random.default_rng(capacity)
+    sizes = rng.integers(1, 60, size=40)  # uneven chunks, some larger than a batch, some smaller
+    chunks = [[rng.normal(size=(n, 3)).astype(np.float32), rng.integers(0, 9, size=(n, 2))] for n in sizes]
+    fast, reference = ShuffleBuffer(capacity, seed=5), ReferenceShuffleBuffer(capacity, seed=5)
+    got = [b for chunk in chunks for b in fast.push(chunk, batch_size)] + list(fast.flush(batch_size))
+    expected = [b for chunk in chunks for b in reference.push(chunk, batch_size)]
+    expected += list(reference.emit(batch_size, keep=0))
+    assert len(got) == len(expected) > 1
+    for a, b in zip(got, expected):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert fast.rows == 0
+
+
+def test_ids_travel_as_int32_and_arrive_as_the_encoders_int64_ids(shards, monkeypatch):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    encoder = FeatureEncoder(cfg.features).fit(frame.iloc[:240])
+    narrow = EncodedStream(str(train), cfg, encoder, batch_size=50)
+    monkeypatch.setattr(streaming, "INT32_IDS", max(encoder.vocab_sizes) - 1)  # one vocabulary too large
+    wide = EncodedStream(str(train), cfg, encoder, batch_size=50)
+    assert narrow.id_dtype == np.int32 and wide.id_dtype == np.int64
+    for stream in (narrow, wide):
+        item = next(iter(stream.groups(2)))
+        assert item.sparse.dtype == torch.from_numpy(np.empty(0, stream.id_dtype)).dtype
+        batches = list(stream_loader(stream, 0))
+        assert all(b.sparse.dtype == torch.int64 for b in batches)
+        ts = np.concatenate([b.labels[:, 1].numpy() for b in batches]).astype(int)
+        sparse = np.concatenate([b.sparse.numpy() for b in batches])
+        _, expected = encoder.transform(frame.set_index("ts").loc[ts].reset_index())
+        np.testing.assert_array_equal(sparse, expected)
+
+
+def test_a_reader_process_sends_each_item_as_one_shared_memory_segment(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=16)
+    items = list(stream_items(stream, 1, group=4))
+    assert [len(i.sizes) for i in items] == [4, 4, 4, 3] and items[-1].sizes.tolist() == [16, 16, 16]
+    for item in items:
+        tensors = [item.dense, item.sparse, item.labels]
+        assert all(t.is_shared() for t in tensors)
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1  # one segment, three views
+    batches = [b for item in items for b in item.batches()]
+    ids = np.sort(np.concatenate([b.labels[:, 1].numpy() for b in batches]))
+    np.testing.assert_array_equal(ids, np.sort(frame.ts.iloc[:240].to_numpy()).astype(np.float32))
+
+
+def test_a_writer_rewrites_only_the_buffers_whose_lease_was_released():
+    storage = [np.arange(60, dtype=np.float32).reshape(20, 3), np.arange(20, dtype=np.int32), np.zeros((20, 1))]
+    writer = streaming.GroupWriter(batch_size=2, group=2, shared=False, recycle=True)
+    first, second = list(writer.write(storage, np.arange(8)))
+    assert first.lease.item() == 1 and second.lease.item() == 1
+    first.release()
+    (third,) = writer.write(storage, np.arange(8, 12))
+    assert third.dense.data_ptr() == first.dense.data_ptr()  # the released buffer, rewritten
+    np.testing.assert_array_equal(second.sparse.numpy(), [4, 5, 6, 7])  # the held one, untouched
+    np.testing.assert_array_equal(third.sparse.numpy(), [8, 9, 10, 11])
+    unpooled = streaming.GroupWriter(batch_size=2, group=2, shared=False)
+    assert all(item.lease is None for item in unpooled.write(storage, np.arange(8)))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_items_copied_and_released_on_arrival_equal_the_unrecycled_ones(shards, workers):
+    """What the pin thread does on CUDA (copy each item, then release it), with readers rewriting buffers."""
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=8)
+    expected = [b for item in stream_items(stream, workers, group=1) for b in item.batches()]
+    copies = []
+    for item in stream_items(stream, workers, group=1, recycle=True):
+        copies.append(streaming.Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), None, item.sizes))
+        item.release()
+    got = [b for item in copies for b in item.batches()]
+    assert len(got) == len(expected) == 30 > streaming.RECYCLED_ITEMS  # buffers were rewritten
+    for a, b in zip(got, expected):
+        assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_sample_weights_arrive_with_their_rows(tmp_path, workers):
+    frame = make_frame(n=120)
+    frame["w"] = (frame.ts % 7 + 1).astype(float)
+    train = write_shards(tmp_path / "train", frame)
+    frame.to_csv(tmp_path / "valid.csv", index=False)
+    cfg = stream_config(train, tmp_path / "valid.csv")
+    cfg.data.weight_column = "w"
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame), batch_size=16)
+    batches = list(stream_loader(stream, workers, group=3))
+    ts = np.concatenate([b.labels[:, 1].numpy() for b in batches]).astype(int)
+    weights = np.concatenate([b.weights.numpy() for b in batches])
+    np.testing.assert_array_equal(np.sort(ts), np.sort(frame.ts.to_numpy()))
+    np.testing.assert_array_equal(weights, frame.set_index("ts").loc[ts, "w"].to_numpy(np.float32))

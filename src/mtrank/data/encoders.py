@@ -706,20 +706,27 @@ class FeatureEncoder:
 
     # ----------------------------------------------------------------------------------- transforming
 
-    def transform(self, data: Any, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    def transform(
+        self, data: Any, source: str = "data", out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Encode rows: ``(dense float32 [N, num_dense], sparse int64 [N, F_cat])``; unseen values -> id 0.
 
         Large tables are encoded in slices of :data:`CHUNK_ROWS` rows into the two output arrays: the
         temporaries of each slice stay in cache and reuse the same heap memory, where whole-column temporaries
-        would each be fresh pages (page faults dominated encoding time on the benchmark machine).
+        would each be fresh pages (page faults dominated encoding time on the benchmark machine). ``out``: the
+        two arrays to write into and return instead (e.g. a streaming reader's buffer, reused chunk after chunk;
+        its ids may be int32 when every vocabulary fits).
         """
         if not self.fitted:
             raise RuntimeError("FeatureEncoder.transform called before fit (or load)")
         table = as_table(data)
         self._check_columns(table, source)
         n = table.num_rows
-        dense = np.empty((n, self.num_dense), dtype=np.float32)
-        sparse = np.empty((n, len(self.categorical_names)), dtype=np.int64)
+        if out is not None:
+            dense, sparse = out
+        else:
+            dense = np.empty((n, self.num_dense), dtype=np.float32)
+            sparse = np.empty((n, len(self.categorical_names)), dtype=np.int64)
         for start in range(0, n, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, n)
             self._transform_into(table.slice(start, stop - start), source, dense[start:stop], sparse[start:stop])

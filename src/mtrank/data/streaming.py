@@ -9,24 +9,49 @@ A worker reads its pieces as record batches of ``read_batch_rows``, encodes them
     when the buffer holds ``>= capacity`` rows: permute it, emit batches until ``capacity / 2`` rows are left,
     keep those (they mix with the next rows read); at the end, permute and emit what is left.
 
-Memory per worker is bounded by ``capacity + read_batch_rows`` encoded rows plus one record batch, whatever
-the size of the files; the DataLoader keeps ``prefetch_factor`` items per worker in flight.
+The rows a worker emits, in order, are cut into batches of ``batch_size`` (only the last one of an epoch may be
+shorter), and ``group`` consecutive batches travel to the trainer's process as one item, a :class:`Group`.
+How a row gets there, with as few copies and as little per-batch work as we could measure:
 
-Between processes (:func:`stream_loader`), a reader sends ``group`` consecutive batches as one item: each of
-its arrays concatenated, with the batch sizes (one shared-memory segment per array per group, not per
-batch: moving a tensor between processes costs a file descriptor and a mapping, whatever its size). The
-trainer's process splits the item back into batches (views, no copy). With ``pin_memory`` the DataLoader's
-pin thread copies each item into page-locked memory, so the copy to the GPU can be asynchronous
-(:class:`~mtrank.train.prefetch.Prefetcher`). Items arrive worker by worker in turn, so the batch order
-depends on the number of workers and on ``group`` (fixed for a given seed, epoch, workers and group).
+1. **Buffer.** :class:`ShuffleBuffer` keeps its rows in arrays allocated once (``capacity + one chunk`` rows):
+   a chunk is appended with one contiguous copy, the rows emitted are *positions* in those arrays (no copy),
+   and the kept rows are gathered to the front before the next chunk (one ``np.take`` per array). Its batches
+   are exactly the old concatenate-permute-index buffer's, in the same order.
+2. **Item.** A :class:`GroupWriter` gathers the emitted rows straight into the item's arrays with one
+   ``np.take`` per array per run of rows (not per batch); in a reader process those arrays are views of one
+   shared-memory segment per item, so sending the item moves no data and costs one file descriptor (a tensor
+   that is not already in shared memory is copied into a fresh segment when it is sent, and each segment costs
+   a descriptor, a connection to pass it, and a mapping). When the items are pinned (on CUDA), the pin thread
+   copies each one on arrival and releases it (:meth:`Group.pin_memory`), and the reader rewrites released
+   segments instead of faulting in fresh ones; unpinned items are never rewritten (the batches are their views).
+3. **Ids as int32.** When every sparse column's vocabulary fits (``max(encoder.vocab_sizes) <= 2**31``), the
+   buffer and the items hold the ids as int32: 26 ids are 104 bytes a row, not 208, for every copy on the way
+   (buffer, item, pinning, host-to-device). :meth:`Group.batches` widens them to the int64 the model takes,
+   once per item, on the device the item is on (after the copy to the GPU, on the GPU).
+
+4. **Arrow's allocator.** A reader process decodes with Arrow's jemalloc pool (where pyarrow has it): with the
+   default pool (mimalloc) a forked reader spent 1.5-2.5x the CPU per row, most of it in fresh pages.
+
+In the trainer's process the DataLoader's pin thread copies each item into page-locked memory (``pin_memory``,
+on CUDA); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side stream, and
+:meth:`Group.batches` splits an item back into batches (views, no copy). Items arrive worker by worker in
+turn, so the batch order depends on the number of workers and on ``group`` (fixed for a given seed, epoch,
+workers and group).
+
+Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of ``capacity / 2 + batch``
+rows (the kept rows on their way to the front), the encoder's output for one record batch, plus one record
+batch, whatever the size of the files; the DataLoader keeps ``prefetch_factor`` items per worker in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -36,6 +61,11 @@ from mtrank.data.encoders import FeatureEncoder, LabelTransforms
 from mtrank.data.errors import DataError
 from mtrank.data.readers import check_columns, encode_labels, encode_weights, open_dataset
 from mtrank.data.tensors import TensorData
+
+GROUP_ROWS = 65_536  # rows a reader sends as one item by default (``group = GROUP_ROWS // batch_size``, >= 1)
+INT32_IDS = 2**31  # ids travel as int32 when every vocabulary has at most this many ids
+RECYCLED_ITEMS = 8  # items' buffers a reader keeps for reuse (in flight: its prefetch_factor 4, and the pin thread's)
+HEADER = 64  # bytes before an item's arrays in its buffer: its lease (int32), then alignment
 
 
 @dataclass
@@ -49,7 +79,12 @@ class Batch:
 
 
 class ShuffleBuffer:
-    """Rows in, shuffled batches out, holding at most ``capacity + one input chunk`` rows.
+    """Rows in, shuffled rows out, holding at most ``capacity + one input chunk`` rows (module docstring, 1.).
+
+    :meth:`add` (or :meth:`reserve`, write the rows in place, :meth:`commit`) and :meth:`drain` return the
+    *positions* (in :attr:`storage`) of the rows to emit, in emission order; they stay valid until the next
+    :meth:`add` or :meth:`reserve`. :meth:`push` and :meth:`flush` return copies, batch by batch. The rows of a
+    buffer are stored with ``dtypes`` (default: the first chunk's).
 
     Example:
         >>> buf = ShuffleBuffer(capacity=4, seed=0)
@@ -59,42 +94,215 @@ class ShuffleBuffer:
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
 
-    def __init__(self, capacity: int, seed: int) -> None:
+    def __init__(self, capacity: int, seed: int, dtypes: list | None = None) -> None:
         self.capacity = max(1, capacity)
         self.rng = np.random.default_rng(seed)
-        self.parts: list[list[np.ndarray]] = []
+        self.dtypes = dtypes
+        self.storage: list[np.ndarray] = []  # rows 0..rows-1 of each array, in the buffer's order
+        self.scratch: list[np.ndarray] = []  # where the kept rows are gathered before they move to the front
         self.rows = 0
+        self.kept: np.ndarray | None = None  # positions of the rows kept by the last emission, in their new order
+
+    def add(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """Append a chunk of rows; the positions of the rows to emit now (full batches, or none)."""
+        rows = len(arrays[0])
+        for view, chunk in zip(self.reserve(rows, [(a.shape[1:], a.dtype) for a in arrays]), arrays):
+            view[:] = chunk
+        return self.commit(rows, batch_size)
+
+    def reserve(self, rows: int, columns: list[tuple[tuple, np.dtype]]) -> list[np.ndarray]:
+        """Views of the next ``rows`` rows of the storage (``columns``: each array's row shape and dtype), to
+        write a chunk into in place; :meth:`commit` adds them."""
+        self._compact()
+        self._allocate(columns, self.rows + rows)
+        return [store[self.rows : self.rows + rows] for store in self.storage]
+
+    def commit(self, rows: int, batch_size: int) -> np.ndarray:
+        """Add the ``rows`` rows written after the last :meth:`reserve`; the positions of the rows to emit now
+        (full batches, or none)."""
+        self.rows += rows
+        if self.rows < self.capacity:
+            return np.empty(0, dtype=np.int64)
+        return self._emit(batch_size, keep=self.capacity // 2)
+
+    def drain(self) -> np.ndarray:
+        """The positions of every row left (the end of the stream)."""
+        self._compact()
+        return self._emit(1, keep=0) if self.rows else np.empty(0, dtype=np.int64)
 
     def push(self, arrays: list[np.ndarray], batch_size: int) -> Iterator[list[np.ndarray]]:
-        self.parts.append(arrays)
-        self.rows += len(arrays[0])
-        if self.rows >= self.capacity:
-            yield from self._emit(batch_size, keep=self.capacity // 2)
+        """:meth:`add`, with the emitted rows copied out as batches of ``batch_size``."""
+        yield from self._copies(self.add(arrays, batch_size), batch_size)
 
     def flush(self, batch_size: int) -> Iterator[list[np.ndarray]]:
-        yield from self._emit(batch_size, keep=0)
+        """:meth:`drain`, as batches of ``batch_size`` (the last one may be shorter)."""
+        yield from self._copies(self.drain(), batch_size)
 
-    def _emit(self, batch_size: int, keep: int) -> Iterator[list[np.ndarray]]:
-        if not self.parts:
-            return
-        columns = [np.concatenate(col) for col in zip(*self.parts)]
+    def _copies(self, positions: np.ndarray, batch_size: int) -> Iterator[list[np.ndarray]]:
+        for start in range(0, len(positions), batch_size):
+            yield [store[positions[start : start + batch_size]] for store in self.storage]
+
+    def _emit(self, batch_size: int, keep: int) -> np.ndarray:
         order = self.rng.permutation(self.rows)
         emit = self.rows - keep
-        emit = emit - emit % batch_size if keep else emit  # full batches while streaming; the rest at the end
-        for start in range(0, emit, batch_size):
-            idx = order[start : min(start + batch_size, emit)]
-            yield [c[idx] for c in columns]
-        rest = order[emit:]
-        self.parts = [[c[rest] for c in columns]] if rest.size else []
-        self.rows = int(rest.size)
+        emit -= emit % batch_size  # full batches while streaming (batch_size 1 at the end: every row)
+        self.kept, self.rows = order[emit:], self.rows - emit
+        return order[:emit]
+
+    def _compact(self) -> None:
+        """Move the rows kept by the last emission to the front, in their new order (one gather per array)."""
+        if self.kept is None:
+            return
+        k = len(self.kept)
+        if not self.scratch or len(self.scratch[0]) < k:  # typically capacity / 2 + part of a batch
+            size = max(k, len(self.storage[0]) // 2)
+            self.scratch = [np.empty((size, *s.shape[1:]), s.dtype) for s in self.storage]
+        for store, scratch in zip(self.storage, self.scratch):
+            np.take(store, self.kept, axis=0, out=scratch[:k], mode="clip")  # "clip": no buffering; all valid
+            store[:k] = scratch[:k]
+        self.kept = None
+
+    def _allocate(self, columns: list[tuple[tuple, np.dtype]], rows: int) -> None:
+        """Storage for ``rows`` rows (allocated at the first chunk: ``capacity`` + its rows; grown if needed)."""
+        if self.storage and rows <= len(self.storage[0]):
+            return
+        size = max(rows, self.capacity + rows - self.rows)
+        dtypes = self.dtypes or [dtype for _, dtype in columns]
+        storage = [np.empty((size, *shape), dtype=d) for (shape, _), d in zip(columns, dtypes)]
+        for new, old in zip(storage, self.storage):
+            new[: self.rows] = old[: self.rows]
+        self.storage = storage
+
+
+class Group(NamedTuple):
+    """What a reader process sends: ``len(sizes)`` consecutive batches, each array's rows concatenated
+    (``dense [R, F_dense]``, ``sparse [R, F_cat]`` int32 or int64, ``labels [R, K]``, ``weights [R] | None``)
+    and ``sizes``, the rows of each batch (a numpy array: it stays on the host when the arrays move).
+
+    ``lease`` (``[1]`` int32, in the item's buffer) is set while the trainer's process may read the buffer; a
+    reader rewrites a buffer of its pool only once the lease is 0 (:meth:`release`: after the pin copy).
+    """
+
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor | None
+    sizes: np.ndarray
+    lease: torch.Tensor | None = None
+
+    def batches(self) -> Iterator[TensorData]:
+        """The batches, as views of the arrays, ids widened to int64 (once per item, where the item is)."""
+        dense, sparse, labels, weights = self.dense, self.sparse.long(), self.labels, self.weights
+        start = 0
+        for size in self.sizes.tolist():
+            rows = slice(start, start + size)
+            yield TensorData(dense[rows], sparse[rows], labels[rows], None if weights is None else weights[rows])
+            start += size
+
+    def drop(self, batches: int) -> Group:
+        """The item without its first ``batches`` batches (views)."""
+        rows = slice(int(self.sizes[:batches].sum()), None)
+        weights = None if self.weights is None else self.weights[rows]
+        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, self.sizes[batches:], self.lease)
+
+    def pin_memory(self) -> Group:
+        """A copy in page-locked memory (what the DataLoader's pin thread calls); the reader may then reuse this
+        item's buffer."""
+        weights = None if self.weights is None else self.weights.pin_memory()
+        pinned = Group(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), weights, self.sizes)
+        self.release()
+        return pinned
+
+    def release(self) -> None:
+        """Tell the reader that this process reads the item's buffer no more (call it after copying the item)."""
+        if self.lease is not None:
+            self.lease.fill_(0)
+
+
+class GroupWriter:
+    """Emitted rows -> :class:`Group` items of ``group`` batches of ``batch_size`` rows (module docstring, 2.).
+
+    The rows go straight from the shuffle buffer's storage into the item's arrays (one ``np.take`` per array per
+    call); with ``shared`` the arrays are views of one shared-memory segment per item. With ``recycle`` (the
+    trainer's process copies each item on arrival: the pin thread) the writer keeps up to :data:`RECYCLED_ITEMS`
+    buffers and rewrites one whose lease was released (:meth:`Group.release`); while none is, it takes a new one.
+    A fresh shared-memory segment costs a page fault per 4 KiB page on first write: ~10 ms for a 65,536-row item
+    on the benchmark machine, ~6x the gather itself.
+    """
+
+    def __init__(self, batch_size: int, group: int, shared: bool, recycle: bool = False) -> None:
+        self.batch_size, self.rows_per_item, self.shared = batch_size, batch_size * group, shared
+        self.recycle = recycle
+        self.pool: list[torch.Tensor] = []  # buffers that may be rewritten once their lease is released
+        self.arrays: list[torch.Tensor] = []  # the open item's arrays
+        self.lease: torch.Tensor | None = None  # and its lease, when its buffer is one of the pool's
+        self.filled = 0  # rows written to them
+
+    def write(self, storage: list[np.ndarray], positions: np.ndarray) -> Iterator[Group]:
+        """Gather rows ``positions`` of ``storage``; yield each item as it fills."""
+        done = 0
+        while done < len(positions):
+            if not self.arrays:
+                self.arrays = self._allocate(storage)
+            n = min(self.rows_per_item - self.filled, len(positions) - done)
+            for store, out in zip(storage, self.arrays):
+                target = out.numpy()[self.filled : self.filled + n]
+                np.take(store, positions[done : done + n], axis=0, out=target, mode="clip")
+            self.filled += n
+            done += n
+            if self.filled == self.rows_per_item:
+                yield self._finish()
+
+    def close(self) -> Iterator[Group]:
+        """The last item, if rows are left (its last batch may be short)."""
+        if self.filled:
+            yield self._finish()
+
+    def _finish(self) -> Group:
+        full, rest = divmod(self.filled, self.batch_size)
+        sizes = np.array([self.batch_size] * full + ([rest] if rest else []), dtype=np.int64)
+        arrays = [a[: self.filled] for a in self.arrays]
+        weights = arrays[3] if len(arrays) > 3 else None
+        item = Group(arrays[0], arrays[1], arrays[2], weights, sizes, self.lease)
+        self.arrays, self.lease, self.filled = [], None, 0
+        return item
+
+    def _allocate(self, storage: list[np.ndarray]) -> list[torch.Tensor]:
+        """The item's arrays, carved from one buffer (64-byte aligned), in shared memory with ``shared``."""
+        rows = self.rows_per_item
+        dtypes = [torch.from_numpy(s[:0]).dtype for s in storage]
+        shapes = [(rows, *s.shape[1:]) for s in storage]
+        sizes = [int(np.prod(shape)) * s.itemsize for shape, s in zip(shapes, storage)]
+        offsets = np.cumsum([HEADER] + [-(-b // 64) * 64 for b in sizes])
+        raw, self.lease = self._buffer(int(offsets[-1]))
+        return [
+            raw[int(o) : int(o) + b].view(dtype).view(shape)
+            for o, b, dtype, shape in zip(offsets, sizes, dtypes, shapes)
+        ]
+
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An item's buffer (uint8) and its lease: a released one of the pool, else a new one (pooled while the
+        pool has room)."""
+        for raw in self.pool:
+            lease = raw[:4].view(torch.int32)
+            if len(raw) == nbytes and lease.item() == 0:
+                return raw, lease.fill_(1)
+        if self.shared:  # allocated in shared memory (share_memory_() would copy a tensor into a new segment)
+            raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+        else:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+        if not self.recycle or len(self.pool) == RECYCLED_ITEMS:
+            return raw, None
+        self.pool.append(raw)
+        return raw, raw[:4].view(torch.int32).fill_(1)
 
 
 class EncodedStream(IterableDataset):
     """Batches of encoded rows streamed from the training files (see the module docstring).
 
     Yields :class:`mtrank.data.tensors.TensorData` batches of ``batch_size`` rows (the last one of an epoch
-    may be smaller), labels on the model's scale when ``labels`` transforms them. Call :meth:`set_epoch` before
-    each epoch to reshuffle.
+    may be smaller), labels on the model's scale when ``labels`` transforms them; :meth:`groups` yields them
+    ``group`` at a time, as a reader process sends them. Call :meth:`set_epoch` before each epoch to reshuffle.
     """
 
     def __init__(
@@ -109,6 +317,9 @@ class EncodedStream(IterableDataset):
         super().__init__()
         self.path, self.config, self.encoder, self.labels = str(path), config, encoder, labels
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.id_dtype = np.int32 if max(encoder.vocab_sizes, default=0) <= INT32_IDS else np.int64
+        # built here, once: reader processes forked from this one share them (else each built them every epoch)
+        encoder.prepare_lookups()
         dataset = open_dataset(self.path, config.data, config)
         check_columns(dataset.schema.names, config, self.path)
 
@@ -129,11 +340,21 @@ class EncodedStream(IterableDataset):
         return open_dataset(self.path, self.config.data, self.config).count_rows()
 
     def __iter__(self) -> Iterator[TensorData]:
+        for item in self.groups(max(1, GROUP_ROWS // self.batch_size)):
+            yield from item.batches()
+
+    def groups(self, group: int, recycle: bool = False) -> Iterator[Group]:
+        """This worker's batches (every worker's, in one process), ``group`` per :class:`Group`; ``recycle``:
+        the consumer copies each item and releases it (:class:`GroupWriter`)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            use_reader_memory_pool()
         pieces = self.pieces()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
-        buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed=self.seed * 7919 + self.epoch * 31 + worker)
+        seed = self.seed * 7919 + self.epoch * 31 + worker
+        buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed)
+        writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
@@ -142,76 +363,79 @@ class EncodedStream(IterableDataset):
             for record_batch in piece.to_batches(**read):
                 if record_batch.num_rows == 0:
                     continue
-                arrays = self._encode(record_batch, source)
-                for out in buffer.push(arrays, self.batch_size):
-                    yield self._tensors(out)
-        for out in buffer.flush(self.batch_size):
-            yield self._tensors(out)
+                rows = buffer.reserve(record_batch.num_rows, self.columns)  # encoded in place, no copy
+                self._encode_into(record_batch, source, rows)
+                emitted = buffer.commit(record_batch.num_rows, self.batch_size)
+                yield from writer.write(buffer.storage, emitted)
+        emitted = buffer.drain()
+        yield from writer.write(buffer.storage, emitted)
+        yield from writer.close()
 
-    def _encode(self, record_batch, source: str) -> list[np.ndarray]:
-        dense, sparse = self.encoder.transform(record_batch, source)
+    @property
+    def columns(self) -> list[tuple[tuple, np.dtype]]:
+        """Row shape and dtype of each array of a row: dense, sparse ids, labels (and weights)."""
+        columns = [((self.encoder.num_dense,), np.dtype(np.float32))]
+        columns += [((len(self.encoder.categorical_names),), np.dtype(self.id_dtype))]
+        columns += [((len(self.config.tasks),), np.dtype(np.float32))]
+        return columns + ([((), np.dtype(np.float32))] if self.config.data.weight_column else [])
+
+    def _encode_into(self, record_batch, source: str, rows: list[np.ndarray]) -> None:
+        """Encode ``record_batch`` into ``rows`` (views of the shuffle buffer: :attr:`columns`)."""
+        dense, sparse = self.encoder.transform(record_batch, source, out=(rows[0], rows[1]))
         self.encoder.check_finite(dense, record_batch, source)
         labels = encode_labels(record_batch, self.config.tasks, source)
-        if self.labels is not None and self.labels.active:  # on the scale the model learns
-            labels = self.labels.transform(labels)
-        arrays = [dense, sparse, labels]
-        weights = encode_weights(record_batch, self.config.data.weight_column, source)
-        if weights is not None:
-            arrays.append(weights)
-        return arrays
-
-    @staticmethod
-    def _tensors(arrays: list[np.ndarray]) -> TensorData:
-        weights = torch.from_numpy(arrays[3]) if len(arrays) > 3 else None
-        return TensorData(
-            torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]), torch.from_numpy(arrays[2]), weights
-        )
+        rows[2][:] = self.labels.transform(labels) if self.labels is not None and self.labels.active else labels
+        if len(rows) > 3:
+            rows[3][:] = encode_weights(record_batch, self.config.data.weight_column, source)
 
 
-GROUP_ROWS = 65_536  # rows a reader sends as one item by default (``group = GROUP_ROWS // batch_size``, >= 1)
+def use_reader_memory_pool() -> None:
+    """Arrow's jemalloc pool for this process (a reader's; module docstring, 4.), when pyarrow has one."""
+    with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its default pool
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
 
 
 class GroupedStream(IterableDataset):
-    """``stream``'s batches, ``group`` at a time, as one item: ``(dense, sparse, labels, weights | None, sizes)``
-    with the arrays of the batches concatenated (what a reader process sends; see the module docstring)."""
+    """``stream``'s batches, ``group`` at a time, as :class:`Group` items (what a reader process sends);
+    ``recycle``: see :meth:`EncodedStream.groups`."""
 
-    def __init__(self, stream: EncodedStream, group: int) -> None:
+    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False) -> None:
         super().__init__()
-        self.stream, self.group = stream, max(1, group)
+        self.stream, self.group, self.recycle = stream, max(1, group), recycle
 
-    def __iter__(self) -> Iterator[tuple]:
-        pending: list[TensorData] = []
-        for batch in self.stream:
-            pending.append(batch)
-            if len(pending) == self.group:
-                yield self.pack(pending)
-                pending = []
-        if pending:
-            yield self.pack(pending)
+    def __iter__(self) -> Iterator[Group]:
+        return self.stream.groups(self.group, self.recycle)
 
     @staticmethod
-    def pack(batches: list[TensorData]) -> tuple:
+    def pack(batches: list[TensorData]) -> Group:
+        """Batches -> one item (their arrays concatenated)."""
         whole = TensorData.concat(batches) if len(batches) > 1 else batches[0]
-        sizes = torch.tensor([len(b) for b in batches], dtype=torch.int64)
-        return whole.dense, whole.sparse, whole.labels, whole.weights, sizes
+        sizes = np.array([len(b) for b in batches], dtype=np.int64)
+        return Group(whole.dense, whole.sparse, whole.labels, whole.weights, sizes)
 
     @staticmethod
-    def unpack(item: tuple) -> Iterator[TensorData]:
-        dense, sparse, labels, weights, sizes = item
-        start = 0
-        for size in sizes.tolist():
-            rows = slice(start, start + size)
-            yield TensorData(dense[rows], sparse[rows], labels[rows], None if weights is None else weights[rows])
-            start += size
+    def unpack(item: Group) -> Iterator[TensorData]:
+        return item.batches()
 
 
-def stream_loader(
-    stream: EncodedStream, workers: int, pin_memory: bool = False, group: int | None = None
-) -> Iterator[TensorData]:
-    """The batches of ``stream``, read by ``workers`` reader processes (a DataLoader; 0 = read in this process).
+def _as_is(item: Group) -> Group:
+    return item  # the DataLoader's default would turn the numpy sizes into a tensor, which moves with the item
+
+
+def stream_items(
+    stream: EncodedStream,
+    workers: int,
+    pin_memory: bool = False,
+    group: int | None = None,
+    recycle: bool | None = None,
+) -> Iterator[Group]:
+    """The items of ``stream`` (:class:`Group`), read by ``workers`` reader processes (a DataLoader; 0 = read in
+    this process).
 
     ``group`` batches travel between processes as one item (default ``GROUP_ROWS // batch_size``; 1 = one
     batch per item); ``pin_memory`` puts them in page-locked memory (for an asynchronous copy to a GPU).
+    ``recycle`` (default: ``pin_memory``): readers may rewrite an item's buffer once it is released
+    (:meth:`Group.release`; the pin copy does it), so a consumer that keeps views of an item must not release it.
     A :class:`DataError` raised in a reader process arrives wrapped in that process's traceback; it is raised
     again here with its own one-line message."""
     if group is None:
@@ -220,10 +444,29 @@ def stream_loader(
     # generator, so a run resumed mid-epoch (one more iterator) would draw other dropout / rounding noise
     loader_seeds = torch.Generator().manual_seed(0)
     kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": pin_memory, "generator": loader_seeds}
+    kwargs["collate_fn"] = _as_is
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     try:
-        for item in DataLoader(GroupedStream(stream, group), **kwargs):
-            yield from GroupedStream.unpack(item)
+        recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
+        yield from DataLoader(GroupedStream(stream, group, recycle=recycle), **kwargs)
     except DataError as err:
         raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
+
+
+def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:
+    """``items`` from batch ``skip`` on: whole items before it are dropped, the one it falls in is cut (views)."""
+    for item in items:
+        if skip >= len(item.sizes):
+            skip -= len(item.sizes)
+            continue
+        yield item.drop(skip) if skip else item
+        skip = 0
+
+
+def stream_loader(
+    stream: EncodedStream, workers: int, pin_memory: bool = False, group: int | None = None
+) -> Iterator[TensorData]:
+    """The batches of ``stream``, read by ``workers`` reader processes (:func:`stream_items`, split)."""
+    for item in stream_items(stream, workers, pin_memory, group):
+        yield from item.batches()

@@ -1,13 +1,15 @@
 """Prefetching batches to the GPU: the host-to-device copy of the next batches overlaps the current step.
 
-:class:`Prefetcher` wraps an iterator of batches (a :class:`~mtrank.data.tensors.TensorData`, or any dataclass
-or tensor) held in host memory, ideally pinned (the reader processes' batches are pinned by the DataLoader's
-pin-memory thread). On CUDA it keeps ``depth`` batches in flight: each is copied with ``non_blocking=True`` on a
-side stream, and an event recorded after the copy; when the training loop takes a batch, its stream waits on
-that event (a wait on the GPU, not on the host) and the batch's tensors are marked as used by that stream
-(``record_stream``), so the caching allocator does not hand their memory to the next copy while a step still
-reads it. The graphed step then refills its static input buffers from these device tensors in place
-(:class:`~mtrank.train.cuda_graph.GraphedStep`): a device-to-device copy, no host sync.
+:class:`Prefetcher` wraps an iterator of batches (a :class:`~mtrank.data.tensors.TensorData`, a reader's
+:class:`~mtrank.data.streaming.Group` of batches, or any dataclass, named tuple or tensor) held in host memory,
+ideally pinned (the reader processes' items are pinned by the DataLoader's pin-memory thread); their tensors
+move, anything else in them (None, a numpy array of batch sizes) stays as it is. On CUDA it keeps ``depth``
+batches in flight: each is copied with ``non_blocking=True`` on a side stream, and an event recorded after the
+copy; when the training loop takes a batch, its stream waits on that event (a wait on the GPU, not on the host)
+and the batch's tensors are marked as used by that stream (``record_stream``), so the caching allocator does not
+hand their memory to the next copy while a step still reads it. The graphed step then refills its static input
+buffers from these device tensors in place (:class:`~mtrank.train.cuda_graph.GraphedStep`): a device-to-device
+copy, no host sync.
 
 On CPU (or any non-CUDA device) the prefetcher is the plain iterator: the same batches, in the same order,
 moved with ``.to(device)`` (a no-op for a CPU batch).
@@ -32,13 +34,20 @@ import torch
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``batch`` with ``fn`` applied to each of its tensors (a tensor, or a dataclass of tensors and Nones)."""
+    """``batch`` with ``fn`` applied to each of its tensors (a tensor, or a dataclass or named tuple whose
+    other fields are left as they are)."""
+
+    def apply(value: Any) -> Any:
+        return fn(value) if isinstance(value, torch.Tensor) else value
+
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if dataclasses.is_dataclass(batch):
         changes = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        return dataclasses.replace(batch, **{k: None if v is None else fn(v) for k, v in changes.items()})
-    raise TypeError(f"cannot prefetch a {type(batch).__name__}: give tensors or a dataclass of tensors")
+        return dataclasses.replace(batch, **{k: apply(v) for k, v in changes.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(apply(v) for v in batch))
+    raise TypeError(f"cannot prefetch a {type(batch).__name__}: give tensors, or a dataclass or named tuple of them")
 
 
 class Prefetcher:

@@ -8,14 +8,14 @@ on (so a resumed run replays exactly the batches it had not trained on), and tur
   the batch is a gather (which a CUDA graph records too). Data-parallel ranks take their own ``batch_size``
   rows of each global batch of the same order.
 * :class:`StreamSource`: encoded batches streamed from files (:class:`~mtrank.data.streaming.EncodedStream`)
-  by reader processes; a key is the batch itself, already on the device: on CUDA the readers' batches are
-  pinned and a :class:`~mtrank.train.prefetch.Prefetcher` copies the next ones on a side stream while the
-  (graphed) step runs; the graphed step refills its static inputs from them in place.
+  by reader processes; a key is the batch itself, already on the device: on CUDA the readers' items (groups of
+  batches) are pinned and a :class:`~mtrank.train.prefetch.Prefetcher` copies the next ones on a side stream
+  while the (graphed) step runs; an item is split into batches on the device (its ids widened to int64 there),
+  and the graphed step refills its static inputs from them in place.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -114,7 +114,8 @@ class StreamSource:
         device: the training device (each batch is moved there; on CUDA from pinned memory, ``prefetch``
             batches ahead on a side stream).
         rows: training rows (counted from the files when not given).
-        prefetch: batches in flight to the GPU (:class:`~mtrank.train.prefetch.Prefetcher`).
+        prefetch: reader items (``group`` batches each) in flight to the GPU
+            (:class:`~mtrank.train.prefetch.Prefetcher`).
         group: batches per item sent by a reader process (None: the default of
             :func:`~mtrank.data.streaming.stream_loader`); resuming with another group, like another number of
             workers, reads the epoch in another order.
@@ -131,12 +132,12 @@ class StreamSource:
         group: int | None = None,
         pin_memory: bool | None = None,
     ) -> None:
-        from mtrank.data.streaming import GROUP_ROWS, stream_loader
+        from mtrank.data.streaming import GROUP_ROWS, stream_items
 
         self.stream, self.workers, self.device, self.prefetch = stream, workers, device, prefetch
         self.group = group if group is not None else max(1, GROUP_ROWS // stream.batch_size)
         pin = device.type == "cuda" if pin_memory is None else pin_memory
-        self.loader = lambda: stream_loader(stream, workers, pin_memory=pin, group=self.group)
+        self.items = lambda: stream_items(stream, workers, pin_memory=pin, group=self.group)
         self.rows = rows if rows is not None else stream.count_rows()
         self.batch_size = stream.batch_size
         self.steps_per_epoch = max(1, math.ceil(self.rows / self.batch_size))
@@ -145,8 +146,11 @@ class StreamSource:
     def keys(self, epoch: int, skip: int = 0) -> Iterator[TensorData]:
         """The encoded batches of ``epoch`` on the device, from batch ``skip`` on (skipped batches are read and
         dropped before any copy)."""
+        from mtrank.data.streaming import skip_batches
+
         self.stream.set_epoch(epoch)
-        yield from Prefetcher(itertools.islice(self.loader(), skip, None), self.device, self.prefetch)
+        for item in Prefetcher(skip_batches(self.items(), skip), self.device, self.prefetch):
+            yield from item.batches()
 
     def batch(self, key: TensorData) -> TensorData:
         return key
