@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# Every GPU measurement of "production scale on one GPU" (issue 11, throughput) in one go, ~5-8 minutes on an
-# H200, from the repo root, with only python3 + torch + numpy/pandas/pyarrow (+ mtrank's own deps) and no network:
+# Every GPU measurement of "production scale on one GPU" (issue 11, throughput) in one go, ~6-8 minutes on an
+# H200, from the repo root, with only python3 + torch (+ triton for train.compile) + numpy/pandas/pyarrow
+# (+ mtrank's own deps) and no network:
 #
 #     bash benchmarks/gpu_scale.sh                     # -> docs/results/scale-h200/*.json, *.log, summary.md
 #     bash benchmarks/gpu_scale.sh --cpu-quick DIR     # every path at tiny size on CPU (what the tests run)
 #
 # 0. the prefetched batches on the GPU == the CPU path's (checksums, order, mid-epoch start); the readers
-#    alone: rows/s by reader processes (1..16) and batches per item (1, 16), pinned;
+#    alone: rows/s by reader processes, 16 batches per item, pinned;
 # 1. files to the GPU: W2-layout Parquet (6M rows, 1,200 steps: reader start-up and graph capture amortised)
-#    vs the same model from GPU memory, 1/4/8/12/16 reader processes, new path (pinned groups + prefetcher +
-#    graphed step) and the old one (--baseline: one batch per item, unpinned), bf16, batch 4,096;
-# 2. W2 in memory at batch 4,096 and 65,536: samples/s, MFU, profile, and test AUC at the best lr of a sweep;
-# 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 16k/32k/64k: samples/s, MFU, peak memory,
-#    profile by kernel family; then again with model.inputs.pad_to 64 (the odd 3,341-column input padded to
-#    3,392, aligned for tensor-core GEMMs).
-# Then a table of everything (python3 benchmarks/w3.py --summary DIR).
+#    vs the same model from GPU memory, 4/8/12/16 reader processes, bf16, batch 4,096, the graphed step;
+# 2. W2 in memory at batch 4,096 and 65,536, input padded to 64 columns, train.compile: samples/s, MFU, profile;
+# 3. the AUC price of batch 65,536: W2 (padded, not compiled: compiling changes no number that matters here,
+#    and 7 compiles would cost minutes) at each lr of a sweep per batch size, 8 epochs of 4M rows, best epoch on
+#    validation, test AUC of the best lr;
+# 4. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 65,536 as it was (dense Adam, odd input),
+#    then at 32,768 / 65,536 with the input padded to 64, the table on row-wise Adagrad (graphed) and
+#    train.compile: samples/s, MFU, peak memory, profile by kernel family.
+# Then a table of everything with a verdict per target (python3 benchmarks/w3.py --summary DIR).
 set -euo pipefail
 PY=${PYTHON:-python3}
 if [[ "${1:-}" == "--cpu-quick" ]]; then
     DEST=${2:?give a results folder}; DEV=cpu
     DP=(--rows 20000 --steps 4 --batch-size 256 --workers 0 2 --repeats 1 --device cpu --threads 1)
-    RD=(--rows 20000 --batch-size 256 --workers 0 2 --groups 1 16)
+    RD=(--rows 20000 --batch-size 256 --workers 0 2 --groups 16)
     PC=(--rows 20000 --batch-size 256 --workers 2 --device cpu)
     COMMON=(--device cpu --quick --threads 1)
-    W2=(--batch-sizes 64 128 --lrs 64=0.002 128=0.004 --profile-steps 0)
-    W3=(--batch-sizes 128)
+    W2=(--batch-sizes 64 128 --profile-steps 0 --compile aot_eager)
+    W2AUC=(--batch-sizes 64 128 --profile-steps 0 --lrs 64=0.002 128=0.004,0.008)
+    W3PLAIN=(--batch-sizes 128)
+    W3=(--batch-sizes 128 --sparse rowwise_adagrad --compile aot_eager)
     DATA=${DEST}/data
 else
     DEST=${1:-docs/results/scale-h200}; DEV=cuda
-    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 1 4 8 12 16 --repeats 2 --precision bf16)
-    RD=(--rows 2000000 --batch-size 4096 --workers 1 2 4 8 16 --groups 1 16 --pin)
+    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 4 8 12 16 --repeats 2 --precision bf16)
+    RD=(--rows 2000000 --batch-size 4096 --workers 1 8 16 --groups 16 --pin)
     PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
     COMMON=(--device cuda --threads 16)
-    W2=(--batch-sizes 4096 65536 --steps 200 --lrs 4096=0.001,0.002 65536=0.004,0.008,0.016 --epochs 4)
-    W3=(--batch-sizes 16384 32768 65536 --steps 50 --profile-steps 5)
+    W2=(--batch-sizes 4096 65536 --steps 200 --compile)
+    W2AUC=(--batch-sizes 4096 65536 --steps 50 --profile-steps 0 --epochs 8
+           --lrs 4096=0.001,0.002,0.004 65536=0.004,0.008,0.016,0.032)
+    W3PLAIN=(--batch-sizes 65536 --steps 30 --profile-steps 3 --pad-to 1)
+    W3=(--batch-sizes 32768 65536 --steps 50 --profile-steps 5 --sparse rowwise_adagrad --compile)
     DATA=/tmp/mtrank-w2
 fi
 mkdir -p "$DEST"
@@ -48,20 +56,18 @@ $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/prefetch_check.json
     | tee "$DEST/prefetch_check.log" || FAILED="the prefetch check (see $DEST/prefetch_check.log)"
 $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/read.json" read "${RD[@]}" 2>&1 | tee "$DEST/read.log"
 echo "[$SECONDS s] readers alone done"
-$PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline.json" train "${DP[@]}" --baseline \
-    2>&1 | tee "$DEST/data_pipeline.log"
+$PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline.json" train "${DP[@]}" 2>&1 \
+    | tee "$DEST/data_pipeline.log"
 echo "[$SECONDS s] files to GPU done"
-$PY benchmarks/w3.py --workload W2 "${COMMON[@]}" "${W2[@]}" --json "$DEST/w2_batch.json" 2>&1 | tee "$DEST/w2_batch.log"
-echo "[$SECONDS s] W2 batch study done"
-$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --json "$DEST/w3.json" 2>&1 | tee "$DEST/w3.log"
+$PY benchmarks/w3.py --workload W2 "${COMMON[@]}" --pad-to 64 "${W2[@]}" --json "$DEST/w2_batch.json" 2>&1 \
+    | tee "$DEST/w2_batch.log"
+echo "[$SECONDS s] W2 throughput done"
+$PY benchmarks/w3.py --workload W2 "${COMMON[@]}" --pad-to 64 "${W2AUC[@]}" --json "$DEST/w2_auc.json" 2>&1 \
+    | tee "$DEST/w2_auc.log"
+echo "[$SECONDS s] W2 AUC study done"
+$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3PLAIN[@]}" --json "$DEST/w3_plain.json" 2>&1 \
+    | tee "$DEST/w3_plain.log"
+$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" --pad-to 64 "${W3[@]}" --json "$DEST/w3.json" 2>&1 | tee "$DEST/w3.log"
 echo "[$SECONDS s] W3 done"
-# the same with the block input padded from 3,341 to 3,392 columns (model.inputs.pad_to 64: aligned GEMMs)
-$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --pad-to 64 --json "$DEST/w3_pad64.json" 2>&1 \
-    | tee "$DEST/w3_pad64.log"
-echo "[$SECONDS s] W3 padded done"
-# and with the tables on row-wise Adagrad (sparse rows, no dense Adam over 10.2M x 128; the step runs eager)
-$PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3[@]}" --pad-to 64 --sparse rowwise_adagrad \
-    --json "$DEST/w3_pad64_rowwise.json" 2>&1 | tee "$DEST/w3_pad64_rowwise.log"
-echo "[$SECONDS s] W3 padded, row-wise Adagrad done"
 $PY benchmarks/w3.py --summary "$DEST" | tee "$DEST/summary.md"
 if [[ -n ${FAILED:-} ]]; then echo "FAILED: $FAILED"; exit 1; fi

@@ -346,14 +346,15 @@ def summary(folder: Path) -> str:
             lines.append(f"| {key} | {rate:,.0f} | {ratio:.2f} | {pipeline['step_path'][key]} |")
         best = max(v for k, v in pipeline["ratio_to_memory"].items() if k != "memory" and "baseline" not in k)
         lines += ["", f"target: files >= 0.8x memory: best {best:.2f}x -> {'met' if best >= 0.8 else 'NOT met'}", ""]
-    w3_runs = ("w3.json", "w3_pad64.json", "w3_pad64_rowwise.json")
-    for name, target in (("w2_batch.json", 10e6), *((name, 2.1e6) for name in w3_runs)):
+    runs = (("w2_batch.json", 10e6), ("w2_auc.json", None), ("w3_plain.json", 2.1e6), ("w3.json", 2.1e6))
+    for name, target in runs:
         result = load(name)
         if result is None:
             continue
         lines += [
             f"{result['workload']} in device memory ({result['device']}, {result['precision']}, "
-            f"{result['optimizer']}, table {result.get('sparse', 'dense')}, inputs.pad_to {result.get('pad_to', 1)}; "
+            f"{result['optimizer']}, table {result.get('sparse', 'dense')}, inputs.pad_to {result.get('pad_to', 1)}, "
+            f"compile {result.get('compile') or 'off'}; "
             f"measured bf16 matmul {result['measured_bf16_matmul_tflops']:.1f} TFLOP/s)",
             "",
             "| batch | samples/s | TFLOP/s | MFU | peak GB | step | profile (share of step time) |",
@@ -368,17 +369,24 @@ def summary(folder: Path) -> str:
                 f"{shares} |"
             )
         fastest = max(run["samples_per_s"] for run in result["batches"].values())
-        verdict = "met" if fastest >= target else "NOT met"
-        lines += ["", f"target: >= {target / 1e6:g}M samples/s: best {fastest / 1e6:.2f}M -> {verdict}", ""]
+        if target is not None:  # (the AUC study's own throughput runs are not compiled: no verdict)
+            verdict = "met" if fastest >= target else "NOT met"
+            lines += ["", f"target: >= {target / 1e6:g}M samples/s: best {fastest / 1e6:.2f}M -> {verdict}"]
+        lines.append("")
         if "auc" in result:
             lines += ["| batch | best lr | test AUC |", "|---:|---:|---|"]
             for batch, study in result["auc"].items():
                 aucs = ", ".join(f"{k} {v:.4f}" for k, v in study["test_auc"].items())
                 lines.append(f"| {batch} | {study['best_lr']:g} | {aucs} |")
             studies = list(result["auc"].values())
-            gaps = [abs(studies[-1]["test_auc"][k] - studies[0]["test_auc"][k]) for k in studies[0]["test_auc"]]
+            # positive: the largest batch is behind the first; a large batch that is better is no loss
+            gaps = [studies[0]["test_auc"][k] - studies[-1]["test_auc"][k] for k in studies[0]["test_auc"]]
             verdict = "met" if max(gaps) <= 0.002 else "NOT met"
-            lines += ["", f"target: AUC within 0.002 of the first batch size: largest gap {max(gaps):.4f} -> {verdict}"]
+            lines += [
+                "",
+                f"target: test AUC of the largest batch at most 0.002 below the first's: largest shortfall "
+                f"{max(gaps):+.4f} -> {verdict}",
+            ]
             lines.append("")
     return "\n".join(lines)
 
