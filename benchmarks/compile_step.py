@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 "samples_per_s_median": statistics.median(rates),
                 "samples_per_s_rounds": rates,
                 "step_path": rounds[0]["batches"][batch]["step_path"],
+                "compile": rounds[0]["compile"],  # as w3.py recorded it
                 "mfu_vs_measured_bf16_matmul": statistics.median(
                     run["batches"][batch]["mfu_vs_measured_bf16_matmul"] for run in rounds
                 ),

@@ -7,7 +7,10 @@ float32 rounding (1e-6); inductor fuses and reorders reductions, so after a few 
 weights are held to rtol 1e-4, atol 1e-5.
 """
 
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +262,21 @@ def test_two_rank_ddp_compiled_equals_one_process_with_twice_the_batch(tmp_path)
     _, model, _ = train(False, steps=4)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(saved["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_compile_benchmark_checks_and_times_w3_with_and_without_compile(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compile_step
+
+    out = tmp_path / "compile.json"
+    argv = ["--device", "cpu", "--check-steps", "2", "--check-batch-size", "64", "--rounds", "1", "--compile"]
+    argv += ["aot_eager", "--workload", "W3", "--quick", "--batch-sizes", "64", "--json", str(out)]
+    compile_step.main(argv)
+    result = json.loads(out.read_text())
+    for precision in ("fp32", "bf16"):
+        check = result["check"][precision]["compiled"]
+        assert check["step_path"] == "compiled" and check["max_loss_diff"] <= 1e-5
+    speed = result["speed"]["64"]
+    assert speed["uncompiled"]["step_path"] == "eager" and speed["uncompiled"]["compile"] is False
+    assert speed["compiled"]["step_path"] == "compiled" and speed["compiled"]["compile"] == "aot_eager"
+    assert speed["speedup"] > 0
