@@ -188,7 +188,7 @@ def profile_families(trainer: Trainer, data: TensorData, steps: int) -> dict:
                 times[event.name] = times.get(event.name, 0.0) + event.time_range.elapsed_us()
                 kernels += 1
         unit = "device time of CUDA kernels and copies"
-        if kernels == 0 and trainer.step_path == "cuda_graph":  # the profiler saw no kernels inside the graph
+        if kernels == 0 and trainer.step_path.startswith("cuda_graph"):  # the profiler saw no kernels inside the graph
             eager = Trainer(trainer.model, trainer.config, cuda_graphs=False)
             return {**profile_families(eager, data, steps), "source": "eager steps (graph kernels not traced)"}
     else:
