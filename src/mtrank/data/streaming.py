@@ -30,7 +30,8 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    once per item, on the device the item is on (after the copy to the GPU, on the GPU).
 
 4. **Arrow's allocator.** A reader process decodes with Arrow's jemalloc pool (where pyarrow has it): with the
-   default pool (mimalloc) a forked reader spent 1.5-2.5x the CPU per row, most of it in fresh pages.
+   default pool (mimalloc) a forked reader spent more CPU per row, and varied more, in A/B runs on the
+   development machine (docs/benchmarks.md, "Files to the graphed step").
 
 In the trainer's process the DataLoader's pin thread copies each item into page-locked memory (``pin_memory``,
 on CUDA); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side stream, and
