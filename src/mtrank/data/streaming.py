@@ -4,7 +4,8 @@ The training files are opened as one ``pyarrow.dataset`` (:func:`mtrank.data.rea
 into pieces: Parquet row groups, or whole CSV files. Each epoch the pieces are shuffled (seed + epoch) and
 dealt to the reader processes (``torch.utils.data.DataLoader`` workers), piece ``i`` to worker ``i mod W``.
 A worker reads its pieces as record batches of ``read_batch_rows``, encodes them with the fitted
-:class:`~mtrank.data.encoders.FeatureEncoder` (vectorised), and pushes the rows into a shuffle buffer:
+:class:`~mtrank.data.encoders.FeatureEncoder` (vectorised; lookups built before the fork) straight into a
+shuffle buffer:
 
     when the buffer holds ``>= capacity`` rows: permute it, emit batches until ``capacity / 2`` rows are left,
     keep those (they mix with the next rows read); at the end, permute and emit what is left.
@@ -14,7 +15,7 @@ shorter), and ``group`` consecutive batches travel to the trainer's process as o
 How a row gets there, with as few copies and as little per-batch work as we could measure:
 
 1. **Buffer.** :class:`ShuffleBuffer` keeps its rows in arrays allocated once (``capacity + one chunk`` rows):
-   a chunk is appended with one contiguous copy, the rows emitted are *positions* in those arrays (no copy),
+   a record batch is encoded into its free rows in place, the rows emitted are *positions* in those arrays,
    and the kept rows are gathered to the front before the next chunk (one ``np.take`` per array). Its batches
    are exactly the old concatenate-permute-index buffer's, in the same order.
 2. **Item.** A :class:`GroupWriter` gathers the emitted rows straight into the item's arrays with one
@@ -28,9 +29,9 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    buffer and the items hold the ids as int32: 26 ids are 104 bytes a row, not 208, for every copy on the way
    (buffer, item, pinning, host-to-device). :meth:`Group.batches` widens them to the int64 the model takes,
    once per item, on the device the item is on (after the copy to the GPU, on the GPU).
-
 4. **Arrow's allocator.** A reader process decodes with Arrow's jemalloc pool (where pyarrow has it): with the
-   default pool (mimalloc) a forked reader spent 1.5-2.5x the CPU per row, most of it in fresh pages.
+   default pool (mimalloc) a forked reader spent more CPU per row, and varied more, in A/B runs on the
+   development machine (docs/benchmarks.md, "Files to the graphed step").
 
 In the trainer's process the DataLoader's pin thread copies each item into page-locked memory (``pin_memory``,
 on CUDA); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side stream, and
@@ -38,16 +39,16 @@ on CUDA); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the G
 turn, so the batch order depends on the number of workers and on ``group`` (fixed for a given seed, epoch,
 workers and group).
 
-Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of ``capacity / 2 + batch``
-rows (the kept rows on their way to the front), the encoder's output for one record batch, plus one record
-batch, whatever the size of the files; the DataLoader keeps ``prefetch_factor`` items per worker in flight.
+Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of about half that (the kept
+rows on their way to the front), one record batch and the encoder's per-slice temporaries, up to
+:data:`RECYCLED_ITEMS` items' segments when pinned, whatever the size of the files; the DataLoader keeps
+``prefetch_factor`` items per worker in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -66,16 +67,6 @@ GROUP_ROWS = 65_536  # rows a reader sends as one item by default (``group = GRO
 INT32_IDS = 2**31  # ids travel as int32 when every vocabulary has at most this many ids
 RECYCLED_ITEMS = 8  # items' buffers a reader keeps for reuse (in flight: its prefetch_factor 4, and the pin thread's)
 HEADER = 64  # bytes before an item's arrays in its buffer: its lease (int32), then alignment
-
-
-@dataclass
-class Batch:
-    """A training batch as numpy arrays (``dense [B, F_dense]``, ``sparse [B, F_cat]``, ``labels [B, K]``)."""
-
-    dense: np.ndarray
-    sparse: np.ndarray
-    labels: np.ndarray
-    weights: np.ndarray | None
 
 
 class ShuffleBuffer:

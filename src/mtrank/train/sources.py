@@ -111,8 +111,8 @@ class StreamSource:
         stream: an :class:`~mtrank.data.streaming.EncodedStream` (its batch size and seed fix the batches).
         workers: reader processes; resuming with another number reads the epoch in another order (a warning
             says so).
-        device: the training device (each batch is moved there; on CUDA from pinned memory, ``prefetch``
-            batches ahead on a side stream).
+        device: the training device (each reader item is moved there; on CUDA from pinned memory, ``prefetch``
+            items ahead on a side stream).
         rows: training rows (counted from the files when not given).
         prefetch: reader items (``group`` batches each) in flight to the GPU
             (:class:`~mtrank.train.prefetch.Prefetcher`).
