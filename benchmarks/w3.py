@@ -223,7 +223,7 @@ def train_config(args, batch_size: int, lr: float, **extra) -> TrainConfig:
         batch_size=batch_size,
         lr=lr,
         optimizer=args.optimizer,
-        sparse=args.sparse,
+        sparse={"optimizer": args.sparse, "lr": args.sparse_lr} if args.sparse != "dense" else "dense",
         precision=args.precision,
         device=args.device,
         progress=False,
@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train.sparse: the embedding table's optimizer (a sparse one runs the step eager)",
     )
     parser.add_argument(
+        "--sparse-lr", type=float, default=0.0, help="train.sparse.lr: the table's lr (0 = the lr of the run)"
+    )
+    parser.add_argument(
         "--pad-to",
         type=int,
         default=1,
@@ -458,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": args.optimizer,
         "pad_to": args.pad_to,
         "sparse": args.sparse,
+        "sparse_lr": args.sparse_lr,
         "compile": args.compile,
         "measured_bf16_matmul_tflops": peak,
         "quick": args.quick,
