@@ -107,3 +107,13 @@ def test_torchscript_and_torch_export_of_hashed_bf16_table_give_identical_scores
         assert torch.equal(torch.jit.load(tmp_path / "model.pt")(ids), eager)
         exported = torch.export.export(model, (ids,))
         assert torch.equal(exported.module()(ids), eager)
+
+
+def test_a_sparse_plan_counts_one_gradient_row_and_one_update_row_per_lookup_even_for_a_small_table():
+    from mtrank.train.memory_plan import table_bytes
+
+    small = TableSpec("country", rows=50, dim=8, lookups=2)  # 50 rows, 2 x 1,000 lookups per batch
+    bytes_ = table_bytes(small, "rowwise_adagrad", batch_size=1000)
+    assert bytes_["gradient"] == 2000 * 8 * (4 + 8) + 2000 * (4 * 8 + 48)  # values + indices, then summed_rows
+    assert bytes_["rowwise_adagrad state"] == 50 * 4
+    assert table_bytes(small, "adam", batch_size=1000)["gradient"] == 50 * 8 * 4

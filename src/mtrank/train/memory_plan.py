@@ -10,7 +10,8 @@ Bytes per table of ``N`` rows and width ``D`` (storage ``s`` = 4 float32, 2 bf16
 optimizer          state               gradient
 =================  ==================  =======================================================================
 adam (dense)       ``2 N D x 4``       ``N D s`` (a dense gradient the size of the table)
-lazy_adam          ``2 N D x 4``       ``B F D (s + 8)`` (sparse: values + int64 indices, batch rows only)
+lazy_adam          ``2 N D x 4``       ``B F D (s + 8) + B F (4 D + 48)`` (sparse: values + int64 indices, batch
+                                       rows only; then the update's fixed-shape sums: ``summed_rows``)
 rowwise_adagrad    ``N x 4``           as lazy_adam
 =================  ==================  =======================================================================
 """
@@ -67,8 +68,8 @@ def table_bytes(table: TableSpec, optimizer: str, batch_size: int) -> dict[str, 
     if table.dtype not in BYTES:
         raise ValueError(f"table {table.name}: dtype {table.dtype!r} unknown, choose one of {', '.join(BYTES)}")
     s, n, d = BYTES[table.dtype], table.rows, table.dim
-    touched = min(n, batch_size * table.lookups)
-    grad = n * d * s if optimizer == "adam" else touched * d * (s + 8)
+    lookups = batch_size * table.lookups  # the sparse gradient and the update have one row per lookup (fixed shape)
+    grad = n * d * s if optimizer == "adam" else lookups * d * (s + 8) + lookups * (4 * d + 48)
     state = n * 4 if optimizer == "rowwise_adagrad" else 2 * n * d * 4
     return {"weights": n * d * s, "gradient": grad, f"{optimizer} state": state}
 
