@@ -117,3 +117,28 @@ def test_a_sparse_plan_counts_one_gradient_row_and_one_update_row_per_lookup_eve
     assert bytes_["gradient"] == 2000 * 8 * (4 + 8) + 2000 * (4 * 8 + 48)  # values + indices, then summed_rows
     assert bytes_["rowwise_adagrad state"] == 50 * 4
     assert table_bytes(small, "adam", batch_size=1000)["gradient"] == 50 * 8 * 4
+
+
+def test_a_sparse_lookup_hands_its_gradient_on_contiguous_and_unchanged():
+    """The lookup's output is a slice of a wider input (as the block input's tokens are): the gradient that
+    reaches the sparse backward is contiguous and equals the dense table's gradient."""
+    torch.manual_seed(0)
+    sparse, dense = EmbeddingTable(50, 4, sparse=True), EmbeddingTable(50, 4, sparse=False)
+    dense.weight.data.copy_(sparse.weight.data)
+    ids = torch.randint(0, 50, (6, 3))
+    seen = []
+
+    def lookup(table):
+        out = table(ids)
+        if table.sparse:
+            node = out.grad_fn
+            while "Embedding" not in node.name():
+                node = node.next_functions[0][0]
+            node.register_prehook(lambda grad_outputs: seen.append(grad_outputs[0]))
+        x = torch.cat([torch.ones(6, 1), out.flatten(1)], 1)  # the tokens start at an unaligned column
+        (x * torch.arange(13.0)).sum().backward()
+
+    lookup(sparse)
+    lookup(dense)
+    assert seen and seen[0].is_contiguous()
+    assert torch.allclose(sparse.weight.grad.to_dense(), dense.weight.grad)
