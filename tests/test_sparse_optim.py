@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtrank.config import ModelConfig, TaskConfig, TrainConfig
+from mtrank.config import CompileConfig, ModelConfig, TaskConfig, TrainConfig
 from mtrank.data.tensors import TensorData
 from mtrank.model import MultiTaskModel
 from mtrank.nn.embedding import EmbeddingTable
@@ -37,12 +37,15 @@ def _reference_lazy_adam(w, ids, target, m, v, t, lr, b1, b2, eps):
     w[r] -= lr * (m[r] / (1 - b1**t)) / ((v[r] / (1 - b2**t)).sqrt() + eps)
 
 
-def test_rowwise_adagrad_equals_reference_and_leaves_other_rows():
+@pytest.mark.parametrize("compile", [None, "aot_eager", "inductor"])
+def test_rowwise_adagrad_equals_reference_and_leaves_other_rows(compile):
+    """Eager, and compiled as ``train.compile`` compiles it (one function: sums, accumulator, update in place)."""
     torch.manual_seed(0)
     table = EmbeddingTable(50, 4)
     w = table.weight.detach().clone().double()
     accum = torch.zeros(50, dtype=torch.float64)
-    opt = RowwiseAdagrad(table.parameters(), lr=0.1)
+    options = None if compile is None else CompileConfig(backend=compile)
+    opt = RowwiseAdagrad(table.parameters(), lr=0.1, compile=options)
     seen = torch.zeros(50, dtype=torch.bool)
     for ids, target in _batches(50, 5, 8):  # duplicates in a batch: their gradients are summed
         _grad_step(table, opt, ids, target)
@@ -171,8 +174,9 @@ def test_lazy_adam_refuses_to_be_captured():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU (run on the GPU machine)")
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_graphed_rowwise_adagrad_steps_equal_eager_ones(clip):
+@pytest.mark.parametrize("clip,compile", [(0.0, False), (0.05, False), (0.05, True)])
+def test_graphed_rowwise_adagrad_steps_equal_eager_ones(clip, compile):
+    """The graphed step (with ``compile``: forward, loss and the table's update compiled) == the eager one."""
     g = torch.Generator().manual_seed(0)
     sparse = torch.stack([torch.randint(0, 40, (512,), generator=g), torch.randint(0, 12, (512,), generator=g)], 1)
     labels = torch.stack([(sparse[:, 0] % 2 == 0).float(), (sparse[:, 1] % 3 == 0).float()], 1)
@@ -182,7 +186,7 @@ def test_graphed_rowwise_adagrad_steps_equal_eager_ones(clip):
         sparse = {"optimizer": "rowwise_adagrad", "lr": 0.05}
         cfg = TrainConfig(
             steps=12, batch_size=64, lr=0.01, device="cuda", progress=False, sparse=sparse, grad_clip=clip,
-            schedule="cosine", warmup_steps=3,
+            schedule="cosine", warmup_steps=3, compile=compile and graphs,
         )  # fmt: skip
         model = MultiTaskModel(
             ModelConfig(
@@ -194,7 +198,7 @@ def test_graphed_rowwise_adagrad_steps_equal_eager_ones(clip):
         )
         trainer = Trainer(model, cfg, cuda_graphs=graphs)
         trainer.fit(data)
-        assert trainer.step_path == ("cuda_graph" if graphs else "eager")
+        assert trainer.step_path == ("cuda_graph" + "+compiled" * compile if graphs else "eager")
         assert (trainer.graphed_step.replays > 0) if graphs else trainer.graphed_step is None
         weights[graphs] = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
     for name, value in weights[True].items():

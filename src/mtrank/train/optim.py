@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from mtrank.config import TrainConfig
+from mtrank.config import CompileConfig, TrainConfig
+from mtrank.train.step import compile_function
 
 
 def make_optimizer(
@@ -37,6 +38,7 @@ def make_optimizer(
             lr=config.sparse.lr or config.lr,
             stochastic_rounding=config.sparse.stochastic_rounding,
             **({"capturable": True} if capturable else {}),
+            **({"compile": config.compile_options} if kind is RowwiseAdagrad and config.compile_options else {}),
         )
         return DenseAndSparse(dense, sparse)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -138,7 +140,14 @@ def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
         >>> rows.tolist(), sums.flatten().tolist(), last.tolist()
         ([2, 5, 2], [2.0, 4.0, 0.0], [0, 1, 1])
     """
-    ids, values = grad._indices()[0], grad._values()
+    return summed_lookups(grad._indices()[0], grad._values(), grad.shape[0])
+
+
+def summed_lookups(
+    ids: torch.Tensor, values: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`summed_rows` of the lookups ``ids [N]`` with gradient rows ``values [N, D]`` into a table of ``rows``
+    rows (plain tensors: what ``torch.compile`` can trace, a sparse tensor it cannot)."""
     n = ids.numel()
     ordered, order = torch.sort(ids)
     first = torch.ones(n, dtype=torch.bool, device=ids.device)
@@ -147,10 +156,22 @@ def summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     slot = torch.empty_like(segment).scatter_(0, order, segment)  # the slot of each lookup, in the batch's order
     sums = torch.zeros(n, values.shape[1], dtype=torch.float32, device=ids.device)
     sums.index_add_(0, slot, values.float())
-    rows = torch.arange(n, device=ids.device).remainder_(grad.shape[0])
-    rows.scatter_(0, segment, ordered)  # every lookup of a row writes the same id
+    slots = torch.arange(n, device=ids.device).remainder_(rows)
+    slots.scatter_(0, segment, ordered)  # every lookup of a row writes the same id
     last = torch.minimum(torch.arange(n, device=ids.device), segment[-1:])
-    return rows, sums, last
+    return slots, sums, last
+
+
+def rowwise_adagrad_fp32(
+    ids: torch.Tensor, values: torch.Tensor, table: torch.Tensor, accum: torch.Tensor, lr: torch.Tensor, eps: float
+) -> None:
+    """Row-wise Adagrad on a float32 ``table [R, D]`` in place, from the lookups ``ids [N]`` and their gradient
+    rows ``values [N, D]`` (:class:`RowwiseAdagrad`'s rule; ``accum [R]``, ``lr`` a 0-d tensor). The update is
+    added (``index_add_``): the padding slots of :func:`summed_lookups` add zeros."""
+    rows, sums, _ = summed_lookups(ids, values, table.shape[0])
+    accum.index_add_(0, rows, sums.square().mean(1))
+    scale = lr / (accum.index_select(0, rows).sqrt() + eps)
+    table.index_add_(0, rows, sums * -scale.unsqueeze(1))
 
 
 class _RowSparseOptimizer(torch.optim.Optimizer):
@@ -194,7 +215,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                     )
                 if p.grad._nnz() == 0:
                     continue
-                self._apply(p, self.state[p], group, *summed_rows(p.grad))
+                if not self._fused(p, self.state[p], group):
+                    self._apply(p, self.state[p], group, *summed_rows(p.grad))
         return loss
 
     def _apply(self, p, state, group, rows, sums, last) -> None:
@@ -223,6 +245,10 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             elif self.capturable:
                 group["lr"] = group["lr"].to(group["params"][0].device)
 
+    def _fused(self, p, state, group) -> bool:
+        """The whole step of ``p`` in one function, where the optimiser has one for ``p``'s dtype: True if done."""
+        return False
+
     def _update(self, p, state, group, rows, grad, weight):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -238,25 +264,35 @@ class RowwiseAdagrad(_RowSparseOptimizer):
 
     Rows absent from the batch: ``w_r`` and ``G_r`` unchanged (as dense Adagrad, whose update is 0 for a zero
     gradient: no difference from the dense method except the row-wise accumulator).
+
+    A float32 table's step is one function, :func:`rowwise_adagrad_fp32` (the update added in place, no copy of
+    rows back); ``compile`` (``train.compile``'s options) compiles it, so that summing the lookups, the
+    accumulator and the scaled update are a few fused kernels instead of a dozen passes over ``[lookups, D]``.
     """
 
     def __init__(
-        self, params, lr: float = 0.01, eps: float = 1e-8, stochastic_rounding: bool = False, capturable: bool = False
+        self,
+        params,
+        lr: float = 0.01,
+        eps: float = 1e-8,
+        stochastic_rounding: bool = False,
+        capturable: bool = False,
+        compile: CompileConfig | None = None,
     ) -> None:
         super().__init__(params, {"lr": lr, "eps": eps}, stochastic_rounding, capturable)
+        self._fp32_update = rowwise_adagrad_fp32 if compile is None else compile_function(rowwise_adagrad_fp32, compile)
 
-    def _apply(self, p, state, group, rows, sums, last) -> None:
-        """A float32 table: the update is added (``index_add_``; the padding slots add 0), the same arithmetic as
-        reading, updating and writing back the rows up to float rounding, with fewer bytes moved and no copy of
-        the last row; other dtypes round the new rows (the base class)."""
+    def _fused(self, p, state, group) -> bool:
+        """A float32 table: the whole update is :func:`rowwise_adagrad_fp32`, compiled with ``compile``."""
         if p.dtype != torch.float32:
-            return super()._apply(p, state, group, rows, sums, last)
+            return False
         if "sum" not in state:
             state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-        state["sum"].index_add_(0, rows, sums.pow(2).mean(1))
-        scale = group["lr"] / (state["sum"].index_select(0, rows).sqrt() + group["eps"])
-        p.index_add_(0, rows, sums * -scale.unsqueeze(1))
-        return None
+        lr = group["lr"]
+        if not torch.is_tensor(lr):  # a tensor, so that a schedule's new value is not a new compiled version
+            lr = torch.tensor(float(lr), dtype=torch.float32, device=p.device)
+        self._fp32_update(p.grad._indices()[0], p.grad._values(), p, state["sum"], lr, group["eps"])
+        return True
 
     def _update(self, p, state, group, rows, grad, weight):
         if "sum" not in state:

@@ -137,12 +137,7 @@ def compile_step(method: Callable, options: CompileConfig, retain_graph: bool = 
     ``retain_graph``: the backward may run several times (per-task gradients), which AOTAutograd's donated
     buffers forbid: they are turned off for this function.
     """
-    function = method.__func__
-    own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
-    mode = options.mode if options.backend == "inductor" and options.mode != "default" else None
-    compiled = torch.compile(
-        types.MethodType(own, method.__self__), backend=options.backend, mode=mode, dynamic=options.dynamic
-    )
+    compiled = compile_function(method.__func__, options, bind=method.__self__)
     if not retain_graph:
         return compiled
 
@@ -151,3 +146,12 @@ def compile_step(method: Callable, options: CompileConfig, retain_graph: bool = 
             return compiled(*args)
 
     return without_donated_buffers
+
+
+def compile_function(function: Callable, options: CompileConfig, bind: Any = None) -> Callable:
+    """``torch.compile`` of ``function`` (bound to ``bind`` when given) with its own copy of the code object,
+    as ``options`` say (inductor's mode, never its CUDA graphs); see :func:`compile_step`."""
+    own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+    mode = options.mode if options.backend == "inductor" and options.mode != "default" else None
+    target = own if bind is None else types.MethodType(own, bind)
+    return torch.compile(target, backend=options.backend, mode=mode, dynamic=options.dynamic)
