@@ -49,7 +49,9 @@ class StackedLinear(nn.Module):
             # is added in the compute dtype, so bf16 autocast keeps activations bf16 (2x faster on CPU)
             y = y.transpose(0, 1).contiguous()  # (G, B, out)
             return y + self.bias.to(y.dtype)
-        return torch.baddbmm(self.bias.to(x.dtype), x, self.weight)  # (G, B, out)
+        # not baddbmm: it copies the broadcast bias into the output first (see StackedCross); the add fuses with the
+        # activation in a compiled step
+        return torch.bmm(x, self.weight) + self.bias.to(x.dtype)  # (G, B, out)
 
 
 class StackedMLP(nn.Module):
