@@ -265,10 +265,11 @@ def test_the_cuda_graph_plan_graphs_rowwise_adagrad_and_names_lazy_adam_as_why_t
     assert not possible and reason.startswith("train.sparse.optimizer='lazy_adam'")
 
 
-def test_an_ensemble_refuses_sparse_tables_in_one_line():
+@pytest.mark.parametrize("sparse", ["lazy_adam", {"optimizer": "dense", "lr": 0.1}])
+def test_an_ensemble_refuses_sparse_tables_and_a_table_lr_in_one_line(sparse):
     ensemble = Ensemble(tiny_model().config, [0, 1])
-    with pytest.raises(ValueError, match=r"^train.sparse.optimizer='lazy_adam': an ensemble's R stacked tables"):
-        ensemble.fit(tiny_data(), None, TrainConfig(steps=1, progress=False, sparse="lazy_adam"))
+    with pytest.raises(ValueError, match=r"^train.sparse \(optimizer '\w+', lr [\d.]+\): an ensemble's R stacked"):
+        ensemble.fit(tiny_data(), None, TrainConfig(steps=1, progress=False, sparse=sparse))
 
 
 @pytest.mark.parametrize("balancing", ["pcgrad", {"type": "fixed", "conflict_every": 5}])
@@ -302,3 +303,29 @@ def test_the_docs_big_table_snippet_trains_through_the_pipeline():
     result = fit(config(features=features, **sections), make_frame(n=400), output=None)
     assert result.model.embedding.table.weight.dtype == torch.bfloat16 and result.hashing
     assert result.step.startswith("eager")
+
+
+def _fit_tiny(sparse) -> tuple[Trainer, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=6, batch_size=32, lr=0.01, progress=False, sparse=sparse, schedule="cosine")
+    trainer = Trainer(tiny_model(), cfg)
+    trainer.fit(tiny_data())
+    return trainer, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_a_dense_table_with_its_own_lr_is_an_adam_group_of_its_own():
+    """``sparse: {optimizer: dense, lr: X}``: the tables keep Adam (dense gradients) at lr X, the rest at train.lr;
+    X = train.lr is the default run exactly, and a tiny X leaves the table where it started."""
+    start = {k: v.clone() for k, v in tiny_model().state_dict().items()}
+    _, default = _fit_tiny("dense")
+    trainer, same = _fit_tiny({"optimizer": "dense", "lr": 0.01})
+    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [len(list(trainer.model.parameters())) - 1, 1]
+    for name in default:
+        assert torch.equal(same[name], default[name]), name
+    trainer, frozen = _fit_tiny({"optimizer": "dense", "lr": 1e-9})
+    table = next(name for name in frozen if "table" in name)
+    assert not trainer.model.embedding_tables()[0].grad.is_sparse
+    assert (frozen[table] - start[table]).abs().max() < 1e-6
+    assert not torch.allclose(frozen[table], default[table], atol=1e-4)
+    moved = [name for name in frozen if name != table and not torch.equal(frozen[name], start[name])]
+    assert "block.towers.layers.0.weight" in moved  # the rest trains at train.lr

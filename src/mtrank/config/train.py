@@ -208,7 +208,9 @@ class SparseConfig(Config):
             only for the batch's rows (two float32 tables of state). The rest of the model keeps
             ``train.optimizer``; ``train.weight_decay`` does not apply to a sparse table.
         lr: the table's learning rate; 0 = ``train.lr`` (row-wise Adagrad usually wants 10-100x Adam's). The
-            learning-rate schedule scales it as it scales ``train.lr``.
+            learning-rate schedule scales it as it scales ``train.lr``. With ``optimizer: dense`` the table stays
+            on ``train.optimizer`` as a parameter group with this lr (large batches: scale ``train.lr``, not the
+            table's).
         stochastic_rounding: a ``bf16`` table is written back with stochastic rounding (unbiased, so updates
             below half a bf16 step are not lost); false = round to nearest.
     """

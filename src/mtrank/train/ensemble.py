@@ -314,10 +314,11 @@ class Ensemble:
             raise ValueError(f"shuffle_seeds has {len(shuffle_seeds)} entries, the ensemble {self.num_runs} members")
         if cfg.distill != "none" and train.teacher is None:
             raise ValueError(f"train.distill={cfg.distill!r} needs teacher logits in the ensemble's training data")
-        if cfg.sparse.enabled:
+        if cfg.sparse.enabled or cfg.sparse.lr > 0:
             raise ValueError(
-                f"train.sparse.optimizer={cfg.sparse.optimizer!r}: an ensemble's R stacked tables are vmapped, which "
-                "sparse gradients do not support; use train.sparse: dense, or train the runs one by one (Trainer)"
+                f"train.sparse (optimizer {cfg.sparse.optimizer!r}, lr {cfg.sparse.lr:g}): an ensemble's R stacked "
+                "tables are vmapped (no sparse gradients) and share the model's lr; use train.sparse: dense with lr "
+                "0, or train the runs one by one (Trainer)"
             )
         graphs = None if self.cuda_graphs else False
         loop = self.loop = TrainingLoop(self, cfg, callbacks, graphs, f"ensemble x{self.num_runs}")

@@ -21,6 +21,8 @@ def make_optimizer(
     """Adam / AdamW over ``params``, fused on CPU and CUDA: the same update arithmetic in single runs,
     ensembles, eager and graphed steps. With ``train.sparse`` naming a row-wise optimiser, the embedding
     ``tables`` (among ``params``, with sparse gradients) get it and the rest Adam: a :class:`DenseAndSparse`.
+    With ``train.sparse: {optimizer: dense, lr: X}`` the ``tables`` (dense gradients) are a parameter group of the
+    same Adam with learning rate X (large-batch recipes scale the dense layers' rate but not the tables').
 
     ``capturable``: the step can be recorded in a CUDA graph (step counters on the device). On CUDA with float32
     parameters the learning rate is a float32 GPU tensor that a schedule updates in place, so a captured graph,
@@ -42,14 +44,20 @@ def make_optimizer(
         )
         return DenseAndSparse(dense, sparse)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    kwargs = {"weight_decay": config.weight_decay}
     if capturable:
         kwargs["capturable"] = True
     if device.type in ("cuda", "cpu"):
         kwargs["fused"] = True  # one kernel for all parameters instead of ~8 ops per tensor (CPU: ~2x less time)
-    if device.type == "cuda" and all(p.dtype == torch.float32 for p in params):
-        kwargs["lr"] = torch.tensor(float(config.lr), dtype=torch.float32, device=device)
-    return cls(params, **kwargs)
+    table_ids = {id(t) for t in tables}  # train.sparse: dense with its own lr: the tables are a group of their own
+    groups = [(config.lr, [p for p in params if id(p) not in table_ids])]
+    if tables:
+        groups.append((config.sparse.lr or config.lr, tables))
+    tensor_lr = device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
+    return cls(
+        [{"params": group, "lr": torch.tensor(float(lr), device=device) if tensor_lr else lr} for lr, group in groups],
+        **kwargs,
+    )
 
 
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -30,6 +30,7 @@ class SingleRun:
     def __init__(self, model: MultiTaskModel, device: torch.device, config: TrainConfig | None = None) -> None:
         self.device = device
         self.sparse = config is not None and config.sparse.enabled and bool(model.embedding_tables())
+        self.table_lr = config is not None and config.sparse.lr > 0  # the tables get their own lr
         if self.sparse and rank_and_world()[1] > 1:
             raise ValueError(
                 f"train.sparse.optimizer={config.sparse.optimizer!r} trains the table on one device; data-parallel "
@@ -50,8 +51,9 @@ class SingleRun:
         return list(self.model.parameters())
 
     def tables(self) -> list[torch.Tensor]:
-        """The parameters with sparse gradients, for the row-wise optimiser (none unless ``train.sparse``)."""
-        return self.model.embedding_tables() if self.sparse else []
+        """The embedding tables when ``train.sparse`` names a row-wise optimiser (their gradients are sparse) or
+        gives them their own lr (``train.sparse.lr``); else none."""
+        return self.model.embedding_tables() if self.sparse or self.table_lr else []
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters())
