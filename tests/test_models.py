@@ -304,3 +304,18 @@ def test_bags_pool_the_embeddings_of_their_values_like_an_embedding_bag():
         reference = torch.nn.EmbeddingBag.from_pretrained(weight[offset : offset + pad + 1], mode=mode, padding_idx=pad)
         torch.testing.assert_close(tokens[:, 2 + b], reference(sparse[:, start : start + length]))
     assert torch.equal(tokens[2, 2], torch.zeros(4))  # an all-padding bag pools to zero
+
+
+def test_stacked_layers_and_cross_layers_keep_bf16_activations_under_autocast():
+    """The bias is added in the GEMM's output dtype: a float32 bias must not promote bf16 activations."""
+    from mtrank.nn.experts import StackedCross
+    from mtrank.nn.stacked import StackedLinear
+
+    torch.manual_seed(0)
+    layer, cross = StackedLinear(3, 8, 4), StackedCross(3, 8, layers=2, rank=2)
+    x = torch.randn(3, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+        assert cross(x.bfloat16()).dtype == torch.bfloat16
+    ref = torch.baddbmm(layer.bias, x, layer.weight)
+    torch.testing.assert_close(layer(x), ref)

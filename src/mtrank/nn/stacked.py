@@ -51,7 +51,8 @@ class StackedLinear(nn.Module):
             return y + self.bias.to(y.dtype)
         # not baddbmm: it copies the broadcast bias into the output first (see StackedCross); the add fuses with the
         # activation in a compiled step
-        return torch.bmm(x, self.weight) + self.bias.to(x.dtype)  # (G, B, out)
+        y = torch.bmm(x, self.weight)  # (G, B, out), bf16 under autocast whatever x's dtype
+        return y + self.bias.to(y.dtype)
 
 
 class StackedMLP(nn.Module):
