@@ -3,8 +3,10 @@
 One measurement for every workload and batch size (``measure``): samples/s of the whole graphed training step
 (data in device memory), model FLOPs per sample (counted by ``torch.utils.flop_counter`` on one eager
 forward + backward), MFU against this device's *measured* bf16 matmul rate, peak memory, a profile of the step
-by kernel family (``torch.profiler``), and, with ``--lrs``, the test AUC at the learning rate that was best on
-validation (a small sweep per batch size: the accuracy price of a large batch).
+by kernel family (``torch.profiler``), and, with ``--grid`` (``auc_study``), the accuracy price of a large batch:
+the same search space per batch size, the configuration chosen on validation at seed 0, then rerun at
+``--seeds`` K paired seeds; test AUC mean / median per batch size, the paired shortfall of the largest batch with
+its 95% bootstrap interval (:mod:`mtrank.stats`), diverged runs and a verdict against the 0.002 target.
 
 W3: Criteo-like geometry: 13 numeric inputs, 26 categorical features with the MLPerf DLRM-DCNv2 (Criteo 1TB)
 cardinalities divided by ``--table-scale`` (default 20: 10.2M rows in all, the largest 2M; the full ones,
@@ -17,8 +19,9 @@ interaction), as W2, so AUC measures something learnable. ``--optimizer`` goes t
 W2 (``benchmarks/_peers/workloads.py``): 26 x 10,000-row tables (dim 16), 8 MLP experts [256, 128], 2 tasks.
 
     python3 benchmarks/w3.py --workload W3 --batch-sizes 16384 65536 --json docs/results/scale-h200/w3.json
-    python3 benchmarks/w3.py --workload W2 --batch-sizes 4096 65536 --lrs 4096=0.001,0.002 \\
-        65536=0.004,0.008,0.016 --epochs 4 --json docs/results/scale-h200/w2_batch.json
+    python3 benchmarks/w3.py --workload W2 --batch-sizes 4096 65536 --epochs 8 --patience 1 --seeds 10 --grid \\
+        "4096:lr=0.001,0.002,0.004;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.06" \\
+        "65536:lr=0.004,0.008,0.016;sparse=dense,rowwise_adagrad;sparse_lr=0.06,0.18" --json w2_auc.json
     python3 benchmarks/w3.py --device cpu --quick --workload W3      # every code path, tiny, on CPU
     python3 benchmarks/w3.py --workload W2 --batch-sizes 65536 --compile     # train.compile: true (inductor)
     python3 benchmarks/w3.py --summary docs/results/scale-h200            # the table of a gpu_scale.sh run
@@ -214,6 +217,13 @@ def profile_families(trainer: Trainer, data: TensorData, steps: int) -> dict:
     }
 
 
+def free_memory(device: torch.device) -> None:
+    """Let the last trainer's graph, its memory pool and the optimizer state go before the next run."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -395,6 +405,8 @@ def train_run(spec: Spec, args, batch_size: int, run: RunConfig, seed: int, spli
     try:
         result = trainer.fit(train, valid)
     except TrainingDiverged as err:  # a too-large lr is a result of the search, not the end of the study
+        del trainer
+        free_memory(train.dense.device)
         record.update(valid=None, diverged=str(err), seconds=time.perf_counter() - start)
         print(f"    {spec.name} batch {batch_size} seed {seed} {run.label()}: diverged ({err})", flush=True)
         return record
@@ -405,6 +417,8 @@ def train_run(spec: Spec, args, batch_size: int, run: RunConfig, seed: int, spli
     )
     if test:
         record["test_auc"] = {k: v for k, v in evaluate(trainer.model, test_rows).items() if k.startswith("auc/")}
+    del trainer
+    free_memory(train.dense.device)
     record["seconds"] = time.perf_counter() - start
     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.get("test_auc", {}).items())
     print(
@@ -436,10 +450,7 @@ def compare_batches(small: list[dict], large: list[dict], n_boot: int = 10_000, 
     out: dict = {"pairs": len(pairs), "failures": failures, "target": target, "tasks": {}}
     tasks = list(pairs[0][0]["test_auc"]) if pairs else []
     for task in tasks:
-        finished = {
-            name: [r["test_auc"][task] for r in runs if "test_auc" in r]
-            for name, runs in (("small", small), ("large", large))
-        }
+        finished = {name: [r["test_auc"][task] for r in runs if "test_auc" in r] for name, runs in sides}
         a, b = [p[0]["test_auc"][task] for p in pairs], [p[1]["test_auc"][task] for p in pairs]
         shortfall = paired_bootstrap(a, b, n_boot=n_boot, seed=0)
         out["tasks"][task] = {
@@ -461,8 +472,9 @@ def auc_study(spec: Spec, args, grids: dict[int, dict[str, list]], splits: tuple
        :data:`TUNING_SEED`; the one with the best validation AUC (first task) is chosen, on validation only
        (no test AUC is computed), and a chosen knob at the edge of its grid is flagged;
     2. paired reruns: each batch size's chosen configuration at seeds 1..``args.seeds`` (seed = initialisation
-       and batch order, the splits fixed), seed by seed so that a study cut short keeps whole pairs;
-    3. :func:`compare_batches` of the smallest and the largest batch size.
+       and batch order, the splits fixed), seed by seed;
+    3. :func:`compare_batches` of the smallest and the largest batch size, after every seed (a study cut short
+       by a time limit keeps its verdict on the pairs it finished).
 
     ``save(study)`` is called after every run with the study so far."""
     study: dict = {"tuning_seed": TUNING_SEED, "epochs": args.epochs, "patience": args.patience, "batches": {}}
@@ -480,6 +492,7 @@ def auc_study(spec: Spec, args, grids: dict[int, dict[str, list]], splits: tuple
         entry.update(chosen=dataclasses.asdict(chosen), chosen_valid=best["valid"], edges=grid_edges(grid, chosen))
         edge = f" (at the edge: {'; '.join(entry['edges'])})" if entry["edges"] else ""
         print(f"{spec.name} batch {batch}: chosen on validation {chosen.label()}{edge}", flush=True)
+    small, large = str(min(grids)), str(max(grids))
     for seed in range(1, args.seeds + 1):
         for batch in grids:
             entry = study["batches"][str(batch)]
@@ -487,13 +500,8 @@ def auc_study(spec: Spec, args, grids: dict[int, dict[str, list]], splits: tuple
             entry["paired"].append(train_run(spec, args, batch, chosen, seed, splits, test=True))
             study["seconds"] = time.perf_counter() - start
             save(study)
-    if args.seeds:
-        small, large = min(grids), max(grids)
-        study["comparison"] = {
-            "small": str(small),
-            "large": str(large),
-            **compare_batches(study["batches"][str(small)]["paired"], study["batches"][str(large)]["paired"]),
-        }
+        paired = (study["batches"][small]["paired"], study["batches"][large]["paired"])
+        study["comparison"] = {"small": small, "large": large, **compare_batches(*paired)}  # the pairs so far
     study["seconds"] = time.perf_counter() - start
     save(study)
     return study
@@ -751,9 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         data = spec.data(args.rows or 8 * batch_size, 1)
         results["batches"][str(batch_size)] = measure(spec, args, batch_size, data, peak)
         del data
-        gc.collect()  # the last trainer's graph, its memory pool and the optimizer state go before the next
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     grids = {**dict(parse_grid(item, args) for item in args.grid), **parse_lrs(args.lrs, args)}
     if grids:
         if args.quick:
