@@ -25,9 +25,9 @@
 #    schedule scales it too); a row's total move grows like lr sqrt(its updates), so batch 65,536's 16x fewer
 #    steps want a 3-4x larger table lr: 0.02, 0.06 at 4,096, 0.06, 0.18 at 65,536 (with 2 values, a row-wise
 #    choice always sits at an edge of its table-lr grid, and is flagged so).
-#    Its JSON is written after every run: a run cut short keeps the finished pairs and their verdict. Cost, estimated from the last
-#    study (7 runs of 8 epochs + 9 evaluations in 173 s: ~1.6 s an evaluation of 1M rows; 4,096 at 3.7M
-#    samples/s, 65,536 at 8.3M): ~3 epochs a run, 18 tuning + 20 paired runs, ~5.5 minutes.
+#    Its JSON is written after every run: a run cut short keeps the finished pairs and their verdict. Cost,
+#    estimated from the last study (7 runs of 8 epochs + 9 evaluations in 173 s: ~1.6 s an evaluation of 1M
+#    rows; 4,096 at 3.7M samples/s, 65,536 at 8.3M): ~3 epochs a run, 18 tuning + 20 paired runs, ~5.5 minutes.
 # Then a table of everything with a verdict per target (python3 benchmarks/w3.py --summary DIR).
 set -euo pipefail
 PY=${PYTHON:-python3}
