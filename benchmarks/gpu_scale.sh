@@ -15,8 +15,19 @@
 #    then at 32,768 / 65,536 with the input padded to 64, the table on row-wise Adagrad (graphed) and
 #    train.compile: samples/s, MFU, peak memory, profile by kernel family;
 # 4. the AUC price of batch 65,536: W2 (padded, not compiled: compiling changes no number that matters here,
-#    and 7 compiles would cost minutes) at each lr of a sweep per batch size, 8 epochs of 4M rows, best epoch on
-#    validation, test AUC of the best lr.
+#    and 38 compiles would cost minutes), 8 epochs of 4M rows (cosine; a run stops at the first epoch whose
+#    validation AUC is not better: both batch sizes peaked after 1-2), validation on 1M rows each epoch. Same search
+#    space for both batch sizes, centred on the last optima (4,096: lr 0.002; 65,536: lr 0.008): 3 Adam lrs x
+#    {Adam on the tables, row-wise Adagrad on the tables at 2 table lrs} = 9 configurations, one run each at
+#    seed 0, chosen on validation; the chosen one of each batch size rerun at seeds 1..10 (paired: same init,
+#    same row order), test AUC mean / median, the paired shortfall with its 95% bootstrap interval, verdict.
+#    train.sparse.lr is row-wise Adagrad's lr (w_r -= lr g_r / sqrt(G_r), G_r summing mean(g_r^2); the cosine
+#    schedule scales it too); a row's total move grows like lr sqrt(its updates), so batch 65,536's 16x fewer
+#    steps want a 3-4x larger table lr: 0.02, 0.06 at 4,096, 0.06, 0.18 at 65,536 (with 2 values, a row-wise
+#    choice always sits at an edge of its table-lr grid, and is flagged so).
+#    Its JSON is written after every run: a run cut short keeps the finished pairs and their verdict. Cost,
+#    estimated from the last study (7 runs of 8 epochs + 9 evaluations in 173 s: ~1.6 s an evaluation of 1M
+#    rows; 4,096 at 3.7M samples/s, 65,536 at 8.3M): ~3 epochs a run, 18 tuning + 20 paired runs, ~5.5 minutes.
 # Then a table of everything with a verdict per target (python3 benchmarks/w3.py --summary DIR).
 set -euo pipefail
 PY=${PYTHON:-python3}
@@ -27,7 +38,9 @@ if [[ "${1:-}" == "--cpu-quick" ]]; then
     PC=(--rows 20000 --batch-size 256 --workers 2 --device cpu)
     COMMON=(--device cpu --quick --threads 1)
     W2=(--batch-sizes 64 128 --profile-steps 0 --compile aot_eager)
-    W2AUC=(--batch-sizes 64 128 --profile-steps 0 --lrs 64=0.002 128=0.004,0.008)
+    W2AUC=(--batch-sizes 64 128 --profile-steps 0 --seeds 2 --patience 2
+           --grid "64:lr=0.002,0.004;sparse=dense,rowwise_adagrad;sparse_lr=0.05"
+                  "128:lr=0.004,0.008;sparse=dense,rowwise_adagrad;sparse_lr=0.1")
     W3PLAIN=(--batch-sizes 128)
     W3=(--batch-sizes 128 --sparse rowwise_adagrad --compile aot_eager)
     DATA=${DEST}/data
@@ -38,8 +51,9 @@ else
     PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
     COMMON=(--device cuda --threads 16)
     W2=(--batch-sizes 4096 65536 --steps 200 --compile)
-    W2AUC=(--batch-sizes 4096 65536 --steps 50 --profile-steps 0 --epochs 8
-           --lrs 4096=0.001,0.002,0.004 65536=0.004,0.008,0.016,0.032)
+    W2AUC=(--batch-sizes 4096 65536 --steps 50 --profile-steps 0 --epochs 8 --patience 1 --seeds 10
+           --grid "4096:lr=0.001,0.002,0.004;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.06"
+                  "65536:lr=0.004,0.008,0.016;sparse=dense,rowwise_adagrad;sparse_lr=0.06,0.18")
     W3PLAIN=(--batch-sizes 65536 --steps 30 --profile-steps 3 --pad-to 1)
     W3=(--batch-sizes 32768 65536 --steps 50 --profile-steps 5 --sparse rowwise_adagrad --compile)
     DATA=/tmp/mtrank-w2
@@ -66,7 +80,7 @@ $PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3PLAIN[@]}" --json "$DEST/
     | tee "$DEST/w3_plain.log"
 $PY benchmarks/w3.py --workload W3 "${COMMON[@]}" --pad-to 64 "${W3[@]}" --json "$DEST/w3.json" 2>&1 | tee "$DEST/w3.log"
 echo "[$SECONDS s] W3 done"
-# last: the longest step (7 trainings); a run cut short by a time limit loses it, not the throughput figures
+# last: the longest step (38 trainings); a time limit cuts its last pairs, not the throughput figures
 $PY benchmarks/w3.py --workload W2 "${COMMON[@]}" --pad-to 64 "${W2AUC[@]}" --json "$DEST/w2_auc.json" 2>&1 \
     | tee "$DEST/w2_auc.log"
 echo "[$SECONDS s] W2 AUC study done"

@@ -3,8 +3,10 @@
 One measurement for every workload and batch size (``measure``): samples/s of the whole graphed training step
 (data in device memory), model FLOPs per sample (counted by ``torch.utils.flop_counter`` on one eager
 forward + backward), MFU against this device's *measured* bf16 matmul rate, peak memory, a profile of the step
-by kernel family (``torch.profiler``), and, with ``--lrs``, the test AUC at the learning rate that was best on
-validation (a small sweep per batch size: the accuracy price of a large batch).
+by kernel family (``torch.profiler``), and, with ``--grid`` (``auc_study``), the accuracy price of a large batch:
+the same search space per batch size, the configuration chosen on validation at seed 0, then rerun at
+``--seeds`` K paired seeds; test AUC mean / median per batch size, the paired shortfall of the largest batch with
+its 95% bootstrap interval (:mod:`mtrank.stats`), diverged runs and a verdict against the 0.002 target.
 
 W3: Criteo-like geometry: 13 numeric inputs, 26 categorical features with the MLPerf DLRM-DCNv2 (Criteo 1TB)
 cardinalities divided by ``--table-scale`` (default 20: 10.2M rows in all, the largest 2M; the full ones,
@@ -17,8 +19,9 @@ interaction), as W2, so AUC measures something learnable. ``--optimizer`` goes t
 W2 (``benchmarks/_peers/workloads.py``): 26 x 10,000-row tables (dim 16), 8 MLP experts [256, 128], 2 tasks.
 
     python3 benchmarks/w3.py --workload W3 --batch-sizes 16384 65536 --json docs/results/scale-h200/w3.json
-    python3 benchmarks/w3.py --workload W2 --batch-sizes 4096 65536 --lrs 4096=0.001,0.002 \\
-        65536=0.004,0.008,0.016 --epochs 4 --json docs/results/scale-h200/w2_batch.json
+    python3 benchmarks/w3.py --workload W2 --batch-sizes 4096 65536 --epochs 8 --patience 1 --seeds 10 --grid \\
+        "4096:lr=0.001,0.002,0.004;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.06" \\
+        "65536:lr=0.004,0.008,0.016;sparse=dense,rowwise_adagrad;sparse_lr=0.06,0.18" --json w2_auc.json
     python3 benchmarks/w3.py --device cpu --quick --workload W3      # every code path, tiny, on CPU
     python3 benchmarks/w3.py --workload W2 --batch-sizes 65536 --compile     # train.compile: true (inductor)
     python3 benchmarks/w3.py --summary docs/results/scale-h200            # the table of a gpu_scale.sh run
@@ -49,6 +52,7 @@ from mtrank.config import ModelConfig, TaskConfig, TrainConfig  # noqa: E402
 from mtrank.data import TensorData  # noqa: E402
 from mtrank.evaluate.metrics import evaluate  # noqa: E402
 from mtrank.model import MultiTaskModel  # noqa: E402
+from mtrank.stats import MIN_PAIRS, paired_bootstrap, summarize, verdict, wilson_interval  # noqa: E402
 from mtrank.train import Trainer  # noqa: E402
 from mtrank.train.loop import TrainingDiverged  # noqa: E402
 
@@ -57,6 +61,7 @@ MLPERF_CARDINALITIES = [
     40_000_000, 39_060, 17_295, 7_424, 20_265, 3, 7_122, 1_543, 63, 40_000_000, 3_067_956, 405_282, 10,
     2_209, 11_938, 155, 4, 976, 14, 40_000_000, 40_000_000, 40_000_000, 590_152, 12_973, 108, 36,
 ]  # fmt: skip
+SPARSE_CHOICES = ("dense", "rowwise_adagrad", "lazy_adam")  # train.sparse.optimizer
 TEACHER_BUCKETS = 1 << 16  # hashed per-id teacher effects per feature (the teacher, not the model, is hashed)
 # kernel families of the step profile: the first family whose any pattern is in a kernel's (lower-case) name
 FAMILIES = [
@@ -212,18 +217,30 @@ def profile_families(trainer: Trainer, data: TensorData, steps: int) -> dict:
     }
 
 
+def free_memory(device: torch.device) -> None:
+    """Let the last trainer's graph, its memory pool and the optimizer state go before the next run."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KB on Linux)
 
 
-def train_config(args, batch_size: int, lr: float, **extra) -> TrainConfig:
+def train_config(
+    args, batch_size: int, lr: float, sparse: str | None = None, sparse_lr: float | None = None, **extra
+) -> TrainConfig:
+    """The run's TrainConfig; the table's optimizer and lr from ``--sparse`` / ``--sparse-lr`` unless given."""
+    sparse = args.sparse if sparse is None else sparse
+    sparse_lr = args.sparse_lr if sparse_lr is None else sparse_lr
     return TrainConfig(
         batch_size=batch_size,
         lr=lr,
         optimizer=args.optimizer,
-        sparse={"optimizer": args.sparse, "lr": args.sparse_lr} if args.sparse != "dense" else "dense",
+        sparse={"optimizer": sparse, "lr": sparse_lr} if sparse != "dense" else "dense",
         precision=args.precision,
         device=args.device,
         progress=False,
@@ -279,39 +296,281 @@ def measure(spec: Spec, args, batch_size: int, data: TensorData, peak_tflops: fl
     return out
 
 
-def auc_study(spec: Spec, args, batch_size: int, lrs: list[float], splits: tuple) -> dict:
-    """Train ``args.epochs`` epochs at each lr (cosine, 5% warm-up; the best epoch on the first task's validation
-    AUC is kept); the test AUCs of the lr whose validation AUC was best."""
-    train, valid, test = splits
-    runs = []
-    for lr in lrs:
-        steps = args.epochs * math.ceil(len(train) / batch_size)
-        config = train_config(args, batch_size, lr, epochs=args.epochs, schedule="cosine")
-        config.warmup_steps, config.eval_every = max(1, steps // 20), math.ceil(len(train) / batch_size)
-        config.monitor = "auc/" + spec.model.tasks[0].name
-        trainer = Trainer(MultiTaskModel(spec.model, seed=0), config)
-        try:
-            result = trainer.fit(train, valid)
-        except TrainingDiverged as err:  # a too-large lr is a result of the sweep, not the end of the run
-            runs.append({"lr": lr, "valid": -math.inf, "diverged": str(err)})
-            print(f"    {spec.name} batch {batch_size} lr {lr:g}: diverged ({err})")
+# ---------------------------------------------------------------------------------------------- the AUC study
+
+GRID_KEYS = ("lr", "sparse", "sparse_lr", "warmup")
+TUNING_SEED = 0  # the configuration is chosen at this seed; the paired reruns use seeds 1..K
+AUC_TARGET = 0.002  # issue 11: the large batch's test AUC at most this much below the small one's
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One point of a batch size's search space: the dense parameters' lr (Adam), the table's optimizer and its
+    lr (``train.sparse``; 0 = the dense lr), and the linear warm-up as a fraction of the run's steps."""
+
+    lr: float
+    sparse: str = "dense"
+    sparse_lr: float = 0.0
+    warmup: float = 0.05
+
+    def label(self) -> str:
+        table = "table Adam" if self.sparse == "dense" else f"table {self.sparse} lr {self.sparse_lr:g}"
+        return f"lr {self.lr:g}, {table}, warm-up {self.warmup:.0%}"
+
+
+def parse_grid(item: str, args) -> tuple[int, dict[str, list]]:
+    """``BATCH:lr=A,B;sparse=dense,rowwise_adagrad;sparse_lr=C,D;warmup=E`` -> ``(BATCH, {key: values})``;
+    a key left out takes the run's flag (``--sparse``, ``--sparse-lr``; warm-up 0.05)."""
+    batch, _, spec = item.partition(":")
+    example = "4096:lr=0.001,0.002;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.05"
+    if not batch.strip().isdigit() or not spec:
+        raise SystemExit(f"--grid: {item!r} is not BATCH:KEY=V,V;KEY=V (e.g. {example!r})")
+    grid: dict[str, list] = {"sparse": [args.sparse], "sparse_lr": [args.sparse_lr], "warmup": [0.05]}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, _, values = part.partition("=")
+        key = key.strip()
+        if key not in GRID_KEYS or not values:
+            raise SystemExit(f"--grid {batch}: {part!r} is not KEY=V[,V...] with KEY one of {list(GRID_KEYS)}")
+        items = [v.strip() for v in values.split(",")]
+        if key == "sparse":
+            bad = [v for v in items if v not in SPARSE_CHOICES]
+            if bad:
+                raise SystemExit(f"--grid {batch}: sparse={','.join(bad)} is not one of {list(SPARSE_CHOICES)}")
+            grid[key] = items
+        else:
+            try:
+                grid[key] = [float(v) for v in items]
+            except ValueError:
+                raise SystemExit(f"--grid {batch}: {key}={values} must be numbers") from None
+    if "lr" not in grid:
+        raise SystemExit(f"--grid {batch}: give the dense lr grid, lr=V[,V...]")
+    return int(batch), grid
+
+
+def grid_configs(grid: dict[str, list]) -> list[RunConfig]:
+    """Every configuration of a grid: lr x warm-up x table, where a sparse table optimizer takes each table lr
+    and ``dense`` (Adam on the table at the dense lr) takes none."""
+    return [
+        RunConfig(lr, sparse, sparse_lr if sparse != "dense" else 0.0, warmup)
+        for lr in grid["lr"]
+        for warmup in grid["warmup"]
+        for sparse in grid["sparse"]
+        for sparse_lr in (grid["sparse_lr"] if sparse != "dense" else [0.0])
+    ]
+
+
+def check_same_search_space(grids: dict[int, dict[str, list]]) -> None:
+    """A fair comparison: every batch size searches the same table optimizers and as many values of each
+    numeric knob (the values themselves may be centred per batch size)."""
+    (first, reference), *others = grids.items()
+    for batch, grid in others:
+        for key in GRID_KEYS:
+            same = grid[key] == reference[key] if key == "sparse" else len(grid[key]) == len(reference[key])
+            if not same:
+                raise SystemExit(
+                    f"--grid: batch {batch} searches {key}={grid[key]} but batch {first} {key}={reference[key]}: "
+                    "give every batch size the same table optimizers and as many values of each knob"
+                )
+
+
+def grid_edges(grid: dict[str, list], best: RunConfig) -> list[str]:
+    """The searched knobs (more than one value) whose chosen value is the smallest or largest of its grid: the
+    optimum may lie outside it."""
+    edges = []
+    for key in ("lr", "sparse_lr", "warmup"):
+        values = sorted(set(grid[key]))
+        if len(values) < 2 or (key == "sparse_lr" and best.sparse == "dense"):
             continue
-        aucs = {k: v for k, v in evaluate(trainer.model, test).items() if k.startswith("auc/")}
-        runs.append({"lr": lr, "valid": result.best_value, "best_step": result.best_step, "test_auc": aucs})
-        print(f"    {spec.name} batch {batch_size} lr {lr:g}: valid {result.best_value:.4f}, test {aucs}")
-    best = max(runs, key=lambda r: r["valid"])
-    if "diverged" in best:
-        raise SystemExit(f"{spec.name} batch {batch_size}: every lr of --lrs diverged ({lrs}); give smaller ones")
-    return {"runs": runs, "best_lr": best["lr"], "test_auc": best["test_auc"]}
+        value = getattr(best, key)
+        if value in (values[0], values[-1]):
+            edges.append(f"{key} {value:g} is the {'smallest' if value == values[0] else 'largest'} of {values}")
+    return edges
 
 
-def parse_lrs(items: list[str]) -> dict[int, list[float]]:
+def train_run(spec: Spec, args, batch_size: int, run: RunConfig, seed: int, splits: tuple, test: bool) -> dict:
+    """One training run: ``args.epochs`` epochs, cosine schedule after the warm-up, validation AUC of the first
+    task each epoch (early stopping after ``args.patience`` epochs without a better one, 0 = never), the best
+    epoch's weights kept; their test AUCs when ``test``. ``seed``: the model's initialisation and the batch order
+    (the same seed gives the same order of rows at every batch size). A diverged run is a result, not an error."""
+    train, valid, test_rows = splits
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    steps = args.epochs * steps_per_epoch
+    config = train_config(args, batch_size, run.lr, run.sparse, run.sparse_lr, epochs=args.epochs, seed=seed)
+    config.schedule, config.eval_every, config.early_stopping_patience = "cosine", steps_per_epoch, args.patience
+    config.warmup_steps = max(1, int(run.warmup * steps)) if run.warmup > 0 else 0
+    config.monitor = "auc/" + spec.model.tasks[0].name
+    record: dict = {**dataclasses.asdict(run), "seed": seed}
+    start = time.perf_counter()
+    trainer = Trainer(MultiTaskModel(spec.model, seed=seed), config)
+    try:
+        result = trainer.fit(train, valid)
+    except TrainingDiverged as err:  # a too-large lr is a result of the search, not the end of the study
+        del trainer
+        free_memory(train.dense.device)
+        record.update(valid=None, diverged=str(err), seconds=time.perf_counter() - start)
+        print(f"    {spec.name} batch {batch_size} seed {seed} {run.label()}: diverged ({err})", flush=True)
+        return record
+    record.update(
+        valid=result.best_value,
+        best_epoch=result.best_step / steps_per_epoch,
+        epochs_run=result.steps / steps_per_epoch,
+    )
+    if test:
+        record["test_auc"] = {k: v for k, v in evaluate(trainer.model, test_rows).items() if k.startswith("auc/")}
+    del trainer
+    free_memory(train.dense.device)
+    record["seconds"] = time.perf_counter() - start
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in record.get("test_auc", {}).items())
+    print(
+        f"    {spec.name} batch {batch_size} seed {seed} {run.label()}: valid {result.best_value:.4f} "
+        f"(epoch {record['best_epoch']:g} of {record['epochs_run']:g}){', test ' + shown if shown else ''} "
+        f"[{record['seconds']:.1f} s]",
+        flush=True,
+    )
+    return record
+
+
+def compare_batches(small: list[dict], large: list[dict], n_boot: int = 10_000, target: float = AUC_TARGET) -> dict:
+    """Test AUC of the small and the large batch over paired seeds (``small[i]`` and ``large[i]``: one seed):
+    per task the mean and median of each (finished runs), the paired shortfall ``small - large`` (pairs where
+    both finished) with its 95% bootstrap interval (:func:`mtrank.stats.paired_bootstrap`) and what it supports
+    (:func:`mtrank.stats.verdict`), the diverged runs of each, and the target's verdict: ``met`` when the mean
+    shortfall is at most ``target`` and no large-batch run diverged (``upper_within_target`` says whether the
+    interval's upper end is within it too; with fewer than :data:`mtrank.stats.MIN_PAIRS` pairs the interval
+    undercovers and ``interval_reliable`` is false)."""
+    if len(small) != len(large):
+        raise ValueError(f"paired runs need one seed each: {len(small)} small-batch runs, {len(large)} large")
+    pairs = [(a, b) for a, b in zip(small, large) if "test_auc" in a and "test_auc" in b]
+    sides = (("small", small), ("large", large))
+    failures = {}
+    for name, runs in sides:
+        diverged = sum("diverged" in r for r in runs)
+        failures[name] = {"runs": len(runs), "diverged": diverged, "rate": diverged / len(runs) if runs else math.nan}
+        failures[name]["interval"] = wilson_interval(diverged, len(runs))
+    out: dict = {"pairs": len(pairs), "failures": failures, "target": target, "tasks": {}}
+    tasks = list(pairs[0][0]["test_auc"]) if pairs else []
+    for task in tasks:
+        finished = {name: [r["test_auc"][task] for r in runs if "test_auc" in r] for name, runs in sides}
+        a, b = [p[0]["test_auc"][task] for p in pairs], [p[1]["test_auc"][task] for p in pairs]
+        shortfall = paired_bootstrap(a, b, n_boot=n_boot, seed=0)
+        out["tasks"][task] = {
+            **{name: summarize(values) for name, values in finished.items()},
+            "shortfall": shortfall,
+            "interval_says": verdict(shortfall, "small batch", "large batch"),
+            "interval_reliable": len(pairs) >= MIN_PAIRS,
+            "upper_within_target": shortfall["high"] <= target,
+            "met": shortfall["estimate"] <= target and failures["large"]["diverged"] == 0,
+        }
+    out["met"] = bool(tasks) and all(t["met"] for t in out["tasks"].values())
+    return out
+
+
+def auc_study(spec: Spec, args, grids: dict[int, dict[str, list]], splits: tuple, save=lambda study: None) -> dict:
+    """The accuracy price of a large batch, as a reviewer would want it:
+
+    1. tuning: every configuration of each batch size's grid (:func:`grid_configs`) trained once at
+       :data:`TUNING_SEED`; the one with the best validation AUC (first task) is chosen, on validation only
+       (no test AUC is computed), and a chosen knob at the edge of its grid is flagged;
+    2. paired reruns: each batch size's chosen configuration at seeds 1..``args.seeds`` (seed = initialisation
+       and batch order, the splits fixed), seed by seed;
+    3. :func:`compare_batches` of the smallest and the largest batch size, after every seed (a study cut short
+       by a time limit keeps its verdict on the pairs it finished).
+
+    ``save(study)`` is called after every run with the study so far."""
+    study: dict = {"tuning_seed": TUNING_SEED, "epochs": args.epochs, "patience": args.patience, "batches": {}}
+    start = time.perf_counter()
+    for batch, grid in grids.items():
+        entry = study["batches"][str(batch)] = {"grid": grid, "tuning": [], "paired": []}
+        for run in grid_configs(grid):
+            entry["tuning"].append(train_run(spec, args, batch, run, TUNING_SEED, splits, test=False))
+            save(study)
+        finished = [r for r in entry["tuning"] if r["valid"] is not None]
+        if not finished:
+            raise SystemExit(f"{spec.name} batch {batch}: every configuration of its grid diverged; give smaller lrs")
+        best = max(finished, key=lambda r: r["valid"])
+        chosen = RunConfig(**{k: best[k] for k in ("lr", "sparse", "sparse_lr", "warmup")})
+        entry.update(chosen=dataclasses.asdict(chosen), chosen_valid=best["valid"], edges=grid_edges(grid, chosen))
+        edge = f" (at the edge: {'; '.join(entry['edges'])})" if entry["edges"] else ""
+        print(f"{spec.name} batch {batch}: chosen on validation {chosen.label()}{edge}", flush=True)
+    small, large = str(min(grids)), str(max(grids))
+    for seed in range(1, args.seeds + 1):
+        for batch in grids:
+            entry = study["batches"][str(batch)]
+            chosen = RunConfig(**entry["chosen"])
+            entry["paired"].append(train_run(spec, args, batch, chosen, seed, splits, test=True))
+            study["seconds"] = time.perf_counter() - start
+            save(study)
+        paired = (study["batches"][small]["paired"], study["batches"][large]["paired"])
+        study["comparison"] = {"small": small, "large": large, **compare_batches(*paired)}  # the pairs so far
+    study["seconds"] = time.perf_counter() - start
+    save(study)
+    return study
+
+
+def auc_lines(study: dict) -> list[str]:
+    """The AUC study as markdown: each batch size's chosen configuration and test AUC over the paired seeds,
+    the paired shortfall per task with its interval, and the target's verdict."""
+    comparison = study.get("comparison")
+    tasks = list(comparison["tasks"]) if comparison else []
+    lines = [
+        f"AUC study: {study['epochs']} epochs, early stopping patience {study['patience'] or 'off'}, configuration "
+        f"chosen on validation at seed {study['tuning_seed']}, then paired seeds",
+        "",
+        "| batch | chosen on validation | valid AUC | at the grid's edge | seeds | diverged |"
+        + "".join(f" {t} mean / median |" for t in tasks),
+        "|---:|---|---:|---|---:|---:|" + "---:|" * len(tasks),
+    ]
+    for batch, entry in study["batches"].items():
+        if "chosen" not in entry:
+            lines.append(f"| {batch} | (tuning not finished: {len(entry['tuning'])} runs) | | | | |")
+            continue
+        role = {comparison["small"]: "small", comparison["large"]: "large"}.get(batch) if comparison else None
+        cells = [
+            f"{comparison['tasks'][t][role]['mean']:.4f} / {comparison['tasks'][t][role]['median']:.4f}" if role else ""
+            for t in tasks
+        ]
+        diverged = sum("diverged" in r for r in entry["paired"])
+        lines.append(
+            f"| {batch} | {RunConfig(**entry['chosen']).label()} | {entry['chosen_valid']:.4f} | "
+            f"{'; '.join(entry['edges']) or '-'} | {len(entry['paired'])} | {diverged} |"
+            + "".join(f" {c} |" for c in cells)
+        )
+    lines.append("")
+    if not comparison:
+        return lines + ["no paired seeds (--seeds 0): no verdict on the target", ""]
+    small, large, pairs = comparison["small"], comparison["large"], comparison["pairs"]
+    lines += [
+        f"| task | shortfall ({small} - {large}), mean of {pairs} pairs | 95% interval | interval says | "
+        f"upper end <= {comparison['target']:g} | target |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for task, result in comparison["tasks"].items():
+        ci = result["shortfall"]
+        lines.append(
+            f"| {task} | {ci['estimate']:+.4f} | [{ci['low']:+.4f}, {ci['high']:+.4f}] | {result['interval_says']} | "
+            f"{'yes' if result['upper_within_target'] else 'no'} | {'met' if result['met'] else 'NOT met'} |"
+        )
+    shortfalls = ", ".join(f"{t} {r['shortfall']['estimate']:+.4f}" for t, r in comparison["tasks"].items())
+    failed = comparison["failures"]["large"]["diverged"]
+    decision = "met" if comparison["met"] else "NOT met"
+    lines += [
+        "",
+        f"target: mean test AUC of batch {large} at most {comparison['target']:g} below batch {small}'s over "
+        f"{pairs} paired seeds: shortfall {shortfalls}; {failed} diverged -> {decision}",
+    ]
+    if pairs < MIN_PAIRS:
+        lines.append(f"(fewer than {MIN_PAIRS} pairs: the bootstrap interval undercovers; read it as indicative)")
+    return lines + [""]
+
+
+def parse_lrs(items: list[str], args) -> dict[int, dict[str, list]]:
+    """``--lrs BATCH=LR,...``: the grid of the lrs alone, the table's optimizer and lr from the flags."""
     out = {}
     for item in items:
         batch, _, values = item.partition("=")
         if not values:
             raise SystemExit(f"--lrs: {item!r} is not BATCH=LR[,LR...] (e.g. 65536=0.004,0.008)")
-        out[int(batch)] = [float(v) for v in values.split(",")]
+        out[int(batch)] = parse_grid(f"{batch}:lr={values}", args)[1]
     return out
 
 
@@ -325,8 +584,8 @@ def summary(folder: Path) -> str:
         return json.loads(path.read_text()) if path.exists() else None
 
     if check := load("prefetch_check.json"):
-        verdict = "identical to the CPU path" if check["identical"] else "DIFFERENT from the CPU path"
-        lines += [f"check: {check['batches']} batches prefetched to {check['device']}: {verdict}", ""]
+        decision = "identical to the CPU path" if check["identical"] else "DIFFERENT from the CPU path"
+        lines += [f"check: {check['batches']} batches prefetched to {check['device']}: {decision}", ""]
     if read := load("read.json"):
         lines += [
             f"Readers alone (batch {read['batch_size']}, pinned: {read['pin_memory']})",
@@ -370,10 +629,12 @@ def summary(folder: Path) -> str:
             )
         fastest = max(run["samples_per_s"] for run in result["batches"].values())
         if target is not None:  # (the AUC study's own throughput runs are not compiled: no verdict)
-            verdict = "met" if fastest >= target else "NOT met"
-            lines += ["", f"target: >= {target / 1e6:g}M samples/s: best {fastest / 1e6:.2f}M -> {verdict}"]
+            decision = "met" if fastest >= target else "NOT met"
+            lines += ["", f"target: >= {target / 1e6:g}M samples/s: best {fastest / 1e6:.2f}M -> {decision}"]
         lines.append("")
-        if "auc" in result:
+        if "auc" in result and "batches" in result["auc"]:
+            lines += auc_lines(result["auc"])
+        elif "auc" in result:  # a study of one seed per lr (before the paired seeds)
             lines += ["| batch | best lr | test AUC |", "|---:|---:|---|"]
             for batch, study in result["auc"].items():
                 aucs = ", ".join(f"{k} {v:.4f}" for k, v in study["test_auc"].items())
@@ -381,13 +642,13 @@ def summary(folder: Path) -> str:
             studies = list(result["auc"].values())
             # positive: the largest batch is behind the first; a large batch that is better is no loss
             gaps = [studies[0]["test_auc"][k] - studies[-1]["test_auc"][k] for k in studies[0]["test_auc"]]
-            verdict = "met" if max(gaps) <= 0.002 else "NOT met"
+            decision = "met" if max(gaps) <= AUC_TARGET else "NOT met"
             lines += [
                 "",
-                f"target: test AUC of the largest batch at most 0.002 below the first's: largest shortfall "
-                f"{max(gaps):+.4f} -> {verdict}",
+                f"target (one seed): test AUC of the largest batch at most 0.002 below the first's: largest "
+                f"shortfall {max(gaps):+.4f} -> {decision}",
+                "",
             ]
-            lines.append("")
     return "\n".join(lines)
 
 
@@ -409,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-rank", type=int, default=256)
     parser.add_argument(
         "--sparse",
-        choices=["dense", "rowwise_adagrad", "lazy_adam"],
+        choices=SPARSE_CHOICES,
         default="dense",
         help="train.sparse: the embedding table's optimizer (a sparse one runs the step eager)",
     )
@@ -431,7 +692,34 @@ def main(argv: list[str] | None = None) -> int:
         type=yaml.safe_load,
         help="train.compile (YAML): bare = inductor; e.g. aot_eager or '{mode: max-autotune-no-cudagraphs}'",
     )
-    parser.add_argument("--lrs", nargs="*", default=[], help="AUC study: BATCH=LR[,LR...] per batch size")
+    parser.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        metavar="BATCH:KEY=V,V;...",
+        help="AUC study: one search space per batch size, e.g. '4096:lr=0.001,0.002,0.004;sparse=dense,"
+        "rowwise_adagrad;sparse_lr=0.02,0.05'. Keys: lr (Adam's, the dense parameters), sparse (the table's "
+        "optimizer: dense = Adam at lr, rowwise_adagrad, lazy_adam), sparse_lr (the table's lr, for each sparse "
+        "optimizer; 0 = lr), warmup (fraction of the steps, default 0.05). Every configuration (lr x warmup x "
+        "table) is trained at seed 0 and the best on validation (first task's AUC) chosen; every batch size "
+        "must search the same table optimizers and as many values of each knob",
+    )
+    parser.add_argument(
+        "--lrs", nargs="*", default=[], help="AUC study, short for --grid BATCH:lr=LR,... (the table of --sparse)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="AUC study: rerun each batch size's chosen configuration at seeds 1..K (paired: one init and one "
+        "batch order per seed) and compare the smallest and largest batch (mean, median, paired 95%% interval)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="AUC study: stop a run after this many epochs without a better validation AUC (0 = never)",
+    )
     parser.add_argument("--epochs", type=int, default=4, help="AUC study: epochs per run")
     parser.add_argument("--auc-rows", type=int, default=4_000_000, help="AUC study: training rows")
     parser.add_argument("--matmul-size", type=int, default=8192)
@@ -471,17 +759,24 @@ def main(argv: list[str] | None = None) -> int:
         data = spec.data(args.rows or 8 * batch_size, 1)
         results["batches"][str(batch_size)] = measure(spec, args, batch_size, data, peak)
         del data
-        gc.collect()  # the last trainer's graph, its memory pool and the optimizer state go before the next
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    lrs = parse_lrs(args.lrs)
-    if lrs:
+        free_memory(device)
+    grids = {**dict(parse_grid(item, args) for item in args.grid), **parse_lrs(args.lrs, args)}
+    if grids:
+        if args.quick:
+            grids = {min(b, 256): grid for b, grid in grids.items()}
+        check_same_search_space(grids)
         rows = args.auc_rows
-        splits = (spec.data(rows, 11), spec.data(rows // 4, 12), spec.data(rows // 4, 13))
-        auc = {str(b): auc_study(spec, args, b if not args.quick else min(b, 256), lr, splits) for b, lr in lrs.items()}
-        results["auc"] = auc
-        for batch, study in auc.items():
-            print(f"{spec.name} batch {batch}: best lr {study['best_lr']:g}, test AUC {study['test_auc']}")
+        splits = (spec.data(rows, 11), spec.data(rows // 4, 12), spec.data(rows // 4, 13))  # fixed splits
+        splits = tuple(split.to(device) for split in splits)  # once, not at every run and evaluation
+
+        def save(study: dict) -> None:  # after every run: a study cut short by a time limit keeps what it did
+            results["auc"] = study
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+        study = auc_study(spec, args, grids, splits, save)
+        print("\n".join(auc_lines(study)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

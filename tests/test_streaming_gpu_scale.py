@@ -29,13 +29,17 @@ def test_gpu_scale_runs_every_path_on_cpu_and_prints_the_table(tmp_path):
     w2 = json.loads((out / "w2_batch.json").read_text())
     assert set(w2["batches"]) == {"64", "128"} and w2["compile"] == "aot_eager" and w2["pad_to"] == 64
     assert {b["step_path"] for b in w2["batches"].values()} == {"compiled"}
-    assert set(json.loads((out / "w2_auc.json").read_text())["auc"]) == {"64", "128"}
+    auc = json.loads((out / "w2_auc.json").read_text())["auc"]
+    assert set(auc["batches"]) == {"64", "128"} and auc["comparison"]["pairs"] == 2
+    assert all(len(b["tuning"]) == 4 and len(b["paired"]) == 2 for b in auc["batches"].values())  # 2 lrs x 2 tables
+    assert set(auc["comparison"]["tasks"]) == {"auc/t0", "auc/t1"}
     plain = json.loads((out / "w3_plain.json").read_text())
     assert plain["workload"] == "W3" and "profile" in plain["batches"]["128"] and plain["pad_to"] == 1
     w3 = json.loads((out / "w3.json").read_text())
     assert (w3["pad_to"], w3["sparse"], w3["compile"]) == (64, "rowwise_adagrad", "aot_eager")
     table = (out / "summary.md").read_text()
     assert table.count("target:") == 5  # files/memory, W2 10M, W2 AUC, W3 2.1M: as it was, and padded+row-wise+compiled
+    assert "| auc/t0 | " in table and "paired seeds: shortfall auc/t0" in table
     assert "| parquet_workers_2 |" in table and "| 128 |" in table and "| workers_2_group_16 |" in table
     read = json.loads((out / "read.json").read_text())["rows_per_s"]
     assert "check: 76 batches prefetched to cpu: identical to the CPU path" in table  # 79 - 3 skipped

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,8 +30,9 @@ def test_quick_w3_on_cpu_reports_throughput_mfu_memory_profile_and_auc(tmp_path)
     families = run["profile"]["families"]
     assert sum(families.values()) == pytest.approx(1.0)
     assert {"gemm", "embedding_fwd", "embedding_bwd", "optimizer"} <= set(families)
-    study = result["auc"]["128"]
-    assert study["best_lr"] == 0.003 and set(study["test_auc"]) == {"auc/t0", "auc/t1", "auc/t2"}
+    study = result["auc"]["batches"]["128"]
+    assert study["chosen"] == {"lr": 0.003, "sparse": "dense", "sparse_lr": 0.0, "warmup": 0.05}
+    assert "test_auc" not in study["tuning"][0] and study["paired"] == []  # chosen on validation; --seeds 0
 
 
 def test_the_optimizer_flag_reaches_the_training_config():
@@ -85,6 +87,86 @@ def test_a_diverging_lr_of_the_sweep_is_recorded_and_the_best_other_one_kept(tmp
     out = tmp_path / "w2.json"
     w3.main(["--device", "cpu", "--quick", "--workload", "W3", "--batch-sizes", "64", "--profile-steps", "0",
              "--lrs", "64=1e9,0.003", "--json", str(out)])  # fmt: skip
-    study = json.loads(out.read_text())["auc"]["64"]
-    assert "diverged" in study["runs"][0] and "train.lr" in study["runs"][0]["diverged"]
-    assert study["best_lr"] == 0.003
+    study = json.loads(out.read_text())["auc"]["batches"]["64"]
+    assert "diverged" in study["tuning"][0] and "train.lr" in study["tuning"][0]["diverged"]
+    assert study["chosen"]["lr"] == 0.003
+
+
+def _args(**flags):
+    return w3.argparse.Namespace(**{"sparse": "dense", "sparse_lr": 0.0, **flags})
+
+
+def test_a_grid_is_parsed_into_lr_x_warmup_x_table_configurations():
+    batch, grid = w3.parse_grid("4096:lr=0.001,0.002;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.05", _args())
+    assert batch == 4096 and grid["warmup"] == [0.05]
+    configs = w3.grid_configs(grid)
+    assert len(configs) == 2 * (1 + 2)  # Adam on the table takes no table lr
+    assert w3.RunConfig(0.002, "rowwise_adagrad", 0.05) in configs and w3.RunConfig(0.001, "dense") in configs
+    with pytest.raises(SystemExit, match="sparse=adagrad"):
+        w3.parse_grid("4096:lr=0.001;sparse=adagrad", _args())
+    with pytest.raises(SystemExit, match="lr=V"):
+        w3.parse_grid("4096:sparse=dense", _args())
+
+
+def test_batch_sizes_with_different_search_spaces_are_refused():
+    small = w3.parse_grid("512:lr=0.001,0.002;sparse=dense,rowwise_adagrad;sparse_lr=0.02", _args())[1]
+    wider = w3.parse_grid("8192:lr=0.004,0.008,0.016;sparse=dense,rowwise_adagrad;sparse_lr=0.1", _args())[1]
+    other = w3.parse_grid("8192:lr=0.004,0.008;sparse=dense;sparse_lr=0.1", _args())[1]
+    same = w3.parse_grid("8192:lr=0.004,0.008;sparse=dense,rowwise_adagrad;sparse_lr=0.1", _args())[1]
+    w3.check_same_search_space({512: small, 8192: same})
+    with pytest.raises(SystemExit, match="lr="):
+        w3.check_same_search_space({512: small, 8192: wider})
+    with pytest.raises(SystemExit, match="sparse="):
+        w3.check_same_search_space({512: small, 8192: other})
+
+
+def test_a_choice_at_the_end_of_its_grid_is_flagged():
+    grid = w3.parse_grid("8192:lr=0.004,0.008,0.016;sparse=dense,rowwise_adagrad;sparse_lr=0.05,0.1", _args())[1]
+    assert w3.grid_edges(grid, w3.RunConfig(0.008, "rowwise_adagrad", 0.1)) == [
+        "sparse_lr 0.1 is the largest of [0.05, 0.1]"
+    ]
+    assert w3.grid_edges(grid, w3.RunConfig(0.004, "dense")) == ["lr 0.004 is the smallest of [0.004, 0.008, 0.016]"]
+    assert w3.grid_edges(grid, w3.RunConfig(0.008, "dense")) == []  # a table lr is no knob of Adam on the table
+
+
+def _runs(aucs, diverged=()):
+    return [
+        {"seed": s, "diverged": "loss exploded"} if s in diverged else {"seed": s, "test_auc": {"auc/t0": a}}
+        for s, a in enumerate(aucs, start=1)
+    ]
+
+
+def test_a_known_paired_shortfall_is_found_with_an_interval_around_it():
+    rng = np.random.default_rng(0)
+    seed_effect = rng.normal(0.75, 0.002, 12)  # shared by both batch sizes of a seed: what pairing removes
+    small = seed_effect + rng.normal(0, 0.0003, 12)
+    large = seed_effect - 0.004 + rng.normal(0, 0.0003, 12)
+    result = w3.compare_batches(_runs(small), _runs(large), n_boot=4000)
+    task = result["tasks"]["auc/t0"]
+    assert task["shortfall"]["estimate"] == pytest.approx(0.004, abs=0.0004)
+    assert task["shortfall"]["low"] < 0.004 < task["shortfall"]["high"] and task["shortfall"]["low"] > 0.002
+    assert task["interval_says"] == "small batch better" and task["interval_reliable"]
+    assert not task["met"] and not task["upper_within_target"] and not result["met"]
+    assert task["small"]["mean"] - task["large"]["mean"] == pytest.approx(task["shortfall"]["estimate"])
+
+
+def test_no_shortfall_gives_an_interval_spanning_zero_not_resolvable_and_met():
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0.75, 0.002, 10)
+    small, large = seed_effect + rng.normal(0, 0.0005, 10), seed_effect + rng.normal(0, 0.0005, 10)
+    result = w3.compare_batches(_runs(small), _runs(large), n_boot=4000)
+    task = result["tasks"]["auc/t0"]
+    assert task["shortfall"]["low"] < 0 < task["shortfall"]["high"]
+    assert task["interval_says"] == "not resolvable" and task["upper_within_target"]
+    assert task["met"] and result["met"]
+
+
+def test_diverged_runs_are_counted_left_out_of_the_pairs_and_fail_the_target():
+    small, large = [0.750, 0.751, 0.752, 0.749], [0.751, 0.0, 0.752, 0.750]
+    result = w3.compare_batches(_runs(small), _runs(large, diverged={2}), n_boot=1000)
+    assert result["pairs"] == 3 and result["failures"]["large"]["diverged"] == 1
+    assert result["failures"]["large"]["rate"] == 0.25 and result["failures"]["small"]["diverged"] == 0
+    task = result["tasks"]["auc/t0"]
+    assert task["small"]["n"] == 4 and task["large"]["n"] == 3  # each side's mean over its finished runs
+    assert task["shortfall"]["estimate"] <= 0.002 and not task["met"]  # a large batch that diverges is no match
+    assert not task["interval_reliable"]  # 3 pairs: fewer than MIN_PAIRS
