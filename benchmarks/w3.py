@@ -240,7 +240,7 @@ def train_config(
         batch_size=batch_size,
         lr=lr,
         optimizer=args.optimizer,
-        sparse={"optimizer": sparse, "lr": sparse_lr} if sparse != "dense" else "dense",
+        sparse={"optimizer": sparse, "lr": sparse_lr} if sparse != "dense" or sparse_lr else "dense",
         precision=args.precision,
         device=args.device,
         progress=False,
@@ -298,7 +298,7 @@ def measure(spec: Spec, args, batch_size: int, data: TensorData, peak_tflops: fl
 
 # ---------------------------------------------------------------------------------------------- the AUC study
 
-GRID_KEYS = ("lr", "sparse", "sparse_lr", "warmup")
+GRID_KEYS = ("lr", "sparse", "sparse_lr", "dense_table_lr", "warmup")
 TUNING_SEED = 0  # the configuration is chosen at this seed; the paired reruns use seeds 1..K
 AUC_TARGET = 0.002  # issue 11: the large batch's test AUC at most this much below the small one's
 
@@ -306,7 +306,8 @@ AUC_TARGET = 0.002  # issue 11: the large batch's test AUC at most this much bel
 @dataclass(frozen=True)
 class RunConfig:
     """One point of a batch size's search space: the dense parameters' lr (Adam), the table's optimizer and its
-    lr (``train.sparse``; 0 = the dense lr), and the linear warm-up as a fraction of the run's steps."""
+    lr (``train.sparse``; 0 = the dense lr; with ``dense``, Adam on the table at that lr), and the linear warm-up
+    as a fraction of the run's steps."""
 
     lr: float
     sparse: str = "dense"
@@ -314,7 +315,8 @@ class RunConfig:
     warmup: float = 0.05
 
     def label(self) -> str:
-        table = "table Adam" if self.sparse == "dense" else f"table {self.sparse} lr {self.sparse_lr:g}"
+        table = "table Adam" if self.sparse == "dense" else f"table {self.sparse}"
+        table += f" lr {self.sparse_lr:g}" if self.sparse_lr else ""
         return f"lr {self.lr:g}, {table}, warm-up {self.warmup:.0%}"
 
 
@@ -325,7 +327,12 @@ def parse_grid(item: str, args) -> tuple[int, dict[str, list]]:
     example = "4096:lr=0.001,0.002;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.05"
     if not batch.strip().isdigit() or not spec:
         raise SystemExit(f"--grid: {item!r} is not BATCH:KEY=V,V;KEY=V (e.g. {example!r})")
-    grid: dict[str, list] = {"sparse": [args.sparse], "sparse_lr": [args.sparse_lr], "warmup": [0.05]}
+    grid: dict[str, list] = {
+        "sparse": [args.sparse],
+        "sparse_lr": [args.sparse_lr],
+        "dense_table_lr": [0.0],
+        "warmup": [0.05],
+    }
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         key, _, values = part.partition("=")
         key = key.strip()
@@ -349,13 +356,13 @@ def parse_grid(item: str, args) -> tuple[int, dict[str, list]]:
 
 def grid_configs(grid: dict[str, list]) -> list[RunConfig]:
     """Every configuration of a grid: lr x warm-up x table, where a sparse table optimizer takes each table lr
-    and ``dense`` (Adam on the table at the dense lr) takes none."""
+    of ``sparse_lr`` and ``dense`` (Adam on the table) each of ``dense_table_lr`` (0: the dense lr)."""
     return [
-        RunConfig(lr, sparse, sparse_lr if sparse != "dense" else 0.0, warmup)
+        RunConfig(lr, sparse, table_lr, warmup)
         for lr in grid["lr"]
         for warmup in grid["warmup"]
         for sparse in grid["sparse"]
-        for sparse_lr in (grid["sparse_lr"] if sparse != "dense" else [0.0])
+        for table_lr in (grid["sparse_lr"] if sparse != "dense" else grid["dense_table_lr"])
     ]
 
 
@@ -377,11 +384,13 @@ def grid_edges(grid: dict[str, list], best: RunConfig) -> list[str]:
     """The searched knobs (more than one value) whose chosen value is the smallest or largest of its grid: the
     optimum may lie outside it."""
     edges = []
-    for key in ("lr", "sparse_lr", "warmup"):
+    for key in ("lr", "sparse_lr", "dense_table_lr", "warmup"):
         values = sorted(set(grid[key]))
         if len(values) < 2 or (key == "sparse_lr" and best.sparse == "dense"):
             continue
-        value = getattr(best, key)
+        if key == "dense_table_lr" and best.sparse != "dense":
+            continue
+        value = getattr(best, "sparse_lr" if key == "dense_table_lr" else key)
         if value in (values[0], values[-1]):
             edges.append(f"{key} {value:g} is the {'smallest' if value == values[0] else 'largest'} of {values}")
     return edges
@@ -699,8 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BATCH:KEY=V,V;...",
         help="AUC study: one search space per batch size, e.g. '4096:lr=0.001,0.002,0.004;sparse=dense,"
         "rowwise_adagrad;sparse_lr=0.02,0.05'. Keys: lr (Adam's, the dense parameters), sparse (the table's "
-        "optimizer: dense = Adam at lr, rowwise_adagrad, lazy_adam), sparse_lr (the table's lr, for each sparse "
-        "optimizer; 0 = lr), warmup (fraction of the steps, default 0.05). Every configuration (lr x warmup x "
+        "optimizer: dense = Adam, rowwise_adagrad, lazy_adam), sparse_lr (the table's lr, for each sparse "
+        "optimizer; 0 = lr), dense_table_lr (the table's lr under Adam, its own parameter group; "
+        "0 = lr), warmup (fraction of the steps, default 0.05). Every configuration (lr x warmup x "
         "table) is trained at seed 0 and the best on validation (first task's AUC) chosen; every batch size "
         "must search the same table optimizers and as many values of each knob",
     )
@@ -722,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=4, help="AUC study: epochs per run")
     parser.add_argument("--auc-rows", type=int, default=4_000_000, help="AUC study: training rows")
+    parser.add_argument(
+        "--eval-rows", type=int, default=0, help="AUC study: validation rows and test rows (0: a quarter of --auc-rows)"
+    )
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: every path in seconds on CPU")
@@ -735,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batch_sizes = [min(b, 256) for b in args.batch_sizes]
         args.steps, args.warmup_steps, args.profile_steps = 3, 2, min(args.profile_steps, 2)
-        args.matmul_size, args.auc_rows, args.epochs = 128, 2048, 1
+        args.matmul_size, args.auc_rows, args.epochs, args.eval_rows = 128, 2048, 1, 0
     device = torch.device(args.device)
     spec = (w3_spec if args.workload == "W3" else w2_spec)(args)
     peak = matmul_tflops(device, args.matmul_size, repeats=3)
@@ -765,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             grids = {min(b, 256): grid for b, grid in grids.items()}
         check_same_search_space(grids)
-        rows = args.auc_rows
-        splits = (spec.data(rows, 11), spec.data(rows // 4, 12), spec.data(rows // 4, 13))  # fixed splits
+        rows, held_out = args.auc_rows, args.eval_rows or args.auc_rows // 4
+        splits = (spec.data(rows, 11), spec.data(held_out, 12), spec.data(held_out, 13))  # fixed splits
         splits = tuple(split.to(device) for split in splits)  # once, not at every run and evaluation
 
         def save(study: dict) -> None:  # after every run: a study cut short by a time limit keeps what it did
