@@ -196,10 +196,47 @@ def cmd_encode(args) -> dict:
     return out
 
 
+class _SteadyClock:  # a mtrank.train.callbacks.Callback (not imported here: mtrank is imported late)
+    """A callback: the time of step ``after`` (the device synchronised first), so that a run's rate can be taken
+    from that step on, without reader start-up, CUDA-graph warm-up and capture."""
+
+    def __init__(self, after: int, device) -> None:
+        self.after, self.device = after, device
+        self.at: float | None = None
+
+    def on_train_begin(self, info) -> None:
+        self.at = None
+
+    def on_step(self, step: int, loss) -> None:
+        if step == self.after:
+            _synchronize(self.device)
+            self.at = time.perf_counter()
+
+    def on_train_end(self, results) -> None:
+        _synchronize(self.device)
+        self.end = time.perf_counter()
+
+    def on_evaluate(self, step: int, records) -> None:
+        pass
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cmd_train(args) -> dict:
     """Samples/s of one model and step count: the Trainer on in-memory TensorData (moved to the device once) vs
     streamed from Parquet by 0..N reader processes (pinned groups of batches, prefetched to the device; with
-    ``--baseline`` also one batch per item, unpinned: the path before the prefetcher)."""
+    ``--baseline`` also one batch per item, unpinned: the path before the prefetcher).
+
+    Robust to a noisy machine: ``--warmup-runs`` runs of every path first, not counted (the first run of a
+    process pays for CUDA's and the allocator's start); then ``--repeats`` rounds, the order of the paths
+    reversed every other round (memory first, then last), the median kept. Two rates per run: over the whole
+    ``fit`` (``samples_per_s``: reader start-up and graph capture included) and from step ``--steady-after``
+    on (``steady_samples_per_s``: the device synchronised at that step and at the end)."""
     import torch
 
     from mtrank.data.splits import encode_table
@@ -212,7 +249,6 @@ def cmd_train(args) -> dict:
     path = generated(args.data, args.rows)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, paths = {}, {}
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
     rows_needed = args.steps * args.batch_size
     memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
@@ -221,41 +257,62 @@ def cmd_train(args) -> dict:
     train_cfg.batch_size, train_cfg.steps, train_cfg.eval_every = args.batch_size, args.steps, 10**9
     train_cfg.precision, train_cfg.device = args.precision, args.device
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
-    variants = [(w, args.group, None) for w in args.workers]
+    steady_after = min(args.steady_after, args.steps - 1)
+    variants = [("memory", None, None, None)]
+    variants += [(f"parquet_workers_{w}", w, args.group, None) for w in args.workers]
     if args.baseline:
-        variants += [(w, 1, False) for w in args.workers]
-    for repeat in range(args.repeats):
-        trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
-        result = trainer.fit(memory_data)
-        results.setdefault("memory", []).append(result.samples_per_second)
-        paths["memory"] = trainer.step_path
-        for workers, group, pin in variants:
-            cfg.data.workers = workers
-            stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
-            trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
-            source = StreamSource(
-                stream, workers, trainer.device, stream.count_rows(), args.prefetch, group=group, pin_memory=pin
-            )
-            result = trainer.fit(source)
-            key = f"parquet_workers_{workers}" + ("_baseline" if pin is False else "")
+        variants += [(f"parquet_workers_{w}_baseline", w, 1, False) for w in args.workers]
+    results: dict[str, list[float]] = {}
+    steady: dict[str, list[float]] = {}
+    paths: dict[str, str] = {}
+    device = None
+    for round_ in range(-args.warmup_runs, args.repeats):
+        for key, workers, group, pin in variants if round_ % 2 == 0 else variants[::-1]:
+            clock = _SteadyClock(steady_after, torch.device("cpu"))
+            trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg, callbacks=[clock])
+            device = clock.device = trainer.device
+            if workers is None:
+                train = memory_data
+            else:
+                cfg.data.workers = workers
+                stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=max(round_, 0))
+                rows = stream.count_rows()
+                train = StreamSource(stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin)
+            result = trainer.fit(train)
+            if round_ < 0:  # a warm-up run
+                continue
             results.setdefault(key, []).append(result.samples_per_second)
+            if clock.at is not None:
+                steady_rate = (result.steps - steady_after) * args.batch_size / (clock.end - clock.at)
+                steady.setdefault(key, []).append(steady_rate)
             paths[key] = trainer.step_path
     summary = {k: float(np.median(v)) for k, v in results.items()}
+    steady_summary = {k: float(np.median(v)) for k, v in steady.items()}
+    print(
+        f"median of {args.repeats} rounds after {args.warmup_runs} warm-up round(s); steady: from step {steady_after}"
+    )
     for key, value in summary.items():
         ratio = value / summary["memory"]
-        print(
-            f"{key:>29}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory, {paths[key]})  "
-            f"runs {np.round(results[key])}"
-        )
+        line = f"{key:>29}: {value:>10,.0f} samples/s ({ratio:.2f} x in-memory, {paths[key]})"
+        if key in steady_summary:
+            steady_ratio = steady_summary[key] / steady_summary["memory"]
+            line += f"; steady {steady_summary[key]:>10,.0f} ({steady_ratio:.2f} x)"
+        print(f"{line}  runs {np.round(results[key])}")
     return {
         "samples_per_s": summary,
         "ratio_to_memory": {k: v / summary["memory"] for k, v in summary.items()},
+        "steady_samples_per_s": steady_summary,
+        "steady_ratio_to_memory": {k: v / steady_summary["memory"] for k, v in steady_summary.items()},
+        "steady_after_step": steady_after,
         "step_path": paths,
         "runs": results,
+        "steady_runs": steady,
+        "warmup_runs": args.warmup_runs,
+        "repeats": args.repeats,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "precision": args.precision,
-        "device": str(trainer.device),
+        "device": str(device),
         "group": args.group,
         "prefetch": args.prefetch,
         "torch_threads": torch.get_num_threads(),
@@ -373,6 +430,194 @@ def _copied_items(stream, workers: int, group: int):
         copied = Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), weights, item.sizes)
         item.release()
         yield copied
+
+
+class _StageClock:
+    """CPU time of this thread (``time.thread_time_ns``) spent inside ``next()`` of wrapped iterators, per stage.
+
+    Stages nest (receive inside prefetch inside keys): the totals are inclusive; :func:`_host_epoch` subtracts.
+    """
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.calls = 0
+
+    def wrap(self, iterable, stage: str):
+        iterator = iter(iterable)
+        clock = time.thread_time_ns
+        self.ns.setdefault(stage, 0)
+        while True:
+            start = clock()
+            try:
+                value = next(iterator)
+            except StopIteration:
+                self.ns[stage] += clock() - start
+                return
+            self.ns[stage] += clock() - start
+            self.calls += 1
+            yield value
+
+    def overhead_ns(self) -> float:
+        """CPU ns one timed ``next()`` adds (two clock reads and a generator hop), measured here."""
+        empty = iter(range(20_000))
+        start = time.thread_time_ns()
+        for _ in self.__class__().wrap(empty, "x"):
+            pass
+        return (time.thread_time_ns() - start) / 20_000
+
+
+class _NullStep:
+    """A training step that costs nothing: the loop's outputs, no model (``--null-step``)."""
+
+    graph = None
+
+    def __init__(self, tasks: int) -> None:
+        import torch
+
+        self.outputs = (torch.zeros(1), torch.zeros(1, tasks))
+        self.steps = 0
+
+    def __call__(self, key):
+        self.steps += 1
+        return self.outputs
+
+
+def cmd_host(args) -> dict:
+    """The trainer's host-side ceiling (CPU proxy, ``--null-step``): Trainer.fit over the real streaming path
+    (reader processes -> items -> Prefetcher -> batches -> the training loop) with the model step replaced by
+    nothing. Each epoch runs in a fresh process (``_host``); it reports batches/s and rows/s of the consumer and
+    the CPU time per batch of the trainer's process, by stage. On a machine with fewer cores than readers + 1 the
+    rates are the readers'; the trainer's CPU per batch is what carries over to a larger machine. With
+    ``--before-src DIR`` the same epochs run with the ``mtrank`` package under DIR, interleaved run by run."""
+    import mtrank
+
+    path = generated(args.data, args.rows)
+    sources = {"after": str(Path(mtrank.__file__).resolve().parents[1])}
+    if args.before_src:
+        sources = {"before": str(Path(args.before_src).resolve()), **sources}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in sources}
+    for _ in range(args.repeats):
+        for workers in args.workers:
+            for name, src in sources.items():
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "_host",
+                    str(path),
+                    str(workers),
+                    str(args.group),
+                    str(args.batch_size),
+                ]
+                cmd += ["--copy"] if args.copy else []
+                env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                run = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[name].setdefault(f"workers_{workers}", []).append(run)
+    out: dict = {"rows": args.rows, "batch_size": args.batch_size, "group": args.group, "copy": args.copy}
+    out.update(repeats=args.repeats, sources=sources)
+    for name, by_key in runs.items():
+        out[name] = {
+            key: {"median": {m: float(np.median([r[m] for r in v])) for m in v[0] if m != "stages_us"}, "runs": v}
+            for key, v in by_key.items()
+        }
+        for key, v in by_key.items():
+            stages = v[0]["stages_us"]
+            out[name][key]["median"]["stages_us"] = {
+                s: float(np.median([r["stages_us"][s] for r in v])) for s in stages
+            }
+    print(f"median of {args.repeats}; CPU microseconds per batch of the trainer's process (main thread by stage)")
+    print(
+        f"{'':>6} {'readers':>8} {'batches/s':>10} {'rows/s':>11} {'first item s':>12} {'process':>8} {'main':>6}  stages"
+    )
+    for key in runs["after"]:
+        for name in sources:
+            m = out[name][key]["median"]
+            stages = " ".join(f"{s} {us:.1f}" for s, us in m["stages_us"].items())
+            print(
+                f"{name:>6} {key.split('_')[1]:>8} {m['batches_per_s']:>10,.0f} {m['rows_per_s']:>11,.0f} "
+                f"{m['first_item_s']:>12.2f} {m['process_cpu_us_per_batch']:>8.1f} {m['main_cpu_us_per_batch']:>6.1f}"
+                f"  {stages}"
+            )
+    return out
+
+
+def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool) -> None:
+    """One epoch of Trainer.fit with a null step on CPU (child process of ``host``); prints JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from mtrank.data.streaming import EncodedStream
+    from mtrank.model import MultiTaskModel
+    from mtrank.train import Trainer, sources
+
+    cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
+    cfg.train.device, cfg.train.batch_size, cfg.train.eval_every = "cpu", batch_size, 10**9
+    cfg.train.epochs, cfg.train.steps = 1, 0
+    stream = EncodedStream(path, cfg, encoder, batch_size, seed=0)
+    trainer = Trainer(MultiTaskModel(cfg.model_config(encoder.num_dense, encoder.vocab_sizes), seed=0), cfg.train)
+    source = sources.StreamSource(stream, workers, torch.device("cpu"), stream.count_rows(), group=group)
+    clock, null = _StageClock(), _NullStep(len(cfg.tasks))
+    first: list[float] = []
+    start = time.perf_counter()
+
+    def items(make=source.items):
+        for item in clock.wrap(make(), "receive"):
+            if not first:
+                first.append(time.perf_counter() - start)
+            if copy:  # what the pin thread does on CUDA (there in its own thread, here in this one)
+                item = _copied(item)
+            yield item
+
+    source.items = items
+    prefetcher = sources.Prefetcher
+
+    class TimedPrefetcher(prefetcher):
+        def __iter__(self):
+            return clock.wrap(super().__iter__(), "prefetch")
+
+    sources.Prefetcher = TimedPrefetcher
+    keys = source.keys
+    source.keys = lambda epoch, skip=0: clock.wrap(keys(epoch, skip), "keys")
+    trainer.loop.train_step = lambda source: null
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    main_before = time.thread_time_ns()
+    start = time.perf_counter()
+    trainer.fit(source)
+    seconds = time.perf_counter() - start
+    main_ns = time.thread_time_ns() - main_before
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    process_s = own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime
+    batches, ns = null.steps, clock.ns
+    overhead = clock.overhead_ns()
+    stages = {
+        "receive": ns["receive"],
+        "prefetch": ns["prefetch"] - ns["receive"],
+        "slice": ns["keys"] - ns["prefetch"],
+        "loop": main_ns - ns["keys"] - clock.calls * overhead,
+    }
+    rows = source.rows
+    result = {
+        "batches": batches,
+        "rows": rows,
+        "batches_per_s": batches / seconds,
+        "rows_per_s": rows / seconds,
+        "first_item_s": first[0],
+        "steady_rows_per_s": rows / (seconds - first[0]),
+        "process_cpu_us_per_batch": process_s / batches * 1e6,
+        "main_cpu_us_per_batch": (main_ns - clock.calls * overhead) / batches / 1e3,
+        "timer_overhead_ns": overhead,
+        "stages_us": {k: v / batches / 1e3 for k, v in stages.items()},
+    }
+    print(json.dumps(result))
+
+
+def _copied(item):
+    from mtrank.data.streaming import Group
+
+    weights = None if item.weights is None else item.weights.clone()
+    copied = Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), weights, item.sizes)
+    item.release()
+    return copied
 
 
 def cmd_prefetch_check(args) -> dict:
@@ -495,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=2, help="batches in flight to the GPU")
     p.add_argument("--group", type=int, default=None, help="batches per reader item (default 65,536 rows' worth)")
     p.add_argument("--baseline", action="store_true", help="also: one batch per item, unpinned (the old path)")
+    p.add_argument("--warmup-runs", type=int, default=1, help="rounds of every path run first and not counted")
+    p.add_argument("--steady-after", type=int, default=200, help="the steady rate is taken from this step on")
     p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
@@ -503,6 +750,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin", action="store_true", help="pin the items (as for a GPU)")
     p.add_argument("--repeats", type=int, default=1, help="epochs per setting (median kept)")
     p.add_argument("--copy", action="store_true", help="the trainer's process copies what it receives (as pinning)")
+    p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
+    p = sub.add_parser("host", help="the trainer's host cost per batch: streaming path, null step, CPU")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--group", type=int, default=16, help="batches per reader item")
+    p.add_argument("--repeats", type=int, default=3, help="epochs per setting (median kept)")
+    p.add_argument("--copy", action="store_true", help="copy each item on arrival, as the pin thread does")
     p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
     p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -522,6 +777,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("batch_size", type=int)
     p.add_argument("--pin", action="store_true")
     p.add_argument("--copy", action="store_true")
+    p = sub.add_parser("_host", help=argparse.SUPPRESS)
+    p.add_argument("path")
+    p.add_argument("read_workers", type=int)
+    p.add_argument("group", type=int)
+    p.add_argument("batch_size", type=int)
+    p.add_argument("--copy", action="store_true")
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
@@ -531,11 +792,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_read":
         _read_epoch(args.path, args.read_workers, args.group, args.batch_size, args.pin, args.copy)
         return 0
+    if args.command == "_host":
+        _host_epoch(args.path, args.read_workers, args.group, args.batch_size, args.copy)
+        return 0
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
     commands = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "read": cmd_read}
     commands["prefetch-check"] = cmd_prefetch_check
+    commands["host"] = cmd_host
     result = {**commands, "memory": cmd_memory}[args.command](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:
