@@ -526,9 +526,8 @@ def cmd_host(args) -> dict:
                 s: float(np.median([r["stages_us"][s] for r in v])) for s in stages
             }
     print(f"median of {args.repeats}; CPU microseconds per batch of the trainer's process (main thread by stage)")
-    print(
-        f"{'':>6} {'readers':>8} {'batches/s':>10} {'rows/s':>11} {'first item s':>12} {'process':>8} {'main':>6}  stages"
-    )
+    head = f"{'':>6} {'readers':>8} {'batches/s':>10} {'rows/s':>11} {'first item s':>12} {'process':>8} {'main':>6}"
+    print(f"{head}  stages")
     for key in runs["after"]:
         for name in sources:
             m = out[name][key]["median"]
