@@ -31,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -545,14 +546,14 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
     import torch
 
     torch.set_num_threads(1)
-    from mtrank.data.streaming import EncodedStream
+    from mtrank.data import streaming
     from mtrank.model import MultiTaskModel
     from mtrank.train import Trainer, sources
 
     cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
     cfg.train.device, cfg.train.batch_size, cfg.train.eval_every = "cpu", batch_size, 10**9
     cfg.train.epochs, cfg.train.steps = 1, 0
-    stream = EncodedStream(path, cfg, encoder, batch_size, seed=0)
+    stream = streaming.EncodedStream(path, cfg, encoder, batch_size, seed=0)
     trainer = Trainer(MultiTaskModel(cfg.model_config(encoder.num_dense, encoder.vocab_sizes), seed=0), cfg.train)
     source = sources.StreamSource(stream, workers, torch.device("cpu"), stream.count_rows(), group=group)
     clock, null = _StageClock(), _NullStep(len(cfg.tasks))
@@ -560,11 +561,15 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
     start = time.perf_counter()
 
     def items(make=source.items):
+        if copy:  # readers recycle their buffers, as when the items are pinned
+            make = partial(streaming.stream_items, stream, workers, group=group, recycle=True)
         for item in clock.wrap(make(), "receive"):
             if not first:
                 first.append(time.perf_counter() - start)
             if copy:  # what the pin thread does on CUDA (there in its own thread, here in this one)
+                begin = time.thread_time_ns()
                 item = _copied(item)
+                clock.ns["copy"] = clock.ns.get("copy", 0) + time.thread_time_ns() - begin
             yield item
 
     source.items = items
@@ -575,6 +580,15 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
             return clock.wrap(super().__iter__(), "prefetch")
 
     sources.Prefetcher = TimedPrefetcher
+    batches = streaming.Group.batches
+
+    def widened_batches(item):  # ids widened first, timed apart (on CUDA one kernel launch, here a copy)
+        begin = time.thread_time_ns()
+        item = item._replace(sparse=item.sparse.long())
+        clock.ns["widen"] = clock.ns.get("widen", 0) + time.thread_time_ns() - begin
+        return batches(item)
+
+    streaming.Group.batches = widened_batches
     keys = source.keys
     source.keys = lambda epoch, skip=0: clock.wrap(keys(epoch, skip), "keys")
     trainer.loop.train_step = lambda source: null
@@ -590,8 +604,10 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
     overhead = clock.overhead_ns()
     stages = {
         "receive": ns["receive"],
-        "prefetch": ns["prefetch"] - ns["receive"],
-        "slice": ns["keys"] - ns["prefetch"],
+        "copy": ns.get("copy", 0),
+        "prefetch": ns["prefetch"] - ns["receive"] - ns.get("copy", 0),
+        "widen": ns["widen"],
+        "slice": ns["keys"] - ns["prefetch"] - ns["widen"],
         "loop": main_ns - ns["keys"] - clock.calls * overhead,
     }
     rows = source.rows

@@ -254,6 +254,28 @@ def test_items_copied_and_released_on_arrival_equal_the_unrecycled_ones(shards, 
         assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)
 
 
+def test_a_readers_recycled_buffer_is_sent_and_mapped_once_then_items_travel_as_their_places(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=8)
+    buffers, mapped = set(), 0
+    for item in stream_items(stream, 1, group=1, recycle=True):
+        buffers.add(item.dense.untyped_storage().data_ptr())
+        mapped = max(mapped, len(streaming.SEGMENTS))
+        item.release()
+    assert len(buffers) == mapped <= streaming.RECYCLED_ITEMS  # 30 items from at most 8 mappings
+    assert streaming.SEGMENTS == {}  # unmapped when the reading ends
+    writer = streaming.GroupWriter(batch_size=2, group=1, shared=True, recycle=True, key=(0, 0))
+    storage = [np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20, dtype=np.int32), np.zeros((20, 1))]
+    first, second = list(writer.write(storage, np.arange(4)))
+    first.release()
+    (third,) = writer.write(storage, np.arange(4, 6))
+    assert [first.segment, second.segment] == [((0, 0, 0), True), ((0, 0, 1), True)]
+    assert third.segment == ((0, 0, 0), False)  # the released buffer, rewritten
+    buffer_sent = [item.__reduce__()[1][1] is not None for item in (first, second, third)]
+    assert buffer_sent == [True, True, False]  # with the first item from each buffer only
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_streamed_sample_weights_arrive_with_their_rows(tmp_path, workers):
     frame = make_frame(n=120)

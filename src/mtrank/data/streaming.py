@@ -48,6 +48,7 @@ rows on their way to the front), one record batch and the encoder's per-slice te
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -172,6 +173,9 @@ class Group(NamedTuple):
 
     ``lease`` (``[1]`` int32, in the item's buffer) is set while the trainer's process may read the buffer; a
     reader rewrites a buffer of its pool only once the lease is 0 (:meth:`release`: after the pin copy).
+    ``segment``: the key of that pooled buffer (:class:`GroupWriter`) and whether this item is the first sent
+    from it; such an item travels as a few numbers once the trainer's process has the buffer mapped
+    (:func:`_received`).
     """
 
     dense: torch.Tensor
@@ -180,21 +184,31 @@ class Group(NamedTuple):
     weights: torch.Tensor | None
     sizes: np.ndarray
     lease: torch.Tensor | None = None
+    segment: tuple[tuple, bool] | None = None
 
     def batches(self) -> Iterator[TensorData]:
         """The batches, as views of the arrays, ids widened to int64 (once per item, where the item is)."""
-        dense, sparse, labels, weights = self.dense, self.sparse.long(), self.labels, self.weights
-        start = 0
-        for size in self.sizes.tolist():
-            rows = slice(start, start + size)
-            yield TensorData(dense[rows], sparse[rows], labels[rows], None if weights is None else weights[rows])
-            start += size
+        sizes = self.sizes.tolist()
+        arrays = [self.dense.split(sizes), self.sparse.long().split(sizes), self.labels.split(sizes)]
+        weights = self.weights.split(sizes) if self.weights is not None else [None] * len(sizes)
+        return map(TensorData, *arrays, weights)
+
+    def __reduce__(self):
+        """Pickled (sent by a reader process): a pooled buffer goes with its first item only; later items from it
+        carry their arrays' places in it (dtype, shape, strides, byte offset)."""
+        if self.segment is None:
+            return Group, tuple(self)
+        key, first = self.segment
+        raw = torch.empty(0, dtype=torch.uint8).set_(self.dense.untyped_storage())  # the whole buffer
+        places = [None if t is None else _place(t) for t in (self.dense, self.sparse, self.labels, self.weights)]
+        return _received, (key, raw if first else None, places, _place(self.lease), self.sizes)
 
     def drop(self, batches: int) -> Group:
         """The item without its first ``batches`` batches (views)."""
         rows = slice(int(self.sizes[:batches].sum()), None)
         weights = None if self.weights is None else self.weights[rows]
-        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, self.sizes[batches:], self.lease)
+        sizes = self.sizes[batches:]
+        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, sizes, self.lease, self.segment)
 
     def pin_memory(self) -> Group:
         """A copy in page-locked memory (what the DataLoader's pin thread calls); the reader may then reuse this
@@ -210,6 +224,30 @@ class Group(NamedTuple):
             self.lease.fill_(0)
 
 
+SEGMENTS: dict[tuple, torch.Tensor] = {}  # in the trainer's process: the readers' pooled buffers, mapped once
+
+
+def _place(tensor: torch.Tensor) -> tuple:
+    """Where a view lies in its buffer: dtype, shape, strides, byte offset."""
+    return tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset() * tensor.element_size()
+
+
+def _view(raw: torch.Tensor, place: tuple) -> torch.Tensor:
+    dtype, shape, stride, offset = place
+    return torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), offset // dtype.itemsize, shape, stride)
+
+
+def _received(key: tuple, raw: torch.Tensor | None, places: list, lease: tuple, sizes: np.ndarray) -> Group:
+    """An item of a pooled buffer, unpickled in the trainer's process: the buffer comes with the first item sent
+    from it and stays mapped here (:data:`SEGMENTS`, until :func:`stream_items` ends): no file descriptor to
+    pass, no mapping to make and unmake, no page to fault in again, per item."""
+    if raw is not None:
+        SEGMENTS[key] = raw
+    raw = SEGMENTS[key]
+    dense, sparse, labels, weights = (None if p is None else _view(raw, p) for p in places)
+    return Group(dense, sparse, labels, weights, sizes, _view(raw, lease), (key, False))
+
+
 class GroupWriter:
     """Emitted rows -> :class:`Group` items of ``group`` batches of ``batch_size`` rows (module docstring, 2.).
 
@@ -218,15 +256,20 @@ class GroupWriter:
     trainer's process copies each item on arrival: the pin thread) the writer keeps up to :data:`RECYCLED_ITEMS`
     buffers and rewrites one whose lease was released (:meth:`Group.release`); while none is, it takes a new one.
     A fresh shared-memory segment costs a page fault per 4 KiB page on first write: ~10 ms for a 65,536-row item
-    on the benchmark machine, ~6x the gather itself.
+    on the benchmark machine, ~6x the gather itself. With ``key`` (shared, recycled: a reader process), items of
+    a pooled buffer carry ``segment = ((*key, slot), first)``: the buffer travels with its first item only.
     """
 
-    def __init__(self, batch_size: int, group: int, shared: bool, recycle: bool = False) -> None:
+    def __init__(
+        self, batch_size: int, group: int, shared: bool, recycle: bool = False, key: tuple | None = None
+    ) -> None:
         self.batch_size, self.rows_per_item, self.shared = batch_size, batch_size * group, shared
-        self.recycle = recycle
+        self.recycle, self.key = recycle, key
         self.pool: list[torch.Tensor] = []  # buffers that may be rewritten once their lease is released
         self.arrays: list[torch.Tensor] = []  # the open item's arrays
         self.lease: torch.Tensor | None = None  # and its lease, when its buffer is one of the pool's
+        self.slot: int | None = None  # and the buffer's place in the pool
+        self.sent: set[int] = set()  # slots whose buffer went with an item already
         self.filled = 0  # rows written to them
 
     def write(self, storage: list[np.ndarray], positions: np.ndarray) -> Iterator[Group]:
@@ -254,8 +297,12 @@ class GroupWriter:
         sizes = np.array([self.batch_size] * full + ([rest] if rest else []), dtype=np.int64)
         arrays = [a[: self.filled] for a in self.arrays]
         weights = arrays[3] if len(arrays) > 3 else None
-        item = Group(arrays[0], arrays[1], arrays[2], weights, sizes, self.lease)
-        self.arrays, self.lease, self.filled = [], None, 0
+        segment = None
+        if self.key is not None and self.shared and self.slot is not None:
+            segment = ((*self.key, self.slot), self.slot not in self.sent)
+            self.sent.add(self.slot)
+        item = Group(arrays[0], arrays[1], arrays[2], weights, sizes, self.lease, segment)
+        self.arrays, self.lease, self.slot, self.filled = [], None, None, 0
         return item
 
     def _allocate(self, storage: list[np.ndarray]) -> list[torch.Tensor]:
@@ -265,27 +312,27 @@ class GroupWriter:
         shapes = [(rows, *s.shape[1:]) for s in storage]
         sizes = [int(np.prod(shape)) * s.itemsize for shape, s in zip(shapes, storage)]
         offsets = np.cumsum([HEADER] + [-(-b // 64) * 64 for b in sizes])
-        raw, self.lease = self._buffer(int(offsets[-1]))
+        raw, self.lease, self.slot = self._buffer(int(offsets[-1]))
         return [
             raw[int(o) : int(o) + b].view(dtype).view(shape)
             for o, b, dtype, shape in zip(offsets, sizes, dtypes, shapes)
         ]
 
-    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """An item's buffer (uint8) and its lease: a released one of the pool, else a new one (pooled while the
-        pool has room)."""
-        for raw in self.pool:
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """An item's buffer (uint8), its lease and its slot in the pool: a released one of the pool, else a new
+        one (pooled while the pool has room)."""
+        for slot, raw in enumerate(self.pool):
             lease = raw[:4].view(torch.int32)
             if len(raw) == nbytes and lease.item() == 0:
-                return raw, lease.fill_(1)
+                return raw, lease.fill_(1), slot
         if self.shared:  # allocated in shared memory (share_memory_() would copy a tensor into a new segment)
             raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
         else:
             raw = torch.empty(nbytes, dtype=torch.uint8)
         if not self.recycle or len(self.pool) == RECYCLED_ITEMS:
-            return raw, None
+            return raw, None, None
         self.pool.append(raw)
-        return raw, raw[:4].view(torch.int32).fill_(1)
+        return raw, raw[:4].view(torch.int32).fill_(1), len(self.pool) - 1
 
 
 class EncodedStream(IterableDataset):
@@ -334,9 +381,10 @@ class EncodedStream(IterableDataset):
         for item in self.groups(max(1, GROUP_ROWS // self.batch_size)):
             yield from item.batches()
 
-    def groups(self, group: int, recycle: bool = False) -> Iterator[Group]:
+    def groups(self, group: int, recycle: bool = False, session: int | None = None) -> Iterator[Group]:
         """This worker's batches (every worker's, in one process), ``group`` per :class:`Group`; ``recycle``:
-        the consumer copies each item and releases it (:class:`GroupWriter`)."""
+        the consumer copies each item and releases it (:class:`GroupWriter`); ``session``: names this reading
+        of the stream in the keys of the pooled buffers (:func:`stream_items`)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
@@ -345,7 +393,8 @@ class EncodedStream(IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
         seed = self.seed * 7919 + self.epoch * 31 + worker
         buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed)
-        writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle)
+        key = (session, worker) if session is not None else None
+        writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle, key=key)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
@@ -390,12 +439,12 @@ class GroupedStream(IterableDataset):
     """``stream``'s batches, ``group`` at a time, as :class:`Group` items (what a reader process sends);
     ``recycle``: see :meth:`EncodedStream.groups`."""
 
-    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False) -> None:
+    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False, session: int | None = None) -> None:
         super().__init__()
-        self.stream, self.group, self.recycle = stream, max(1, group), recycle
+        self.stream, self.group, self.recycle, self.session = stream, max(1, group), recycle, session
 
     def __iter__(self) -> Iterator[Group]:
-        return self.stream.groups(self.group, self.recycle)
+        return self.stream.groups(self.group, self.recycle, self.session)
 
     @staticmethod
     def pack(batches: list[TensorData]) -> Group:
@@ -407,6 +456,9 @@ class GroupedStream(IterableDataset):
     @staticmethod
     def unpack(item: Group) -> Iterator[TensorData]:
         return item.batches()
+
+
+_SESSIONS = itertools.count()
 
 
 def _as_is(item: Group) -> Group:
@@ -438,11 +490,15 @@ def stream_items(
     kwargs["collate_fn"] = _as_is
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
+    session = next(_SESSIONS)
     try:
         recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
-        yield from DataLoader(GroupedStream(stream, group, recycle=recycle), **kwargs)
+        yield from DataLoader(GroupedStream(stream, group, recycle=recycle, session=session), **kwargs)
     except DataError as err:
         raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
+    finally:  # this reading's buffers are unmapped (the items still held keep theirs)
+        for key in [key for key in SEGMENTS if key[0] == session]:
+            del SEGMENTS[key]
 
 
 def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:
