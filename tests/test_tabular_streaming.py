@@ -276,6 +276,20 @@ def test_a_readers_recycled_buffer_is_sent_and_mapped_once_then_items_travel_as_
     assert buffer_sent == [True, True, False]  # with the first item from each buffer only
 
 
+def test_readers_started_by_a_forkserver_send_the_batches_forked_readers_send(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=8)
+    assert streaming.reader_context().get_start_method() == "fork"  # no CUDA context here to keep out
+    batches = {}
+    for method in ("fork", "forkserver"):
+        items = stream_items(stream, 2, group=3, start_method=method)  # not recycled: batches stay as sent
+        batches[method] = [b for item in items for b in item.batches()]
+    assert len(batches["fork"]) == len(batches["forkserver"]) == 30
+    for a, b in zip(batches["fork"], batches["forkserver"]):
+        assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_streamed_sample_weights_arrive_with_their_rows(tmp_path, workers):
     frame = make_frame(n=120)
