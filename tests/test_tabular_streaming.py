@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -274,6 +276,49 @@ def test_a_readers_recycled_buffer_is_sent_and_mapped_once_then_items_travel_as_
     assert third.segment == ((0, 0, 0), False)  # the released buffer, rewritten
     buffer_sent = [item.__reduce__()[1][1] is not None for item in (first, second, third)]
     assert buffer_sent == [True, True, False]  # with the first item from each buffer only
+
+
+class FakeCudart:
+    """``torch.cuda.cudart()`` for the page-locking logic on a machine without CUDA: records the calls."""
+
+    class cudaError:  # noqa: N801 - the name cudart gives it
+        success = 0
+
+    def __init__(self) -> None:
+        self.registered: list[int] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802
+        self.registered.append(ptr)
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_a_page_locked_buffer_is_registered_once_not_copied_and_released_when_its_copy_is_finished(monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    writer = streaming.GroupWriter(batch_size=2, group=1, shared=True, recycle=True, key=(41, 0))
+    storage = [np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20, dtype=np.int32), np.zeros((20, 1))]
+    sent = list(writer.write(storage, np.arange(4)))
+    first, second = (pickle.loads(pickle.dumps(item)) for item in sent)  # as the trainer's process receives them
+    pinned = first.pin_memory()
+    assert pinned.dense.data_ptr() == first.dense.data_ptr() and pinned.lease is None  # in place, no copy
+    assert torch.equal(pinned.sparse, torch.tensor([0, 1], dtype=torch.int32))
+    lease = streaming.SEGMENTS[(41, 0, 0)][:4].view(torch.int32)
+    assert lease.item() == 1  # still the reader's to keep: the copy to the GPU has not finished
+    pinned.finished()
+    assert lease.item() == 0
+    assert first.pin_memory().dense.data_ptr() == pinned.dense.data_ptr() and len(cudart.registered) == 1  # once
+    skipped = list(streaming.skip_batches([second.pin_memory()], 1))
+    assert skipped == [] and streaming.SEGMENTS[(41, 0, 1)][:4].view(torch.int32).item() == 0  # skipped: released
+    streaming._forget_segments(41)
+    assert sorted(cudart.unregistered) == sorted(cudart.registered) and len(cudart.registered) == 2
+    assert not streaming.SEGMENTS and not streaming.PAGE_LOCKED
 
 
 def test_readers_started_by_a_forkserver_send_the_batches_forked_readers_send(shards):

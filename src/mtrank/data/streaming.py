@@ -213,12 +213,23 @@ class Group(NamedTuple):
         return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, sizes, self.lease, self.segment)
 
     def pin_memory(self) -> Group:
-        """A copy in page-locked memory (what the DataLoader's pin thread calls); the reader may then reuse this
-        item's buffer."""
+        """The item in page-locked memory (what the DataLoader's pin thread calls): the item itself when its
+        buffer is a reader's pooled one that CUDA could page-lock in place (once per buffer: :func:`_page_locked`;
+        the buffer is then released by :meth:`finished`, after the copy to the GPU); else a copy, and the reader may
+        reuse this item's buffer at once."""
+        if self.segment is not None and _page_locked(self.segment[0]):
+            return self._replace(lease=None)  # (the lease stays here: :meth:`finished` releases the buffer)
         weights = None if self.weights is None else self.weights.pin_memory()
         pinned = Group(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), weights, self.sizes)
         self.release()
         return pinned
+
+    def finished(self) -> None:
+        """Called once this process reads the item's host memory no more: its copy to the device is complete
+        (:class:`~mtrank.train.prefetch.Prefetcher`), or it was skipped. A buffer page-locked in place goes back
+        to its reader (other items were released when they were copied, or are not pooled)."""
+        if self.segment is not None and self.segment[0] in PAGE_LOCKED:
+            SEGMENTS[self.segment[0]][:4].view(torch.int32).fill_(0)  # the buffer's lease (GroupWriter._buffer)
 
     def release(self) -> None:
         """Tell the reader that this process reads the item's buffer no more (call it after copying the item)."""
@@ -227,6 +238,36 @@ class Group(NamedTuple):
 
 
 SEGMENTS: dict[tuple, torch.Tensor] = {}  # in the trainer's process: the readers' pooled buffers, mapped once
+PAGE_LOCKED: set[tuple] = set()  # those of SEGMENTS registered with CUDA as page-locked (cudaHostRegister)
+
+
+def _page_locked(key: tuple) -> bool:
+    """Whether the pooled buffer ``key`` is page-locked in place, registering it with CUDA the first time
+    (``cudaHostRegister``): its items then go to the GPU with no copy into pinned memory. False without CUDA
+    or when the registration fails (the item is copied, as before)."""
+    if key in PAGE_LOCKED:
+        return True
+    raw = SEGMENTS.get(key)
+    if raw is None or not torch.cuda.is_available():
+        return False
+    cudart = torch.cuda.cudart()
+    if cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0) != cudart.cudaError.success:
+        return False
+    PAGE_LOCKED.add(key)
+    return True
+
+
+def _forget_segments(session: int) -> None:
+    """Unmap (and unregister) the pooled buffers of a reading that ended; items still held keep theirs mapped."""
+    keys = [key for key in SEGMENTS if key[0] == session]
+    locked = [key for key in keys if key in PAGE_LOCKED]
+    if locked:
+        torch.cuda.synchronize()  # no copy from them in flight
+        for key in locked:
+            torch.cuda.cudart().cudaHostUnregister(SEGMENTS[key].data_ptr())
+            PAGE_LOCKED.discard(key)
+    for key in keys:
+        del SEGMENTS[key]
 
 
 def _place(tensor: torch.Tensor) -> tuple:
@@ -534,9 +575,8 @@ def stream_items(
         yield from DataLoader(GroupedStream(stream, group, recycle=recycle, session=session), **kwargs)
     except DataError as err:
         raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
-    finally:  # this reading's buffers are unmapped (the items still held keep theirs)
-        for key in [key for key in SEGMENTS if key[0] == session]:
-            del SEGMENTS[key]
+    finally:
+        _forget_segments(session)
 
 
 def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:
@@ -544,6 +584,7 @@ def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:
     for item in items:
         if skip >= len(item.sizes):
             skip -= len(item.sizes)
+            item.finished()
             continue
         yield item.drop(skip) if skip else item
         skip = 0
