@@ -327,7 +327,13 @@ def cmd_read(args) -> dict:
     per item sent between processes), pinned or not. Each epoch runs in a fresh process (``_read``), which also
     reports the CPU seconds of the trainer's process and of its readers (steadier than rows/s on a shared
     machine). With ``--before-src DIR`` the same epochs run with the ``mtrank`` package under DIR (e.g. the
-    ``src`` of ``git archive main``), interleaved with this checkout's, repeat by repeat."""
+    ``src`` of ``git archive main``), interleaved with this checkout's, repeat by repeat.
+
+    The epoch's rows/s includes the readers' start-up: processes started, and each reader's shuffle buffer
+    (``data.shuffle_buffer`` rows, decoded by one thread) filled before its first item; a reader that holds fewer
+    rows than that emits everything at the end of its share. With few rows per reader (2M rows over 16 readers:
+    one 131,072-row row group each) the epoch is mostly start-up, not a rate: ``first_batch_s`` and
+    ``after_first_rows_per_s`` tell the two apart."""
     import mtrank
 
     path = generated(args.data, args.rows)
@@ -352,20 +358,22 @@ def cmd_read(args) -> dict:
     for name, by_key in runs.items():
         median = {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in by_key.items()}
         best = {  # the least disturbed epoch: on a shared machine the others only ever slow one down
-            k: {m: float(max(r[m] for r in v) if m == "rows_per_s" else min(r[m] for r in v)) for m in v[0]}
+            k: {m: float(max(r[m] for r in v) if m.endswith("rows_per_s") else min(r[m] for r in v)) for m in v[0]}
             for k, v in by_key.items()
         }
         out[name] = {"rows_per_s": {k: m["rows_per_s"] for k, m in median.items()}, "median": median, "best": best}
         out[name]["runs"] = by_key
     out["rows_per_s"] = out["after"]["rows_per_s"]
-    print(f"{'median (best) of ' + str(args.repeats):>30} {'rows/s':>22} {'reader CPU s/1M rows':>22} {'trainer':>14}")
+    head = f"{'median (best) of ' + str(args.repeats):>30} {'rows/s':>22} {'reader CPU s/1M rows':>22} {'trainer':>14}"
+    print(f"{head} {'first batch s':>13} {'rows/s after it':>15}")
     for key in runs["after"]:
         for name in sources:
             m, b = out[name]["median"][key], out[name]["best"][key]
             print(
                 f"{name:>6} {key:>23} {m['rows_per_s']:>10,.0f} ({b['rows_per_s']:>9,.0f}) "
                 f"{m['reader_cpu_s_per_m']:>13.3f} ({b['reader_cpu_s_per_m']:.3f}) "
-                f"{m['trainer_cpu_s_per_m']:>6.3f} ({b['trainer_cpu_s_per_m']:.3f})"
+                f"{m['trainer_cpu_s_per_m']:>6.3f} ({b['trainer_cpu_s_per_m']:.3f}) "
+                f"{m.get('first_batch_s', float('nan')):>13.2f} {m.get('after_first_rows_per_s', float('nan')):>15,.0f}"
             )
         if "before" in out:
             speedup = {}
@@ -405,8 +413,10 @@ def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool,
 
             batches = (map_tensors(b, torch.clone) for b in batches)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    start, rows = time.perf_counter(), 0
+    start, rows, first = time.perf_counter(), 0, None
     for batch in batches:
+        if first is None:  # readers started, their first shuffle buffer filled
+            first, first_rows = time.perf_counter() - start, len(batch)
         rows += len(batch)
     seconds = time.perf_counter() - start
     own, readers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -415,6 +425,8 @@ def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool,
     result = {
         "rows": rows,
         "rows_per_s": rows / seconds,
+        "first_batch_s": first,
+        "after_first_rows_per_s": (rows - first_rows) / max(seconds - first, 1e-9),
         "trainer_cpu_s_per_m": trainer_cpu / rows * 1e6,
         "reader_cpu_s_per_m": reader_cpu / rows * 1e6,
     }
