@@ -647,6 +647,33 @@ def _copied(item):
     return copied
 
 
+def cmd_start(args) -> dict:
+    """What starting the readers costs, by start method: ``--epochs`` epochs in this process for each method
+    (fork, then forkserver, alternating epoch by epoch): seconds to the first item, CPU seconds of this process
+    until then, and the epoch's seconds. The first forkserver epoch includes starting the server."""
+    import torch
+
+    from mtrank.data.streaming import EncodedStream, stream_items
+
+    torch.set_num_threads(1)
+    path = generated(args.data, args.rows)
+    cfg, encoder, _ = fitted_encoder(path, 200_000)
+    stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=0)
+    runs: dict[str, list[dict]] = {}
+    for epoch in range(args.epochs):
+        for method in ("fork", "forkserver"):
+            stream.set_epoch(epoch)
+            start, cpu = time.perf_counter(), time.process_time()
+            items = stream_items(stream, args.workers, group=args.group, start_method=method)
+            next(items)
+            first, first_cpu = time.perf_counter() - start, time.process_time() - cpu
+            sum(1 for _ in items)
+            run = {"first_item_s": first, "cpu_to_first_item_s": first_cpu, "epoch_s": time.perf_counter() - start}
+            runs.setdefault(method, []).append(run)
+            print(f"epoch {epoch} {method:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()))
+    return {"rows": args.rows, "workers": args.workers, "group": args.group, "runs": runs}
+
+
 def cmd_prefetch_check(args) -> dict:
     """The batches a StreamSource delivers on ``--device`` (pinned, prefetched on a side stream while the
     training stream is kept busy) equal the ones it delivers on CPU, batch by batch: per-batch checksums
@@ -786,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="epochs per setting (median kept)")
     p.add_argument("--copy", action="store_true", help="copy each item on arrival, as the pin thread does")
     p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
+    p = sub.add_parser("start", help="what starting the readers costs: fork vs forkserver")
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--group", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3)
     p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
@@ -828,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "read": cmd_read}
     commands["prefetch-check"] = cmd_prefetch_check
     commands["host"] = cmd_host
+    commands["start"] = cmd_start
     result = {**commands, "memory": cmd_memory}[args.command](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:
