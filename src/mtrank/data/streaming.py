@@ -25,6 +25,9 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    a descriptor, a connection to pass it, and a mapping). When the items are pinned (on CUDA), the pin thread
    copies each one on arrival and releases it (:meth:`Group.pin_memory`), and the reader rewrites released
    segments instead of faulting in fresh ones; unpinned items are never rewritten (the batches are their views).
+   A recycled segment travels with its first item only; later items from it are a few numbers (their arrays'
+   places in it), and the trainer's process keeps it mapped (:data:`SEGMENTS`) until the reading ends. On CUDA
+   it is page-locked in place once (``cudaHostRegister``), so its items skip the pin copy.
 3. **Ids as int32.** When every sparse column's vocabulary fits (``max(encoder.vocab_sizes) <= 2**31``), the
    buffer and the items hold the ids as int32: 26 ids are 104 bytes a row, not 208, for every copy on the way
    (buffer, item, pinning, host-to-device). :meth:`Group.batches` widens them to the int64 the model takes,
@@ -33,11 +36,13 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    default pool (mimalloc) a forked reader spent more CPU per row, and varied more, in A/B runs on the
    development machine (docs/benchmarks.md, "Files to the graphed step").
 
-In the trainer's process the DataLoader's pin thread copies each item into page-locked memory (``pin_memory``,
-on CUDA); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side stream, and
+In the trainer's process the DataLoader's pin thread puts each item in page-locked memory (``pin_memory``, on
+CUDA: in place, or a copy); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side
+stream (and then hands a page-locked segment back to its reader: :meth:`Group.finished`), and
 :meth:`Group.batches` splits an item back into batches (views, no copy). Items arrive worker by worker in
 turn, so the batch order depends on the number of workers and on ``group`` (fixed for a given seed, epoch,
-workers and group).
+workers and group). Readers are forked, or started by a forkserver once this process has initialised CUDA
+(:func:`reader_context`).
 
 Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of about half that (the kept
 rows on their way to the front), one record batch and the encoder's per-slice temporaries, up to
