@@ -281,16 +281,14 @@ def test_a_readers_recycled_buffer_is_sent_and_mapped_once_then_items_travel_as_
 class FakeCudart:
     """``torch.cuda.cudart()`` for the page-locking logic on a machine without CUDA: records the calls."""
 
-    class cudaError:  # noqa: N801 - the name cudart gives it
-        success = 0
-
-    def __init__(self) -> None:
+    def __init__(self, error: int = 0) -> None:
+        self.error = error  # what cudaHostRegister returns (0: success)
         self.registered: list[int] = []
         self.unregistered: list[int] = []
 
     def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802
         self.registered.append(ptr)
-        return 0
+        return self.error
 
     def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
         self.unregistered.append(ptr)
@@ -319,6 +317,17 @@ def test_a_page_locked_buffer_is_registered_once_not_copied_and_released_when_it
     streaming._forget_segments(41)
     assert sorted(cudart.unregistered) == sorted(cudart.registered) and len(cudart.registered) == 2
     assert not streaming.SEGMENTS and not streaming.PAGE_LOCKED
+
+
+def test_a_buffer_cuda_cannot_page_lock_is_tried_once_and_its_items_are_copied(monkeypatch):
+    cudart = FakeCudart(error=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    streaming.SEGMENTS[(43, 0, 0)] = torch.zeros(128, dtype=torch.uint8)
+    assert not streaming._page_locked((43, 0, 0)) and not streaming._page_locked((43, 0, 0))
+    assert len(cudart.registered) == 1 and not streaming.PAGE_LOCKED
+    streaming._forget_segments(43)
+    assert not cudart.unregistered and not streaming.SEGMENTS
 
 
 def test_readers_started_by_a_forkserver_send_the_batches_forked_readers_send(shards):

@@ -244,6 +244,7 @@ class Group(NamedTuple):
 
 SEGMENTS: dict[tuple, torch.Tensor] = {}  # in the trainer's process: the readers' pooled buffers, mapped once
 PAGE_LOCKED: set[tuple] = set()  # those of SEGMENTS registered with CUDA as page-locked (cudaHostRegister)
+_NOT_LOCKABLE: set[tuple] = set()  # those whose registration failed
 
 
 def _page_locked(key: tuple) -> bool:
@@ -253,10 +254,12 @@ def _page_locked(key: tuple) -> bool:
     if key in PAGE_LOCKED:
         return True
     raw = SEGMENTS.get(key)
-    if raw is None or not torch.cuda.is_available():
+    if raw is None or key in _NOT_LOCKABLE or not torch.cuda.is_available():
         return False
     cudart = torch.cuda.cudart()
-    if cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0) != cudart.cudaError.success:
+    if int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) != 0:  # 0: cudaSuccess
+        _NOT_LOCKABLE.add(key)  # not tried again: its items are copied
+        getattr(cudart, "cudaGetLastError", lambda: None)()  # the failure is not left for a later check
         return False
     PAGE_LOCKED.add(key)
     return True
@@ -273,6 +276,7 @@ def _forget_segments(session: int) -> None:
             PAGE_LOCKED.discard(key)
     for key in keys:
         del SEGMENTS[key]
+        _NOT_LOCKABLE.discard(key)
 
 
 def _place(tensor: torch.Tensor) -> tuple:
