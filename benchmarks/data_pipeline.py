@@ -240,6 +240,7 @@ def cmd_train(args) -> dict:
     on (``steady_samples_per_s``: the device synchronised at that step and at the end)."""
     import torch
 
+    from mtrank.data import streaming
     from mtrank.data.splits import encode_table
     from mtrank.data.streaming import EncodedStream
     from mtrank.data.tensors import TensorData
@@ -263,6 +264,7 @@ def cmd_train(args) -> dict:
     variants += [(f"parquet_workers_{w}", w, args.group, None) for w in args.workers]
     if args.baseline:
         variants += [(f"parquet_workers_{w}_baseline", w, 1, False) for w in args.workers]
+    variants += [(f"parquet_workers_{w}_pin_copy", w, args.group, None) for w in args.pin_copy_workers]
     results: dict[str, list[float]] = {}
     steady: dict[str, list[float]] = {}
     paths: dict[str, str] = {}
@@ -279,6 +281,7 @@ def cmd_train(args) -> dict:
                 stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=max(round_, 0))
                 rows = stream.count_rows()
                 train = StreamSource(stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin)
+            streaming.PAGE_LOCK = not key.endswith("_pin_copy")  # pin_copy: items copied into pinned memory
             result = trainer.fit(train)
             if round_ < 0:  # a warm-up run
                 continue
@@ -795,6 +798,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=None, help="batches per reader item (default 65,536 rows' worth)")
     p.add_argument("--baseline", action="store_true", help="also: one batch per item, unpinned (the old path)")
     p.add_argument("--warmup-runs", type=int, default=1, help="rounds of every path run first and not counted")
+    p.add_argument(
+        "--pin-copy-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also these reader counts with items copied into pinned memory (not page-locked in place)",
+    )
     p.add_argument("--steady-after", type=int, default=200, help="the steady rate is taken from this step on")
     p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
     p.add_argument("--rows", type=int, default=1_000_000)

@@ -245,6 +245,7 @@ class Group(NamedTuple):
 SEGMENTS: dict[tuple, torch.Tensor] = {}  # in the trainer's process: the readers' pooled buffers, mapped once
 PAGE_LOCKED: set[tuple] = set()  # those of SEGMENTS registered with CUDA as page-locked (cudaHostRegister)
 _NOT_LOCKABLE: set[tuple] = set()  # those whose registration failed
+PAGE_LOCK = True  # False: pooled buffers are copied into pinned memory too (the path before; for comparisons)
 
 
 def _page_locked(key: tuple) -> bool:
@@ -254,7 +255,7 @@ def _page_locked(key: tuple) -> bool:
     if key in PAGE_LOCKED:
         return True
     raw = SEGMENTS.get(key)
-    if raw is None or key in _NOT_LOCKABLE or not torch.cuda.is_available():
+    if raw is None or not PAGE_LOCK or key in _NOT_LOCKABLE or not torch.cuda.is_available():
         return False
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) != 0:  # 0: cudaSuccess
