@@ -31,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -196,12 +197,50 @@ def cmd_encode(args) -> dict:
     return out
 
 
+class _SteadyClock:  # a mtrank.train.callbacks.Callback (not imported here: mtrank is imported late)
+    """A callback: the time of step ``after`` (the device synchronised first), so that a run's rate can be taken
+    from that step on, without reader start-up, CUDA-graph warm-up and capture."""
+
+    def __init__(self, after: int, device) -> None:
+        self.after, self.device = after, device
+        self.at: float | None = None
+
+    def on_train_begin(self, info) -> None:
+        self.at = None
+
+    def on_step(self, step: int, loss) -> None:
+        if step == self.after:
+            _synchronize(self.device)
+            self.at = time.perf_counter()
+
+    def on_train_end(self, results) -> None:
+        _synchronize(self.device)
+        self.end = time.perf_counter()
+
+    def on_evaluate(self, step: int, records) -> None:
+        pass
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cmd_train(args) -> dict:
     """Samples/s of one model and step count: the Trainer on in-memory TensorData (moved to the device once) vs
     streamed from Parquet by 0..N reader processes (pinned groups of batches, prefetched to the device; with
-    ``--baseline`` also one batch per item, unpinned: the path before the prefetcher)."""
+    ``--baseline`` also one batch per item, unpinned: the path before the prefetcher).
+
+    Robust to a noisy machine: ``--warmup-runs`` runs of every path first, not counted (the first run of a
+    process pays for CUDA's and the allocator's start); then ``--repeats`` rounds, the order of the paths
+    reversed every other round (memory first, then last), the median kept. Two rates per run: over the whole
+    ``fit`` (``samples_per_s``: reader start-up and graph capture included) and from step ``--steady-after``
+    on (``steady_samples_per_s``: the device synchronised at that step and at the end)."""
     import torch
 
+    from mtrank.data import streaming
     from mtrank.data.splits import encode_table
     from mtrank.data.streaming import EncodedStream
     from mtrank.data.tensors import TensorData
@@ -212,7 +251,6 @@ def cmd_train(args) -> dict:
     path = generated(args.data, args.rows)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, paths = {}, {}
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
     rows_needed = args.steps * args.batch_size
     memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
@@ -221,41 +259,64 @@ def cmd_train(args) -> dict:
     train_cfg.batch_size, train_cfg.steps, train_cfg.eval_every = args.batch_size, args.steps, 10**9
     train_cfg.precision, train_cfg.device = args.precision, args.device
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
-    variants = [(w, args.group, None) for w in args.workers]
+    steady_after = min(args.steady_after, args.steps - 1)
+    variants = [("memory", None, None, None)]
+    variants += [(f"parquet_workers_{w}", w, args.group, None) for w in args.workers]
     if args.baseline:
-        variants += [(w, 1, False) for w in args.workers]
-    for repeat in range(args.repeats):
-        trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
-        result = trainer.fit(memory_data)
-        results.setdefault("memory", []).append(result.samples_per_second)
-        paths["memory"] = trainer.step_path
-        for workers, group, pin in variants:
-            cfg.data.workers = workers
-            stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=repeat)
-            trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg)
-            source = StreamSource(
-                stream, workers, trainer.device, stream.count_rows(), args.prefetch, group=group, pin_memory=pin
-            )
-            result = trainer.fit(source)
-            key = f"parquet_workers_{workers}" + ("_baseline" if pin is False else "")
+        variants += [(f"parquet_workers_{w}_baseline", w, 1, False) for w in args.workers]
+    variants += [(f"parquet_workers_{w}_pin_copy", w, args.group, None) for w in args.pin_copy_workers]
+    results: dict[str, list[float]] = {}
+    steady: dict[str, list[float]] = {}
+    paths: dict[str, str] = {}
+    device = None
+    for round_ in range(-args.warmup_runs, args.repeats):
+        for key, workers, group, pin in variants if round_ % 2 == 0 else variants[::-1]:
+            clock = _SteadyClock(steady_after, torch.device("cpu"))
+            trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg, callbacks=[clock])
+            device = clock.device = trainer.device
+            if workers is None:
+                train = memory_data
+            else:
+                cfg.data.workers = workers
+                stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=max(round_, 0))
+                rows = stream.count_rows()
+                train = StreamSource(stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin)
+            streaming.PAGE_LOCK = not key.endswith("_pin_copy")  # pin_copy: items copied into pinned memory
+            result = trainer.fit(train)
+            if round_ < 0:  # a warm-up run
+                continue
             results.setdefault(key, []).append(result.samples_per_second)
+            if clock.at is not None:
+                steady_rate = (result.steps - steady_after) * args.batch_size / (clock.end - clock.at)
+                steady.setdefault(key, []).append(steady_rate)
             paths[key] = trainer.step_path
     summary = {k: float(np.median(v)) for k, v in results.items()}
+    steady_summary = {k: float(np.median(v)) for k, v in steady.items()}
+    print(
+        f"median of {args.repeats} rounds after {args.warmup_runs} warm-up round(s); steady: from step {steady_after}"
+    )
     for key, value in summary.items():
         ratio = value / summary["memory"]
-        print(
-            f"{key:>29}: {value:>10,.0f} samples/s  ({ratio:.2f} x in-memory, {paths[key]})  "
-            f"runs {np.round(results[key])}"
-        )
+        line = f"{key:>29}: {value:>10,.0f} samples/s ({ratio:.2f} x in-memory, {paths[key]})"
+        if key in steady_summary:
+            steady_ratio = steady_summary[key] / steady_summary["memory"]
+            line += f"; steady {steady_summary[key]:>10,.0f} ({steady_ratio:.2f} x)"
+        print(f"{line}  runs {np.round(results[key])}")
     return {
         "samples_per_s": summary,
         "ratio_to_memory": {k: v / summary["memory"] for k, v in summary.items()},
+        "steady_samples_per_s": steady_summary,
+        "steady_ratio_to_memory": {k: v / steady_summary["memory"] for k, v in steady_summary.items()},
+        "steady_after_step": steady_after,
         "step_path": paths,
         "runs": results,
+        "steady_runs": steady,
+        "warmup_runs": args.warmup_runs,
+        "repeats": args.repeats,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "precision": args.precision,
-        "device": str(trainer.device),
+        "device": str(device),
         "group": args.group,
         "prefetch": args.prefetch,
         "torch_threads": torch.get_num_threads(),
@@ -269,7 +330,13 @@ def cmd_read(args) -> dict:
     per item sent between processes), pinned or not. Each epoch runs in a fresh process (``_read``), which also
     reports the CPU seconds of the trainer's process and of its readers (steadier than rows/s on a shared
     machine). With ``--before-src DIR`` the same epochs run with the ``mtrank`` package under DIR (e.g. the
-    ``src`` of ``git archive main``), interleaved with this checkout's, repeat by repeat."""
+    ``src`` of ``git archive main``), interleaved with this checkout's, repeat by repeat.
+
+    The epoch's rows/s includes the readers' start-up: processes started, and each reader's shuffle buffer
+    (``data.shuffle_buffer`` rows, decoded by one thread) filled before its first item; a reader that holds fewer
+    rows than that emits everything at the end of its share. With few rows per reader (2M rows over 16 readers:
+    one 131,072-row row group each) the epoch is mostly start-up, not a rate: ``first_batch_s`` and
+    ``after_first_rows_per_s`` tell the two apart."""
     import mtrank
 
     path = generated(args.data, args.rows)
@@ -294,20 +361,22 @@ def cmd_read(args) -> dict:
     for name, by_key in runs.items():
         median = {k: {m: float(np.median([r[m] for r in v])) for m in v[0]} for k, v in by_key.items()}
         best = {  # the least disturbed epoch: on a shared machine the others only ever slow one down
-            k: {m: float(max(r[m] for r in v) if m == "rows_per_s" else min(r[m] for r in v)) for m in v[0]}
+            k: {m: float(max(r[m] for r in v) if m.endswith("rows_per_s") else min(r[m] for r in v)) for m in v[0]}
             for k, v in by_key.items()
         }
         out[name] = {"rows_per_s": {k: m["rows_per_s"] for k, m in median.items()}, "median": median, "best": best}
         out[name]["runs"] = by_key
     out["rows_per_s"] = out["after"]["rows_per_s"]
-    print(f"{'median (best) of ' + str(args.repeats):>30} {'rows/s':>22} {'reader CPU s/1M rows':>22} {'trainer':>14}")
+    head = f"{'median (best) of ' + str(args.repeats):>30} {'rows/s':>22} {'reader CPU s/1M rows':>22} {'trainer':>14}"
+    print(f"{head} {'first batch s':>13} {'rows/s after it':>15}")
     for key in runs["after"]:
         for name in sources:
             m, b = out[name]["median"][key], out[name]["best"][key]
             print(
                 f"{name:>6} {key:>23} {m['rows_per_s']:>10,.0f} ({b['rows_per_s']:>9,.0f}) "
                 f"{m['reader_cpu_s_per_m']:>13.3f} ({b['reader_cpu_s_per_m']:.3f}) "
-                f"{m['trainer_cpu_s_per_m']:>6.3f} ({b['trainer_cpu_s_per_m']:.3f})"
+                f"{m['trainer_cpu_s_per_m']:>6.3f} ({b['trainer_cpu_s_per_m']:.3f}) "
+                f"{m.get('first_batch_s', float('nan')):>13.2f} {m.get('after_first_rows_per_s', float('nan')):>15,.0f}"
             )
         if "before" in out:
             speedup = {}
@@ -347,8 +416,10 @@ def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool,
 
             batches = (map_tensors(b, torch.clone) for b in batches)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    start, rows = time.perf_counter(), 0
+    start, rows, first = time.perf_counter(), 0, None
     for batch in batches:
+        if first is None:  # readers started, their first shuffle buffer filled
+            first, first_rows = time.perf_counter() - start, len(batch)
         rows += len(batch)
     seconds = time.perf_counter() - start
     own, readers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -357,6 +428,8 @@ def _read_epoch(path: str, workers: int, group: int, batch_size: int, pin: bool,
     result = {
         "rows": rows,
         "rows_per_s": rows / seconds,
+        "first_batch_s": first,
+        "after_first_rows_per_s": (rows - first_rows) / max(seconds - first, 1e-9),
         "trainer_cpu_s_per_m": trainer_cpu / rows * 1e6,
         "reader_cpu_s_per_m": reader_cpu / rows * 1e6,
     }
@@ -373,6 +446,235 @@ def _copied_items(stream, workers: int, group: int):
         copied = Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), weights, item.sizes)
         item.release()
         yield copied
+
+
+class _StageClock:
+    """CPU time of this thread (``time.thread_time_ns``) spent inside ``next()`` of wrapped iterators, per stage.
+
+    Stages nest (receive inside prefetch inside keys): the totals are inclusive; :func:`_host_epoch` subtracts.
+    """
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.calls = 0
+
+    def wrap(self, iterable, stage: str):
+        iterator = iter(iterable)
+        clock = time.thread_time_ns
+        self.ns.setdefault(stage, 0)
+        while True:
+            start = clock()
+            try:
+                value = next(iterator)
+            except StopIteration:
+                self.ns[stage] += clock() - start
+                return
+            self.ns[stage] += clock() - start
+            self.calls += 1
+            yield value
+
+    def overhead_ns(self) -> float:
+        """CPU ns one timed ``next()`` adds (two clock reads and a generator hop), measured here."""
+        empty = iter(range(20_000))
+        start = time.thread_time_ns()
+        for _ in self.__class__().wrap(empty, "x"):
+            pass
+        return (time.thread_time_ns() - start) / 20_000
+
+
+class _NullStep:
+    """A training step that costs nothing: the loop's outputs, no model (``--null-step``)."""
+
+    graph = None
+
+    def __init__(self, tasks: int) -> None:
+        import torch
+
+        self.outputs = (torch.zeros(1), torch.zeros(1, tasks))
+        self.steps = 0
+
+    def __call__(self, key):
+        self.steps += 1
+        return self.outputs
+
+
+def cmd_host(args) -> dict:
+    """The trainer's host-side ceiling (CPU proxy, ``--null-step``): Trainer.fit over the real streaming path
+    (reader processes -> items -> Prefetcher -> batches -> the training loop) with the model step replaced by
+    nothing. Each epoch runs in a fresh process (``_host``); it reports batches/s and rows/s of the consumer and
+    the CPU time per batch of the trainer's process, by stage. On a machine with fewer cores than readers + 1 the
+    rates are the readers'; the trainer's CPU per batch is what carries over to a larger machine. With
+    ``--before-src DIR`` the same epochs run with the ``mtrank`` package under DIR, interleaved run by run."""
+    import mtrank
+
+    path = generated(args.data, args.rows)
+    sources = {"after": str(Path(mtrank.__file__).resolve().parents[1])}
+    if args.before_src:
+        sources = {"before": str(Path(args.before_src).resolve()), **sources}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in sources}
+    for _ in range(args.repeats):
+        for workers in args.workers:
+            for name, src in sources.items():
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "_host",
+                    str(path),
+                    str(workers),
+                    str(args.group),
+                    str(args.batch_size),
+                ]
+                cmd += ["--copy"] if args.copy else []
+                env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                run = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[name].setdefault(f"workers_{workers}", []).append(run)
+    out: dict = {"rows": args.rows, "batch_size": args.batch_size, "group": args.group, "copy": args.copy}
+    out.update(repeats=args.repeats, sources=sources)
+    for name, by_key in runs.items():
+        out[name] = {
+            key: {"median": {m: float(np.median([r[m] for r in v])) for m in v[0] if m != "stages_us"}, "runs": v}
+            for key, v in by_key.items()
+        }
+        for key, v in by_key.items():
+            stages = v[0]["stages_us"]
+            out[name][key]["median"]["stages_us"] = {
+                s: float(np.median([r["stages_us"][s] for r in v])) for s in stages
+            }
+    print(f"median of {args.repeats}; CPU microseconds per batch of the trainer's process (main thread by stage)")
+    head = f"{'':>6} {'readers':>8} {'batches/s':>10} {'rows/s':>11} {'first item s':>12} {'process':>8} {'main':>6}"
+    print(f"{head}  stages")
+    for key in runs["after"]:
+        for name in sources:
+            m = out[name][key]["median"]
+            stages = " ".join(f"{s} {us:.1f}" for s, us in m["stages_us"].items())
+            print(
+                f"{name:>6} {key.split('_')[1]:>8} {m['batches_per_s']:>10,.0f} {m['rows_per_s']:>11,.0f} "
+                f"{m['first_item_s']:>12.2f} {m['process_cpu_us_per_batch']:>8.1f} {m['main_cpu_us_per_batch']:>6.1f}"
+                f"  {stages}"
+            )
+    return out
+
+
+def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool) -> None:
+    """One epoch of Trainer.fit with a null step on CPU (child process of ``host``); prints JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from mtrank.data import streaming
+    from mtrank.model import MultiTaskModel
+    from mtrank.train import Trainer, sources
+
+    cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
+    cfg.train.device, cfg.train.batch_size, cfg.train.eval_every = "cpu", batch_size, 10**9
+    cfg.train.epochs, cfg.train.steps = 1, 0
+    stream = streaming.EncodedStream(path, cfg, encoder, batch_size, seed=0)
+    trainer = Trainer(MultiTaskModel(cfg.model_config(encoder.num_dense, encoder.vocab_sizes), seed=0), cfg.train)
+    source = sources.StreamSource(stream, workers, torch.device("cpu"), stream.count_rows(), group=group)
+    clock, null = _StageClock(), _NullStep(len(cfg.tasks))
+    first: list[float] = []
+    start = time.perf_counter()
+
+    def items(make=source.items):
+        if copy:  # readers recycle their buffers, as when the items are pinned
+            make = partial(streaming.stream_items, stream, workers, group=group, recycle=True)
+        for item in clock.wrap(make(), "receive"):
+            if not first:
+                first.append(time.perf_counter() - start)
+            if copy:  # what the pin thread does on CUDA (there in its own thread, here in this one)
+                begin = time.thread_time_ns()
+                item = _copied(item)
+                clock.ns["copy"] = clock.ns.get("copy", 0) + time.thread_time_ns() - begin
+            yield item
+
+    source.items = items
+    prefetcher = sources.Prefetcher
+
+    class TimedPrefetcher(prefetcher):
+        def __iter__(self):
+            return clock.wrap(super().__iter__(), "prefetch")
+
+    sources.Prefetcher = TimedPrefetcher
+    batches = streaming.Group.batches
+
+    def widened_batches(item):  # ids widened first, timed apart (on CUDA one kernel launch, here a copy)
+        begin = time.thread_time_ns()
+        item = item._replace(sparse=item.sparse.long())
+        clock.ns["widen"] = clock.ns.get("widen", 0) + time.thread_time_ns() - begin
+        return batches(item)
+
+    streaming.Group.batches = widened_batches
+    keys = source.keys
+    source.keys = lambda epoch, skip=0: clock.wrap(keys(epoch, skip), "keys")
+    trainer.loop.train_step = lambda source: null
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    main_before = time.thread_time_ns()
+    start = time.perf_counter()
+    trainer.fit(source)
+    seconds = time.perf_counter() - start
+    main_ns = time.thread_time_ns() - main_before
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    process_s = own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime
+    batches, ns = null.steps, clock.ns
+    overhead = clock.overhead_ns()
+    stages = {
+        "receive": ns["receive"],
+        "copy": ns.get("copy", 0),
+        "prefetch": ns["prefetch"] - ns["receive"] - ns.get("copy", 0),
+        "widen": ns["widen"],
+        "slice": ns["keys"] - ns["prefetch"] - ns["widen"],
+        "loop": main_ns - ns["keys"] - clock.calls * overhead,
+    }
+    rows = source.rows
+    result = {
+        "batches": batches,
+        "rows": rows,
+        "batches_per_s": batches / seconds,
+        "rows_per_s": rows / seconds,
+        "first_item_s": first[0],
+        "steady_rows_per_s": rows / (seconds - first[0]),
+        "process_cpu_us_per_batch": process_s / batches * 1e6,
+        "main_cpu_us_per_batch": (main_ns - clock.calls * overhead) / batches / 1e3,
+        "timer_overhead_ns": overhead,
+        "stages_us": {k: v / batches / 1e3 for k, v in stages.items()},
+    }
+    print(json.dumps(result))
+
+
+def _copied(item):
+    from mtrank.data.streaming import Group
+
+    weights = None if item.weights is None else item.weights.clone()
+    copied = Group(item.dense.clone(), item.sparse.clone(), item.labels.clone(), weights, item.sizes)
+    item.release()
+    return copied
+
+
+def cmd_start(args) -> dict:
+    """What starting the readers costs, by start method: ``--epochs`` epochs in this process for each method
+    (fork, then forkserver, alternating epoch by epoch): seconds to the first item, CPU seconds of this process
+    until then, and the epoch's seconds. The first forkserver epoch includes starting the server."""
+    import torch
+
+    from mtrank.data.streaming import EncodedStream, stream_items
+
+    torch.set_num_threads(1)
+    path = generated(args.data, args.rows)
+    cfg, encoder, _ = fitted_encoder(path, 200_000)
+    stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=0)
+    runs: dict[str, list[dict]] = {}
+    for epoch in range(args.epochs):
+        for method in ("fork", "forkserver"):
+            stream.set_epoch(epoch)
+            start, cpu = time.perf_counter(), time.process_time()
+            items = stream_items(stream, args.workers, group=args.group, start_method=method)
+            next(items)
+            first, first_cpu = time.perf_counter() - start, time.process_time() - cpu
+            sum(1 for _ in items)
+            run = {"first_item_s": first, "cpu_to_first_item_s": first_cpu, "epoch_s": time.perf_counter() - start}
+            runs.setdefault(method, []).append(run)
+            print(f"epoch {epoch} {method:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()))
+    return {"rows": args.rows, "workers": args.workers, "group": args.group, "runs": runs}
 
 
 def cmd_prefetch_check(args) -> dict:
@@ -495,6 +797,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=2, help="batches in flight to the GPU")
     p.add_argument("--group", type=int, default=None, help="batches per reader item (default 65,536 rows' worth)")
     p.add_argument("--baseline", action="store_true", help="also: one batch per item, unpinned (the old path)")
+    p.add_argument("--warmup-runs", type=int, default=1, help="rounds of every path run first and not counted")
+    p.add_argument(
+        "--pin-copy-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also these reader counts with items copied into pinned memory (not page-locked in place)",
+    )
+    p.add_argument("--steady-after", type=int, default=200, help="the steady rate is taken from this step on")
     p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
@@ -504,6 +815,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="epochs per setting (median kept)")
     p.add_argument("--copy", action="store_true", help="the trainer's process copies what it receives (as pinning)")
     p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
+    p = sub.add_parser("host", help="the trainer's host cost per batch: streaming path, null step, CPU")
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--group", type=int, default=16, help="batches per reader item")
+    p.add_argument("--repeats", type=int, default=3, help="epochs per setting (median kept)")
+    p.add_argument("--copy", action="store_true", help="copy each item on arrival, as the pin thread does")
+    p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
+    p = sub.add_parser("start", help="what starting the readers costs: fork vs forkserver")
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--group", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3)
     p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
@@ -522,6 +847,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("batch_size", type=int)
     p.add_argument("--pin", action="store_true")
     p.add_argument("--copy", action="store_true")
+    p = sub.add_parser("_host", help=argparse.SUPPRESS)
+    p.add_argument("path")
+    p.add_argument("read_workers", type=int)
+    p.add_argument("group", type=int)
+    p.add_argument("batch_size", type=int)
+    p.add_argument("--copy", action="store_true")
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
@@ -531,11 +862,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_read":
         _read_epoch(args.path, args.read_workers, args.group, args.batch_size, args.pin, args.copy)
         return 0
+    if args.command == "_host":
+        _host_epoch(args.path, args.read_workers, args.group, args.batch_size, args.copy)
+        return 0
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)
         return 0
     commands = {"generate": cmd_generate, "encode": cmd_encode, "train": cmd_train, "read": cmd_read}
     commands["prefetch-check"] = cmd_prefetch_check
+    commands["host"] = cmd_host
+    commands["start"] = cmd_start
     result = {**commands, "memory": cmd_memory}[args.command](args)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if args.json:

@@ -8,8 +8,10 @@
 #
 # 0. the prefetched batches on the GPU == the CPU path's (checksums, order, mid-epoch start); the readers
 #    alone: rows/s by reader processes, 16 batches per item, pinned;
-# 1. files to the GPU: W2-layout Parquet (6M rows, 1,200 steps: reader start-up and graph capture amortised)
-#    vs the same model from GPU memory, 4/8/12/16 reader processes, bf16, batch 4,096, the graphed step;
+# 1. files to the GPU: W2-layout Parquet (6M rows, 1,200 steps) vs the same model from GPU memory, 4/8/12/16
+#    reader processes, bf16, batch 4,096, the graphed step: a warm-up round not counted, then 3 rounds in
+#    alternating order, medians, over whole runs and from step 200 on (reader start-up, capture excluded);
+#    8 readers also with the items copied into pinned memory (before: not page-locked in place);
 # 2. W2 in memory at batch 4,096 and 65,536, input padded to 64 columns, train.compile: samples/s, MFU, profile;
 # 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 65,536 as it was (dense Adam, odd input),
 #    then at 32,768 / 65,536 with the input padded to 64, the table on row-wise Adagrad (graphed) and
@@ -46,7 +48,8 @@ if [[ "${1:-}" == "--cpu-quick" ]]; then
     DATA=${DEST}/data
 else
     DEST=${1:-docs/results/scale-h200}; DEV=cuda
-    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 4 8 12 16 --repeats 2 --precision bf16)
+    DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 4 8 12 16 --repeats 3 --precision bf16
+        --pin-copy-workers 8)
     RD=(--rows 2000000 --batch-size 4096 --workers 1 8 16 --groups 16 --pin)
     PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
     COMMON=(--device cuda --threads 16)

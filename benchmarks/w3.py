@@ -606,14 +606,28 @@ def summary(folder: Path) -> str:
         lines += [
             f"Files to GPU (W2 layout, batch {pipeline['batch_size']}, {pipeline['precision']}, {pipeline['device']})",
             "",
-            "| source | samples/s | x in-memory | step |",
-            "|---|---:|---:|---|",
+            f"median of {pipeline.get('repeats', '?')} runs; steady: from step {pipeline.get('steady_after_step')}",
+            "",
+            "| source | samples/s | x in-memory | steady samples/s | steady x in-memory | step |",
+            "|---|---:|---:|---:|---:|---|",
         ]
+        steady = pipeline.get("steady_samples_per_s", {})
+        steady_ratio = pipeline.get("steady_ratio_to_memory", {})
         for key, rate in pipeline["samples_per_s"].items():
             ratio = pipeline["ratio_to_memory"][key]
-            lines.append(f"| {key} | {rate:,.0f} | {ratio:.2f} | {pipeline['step_path'][key]} |")
-        best = max(v for k, v in pipeline["ratio_to_memory"].items() if k != "memory" and "baseline" not in k)
-        lines += ["", f"target: files >= 0.8x memory: best {best:.2f}x -> {'met' if best >= 0.8 else 'NOT met'}", ""]
+            after = f"{steady[key]:,.0f} | {steady_ratio[key]:.2f}" if key in steady else "- | -"
+            lines.append(f"| {key} | {rate:,.0f} | {ratio:.2f} | {after} | {pipeline['step_path'][key]} |")
+        variants = ("memory", "baseline", "pin_copy")  # the best of the current path is the verdict
+        files = [k for k in pipeline["ratio_to_memory"] if not any(v in k for v in variants)]
+        best = max(pipeline["ratio_to_memory"][k] for k in files)
+        best_steady = max((steady_ratio[k] for k in files if k in steady_ratio), default=float("nan"))
+        verdict = "met" if best >= 0.8 else "NOT met"
+        lines += [
+            "",
+            f"target: files >= 0.8x memory: best {best:.2f}x over whole runs -> {verdict} "
+            f"(steady, reader start-up and warm-up excluded: best {best_steady:.2f}x)",
+            "",
+        ]
     runs = (("w2_batch.json", 10e6), ("w2_auc.json", None), ("w3_plain.json", 2.1e6), ("w3.json", 2.1e6))
     for name, target in runs:
         result = load(name)

@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -251,6 +253,94 @@ def test_items_copied_and_released_on_arrival_equal_the_unrecycled_ones(shards, 
     got = [b for item in copies for b in item.batches()]
     assert len(got) == len(expected) == 30 > streaming.RECYCLED_ITEMS  # buffers were rewritten
     for a, b in zip(got, expected):
+        assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)
+
+
+def test_a_readers_recycled_buffer_is_sent_and_mapped_once_then_items_travel_as_their_places(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=8)
+    buffers, mapped = set(), 0
+    for item in stream_items(stream, 1, group=1, recycle=True):
+        buffers.add(item.dense.untyped_storage().data_ptr())
+        mapped = max(mapped, len(streaming.SEGMENTS))
+        item.release()
+    assert len(buffers) == mapped <= streaming.RECYCLED_ITEMS  # 30 items from at most 8 mappings
+    assert streaming.SEGMENTS == {}  # unmapped when the reading ends
+    writer = streaming.GroupWriter(batch_size=2, group=1, shared=True, recycle=True, key=(0, 0))
+    storage = [np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20, dtype=np.int32), np.zeros((20, 1))]
+    first, second = list(writer.write(storage, np.arange(4)))
+    first.release()
+    (third,) = writer.write(storage, np.arange(4, 6))
+    assert [first.segment, second.segment] == [((0, 0, 0), True), ((0, 0, 1), True)]
+    assert third.segment == ((0, 0, 0), False)  # the released buffer, rewritten
+    buffer_sent = [item.__reduce__()[1][1] is not None for item in (first, second, third)]
+    assert buffer_sent == [True, True, False]  # with the first item from each buffer only
+
+
+class FakeCudart:
+    """``torch.cuda.cudart()`` for the page-locking logic on a machine without CUDA: records the calls."""
+
+    def __init__(self, error: int = 0) -> None:
+        self.error = error  # what cudaHostRegister returns (0: success)
+        self.registered: list[int] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802
+        self.registered.append(ptr)
+        return self.error
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_a_page_locked_buffer_is_registered_once_not_copied_and_released_when_its_copy_is_finished(monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    writer = streaming.GroupWriter(batch_size=2, group=1, shared=True, recycle=True, key=(41, 0))
+    storage = [np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20, dtype=np.int32), np.zeros((20, 1))]
+    sent = list(writer.write(storage, np.arange(4)))
+    first, second = (pickle.loads(pickle.dumps(item)) for item in sent)  # as the trainer's process receives them
+    pinned = first.pin_memory()
+    assert pinned.dense.data_ptr() == first.dense.data_ptr() and pinned.lease is None  # in place, no copy
+    assert torch.equal(pinned.sparse, torch.tensor([0, 1], dtype=torch.int32))
+    lease = streaming.SEGMENTS[(41, 0, 0)][:4].view(torch.int32)
+    assert lease.item() == 1  # still the reader's to keep: the copy to the GPU has not finished
+    pinned.finished()
+    assert lease.item() == 0
+    assert first.pin_memory().dense.data_ptr() == pinned.dense.data_ptr() and len(cudart.registered) == 1  # once
+    skipped = list(streaming.skip_batches([second.pin_memory()], 1))
+    assert skipped == [] and streaming.SEGMENTS[(41, 0, 1)][:4].view(torch.int32).item() == 0  # skipped: released
+    streaming._forget_segments(41)
+    assert sorted(cudart.unregistered) == sorted(cudart.registered) and len(cudart.registered) == 2
+    assert not streaming.SEGMENTS and not streaming.PAGE_LOCKED
+
+
+def test_a_buffer_cuda_cannot_page_lock_is_tried_once_and_its_items_are_copied(monkeypatch):
+    cudart = FakeCudart(error=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    streaming.SEGMENTS[(43, 0, 0)] = torch.zeros(128, dtype=torch.uint8)
+    assert not streaming._page_locked((43, 0, 0)) and not streaming._page_locked((43, 0, 0))
+    assert len(cudart.registered) == 1 and not streaming.PAGE_LOCKED
+    streaming._forget_segments(43)
+    assert not cudart.unregistered and not streaming.SEGMENTS
+
+
+def test_readers_started_by_a_forkserver_send_the_batches_forked_readers_send(shards):
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    stream = EncodedStream(str(train), cfg, FeatureEncoder(cfg.features).fit(frame.iloc[:240]), batch_size=8)
+    assert streaming.reader_context().get_start_method() == "fork"  # no CUDA context here to keep out
+    batches = {}
+    for method in ("fork", "forkserver"):
+        items = stream_items(stream, 2, group=3, start_method=method)  # not recycled: batches stay as sent
+        batches[method] = [b for item in items for b in item.batches()]
+    assert len(batches["fork"]) == len(batches["forkserver"]) == 30
+    for a, b in zip(batches["fork"], batches["forkserver"]):
         assert torch.equal(a.dense, b.dense) and torch.equal(a.sparse, b.sparse) and torch.equal(a.labels, b.labels)
 
 

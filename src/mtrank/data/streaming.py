@@ -25,6 +25,9 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    a descriptor, a connection to pass it, and a mapping). When the items are pinned (on CUDA), the pin thread
    copies each one on arrival and releases it (:meth:`Group.pin_memory`), and the reader rewrites released
    segments instead of faulting in fresh ones; unpinned items are never rewritten (the batches are their views).
+   A recycled segment travels with its first item only; later items from it are a few numbers (their arrays'
+   places in it), and the trainer's process keeps it mapped (:data:`SEGMENTS`) until the reading ends. On CUDA
+   it is page-locked in place once (``cudaHostRegister``), so its items skip the pin copy.
 3. **Ids as int32.** When every sparse column's vocabulary fits (``max(encoder.vocab_sizes) <= 2**31``), the
    buffer and the items hold the ids as int32: 26 ids are 104 bytes a row, not 208, for every copy on the way
    (buffer, item, pinning, host-to-device). :meth:`Group.batches` widens them to the int64 the model takes,
@@ -33,11 +36,13 @@ How a row gets there, with as few copies and as little per-batch work as we coul
    default pool (mimalloc) a forked reader spent more CPU per row, and varied more, in A/B runs on the
    development machine (docs/benchmarks.md, "Files to the graphed step").
 
-In the trainer's process the DataLoader's pin thread copies each item into page-locked memory (``pin_memory``,
-on CUDA); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side stream, and
+In the trainer's process the DataLoader's pin thread puts each item in page-locked memory (``pin_memory``, on
+CUDA: in place, or a copy); :class:`~mtrank.train.prefetch.Prefetcher` copies whole items to the GPU on a side
+stream (and then hands a page-locked segment back to its reader: :meth:`Group.finished`), and
 :meth:`Group.batches` splits an item back into batches (views, no copy). Items arrive worker by worker in
 turn, so the batch order depends on the number of workers and on ``group`` (fixed for a given seed, epoch,
-workers and group).
+workers and group). Readers are forked, or started by a forkserver once this process has initialised CUDA
+(:func:`reader_context`).
 
 Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of about half that (the kept
 rows on their way to the front), one record batch and the encoder's per-slice temporaries, up to
@@ -48,6 +53,9 @@ rows on their way to the front), one record batch and the encoder's per-slice te
 from __future__ import annotations
 
 import contextlib
+import itertools
+import multiprocessing
+import pickle
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -172,6 +180,9 @@ class Group(NamedTuple):
 
     ``lease`` (``[1]`` int32, in the item's buffer) is set while the trainer's process may read the buffer; a
     reader rewrites a buffer of its pool only once the lease is 0 (:meth:`release`: after the pin copy).
+    ``segment``: the key of that pooled buffer (:class:`GroupWriter`) and whether this item is the first sent
+    from it; such an item travels as a few numbers once the trainer's process has the buffer mapped
+    (:func:`_received`).
     """
 
     dense: torch.Tensor
@@ -180,34 +191,114 @@ class Group(NamedTuple):
     weights: torch.Tensor | None
     sizes: np.ndarray
     lease: torch.Tensor | None = None
+    segment: tuple[tuple, bool] | None = None
 
     def batches(self) -> Iterator[TensorData]:
         """The batches, as views of the arrays, ids widened to int64 (once per item, where the item is)."""
-        dense, sparse, labels, weights = self.dense, self.sparse.long(), self.labels, self.weights
-        start = 0
-        for size in self.sizes.tolist():
-            rows = slice(start, start + size)
-            yield TensorData(dense[rows], sparse[rows], labels[rows], None if weights is None else weights[rows])
-            start += size
+        sizes = self.sizes.tolist()
+        arrays = [self.dense.split(sizes), self.sparse.long().split(sizes), self.labels.split(sizes)]
+        weights = self.weights.split(sizes) if self.weights is not None else [None] * len(sizes)
+        return map(TensorData, *arrays, weights)
+
+    def __reduce__(self):
+        """Pickled (sent by a reader process): a pooled buffer goes with its first item only; later items from it
+        carry their arrays' places in it (dtype, shape, strides, byte offset)."""
+        if self.segment is None:
+            return Group, tuple(self)
+        key, first = self.segment
+        raw = torch.empty(0, dtype=torch.uint8).set_(self.dense.untyped_storage())  # the whole buffer
+        places = [None if t is None else _place(t) for t in (self.dense, self.sparse, self.labels, self.weights)]
+        return _received, (key, raw if first else None, places, _place(self.lease), self.sizes)
 
     def drop(self, batches: int) -> Group:
         """The item without its first ``batches`` batches (views)."""
         rows = slice(int(self.sizes[:batches].sum()), None)
         weights = None if self.weights is None else self.weights[rows]
-        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, self.sizes[batches:], self.lease)
+        sizes = self.sizes[batches:]
+        return Group(self.dense[rows], self.sparse[rows], self.labels[rows], weights, sizes, self.lease, self.segment)
 
     def pin_memory(self) -> Group:
-        """A copy in page-locked memory (what the DataLoader's pin thread calls); the reader may then reuse this
-        item's buffer."""
+        """The item in page-locked memory (what the DataLoader's pin thread calls): the item itself when its
+        buffer is a reader's pooled one that CUDA could page-lock in place (once per buffer: :func:`_page_locked`;
+        the buffer is then released by :meth:`finished`, after the copy to the GPU); else a copy, and the reader may
+        reuse this item's buffer at once."""
+        if self.segment is not None and _page_locked(self.segment[0]):
+            return self._replace(lease=None)  # (the lease stays here: :meth:`finished` releases the buffer)
         weights = None if self.weights is None else self.weights.pin_memory()
         pinned = Group(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory(), weights, self.sizes)
         self.release()
         return pinned
 
+    def finished(self) -> None:
+        """Called once this process reads the item's host memory no more: its copy to the device is complete
+        (:class:`~mtrank.train.prefetch.Prefetcher`), or it was skipped. A buffer page-locked in place goes back
+        to its reader (other items were released when they were copied, or are not pooled)."""
+        if self.segment is not None and self.segment[0] in PAGE_LOCKED:
+            SEGMENTS[self.segment[0]][:4].view(torch.int32).fill_(0)  # the buffer's lease (GroupWriter._buffer)
+
     def release(self) -> None:
         """Tell the reader that this process reads the item's buffer no more (call it after copying the item)."""
         if self.lease is not None:
             self.lease.fill_(0)
+
+
+SEGMENTS: dict[tuple, torch.Tensor] = {}  # in the trainer's process: the readers' pooled buffers, mapped once
+PAGE_LOCKED: set[tuple] = set()  # those of SEGMENTS registered with CUDA as page-locked (cudaHostRegister)
+_NOT_LOCKABLE: set[tuple] = set()  # those whose registration failed
+PAGE_LOCK = True  # False: pooled buffers are copied into pinned memory too (the path before; for comparisons)
+
+
+def _page_locked(key: tuple) -> bool:
+    """Whether the pooled buffer ``key`` is page-locked in place, registering it with CUDA the first time
+    (``cudaHostRegister``): its items then go to the GPU with no copy into pinned memory. False without CUDA
+    or when the registration fails (the item is copied, as before)."""
+    if key in PAGE_LOCKED:
+        return True
+    raw = SEGMENTS.get(key)
+    if raw is None or not PAGE_LOCK or key in _NOT_LOCKABLE or not torch.cuda.is_available():
+        return False
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) != 0:  # 0: cudaSuccess
+        _NOT_LOCKABLE.add(key)  # not tried again: its items are copied
+        getattr(cudart, "cudaGetLastError", lambda: None)()  # the failure is not left for a later check
+        return False
+    PAGE_LOCKED.add(key)
+    return True
+
+
+def _forget_segments(session: int) -> None:
+    """Unmap (and unregister) the pooled buffers of a reading that ended; items still held keep theirs mapped."""
+    keys = [key for key in SEGMENTS if key[0] == session]
+    locked = [key for key in keys if key in PAGE_LOCKED]
+    if locked:
+        torch.cuda.synchronize()  # no copy from them in flight
+        for key in locked:
+            torch.cuda.cudart().cudaHostUnregister(SEGMENTS[key].data_ptr())
+            PAGE_LOCKED.discard(key)
+    for key in keys:
+        del SEGMENTS[key]
+        _NOT_LOCKABLE.discard(key)
+
+
+def _place(tensor: torch.Tensor) -> tuple:
+    """Where a view lies in its buffer: dtype, shape, strides, byte offset."""
+    return tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset() * tensor.element_size()
+
+
+def _view(raw: torch.Tensor, place: tuple) -> torch.Tensor:
+    dtype, shape, stride, offset = place
+    return torch.empty(0, dtype=dtype).set_(raw.untyped_storage(), offset // dtype.itemsize, shape, stride)
+
+
+def _received(key: tuple, raw: torch.Tensor | None, places: list, lease: tuple, sizes: np.ndarray) -> Group:
+    """An item of a pooled buffer, unpickled in the trainer's process: the buffer comes with the first item sent
+    from it and stays mapped here (:data:`SEGMENTS`, until :func:`stream_items` ends): no file descriptor to
+    pass, no mapping to make and unmake, no page to fault in again, per item."""
+    if raw is not None:
+        SEGMENTS[key] = raw
+    raw = SEGMENTS[key]
+    dense, sparse, labels, weights = (None if p is None else _view(raw, p) for p in places)
+    return Group(dense, sparse, labels, weights, sizes, _view(raw, lease), (key, False))
 
 
 class GroupWriter:
@@ -218,15 +309,20 @@ class GroupWriter:
     trainer's process copies each item on arrival: the pin thread) the writer keeps up to :data:`RECYCLED_ITEMS`
     buffers and rewrites one whose lease was released (:meth:`Group.release`); while none is, it takes a new one.
     A fresh shared-memory segment costs a page fault per 4 KiB page on first write: ~10 ms for a 65,536-row item
-    on the benchmark machine, ~6x the gather itself.
+    on the benchmark machine, ~6x the gather itself. With ``key`` (shared, recycled: a reader process), items of
+    a pooled buffer carry ``segment = ((*key, slot), first)``: the buffer travels with its first item only.
     """
 
-    def __init__(self, batch_size: int, group: int, shared: bool, recycle: bool = False) -> None:
+    def __init__(
+        self, batch_size: int, group: int, shared: bool, recycle: bool = False, key: tuple | None = None
+    ) -> None:
         self.batch_size, self.rows_per_item, self.shared = batch_size, batch_size * group, shared
-        self.recycle = recycle
+        self.recycle, self.key = recycle, key
         self.pool: list[torch.Tensor] = []  # buffers that may be rewritten once their lease is released
         self.arrays: list[torch.Tensor] = []  # the open item's arrays
         self.lease: torch.Tensor | None = None  # and its lease, when its buffer is one of the pool's
+        self.slot: int | None = None  # and the buffer's place in the pool
+        self.sent: set[int] = set()  # slots whose buffer went with an item already
         self.filled = 0  # rows written to them
 
     def write(self, storage: list[np.ndarray], positions: np.ndarray) -> Iterator[Group]:
@@ -254,8 +350,12 @@ class GroupWriter:
         sizes = np.array([self.batch_size] * full + ([rest] if rest else []), dtype=np.int64)
         arrays = [a[: self.filled] for a in self.arrays]
         weights = arrays[3] if len(arrays) > 3 else None
-        item = Group(arrays[0], arrays[1], arrays[2], weights, sizes, self.lease)
-        self.arrays, self.lease, self.filled = [], None, 0
+        segment = None
+        if self.key is not None and self.shared and self.slot is not None:
+            segment = ((*self.key, self.slot), self.slot not in self.sent)
+            self.sent.add(self.slot)
+        item = Group(arrays[0], arrays[1], arrays[2], weights, sizes, self.lease, segment)
+        self.arrays, self.lease, self.slot, self.filled = [], None, None, 0
         return item
 
     def _allocate(self, storage: list[np.ndarray]) -> list[torch.Tensor]:
@@ -265,27 +365,27 @@ class GroupWriter:
         shapes = [(rows, *s.shape[1:]) for s in storage]
         sizes = [int(np.prod(shape)) * s.itemsize for shape, s in zip(shapes, storage)]
         offsets = np.cumsum([HEADER] + [-(-b // 64) * 64 for b in sizes])
-        raw, self.lease = self._buffer(int(offsets[-1]))
+        raw, self.lease, self.slot = self._buffer(int(offsets[-1]))
         return [
             raw[int(o) : int(o) + b].view(dtype).view(shape)
             for o, b, dtype, shape in zip(offsets, sizes, dtypes, shapes)
         ]
 
-    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """An item's buffer (uint8) and its lease: a released one of the pool, else a new one (pooled while the
-        pool has room)."""
-        for raw in self.pool:
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """An item's buffer (uint8), its lease and its slot in the pool: a released one of the pool, else a new
+        one (pooled while the pool has room)."""
+        for slot, raw in enumerate(self.pool):
             lease = raw[:4].view(torch.int32)
             if len(raw) == nbytes and lease.item() == 0:
-                return raw, lease.fill_(1)
+                return raw, lease.fill_(1), slot
         if self.shared:  # allocated in shared memory (share_memory_() would copy a tensor into a new segment)
             raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
         else:
             raw = torch.empty(nbytes, dtype=torch.uint8)
         if not self.recycle or len(self.pool) == RECYCLED_ITEMS:
-            return raw, None
+            return raw, None, None
         self.pool.append(raw)
-        return raw, raw[:4].view(torch.int32).fill_(1)
+        return raw, raw[:4].view(torch.int32).fill_(1), len(self.pool) - 1
 
 
 class EncodedStream(IterableDataset):
@@ -308,6 +408,7 @@ class EncodedStream(IterableDataset):
         super().__init__()
         self.path, self.config, self.encoder, self.labels = str(path), config, encoder, labels
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self._encoder_blob: torch.Tensor | None = None  # the encoder pickled, for forkserver readers
         self.id_dtype = np.int32 if max(encoder.vocab_sizes, default=0) <= INT32_IDS else np.int64
         # built here, once: reader processes forked from this one share them (else each built them every epoch)
         encoder.prepare_lookups()
@@ -316,6 +417,23 @@ class EncodedStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def __getstate__(self) -> dict:
+        """Pickled for a reader process started by a forkserver (:func:`stream_items`): the encoder (its
+        vocabularies and lookups, ~14 MB and ~80 ms to pickle for W2) is pickled once per stream into shared
+        memory, and each reader unpickles it from there."""
+        state = self.__dict__.copy()
+        if state.get("_encoder_blob") is None:
+            data = pickle.dumps(self.encoder, protocol=pickle.HIGHEST_PROTOCOL)
+            state["_encoder_blob"] = self._encoder_blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            self._encoder_blob.share_memory_()
+        state["encoder"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["encoder"] is None:
+            state["encoder"] = pickle.loads(state["_encoder_blob"].numpy().data)
+        self.__dict__.update(state)
 
     def pieces(self) -> list[ds.Fragment]:
         dataset = open_dataset(self.path, self.config.data, self.config)
@@ -334,9 +452,10 @@ class EncodedStream(IterableDataset):
         for item in self.groups(max(1, GROUP_ROWS // self.batch_size)):
             yield from item.batches()
 
-    def groups(self, group: int, recycle: bool = False) -> Iterator[Group]:
+    def groups(self, group: int, recycle: bool = False, session: int | None = None) -> Iterator[Group]:
         """This worker's batches (every worker's, in one process), ``group`` per :class:`Group`; ``recycle``:
-        the consumer copies each item and releases it (:class:`GroupWriter`)."""
+        the consumer copies each item and releases it (:class:`GroupWriter`); ``session``: names this reading
+        of the stream in the keys of the pooled buffers (:func:`stream_items`)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
@@ -345,7 +464,8 @@ class EncodedStream(IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
         seed = self.seed * 7919 + self.epoch * 31 + worker
         buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed)
-        writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle)
+        key = (session, worker) if session is not None else None
+        writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle, key=key)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
@@ -390,12 +510,12 @@ class GroupedStream(IterableDataset):
     """``stream``'s batches, ``group`` at a time, as :class:`Group` items (what a reader process sends);
     ``recycle``: see :meth:`EncodedStream.groups`."""
 
-    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False) -> None:
+    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False, session: int | None = None) -> None:
         super().__init__()
-        self.stream, self.group, self.recycle = stream, max(1, group), recycle
+        self.stream, self.group, self.recycle, self.session = stream, max(1, group), recycle, session
 
     def __iter__(self) -> Iterator[Group]:
-        return self.stream.groups(self.group, self.recycle)
+        return self.stream.groups(self.group, self.recycle, self.session)
 
     @staticmethod
     def pack(batches: list[TensorData]) -> Group:
@@ -409,6 +529,24 @@ class GroupedStream(IterableDataset):
         return item.batches()
 
 
+_SESSIONS = itertools.count()
+
+
+def reader_context(start_method: str | None = None) -> multiprocessing.context.BaseContext:
+    """How reader processes start: ``start_method``, else ``fork`` (a copy of this process: nothing to pickle),
+    except once this process has initialised CUDA: then ``forkserver``. A reader forked from a process with a
+    CUDA context inherits that context's objects in a state CUDA refuses (each reader printed "CUDA warning:
+    initialization error" at exit, from a CUDA graph it had inherited); one started by the forkserver (a clean
+    process that has imported only this module) inherits none. That costs, per reader and epoch, unpickling the
+    stream (the encoder from shared memory: :meth:`EncodedStream.__getstate__`) while the first rows are read,
+    and nothing per batch."""
+    if start_method is None:
+        start_method = "forkserver" if torch.cuda.is_initialized() else "fork"
+    if start_method == "forkserver":
+        multiprocessing.set_forkserver_preload(["mtrank.data.streaming"])  # before the server's first start
+    return multiprocessing.get_context(start_method)
+
+
 def _as_is(item: Group) -> Group:
     return item  # the DataLoader's default would turn the numpy sizes into a tensor, which moves with the item
 
@@ -419,6 +557,7 @@ def stream_items(
     pin_memory: bool = False,
     group: int | None = None,
     recycle: bool | None = None,
+    start_method: str | None = None,
 ) -> Iterator[Group]:
     """The items of ``stream`` (:class:`Group`), read by ``workers`` reader processes (a DataLoader; 0 = read in
     this process).
@@ -427,6 +566,7 @@ def stream_items(
     batch per item); ``pin_memory`` puts them in page-locked memory (for an asynchronous copy to a GPU).
     ``recycle`` (default: ``pin_memory``): readers may rewrite an item's buffer once it is released
     (:meth:`Group.release`; the pin copy does it), so a consumer that keeps views of an item must not release it.
+    ``start_method``: how reader processes start (:func:`reader_context`).
     A :class:`DataError` raised in a reader process arrives wrapped in that process's traceback; it is raised
     again here with its own one-line message."""
     if group is None:
@@ -438,11 +578,15 @@ def stream_items(
     kwargs["collate_fn"] = _as_is
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
+        kwargs["multiprocessing_context"] = reader_context(start_method)
+    session = next(_SESSIONS)
     try:
         recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
-        yield from DataLoader(GroupedStream(stream, group, recycle=recycle), **kwargs)
+        yield from DataLoader(GroupedStream(stream, group, recycle=recycle, session=session), **kwargs)
     except DataError as err:
         raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
+    finally:
+        _forget_segments(session)
 
 
 def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:
@@ -450,6 +594,7 @@ def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:
     for item in items:
         if skip >= len(item.sizes):
             skip -= len(item.sizes)
+            item.finished()
             continue
         yield item.drop(skip) if skip else item
         skip = 0

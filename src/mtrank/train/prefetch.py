@@ -7,9 +7,10 @@ move, anything else in them (None, a numpy array of batch sizes) stays as it is.
 batches in flight: each is copied with ``non_blocking=True`` on a side stream, and an event recorded after the
 copy; when the training loop takes a batch, its stream waits on that event (a wait on the GPU, not on the host)
 and the batch's tensors are marked as used by that stream (``record_stream``), so the caching allocator does not
-hand their memory to the next copy while a step still reads it. The graphed step then refills its static input
-buffers from these device tensors in place (:class:`~mtrank.train.cuda_graph.GraphedStep`): a device-to-device
-copy, no host sync.
+hand their memory to the next copy while a step still reads it. A host batch with a ``finished()`` method (a
+reader's item page-locked in place) is told when its copy is complete, when the loop takes it, so that its
+memory can be reused. The graphed step then refills its static input buffers from these device tensors in place
+(:class:`~mtrank.train.cuda_graph.GraphedStep`): a device-to-device copy, no host sync.
 
 On CPU (or any non-CUDA device) the prefetcher is the plain iterator: the same batches, in the same order,
 moved with ``.to(device)`` (a no-op for a CPU batch).
@@ -73,7 +74,7 @@ class Prefetcher:
                 self.copies += 1
                 yield map_tensors(batch, lambda t: t.to(self.device))
             return
-        in_flight: deque[tuple[Any, torch.cuda.Event]] = deque()
+        in_flight: deque[tuple[Any, Any, torch.cuda.Event]] = deque()
         for batch in self.batches:
             in_flight.append(self._copy(batch))
             if len(in_flight) > self.depth:
@@ -81,7 +82,7 @@ class Prefetcher:
         while in_flight:
             yield self._take(*in_flight.popleft())
 
-    def _copy(self, batch: Any) -> tuple[Any, torch.cuda.Event]:
+    def _copy(self, batch: Any) -> tuple[Any, Any, torch.cuda.Event]:
         assert self.stream is not None
         # no wait on the main stream: a copy's memory comes from the side stream's pool, and a consumed batch's
         # memory returns to it only after the main stream's work on it (record_stream in _take)
@@ -90,11 +91,15 @@ class Prefetcher:
             event = torch.cuda.Event()
             event.record(self.stream)
         self.copies += 1
-        return moved, event
+        return batch, moved, event
 
-    def _take(self, batch: Any, event: torch.cuda.Event) -> Any:
+    def _take(self, host: Any, batch: Any, event: torch.cuda.Event) -> Any:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(event)
+        finished = getattr(host, "finished", None)
+        if finished is not None:  # the host memory may go back to its owner (a reader) once the copy is done
+            event.synchronize()  # issued ``depth`` batches ago: done by now, as a rule
+            finished()
         return map_tensors(batch, lambda t: _used_by(t, current))
 
 
