@@ -17,19 +17,18 @@
 #    then at 32,768 / 65,536 with the input padded to 64, the table on row-wise Adagrad (graphed) and
 #    train.compile: samples/s, MFU, peak memory, profile by kernel family;
 # 4. the AUC price of batch 65,536: W2 (padded, not compiled: compiling changes no number that matters here,
-#    and 38 compiles would cost minutes), 8 epochs of 4M rows (cosine; a run stops at the first epoch whose
-#    validation AUC is not better: both batch sizes peaked after 1-2), validation on 1M rows each epoch. Same search
-#    space for both batch sizes, centred on the last optima (4,096: lr 0.002; 65,536: lr 0.008): 3 Adam lrs x
-#    {Adam on the tables, row-wise Adagrad on the tables at 2 table lrs} = 9 configurations, one run each at
-#    seed 0, chosen on validation; the chosen one of each batch size rerun at seeds 1..10 (paired: same init,
-#    same row order), test AUC mean / median, the paired shortfall with its 95% bootstrap interval, verdict.
-#    train.sparse.lr is row-wise Adagrad's lr (w_r -= lr g_r / sqrt(G_r), G_r summing mean(g_r^2); the cosine
-#    schedule scales it too); a row's total move grows like lr sqrt(its updates), so batch 65,536's 16x fewer
-#    steps want a 3-4x larger table lr: 0.02, 0.06 at 4,096, 0.06, 0.18 at 65,536 (with 2 values, a row-wise
-#    choice always sits at an edge of its table-lr grid, and is flagged so).
-#    Its JSON is written after every run: a run cut short keeps the finished pairs and their verdict. Cost,
-#    estimated from the last study (7 runs of 8 epochs + 9 evaluations in 173 s: ~1.6 s an evaluation of 1M
-#    rows; 4,096 at 3.7M samples/s, 65,536 at 8.3M): ~3 epochs a run, 18 tuning + 20 paired runs, ~5.5 minutes.
+#    and 32 compiles would cost minutes), trained as production rankers are, one pass over a stream of fresh
+#    rows: 16M training rows, one epoch (cosine after a 5% warm-up), validation and test on 2M other rows each.
+#    (With 4M rows and several epochs both batch sizes overfit after 1-2 epochs, W2's 10,000-row tables
+#    memorising the rows: docs/results/scale-h200/auc-explore/README.md.) Same search space for both batch
+#    sizes: 3 Adam lrs (centred on each one's optimum of a first one-pass run) x {Adam on the tables, row-wise
+#    Adagrad on the tables} = 6 configurations, one run each at seed 0, chosen on validation; the chosen one of
+#    each batch size rerun at seeds 1..10 (paired: same init, same row order), test AUC mean / median, the
+#    paired shortfall with its 95% bootstrap interval, verdict. train.sparse.lr is row-wise Adagrad's lr; batch
+#    65,536's 16x fewer steps want a ~3x larger one (a row's move grows like lr sqrt(its updates)). Its JSON is
+#    written after every run: a run cut short keeps the finished pairs and their verdict. ~4 minutes.
+#
+# STAGES="files w2 w3 auc" (the default: all) runs some of the stages only, e.g. STAGES=auc.
 # Then a table of everything with a verdict per target (python3 benchmarks/w3.py --summary DIR).
 set -euo pipefail
 PY=${PYTHON:-python3}
@@ -54,9 +53,10 @@ else
     PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
     COMMON=(--device cuda --threads 16)
     W2=(--batch-sizes 4096 65536 --steps 200 --compile)
-    W2AUC=(--batch-sizes 4096 65536 --steps 50 --profile-steps 0 --epochs 8 --patience 1 --seeds 10
-           --grid "4096:lr=0.001,0.002,0.004;sparse=dense,rowwise_adagrad;sparse_lr=0.02,0.06"
-                  "65536:lr=0.004,0.008,0.016;sparse=dense,rowwise_adagrad;sparse_lr=0.06,0.18")
+    W2AUC=(--batch-sizes 4096 65536 --steps 50 --profile-steps 0 --epochs 1 --patience 0 --seeds 10
+           --auc-rows 16000000 --eval-rows 2000000
+           --grid "4096:lr=0.001,0.002,0.004;sparse=dense,rowwise_adagrad;sparse_lr=0.06"
+                  "65536:lr=0.008,0.016,0.032;sparse=dense,rowwise_adagrad;sparse_lr=0.18")
     W3PLAIN=(--batch-sizes 65536 --steps 30 --profile-steps 3 --pad-to 1)
     W3=(--batch-sizes 32768 65536 --steps 50 --profile-steps 5 --sparse rowwise_adagrad --compile)
     DATA=/tmp/mtrank-w2
@@ -68,7 +68,12 @@ $PY -c "import torch, mtrank.train; print('torch', torch.__version__, 'cuda', to
 if [[ $DEV == cuda ]]; then
     $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: use --cpu-quick DIR'"
 fi
+STAGES=" ${STAGES:-files w2 w3 auc} "
+for stage in $STAGES; do
+    [[ " files w2 w3 auc " == *" $stage "* ]] || { echo "gpu_scale.sh: unknown stage $stage in STAGES"; exit 1; }
+done
 SECONDS=0
+if [[ $STAGES == *" files "* ]]; then
 $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/prefetch_check.json" prefetch-check "${PC[@]}" 2>&1 \
     | tee "$DEST/prefetch_check.log" || FAILED="the prefetch check (see $DEST/prefetch_check.log)"
 $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/read.json" read "${RD[@]}" 2>&1 | tee "$DEST/read.log"
@@ -76,16 +81,23 @@ echo "[$SECONDS s] readers alone done"
 $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline.json" train "${DP[@]}" 2>&1 \
     | tee "$DEST/data_pipeline.log"
 echo "[$SECONDS s] files to GPU done"
+fi
+if [[ $STAGES == *" w2 "* ]]; then
 $PY benchmarks/w3.py --workload W2 "${COMMON[@]}" --pad-to 64 "${W2[@]}" --json "$DEST/w2_batch.json" 2>&1 \
     | tee "$DEST/w2_batch.log"
 echo "[$SECONDS s] W2 throughput done"
+fi
+if [[ $STAGES == *" w3 "* ]]; then
 $PY benchmarks/w3.py --workload W3 "${COMMON[@]}" "${W3PLAIN[@]}" --json "$DEST/w3_plain.json" 2>&1 \
     | tee "$DEST/w3_plain.log"
 $PY benchmarks/w3.py --workload W3 "${COMMON[@]}" --pad-to 64 "${W3[@]}" --json "$DEST/w3.json" 2>&1 | tee "$DEST/w3.log"
 echo "[$SECONDS s] W3 done"
-# last: the longest step (38 trainings); a time limit cuts its last pairs, not the throughput figures
+fi
+if [[ $STAGES == *" auc "* ]]; then
+# last: the longest step (32 trainings); a time limit cuts its last pairs, not the throughput figures
 $PY benchmarks/w3.py --workload W2 "${COMMON[@]}" --pad-to 64 "${W2AUC[@]}" --json "$DEST/w2_auc.json" 2>&1 \
     | tee "$DEST/w2_auc.log"
 echo "[$SECONDS s] W2 AUC study done"
+fi
 $PY benchmarks/w3.py --summary "$DEST" | tee "$DEST/summary.md"
 if [[ -n ${FAILED:-} ]]; then echo "FAILED: $FAILED"; exit 1; fi
