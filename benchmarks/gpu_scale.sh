@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of "production scale on one GPU" (issue 11, throughput) in one go, ~6-8 minutes on an
+# Every GPU measurement of "production scale on one GPU" (issue 11) in one go, ~9 minutes on an
 # H200, from the repo root, with only python3 + torch (+ triton for train.compile) + numpy/pandas/pyarrow
 # (+ mtrank's own deps) and no network:
 #
