@@ -75,7 +75,8 @@ def check(device: str, steps: int, batch_size: int, compile_option) -> dict:
     return out
 
 
-ARGS = {"optimizer": "adam", "sparse": "dense", "compile": False}  # what w3.train_config reads besides these
+# what w3.train_config reads besides device and precision
+ARGS = {"optimizer": "adam", "sparse": "dense", "sparse_lr": 0.0, "compile": False}
 
 
 def main(argv: list[str] | None = None) -> int:
