@@ -81,7 +81,9 @@ ARGS = {"optimizer": "adam", "sparse": "dense", "sparse_lr": 0.0, "compile": Fal
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds: uncompiled, compiled")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds: uncompiled, compiled (0: the check only)"
+    )
     parser.add_argument("--check-steps", type=int, default=12, help="steps of the check (0: no check)")
     parser.add_argument("--check-batch-size", type=int, default=1024)
     parser.add_argument("--compile", type=yaml.safe_load, default=True, help="train.compile of the compiled runs")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = Path(tmp) / f"{name}-{r}.json"
                 w3.main([*rest, "--device", args.device, *extra, "--profile-steps", "0", "--json", str(path)])
                 runs[name].append(json.loads(path.read_text()))
-    batches = list(runs["uncompiled"][0]["batches"])
+    batches = list(runs["uncompiled"][0]["batches"]) if args.rounds else []  # --rounds 0: the check only
     result["speed"] = {}
     for batch in batches:
         row = {}
