@@ -18,6 +18,19 @@ def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+def bmm_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight + bias`` per group: ``[G, B, in] x [G, in, out] + [G, 1, out] -> [G, B, out]``, in the GEMM's
+    output dtype (bf16 under autocast).
+
+    ``bmm`` then the bias added in place, not ``baddbmm``: a ``baddbmm`` first copies the broadcast bias into its
+    ``[G, B, out]`` output with a generic strided copy, which a compiled step keeps (three such copies were 2.7 ms
+    of W3's 31.8 ms step on an H200: docs/results/scale-h200/explore2/) while it fuses a separate add into the next
+    elementwise kernel. Eager on CPU the separate add costs W2's fp32 step ~2% (median of 5 interleaved pairs;
+    bf16 the same): one form for eager and compiled steps keeps their numbers equal."""
+    y = torch.bmm(x, weight)
+    return y.add_(bias.to(y.dtype))
+
+
 class StackedLinear(nn.Module):
     """G linear layers in one op: ``y[g] = x[g] @ W[g] + b[g]``.
 
@@ -49,10 +62,7 @@ class StackedLinear(nn.Module):
             # is added in the compute dtype, so bf16 autocast keeps activations bf16 (2x faster on CPU)
             y = y.transpose(0, 1).contiguous()  # (G, B, out)
             return y + self.bias.to(y.dtype)
-        # not baddbmm: it copies the broadcast bias into the output first (see StackedCross); the add fuses with the
-        # activation in a compiled step
-        y = torch.bmm(x, self.weight)  # (G, B, out), bf16 under autocast whatever x's dtype
-        return y + self.bias.to(y.dtype)
+        return bmm_bias(x, self.weight, self.bias)  # (G, B, out)
 
 
 class StackedMLP(nn.Module):
