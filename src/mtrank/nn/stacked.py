@@ -25,8 +25,9 @@ def bmm_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
     ``bmm`` then the bias added in place, not ``baddbmm``: a ``baddbmm`` first copies the broadcast bias into its
     ``[G, B, out]`` output with a generic strided copy, which a compiled step keeps (three such copies were 2.7 ms
     of W3's 31.8 ms step on an H200: docs/results/scale-h200/explore2/) while it fuses a separate add into the next
-    elementwise kernel. Eager on CPU the separate add costs W2's fp32 step ~2% (median of 5 interleaved pairs;
-    bf16 the same): one form for eager and compiled steps keeps their numbers equal."""
+    elementwise kernel. Eager on CPU the separate add costs W2's fp32 step ~3% (median of 5 interleaved pairs,
+    docs/results/scale-cpu/bmm-bias/; a bf16 layer the same): one form for eager and compiled steps keeps their
+    numbers equal."""
     y = torch.bmm(x, weight)
     return y.add_(bias.to(y.dtype))
 
