@@ -11,7 +11,8 @@ on (so a resumed run replays exactly the batches it had not trained on), and tur
   by reader processes; a key is the batch itself, already on the device: on CUDA the readers' items (groups of
   batches) are pinned and a :class:`~mtrank.train.prefetch.Prefetcher` copies the next ones on a side stream
   while the (graphed) step runs; an item is split into batches on the device (its ids widened to int64 there),
-  and the graphed step refills its static inputs from them in place.
+  and the graphed step refills its static inputs from them in place. The next epoch's readers start before
+  this epoch ends, so that only the first epoch waits for readers to start.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ class InMemorySource:
 class StreamSource:
     """Encoded batches streamed from files by ``workers`` reader processes (0 = in this process).
 
+    Epochs overlap: once at most ``ahead`` items of an epoch are left to receive (counted from ``rows``), the
+    next epoch's readers start (:class:`~mtrank.data.streaming.EpochReaders`) and fill their shuffle buffers while
+    the last items are consumed, so that its first items are ready when this epoch ends. Each epoch's batches are
+    the same as without the overlap (its readers read their own epoch, whatever the stream's epoch is later).
+    When the consumer stops before the end of an epoch (early stopping, the last step, an error: the generator of
+    :meth:`keys` is closed), both epochs' readers stop; :meth:`close` stops readers started for an epoch that
+    will not be read.
+
     Args:
         stream: an :class:`~mtrank.data.streaming.EncodedStream` (its batch size and seed fix the batches).
         workers: reader processes; resuming with another number reads the epoch in another order (a warning
@@ -120,6 +129,10 @@ class StreamSource:
             :func:`~mtrank.data.streaming.stream_loader`); resuming with another group, like another number of
             workers, reads the epoch in another order.
         pin_memory: readers' items in page-locked memory (None: on CUDA; False is only for comparisons).
+        ahead: reader items before the end of an epoch at which the next epoch's readers start (None: those the
+            DataLoader asks the readers for ahead of the consumer, ``workers *``
+            :data:`~mtrank.data.streaming.PREFETCH_FACTOR`; 0: no overlap, each epoch's readers start when
+            it does). Nothing to overlap with 0 workers.
     """
 
     def __init__(
@@ -131,13 +144,15 @@ class StreamSource:
         prefetch: int = 2,
         group: int | None = None,
         pin_memory: bool | None = None,
+        ahead: int | None = None,
     ) -> None:
-        from mtrank.data.streaming import GROUP_ROWS, stream_items
+        from mtrank.data.streaming import GROUP_ROWS, PREFETCH_FACTOR
 
         self.stream, self.workers, self.device, self.prefetch = stream, workers, device, prefetch
         self.group = group if group is not None else max(1, GROUP_ROWS // stream.batch_size)
-        pin = device.type == "cuda" if pin_memory is None else pin_memory
-        self.items = lambda: stream_items(stream, workers, pin_memory=pin, group=self.group)
+        self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
+        self.ahead = workers * PREFETCH_FACTOR if ahead is None else ahead
+        self.next_readers: Any = None  # the next epoch's EpochReaders, once started
         self.rows = rows if rows is not None else stream.count_rows()
         self.batch_size = stream.batch_size
         self.steps_per_epoch = max(1, math.ceil(self.rows / self.batch_size))
@@ -149,8 +164,45 @@ class StreamSource:
         from mtrank.data.streaming import skip_batches
 
         self.stream.set_epoch(epoch)
-        for item in Prefetcher(skip_batches(self.items(), skip), self.device, self.prefetch):
-            yield from item.batches()
+        readers = self._readers_of(epoch)
+        try:
+            for item in Prefetcher(skip_batches(self._starting_next(readers), skip), self.device, self.prefetch):
+                yield from item.batches()
+        except BaseException:  # stopped before the end of the epoch (GeneratorExit) or failed
+            self.close()
+            raise
+        finally:
+            readers.close()
+
+    def readers(self, epoch: int) -> Any:
+        """The reader processes of ``epoch``, started now (:class:`~mtrank.data.streaming.EpochReaders`)."""
+        from mtrank.data.streaming import EpochReaders
+
+        return EpochReaders(self.stream, self.workers, self.pin_memory, self.group, epoch=epoch)
+
+    def close(self) -> None:
+        """Stop the readers started for the next epoch, if any (a consumer that reads no further epoch)."""
+        if self.next_readers is not None:
+            self.next_readers.close()
+            self.next_readers = None
+
+    def _readers_of(self, epoch: int) -> Any:
+        """The readers started ahead for ``epoch``, else new ones (those started for another epoch stop)."""
+        started, self.next_readers = self.next_readers, None
+        if started is not None and started.epoch == epoch:
+            return started
+        if started is not None:
+            started.close()
+        return self.readers(epoch)
+
+    def _starting_next(self, readers: Any) -> Iterator[Any]:
+        """``readers``' items; once at most :attr:`ahead` items' rows are left, the next epoch's readers start."""
+        left, start_at = self.rows, self.ahead * self.group * self.batch_size
+        for item in readers:
+            left -= int(item.sizes.sum())
+            if self.workers and self.ahead and self.next_readers is None and left <= start_at:
+                self.next_readers = self.readers(readers.epoch + 1)
+            yield item
 
     def batch(self, key: TensorData) -> TensorData:
         return key
