@@ -74,6 +74,14 @@ def test_readers_started_for_the_next_epoch_leave_this_epochs_readers_reading_th
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("limit,ahead", [(None, True), (17, True), (16, False), (10, False)])
+def test_no_readers_start_ahead_when_the_consumer_takes_no_more_batches_than_this_epoch_holds(shards, limit, ahead):  # noqa: F811
+    source = StreamSource(stream_of(shards), 2, CPU, group=1)  # 15 batches of 16 rows, 16 with 2 short ones
+    batches = list(source.keys(0, limit=limit))
+    assert len(batches) == 16 and (source.next_readers is not None) == ahead
+    source.close()
+
+
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
 def test_a_consumer_stopping_mid_epoch_stops_the_readers_of_this_epoch_and_the_next(shards):  # noqa: F811
     stream = stream_of(shards)
@@ -140,9 +148,13 @@ def test_a_streaming_run_that_fails_or_ends_leaves_no_reader_process(shards, fai
     step = FailingStep(len(cfg.tasks), at=fail_at or 0)
     trainer.loop.train_step = lambda source: step
     source = StreamSource(stream, 2, CPU, group=1)
+    started = []
+    readers = source.readers
+    source.readers = lambda epoch: started.append(epoch) or readers(epoch)
     before = mapped_segments()
     if fail_at is None:
         assert trainer.fit(source).steps == 45
+        assert started == [0, 1, 2]  # each ahead of its epoch but the first; none for an epoch 3
     else:
         with pytest.raises(RuntimeError, match="the step failed") as failure:
             trainer.fit(source)

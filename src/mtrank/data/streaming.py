@@ -58,6 +58,7 @@ import contextlib
 import itertools
 import multiprocessing
 import pickle
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -601,6 +602,7 @@ class EpochReaders:
             kwargs.update(prefetch_factor=PREFETCH_FACTOR, persistent_workers=False)
             kwargs["multiprocessing_context"] = reader_context(start_method)
         self.workers, self.session = workers, next(_SESSIONS)
+        self.started = time.perf_counter()
         recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
         dataset = GroupedStream(stream, group, recycle=recycle, session=self.session, epoch=epoch)
         self.epoch = dataset.epoch

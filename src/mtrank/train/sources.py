@@ -1,7 +1,8 @@
 """Batch sources: what the one training loop iterates over.
 
 A source yields batch *keys* for an epoch, deterministically for a given seed and epoch, from a given batch
-on (so a resumed run replays exactly the batches it had not trained on), and turns a key into tensors:
+on (so a resumed run replays exactly the batches it had not trained on), and turns a key into tensors. The
+loop also says how many batches it will take at most (``limit``: a hint, the keys are the same without it):
 
 * :class:`InMemorySource`: tensors already on the training device; a key is a row-index tensor, ``[B]`` for
   one run (or one data-parallel rank) or ``[R, B]`` for R stacked runs each with its own shuffled order, and
@@ -18,6 +19,7 @@ on (so a resumed run replays exactly the batches it had not trained on), and tur
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +29,8 @@ import torch
 from mtrank.data.tensors import TensorData
 from mtrank.train.cuda_graph import batch_tensors
 from mtrank.train.prefetch import Prefetcher
+
+STARTUP_MARGIN = 2.0  # the next epoch's readers start this many start-ups before the epoch's end (estimated)
 
 
 class InMemorySource:
@@ -72,8 +76,8 @@ class InMemorySource:
         else:
             self.steps_per_epoch = math.ceil(self.rows / batch_size)
 
-    def keys(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
-        """Row indices of the batches of ``epoch``, from batch ``skip`` on."""
+    def keys(self, epoch: int, skip: int = 0, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """Row indices of the batches of ``epoch``, from batch ``skip`` on (``limit``: unused)."""
         generators = [torch.Generator().manual_seed(s * 1_000_003 + epoch) for s in self.seeds]
         orders = torch.stack([torch.randperm(self.rows, generator=g) for g in generators]).to(self.device)  # (R, N)
         for i in range(skip, self.steps_per_epoch):
@@ -108,9 +112,11 @@ class InMemorySource:
 class StreamSource:
     """Encoded batches streamed from files by ``workers`` reader processes (0 = in this process).
 
-    Epochs overlap: once at most ``ahead`` items of an epoch are left to receive (counted from ``rows``), the
-    next epoch's readers start (:class:`~mtrank.data.streaming.EpochReaders`) and fill their shuffle buffers while
-    the last items are consumed, so that its first items are ready when this epoch ends. Each epoch's batches are
+    Epochs overlap: the next epoch's readers (:class:`~mtrank.data.streaming.EpochReaders`) start before this
+    epoch ends and fill their shuffle buffers while its last items are consumed, so that their first items are
+    ready when it ends: once the time left in the epoch (rows left, counted from ``rows``, at the rate the items
+    have arrived so far) is under :data:`STARTUP_MARGIN` times the first epoch's start-up (its readers' start to
+    its first item), or at the latest when ``ahead`` items are left. Each epoch's batches are
     the same as without the overlap (its readers read their own epoch, whatever the stream's epoch is later).
     When the consumer stops before the end of an epoch (early stopping, the last step, an error: the generator of
     :meth:`keys` is closed), both epochs' readers stop; :meth:`close` stops readers started for an epoch that
@@ -129,8 +135,8 @@ class StreamSource:
             :func:`~mtrank.data.streaming.stream_loader`); resuming with another group, like another number of
             workers, reads the epoch in another order.
         pin_memory: readers' items in page-locked memory (None: on CUDA; False is only for comparisons).
-        ahead: reader items before the end of an epoch at which the next epoch's readers start (None: those the
-            DataLoader asks the readers for ahead of the consumer, ``workers *``
+        ahead: reader items before the end of an epoch at which the next epoch's readers start at the latest
+            (None: those the DataLoader asks the readers for ahead of the consumer, ``workers *``
             :data:`~mtrank.data.streaming.PREFETCH_FACTOR`; 0: no overlap, each epoch's readers start when
             it does). Nothing to overlap with 0 workers.
     """
@@ -153,20 +159,24 @@ class StreamSource:
         self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
         self.ahead = workers * PREFETCH_FACTOR if ahead is None else ahead
         self.next_readers: Any = None  # the next epoch's EpochReaders, once started
+        self.startup_s: float | None = None  # the first epoch's readers: seconds from their start to the 1st item
         self.rows = rows if rows is not None else stream.count_rows()
         self.batch_size = stream.batch_size
         self.steps_per_epoch = max(1, math.ceil(self.rows / self.batch_size))
         self.stacked = False
 
-    def keys(self, epoch: int, skip: int = 0) -> Iterator[TensorData]:
+    def keys(self, epoch: int, skip: int = 0, limit: int | None = None) -> Iterator[TensorData]:
         """The encoded batches of ``epoch`` on the device, from batch ``skip`` on (skipped batches are read and
-        dropped before any copy)."""
+        dropped before any copy). ``limit``: the most batches the consumer will take (None: not known); when
+        this epoch holds that many, no readers start for the next one."""
         from mtrank.data.streaming import skip_batches
 
         self.stream.set_epoch(epoch)
         readers = self._readers_of(epoch)
+        most = self.steps_per_epoch + max(self.workers, 1) - 1 - skip  # each reader's last batch may be short
+        items = self._starting_next(readers, start_next=limit is None or limit > most)
         try:
-            for item in Prefetcher(skip_batches(self._starting_next(readers), skip), self.device, self.prefetch):
+            for item in Prefetcher(skip_batches(items, skip), self.device, self.prefetch):
                 yield from item.batches()
         except BaseException:  # stopped before the end of the epoch (GeneratorExit) or failed
             self.close()
@@ -195,13 +205,24 @@ class StreamSource:
             started.close()
         return self.readers(epoch)
 
-    def _starting_next(self, readers: Any) -> Iterator[Any]:
-        """``readers``' items; once at most :attr:`ahead` items' rows are left, the next epoch's readers start."""
-        left, start_at = self.rows, self.ahead * self.group * self.batch_size
+    def _starting_next(self, readers: Any, start_next: bool) -> Iterator[Any]:
+        """``readers``' items; the next epoch's readers start on the way (see the class docstring)."""
+        overlap = start_next and self.workers > 0 and self.ahead > 0
+        left, latest = self.rows, self.ahead * self.group * self.batch_size  # rows
+        first, since_first = None, 0  # the first item's arrival; rows received after it
         for item in readers:
-            left -= int(item.sizes.sum())
-            if self.workers and self.ahead and self.next_readers is None and left <= start_at:
-                self.next_readers = self.readers(readers.epoch + 1)
+            rows, now = int(item.sizes.sum()), time.perf_counter()
+            left -= rows
+            if first is None:
+                first = now
+                if self.startup_s is None:
+                    self.startup_s = now - readers.started
+            else:
+                since_first += rows
+            if overlap and self.next_readers is None:
+                rate = since_first / max(now - first, 1e-9)  # rows/s (0 at the first item)
+                if left <= max(latest, rate * STARTUP_MARGIN * self.startup_s):
+                    self.next_readers = self.readers(readers.epoch + 1)
             yield item
 
     def batch(self, key: TensorData) -> TensorData:
