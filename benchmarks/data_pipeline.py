@@ -237,7 +237,10 @@ def cmd_train(args) -> dict:
     process pays for CUDA's and the allocator's start); then ``--repeats`` rounds, the order of the paths
     reversed every other round (memory first, then last), the median kept. Two rates per run: over the whole
     ``fit`` (``samples_per_s``: reader start-up and graph capture included) and from step ``--steady-after``
-    on (``steady_samples_per_s``: the device synchronised at that step and at the end)."""
+    on (``steady_samples_per_s``: the device synchronised at that step and at the end). ``--epochs E`` runs E
+    whole epochs of the files (E x ceil(rows / batch size) steps, the in-memory path the same steps over its
+    rows); ``--no-overlap-workers`` adds runs whose epochs do not overlap (each epoch's readers start when it
+    does: ``StreamSource(ahead=0)``, the path before)."""
     import torch
 
     from mtrank.data import streaming
@@ -252,6 +255,8 @@ def cmd_train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
+    if args.epochs:
+        args.steps = args.epochs * -(-args.rows // args.batch_size)
     rows_needed = args.steps * args.batch_size
     memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
     del table
@@ -260,17 +265,18 @@ def cmd_train(args) -> dict:
     train_cfg.precision, train_cfg.device = args.precision, args.device
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
     steady_after = min(args.steady_after, args.steps - 1)
-    variants = [("memory", None, None, None)]
-    variants += [(f"parquet_workers_{w}", w, args.group, None) for w in args.workers]
+    variants = [("memory", None, None, None, None)]
+    variants += [(f"parquet_workers_{w}", w, args.group, None, None) for w in args.workers]
     if args.baseline:
-        variants += [(f"parquet_workers_{w}_baseline", w, 1, False) for w in args.workers]
-    variants += [(f"parquet_workers_{w}_pin_copy", w, args.group, None) for w in args.pin_copy_workers]
+        variants += [(f"parquet_workers_{w}_baseline", w, 1, False, None) for w in args.workers]
+    variants += [(f"parquet_workers_{w}_pin_copy", w, args.group, None, None) for w in args.pin_copy_workers]
+    variants += [(f"parquet_workers_{w}_no_overlap", w, args.group, None, 0) for w in args.no_overlap_workers]
     results: dict[str, list[float]] = {}
     steady: dict[str, list[float]] = {}
     paths: dict[str, str] = {}
     device = None
     for round_ in range(-args.warmup_runs, args.repeats):
-        for key, workers, group, pin in variants if round_ % 2 == 0 else variants[::-1]:
+        for key, workers, group, pin, ahead in variants if round_ % 2 == 0 else variants[::-1]:
             clock = _SteadyClock(steady_after, torch.device("cpu"))
             trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg, callbacks=[clock])
             device = clock.device = trainer.device
@@ -280,7 +286,9 @@ def cmd_train(args) -> dict:
                 cfg.data.workers = workers
                 stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=max(round_, 0))
                 rows = stream.count_rows()
-                train = StreamSource(stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin)
+                train = StreamSource(
+                    stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin, ahead=ahead
+                )
             streaming.PAGE_LOCK = not key.endswith("_pin_copy")  # pin_copy: items copied into pinned memory
             result = trainer.fit(train)
             if round_ < 0:  # a warm-up run
@@ -314,6 +322,7 @@ def cmd_train(args) -> dict:
         "warmup_runs": args.warmup_runs,
         "repeats": args.repeats,
         "steps": args.steps,
+        "epochs": args.epochs or args.steps * args.batch_size / args.rows,
         "batch_size": args.batch_size,
         "precision": args.precision,
         "device": str(device),
@@ -864,6 +873,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also these reader counts with items copied into pinned memory (not page-locked in place)",
     )
     p.add_argument("--steady-after", type=int, default=200, help="the steady rate is taken from this step on")
+    p.add_argument("--epochs", type=int, default=0, help="whole epochs of the files (instead of --steps)")
+    p.add_argument(
+        "--no-overlap-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also these reader counts with epochs not overlapped (each epoch's readers start when it does)",
+    )
     p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
