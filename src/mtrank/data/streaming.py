@@ -602,11 +602,12 @@ class EpochReaders:
             kwargs.update(prefetch_factor=PREFETCH_FACTOR, persistent_workers=False)
             kwargs["multiprocessing_context"] = reader_context(start_method)
         self.workers, self.session = workers, next(_SESSIONS)
-        self.started = time.perf_counter()
         recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
         dataset = GroupedStream(stream, group, recycle=recycle, session=self.session, epoch=epoch)
         self.epoch = dataset.epoch
         self.iterator = iter(DataLoader(dataset, **kwargs))  # with workers: they start now
+        # when they were all started (processes created: with a forkserver, after the server's own start)
+        self.started = time.perf_counter()
         self._close = weakref.finalize(self, _end_reading, self.iterator, self.session)
 
     def __iter__(self) -> Iterator[Group]:

@@ -115,9 +115,9 @@ class StreamSource:
     Epochs overlap: the next epoch's readers (:class:`~mtrank.data.streaming.EpochReaders`) start before this
     epoch ends and fill their shuffle buffers while its last items are consumed, so that their first items are
     ready when it ends: once the time left in the epoch (rows left, counted from ``rows``, at the rate the items
-    have arrived so far) is under :data:`STARTUP_MARGIN` times the first epoch's start-up (its readers' start to
-    its first item), or at the latest when ``ahead`` items are left. Each epoch's batches are
-    the same as without the overlap (its readers read their own epoch, whatever the stream's epoch is later).
+    have arrived so far) is under :data:`STARTUP_MARGIN` times the first epoch's start-up (from its reader
+    processes started to its first item), or at the latest when ``ahead`` items are left. Each epoch's batches
+    are the same as without the overlap (its readers read their own epoch, whatever the stream's epoch is later).
     When the consumer stops before the end of an epoch (early stopping, the last step, an error: the generator of
     :meth:`keys` is closed), both epochs' readers stop; :meth:`close` stops readers started for an epoch that
     will not be read.
