@@ -1,8 +1,7 @@
 """Batch sources: what the one training loop iterates over.
 
 A source yields batch *keys* for an epoch, deterministically for a given seed and epoch, from a given batch
-on (so a resumed run replays exactly the batches it had not trained on), and turns a key into tensors. The
-loop also says how many batches it will take at most (``limit``: a hint, the keys are the same without it):
+on (so a resumed run replays exactly the batches it had not trained on), and turns a key into tensors:
 
 * :class:`InMemorySource`: tensors already on the training device; a key is a row-index tensor, ``[B]`` for
   one run (or one data-parallel rank) or ``[R, B]`` for R stacked runs each with its own shuffled order, and
@@ -14,6 +13,9 @@ loop also says how many batches it will take at most (``limit``: a hint, the key
   while the (graphed) step runs; an item is split into batches on the device (its ids widened to int64 there),
   and the graphed step refills its static inputs from them in place. The next epoch's readers start before
   this epoch ends, so that only the first epoch waits for readers to start.
+
+The loop also tells ``keys`` the most batches it will take (``limit``): a hint (the keys are the same without
+it), with which a stream starts no readers for an epoch that will not be read.
 """
 
 from __future__ import annotations
