@@ -237,7 +237,10 @@ def cmd_train(args) -> dict:
     process pays for CUDA's and the allocator's start); then ``--repeats`` rounds, the order of the paths
     reversed every other round (memory first, then last), the median kept. Two rates per run: over the whole
     ``fit`` (``samples_per_s``: reader start-up and graph capture included) and from step ``--steady-after``
-    on (``steady_samples_per_s``: the device synchronised at that step and at the end)."""
+    on (``steady_samples_per_s``: the device synchronised at that step and at the end). ``--epochs E`` runs E
+    whole epochs of the files (E x ceil(rows / batch size) steps, the in-memory path the same steps over its
+    rows); ``--no-overlap-workers`` adds runs whose epochs do not overlap (each epoch's readers start when it
+    does: ``StreamSource(ahead=0)``, the path before)."""
     import torch
 
     from mtrank.data import streaming
@@ -252,6 +255,8 @@ def cmd_train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, encoder, table = fitted_encoder(path, min(args.rows, 1_000_000))
+    if args.epochs:
+        args.steps = args.epochs * -(-args.rows // args.batch_size)
     rows_needed = args.steps * args.batch_size
     memory_data: TensorData = encode_table(encoder, table.slice(0, rows_needed), cfg, "w2")
     del table
@@ -260,17 +265,18 @@ def cmd_train(args) -> dict:
     train_cfg.precision, train_cfg.device = args.precision, args.device
     model_cfg = cfg.model_config(encoder.num_dense, encoder.vocab_sizes)
     steady_after = min(args.steady_after, args.steps - 1)
-    variants = [("memory", None, None, None)]
-    variants += [(f"parquet_workers_{w}", w, args.group, None) for w in args.workers]
+    variants = [("memory", None, None, None, None)]
+    variants += [(f"parquet_workers_{w}", w, args.group, None, None) for w in args.workers]
     if args.baseline:
-        variants += [(f"parquet_workers_{w}_baseline", w, 1, False) for w in args.workers]
-    variants += [(f"parquet_workers_{w}_pin_copy", w, args.group, None) for w in args.pin_copy_workers]
+        variants += [(f"parquet_workers_{w}_baseline", w, 1, False, None) for w in args.workers]
+    variants += [(f"parquet_workers_{w}_pin_copy", w, args.group, None, None) for w in args.pin_copy_workers]
+    variants += [(f"parquet_workers_{w}_no_overlap", w, args.group, None, 0) for w in args.no_overlap_workers]
     results: dict[str, list[float]] = {}
     steady: dict[str, list[float]] = {}
     paths: dict[str, str] = {}
     device = None
     for round_ in range(-args.warmup_runs, args.repeats):
-        for key, workers, group, pin in variants if round_ % 2 == 0 else variants[::-1]:
+        for key, workers, group, pin, ahead in variants if round_ % 2 == 0 else variants[::-1]:
             clock = _SteadyClock(steady_after, torch.device("cpu"))
             trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg, callbacks=[clock])
             device = clock.device = trainer.device
@@ -280,7 +286,9 @@ def cmd_train(args) -> dict:
                 cfg.data.workers = workers
                 stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=max(round_, 0))
                 rows = stream.count_rows()
-                train = StreamSource(stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin)
+                train = StreamSource(
+                    stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin, ahead=ahead
+                )
             streaming.PAGE_LOCK = not key.endswith("_pin_copy")  # pin_copy: items copied into pinned memory
             result = trainer.fit(train)
             if round_ < 0:  # a warm-up run
@@ -314,6 +322,7 @@ def cmd_train(args) -> dict:
         "warmup_runs": args.warmup_runs,
         "repeats": args.repeats,
         "steps": args.steps,
+        "epochs": args.epochs or args.steps * args.batch_size / args.rows,
         "batch_size": args.batch_size,
         "precision": args.precision,
         "device": str(device),
@@ -501,10 +510,13 @@ class _NullStep:
 def cmd_host(args) -> dict:
     """The trainer's host-side ceiling (CPU proxy, ``--null-step``): Trainer.fit over the real streaming path
     (reader processes -> items -> Prefetcher -> batches -> the training loop) with the model step replaced by
-    nothing. Each epoch runs in a fresh process (``_host``); it reports batches/s and rows/s of the consumer and
-    the CPU time per batch of the trainer's process, by stage. On a machine with fewer cores than readers + 1 the
-    rates are the readers'; the trainer's CPU per batch is what carries over to a larger machine. With
-    ``--before-src DIR`` the same epochs run with the ``mtrank`` package under DIR, interleaved run by run."""
+    nothing. Each run (``--epochs`` epochs) runs in a fresh process (``_host``); it reports batches/s and rows/s
+    of the consumer over the whole run and the CPU time per batch of the trainer's process, by stage. On a
+    machine with fewer cores than readers + 1 the rates are the readers'; the trainer's CPU per batch is what
+    carries over to a larger machine. With several epochs, also the gap between the last batch of an epoch and
+    the first batch of the next (``epoch_gaps_s``: what the readers' start-up costs between epochs; the loop's
+    mean interval between two batches of an epoch beside it). With ``--before-src DIR`` the same runs use the ``mtrank``
+    package under DIR, interleaved run by run."""
     import mtrank
 
     path = generated(args.data, args.rows)
@@ -523,6 +535,8 @@ def cmd_host(args) -> dict:
                     str(workers),
                     str(args.group),
                     str(args.batch_size),
+                    "--epochs",
+                    str(args.epochs),
                 ]
                 cmd += ["--copy"] if args.copy else []
                 env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
@@ -530,10 +544,11 @@ def cmd_host(args) -> dict:
                 run = json.loads(done.stdout.strip().splitlines()[-1])
                 runs[name].setdefault(f"workers_{workers}", []).append(run)
     out: dict = {"rows": args.rows, "batch_size": args.batch_size, "group": args.group, "copy": args.copy}
-    out.update(repeats=args.repeats, sources=sources)
+    out.update(repeats=args.repeats, epochs=args.epochs, sources=sources)
+    lists = ("stages_us", "epoch_gaps_s")
     for name, by_key in runs.items():
         out[name] = {
-            key: {"median": {m: float(np.median([r[m] for r in v])) for m in v[0] if m != "stages_us"}, "runs": v}
+            key: {"median": {m: float(np.median([r[m] for r in v])) for m in v[0] if m not in lists}, "runs": v}
             for key, v in by_key.items()
         }
         for key, v in by_key.items():
@@ -541,6 +556,8 @@ def cmd_host(args) -> dict:
             out[name][key]["median"]["stages_us"] = {
                 s: float(np.median([r["stages_us"][s] for r in v])) for s in stages
             }
+            gaps = [r.get("epoch_gaps_s", []) for r in v]
+            out[name][key]["median"]["epoch_gaps_s"] = [float(np.median(g)) for g in zip(*gaps)]  # per boundary
     print(f"median of {args.repeats}; CPU microseconds per batch of the trainer's process (main thread by stage)")
     head = f"{'':>6} {'readers':>8} {'batches/s':>10} {'rows/s':>11} {'first item s':>12} {'process':>8} {'main':>6}"
     print(f"{head}  stages")
@@ -553,11 +570,23 @@ def cmd_host(args) -> dict:
                 f"{m['first_item_s']:>12.2f} {m['process_cpu_us_per_batch']:>8.1f} {m['main_cpu_us_per_batch']:>6.1f}"
                 f"  {stages}"
             )
+    if args.epochs > 1:
+        print(f"{'':>6} {'readers':>8} {'batches/s':>10} {'gap between epochs s (median per boundary)':>44}")
+        print(f"{'':>6} {'':>8} {'':>10} {'':>44}  (mean interval between two batches of an epoch)")
+        for key in runs["after"]:
+            for name in sources:
+                m = out[name][key]["median"]
+                gaps = " ".join(f"{g:.3f}" for g in m["epoch_gaps_s"])
+                print(
+                    f"{name:>6} {key.split('_')[1]:>8} {m['batches_per_s']:>10,.0f} {gaps:>44}  "
+                    f"({m['batch_interval_s']:.4f})"
+                )
     return out
 
 
-def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool) -> None:
-    """One epoch of Trainer.fit with a null step on CPU (child process of ``host``); prints JSON."""
+def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool, epochs: int = 1) -> None:
+    """``epochs`` epochs of Trainer.fit with a null step on CPU (child process of ``host``); prints JSON. Works
+    with a StreamSource of before the overlapped epochs (``items``) and of after (``readers``)."""
     import torch
 
     torch.set_num_threads(1)
@@ -567,7 +596,7 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
 
     cfg, encoder, _ = fitted_encoder(Path(path), 200_000)
     cfg.train.device, cfg.train.batch_size, cfg.train.eval_every = "cpu", batch_size, 10**9
-    cfg.train.epochs, cfg.train.steps = 1, 0
+    cfg.train.epochs, cfg.train.steps = epochs, 0
     stream = streaming.EncodedStream(path, cfg, encoder, batch_size, seed=0)
     trainer = Trainer(MultiTaskModel(cfg.model_config(encoder.num_dense, encoder.vocab_sizes), seed=0), cfg.train)
     source = sources.StreamSource(stream, workers, torch.device("cpu"), stream.count_rows(), group=group)
@@ -575,10 +604,8 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
     first: list[float] = []
     start = time.perf_counter()
 
-    def items(make=source.items):
-        if copy:  # readers recycle their buffers, as when the items are pinned
-            make = partial(streaming.stream_items, stream, workers, group=group, recycle=True)
-        for item in clock.wrap(make(), "receive"):
+    def timed(items):
+        for item in clock.wrap(items, "receive"):
             if not first:
                 first.append(time.perf_counter() - start)
             if copy:  # what the pin thread does on CUDA (there in its own thread, here in this one)
@@ -587,7 +614,16 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
                 clock.ns["copy"] = clock.ns.get("copy", 0) + time.thread_time_ns() - begin
             yield item
 
-    source.items = items
+    if hasattr(source, "readers"):  # each epoch's readers (EpochReaders), started ahead of the epoch's end
+        make_readers = source.readers
+        if copy:  # readers recycle their buffers, as when the items are pinned
+            make_readers = partial(streaming.EpochReaders, stream, workers, group=group, recycle=True)
+        source.readers = lambda epoch: _TimedReaders(make_readers(epoch=epoch), timed)
+    else:  # before: each epoch's items, readers started at the first
+        make = source.items
+        if copy:
+            make = partial(streaming.stream_items, stream, workers, group=group, recycle=True)
+        source.items = lambda: timed(make())
     prefetcher = sources.Prefetcher
 
     class TimedPrefetcher(prefetcher):
@@ -605,7 +641,16 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
 
     streaming.Group.batches = widened_batches
     keys = source.keys
-    source.keys = lambda epoch, skip=0: clock.wrap(keys(epoch, skip), "keys")
+    arrivals: dict[int, list] = {}  # per epoch: when the loop got its first and its last batch, batches, rows
+
+    def stamped(epoch: int, *skip_limit: int):  # (before: no limit)
+        for batch in clock.wrap(keys(epoch, *skip_limit), "keys"):
+            now = time.perf_counter()
+            seen = arrivals.setdefault(epoch, [now, now, 0, 0])
+            seen[1:] = now, seen[2] + 1, seen[3] + len(batch)
+            yield batch
+
+    source.keys = stamped
     trainer.loop.train_step = lambda source: null
     before = resource.getrusage(resource.RUSAGE_SELF)
     main_before = time.thread_time_ns()
@@ -625,20 +670,42 @@ def _host_epoch(path: str, workers: int, group: int, batch_size: int, copy: bool
         "slice": ns["keys"] - ns["prefetch"] - ns["widen"],
         "loop": main_ns - ns["keys"] - clock.calls * overhead,
     }
-    rows = source.rows
+    times = [arrivals[e] for e in sorted(arrivals)]
+    rows = sum(t[3] for t in times)
+    gaps = [following[0] - this[1] for this, following in zip(times, times[1:])]
+    inside = sum(t[1] - t[0] for t in times) / max(sum(t[2] - 1 for t in times), 1)  # within an epoch, mean
     result = {
         "batches": batches,
         "rows": rows,
+        "epochs": len(times),
         "batches_per_s": batches / seconds,
         "rows_per_s": rows / seconds,
         "first_item_s": first[0],
         "steady_rows_per_s": rows / (seconds - first[0]),
+        "epoch_gaps_s": gaps,
+        "batch_interval_s": inside,
         "process_cpu_us_per_batch": process_s / batches * 1e6,
         "main_cpu_us_per_batch": (main_ns - clock.calls * overhead) / batches / 1e3,
         "timer_overhead_ns": overhead,
         "stages_us": {k: v / batches / 1e3 for k, v in stages.items()},
     }
     print(json.dumps(result))
+
+
+class _TimedReaders:
+    """One epoch's readers (an EpochReaders) whose items go through ``timed``."""
+
+    def __init__(self, readers, timed) -> None:
+        self.readers, self.timed, self.epoch = readers, timed, readers.epoch
+
+    def __iter__(self):
+        return self.timed(self.readers)
+
+    def close(self) -> None:
+        self.readers.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.readers, name)
 
 
 def _copied(item):
@@ -806,6 +873,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also these reader counts with items copied into pinned memory (not page-locked in place)",
     )
     p.add_argument("--steady-after", type=int, default=200, help="the steady rate is taken from this step on")
+    p.add_argument("--epochs", type=int, default=0, help="whole epochs of the files (instead of --steps)")
+    p.add_argument(
+        "--no-overlap-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also these reader counts with epochs not overlapped (each epoch's readers start when it does)",
+    )
     p = sub.add_parser("read", help="rows/s of the reader processes alone, by workers and group")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
@@ -822,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=16, help="batches per reader item")
     p.add_argument("--repeats", type=int, default=3, help="epochs per setting (median kept)")
     p.add_argument("--copy", action="store_true", help="copy each item on arrival, as the pin thread does")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per run (several: the gaps between epochs too)")
     p.add_argument("--before-src", help="also run the mtrank package under this folder (the old code), interleaved")
     p = sub.add_parser("start", help="what starting the readers costs: fork vs forkserver")
     p.add_argument("--rows", type=int, default=2_000_000)
@@ -853,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("group", type=int)
     p.add_argument("batch_size", type=int)
     p.add_argument("--copy", action="store_true")
+    p.add_argument("--epochs", type=int, default=1)
     p = sub.add_parser("_stream", help=argparse.SUPPRESS)
     p.add_argument("path")
     p.add_argument("--stream-workers", type=int, default=1)
@@ -863,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
         _read_epoch(args.path, args.read_workers, args.group, args.batch_size, args.pin, args.copy)
         return 0
     if args.command == "_host":
-        _host_epoch(args.path, args.read_workers, args.group, args.batch_size, args.copy)
+        _host_epoch(args.path, args.read_workers, args.group, args.batch_size, args.copy, args.epochs)
         return 0
     if args.command == "_stream":
         _stream_epoch(args.path, args.stream_workers, args.with_training, args.threads)

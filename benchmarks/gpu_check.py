@@ -174,7 +174,7 @@ class StreamedBatches:
         self.rows = len(data)
         self.steps_per_epoch = -(-self.rows // batch_size)
 
-    def keys(self, epoch: int, skip: int = 0):
+    def keys(self, epoch: int, skip: int = 0, limit: int | None = None):
         order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch))
         for i in range(skip, self.steps_per_epoch):
             index = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.data.labels.device)

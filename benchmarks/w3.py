@@ -628,6 +628,17 @@ def summary(folder: Path) -> str:
             f"(steady, reader start-up and warm-up excluded: best {best_steady:.2f}x)",
             "",
         ]
+    if epochs := load("data_pipeline_epochs.json"):
+        lines += [
+            f"Files to GPU over {epochs['epochs']} whole epochs ({epochs['steps']:,} steps, batch "
+            f"{epochs['batch_size']}): the next epoch's readers started before each epoch ends, or not (no_overlap)",
+            "",
+            "| source | samples/s | x in-memory |",
+            "|---|---:|---:|",
+        ]
+        for key, rate in epochs["samples_per_s"].items():
+            lines.append(f"| {key} | {rate:,.0f} | {epochs['ratio_to_memory'][key]:.2f} |")
+        lines.append("")
     runs = (("w2_batch.json", 10e6), ("w2_auc.json", None), ("w3_plain.json", 2.1e6), ("w3.json", 2.1e6))
     for name, target in runs:
         result = load(name)

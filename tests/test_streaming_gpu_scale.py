@@ -28,6 +28,9 @@ def test_gpu_scale_runs_every_path_on_cpu_and_prints_the_table(tmp_path):
     assert all(v > 0 for v in pipeline["samples_per_s"].values())
     assert set(pipeline["steady_samples_per_s"]) == set(pipeline["samples_per_s"])  # rates after the warm-up steps
     assert pipeline["warmup_runs"] == 1 and all(len(runs) == 1 for runs in pipeline["runs"].values())  # not counted
+    epochs = json.loads((out / "data_pipeline_epochs.json").read_text())  # 3 whole epochs, overlapped or not
+    assert set(epochs["samples_per_s"]) == {"memory", "parquet_workers_2", "parquet_workers_2_no_overlap"}
+    assert epochs["epochs"] == 3 and epochs["steps"] == 3 * 79  # 20,000 rows in batches of 256
     w2 = json.loads((out / "w2_batch.json").read_text())
     assert set(w2["batches"]) == {"64", "128"} and w2["compile"] == "aot_eager" and w2["pad_to"] == 64
     assert {b["step_path"] for b in w2["batches"].values()} == {"compiled"}

@@ -42,12 +42,14 @@ stream (and then hands a page-locked segment back to its reader: :meth:`Group.fi
 :meth:`Group.batches` splits an item back into batches (views, no copy). Items arrive worker by worker in
 turn, so the batch order depends on the number of workers and on ``group`` (fixed for a given seed, epoch,
 workers and group). Readers are forked, or started by a forkserver once this process has initialised CUDA
-(:func:`reader_context`).
+(:func:`reader_context`). The readers of one epoch are an :class:`EpochReaders`: they start when it is made,
+so the next epoch's can start (and fill their shuffle buffers) while this one's last items are consumed.
 
 Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of about half that (the kept
 rows on their way to the front), one record batch and the encoder's per-slice temporaries, up to
 :data:`RECYCLED_ITEMS` items' segments when pinned, whatever the size of the files; the DataLoader keeps
-``prefetch_factor`` items per worker in flight.
+:data:`PREFETCH_FACTOR` items per worker in flight. Twice that for the end of an epoch whose next epoch's
+readers started early.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ import contextlib
 import itertools
 import multiprocessing
 import pickle
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -73,7 +77,8 @@ from mtrank.data.tensors import TensorData
 
 GROUP_ROWS = 65_536  # rows a reader sends as one item by default (``group = GROUP_ROWS // batch_size``, >= 1)
 INT32_IDS = 2**31  # ids travel as int32 when every vocabulary has at most this many ids
-RECYCLED_ITEMS = 8  # items' buffers a reader keeps for reuse (in flight: its prefetch_factor 4, and the pin thread's)
+PREFETCH_FACTOR = 4  # items the DataLoader asks each reader for ahead of the consumer
+RECYCLED_ITEMS = 8  # items' buffers a reader keeps for reuse (in flight: its PREFETCH_FACTOR, and the pin thread's)
 HEADER = 64  # bytes before an item's arrays in its buffer: its lease (int32), then alignment
 
 
@@ -452,17 +457,21 @@ class EncodedStream(IterableDataset):
         for item in self.groups(max(1, GROUP_ROWS // self.batch_size)):
             yield from item.batches()
 
-    def groups(self, group: int, recycle: bool = False, session: int | None = None) -> Iterator[Group]:
+    def groups(
+        self, group: int, recycle: bool = False, session: int | None = None, epoch: int | None = None
+    ) -> Iterator[Group]:
         """This worker's batches (every worker's, in one process), ``group`` per :class:`Group`; ``recycle``:
         the consumer copies each item and releases it (:class:`GroupWriter`); ``session``: names this reading
-        of the stream in the keys of the pooled buffers (:func:`stream_items`)."""
+        of the stream in the keys of the pooled buffers (:func:`stream_items`); ``epoch``: the epoch to read
+        (default: :attr:`epoch`)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             use_reader_memory_pool()
+        epoch = self.epoch if epoch is None else epoch
         pieces = self.pieces()
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(pieces))
-        seed = self.seed * 7919 + self.epoch * 31 + worker
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
+        seed = self.seed * 7919 + epoch * 31 + worker
         buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed)
         key = (session, worker) if session is not None else None
         writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle, key=key)
@@ -507,15 +516,24 @@ def use_reader_memory_pool() -> None:
 
 
 class GroupedStream(IterableDataset):
-    """``stream``'s batches, ``group`` at a time, as :class:`Group` items (what a reader process sends);
-    ``recycle``: see :meth:`EncodedStream.groups`."""
+    """``stream``'s batches of epoch ``epoch`` (default: the stream's epoch now, fixed here: a later
+    :meth:`EncodedStream.set_epoch` does not change what this reads), ``group`` at a time, as :class:`Group`
+    items (what a reader process sends); ``recycle``: see :meth:`EncodedStream.groups`."""
 
-    def __init__(self, stream: EncodedStream, group: int, recycle: bool = False, session: int | None = None) -> None:
+    def __init__(
+        self,
+        stream: EncodedStream,
+        group: int,
+        recycle: bool = False,
+        session: int | None = None,
+        epoch: int | None = None,
+    ) -> None:
         super().__init__()
         self.stream, self.group, self.recycle, self.session = stream, max(1, group), recycle, session
+        self.epoch = stream.epoch if epoch is None else epoch
 
     def __iter__(self) -> Iterator[Group]:
-        return self.stream.groups(self.group, self.recycle, self.session)
+        return self.stream.groups(self.group, self.recycle, self.session, self.epoch)
 
     @staticmethod
     def pack(batches: list[TensorData]) -> Group:
@@ -551,6 +569,74 @@ def _as_is(item: Group) -> Group:
     return item  # the DataLoader's default would turn the numpy sizes into a tensor, which moves with the item
 
 
+class EpochReaders:
+    """One epoch of ``stream`` read by ``workers`` reader processes (a DataLoader; 0 = read in this process),
+    **started when this is made**: the readers start and fill their shuffle buffers while the consumer does
+    something else (e.g. trains on the previous epoch: :class:`~mtrank.train.sources.StreamSource`).
+
+    Iterate once for the items (:class:`Group`); the readers stop at the end, or at :meth:`close` (whether or
+    not the items were read), or when this object is freed. The readers read epoch ``epoch`` (default: the
+    stream's epoch now), fixed here: a later :meth:`EncodedStream.set_epoch` changes nothing they read.
+    The other arguments are :func:`stream_items`'s. A :class:`DataError` raised in a reader process arrives
+    wrapped in that process's traceback; it is raised again here with its own one-line message.
+    """
+
+    def __init__(
+        self,
+        stream: EncodedStream,
+        workers: int,
+        pin_memory: bool = False,
+        group: int | None = None,
+        recycle: bool | None = None,
+        start_method: str | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        if group is None:
+            group = GROUP_ROWS // stream.batch_size
+        # the workers' base seed from a generator of the loader's own: the DataLoader would draw it from torch's
+        # global generator, so a run resumed mid-epoch (one more iterator) would draw other dropout / rounding noise
+        loader_seeds = torch.Generator().manual_seed(0)
+        kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": pin_memory, "generator": loader_seeds}
+        kwargs["collate_fn"] = _as_is
+        if workers > 0:
+            kwargs.update(prefetch_factor=PREFETCH_FACTOR, persistent_workers=False)
+            kwargs["multiprocessing_context"] = reader_context(start_method)
+        self.workers, self.session = workers, next(_SESSIONS)
+        recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
+        dataset = GroupedStream(stream, group, recycle=recycle, session=self.session, epoch=epoch)
+        self.epoch = dataset.epoch
+        self.iterator = iter(DataLoader(dataset, **kwargs))  # with workers: they start now
+        # when they were all started (processes created: with a forkserver, after the server's own start)
+        self.started = time.perf_counter()
+        self._close = weakref.finalize(self, _end_reading, self.iterator, self.session)
+
+    def __iter__(self) -> Iterator[Group]:
+        try:
+            yield from self.iterator
+        except DataError as err:
+            raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the readers (a reader busy on an item stops after it) and unmap the buffers they pooled here."""
+        self._close()
+
+    @property
+    def processes(self) -> list[multiprocessing.process.BaseProcess]:
+        """The reader processes (none with 0 workers)."""
+        return list(getattr(self.iterator, "_workers", []))
+
+
+def _end_reading(iterator: Iterator[Group], session: int) -> None:
+    # the DataLoader's own shutdown (what its iterator does when freed), which it does not make public:
+    # readers told to stop, joined (terminated if they do not stop), its queues and pin thread closed
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    _forget_segments(session)
+
+
 def stream_items(
     stream: EncodedStream,
     workers: int,
@@ -560,7 +646,7 @@ def stream_items(
     start_method: str | None = None,
 ) -> Iterator[Group]:
     """The items of ``stream`` (:class:`Group`), read by ``workers`` reader processes (a DataLoader; 0 = read in
-    this process).
+    this process), started at the first item (:class:`EpochReaders` starts them when made).
 
     ``group`` batches travel between processes as one item (default ``GROUP_ROWS // batch_size``; 1 = one
     batch per item); ``pin_memory`` puts them in page-locked memory (for an asynchronous copy to a GPU).
@@ -569,24 +655,7 @@ def stream_items(
     ``start_method``: how reader processes start (:func:`reader_context`).
     A :class:`DataError` raised in a reader process arrives wrapped in that process's traceback; it is raised
     again here with its own one-line message."""
-    if group is None:
-        group = GROUP_ROWS // stream.batch_size
-    # the workers' base seed from a generator of the loader's own: the DataLoader would draw it from torch's global
-    # generator, so a run resumed mid-epoch (one more iterator) would draw other dropout / rounding noise
-    loader_seeds = torch.Generator().manual_seed(0)
-    kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": pin_memory, "generator": loader_seeds}
-    kwargs["collate_fn"] = _as_is
-    if workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-        kwargs["multiprocessing_context"] = reader_context(start_method)
-    session = next(_SESSIONS)
-    try:
-        recycle = pin_memory if recycle is None else recycle  # pinned items are copied (and released) on arrival
-        yield from DataLoader(GroupedStream(stream, group, recycle=recycle, session=session), **kwargs)
-    except DataError as err:
-        raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
-    finally:
-        _forget_segments(session)
+    yield from EpochReaders(stream, workers, pin_memory, group, recycle, start_method)
 
 
 def skip_batches(items: Iterable[Group], skip: int) -> Iterator[Group]:

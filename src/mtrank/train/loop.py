@@ -281,7 +281,7 @@ class TrainingLoop:
         start = time.perf_counter()
         eval_seconds = 0.0
         while state.step < total_steps and not all(state.stopped):
-            for key in source.keys(state.epoch, state.batch):
+            for key in source.keys(state.epoch, state.batch, total_steps - state.step):
                 per_run, per_task = step_fn(key)
                 scheduler.step()
                 state.step += 1
