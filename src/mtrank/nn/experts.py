@@ -104,7 +104,7 @@ class StackedCross(nn.Module):
             else:
                 assert u is not None and v is not None  # TorchScript: narrows the Optional
                 proj = bmm_bias(torch.bmm(x, u[i]), v[i], self.b[i])  # (G, B, r) -> (G, B, d)
-            x = torch.addcmul(x, x0, proj)  # x + x0 * (xW + b): one op in eager
+            x = x0 * proj + x
         return x
 
 

@@ -22,14 +22,13 @@ def bmm_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
     """``x @ weight + bias`` per group: ``[G, B, in] x [G, in, out] + [G, 1, out] -> [G, B, out]``, in the GEMM's
     output dtype (bf16 under autocast).
 
-    ``bmm`` then the bias added in place, not ``baddbmm``: a ``baddbmm`` first copies the broadcast bias into its
+    ``bmm`` then the bias added, not ``baddbmm``: a ``baddbmm`` first copies the broadcast bias into its
     ``[G, B, out]`` output with a generic strided copy, which a compiled step keeps (three such copies were 2.7 ms
     of W3's 31.8 ms step on an H200: docs/results/scale-h200/explore2/) while it fuses a separate add into the next
-    elementwise kernel. Eager on CPU the separate add costs W2's fp32 step ~3% (median of 5 interleaved pairs,
-    docs/results/scale-cpu/bmm-bias/; a bf16 layer the same): one form for eager and compiled steps keeps their
-    numbers equal."""
+    elementwise kernel. Eager on CPU the separate add costs W2's fp32 step a median 6% (5 interleaved pairs,
+    noisy: docs/results/scale-cpu/bmm-bias/); one form for eager and compiled steps keeps their numbers equal."""
     y = torch.bmm(x, weight)
-    return y.add_(bias.to(y.dtype))
+    return y + bias.to(y.dtype)
 
 
 class StackedLinear(nn.Module):

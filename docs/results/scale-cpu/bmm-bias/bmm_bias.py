@@ -1,5 +1,6 @@
-"""baddbmm(bias, x, W) against bmm(x, W) then the bias added in place (nn.stacked.bmm_bias) on CPU: forward + backward of a stacked layer ([G, B, in] x
-[G, in, out], then relu), fp32 and bf16 autocast, median of 15 passes each, the two forms in turn.
+"""baddbmm(bias, x, W) against bmm(x, W) then the bias added (nn.stacked.bmm_bias) on CPU: forward + backward
+of a stacked layer ([G, B, in] x [G, in, out], then relu), fp32 and bf16 autocast, median of 15 passes each,
+the two forms in turn.
 
     python docs/results/scale-cpu/bmm-bias/bmm_bias.py   # one torch thread
 """
@@ -21,13 +22,13 @@ def fused() -> torch.Tensor:
 
 def split() -> torch.Tensor:
     y = torch.bmm(x, w)
-    return y.add_(b.to(y.dtype))
+    return y + b.to(y.dtype)
 
 
 for dtype in (torch.float32, torch.bfloat16):
-    times: dict[str, list[float]] = {"baddbmm": [], "bmm+add_": []}
+    times: dict[str, list[float]] = {"baddbmm": [], "bmm+add": []}
     for _ in range(15):
-        for name, f in (("baddbmm", fused), ("bmm+add_", split)):
+        for name, f in (("baddbmm", fused), ("bmm+add", split)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 start = time.perf_counter()
                 torch.relu(f()).sum().backward()
