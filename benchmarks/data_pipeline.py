@@ -333,6 +333,29 @@ def cmd_train(args) -> dict:
     }
 
 
+def interleaved_runs(
+    command: str, settings: dict[str, list[str]], repeats: int, before_src: str | None
+) -> tuple[dict[str, str], dict[str, dict[str, list[dict]]]]:
+    """Each setting (name: the arguments of ``command``, a hidden subcommand that prints one JSON line) run
+    ``repeats`` times, each in a fresh process, with this checkout's ``mtrank`` ("after") and, with
+    ``before_src``, the package under that folder ("before"), interleaved run by run (a shared machine's load
+    falls on both). Returns the sources and ``{source: {setting: [run, ...]}}``."""
+    import mtrank
+
+    sources = {"after": str(Path(mtrank.__file__).resolve().parents[1])}
+    if before_src:
+        sources = {"before": str(Path(before_src).resolve()), **sources}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in sources}
+    for _ in range(repeats):
+        for setting, arguments in settings.items():
+            for name, src in sources.items():
+                env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+                cmd = [sys.executable, __file__, command, *arguments]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                runs[name].setdefault(setting, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return sources, runs
+
+
 def cmd_read(args) -> dict:
     """Rows/s of the readers alone (no training): one epoch of the directory through ``stream_loader`` (what the
     trainer's process receives: batches, ids int64) for each number of reader processes and each group (batches
@@ -346,24 +369,15 @@ def cmd_read(args) -> dict:
     rows than that emits everything at the end of its share. With few rows per reader (2M rows over 16 readers:
     one 131,072-row row group each) the epoch is mostly start-up, not a rate: ``first_batch_s`` and
     ``after_first_rows_per_s`` tell the two apart."""
-    import mtrank
 
     path = generated(args.data, args.rows)
-    sources = {"after": str(Path(mtrank.__file__).resolve().parents[1])}
-    if args.before_src:
-        sources = {"before": str(Path(args.before_src).resolve()), **sources}
-    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in sources}
-    for _ in range(args.repeats):
-        for workers in args.workers:
-            for group in args.groups:
-                for name, src in sources.items():
-                    cmd = [sys.executable, __file__, "_read", str(path), str(workers), str(group), str(args.batch_size)]
-                    cmd += ["--pin"] if args.pin else []
-                    cmd += ["--copy"] if args.copy else []
-                    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
-                    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-                    run = json.loads(done.stdout.strip().splitlines()[-1])
-                    runs[name].setdefault(f"workers_{workers}_group_{group}", []).append(run)
+    flags = ["--pin"] * args.pin + ["--copy"] * args.copy
+    settings = {
+        f"workers_{workers}_group_{group}": [str(path), str(workers), str(group), str(args.batch_size), *flags]
+        for workers in args.workers
+        for group in args.groups
+    }
+    sources, runs = interleaved_runs("_read", settings, args.repeats, args.before_src)
     out: dict = {"batch_size": args.batch_size, "pin_memory": args.pin, "copy": args.copy, "rows": args.rows}
     out["repeats"] = args.repeats
     out["sources"] = sources
@@ -517,32 +531,11 @@ def cmd_host(args) -> dict:
     the first batch of the next (``epoch_gaps_s``: what the readers' start-up costs between epochs; the loop's
     mean interval between two batches of an epoch beside it). With ``--before-src DIR`` the same runs use the ``mtrank``
     package under DIR, interleaved run by run."""
-    import mtrank
 
     path = generated(args.data, args.rows)
-    sources = {"after": str(Path(mtrank.__file__).resolve().parents[1])}
-    if args.before_src:
-        sources = {"before": str(Path(args.before_src).resolve()), **sources}
-    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in sources}
-    for _ in range(args.repeats):
-        for workers in args.workers:
-            for name, src in sources.items():
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "_host",
-                    str(path),
-                    str(workers),
-                    str(args.group),
-                    str(args.batch_size),
-                    "--epochs",
-                    str(args.epochs),
-                ]
-                cmd += ["--copy"] if args.copy else []
-                env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
-                done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-                run = json.loads(done.stdout.strip().splitlines()[-1])
-                runs[name].setdefault(f"workers_{workers}", []).append(run)
+    common = [str(args.group), str(args.batch_size), "--epochs", str(args.epochs), *["--copy"] * args.copy]
+    settings = {f"workers_{workers}": [str(path), str(workers), *common] for workers in args.workers}
+    sources, runs = interleaved_runs("_host", settings, args.repeats, args.before_src)
     out: dict = {"rows": args.rows, "batch_size": args.batch_size, "group": args.group, "copy": args.copy}
     out.update(repeats=args.repeats, epochs=args.epochs, sources=sources)
     lists = ("stages_us", "epoch_gaps_s")
