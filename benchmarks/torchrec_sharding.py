@@ -72,7 +72,7 @@ def worker(rank: int, world: int, port: int, sharding_type: str, args, out: str)
     torch.distributed.all_gather(gathered, scores)
     if rank == 0:
         torch.save({"seconds": seconds, "scores": torch.cat(gathered)}, out)
-    torch.distributed.destroy_process_group()
+    sharded.end_worker()  # (destroys the process group)
 
 
 def main(argv=None) -> dict:

@@ -62,7 +62,7 @@ def _forward_backward(rank, world, port, sharding_type, out_dir):
     tables = sharded.gather_tables(dmp)  # after the fused SGD update of the backward
     if rank == 0:
         torch.save({"logits": logits.detach(), "dense_grads": dense_grads, "tables": tables}, out_dir / "r0.pt")
-    torch.distributed.destroy_process_group()
+    sharded.end_worker()  # (destroys the process group)
 
 
 @pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise"])
@@ -96,7 +96,7 @@ def _save(rank, world, port, sharding_type, path):
             p.add_(0.05)
     dmp = sharded.shard(sharded.TorchRecModel.from_model(model), sharding_type, lr=LR)
     sharded.save_sharded(dmp, path)
-    torch.distributed.destroy_process_group()
+    sharded.end_worker()  # (destroys the process group)
 
 
 def _load_and_score(rank, world, port, sharding_type, path, out):
@@ -110,7 +110,7 @@ def _load_and_score(rank, world, port, sharding_type, path, out):
     if rank == 0:
         plain = sharded.to_unsharded(model, tables).eval()  # dense part shared with dmp, now reloaded
         torch.save({"scores": scores, "plain": plain(dense, sparse).task_logits.detach()}, out)
-    torch.distributed.destroy_process_group()
+    sharded.end_worker()  # (destroys the process group)
 
 
 @pytest.mark.parametrize(("save_world", "load_world"), [(2, 1), (1, 2)])

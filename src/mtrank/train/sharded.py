@@ -21,6 +21,8 @@ build of fbgemm was not available on the benchmark machine, so TorchRec on GPU i
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -234,3 +236,17 @@ def to_unsharded(model: MultiTaskModel, tables: dict[str, torch.Tensor]) -> Mult
             weight = tables[f"t_f{i}"]
             emb.table.weight[start : start + weight.shape[0]].copy_(weight)
     return model
+
+
+def end_worker() -> None:
+    """Destroy the process group, then end this worker process at once (``os._exit(0)``, streams flushed).
+
+    Call it last in a process started by ``torch.multiprocessing.spawn``, after every file it writes is closed.
+    With torchrec 1.8 / fbgemm-gpu-cpu 1.8 a finished worker aborts at interpreter exit in about one run of four
+    ("terminate called without an active exception", SIGABRT, after its last line ran: seen in
+    ``benchmarks/torchrec_sharding.py --quick`` and the 2-process tests), and ``spawn`` then fails the run; the
+    work is complete by then, the teardown is what aborts, so it is skipped."""
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
