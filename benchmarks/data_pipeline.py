@@ -199,16 +199,21 @@ def cmd_encode(args) -> dict:
 
 class _SteadyClock:  # a mtrank.train.callbacks.Callback (not imported here: mtrank is imported late)
     """A callback: the time of step ``after`` (the device synchronised first), so that a run's rate can be taken
-    from that step on, without reader start-up, CUDA-graph warm-up and capture."""
+    from that step on, without reader start-up, CUDA-graph warm-up and capture. ``timeline``: also the time each
+    step was handed back to the loop (host time, no synchronisation), from the start of ``fit``."""
 
-    def __init__(self, after: int, device) -> None:
-        self.after, self.device = after, device
+    def __init__(self, after: int, device, timeline: bool = False) -> None:
+        self.after, self.device, self.timeline = after, device, timeline
         self.at: float | None = None
+        self.begin = 0.0
+        self.steps: list[float] = []
 
     def on_train_begin(self, info) -> None:
-        self.at = None
+        self.at, self.begin, self.steps = None, time.perf_counter(), []
 
     def on_step(self, step: int, loss) -> None:
+        if self.timeline:
+            self.steps.append(time.perf_counter())
         if step == self.after:
             _synchronize(self.device)
             self.at = time.perf_counter()
@@ -226,6 +231,95 @@ def _synchronize(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+TIMELINE_STEPS = (1, 4, 5, 50, 100, 200, 400, 800)  # steps whose times the timeline reports (4: the warm-up's
+# last eager step, 5: the captured graph's first replay, under the default 3 warm-up steps)
+
+
+def _arrivals_recorded(make_readers, arrivals: list):
+    """``StreamSource.readers`` whose readers' start and items' arrivals are appended to ``arrivals``."""
+
+    def readers(epoch: int):
+        made = make_readers(epoch)
+        arrivals.append((made.started, epoch, -1))
+
+        def recorded(items):
+            for item in items:
+                arrivals.append((time.perf_counter(), epoch, int(item.sizes.sum())))
+                yield item
+
+        timed = _TimedReaders(made, recorded)
+        close = timed.close
+
+        def recorded_close() -> None:  # the first close of an epoch's readers: when it began and ended
+            began = time.perf_counter()
+            close()
+            if not any(e == epoch and rows == -2 for _, e, rows in arrivals):
+                arrivals.extend([(began, epoch, -2), (time.perf_counter(), epoch, -3)])
+
+        timed.close = recorded_close
+        return timed
+
+    return readers
+
+
+def _timeline(clock: _SteadyClock, arrivals: list, trace: str | None = None) -> dict:
+    """Seconds from the start of ``fit`` to: the steps of :data:`TIMELINE_STEPS` and the last (host time, each
+    step handed back to the loop), the first epoch's readers started and its first item, and the seconds spent
+    closing readers; with ``trace`` (a reader trace file: ``EncodedStream.trace``) each step of the first epoch's
+    readers to their first item, median over readers (and the earliest and latest reader's)."""
+    steps = {str(k): clock.steps[k - 1] - clock.begin for k in TIMELINE_STEPS if k <= len(clock.steps)}
+    steps["last"] = clock.steps[-1] - clock.begin
+    out: dict = {"steps_s": steps, "end_s": clock.end - clock.begin}
+    if arrivals:
+        started = [t for t, e, rows in arrivals if rows < 0 and e == 0]
+        items = [(t, rows) for t, e, rows in arrivals if rows >= 0]
+        out["readers_started_s"] = (started[0] if started else arrivals[0][0]) - clock.begin
+        out["first_item_s"] = items[0][0] - clock.begin
+        closes = [(t, rows) for t, e, rows in arrivals if rows in (-2, -3)]
+        out["readers_closing_s"] = sum(t if rows == -3 else -t for t, rows in closes)  # every epoch's close()
+    if trace and Path(trace).exists():
+        lines = [json.loads(line) for line in Path(trace).read_text().splitlines()]
+        first = [r for r in lines if r["epoch"] == min(r["epoch"] for r in lines)]
+        events = [k for k in first[0] if k not in ("pid", "worker", "epoch")]
+        out["reader_s"] = {k: float(np.median([r[k] - clock.begin for r in first if k in r])) for k in events}
+        out["reader_first_last_s"] = {  # the first reader's, the last one's
+            k: [float(f(r[k] for r in first if k in r)) - clock.begin for f in (min, max)] for k in events
+        }
+        Path(trace).unlink()
+    return out
+
+
+def _median_timeline(runs: list[dict]) -> dict:
+    def median(values):  # of numbers, or element by element of lists
+        middle = np.median(np.array(values, dtype=float), axis=0)
+        return middle.tolist() if middle.ndim else float(middle)
+
+    out: dict = {}
+    for name in runs[0]:
+        if isinstance(runs[0][name], dict):
+            out[name] = {k: median([r[name][k] for r in runs if k in r[name]]) for k in runs[0][name]}
+        elif not isinstance(runs[0][name], list):
+            out[name] = median([r[name] for r in runs])
+    return out
+
+
+def _print_timeline(timeline: dict) -> None:
+    marks = [str(k) for k in TIMELINE_STEPS] + ["last"]
+    print("timeline (medians, seconds from the start of fit; host time when each step was handed back):")
+    head = f"{'':>29} {'readers':>8} {'1st item':>8} " + " ".join(f"{'step ' + m:>9}" for m in marks)
+    print(head + f" {'end':>7} {'closing':>7}")
+    for key, t in timeline.items():
+        line = (
+            f"{key:>29} {t.get('readers_started_s', float('nan')):>8.3f} {t.get('first_item_s', float('nan')):>8.3f} "
+        )
+        line += " ".join(f"{t['steps_s'].get(m, float('nan')):>9.3f}" for m in marks)
+        print(line + f" {t['end_s']:>7.3f} {t.get('readers_closing_s', float('nan')):>7.3f}")
+        if "reader_s" in t:
+            print(f"{'readers (median)':>29} " + ", ".join(f"{k} {v:.3f}" for k, v in t["reader_s"].items()))
+            spans = t["reader_first_last_s"].items()
+            print(f"{'(earliest, latest)':>29} " + ", ".join(f"{k} {a:.3f}-{b:.3f}" for k, (a, b) in spans))
 
 
 def cmd_train(args) -> dict:
@@ -274,10 +368,12 @@ def cmd_train(args) -> dict:
     results: dict[str, list[float]] = {}
     steady: dict[str, list[float]] = {}
     paths: dict[str, str] = {}
+    timelines: dict[str, list[dict]] = {}
     device = None
     for round_ in range(-args.warmup_runs, args.repeats):
         for key, workers, group, pin, ahead in variants if round_ % 2 == 0 else variants[::-1]:
-            clock = _SteadyClock(steady_after, torch.device("cpu"))
+            clock = _SteadyClock(steady_after, torch.device("cpu"), timeline=args.timeline)
+            arrivals: list[tuple[float, int, int]] = []  # (time, epoch, rows): -1 rows = the epoch's readers started
             trainer = Trainer(MultiTaskModel(model_cfg, seed=0), train_cfg, callbacks=[clock])
             device = clock.device = trainer.device
             if workers is None:
@@ -289,6 +385,10 @@ def cmd_train(args) -> dict:
                 train = StreamSource(
                     stream, workers, device, rows, args.prefetch, group=group, pin_memory=pin, ahead=ahead
                 )
+                if args.timeline:
+                    train.readers = _arrivals_recorded(train.readers, arrivals)
+                    stream.trace = str(Path(args.data) / f"reader-trace-{os.getpid()}.jsonl")
+                    Path(stream.trace).unlink(missing_ok=True)
             streaming.PAGE_LOCK = not key.endswith("_pin_copy")  # pin_copy: items copied into pinned memory
             result = trainer.fit(train)
             if round_ < 0:  # a warm-up run
@@ -298,6 +398,9 @@ def cmd_train(args) -> dict:
                 steady_rate = (result.steps - steady_after) * args.batch_size / (clock.end - clock.at)
                 steady.setdefault(key, []).append(steady_rate)
             paths[key] = trainer.step_path
+            if args.timeline:
+                trace = stream.trace if workers is not None else None
+                timelines.setdefault(key, []).append(_timeline(clock, arrivals, trace))
     summary = {k: float(np.median(v)) for k, v in results.items()}
     steady_summary = {k: float(np.median(v)) for k, v in steady.items()}
     print(
@@ -310,7 +413,12 @@ def cmd_train(args) -> dict:
             steady_ratio = steady_summary[key] / steady_summary["memory"]
             line += f"; steady {steady_summary[key]:>10,.0f} ({steady_ratio:.2f} x)"
         print(f"{line}  runs {np.round(results[key])}")
+    timeline = {key: _median_timeline(runs) for key, runs in timelines.items()}
+    if timeline:
+        _print_timeline(timeline)
     return {
+        "timeline": timeline,
+        "timeline_runs": timelines,
         "samples_per_s": summary,
         "ratio_to_memory": {k: v / summary["memory"] for k, v in summary.items()},
         "steady_samples_per_s": steady_summary,
@@ -321,6 +429,7 @@ def cmd_train(args) -> dict:
         "steady_runs": steady,
         "warmup_runs": args.warmup_runs,
         "repeats": args.repeats,
+        "rows": args.rows,
         "steps": args.steps,
         "epochs": args.epochs or args.steps * args.batch_size / args.rows,
         "batch_size": args.batch_size,
@@ -722,19 +831,69 @@ def cmd_start(args) -> dict:
     path = generated(args.data, args.rows)
     cfg, encoder, _ = fitted_encoder(path, 200_000)
     stream = EncodedStream(str(path), cfg, encoder, args.batch_size, seed=0)
+    phases = _reader_phases(stream, args.group)
+    print(
+        "one reader's way to its first item, in this process: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
+    )
+    methods = ("fork", "forkserver")
+    if args.cuda:  # as in training: CUDA initialised (readers from the forkserver), items page-locked
+        torch.zeros(1, device="cuda")
+        methods = ("forkserver",)
     runs: dict[str, list[dict]] = {}
     for epoch in range(args.epochs):
-        for method in ("fork", "forkserver"):
+        for method in methods:
             stream.set_epoch(epoch)
             start, cpu = time.perf_counter(), time.process_time()
-            items = stream_items(stream, args.workers, group=args.group, start_method=method)
+            items = stream_items(stream, args.workers, args.cuda, group=args.group, start_method=method)
             next(items)
             first, first_cpu = time.perf_counter() - start, time.process_time() - cpu
             sum(1 for _ in items)
             run = {"first_item_s": first, "cpu_to_first_item_s": first_cpu, "epoch_s": time.perf_counter() - start}
             runs.setdefault(method, []).append(run)
             print(f"epoch {epoch} {method:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()))
-    return {"rows": args.rows, "workers": args.workers, "group": args.group, "runs": runs}
+    return {
+        "rows": args.rows,
+        "workers": args.workers,
+        "group": args.group,
+        "cuda": args.cuda,
+        "phases_s": phases,
+        "runs": runs,
+    }
+
+
+def _reader_phases(stream, group: int) -> dict[str, float]:
+    """Seconds, cumulated, of what one reader does before its first item (run here, one thread, no process):
+    the encoder pickled and unpickled (what a forkserver reader receives), the pieces listed, each record batch
+    read and encoded, the first item written."""
+    import pickle
+
+    from mtrank.data.streaming import GroupWriter, ShuffleBuffer
+
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    blob = pickle.dumps(stream.encoder, protocol=pickle.HIGHEST_PROTOCOL)
+    out["encoder_pickled"] = time.perf_counter() - start
+    pickle.loads(blob)
+    out["encoder_unpickled"] = time.perf_counter() - start
+    pieces = stream.pieces()
+    out["pieces_listed"] = time.perf_counter() - start
+    cfg = stream.config
+    buffer = ShuffleBuffer(cfg.data.shuffle_buffer, 0, start=round(cfg.data.shuffle_start * cfg.data.shuffle_buffer))
+    writer = GroupWriter(stream.batch_size, group, shared=False, recycle=False, key=None)
+    read = {"columns": cfg.input_columns(), "batch_size": cfg.data.read_batch_rows, "use_threads": False}
+    chunk = 0
+    for piece in pieces:
+        for record_batch in piece.to_batches(**read):
+            chunk += 1
+            out[f"chunk_{chunk}_read"] = time.perf_counter() - start
+            rows = buffer.reserve(record_batch.num_rows, stream.columns)
+            stream._encode_into(record_batch, stream.path, rows)
+            emitted = buffer.commit(record_batch.num_rows, stream.batch_size)
+            out[f"chunk_{chunk}_encoded"] = time.perf_counter() - start
+            for _ in writer.write(buffer.storage, emitted):
+                out["first_item_written"] = time.perf_counter() - start
+                return out
+    return out
 
 
 def cmd_prefetch_check(args) -> dict:
@@ -868,6 +1027,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steady-after", type=int, default=200, help="the steady rate is taken from this step on")
     p.add_argument("--epochs", type=int, default=0, help="whole epochs of the files (instead of --steps)")
     p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also when each run's readers started, its first item arrived and steps 1..800 were done",
+    )
+    p.add_argument(
         "--no-overlap-workers",
         type=int,
         nargs="*",
@@ -898,6 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--group", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--cuda", action="store_true", help="CUDA initialised first and items pinned, as in training")
     p = sub.add_parser("prefetch-check", help="batches prefetched to --device == the CPU path's, in order")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=4096)

@@ -13,7 +13,10 @@
 #    alternating order, medians, over whole runs and from step 200 on (reader start-up, capture excluded);
 #    8 readers also with the items copied into pinned memory (before: not page-locked in place); then 3 whole
 #    epochs (4,395 steps), 8 readers with the next epoch's readers started before each epoch ends (the default)
-#    and without (each epoch's readers start when it does), against memory: ~1.5 minutes;
+#    and without (each epoch's readers start when it does), and one whole epoch of 16M rows (3,907 steps),
+#    against memory; every run with its timeline (readers started, first item, steps; each reader's way to its
+#    first item): ~5 minutes. The target's verdict is over whole runs of whole epochs (start-up included);
+#    the 1,200-step runs (~1 s of training) show what the fixed start-up costs a short run;
 # 2. W2 in memory at batch 4,096 and 65,536, input padded to 64 columns, train.compile: samples/s, MFU, profile;
 # 3. W3 (DLRM-DCNv2-sized, DCNv2 + MLP experts, 3 tasks) at batch 65,536 as it was (dense Adam, odd input),
 #    then at 32,768 / 65,536 with the input padded to 64, the table on row-wise Adagrad (graphed) and
@@ -40,7 +43,8 @@ if [[ "${1:-}" == "--cpu-quick" ]]; then
     RD=(--rows 20000 --batch-size 256 --workers 0 2 --groups 16)
     PC=(--rows 20000 --batch-size 256 --workers 2 --device cpu)
     EP=(--rows 20000 --epochs 3 --batch-size 256 --workers 2 --no-overlap-workers 2 --repeats 1 --device cpu
-        --threads 1)
+        --threads 1 --timeline)
+    EP1=(--rows 30000 --epochs 1 --batch-size 256 --workers 2 --repeats 1 --device cpu --threads 1 --timeline)
     COMMON=(--device cpu --quick --threads 1)
     W2=(--batch-sizes 64 128 --profile-steps 0 --compile aot_eager)
     W2AUC=(--batch-sizes 64 128 --profile-steps 0 --seeds 2 --patience 2
@@ -52,10 +56,12 @@ if [[ "${1:-}" == "--cpu-quick" ]]; then
 else
     DEST=${1:-docs/results/scale-h200}; DEV=cuda
     DP=(--rows 6000000 --steps 1200 --batch-size 4096 --workers 4 8 12 16 --repeats 3 --precision bf16
-        --pin-copy-workers 8)
+        --pin-copy-workers 8 --timeline)
     RD=(--rows 2000000 --batch-size 4096 --workers 1 8 16 --groups 16 --pin)
     PC=(--rows 2000000 --batch-size 4096 --workers 4 --device cuda)
-    EP=(--rows 6000000 --epochs 3 --batch-size 4096 --workers 8 --no-overlap-workers 8 --repeats 3 --precision bf16)
+    EP=(--rows 6000000 --epochs 3 --batch-size 4096 --workers 8 --no-overlap-workers 8 --repeats 3 --precision bf16
+        --timeline)
+    EP1=(--rows 16000000 --epochs 1 --batch-size 4096 --workers 8 --repeats 3 --precision bf16 --timeline)
     COMMON=(--device cuda --threads 16)
     W2=(--batch-sizes 4096 65536 --steps 200 --compile)
     W2AUC=(--batch-sizes 4096 65536 --steps 50 --profile-steps 0 --epochs 1 --patience 0 --seeds 10
@@ -87,6 +93,8 @@ $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline.json"
     | tee "$DEST/data_pipeline.log"
 $PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline_epochs.json" train "${EP[@]}" 2>&1 \
     | tee "$DEST/data_pipeline_epochs.log"
+$PY benchmarks/data_pipeline.py --data "$DATA" --json "$DEST/data_pipeline_epoch.json" train "${EP1[@]}" 2>&1 \
+    | tee "$DEST/data_pipeline_epoch.log"
 echo "[$SECONDS s] files to GPU done"
 fi
 if [[ $STAGES == *" w2 "* ]]; then

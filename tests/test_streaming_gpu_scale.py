@@ -31,6 +31,12 @@ def test_gpu_scale_runs_every_path_on_cpu_and_prints_the_table(tmp_path):
     epochs = json.loads((out / "data_pipeline_epochs.json").read_text())  # 3 whole epochs, overlapped or not
     assert set(epochs["samples_per_s"]) == {"memory", "parquet_workers_2", "parquet_workers_2_no_overlap"}
     assert epochs["epochs"] == 3 and epochs["steps"] == 3 * 79  # 20,000 rows in batches of 256
+    epoch = json.loads((out / "data_pipeline_epoch.json").read_text())  # one whole epoch, with its timeline
+    assert epoch["epochs"] == 1 and epoch["steps"] == 118  # 30,000 rows in batches of 256
+    files = epoch["timeline"]["parquet_workers_2"]
+    assert 0 < files["readers_started_s"] < files["first_item_s"] < files["steps_s"]["1"] < files["end_s"]
+    # each reader's way to its first item (EncodedStream.trace), in order, readers started by fork on CPU
+    assert list(files["reader_s"]) == ["began", "chunk 1 read", "chunk 1 encoded", "first item written"]
     w2 = json.loads((out / "w2_batch.json").read_text())
     assert set(w2["batches"]) == {"64", "128"} and w2["compile"] == "aot_eager" and w2["pad_to"] == 64
     assert {b["step_path"] for b in w2["batches"].values()} == {"compiled"}
@@ -44,6 +50,7 @@ def test_gpu_scale_runs_every_path_on_cpu_and_prints_the_table(tmp_path):
     assert (w3["pad_to"], w3["sparse"], w3["compile"]) == (64, "rowwise_adagrad", "aot_eager")
     table = (out / "summary.md").read_text()
     assert table.count("target:") == 5  # files/memory, W2 10M, W2 AUC, W3 2.1M: as it was, and padded+row-wise+compiled
+    assert "target: files >= 0.8x memory over whole runs of whole epochs: 20,000 rows, 3 whole epochs" in table
     assert "| auc/t0 | " in table and "paired seeds: shortfall auc/t0" in table
     assert "| parquet_workers_2 |" in table and "| 128 |" in table and "| workers_2_group_16 |" in table
     read = json.loads((out / "read.json").read_text())["rows_per_s"]

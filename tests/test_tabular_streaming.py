@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -101,6 +102,21 @@ def test_shuffle_buffer_holds_at_most_capacity_plus_one_chunk():
     assert all(len(b[0]) == 16 for b in out[:-1])
 
 
+def test_shuffle_buffer_emits_its_first_rows_at_start_then_at_capacity():
+    """data.shuffle_start: once ``start`` rows are in, half of each chunk goes out (whole batches) until the
+    buffer has held ``capacity`` rows; then as without an early start (at capacity, down to half); every row
+    once; start = capacity is the buffer without an early start."""
+    chunks = np.arange(600).reshape(12, 50)
+    early, full = ShuffleBuffer(capacity=200, seed=0, start=100), ShuffleBuffer(capacity=200, seed=0)
+    out_early = [len(early.add([c], batch_size=10)) for c in chunks]
+    out_full = [len(full.add([c], batch_size=10)) for c in chunks]
+    # 100 in: 25 of the last chunk's 50, as 2 batches (keeps 80); 130 (keeps 110); 160 (140); 190 (170); 220: full
+    assert out_early[:7] == [0, 20, 20, 20, 20, 120, 0]
+    assert out_full[:7] == [0, 0, 0, 100, 0, 100, 0]
+    assert sum(out_early) + len(early.drain()) == sum(out_full) + len(full.drain()) == 600
+    assert ShuffleBuffer(capacity=200, seed=0, start=10**6).start == 200
+
+
 def test_streaming_fit_trains_and_writes_a_model_directory(shards, tmp_path):
     train, valid, _ = shards
     cfg = stream_config(train, valid, epochs=4, batch_size=32, lr=0.01)
@@ -152,14 +168,18 @@ def test_streaming_takes_its_validation_rows_from_the_test_file_when_asked(shard
 class ReferenceShuffleBuffer:
     """The shuffle buffer as first written (concatenate, permute, index each batch): the rule the fast one keeps."""
 
-    def __init__(self, capacity, seed):
+    def __init__(self, capacity, seed, start=None):
         self.capacity, self.rng, self.parts, self.rows = max(1, capacity), np.random.default_rng(seed), [], 0
+        self.start, self.filled = (self.capacity if start is None else start), False
 
     def push(self, arrays, batch_size):
         self.parts.append(arrays)
         self.rows += len(arrays[0])
-        if self.rows >= self.capacity:
+        self.filled = self.filled or self.rows >= self.capacity
+        if self.filled and self.rows >= self.capacity:
             yield from self.emit(batch_size, keep=self.capacity // 2)
+        elif not self.filled and self.rows >= self.start:  # growing: half of each chunk out
+            yield from self.emit(batch_size, keep=self.rows - len(arrays[0]) // 2)
 
     def emit(self, batch_size, keep):
         if not self.parts:
@@ -175,12 +195,15 @@ class ReferenceShuffleBuffer:
         self.rows = int(rest.size)
 
 
-@pytest.mark.parametrize("capacity,batch_size", [(100, 16), (64, 240), (7, 1), (1000, 32)])
-def test_shuffle_buffer_emits_the_reference_buffers_batches_in_the_same_order(capacity, batch_size):
+@pytest.mark.parametrize(
+    "capacity,batch_size,start", [(100, 16, None), (64, 240, None), (7, 1, None), (1000, 32, None), (100, 16, 50)]
+)
+def test_shuffle_buffer_emits_the_reference_buffers_batches_in_the_same_order(capacity, batch_size, start):
     rng = np.random.default_rng(capacity)
     sizes = rng.integers(1, 60, size=40)  # uneven chunks, some larger than a batch, some smaller
     chunks = [[rng.normal(size=(n, 3)).astype(np.float32), rng.integers(0, 9, size=(n, 2))] for n in sizes]
-    fast, reference = ShuffleBuffer(capacity, seed=5), ReferenceShuffleBuffer(capacity, seed=5)
+    fast = ShuffleBuffer(capacity, seed=5, start=start)
+    reference = ReferenceShuffleBuffer(capacity, seed=5, start=start)
     got = [b for chunk in chunks for b in fast.push(chunk, batch_size)] + list(fast.flush(batch_size))
     expected = [b for chunk in chunks for b in reference.push(chunk, batch_size)]
     expected += list(reference.emit(batch_size, keep=0))
@@ -358,3 +381,47 @@ def test_streamed_sample_weights_arrive_with_their_rows(tmp_path, workers):
     weights = np.concatenate([b.weights.numpy() for b in batches])
     np.testing.assert_array_equal(np.sort(ts), np.sort(frame.ts.to_numpy()))
     np.testing.assert_array_equal(weights, frame.set_index("ts").loc[ts, "w"].to_numpy(np.float32))
+
+
+def test_a_reader_process_reads_its_first_item_when_its_iterator_is_made(shards, tmp_path, monkeypatch):
+    """In a reader process the DataLoader makes the dataset's iterator as the process starts, and asks for the
+    first item only once every reader is started: the first item is read at the iterator's making (the trace's
+    line is written then), and the items are those read in this process."""
+    train, valid, frame = shards
+    cfg = stream_config(train, valid)
+    encoder = FeatureEncoder(cfg.features).fit(frame.iloc[:240])
+    stream = EncodedStream(str(train), cfg, encoder, batch_size=32, seed=0)
+    expected = [b.labels.numpy() for item in streaming.GroupedStream(stream, group=2) for b in item.batches()]
+    stream.trace = str(tmp_path / "trace.jsonl")
+    monkeypatch.setattr(streaming, "get_worker_info", lambda: type("Info", (), {"id": 0, "num_workers": 1})())
+    monkeypatch.setattr(streaming, "use_reader_memory_pool", lambda: None)
+    items = iter(streaming.GroupedStream(stream, group=2))
+    (line,) = (tmp_path / "trace.jsonl").read_text().splitlines()  # before any item was asked for
+    trace = json.loads(line)
+    assert trace["began"] <= trace["chunk 1 read"] <= trace["chunk 1 encoded"] <= trace["first item written"]
+    got = [b.labels.numpy() for item in items for b in item.batches()]
+    assert len(got) == len(expected) == 8
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shuffle_start_outside_zero_one_is_refused_naming_the_field(shards):
+    train, valid, _ = shards
+    raw = config(data={"train": str(train), "valid": str(valid), "split": {"method": "files"}, "shuffle_start": 0})
+    with pytest.raises(ValueError, match="data.shuffle_start.*must be in \\(0, 1\\], got 0"):
+        experiment_from_dict(raw)
+
+
+def test_a_pickled_encoder_rebuilds_its_small_batch_lookup_and_encodes_the_same(shards):
+    """The string lookup's dict is not pickled (~90% of unpickling an encoder, which each forkserver reader
+    does): it is rebuilt on first use, and a small batch (the dict's path) encodes as before."""
+    _, _, frame = shards
+    cfg = stream_config(*shards[:2])
+    encoder = FeatureEncoder(cfg.features).fit(frame.iloc[:240])
+    encoder.prepare_lookups()
+    copy = pickle.loads(pickle.dumps(encoder))
+    lookups = [s["_str_lookup"] for s in copy.state.values() if isinstance(s, dict) and "_str_lookup" in s]
+    assert lookups and all(lookup._ids is None for lookup in lookups)
+    small = pa.Table.from_pandas(frame.iloc[240:250], preserve_index=False)
+    for a, b in zip(encoder.transform(small), copy.transform(small)):
+        np.testing.assert_array_equal(a, b)

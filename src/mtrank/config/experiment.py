@@ -441,6 +441,9 @@ class DataSpec(Config):
         streaming: train from record batches streamed from disk (bounded memory) instead of loading the train
             split; needs ``split.method = files`` (validation and test are read into memory).
         shuffle_buffer: rows in the streaming shuffle buffer.
+        shuffle_start: the fraction of ``shuffle_buffer`` a reader's buffer holds before its first rows go out
+            (half of what it holds then; later emissions wait for the full buffer): a reader's first item comes
+            sooner, each epoch (1.0: only once the buffer is full).
         workers: streaming reader processes (0 = read in the training process).
         read_batch_rows: rows per record batch read from disk.
         fit_rows: fit encoders on the first this-many training rows; 0 = all.
@@ -461,6 +464,7 @@ class DataSpec(Config):
     split: SplitSpec = field(default_factory=SplitSpec)
     streaming: bool = False
     shuffle_buffer: int = 100_000
+    shuffle_start: float = 0.5
     workers: int = 1
     read_batch_rows: int = 65_536
     fit_rows: int = 0
@@ -496,6 +500,7 @@ class DataSpec(Config):
         if not self.csv_header:
             check(bool(self.csv_columns), join(path, "csv_columns"), "required when csv_header is false")
         check(self.shuffle_buffer >= 1, join(path, "shuffle_buffer"), f"must be >= 1, got {self.shuffle_buffer}")
+        check(0 < self.shuffle_start <= 1, join(path, "shuffle_start"), f"must be in (0, 1], got {self.shuffle_start}")
         check(self.workers >= 0, join(path, "workers"), f"must be >= 0, got {self.workers}")
         check(self.read_batch_rows >= 1, join(path, "read_batch_rows"), f"must be >= 1, got {self.read_batch_rows}")
         check(self.fit_rows >= 0, join(path, "fit_rows"), f"must be >= 0, got {self.fit_rows}")

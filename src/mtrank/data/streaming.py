@@ -8,7 +8,11 @@ A worker reads its pieces as record batches of ``read_batch_rows``, encodes them
 shuffle buffer:
 
     when the buffer holds ``>= capacity`` rows: permute it, emit batches until ``capacity / 2`` rows are left,
-    keep those (they mix with the next rows read); at the end, permute and emit what is left.
+    keep those (they mix with the next rows read); at the end, permute and emit what is left. Until it has
+    first held ``capacity`` rows, it emits sooner: once it holds ``start`` rows (``data.shuffle_start`` x
+    capacity, default half), half of each chunk added goes out (in whole batches) and the other half stays,
+    so the buffer still grows to ``capacity`` while a reader's first items (what training waits for, each
+    epoch) need half the rows read.
 
 The rows a worker emits, in order, are cut into batches of ``batch_size`` (only the last one of an epoch may be
 shorter), and ``group`` consecutive batches travel to the trainer's process as one item, a :class:`Group`.
@@ -56,7 +60,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import multiprocessing
+import os
 import pickle
 import time
 import weakref
@@ -98,8 +104,10 @@ class ShuffleBuffer:
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
 
-    def __init__(self, capacity: int, seed: int, dtypes: list | None = None) -> None:
+    def __init__(self, capacity: int, seed: int, dtypes: list | None = None, start: int | None = None) -> None:
         self.capacity = max(1, capacity)
+        self.start = self.capacity if start is None else max(1, min(start, self.capacity))  # rows before the 1st
+        self.filled = False  # whether it has held ``capacity`` rows yet
         self.rng = np.random.default_rng(seed)
         self.dtypes = dtypes
         self.storage: list[np.ndarray] = []  # rows 0..rows-1 of each array, in the buffer's order
@@ -125,9 +133,14 @@ class ShuffleBuffer:
         """Add the ``rows`` rows written after the last :meth:`reserve`; the positions of the rows to emit now
         (full batches, or none)."""
         self.rows += rows
-        if self.rows < self.capacity:
+        self.filled = self.filled or self.rows >= self.capacity
+        if self.filled:
+            if self.rows < self.capacity:
+                return np.empty(0, dtype=np.int64)
+            return self._emit(batch_size, keep=self.capacity // 2)
+        if self.rows < self.start:
             return np.empty(0, dtype=np.int64)
-        return self._emit(batch_size, keep=self.capacity // 2)
+        return self._emit(batch_size, keep=self.rows - rows // 2)  # growing: half of this chunk goes out
 
     def drain(self) -> np.ndarray:
         """The positions of every row left (the end of the stream)."""
@@ -414,6 +427,7 @@ class EncodedStream(IterableDataset):
         self.path, self.config, self.encoder, self.labels = str(path), config, encoder, labels
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self._encoder_blob: torch.Tensor | None = None  # the encoder pickled, for forkserver readers
+        self.trace: str | None = None  # a file: each reader appends when it reached each step to its first item
         self.id_dtype = np.int32 if max(encoder.vocab_sizes, default=0) <= INT32_IDS else np.int64
         # built here, once: reader processes forked from this one share them (else each built them every epoch)
         encoder.prepare_lookups()
@@ -436,9 +450,11 @@ class EncodedStream(IterableDataset):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        arrived = time.perf_counter()
         if state["encoder"] is None:
             state["encoder"] = pickle.loads(state["_encoder_blob"].numpy().data)
         self.__dict__.update(state)
+        self._trace_times = {"unpickling": arrived, "unpickled": time.perf_counter()}
 
     def pieces(self) -> list[ds.Fragment]:
         dataset = open_dataset(self.path, self.config.data, self.config)
@@ -472,24 +488,35 @@ class EncodedStream(IterableDataset):
         pieces = self.pieces()
         order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
         seed = self.seed * 7919 + epoch * 31 + worker
-        buffer = ShuffleBuffer(self.config.data.shuffle_buffer, seed)
+        data = self.config.data
+        buffer = ShuffleBuffer(data.shuffle_buffer, seed, start=round(data.shuffle_start * data.shuffle_buffer))
         key = (session, worker) if session is not None else None
         writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle, key=key)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
+        trace = _Trace(self, worker, epoch) if self.trace else None
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
             piece = pieces[index]
             source = getattr(piece, "path", self.path)
             for record_batch in piece.to_batches(**read):
                 if record_batch.num_rows == 0:
                     continue
+                if trace:
+                    trace("read")
                 rows = buffer.reserve(record_batch.num_rows, self.columns)  # encoded in place, no copy
                 self._encode_into(record_batch, source, rows)
                 emitted = buffer.commit(record_batch.num_rows, self.batch_size)
-                yield from writer.write(buffer.storage, emitted)
+                if trace:
+                    trace("encoded")
+                for item in writer.write(buffer.storage, emitted):
+                    if trace:
+                        trace.item()
+                    yield item
         emitted = buffer.drain()
-        yield from writer.write(buffer.storage, emitted)
-        yield from writer.close()
+        for item in itertools.chain(writer.write(buffer.storage, emitted), writer.close()):
+            if trace:  # (a share smaller than the buffer's start: its first item comes at the end)
+                trace.item()
+            yield item
 
     @property
     def columns(self) -> list[tuple[tuple, np.dtype]]:
@@ -507,6 +534,32 @@ class EncodedStream(IterableDataset):
         rows[2][:] = self.labels.transform(labels) if self.labels is not None and self.labels.active else labels
         if len(rows) > 3:
             rows[3][:] = encode_weights(record_batch, self.config.data.weight_column, source)
+
+
+class _Trace:
+    """A reader's way to its first item (``EncodedStream.trace``, a debugging aid, off by default): when its
+    stream was unpickled (a forkserver reader), began reading, and read and encoded each record batch, up to the
+    first item written; appended to the trace file as one JSON line, in ``time.perf_counter()`` seconds (the
+    monotonic clock: comparable between the processes of one machine)."""
+
+    def __init__(self, stream: EncodedStream, worker: int, epoch: int) -> None:
+        self.path, self.times = stream.trace, {"pid": os.getpid(), "worker": worker, "epoch": epoch}
+        self.times.update(getattr(stream, "_trace_times", {}))
+        self.times["began"] = time.perf_counter()
+        self.chunks, self.written = 0, False
+
+    def __call__(self, event: str) -> None:
+        if not self.written:
+            self.chunks += event == "read"
+            self.times[f"chunk {self.chunks} {event}"] = time.perf_counter()
+
+    def item(self) -> None:
+        """An item was written: the first one ends the trace."""
+        if not self.written:
+            self.written = True
+            self.times["first item written"] = time.perf_counter()
+            with open(self.path, "a") as out:
+                out.write(json.dumps(self.times) + "\n")
 
 
 def use_reader_memory_pool() -> None:
@@ -533,7 +586,14 @@ class GroupedStream(IterableDataset):
         self.epoch = stream.epoch if epoch is None else epoch
 
     def __iter__(self) -> Iterator[Group]:
-        return self.stream.groups(self.group, self.recycle, self.session, self.epoch)
+        items = self.stream.groups(self.group, self.recycle, self.session, self.epoch)
+        if get_worker_info() is None:
+            return items
+        # a reader process: its first item is read now, as the process starts (the DataLoader makes this iterator
+        # when it starts the reader), not at the first request, which comes once every reader has been started
+        # (~30 ms each from a forkserver): the readers fill their shuffle buffers while the others are started
+        first = next(items, None)
+        return items if first is None else itertools.chain([first], items)
 
     @staticmethod
     def pack(batches: list[TensorData]) -> Group:

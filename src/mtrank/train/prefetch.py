@@ -75,9 +75,11 @@ class Prefetcher:
                 yield map_tensors(batch, lambda t: t.to(self.device))
             return
         in_flight: deque[tuple[Any, Any, torch.cuda.Event]] = deque()
+        first = True  # the first batch is handed over as soon as its copy is issued: the depth fills up after it
         for batch in self.batches:
             in_flight.append(self._copy(batch))
-            if len(in_flight) > self.depth:
+            if len(in_flight) > self.depth or first:
+                first = False
                 yield self._take(*in_flight.popleft())
         while in_flight:
             yield self._take(*in_flight.popleft())

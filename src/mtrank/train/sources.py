@@ -32,7 +32,10 @@ from mtrank.data.tensors import TensorData
 from mtrank.train.cuda_graph import batch_tensors
 from mtrank.train.prefetch import Prefetcher
 
-STARTUP_MARGIN = 2.0  # the next epoch's readers start this many start-ups before the epoch's end (estimated)
+# the next epoch's readers start this many start-ups before the epoch's end (estimated): about the time they take
+# to have their PREFETCH_FACTOR items each ready (a start-up for the first, then one record batch read per item
+# while their shuffle buffers grow: data.shuffle_start), so that the new epoch does not wait for its second items
+STARTUP_MARGIN = 4.0
 
 
 class InMemorySource:
