@@ -163,3 +163,51 @@ def test_a_streaming_run_that_fails_or_ends_leaves_no_reader_process(shards, fai
         del failure  # and the last batch, a view of its item's segment, with it
     assert source.next_readers is None
     assert_nothing_left(before)
+
+
+def test_mtrank_fit_starts_the_first_epochs_readers_before_the_model_and_trains_the_same(shards, tmp_path, monkeypatch):  # noqa: F811
+    """A streaming ``mtrank.fit`` starts epoch 0's readers (forked: CUDA is not initialised yet) before it builds
+    the model; the run ends with the weights of one whose readers start at the first batch."""
+    train, valid, _ = shards
+    from mtrank import pipeline
+
+    def fit(start: bool):
+        cfg = stream_config(train, valid, epochs=2, batch_size=16, lr=0.01)
+        cfg.data.workers = 2
+        readers_at_build = []
+
+        def model(*args, **kwargs):
+            readers_at_build.append(len(multiprocessing.active_children()))
+            return MultiTaskModel(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "MultiTaskModel", model)
+        if not start:
+            monkeypatch.setattr(StreamSource, "start", lambda self, epoch=0: None)
+        result = mtrank.fit(cfg, output=None)
+        monkeypatch.undo()
+        return result, readers_at_build
+
+    early, readers_early = fit(start=True)
+    late, readers_late = fit(start=False)
+    assert readers_early == [2] and readers_late == [0]
+    assert early.train_result.steps == late.train_result.steps == 30
+    for (name, a), b in zip(early.model.state_dict().items(), late.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert multiprocessing.active_children() == []
+
+
+def test_readers_started_before_the_memory_planner_refuses_stop_with_the_refusal(shards, monkeypatch):  # noqa: F811
+    train, valid, _ = shards
+    from mtrank import pipeline
+
+    def refuse(*args, **kwargs):
+        assert len(multiprocessing.active_children()) == 2  # started, reading
+        raise MemoryError("does not fit")
+
+    monkeypatch.setattr(pipeline, "check_training_fits", refuse)
+    cfg = stream_config(train, valid, epochs=1, batch_size=16)
+    cfg.data.workers = 2
+    with pytest.raises(MemoryError, match="does not fit"):
+        mtrank.fit(cfg, output=None)
+    assert multiprocessing.active_children() == []
+    assert not streaming.SEGMENTS

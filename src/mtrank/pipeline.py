@@ -175,18 +175,25 @@ def fit_splits(
         model_config = resolve_mixer_groups(
             model_config, on_model_scale(warmup, labels), train_config, config.train.seed
         )
-    check_training_fits(model_config, train_config, resolve_device(train_config.device))  # before any allocation
-    model = MultiTaskModel(model_config, seed=config.train.seed)
-    if callbacks:  # beside the progress bar and history the config asks for
-        callbacks = default_callbacks(train_config) + list(callbacks)
-    trainer = Trainer(model, train_config, callbacks=callbacks or None)
-    if streaming:
+    device = resolve_device(train_config.device)
+    if streaming:  # the first epoch's readers start now, forked, and read while the model is built
         stream = EncodedStream(
             config.data.train, config, encoder, train_config.batch_size, seed=train_config.seed, labels=labels
         )
-        train: Any = StreamSource(stream, config.data.workers, trainer.device)
+        train: Any = StreamSource(stream, config.data.workers, device)
+        train.start()
         rows = {"train": train.rows}
-    else:
+    try:
+        check_training_fits(model_config, train_config, device)  # before any allocation
+        model = MultiTaskModel(model_config, seed=config.train.seed)
+        if callbacks:  # beside the progress bar and history the config asks for
+            callbacks = default_callbacks(train_config) + list(callbacks)
+        trainer = Trainer(model, train_config, callbacks=callbacks or None)
+    except BaseException:
+        if streaming:  # refused by the memory planner, or the model failed to build: the readers stop now
+            train.close()
+        raise
+    if not streaming:
         check_train_labels(data["train"], config, fit_source)
         train = on_model_scale(data["train"], labels)
         rows = {"train": len(train)}

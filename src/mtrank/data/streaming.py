@@ -46,8 +46,11 @@ stream (and then hands a page-locked segment back to its reader: :meth:`Group.fi
 :meth:`Group.batches` splits an item back into batches (views, no copy). Items arrive worker by worker in
 turn, so the batch order depends on the number of workers and on ``group`` (fixed for a given seed, epoch,
 workers and group). Readers are forked, or started by a forkserver once this process has initialised CUDA
-(:func:`reader_context`). The readers of one epoch are an :class:`EpochReaders`: they start when it is made,
-so the next epoch's can start (and fill their shuffle buffers) while this one's last items are consumed.
+(:func:`reader_context`); a reader reads its first item as it starts, before the DataLoader's first request
+(which waits until every reader is started). The readers of one epoch are an :class:`EpochReaders`: they start
+when it is made, so the next epoch's can start (and fill their shuffle buffers) while this one's last items are
+consumed. ``EncodedStream.trace`` (a file name; off by default) has each reader append its way to its first item
+(docs/benchmarks.md, "Files to the graphed step", 9.).
 
 Memory per worker: the buffer's ``capacity + read_batch_rows`` rows and a scratch of about half that (the kept
 rows on their way to the front), one record batch and the encoder's per-slice temporaries, up to
@@ -623,6 +626,16 @@ def reader_context(start_method: str | None = None) -> multiprocessing.context.B
     if start_method == "forkserver":
         multiprocessing.set_forkserver_preload(["mtrank.data.streaming"])  # before the server's first start
     return multiprocessing.get_context(start_method)
+
+
+def start_forkserver() -> None:
+    """Start the forkserver that reader processes come from once CUDA is initialised (:func:`reader_context`)
+    now, in the background: the server is a fresh Python that imports torch and this module (seconds), which its
+    first reader would otherwise wait for."""
+    import multiprocessing.forkserver
+
+    reader_context("forkserver")  # its preload, before the server starts
+    multiprocessing.forkserver.ensure_running()
 
 
 def _as_is(item: Group) -> Group:

@@ -189,6 +189,20 @@ class StreamSource:
         finally:
             readers.close()
 
+    def start(self, epoch: int = 0) -> None:
+        """Start the readers of ``epoch`` now, before training asks for its batches: they fill their shuffle
+        buffers while the caller builds the model (``mtrank.fit`` calls this before the model exists). Started
+        before this process initialises CUDA, they are forked (nothing to unpickle); with CUDA as the device the
+        forkserver that later epochs' readers start from is started now too (a fresh Python that imports torch:
+        ~1-3 s, paid here in the background instead of at the first epoch's end). Readers started for an epoch
+        that training does not begin with (a resumed run) are stopped when it begins."""
+        from mtrank.data.streaming import start_forkserver
+
+        if self.workers > 0 and self.device.type == "cuda":
+            start_forkserver()
+        if self.next_readers is None:
+            self.next_readers = self.readers(epoch)
+
     def readers(self, epoch: int) -> Any:
         """The reader processes of ``epoch``, started now (:class:`~mtrank.data.streaming.EpochReaders`)."""
         from mtrank.data.streaming import EpochReaders
