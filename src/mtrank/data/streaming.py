@@ -63,9 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import multiprocessing
-import os
 import pickle
 import time
 import weakref
@@ -81,6 +79,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mtrank.config.experiment import ExperimentConfig
 from mtrank.data.encoders import FeatureEncoder, LabelTransforms
 from mtrank.data.errors import DataError
+from mtrank.data.reader_trace import ReaderTrace
 from mtrank.data.readers import check_columns, encode_labels, encode_weights, open_dataset
 from mtrank.data.tensors import TensorData
 
@@ -497,7 +496,7 @@ class EncodedStream(IterableDataset):
         writer = GroupWriter(self.batch_size, group, shared=info is not None, recycle=recycle, key=key)
         columns = self.config.input_columns()
         read = {"columns": columns, "batch_size": self.config.data.read_batch_rows, "use_threads": info is None}
-        trace = _Trace(self, worker, epoch) if self.trace else None
+        trace = ReaderTrace(self.trace, worker, epoch, getattr(self, "_trace_times", {})) if self.trace else None
         for index in order[worker::workers]:  # a reader process decodes with one thread: readers scale with cores
             piece = pieces[index]
             source = getattr(piece, "path", self.path)
@@ -537,32 +536,6 @@ class EncodedStream(IterableDataset):
         rows[2][:] = self.labels.transform(labels) if self.labels is not None and self.labels.active else labels
         if len(rows) > 3:
             rows[3][:] = encode_weights(record_batch, self.config.data.weight_column, source)
-
-
-class _Trace:
-    """A reader's way to its first item (``EncodedStream.trace``, a debugging aid, off by default): when its
-    stream was unpickled (a forkserver reader), began reading, and read and encoded each record batch, up to the
-    first item written; appended to the trace file as one JSON line, in ``time.perf_counter()`` seconds (the
-    monotonic clock: comparable between the processes of one machine)."""
-
-    def __init__(self, stream: EncodedStream, worker: int, epoch: int) -> None:
-        self.path, self.times = stream.trace, {"pid": os.getpid(), "worker": worker, "epoch": epoch}
-        self.times.update(getattr(stream, "_trace_times", {}))
-        self.times["began"] = time.perf_counter()
-        self.chunks, self.written = 0, False
-
-    def __call__(self, event: str) -> None:
-        if not self.written:
-            self.chunks += event == "read"
-            self.times[f"chunk {self.chunks} {event}"] = time.perf_counter()
-
-    def item(self) -> None:
-        """An item was written: the first one ends the trace."""
-        if not self.written:
-            self.written = True
-            self.times["first item written"] = time.perf_counter()
-            with open(self.path, "a") as out:
-                out.write(json.dumps(self.times) + "\n")
 
 
 def use_reader_memory_pool() -> None:
