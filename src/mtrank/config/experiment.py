@@ -441,9 +441,10 @@ class DataSpec(Config):
         streaming: train from record batches streamed from disk (bounded memory) instead of loading the train
             split; needs ``split.method = files`` (validation and test are read into memory).
         shuffle_buffer: rows in the streaming shuffle buffer.
-        shuffle_start: the fraction of ``shuffle_buffer`` a reader's buffer holds before its first rows go out
-            (half of what it holds then; later emissions wait for the full buffer): a reader's first item comes
-            sooner, each epoch (1.0: only once the buffer is full).
+        shuffle_start: the fraction of ``shuffle_buffer`` a reader's buffer holds before its first rows go out;
+            from then on half of each record batch read goes out until the buffer has been full once (then it
+            emits at capacity, down to half): a reader's first items come sooner, each epoch (1.0: only once the
+            buffer is full, as without an early start).
         workers: streaming reader processes (0 = read in the training process).
         read_batch_rows: rows per record batch read from disk.
         fit_rows: fit encoders on the first this-many training rows; 0 = all.
