@@ -216,3 +216,17 @@ def test_an_embedded_multi_valued_feature_becomes_padded_bag_ids():
     )
     _, unseen = enc.transform(pa.table({"city": ["a"], "tags": ["zz|x"]}))
     assert unseen[0, 1:].tolist() == [0, ids["x"], pad]  # unseen value -> 0 (OOV), not padding
+
+
+@pytest.mark.parametrize("spread", [1, 10**9])  # compact values (the dense table) and sparse ones (sorted keys)
+def test_int_lookup_gives_each_value_its_vocabulary_position_and_zero_elsewhere(spread):
+    from mtrank.data.encoders import IntLookup
+
+    rng = np.random.default_rng(spread)
+    vocab = (rng.choice(5000, 1000, replace=False) * spread - 300).tolist()
+    ids = {v: i for i, v in enumerate(vocab, 1)}
+    low, high = min(vocab), max(vocab)
+    values = [*rng.choice(vocab, 3000).tolist(), *rng.integers(low - 50, high + 50, 3000).tolist()]
+    values += [low - 1, high + 1, -(2**63), 2**63 - 1, 0, None]  # just outside the span, int64's ends, missing
+    got = IntLookup(vocab)(pa.array(values, pa.int64()))
+    np.testing.assert_array_equal(got, [ids.get(v, 0) for v in values])
