@@ -273,7 +273,7 @@ def _timeline(clock: _SteadyClock, arrivals: list, trace: str | None = None) -> 
     steps["last"] = clock.steps[-1] - clock.begin
     out: dict = {"steps_s": steps, "end_s": clock.end - clock.begin}
     if arrivals:
-        started = [t for t, e, rows in arrivals if rows < 0 and e == 0]
+        started = [t for t, e, rows in arrivals if rows == -1 and e == 0]
         items = [(t, rows) for t, e, rows in arrivals if rows >= 0]
         out["readers_started_s"] = (started[0] if started else arrivals[0][0]) - clock.begin
         out["first_item_s"] = items[0][0] - clock.begin

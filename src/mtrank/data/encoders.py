@@ -233,7 +233,8 @@ class StringLookup:
 
     def __getstate__(self) -> dict:
         """Pickled without the dict (rebuilt on first use): unpickling it was ~90% of unpickling an encoder
-        (64 ms of 70 for W2's, what each forkserver reader process pays at its start)."""
+        (111 ms -> 12 ms for W2's, what each forkserver reader process pays at its start:
+        ``benchmarks/encoder_parts.py``)."""
         return {**self.__dict__, "_ids": None}
 
     def build(self) -> dict[str, int]:
@@ -287,7 +288,7 @@ class IntLookup:
         x = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
         if self.dense is not None:
             # a value outside the span is a negative offset (huge as unsigned) or one past it: both become the
-            # last entry, 0 (3 passes over the column instead of 7: 2.4x faster for 131,072 rows)
+            # last entry, 0 (3 passes over the column instead of 7: ``benchmarks/encoder_parts.py``)
             offset = x - self.low
             unsigned = offset.view(np.uint64)
             np.minimum(unsigned, self.dense.size - 1, out=unsigned)
